@@ -1,0 +1,3741 @@
+"""batchify: run large LLM jobs through the Gemini Batch API at half price, without losing a result.
+
+batchify reads a JSONL (or JSON array) file of documents, turns each into a Gemini request, plans
+the batches into waves that keep the tokens enqueued per model under the account's limit, uploads,
+creates and polls the batch jobs, downloads and parses every result, and writes one merged results
+file in input order. Every step is recorded first in JSON sidecars, so Ctrl-C, a crash or a reboot
+loses nothing: ``resume`` finishes the run without creating any job twice. A rate-limited real-time
+path finishes what batch cannot (403/404 on create, failed or expired jobs, per-line errors).
+
+Quick example::
+
+    python batchify.py run examples/articles.jsonl --waves auto --endpoint local --yes
+    python batchify.py status
+    python batchify.py resume articles
+
+As a library::
+
+    import asyncio, batchify
+    summary = asyncio.run(batchify.run_file("articles.jsonl", endpoint="local"))
+
+Contents (sections are marked with banner comments, in the order data flows)
+  1. Config and constants ....... model tables (limits, prices), JobConfig, RunOptions, TOML loading
+  2. Errors ..................... BatchifyError and its exit codes
+  3. Data model, state machine .. JobState, TRANSITIONS, advance(), Job, Run
+  4. Pure planners .............. record validation, prompts, requests, tokens, batches, waves, cost
+  5. Persistence ................ atomic JSON sidecars, RunStore, run lock, input reading
+  6. Gemini seam ................ GeminiClient: the only code that imports google.genai
+  7. Engine ..................... prepare, submit, poll, retrieve, retry, real-time fallback, merge
+  8. Emulator ................... a local Gemini API server with fault injection (aiohttp.web)
+  9. Rendering .................. rich tables and progress bars (stderr)
+ 10. CLI ........................ click commands: run, status, resume, list, results, cancel, ...
+ 11. main()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import string
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import click
+import orjson
+
+__version__ = "0.1.0"
+
+# ================================================================================================
+# 1. Config and constants
+# ================================================================================================
+
+SCHEMA_VERSION = 1
+DEFAULT_MODEL = "gemini-2.5-flash"
+DEFAULT_STATE_DIR = "batch_jobs"
+DEFAULT_BATCH_SIZE = 1_000
+MAX_FILE_BYTES = 2 * 1024**3  # the Batch API's limit on one input file
+DEFAULT_MARGIN = 0.10  # keep 10% under the enqueued-token limit: estimates are estimates
+CHARS_PER_TOKEN_OFFLINE = 4.0  # documented fallback when countTokens cannot be called
+CALIBRATION_SAMPLES = 8
+DEFAULT_POLL_INTERVAL = 30.0
+MAX_POLL_INTERVAL = 300.0
+DEFAULT_MAX_ACTIVE_JOBS = 100  # the Batch API's concurrent-job limit
+DEFAULT_RPM = 2_000
+DEFAULT_MAX_ATTEMPTS = 3
+CONTEXT_WINDOW = 1_048_576
+BATCH_DISCOUNT = 0.5
+
+# Enqueued-token limits per tier and model (Gemini API rate-limit page; override with --enqueued-limit).
+ENQUEUED_LIMITS: dict[int, dict[str, int]] = {
+    1: {
+        "gemini-2.5-pro": 5_000_000,
+        "gemini-2.5-flash": 3_000_000,
+        "gemini-2.5-flash-lite": 10_000_000,
+        "gemini-2.0-flash": 10_000_000,
+        "gemini-2.0-flash-lite": 10_000_000,
+    },
+    2: {
+        "gemini-2.5-pro": 500_000_000,
+        "gemini-2.5-flash": 400_000_000,
+        "gemini-2.5-flash-lite": 500_000_000,
+        "gemini-2.0-flash": 1_000_000_000,
+        "gemini-2.0-flash-lite": 1_000_000_000,
+    },
+    3: {
+        "gemini-2.5-pro": 1_000_000_000,
+        "gemini-2.5-flash": 1_000_000_000,
+        "gemini-2.5-flash-lite": 1_000_000_000,
+        "gemini-2.0-flash": 5_000_000_000,
+        "gemini-2.0-flash-lite": 5_000_000_000,
+    },
+}
+
+# Real-time tokens per minute per tier and model (the default for --tpm).
+TPM_LIMITS: dict[int, dict[str, int]] = {
+    1: {
+        "gemini-2.5-pro": 2_000_000,
+        "gemini-2.5-flash": 1_000_000,
+        "gemini-2.5-flash-lite": 4_000_000,
+        "gemini-2.0-flash": 4_000_000,
+        "gemini-2.0-flash-lite": 4_000_000,
+    },
+    2: {
+        "gemini-2.5-pro": 5_000_000,
+        "gemini-2.5-flash": 3_000_000,
+        "gemini-2.5-flash-lite": 10_000_000,
+        "gemini-2.0-flash": 10_000_000,
+        "gemini-2.0-flash-lite": 10_000_000,
+    },
+    3: {
+        "gemini-2.5-pro": 8_000_000,
+        "gemini-2.5-flash": 8_000_000,
+        "gemini-2.5-flash-lite": 30_000_000,
+        "gemini-2.0-flash": 30_000_000,
+        "gemini-2.0-flash-lite": 30_000_000,
+    },
+}
+
+# Standard (real-time) prices in USD per 1M tokens: (input, output incl. thinking). Batch is 50%.
+PRICES: dict[str, tuple[float, float]] = {
+    "gemini-2.5-pro": (1.25, 10.00),
+    "gemini-2.5-flash": (0.30, 2.50),
+    "gemini-2.5-flash-lite": (0.10, 0.40),
+    "gemini-2.0-flash": (0.10, 0.40),
+    "gemini-2.0-flash-lite": (0.075, 0.30),
+}
+
+NEWS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "page_title": {"type": "string", "description": "The article's title as a reader sees it"},
+        "is_financial": {"type": "string", "enum": ["Yes", "No"]},
+        "category": {
+            "type": "string",
+            "enum": [
+                "markets",
+                "companies",
+                "economy",
+                "technology",
+                "politics",
+                "science",
+                "health",
+                "sports",
+                "entertainment",
+                "other",
+            ],
+        },
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "companies": {"type": "array", "items": {"type": "string"}},
+        "summary": {"type": "string", "description": "One line"},
+    },
+    "required": ["page_title", "is_financial", "category", "sentiment", "companies", "summary"],
+}
+
+NEWS_SYSTEM_INSTRUCTION = (
+    "You classify news articles. Answer only with JSON that follows the schema: the page title, "
+    "whether the article is about finance (Yes/No), its category, its overall sentiment, the "
+    "companies it names, and a one-line summary."
+)
+NEWS_PROMPT = "Title: {title}\nURL: {url}\n\n{text}"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What to ask the model: one per run, from --config TOML and flags."""
+
+    model: str = DEFAULT_MODEL
+    system_instruction: str = NEWS_SYSTEM_INSTRUCTION
+    prompt_template: str = NEWS_PROMPT
+    schema: dict[str, Any] | None = field(default_factory=lambda: dict(NEWS_SCHEMA))
+    temperature: float | None = 0.0
+    max_output_tokens: int | None = 1024
+    thinking_budget: int | None = 0
+    expected_output_tokens: int = 200  # used only for the cost estimate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        return cls(**{k: d[k] for k in CONFIG_KEYS if k in d})
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(JobConfig))
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a job definition from TOML (stdlib tomllib), apply flag overrides, validate it."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "built-in default"
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config ({e.strerror}). Fix: check the path given to --config.") from e
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}. Fix: correct the TOML syntax.") from e
+        unknown = sorted(set(data) - set(CONFIG_KEYS) - {"schema_file"})
+        if unknown:
+            raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}. Fix: use only {', '.join(CONFIG_KEYS)}, schema_file.")
+        if "schema_file" in data:
+            sp = (p.parent / str(data.pop("schema_file"))).resolve()
+            try:
+                data["schema"] = orjson.loads(sp.read_bytes())
+            except (OSError, orjson.JSONDecodeError) as e:
+                raise ConfigError(
+                    f"{p}: schema_file {sp} is not readable JSON ({e}). Fix: point it at a JSON Schema file."
+                ) from e
+        if isinstance(data.get("schema"), str):
+            try:
+                data["schema"] = orjson.loads(data["schema"])
+            except orjson.JSONDecodeError as e:
+                raise ConfigError(f"{p}: key 'schema' is not valid JSON ({e}). Fix: give a JSON Schema object.") from e
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    cfg = JobConfig(**{**JobConfig().to_dict(), **data})
+    validate_config(cfg, where)
+    return cfg
+
+
+def validate_config(cfg: JobConfig, where: str) -> None:
+    if not isinstance(cfg.model, str) or not cfg.model:
+        raise ConfigError(f"{where}: 'model' must be a model name such as {DEFAULT_MODEL}.")
+    if not isinstance(cfg.prompt_template, str) or not cfg.prompt_template.strip():
+        raise ConfigError(f"{where}: 'prompt_template' must be a non-empty string with {{text}} in it.")
+    try:
+        template_fields(cfg.prompt_template)
+    except ValueError as e:
+        raise ConfigError(
+            f"{where}: 'prompt_template' is not a valid template ({e}). Fix: write literal braces as {{{{ and }}}}."
+        ) from e
+    if cfg.schema is not None:
+        if not isinstance(cfg.schema, dict):
+            raise ConfigError(f"{where}: 'schema' must be a JSON Schema object.")
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(cfg.schema)
+        except jsonschema.SchemaError as e:
+            raise ConfigError(f"{where}: 'schema' is not valid JSON Schema: {e.message}. Fix: correct the schema.") from e
+    for name, lo, hi in (("temperature", 0.0, 2.0),):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi):
+            raise ConfigError(f"{where}: '{name}' must be a number from {lo} to {hi}.")
+    for name in ("max_output_tokens", "thinking_budget", "expected_output_tokens"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, int) and v >= 0):
+            raise ConfigError(f"{where}: '{name}' must be a whole number >= 0.")
+
+
+@dataclass
+class RunOptions:
+    """How to run: everything a command-line flag can set, with the library's defaults."""
+
+    name: str | None = None
+    id_field: str = "id"
+    text_field: str = "text"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_file_bytes: int = MAX_FILE_BYTES
+    waves: str | int = "auto"
+    tier: int = 1
+    enqueued_limit: int | None = None
+    margin: float = DEFAULT_MARGIN
+    barrier: bool = False
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_poll_interval: float = MAX_POLL_INTERVAL
+    max_active_jobs: int = DEFAULT_MAX_ACTIVE_JOBS
+    mode: str = "auto"  # batch | realtime | auto
+    fallback: bool = True
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    rpm: int = DEFAULT_RPM
+    tpm: int | None = None
+    concurrency: int = 64
+    rate_window: float = 60.0
+    max_cost: float | None = None
+    skip_invalid: bool = False
+    calibrate: bool = True
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def enqueued_limit_for(model: str, tier: int, override: int | None) -> int:
+    if override:
+        return override
+    table = ENQUEUED_LIMITS.get(tier, ENQUEUED_LIMITS[1])
+    return table.get(base_model(model), table[DEFAULT_MODEL])
+
+
+def tpm_limit_for(model: str, tier: int, override: int | None) -> int:
+    if override:
+        return override
+    table = TPM_LIMITS.get(tier, TPM_LIMITS[1])
+    return table.get(base_model(model), table[DEFAULT_MODEL])
+
+
+def base_model(model: str) -> str:
+    m = model.removeprefix("models/")
+    for known in sorted(PRICES, key=len, reverse=True):
+        if m == known or m.startswith(known + "-0") or m.startswith(known + "-preview"):
+            return known
+    return m
+
+
+# ================================================================================================
+# 2. Errors
+# ================================================================================================
+
+
+class BatchifyError(Exception):
+    """The root of every error batchify raises on purpose; exit_code is what the CLI returns."""
+
+    exit_code = 3
+
+
+class UsageError(BatchifyError):
+    exit_code = 2
+
+
+class InputError(BatchifyError):
+    """Bad input: the message names the file, the line and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class ConfigError(InputError):
+    pass
+
+
+class StateError(BatchifyError):
+    """A sidecar is corrupt or a transition is illegal."""
+
+
+class LockedError(BatchifyError):
+    exit_code = 4
+
+
+class CostCapError(BatchifyError):
+    exit_code = 5
+
+
+class RemoteError(BatchifyError):
+    """An error answered by the Gemini API (or the network on the way)."""
+
+    def __init__(self, message: str, code: int = 0, status: str = "", retry_delay: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retry_delay = retry_delay
+
+    @property
+    def transient(self) -> bool:
+        return self.code in (0, 408, 429, 500, 502, 503, 504)
+
+
+class BatchRefusedError(RemoteError):
+    """Batch creation refused for good (403 permission/billing, 404 model without batch)."""
+
+
+# ================================================================================================
+# 3. Data model and state machine
+# ================================================================================================
+
+
+class JobState(StrEnum):
+    CREATED = "CREATED"  # request file written
+    UPLOADING = "UPLOADING"  # intent to upload recorded
+    UPLOADED = "UPLOADED"  # remote file known
+    SUBMITTING = "SUBMITTING"  # intent to create recorded; reconcile by display name on resume
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+    RESULTS_DOWNLOADED = "RESULTS_DOWNLOADED"
+
+
+S = JobState
+_REMOTE_OUTCOMES = frozenset({S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED}),
+    S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED}),
+    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED}),
+    S.SUBMITTING: _REMOTE_OUTCOMES | {S.UPLOADED},
+    S.PENDING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
+    S.SUCCEEDED: frozenset({S.RESULTS_DOWNLOADED}),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.EXPIRED: frozenset(),
+    S.RESULTS_DOWNLOADED: frozenset(),
+}
+ACTIVE_STATES = frozenset({S.SUBMITTING, S.PENDING, S.RUNNING})  # count against the enqueued limit
+REMOTE_LIVE = frozenset({S.PENDING, S.RUNNING})
+FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED})
+UNSUBMITTED = frozenset({S.CREATED, S.UPLOADING, S.UPLOADED})
+
+
+def parse_remote_state(value: str) -> JobState:
+    """Map BATCH_STATE_* (REST) and JOB_STATE_* (SDK) names to our state; unknown is an error."""
+    v = str(value).split(".")[-1].upper()
+    for prefix in ("BATCH_STATE_", "JOB_STATE_"):
+        if v.startswith(prefix):
+            v = v[len(prefix) :]
+            break
+    aliases = {
+        "QUEUED": "PENDING",
+        "CANCELLING": "RUNNING",
+        "PAUSED": "RUNNING",
+        "UPDATING": "RUNNING",
+        "PARTIALLY_SUCCEEDED": "SUCCEEDED",
+        "UNSPECIFIED": "PENDING",
+    }
+    v = aliases.get(v, v)
+    if v in (S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED):
+        return JobState(v)
+    raise StateError(f"unknown remote batch state {value!r}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One batch job (one request file, one remote job), persisted as jobs/<name>.json."""
+
+    name: str  # local name: b0001, or b0001-r2 for a retry
+    index: int
+    display_name: str  # unique per run and attempt: how a crashed create is found again
+    request_file: str  # relative to the run folder
+    request_count: int
+    tokens: int
+    bytes: int
+    wave: int = 0
+    start: int | None = None  # the ordinals [start, end) of a primary batch
+    end: int | None = None
+    attempt: int = 1
+    retry_of: str | None = None
+    state: JobState = S.CREATED
+    remote_file: str | None = None
+    remote_job: str | None = None
+    output_file: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    cancelled_by_user: bool = False
+    usage: dict[str, int] = field(default_factory=dict)
+    ok: int = 0
+    failed: int = 0
+    timestamps: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state"] = str(self.state)
+        return {"schema_version": SCHEMA_VERSION, "kind": "job", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Job:
+        validate_job_dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["state"] = JobState(kw["state"])
+        return cls(**kw)
+
+
+def validate_job_dict(d: dict[str, Any]) -> None:
+    if not isinstance(d, dict) or d.get("kind") != "job":
+        raise StateError("not a job sidecar")
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise StateError(f"job sidecar schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    for k, t in (
+        ("name", str),
+        ("display_name", str),
+        ("request_file", str),
+        ("request_count", int),
+        ("tokens", int),
+        ("state", str),
+        ("attempt", int),
+    ):
+        if not isinstance(d.get(k), t):
+            raise StateError(f"job sidecar field {k!r} missing or not {t.__name__}")
+    if d["state"] not in JobState.__members__:
+        raise StateError(f"job sidecar has unknown state {d['state']!r}")
+
+
+def advance(job: Job, new: JobState, now: str, **changes: Any) -> Job:
+    """The one way a job changes state: refuses moves not in TRANSITIONS (same-state is a no-op move)."""
+    if new != job.state and new not in TRANSITIONS[job.state]:
+        raise StateError(f"job {job.name}: illegal transition {job.state} -> {new}")
+    ts = dict(job.timestamps)
+    if new != job.state:
+        ts[str(new)] = now
+    return dataclasses.replace(job, state=new, timestamps=ts, **changes)
+
+
+@dataclass
+class Run:
+    """One run: its input, job definition, options and plan; persisted as run.json."""
+
+    name: str
+    run_id: str
+    input_path: str
+    input_sha256: str
+    input_format: str
+    config: dict[str, Any]
+    options: dict[str, Any]
+    endpoint: str | None
+    records: int
+    rejected: int
+    chars_per_token: float
+    calibrated: bool
+    plan: dict[str, Any]
+    out: str
+    created_at: str
+    status: str = "prepared"  # prepared | running | done | cancelled
+    phase: str = "batch"  # batch | fallback | merged
+    realtime: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    updated_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": "run", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Run:
+        validate_run_dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def job_config(self) -> JobConfig:
+        return JobConfig.from_dict(self.config)
+
+    @property
+    def run_options(self) -> RunOptions:
+        return RunOptions.from_dict(self.options)
+
+
+def validate_run_dict(d: dict[str, Any]) -> None:
+    if not isinstance(d, dict) or d.get("kind") != "run":
+        raise StateError("not a run sidecar")
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise StateError(f"run sidecar schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    for k, t in (
+        ("name", str),
+        ("run_id", str),
+        ("input_path", str),
+        ("input_sha256", str),
+        ("config", dict),
+        ("options", dict),
+        ("records", int),
+        ("plan", dict),
+        ("out", str),
+    ):
+        if not isinstance(d.get(k), t):
+            raise StateError(f"run sidecar field {k!r} missing or not {t.__name__}")
+
+
+# ================================================================================================
+# 4. Pure planners: records, prompts, requests, tokens, batches, waves, cost
+# ================================================================================================
+
+OPTIONAL_FIELDS = ("title", "url")
+
+
+def template_fields(template: str) -> list[str]:
+    """The {field} names a prompt template uses (raises ValueError on a malformed template)."""
+    out = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if name == "" or not name.isidentifier():
+                raise ValueError(f"field {{{name}}} is not a plain field name")
+            out.append(name)
+    return out
+
+
+def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]) -> str | None:
+    """None when the record is usable, else what is wrong with it and how to fix it."""
+    if not isinstance(obj, dict):
+        return f"record is a JSON {type(obj).__name__}, not an object. Fix: one JSON object per line"
+    if id_field not in obj:
+        return f"no '{id_field}' field. Fix: give every record a unique id (or name the field with --id-field)"
+    rid = obj[id_field]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        return f"'{id_field}' must be a non-empty string or an integer, not {orjson.dumps(rid).decode()[:40]}"
+    text = obj.get(text_field)
+    if text is None:
+        return f"no '{text_field}' field. Fix: add the document text (or name the field with --text-field)"
+    if not isinstance(text, str) or not text.strip():
+        return f"'{text_field}' is empty or not a string. Fix: give the document text as a non-empty string"
+    for f in fields:
+        if f not in (text_field, *OPTIONAL_FIELDS) and f not in obj:
+            return f"the prompt template uses {{{f}}} but the record has no '{f}' field. Fix: add it or change the template"
+    return None
+
+
+def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str:
+    values = {k: ("" if v is None else v) for k, v in record.items()}
+    for f in OPTIONAL_FIELDS:
+        values.setdefault(f, "")
+    values.setdefault("text", record[text_field])
+    return template.format_map(values)
+
+
+def generation_config(cfg: JobConfig) -> dict[str, Any]:
+    gc: dict[str, Any] = {}
+    if cfg.temperature is not None:
+        gc["temperature"] = cfg.temperature
+    if cfg.max_output_tokens is not None:
+        gc["maxOutputTokens"] = cfg.max_output_tokens
+    if cfg.thinking_budget is not None and base_model(cfg.model).startswith("gemini-2.5"):
+        gc["thinkingConfig"] = {"thinkingBudget": cfg.thinking_budget}
+    if cfg.schema is not None:
+        gc["responseMimeType"] = "application/json"
+        gc["responseJsonSchema"] = cfg.schema
+    return gc
+
+
+def build_request(cfg: JobConfig, prompt: str, gen_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A GenerateContentRequest in the wire's camelCase, as one line of a batch file carries it."""
+    req: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
+    if cfg.system_instruction:
+        req["systemInstruction"] = {"parts": [{"text": cfg.system_instruction}]}
+    gc = generation_config(cfg) if gen_config is None else gen_config
+    if gc:
+        req["generationConfig"] = gc
+    return req
+
+
+def estimate_tokens(chars: int, chars_per_token: float) -> int:
+    return max(1, math.ceil(chars / chars_per_token))
+
+
+def calibrate_chars_per_token(samples: list[tuple[int, int]]) -> float:
+    """(characters, counted tokens) pairs -> characters per token, clamped to a sane range."""
+    chars = sum(c for c, _ in samples)
+    tokens = sum(t for _, t in samples)
+    if chars <= 0 or tokens <= 0:
+        return CHARS_PER_TOKEN_OFFLINE
+    return min(8.0, max(1.0, chars / tokens))
+
+
+def should_cut(
+    count: int, tokens: int, nbytes: int, next_tokens: int, next_bytes: int, batch_size: int, token_cap: int, max_bytes: int
+) -> bool:
+    """Whether the next request must start a new batch (the current one is full)."""
+    if count == 0:
+        return False
+    return count >= batch_size or tokens + next_tokens > token_cap or nbytes + next_bytes > max_bytes
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    start: int
+    end: int
+    tokens: int
+    bytes: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+def plan_batches(sizes: Iterable[tuple[int, int]], batch_size: int, token_cap: int, max_bytes: int) -> list[BatchPlan]:
+    """Cut (tokens, bytes) per request, in input order, into contiguous batches."""
+    out: list[BatchPlan] = []
+    start = count = tok = nb = 0
+    for i, (t, b) in enumerate(sizes):
+        if should_cut(count, tok, nb, t, b, batch_size, token_cap, max_bytes):
+            out.append(BatchPlan(start, i, tok, nb))
+            start, count, tok, nb = i, 0, 0, 0
+        count += 1
+        tok += t
+        nb += b
+    if count:
+        out.append(BatchPlan(start, start + count, tok, nb))
+    return out
+
+
+def effective_limit(limit: int, margin: float) -> int:
+    return max(1, int(limit * (1.0 - margin)))
+
+
+def plan_waves(batch_tokens: list[int], limit: int, waves: str | int = "auto") -> list[list[int]]:
+    """Greedily pack batches (in order) into waves whose token sums stay within the limit.
+
+    waves="auto" fills each wave up to the limit; an integer N aims for N waves of even size,
+    never above the limit (so more waves than N when the limit demands it).
+    """
+    if any(t > limit for t in batch_tokens):
+        raise InputError(f"a batch of {max(batch_tokens)} tokens exceeds the enqueued limit {limit}")
+    target = limit
+    if waves != "auto":
+        n = max(1, int(waves))
+        target = min(limit, max(max(batch_tokens, default=1), math.ceil(sum(batch_tokens) / n)))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    acc = 0
+    for i, t in enumerate(batch_tokens):
+        if cur and acc + t > target:
+            out.append(cur)
+            cur, acc = [], 0
+        cur.append(i)
+        acc += t
+    if cur:
+        out.append(cur)
+    return out
+
+
+def admit(active_tokens: int, active_jobs: int, candidate_tokens: int, limit: int, max_jobs: int) -> bool:
+    """Rolling admission: may a batch of candidate_tokens be created now?"""
+    return active_jobs < max_jobs and active_tokens + candidate_tokens <= limit
+
+
+def next_poll_interval(current: float, changed: bool, base: float, maximum: float) -> float:
+    return base if changed else min(maximum, current * 1.5)
+
+
+def price_for(model: str) -> tuple[float, float]:
+    return PRICES.get(base_model(model), PRICES[DEFAULT_MODEL])
+
+
+def cost_usd(model: str, input_tokens: int, output_tokens: int, batch: bool) -> float:
+    pin, pout = price_for(model)
+    factor = BATCH_DISCOUNT if batch else 1.0
+    return (input_tokens * pin + output_tokens * pout) / 1e6 * factor
+
+
+def usage_cost(model: str, usage: dict[str, int], batch: bool) -> float:
+    out = usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0)
+    return cost_usd(model, usage.get("promptTokenCount", 0), out, batch)
+
+
+def add_usage(total: dict[str, int], usage: dict[str, Any] | None) -> None:
+    for k in ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"):
+        v = (usage or {}).get(k)
+        if isinstance(v, int):
+            total[k] = total.get(k, 0) + v
+
+
+def estimate_plan(
+    cfg: JobConfig,
+    batches: list[BatchPlan],
+    waves: list[list[int]],
+    limit: int,
+    eff_limit: int,
+    records: int,
+    realtime_share: float = 0.0,
+) -> dict[str, Any]:
+    tokens = sum(b.tokens for b in batches)
+    out_tokens = records * cfg.expected_output_tokens
+    batch_cost = cost_usd(cfg.model, tokens, out_tokens, batch=True)
+    rt_cost = cost_usd(cfg.model, tokens, out_tokens, batch=False)
+    return {
+        "model": cfg.model,
+        "records": records,
+        "batches": len(batches),
+        "waves": len(waves),
+        "input_tokens": tokens,
+        "expected_output_tokens": out_tokens,
+        "enqueued_limit": limit,
+        "effective_limit": eff_limit,
+        "estimated_cost_usd": round(batch_cost * (1 - realtime_share) + rt_cost * realtime_share, 6),
+        "estimated_cost_realtime_usd": round(rt_cost, 6),
+        "realtime_share": realtime_share,
+        "estimated_time": f"{len(waves)} wave(s) x batch job time (minutes to hours; Google's target is 24 h)",
+        "wave_tokens": [sum(batches[i].tokens for i in w) for w in waves],
+        "wave_of_batch": {str(i): wi for wi, w in enumerate(waves) for i in w},
+    }
+
+
+def response_text(response: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The text of a GenerateContentResponse (thought parts skipped) or why there is none."""
+    cands = response.get("candidates") or []
+    if not cands:
+        fb = response.get("promptFeedback") or {}
+        return None, f"no candidates (blockReason={fb.get('blockReason', 'unknown')})"
+    cand = cands[0]
+    parts = (cand.get("content") or {}).get("parts") or []
+    text = "".join(p.get("text", "") for p in parts if isinstance(p, dict) and not p.get("thought"))
+    finish = cand.get("finishReason", "STOP")
+    if not text:
+        return None, f"empty answer (finishReason={finish})"
+    if finish not in ("STOP", "FINISH_REASON_UNSPECIFIED", None) and finish != "MAX_TOKENS":
+        return None, f"answer stopped early (finishReason={finish})"
+    return text, None
+
+
+def parse_answer(response: dict[str, Any], schema: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """(result, None) or (None, error) for one response: JSON parsed and checked against the schema."""
+    text, err = response_text(response)
+    if err is not None:
+        return None, err
+    assert text is not None
+    if schema is None:
+        return text, None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        fin = ((response.get("candidates") or [{}])[0]).get("finishReason")
+        hint = " (truncated: raise max_output_tokens)" if fin == "MAX_TOKENS" else ""
+        return None, f"answer is not valid JSON{hint}: {text[:80]!r}"
+    problem = schema_problem(value, schema)
+    if problem:
+        return None, f"answer does not match the schema: {problem}"
+    return value, None
+
+
+_VALIDATORS: dict[str, Any] = {}
+
+
+def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
+    import jsonschema
+
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+    v = _VALIDATORS.get(key)
+    if v is None:
+        v = _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
+    err = next(iter(v.iter_errors(value)), None)
+    return None if err is None else f"{'/'.join(map(str, err.absolute_path)) or '(root)'}: {err.message}"[:200]
+
+
+def merge_choice(current: dict[str, Any] | None, candidate: dict[str, Any]) -> dict[str, Any]:
+    """Which of two results for one id to keep: the first ok one wins; otherwise the latest error."""
+    if current is None:
+        return candidate
+    if current.get("status") == "ok":
+        return current
+    return candidate
+
+
+# ================================================================================================
+# 5. Persistence: atomic JSON sidecars, the run store, the run lock, input reading
+# ================================================================================================
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write temp + fsync + os.replace (+ fsync of the folder): readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise StateError(f"{path}: unreadable sidecar ({e})") from e
+    if not isinstance(data, dict):
+        raise StateError(f"{path}: sidecar is not a JSON object")
+    return data
+
+
+def open_private(path: Path, mode: str = "wb") -> Any:
+    """Open a file for writing, created 0600 (results may be sensitive)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
+class RunStore:
+    """The sidecars of one run folder: <state_dir>/<run>/{run.json, jobs/, requests/, results/, ...}."""
+
+    def __init__(self, state_dir: str | Path, name: str):
+        self.state_dir = Path(state_dir)
+        self.name = name
+        self.dir = self.state_dir / name
+
+    # paths
+    @property
+    def run_path(self) -> Path:
+        return self.dir / "run.json"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.dir / "jobs"
+
+    @property
+    def ids_path(self) -> Path:
+        return self.dir / "ids.jsonl"
+
+    @property
+    def realtime_path(self) -> Path:
+        return self.dir / "realtime.jsonl"
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.dir / f"{self.name}.rejected.jsonl"
+
+    def request_path(self, job: Job) -> Path:
+        return self.dir / job.request_file
+
+    def result_path(self, job: Job) -> Path:
+        return self.dir / "results" / f"{job.name}.jsonl"
+
+    def exists(self) -> bool:
+        return self.run_path.exists()
+
+    # the one save/load pair per kind
+    def save_run(self, run: Run) -> None:
+        run.updated_at = utcnow()
+        d = run.to_dict()
+        validate_run_dict(d)
+        save_json(self.run_path, d)
+
+    def load_run(self) -> Run:
+        try:
+            return Run.from_dict(load_json(self.run_path))
+        except FileNotFoundError:
+            raise UsageError(f"no run named {self.name!r} in {self.state_dir}. Fix: see `batchify list`.") from None
+
+    def save_job(self, job: Job) -> None:
+        d = job.to_dict()
+        validate_job_dict(d)
+        save_json(self.jobs_dir / f"{job.name}.json", d)
+
+    def load_jobs(self) -> list[Job]:
+        if not self.jobs_dir.exists():
+            return []
+        jobs = [Job.from_dict(load_json(p)) for p in sorted(self.jobs_dir.glob("*.json"))]
+        return sorted(jobs, key=lambda j: (j.index, j.attempt, j.name))
+
+
+def list_runs(state_dir: str | Path) -> list[str]:
+    d = Path(state_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.parent.name for p in d.glob("*/run.json"))
+
+
+class RunLock:
+    """One writer per run: an fcntl lock on <run>/lock that names its holder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "lock"
+        self.fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(
+                f"run {self.path.parent.name!r} is in use by {holder}. Fix: wait for it to finish, or stop it."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({what}) since {utcnow()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class InputRecord:
+    where: str  # "line 12" or "item 12"
+    obj: Any
+    error: str | None = None
+    raw: bytes = b""
+
+
+def read_input(path: Path, hasher: Any = None) -> Iterator[InputRecord]:
+    """Stream the records of a JSONL file (or a JSON array file), with where each one stands.
+
+    A UTF-8 BOM, CRLF line ends and blank lines are accepted; malformed JSON and non-UTF-8 bytes are
+    reported per line. The hasher (if any) is fed every byte of the file.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file. Fix: check the path.") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror}).") from e
+    with f:
+        head = f.read(4096)
+        f.seek(0)
+        if not head.strip(b"\xef\xbb\xbf \t\r\n"):
+            raise InputError(f"{path}: the file is empty. Fix: give one JSON object per line.")
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            data = f.read()
+            if hasher:
+                hasher.update(data)
+            try:
+                items = orjson.loads(data.removeprefix(b"\xef\xbb\xbf"))
+            except orjson.JSONDecodeError as e:
+                raise InputError(f"{path}: not valid JSON ({e}). Fix: give a JSON array of objects, or JSONL.") from e
+            for i, obj in enumerate(items, 1):
+                yield InputRecord(f"item {i}", obj)
+            return
+        for lineno, line in enumerate(f, 1):
+            if hasher:
+                hasher.update(line)
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                obj = orjson.loads(s)
+            except orjson.JSONDecodeError as e:
+                try:
+                    s.decode("utf-8")
+                except UnicodeDecodeError as ue:
+                    yield InputRecord(
+                        f"line {lineno}",
+                        None,
+                        f"bytes that are not UTF-8 at column {ue.start + 1}. Fix: re-encode the file as UTF-8",
+                        s,
+                    )
+                    continue
+                yield InputRecord(f"line {lineno}", None, f"malformed JSON ({e}). Fix: one complete JSON object per line", s)
+                continue
+            yield InputRecord(f"line {lineno}", obj, None, s)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a torn last line after a crash: that request is simply not done
+
+
+# ================================================================================================
+# 6. Gemini seam: the only section that imports google.genai; SDK objects stop here
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size_bytes: int
+    state: str
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    name: str
+    display_name: str | None
+    state: JobState
+    output_file: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    inlined: list[dict[str, Any]] | None = None
+
+
+def _retry_delay(details: Any) -> float | None:
+    """RetryInfo.retryDelay ("36s") from a Google error body, if any."""
+    try:
+        for d in (details or {}).get("error", {}).get("details", []) or []:
+            if isinstance(d, dict) and "retryDelay" in d:
+                return float(str(d["retryDelay"]).rstrip("s"))
+    except (AttributeError, ValueError):
+        return None
+    return None
+
+
+def operation_to_job(op: dict[str, Any]) -> RemoteJob:
+    """A raw Operation (batches.get over REST) -> RemoteJob, with batchStats the SDK drops."""
+    meta = op.get("metadata") or {}
+    stats_raw = meta.get("batchStats") or {}
+    stats = {
+        k: int(stats_raw.get(k, "0"))
+        for k in ("requestCount", "successfulRequestCount", "failedRequestCount", "pendingRequestCount")
+    }
+    output = meta.get("output") or op.get("response") or {}
+    err = op.get("error")
+    inl = (output.get("inlinedResponses") or {}).get("inlinedResponses") if isinstance(output, dict) else None
+    return RemoteJob(
+        name=op.get("name") or meta.get("name", ""),
+        display_name=meta.get("displayName"),
+        state=parse_remote_state(meta.get("state", "BATCH_STATE_PENDING")),
+        output_file=output.get("responsesFile") if isinstance(output, dict) else None,
+        stats=stats,
+        error=(f"{err.get('message', '')} (code {err.get('code')})" if isinstance(err, dict) else None),
+        inlined=inl,
+    )
+
+
+class GeminiClient:
+    """Async access to the Gemini API through the unmodified google-genai SDK.
+
+    base_url None lets the SDK resolve it (GOOGLE_GEMINI_BASE_URL, else Google). Retries of
+    408/5xx and network errors are the SDK's own HttpRetryOptions; 429 is left to the engine,
+    which knows whether it means "enqueued tokens full" (wait) or "rate limit" (slow down).
+    """
+
+    def __init__(
+        self, api_key: str, base_url: str | None = None, attempts: int = 4, timeout_s: float = 120.0, initial_delay: float = 1.0
+    ):
+        from google import genai
+        from google.genai import types
+
+        self._types = types
+        retry = types.HttpRetryOptions(
+            attempts=attempts, initial_delay=initial_delay, max_delay=30.0, http_status_codes=[408, 500, 502, 503, 504]
+        )
+        opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000), retry_options=retry)
+        self._client = genai.Client(api_key=api_key, vertexai=False, http_options=opts)
+        self.aio = self._client.aio
+
+    @staticmethod
+    def _wrap(e: BaseException, what: str) -> RemoteError:
+        from google.genai import errors
+
+        if isinstance(e, errors.APIError):
+            code = int(e.code or 0)
+            msg = f"{what}: {code} {e.status or ''} {e.message or ''}".strip()
+            cls = BatchRefusedError if (what == "create batch" and code in (403, 404)) else RemoteError
+            return cls(msg, code=code, status=e.status or "", retry_delay=_retry_delay(e.details))
+        if isinstance(e, (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)):
+            return RemoteError(f"{what}: network error ({type(e).__name__}: {e})", code=0)
+        name = type(e).__name__
+        if "Timeout" in name or "Connect" in name or "Payload" in name or "Disconnect" in name or "Protocol" in name:
+            return RemoteError(f"{what}: network error ({name}: {e})", code=0)
+        raise e
+
+    async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except Exception as e:  # translated at the boundary
+            raise self._wrap(e, what) from e
+
+    async def upload(self, path: Path, display_name: str) -> RemoteFile:
+        cfg = self._types.UploadFileConfig(mime_type="jsonl", display_name=display_name)
+        f = await self._call("upload", self.aio.files.upload(file=str(path), config=cfg))
+        return RemoteFile(name=f.name or "", size_bytes=int(f.size_bytes or 0), state=str(f.state))
+
+    async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
+        cfg = self._types.CreateBatchJobConfig(display_name=display_name)
+        j = await self._call("create batch", self.aio.batches.create(model=model, src=src, config=cfg))  # type: ignore[arg-type]
+        return RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state)))
+
+    async def get_batch(self, name: str) -> RemoteJob:
+        # A raw GET through the SDK's own client (auth, base URL, retries): the typed
+        # batches.get() never fills batchStats or the Operation error for Gemini batches.
+        resp = await self._call("get batch", self.aio._api_client.async_request("get", name, {}))
+        return operation_to_job(orjson.loads(resp.body or "{}"))
+
+    async def list_batches(self) -> list[RemoteJob]:
+        out = []
+        pager = await self._call("list batches", self.aio.batches.list(config={"page_size": 100}))
+        try:
+            async for j in pager:
+                out.append(RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state))))
+        except Exception as e:
+            raise self._wrap(e, "list batches") from e
+        return out
+
+    async def cancel_batch(self, name: str) -> None:
+        await self._call("cancel batch", self.aio.batches.cancel(name=name))
+
+    async def delete_batch(self, name: str) -> None:
+        await self._call("delete batch", self.aio.batches.delete(name=name))
+
+    async def delete_file(self, name: str) -> None:
+        await self._call("delete file", self.aio.files.delete(name=name))
+
+    async def download(self, name: str) -> bytes:
+        data = await self._call("download", self.aio.files.download(file=name))
+        return bytes(data)
+
+    async def count_tokens(self, model: str, text: str) -> int:
+        r = await self._call("count tokens", self.aio.models.count_tokens(model=model, contents=text))
+        return int(r.total_tokens or 0)
+
+    async def generate(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One real-time call from a wire-form request; returns the wire-form response dict."""
+        t = self._types
+        gc = dict(request.get("generationConfig") or {})
+        if "systemInstruction" in request:
+            gc["systemInstruction"] = request["systemInstruction"]
+        config = t.GenerateContentConfig.model_validate(gc)
+        contents = [t.Content.model_validate(c) for c in request["contents"]]
+        resp = await self._call("generate", self.aio.models.generate_content(model=model, contents=contents, config=config))  # type: ignore[arg-type]
+        return dict(resp.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.aio.aclose()
+
+
+# ================================================================================================
+# 7. Engine: prepare, submit, poll, retrieve, retry, real-time fallback, merge
+# ================================================================================================
+
+
+@dataclass
+class JobView:
+    name: str
+    state: str
+    done: int
+    total: int
+    tokens: int
+    wave: int
+
+
+@dataclass
+class RealtimeView:
+    done: int = 0
+    total: int = 0
+    errors: int = 0
+    retries: int = 0
+    throttled: int = 0
+    rpm: float = 0.0
+    tpm: float = 0.0
+    cost_usd: float = 0.0
+
+
+@dataclass
+class ProgressView:
+    run: str
+    jobs: list[JobView]
+    realtime: RealtimeView | None
+    records: int
+
+
+class Reporter(Protocol):
+    def update(self, view: ProgressView) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class NullReporter:
+    def update(self, view: ProgressView) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class Summary:
+    run: str
+    out: str
+    total: int
+    ok: int
+    errors: int
+    by_source: dict[str, int]
+    error_kinds: dict[str, int]
+    usage: dict[str, int]
+    cost_batch_usd: float
+    cost_realtime_usd: float
+    status: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
+    return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}"
+
+
+async def calibrate(
+    client: GeminiClient | None, path: Path, cfg: JobConfig, id_field: str, text_field: str
+) -> tuple[float, bool]:
+    """Characters per token from a few countTokens calls on the first records; offline constant otherwise."""
+    if client is None:
+        return CHARS_PER_TOKEN_OFFLINE, False
+    fields = template_fields(cfg.prompt_template)
+    prompts: list[str] = []
+    try:
+        for rec in read_input(path):
+            if rec.error is None and check_record(rec.obj, id_field, text_field, fields) is None:
+                prompts.append(render_prompt(cfg.prompt_template, rec.obj, text_field))
+                if len(prompts) >= CALIBRATION_SAMPLES:
+                    break
+    except InputError:
+        return CHARS_PER_TOKEN_OFFLINE, False
+    if not prompts:
+        return CHARS_PER_TOKEN_OFFLINE, False
+    try:
+        counts = await asyncio.gather(*(client.count_tokens(cfg.model, p) for p in prompts))
+    except RemoteError:
+        return CHARS_PER_TOKEN_OFFLINE, False
+    return calibrate_chars_per_token([(len(p), c) for p, c in zip(prompts, counts, strict=True)]), True
+
+
+async def prepare_run(
+    store: RunStore,
+    input_path: str | Path,
+    cfg: JobConfig,
+    opts: RunOptions,
+    client: GeminiClient | None = None,
+    endpoint: str | None = None,
+) -> Run:
+    """Validate the input, write the request files, ids and job sidecars, and plan the waves.
+
+    Streams record by record; nothing remote is touched except countTokens for calibration.
+    On bad input (and no skip_invalid) the run folder is removed and InputError names every problem.
+    """
+    path = Path(input_path)
+    if store.dir.exists():
+        import shutil
+
+        shutil.rmtree(store.dir)  # a prepare that never finished: nothing of it was uploaded
+    fields = template_fields(cfg.prompt_template)
+    limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
+    eff = effective_limit(limit, opts.margin)
+    cpt, calibrated = (
+        (await calibrate(client, path, cfg, opts.id_field, opts.text_field))
+        if opts.calibrate
+        else (CHARS_PER_TOKEN_OFFLINE, False)
+    )
+    si_chars = len(cfg.system_instruction or "")
+    gc = generation_config(cfg)
+    hasher = hashlib.sha256()
+    seen: dict[Any, str] = {}
+    problems: list[str] = []
+    n_problems = 0
+    batches: list[BatchPlan] = []
+    req_dir = store.dir / "requests"
+    req_dir.mkdir(parents=True, exist_ok=True)
+    ids_f = open_private(store.ids_path)
+    rej_f = None
+    cur_f: Any = None
+    start = count = tok = nb = 0
+    n = 0
+
+    def close_batch() -> None:
+        nonlocal cur_f
+        if cur_f is not None:
+            cur_f.close()
+            cur_f = None
+            batches.append(BatchPlan(start, start + count, tok, nb))
+
+    try:
+        for rec in read_input(path, hasher):
+            err = rec.error or check_record(rec.obj, opts.id_field, opts.text_field, fields)
+            prompt = ""
+            t = 0
+            if err is None:
+                rid = rec.obj[opts.id_field]
+                if rid in seen:
+                    err = f"duplicate id {orjson.dumps(rid).decode()[:60]} (first at {seen[rid]}). Fix: make ids unique"
+                else:
+                    try:
+                        prompt = render_prompt(cfg.prompt_template, rec.obj, opts.text_field)
+                    except (KeyError, IndexError, ValueError) as e:
+                        err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
+            if err is None:
+                t = estimate_tokens(len(prompt) + si_chars, cpt)
+                if t > CONTEXT_WINDOW:
+                    err = (
+                        f"document of about {t:,} tokens is longer than the model's context window "
+                        f"({CONTEXT_WINDOW:,}). Fix: split or truncate it"
+                    )
+                elif t > eff:
+                    err = (
+                        f"document of about {t:,} tokens exceeds the enqueued-token limit ({eff:,} after margin) "
+                        "by itself. Fix: raise --enqueued-limit/--tier or shorten it"
+                    )
+            if err is not None:
+                n_problems += 1
+                if opts.skip_invalid:
+                    if rej_f is None:
+                        rej_f = open_private(store.rejected_path)
+                    rej_f.write(
+                        orjson.dumps(
+                            {
+                                "where": rec.where,
+                                "reason": err,
+                                "record": rec.obj if rec.error is None else rec.raw.decode("utf-8", "replace"),
+                            }
+                        )
+                        + b"\n"
+                    )
+                elif len(problems) < 20:
+                    problems.append(f"{path}:{rec.where.split()[-1]}: {err}")
+                continue
+            rid = rec.obj[opts.id_field]
+            seen[rid] = rec.where
+            line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}) + b"\n"
+            if cur_f is None or should_cut(count, tok, nb, t, len(line), opts.batch_size, eff, opts.max_file_bytes):
+                close_batch()
+                start, count, tok, nb = n, 0, 0, 0
+                cur_f = open_private(req_dir / f"b{len(batches) + 1:04d}.jsonl")
+            cur_f.write(line)
+            count += 1
+            tok += t
+            nb += len(line)
+            ids_f.write(orjson.dumps(rid) + b"\n")
+            n += 1
+        close_batch()
+    except BaseException:
+        if cur_f is not None:
+            cur_f.close()
+        ids_f.close()
+        if rej_f is not None:
+            rej_f.close()
+        raise
+    ids_f.close()
+    if rej_f is not None:
+        rej_f.close()
+    if n_problems and not opts.skip_invalid:
+        import shutil
+
+        shutil.rmtree(store.dir, ignore_errors=True)
+        more = f" (and {n_problems - len(problems)} more)" if n_problems > len(problems) else ""
+        raise InputError(
+            f"{path}: {n_problems} invalid record(s){more}; nothing was uploaded. "
+            "Fix them, or pass --skip-invalid to set them aside.",
+            problems,
+        )
+    if n == 0:
+        import shutil
+
+        shutil.rmtree(store.dir, ignore_errors=True)
+        raise InputError(
+            f"{path}: no valid records. Fix: give one JSON object per line with '{opts.id_field}' and '{opts.text_field}'."
+        )
+    waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
+    plan = estimate_plan(cfg, batches, waves, limit, eff, n, 1.0 if opts.mode == "realtime" else 0.0)
+    plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
+    run_id = secrets.token_hex(3)
+    name = store.name
+    if opts.mode != "realtime":
+        for i, b in enumerate(batches, 1):
+            store.save_job(
+                Job(
+                    name=f"b{i:04d}",
+                    index=i,
+                    display_name=display_name_for(name, run_id, i, 1),
+                    request_file=f"requests/b{i:04d}.jsonl",
+                    request_count=b.count,
+                    tokens=b.tokens,
+                    bytes=b.bytes,
+                    wave=plan["wave_of_batch"][str(i - 1)],
+                    start=b.start,
+                    end=b.end,
+                    timestamps={"CREATED": utcnow()},
+                )
+            )
+    out = opts.out or str(path.with_name(f"{path.stem}.results.jsonl"))
+    run = Run(
+        name=name,
+        run_id=run_id,
+        input_path=str(path.resolve()),
+        input_sha256=hasher.hexdigest(),
+        input_format="json" if str(path).endswith(".json") else "jsonl",
+        config=cfg.to_dict(),
+        options=opts.to_dict(),
+        endpoint=endpoint,
+        records=n,
+        rejected=n_problems,
+        chars_per_token=cpt,
+        calibrated=calibrated,
+        plan=plan,
+        out=str(Path(out).resolve()),
+        created_at=utcnow(),
+    )
+    store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
+    return run
+
+
+class RateLimiter:
+    """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
+
+    Callers queue FIFO; nobody spins. On a 429 `pause()` holds everyone for the server's retry
+    delay and `slow_down()` lowers the rate, which `recover()` raises again step by step.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ):
+        self.base_rate = rate_per_s
+        self.factor = 1.0
+        self.burst = burst
+        self.clock = clock
+        self.sleep = sleep
+        self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
+        self._lock = asyncio.Lock()
+
+    @property
+    def rate(self) -> float:
+        return self.base_rate * self.factor
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        async with self._lock:
+            now = self.clock()
+            tolerance = max(0.0, (self.burst - amount) / self.rate)
+            start = max(now, self.tat - tolerance)
+            if start > now:
+                await self.sleep(start - now)
+            self.tat = max(self.tat, start) + amount / self.rate
+
+    def pause(self, seconds: float) -> None:
+        self.tat = max(self.tat, self.clock() + seconds)
+
+    def slow_down(self) -> None:
+        self.factor = max(0.25, self.factor * 0.8)
+
+    def recover(self) -> None:
+        self.factor = min(1.0, self.factor + 0.005)
+
+
+class Engine:
+    """Drives one prepared run to the end. Never prints, exits or reads the environment."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        client: GeminiClient,
+        reporter: Reporter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        hook: Callable[[str], None] | None = None,
+    ):
+        self.store = store
+        self.client = client
+        self.reporter: Reporter = reporter or NullReporter()
+        self.clock = clock
+        self.sleep = sleep
+        self.hook = hook or (lambda point: None)
+        self.run = store.load_run()
+        self.opts = self.run.run_options
+        self.cfg = self.run.job_config
+        self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs()}
+        self.rt_view: RealtimeView | None = None
+        self.limit = self.run.plan["effective_limit"]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _set(self, job: Job, state: JobState, **changes: Any) -> Job:
+        new = advance(job, state, utcnow(), **changes)
+        self.store.save_job(new)
+        self.jobs[new.name] = new
+        return new
+
+    def _ordered(self) -> list[Job]:
+        return sorted(self.jobs.values(), key=lambda j: (j.index, j.attempt))
+
+    def _report(self) -> None:
+        views = [
+            JobView(
+                j.name,
+                str(j.state),
+                j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
+                if j.state != S.RESULTS_DOWNLOADED
+                else j.request_count,
+                j.request_count,
+                j.tokens,
+                j.wave,
+            )
+            for j in self._ordered()
+        ]
+        self.reporter.update(ProgressView(self.run.name, views, self.rt_view, self.run.records))
+
+    def _log(self, msg: str) -> None:
+        self.reporter.log(msg)
+
+    # -- the whole run ---------------------------------------------------------------------------
+    async def execute(self) -> Summary:
+        if self.run.status == "cancelled":
+            return self.merge()
+        self.run.status = "running"
+        self.store.save_run(self.run)
+        if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
+            raise CostCapError(
+                f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
+                f"${self.opts.max_cost:.4f}; nothing was submitted."
+            )
+        if self.opts.mode == "realtime":
+            await self.realtime(None)
+        else:
+            try:
+                await self.batch_phase()
+                if self._line_retry_due():
+                    await self.batch_phase()
+            except BatchRefusedError as e:
+                if self.opts.mode != "auto" or not self.opts.fallback:
+                    raise
+                self._log(f"batch refused for good ({e}); finishing in real time at the standard price")
+                self.run.realtime["batch_refused"] = str(e)
+                self.store.save_run(self.run)
+            if self.opts.mode == "auto" and self.opts.fallback:
+                todo = self.unresolved()
+                if todo:
+                    self._log(f"{len(todo)} request(s) not done by batch: real-time fallback")
+                    await self.realtime(todo)
+        summary = self.merge()
+        return summary
+
+    # -- batch -----------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """A job left in SUBMITTING may or may not exist remotely: find it by display name."""
+        stuck = [j for j in self._ordered() if j.state == S.SUBMITTING]
+        if not stuck:
+            return
+        remote = {r.display_name: r for r in await self.client.list_batches()}
+        for j in stuck:
+            r = remote.get(j.display_name)
+            if r is not None:
+                self._log(f"{j.name}: found remote job {r.name} created before the interruption")
+                self._set(j, r.state, remote_job=r.name)
+            else:
+                self._set(j, S.UPLOADED)
+
+    def _spawn_retries(self) -> None:
+        retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
+        for j in list(self._ordered()):
+            if (
+                j.state in (S.FAILED, S.EXPIRED)
+                and not j.cancelled_by_user
+                and j.name not in retried
+                and j.attempt < self.opts.max_attempts
+            ):
+                a = j.attempt + 1
+                base = j.name.split("-")[0]
+                nj = Job(
+                    name=f"{base}-r{a}",
+                    index=j.index,
+                    display_name=display_name_for(self.run.name, self.run.run_id, j.index, a),
+                    request_file=j.request_file,
+                    request_count=j.request_count,
+                    tokens=j.tokens,
+                    bytes=j.bytes,
+                    wave=j.wave,
+                    attempt=a,
+                    retry_of=j.name,
+                    timestamps={"CREATED": utcnow()},
+                )
+                self._log(f"{j.name} ended {j.state}: resubmitting its {j.request_count} request(s) as {nj.name}")
+                self.store.save_job(nj)
+                self.jobs[nj.name] = nj
+
+    def _line_retry_due(self) -> bool:
+        """Without the real-time fallback, per-line errors get one more try in a batch of their own."""
+        if self.opts.mode == "auto" and self.opts.fallback:
+            return False
+        if self.run.realtime.get("line_retry_done"):
+            return False
+        self.run.realtime["line_retry_done"] = True
+        self.store.save_run(self.run)
+        todo = self.unresolved()
+        if not todo:
+            return False
+        idx = max(j.index for j in self.jobs.values()) + 1
+        rel = f"requests/retry-{idx:04d}.jsonl"
+        tokens = nbytes = 0
+        with open_private(self.store.dir / rel) as f:
+            for n, req, t in self._requests(todo):
+                line = orjson.dumps({"key": str(n), "request": req}) + b"\n"
+                f.write(line)
+                tokens += t
+                nbytes += len(line)
+        name = f"x{idx:04d}"
+        self._log(f"{len(todo)} request(s) ended in error: one more try in batch {name}")
+        self.store.save_job(
+            Job(
+                name=name,
+                index=idx,
+                display_name=display_name_for(self.run.name, self.run.run_id, idx, 1),
+                request_file=rel,
+                request_count=len(todo),
+                tokens=tokens,
+                bytes=nbytes,
+                wave=max(j.wave for j in self.jobs.values()) + 1,
+                timestamps={"CREATED": utcnow()},
+            )
+        )
+        self.jobs = {j.name: j for j in self.store.load_jobs()}
+        return True
+
+    async def batch_phase(self) -> None:
+        await self.reconcile()
+        base = self.opts.poll_interval
+        interval: dict[str, float] = {}
+        next_poll: dict[str, float] = {}
+        create_after = 0.0
+        create_backoff = base
+        while True:
+            self._spawn_retries()
+            now = self.clock()
+            # admission: rolling (or wave by wave with --barrier), in order, under the token limit
+            if now >= create_after:
+                for j in self._ordered():
+                    if j.state not in UNSUBMITTED:
+                        continue
+                    live = [x for x in self.jobs.values() if x.state in ACTIVE_STATES]
+                    if self.opts.barrier and any(x.wave < j.wave and x.state not in FINAL_STATES for x in self.jobs.values()):
+                        break
+                    if not admit(sum(x.tokens for x in live), len(live), j.tokens, self.limit, self.opts.max_active_jobs):
+                        break
+                    created = await self.submit(j)
+                    if not created:
+                        create_after = self.clock() + create_backoff
+                        create_backoff = min(create_backoff * 2, self.opts.max_poll_interval)
+                        break
+                    create_backoff = base
+                    next_poll[j.name] = self.clock() + base
+            # poll every due job concurrently, then fetch every finished job's results
+            now = self.clock()
+            due = [
+                j
+                for j in self._ordered()
+                if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
+                and next_poll.get(j.name, 0.0) <= now
+            ]
+            if due:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
+                for name, task in tasks.items():
+                    changed = task.result()
+                    interval[name] = next_poll_interval(interval.get(name, base), changed, base, self.opts.max_poll_interval)
+                    next_poll[name] = self.clock() + interval[name]
+            ready = [j for j in self._ordered() if j.state == S.SUCCEEDED and j.output_file and next_poll.get(j.name, 0.0) <= now]
+            if ready:
+                async with asyncio.TaskGroup() as tg:
+                    dl = {j.name: tg.create_task(self.retrieve(j)) for j in ready}
+                for name, task in dl.items():
+                    if not task.result():
+                        next_poll[name] = self.clock() + base
+            self._report()
+            if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
+                return
+            waits = [t for name, t in next_poll.items() if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED}]
+            if any(j.state in UNSUBMITTED for j in self.jobs.values()):
+                waits.append(max(create_after, self.clock() + (base if waits else 0.0)))
+            delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
+            if delay > 0:
+                await self.sleep(delay)
+
+    def _retry_pending(self) -> bool:
+        retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
+        return any(
+            j.state in (S.FAILED, S.EXPIRED)
+            and not j.cancelled_by_user
+            and j.name not in retried
+            and j.attempt < self.opts.max_attempts
+            for j in self.jobs.values()
+        )
+
+    async def submit(self, job: Job) -> bool:
+        """Upload (if needed) and create one batch job. False when the service said "not now" (429)."""
+        if job.state in (S.CREATED, S.UPLOADING):
+            job = self._set(job, S.UPLOADING)
+            self.hook("before_upload")
+            try:
+                f = await self.client.upload(self.store.request_path(job), job.display_name)
+            except RemoteError as e:
+                self._log(f"{job.name}: upload failed ({e}); will retry")
+                return False
+            job = self._set(job, S.UPLOADED, remote_file=f.name)
+            self.hook("after_upload")
+        job = self._set(job, S.SUBMITTING)  # the intent, on disk before the call
+        self.hook("after_intent")
+        try:
+            rj = await self.client.create_batch(self.cfg.model, job.remote_file or "", job.display_name)
+        except BatchRefusedError:
+            self._set(job, S.UPLOADED)
+            raise
+        except RemoteError as e:
+            if e.code == 429:
+                self._log(f"{job.name}: create answered 429 RESOURCE_EXHAUSTED; waiting for capacity")
+                self._set(job, S.UPLOADED)
+                return False
+            if e.code in (400, 403) and "file" in str(e).lower():
+                self._log(f"{job.name}: the uploaded file is gone ({e}); uploading again")
+                self._set(self._set(job, S.UPLOADED), S.UPLOADING)
+                return False
+            if e.transient:
+                # The create may have gone through before the error: look before trying again.
+                try:
+                    found = {r.display_name: r for r in await self.client.list_batches()}.get(job.display_name)
+                except RemoteError:
+                    return False  # still SUBMITTING: reconciled on the next pass or resume
+                if found is None:
+                    self._set(job, S.UPLOADED)
+                    return False
+                self._set(job, found.state, remote_job=found.name)
+                return True
+            self._set(job, S.FAILED, error=str(e))
+            return True
+        self.hook("after_create")
+        self._set(job, rj.state, remote_job=rj.name)
+        self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
+        return True
+
+    async def poll(self, job: Job) -> bool:
+        """One batches.get; True when something changed."""
+        try:
+            rj = await self.client.get_batch(job.remote_job or "")
+        except RemoteError as e:
+            if e.code == 404:
+                self._set(job, S.FAILED, error="the remote job is gone (404)")
+                return True
+            self._log(f"{job.name}: poll failed ({e}); will poll again")
+            return False
+        changed = rj.state != job.state or rj.stats != job.stats or (rj.output_file and not job.output_file)
+        if not changed:
+            return False
+        if rj.state != job.state and rj.state in (S.FAILED, S.EXPIRED, S.CANCELLED):
+            self._log(f"{job.name}: {rj.state} {rj.error or ''}".rstrip())
+        self._set(job, rj.state, stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error)
+        return True
+
+    async def retrieve(self, job: Job) -> bool:
+        """Download, parse and record one finished job's results. False: try again later."""
+        try:
+            data = await self._download(job.output_file or "")
+        except RemoteError as e:
+            self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
+            return False
+        self.hook("after_download")
+        keys = [int(orjson.loads(line)["key"]) for line in open(self.store.request_path(job), "rb") if line.strip()]
+        results: dict[int, dict[str, Any]] = {}
+        usage: dict[str, int] = {}
+        lines = [ln for ln in data.splitlines() if ln.strip()]
+        for pos, raw in enumerate(lines):
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            key = obj.get("key")
+            if key is None and pos < len(keys):
+                key = keys[pos]
+            try:
+                n = int(key)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            results[n] = self._line_result(n, obj, "batch")
+            add_usage(usage, results[n].get("usage"))
+        ok = failed = 0
+        with open_private(self.store.result_path(job).with_suffix(".tmp")) as f:
+            for n in keys:
+                r = results.get(n) or {
+                    "n": n,
+                    "status": "error",
+                    "result": None,
+                    "usage": None,
+                    "source": "batch",
+                    "error": f"missing from the output of {job.remote_job}",
+                }
+                ok += r["status"] == "ok"
+                failed += r["status"] != "ok"
+                f.write(orjson.dumps(r) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.store.result_path(job).with_suffix(".tmp"), self.store.result_path(job))
+        self._set(job, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+        return True
+
+    async def _download(self, name: str) -> bytes:
+        delay = 1.0
+        for attempt in range(1, 5):
+            try:
+                return await self.client.download(name)
+            except RemoteError as e:
+                if e.code in (403, 404) or attempt == 4:
+                    raise
+                await self.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _line_result(self, n: int, obj: dict[str, Any], source: str) -> dict[str, Any]:
+        if "response" in obj and isinstance(obj["response"], dict):
+            resp = obj["response"]
+            usage = {k: v for k, v in (resp.get("usageMetadata") or {}).items() if isinstance(v, int)}
+            value, err = parse_answer(resp, self.cfg.schema)
+            return {
+                "n": n,
+                "status": "ok" if err is None else "error",
+                "result": value,
+                "error": err,
+                "usage": usage or None,
+                "source": source,
+            }
+        e = obj.get("error") or obj.get("status") or {}
+        msg = e.get("message", "unknown error") if isinstance(e, dict) else str(e)
+        code = e.get("code") if isinstance(e, dict) else None
+        return {"n": n, "status": "error", "result": None, "error": f"{msg} (code {code})", "usage": None, "source": source}
+
+    # -- resolution and merge ------------------------------------------------------------------
+    def _ranges(self) -> list[tuple[int, int, int]]:
+        return [(i + 1, s, e) for i, (s, e, *_rest) in enumerate(self.run.plan["batch_ranges"])]
+
+    def _overrides(self) -> dict[int, dict[str, Any]]:
+        """Results from retry jobs and the real-time path (small: only what batch left undone)."""
+        out: dict[int, dict[str, Any]] = {}
+        for j in self._ordered():
+            if (j.retry_of or j.start is None) and j.state == S.RESULTS_DOWNLOADED:
+                for r in iter_jsonl(self.store.result_path(j)):
+                    out[r["n"]] = merge_choice(out.get(r["n"]), r)
+        for r in iter_jsonl(self.store.realtime_path):
+            out[r["n"]] = merge_choice(out.get(r["n"]), r)
+        return out
+
+    def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """Every ordinal in input order with its best result so far (None: no result yet)."""
+        overrides = self._overrides()
+        primary = {j.index: j for j in self.jobs.values() if j.attempt == 1 and j.start is not None}
+        for idx, s, e in self._ranges():
+            j = primary.get(idx)
+            res: dict[int, dict[str, Any]] = {}
+            if j is not None and j.state == S.RESULTS_DOWNLOADED:
+                res = {r["n"]: r for r in iter_jsonl(self.store.result_path(j))}
+            for n in range(s, e):
+                best = res.get(n)
+                o = overrides.get(n)
+                if o is not None:
+                    best = merge_choice(best, o)
+                if best is None and j is not None and j.state in (S.FAILED, S.EXPIRED, S.CANCELLED):
+                    best = {
+                        "n": n,
+                        "status": "error",
+                        "result": None,
+                        "usage": None,
+                        "source": "batch",
+                        "error": f"batch job {j.name} ended {j.state}: {j.error or 'no detail'}",
+                    }
+                yield n, best
+
+    def unresolved(self) -> set[int]:
+        return {n for n, r in self.resolve() if r is None or r["status"] != "ok"}
+
+    def merge(self) -> Summary:
+        """Write the results file: exactly one line per input id, in input order."""
+        out = Path(self.run.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        ok = err = 0
+        by_source: dict[str, int] = {}
+        kinds: dict[str, int] = {}
+        usage_b: dict[str, int] = {}
+        usage_r: dict[str, int] = {}
+        with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
+            for (_n, r), id_line in zip(self.resolve(), ids, strict=True):
+                rid = orjson.loads(id_line)
+                if r is None:
+                    r = {
+                        "status": "error",
+                        "result": None,
+                        "usage": None,
+                        "source": "none",
+                        "error": "no result (run not finished)",
+                    }
+                line = {
+                    "id": rid,
+                    "status": r["status"],
+                    "result": r.get("result"),
+                    "error": r.get("error"),
+                    "source": r.get("source", "batch"),
+                    "usage": r.get("usage"),
+                }
+                f.write(orjson.dumps(line) + b"\n")
+                if r["status"] == "ok":
+                    ok += 1
+                else:
+                    err += 1
+                    kind = re.sub(r"[:(].*", "", str(r.get("error")))[:60].strip()
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                by_source[line["source"]] = by_source.get(line["source"], 0) + 1
+                add_usage(usage_r if line["source"] == "realtime" else usage_b, r.get("usage"))
+        os.replace(tmp, out)
+        cost_b = usage_cost(self.cfg.model, usage_b, batch=True)
+        cost_r = usage_cost(self.cfg.model, usage_r, batch=False)
+        total_usage = dict(usage_b)
+        add_usage(total_usage, usage_r)
+        finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and ok + err == self.run.records
+        status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "running")
+        summary = Summary(
+            self.run.name,
+            str(out),
+            self.run.records,
+            ok,
+            err,
+            by_source,
+            kinds,
+            total_usage,
+            round(cost_b, 6),
+            round(cost_r, 6),
+            status,
+        )
+        self.run.summary = summary.to_dict()
+        self.run.status = status
+        self.store.save_run(self.run)
+        return summary
+
+    # -- real time ---------------------------------------------------------------------------------
+    def _requests(self, only: set[int] | None) -> Iterator[tuple[int, dict[str, Any], int]]:
+        cpt = self.run.chars_per_token
+        for i in range(1, len(self.run.plan["batch_ranges"]) + 1):
+            with open(self.store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
+                for line in f:
+                    obj = orjson.loads(line)
+                    n = int(obj["key"])
+                    if only is None or n in only:
+                        req = obj["request"]
+                        chars = sum(len(p.get("text", "")) for c in req["contents"] for p in c["parts"])
+                        chars += sum(len(p.get("text", "")) for p in (req.get("systemInstruction") or {}).get("parts", []))
+                        yield n, req, estimate_tokens(chars, cpt)
+
+    async def realtime(self, only: set[int] | None) -> None:
+        """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap.
+
+        Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
+        """
+        done = {r["n"] for r in iter_jsonl(self.store.realtime_path)}
+        todo = [(n, req, t) for n, req, t in self._requests(only) if n not in done]
+        view = self.rt_view = RealtimeView(total=len(todo))
+        if not todo:
+            return
+        if self.opts.max_cost is not None:
+            est = sum(cost_usd(self.cfg.model, t, self.cfg.expected_output_tokens, batch=False) for _, _, t in todo)
+            spent = self.run.summary.get("cost_batch_usd", 0.0) if self.run.summary else 0.0
+            if spent + est > self.opts.max_cost:
+                raise CostCapError(
+                    f"real time for {len(todo)} request(s) would cost about ${est:.4f} (standard price), "
+                    f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
+                )
+        window = self.opts.rate_window
+        tpm = tpm_limit_for(self.cfg.model, self.opts.tier, self.opts.tpm)
+        rpm_l = RateLimiter(self.opts.rpm * 0.99 / window, 1.0, self.clock, self.sleep)
+        tpm_l = RateLimiter(tpm * 0.95 / window, float(max(t for _, _, t in todo)), self.clock, self.sleep)
+        sem = asyncio.Semaphore(self.opts.concurrency)
+        recent: list[tuple[float, int]] = []
+        queue: asyncio.Queue[tuple[int, dict[str, Any], int] | None] = asyncio.Queue(maxsize=self.opts.concurrency * 2)
+        finished = asyncio.Event()
+        out = open_private(self.store.realtime_path, "ab")
+
+        async def producer() -> None:
+            for item in todo:
+                await queue.put(item)
+            for _ in range(self.opts.concurrency):
+                await queue.put(None)
+
+        async def one(n: int, req: dict[str, Any], t: int) -> dict[str, Any]:
+            attempt = 0
+            while True:
+                attempt += 1
+                await rpm_l.acquire(1)
+                await tpm_l.acquire(t)
+                try:
+                    async with sem:
+                        resp = await self.client.generate(self.cfg.model, req)
+                except RemoteError as e:
+                    if e.code == 429 and attempt < self.opts.max_attempts * 4:
+                        view.throttled += 1
+                        view.retries += 1
+                        rpm_l.slow_down()
+                        rpm_l.pause(e.retry_delay if e.retry_delay is not None else 2.0)
+                        continue
+                    if e.code == 0 and attempt < self.opts.max_attempts:
+                        view.retries += 1
+                        await self.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+                        continue
+                    return {"n": n, "status": "error", "result": None, "usage": None, "source": "realtime", "error": str(e)}
+                rpm_l.recover()
+                return self._line_result(n, {"response": resp}, "realtime")
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                n, req, t = item
+                r = await one(n, req, t)
+                out.write(orjson.dumps(r) + b"\n")
+                out.flush()
+                view.done += 1
+                view.errors += r["status"] != "ok"
+                u = r.get("usage") or {}
+                view.cost_usd += usage_cost(self.cfg.model, u, batch=False)
+                recent.append((self.clock(), u.get("promptTokenCount", t)))
+                self.hook("after_realtime")
+
+        async def ticker() -> None:
+            while not finished.is_set():
+                now = self.clock()
+                while recent and recent[0][0] < now - window:
+                    recent.pop(0)
+                view.rpm = len(recent) * 60.0 / window
+                view.tpm = sum(t for _, t in recent) * 60.0 / window
+                self._report()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.5)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(ticker())
+                tg.create_task(producer())
+                workers = [tg.create_task(worker()) for _ in range(self.opts.concurrency)]
+                await asyncio.gather(*workers)
+                finished.set()
+        finally:
+            finished.set()
+            out.close()
+        self._report()
+
+
+async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
+    """Cancel every remote job of a run that is still live; they stay cancelled on resume."""
+    run = store.load_run()
+    engine = Engine(store, client)
+    await engine.reconcile()
+    cancelled = []
+    for j in engine._ordered():
+        if j.state in REMOTE_LIVE and j.remote_job:
+            with contextlib.suppress(RemoteError):
+                await client.cancel_batch(j.remote_job)
+            engine._set(j, S.CANCELLED, cancelled_by_user=True)
+            cancelled.append(j.name)
+        elif j.state in UNSUBMITTED:
+            engine._set(j, S.CANCELLED, cancelled_by_user=True)
+            cancelled.append(j.name)
+    run.status = "cancelled"
+    engine.run.status = "cancelled"
+    store.save_run(engine.run)
+    return cancelled
+
+
+def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Where every run (or one run's jobs) stands: reads sidecars only, never the network."""
+    names = [name] if name else list_runs(state_dir)
+    runs = []
+    for nm in names:
+        store = RunStore(state_dir, nm)
+        run = store.load_run()
+        jobs = store.load_jobs()
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[str(j.state)] = counts.get(str(j.state), 0) + 1
+        usage: dict[str, int] = {}
+        for j in jobs:
+            add_usage(usage, j.usage)
+        entry: dict[str, Any] = {
+            "name": run.name,
+            "status": run.status,
+            "records": run.records,
+            "rejected": run.rejected,
+            "model": run.config.get("model"),
+            "mode": run.options.get("mode"),
+            "created_at": run.created_at,
+            "updated_at": run.updated_at,
+            "out": run.out,
+            "jobs": len(jobs),
+            "job_states": counts,
+            "plan": {
+                k: run.plan.get(k)
+                for k in (
+                    "batches",
+                    "waves",
+                    "input_tokens",
+                    "enqueued_limit",
+                    "estimated_cost_usd",
+                    "estimated_cost_realtime_usd",
+                )
+            },
+            "batch_usage": usage,
+            "batch_cost_usd": round(usage_cost(run.config.get("model", DEFAULT_MODEL), usage, True), 6),
+            "summary": run.summary,
+        }
+        if name:
+            entry["job_list"] = [
+                {
+                    "name": j.name,
+                    "wave": j.wave,
+                    "state": str(j.state),
+                    "requests": j.request_count,
+                    "done": j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
+                    if j.state != S.RESULTS_DOWNLOADED
+                    else j.request_count,
+                    "ok": j.ok,
+                    "failed": j.failed,
+                    "tokens": j.tokens,
+                    "remote_job": j.remote_job,
+                    "attempt": j.attempt,
+                    "error": j.error,
+                    "since": j.timestamps.get(str(j.state)),
+                }
+                for j in jobs
+            ]
+        runs.append(entry)
+    return {"state_dir": str(state_dir), "runs": runs}
+
+
+# ================================================================================================
+# 8. Emulator: a local Gemini API (wire protocol of ../shared/reference/GEMINI_PROTOCOL.md)
+# ================================================================================================
+
+EMULATOR_LABEL = "batchify local emulator (answers are synthetic, not model output)"
+_VER = r"v\d+(?:alpha|beta|main)?\d*"
+_GEN_REQUEST_KEYS = {
+    "contents",
+    "systemInstruction",
+    "generationConfig",
+    "tools",
+    "toolConfig",
+    "safetySettings",
+    "cachedContent",
+    "model",
+    "labels",
+    "store",
+    "serviceTier",
+}
+_GEN_CONFIG_KEYS = {
+    "temperature",
+    "topP",
+    "topK",
+    "candidateCount",
+    "maxOutputTokens",
+    "stopSequences",
+    "responseMimeType",
+    "responseSchema",
+    "responseJsonSchema",
+    "thinkingConfig",
+    "seed",
+    "presencePenalty",
+    "frequencyPenalty",
+    "responseLogprobs",
+    "logprobs",
+    "responseModalities",
+    "mediaResolution",
+    "speechConfig",
+    "enableEnhancedCivicAnswers",
+    "imageConfig",
+}
+
+
+def _camel(k: str) -> str:
+    head, *rest = k.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def _mix(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class EmulatorConfig:
+    """Behaviour and faults of the emulator. Durations are in simulated seconds / time_scale."""
+
+    job_seconds: float = 3.0
+    job_seconds_max: float | None = None  # draw each job's duration from [job_seconds, job_seconds_max]
+    pending_fraction: float = 0.25
+    time_scale: float = 1.0
+    enqueued_limit: int | None = None  # per model; None: the tier-1 table
+    max_active_jobs: int = 100
+    chars_per_token: float = 3.6  # the emulator's "tokenizer"
+    line_error_rate: float = 0.0  # share of batch lines answered with an error status
+    fail_jobs: int = 0  # the first N jobs created end FAILED
+    expire_jobs: int = 0  # the next N stay PENDING, then EXPIRE
+    expire_seconds: float | None = None
+    create_429: int = 0  # the first N creates answer 429 whatever the load
+    forbid_batch: bool = False  # create answers 403 (no billing)
+    unavailable_burst: int = 0  # the next N API calls answer 503
+    unavailable_rate: float = 0.0  # each API call answers 503 with this probability
+    drop_downloads: int = 0  # the first N downloads drop the connection half-way
+    output_delay: float = 0.0  # a SUCCEEDED job's output file is downloadable only after this
+    latency_ms: float = 0.0  # generateContent latency: mean
+    latency_spread_ms: float = 0.0  # ... and spread
+    rpm: int | None = None  # generateContent requests per rate_window
+    tpm: int | None = None  # generateContent input tokens per rate_window
+    rate_window: float = 60.0
+    seed: int = 0
+
+    def update(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            if not hasattr(self, k):
+                raise ValueError(f"unknown emulator setting {k!r}")
+            setattr(self, k, v)
+
+
+class _EmuError(Exception):
+    def __init__(self, code: int, status: str, message: str, details: list[Any] | None = None):
+        super().__init__(message)
+        self.code, self.status, self.message, self.details = code, status, message, details or []
+
+
+class Emulator:
+    """A Gemini-API-compatible HTTP server for batchify's and the SDK's calls, with fault injection."""
+
+    def __init__(self, config: EmulatorConfig | None = None):
+        self.cfg = config or EmulatorConfig()
+        self.rng = random.Random(self.cfg.seed)
+        self.files: dict[str, dict[str, Any]] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.gen_window: list[tuple[float, int]] = []
+        self.stats: dict[str, Any] = {
+            "requests": 0,
+            "uploads": 0,
+            "creates": 0,
+            "creates_refused_429": 0,
+            "creates_by_display_name": {},
+            "gets": 0,
+            "lists": 0,
+            "downloads": 0,
+            "downloads_dropped": 0,
+            "cancels": 0,
+            "deletes": 0,
+            "generate_calls": 0,
+            "generate_429": 0,
+            "count_tokens_calls": 0,
+            "injected_503": 0,
+            "peak_enqueued_tokens": 0,
+            "max_generate_in_window": 0,
+            "max_generate_tokens_in_window": 0,
+            "label": EMULATOR_LABEL,
+        }
+        self.created = 0
+        self._runner: Any = None
+        self.url = ""
+
+    # -- server ------------------------------------------------------------------------------------
+    def app(self) -> Any:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=4 * 1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        from aiohttp import web
+
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def _dur(self, simulated: float) -> float:
+        return simulated / max(self.cfg.time_scale, 1e-9)
+
+    async def _dispatch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        path, method = request.path, request.method
+        routes: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
+            ("GET", r"^/_emulator/stats$", self._h_stats),
+            ("POST", r"^/_emulator/config$", self._h_config),
+            ("POST", rf"^/upload/(?P<ver>{_VER})/files$", self._h_upload),
+            ("GET", rf"^/(?:download/)?(?P<ver>{_VER})/files/(?P<id>[^/:]+):download$", self._h_download),
+            ("GET", rf"^/(?P<ver>{_VER})/files/(?P<id>[^/:]+)$", self._h_file_get),
+            ("DELETE", rf"^/(?P<ver>{_VER})/files/(?P<id>[^/:]+)$", self._h_file_delete),
+            ("GET", rf"^/(?P<ver>{_VER})/files$", self._h_file_list),
+            ("POST", rf"^/(?P<ver>{_VER})/models/(?P<model>[^/:]+):(?P<method>\w+)$", self._h_model),
+            ("GET", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_get),
+            ("DELETE", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_delete),
+            ("POST", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+):cancel$", self._h_batch_cancel),
+            ("GET", rf"^/(?P<ver>{_VER})/batches$", self._h_batch_list),
+        ]
+        try:
+            for m, pattern, handler in routes:
+                match = re.match(pattern, path)
+                if match and m == method:
+                    if not path.startswith("/_emulator"):
+                        self.stats["requests"] += 1
+                        chunk = "upload_id" in request.query
+                        if not chunk:
+                            if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+                                raise _EmuError(
+                                    403,
+                                    "PERMISSION_DENIED",
+                                    "Method doesn't allow unregistered callers. "
+                                    "Please use API Key or other form of API consumer identity to call this API.",
+                                )
+                            self._maybe_503()
+                    return await handler(request, **match.groupdict())
+            raise _EmuError(404, "NOT_FOUND", f"The requested URL {path} was not found on this server.")
+        except _EmuError as e:
+            body = {"error": {"code": e.code, "message": e.message, "status": e.status}}
+            if e.details:
+                body["error"]["details"] = e.details
+            return web.json_response(body, status=e.code)
+
+    def _maybe_503(self) -> None:
+        if self.cfg.unavailable_burst > 0:
+            self.cfg.unavailable_burst -= 1
+        elif not (self.cfg.unavailable_rate and self.rng.random() < self.cfg.unavailable_rate):
+            return
+        self.stats["injected_503"] += 1
+        raise _EmuError(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+
+    @staticmethod
+    async def _json(request: Any) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw:
+            return {}
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {e}") from e
+        if not isinstance(data, dict):
+            raise _EmuError(400, "INVALID_ARGUMENT", "Invalid JSON payload received. Expected an object.")
+        return data
+
+    def _ok(self, body: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(body=orjson.dumps(body), status=200, content_type="application/json")
+
+    async def _h_stats(self, request: Any) -> Any:
+        self._refresh_all()
+        return self._ok({**self.stats, "active_jobs": sum(j["state"] in ("PENDING", "RUNNING") for j in self.jobs.values())})
+
+    async def _h_config(self, request: Any) -> Any:
+        try:
+            self.cfg.update(**(await self._json(request)))
+        except (ValueError, TypeError) as e:
+            raise _EmuError(400, "INVALID_ARGUMENT", str(e)) from e
+        return self._ok(dataclasses.asdict(self.cfg))
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _file_resource(self, fid: str) -> dict[str, Any]:
+        f = dict(self.files[fid]["resource"])
+        return f
+
+    def _new_file(self, fid: str, data: bytes, display_name: str, mime: str, generated: bool) -> dict[str, Any]:
+        t = time.time()
+        res = {
+            "name": f"files/{fid}",
+            "displayName": display_name,
+            "mimeType": mime,
+            "sizeBytes": str(len(data)),
+            "createTime": _rfc3339(t),
+            "updateTime": _rfc3339(t),
+            "expirationTime": _rfc3339(t + 48 * 3600),
+            "sha256Hash": __import__("base64").b64encode(hashlib.sha256(data).digest()).decode(),
+            "uri": f"{self.url}/v1beta/files/{fid}",
+            "state": "ACTIVE",
+            "source": "GENERATED" if generated else "UPLOADED",
+        }
+        if generated:
+            res["downloadUri"] = f"{self.url}/download/v1beta/files/{fid}:download?alt=media"
+        self.files[fid] = {"resource": res, "available_at": 0.0}
+        self.blobs[fid] = data
+        return res
+
+    def _get_file(self, fid: str) -> dict[str, Any]:
+        fid = fid.removeprefix("files/")
+        f = self.files.get(fid)
+        if f is None or f["available_at"] > self.now():
+            raise _EmuError(403, "PERMISSION_DENIED", f"You do not have permission to access the File {fid} or it may not exist.")
+        return f
+
+    async def _h_upload(self, request: Any, ver: str) -> Any:
+        from aiohttp import web
+
+        h = request.headers
+        uid = request.query.get("upload_id")
+        if uid is None:
+            if h.get("X-Goog-Upload-Protocol") != "resumable" or h.get("X-Goog-Upload-Command") != "start":
+                raise _EmuError(400, "INVALID_ARGUMENT", "Only resumable uploads are supported.")
+            meta = (await self._json(request)).get("file") or {}
+            uid = secrets.token_hex(16)
+            self.uploads[uid] = {
+                "buf": bytearray(),
+                "size": int(h.get("X-Goog-Upload-Header-Content-Length", "0")),
+                "display_name": meta.get("display_name") or meta.get("displayName") or "",
+                "mime": meta.get("mime_type") or meta.get("mimeType") or h.get("X-Goog-Upload-Header-Content-Type", ""),
+            }
+            url = f"{request.scheme}://{request.host}/upload/{ver}/files?upload_id={uid}&upload_protocol=resumable"
+            return web.Response(
+                status=200,
+                headers={
+                    "X-Goog-Upload-URL": url,
+                    "X-Goog-Upload-Status": "active",
+                    "X-Goog-Upload-Chunk-Granularity": "8388608",
+                },
+            )
+        up = self.uploads.get(uid)
+        if up is None:
+            raise _EmuError(404, "NOT_FOUND", "Upload session not found.")
+        cmd = h.get("X-Goog-Upload-Command", "")
+        offset = int(h.get("X-Goog-Upload-Offset", "0"))
+        if offset != len(up["buf"]):
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Upload offset {offset} does not match {len(up['buf'])}.")
+        up["buf"] += await request.read()
+        if "finalize" not in cmd:
+            return web.Response(status=200, headers={"X-Goog-Upload-Status": "active"})
+        del self.uploads[uid]
+        fid = "".join(self.rng.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+        res = self._new_file(fid, bytes(up["buf"]), up["display_name"], up["mime"], generated=False)
+        self.stats["uploads"] += 1
+        return web.Response(
+            body=orjson.dumps({"file": res}),
+            status=200,
+            content_type="application/json",
+            headers={"X-Goog-Upload-Status": "final"},
+        )
+
+    async def _h_file_get(self, request: Any, ver: str, id: str) -> Any:
+        return self._ok(self._file_resource(self._get_file(id)["resource"]["name"].split("/")[1]))
+
+    async def _h_file_delete(self, request: Any, ver: str, id: str) -> Any:
+        self._get_file(id)
+        self.files.pop(id, None)
+        self.blobs.pop(id, None)
+        self.stats["deletes"] += 1
+        return self._ok({})
+
+    async def _h_file_list(self, request: Any, ver: str) -> Any:
+        return self._page(request, [f["resource"] for f in self.files.values()], "files", 10)
+
+    def _page(self, request: Any, items: list[Any], key: str, default: int) -> Any:
+        size = min(100, int(request.query.get("pageSize", default) or default))
+        start = int(request.query.get("pageToken", "0") or 0)
+        body: dict[str, Any] = {}
+        if items[start : start + size]:
+            body[key] = items[start : start + size]
+        if start + size < len(items):
+            body["nextPageToken"] = str(start + size)
+        return self._ok(body)
+
+    async def _h_download(self, request: Any, ver: str, id: str) -> Any:
+        from aiohttp import web
+
+        fid = id.removeprefix("files/")
+        f = self._get_file(fid)
+        if f["resource"]["source"] != "GENERATED":
+            raise _EmuError(400, "INVALID_ARGUMENT", "Only generated files can be downloaded.")
+        data = self.blobs[fid]
+        self.stats["downloads"] += 1
+        if self.cfg.drop_downloads > 0:
+            self.cfg.drop_downloads -= 1
+            self.stats["downloads_dropped"] += 1
+            resp = web.StreamResponse(status=200)
+            resp.content_length = len(data)
+            resp.content_type = "application/octet-stream"
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            request.transport.close()  # drop the connection half-way
+            raise asyncio.CancelledError()
+        return web.Response(body=data, status=200, content_type="application/octet-stream")
+
+    # -- models: generateContent, countTokens, batchGenerateContent ---------------------------------
+    def _check_model(self, model: str, method: str) -> str:
+        m = model.removeprefix("models/")
+        if base_model(m) not in PRICES:
+            raise _EmuError(
+                404,
+                "NOT_FOUND",
+                f"models/{m} is not found for API version v1beta, or is not supported "
+                f"for {method}. Call ListModels to see the list of available models and their supported methods.",
+            )
+        return m
+
+    def _tokens(self, req: dict[str, Any], contents_only: bool = False) -> int:
+        chars = 0
+        for c in req.get("contents") or []:
+            for p in (c or {}).get("parts") or []:
+                chars += len(p.get("text", "")) if isinstance(p, dict) else 0
+        if not contents_only:
+            si = req.get("systemInstruction") or req.get("system_instruction") or {}
+            for p in si.get("parts") or []:
+                chars += len(p.get("text", "")) if isinstance(p, dict) else 0
+        return max(1, math.ceil(chars / self.cfg.chars_per_token)) if chars else 0
+
+    @staticmethod
+    def _check_request(req: Any, where: str) -> dict[str, Any]:
+        if not isinstance(req, dict):
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {where} must be an object.")
+        norm = {_camel(k): v for k, v in req.items()}
+        for k in norm:
+            if k not in _GEN_REQUEST_KEYS:
+                raise _EmuError(
+                    400,
+                    "INVALID_ARGUMENT",
+                    f"Invalid JSON payload received. Unknown name \"{k}\" at '{where}': Cannot find field.",
+                )
+        gc = norm.get("generationConfig") or {}
+        gc = {_camel(k): v for k, v in gc.items()}
+        for k in gc:
+            if k not in _GEN_CONFIG_KEYS:
+                raise _EmuError(
+                    400,
+                    "INVALID_ARGUMENT",
+                    f"Invalid JSON payload received. Unknown name \"{k}\" at '{where}.generation_config': Cannot find field.",
+                )
+        norm["generationConfig"] = gc
+        if not norm.get("contents"):
+            raise _EmuError(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified")
+        return norm
+
+    def _answer(self, req: dict[str, Any], model: str, salt: Any = "") -> dict[str, Any]:
+        """A deterministic response that follows the requested schema, labelled as the emulator's."""
+        text = " ".join(p.get("text", "") for c in req["contents"] for p in c.get("parts", []) if isinstance(p, dict))
+        gc = req.get("generationConfig") or {}
+        schema = gc.get("responseJsonSchema") or gc.get("responseSchema")
+        seed = _mix(text, salt)
+        if schema:
+            answer = orjson.dumps(self._fake(schema, seed, text)).decode()
+        else:
+            answer = f"[{EMULATOR_LABEL}] " + " ".join(text.split()[:12])
+        prompt_tokens = self._tokens(req)
+        out_tokens = max(1, math.ceil(len(answer) / self.cfg.chars_per_token))
+        thoughts = ((gc.get("thinkingConfig") or {}).get("thinkingBudget") or 0) and min(
+            64, gc["thinkingConfig"]["thinkingBudget"]
+        )
+        usage = {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": out_tokens,
+            "totalTokenCount": prompt_tokens + out_tokens + (thoughts or 0),
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+        }
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        return {
+            "candidates": [{"content": {"parts": [{"text": answer}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": usage,
+            "modelVersion": f"{model} (batchify-emulator)",
+            "responseId": f"emu-{seed % 10**12:012d}",
+        }
+
+    def _fake(self, schema: dict[str, Any], seed: int, text: str) -> Any:
+        t = schema.get("type", "object" if "properties" in schema else "string")
+        t = (t[0] if isinstance(t, list) else t).lower()
+        if "enum" in schema:
+            return schema["enum"][seed % len(schema["enum"])]
+        if t == "object":
+            return {k: self._fake(v, _mix(seed, k), text) for k, v in (schema.get("properties") or {}).items()}
+        if t == "array":
+            return [self._fake(schema.get("items") or {"type": "string"}, _mix(seed, i), text) for i in range(1 + seed % 3)]
+        if t == "boolean":
+            return seed % 2 == 0
+        if t == "integer":
+            return int(schema.get("minimum", 0)) + seed % 100
+        if t == "number":
+            return round((seed % 1000) / 10, 1)
+        words = text.split() or ["emulated"]
+        s = seed % max(1, len(words) - 8)
+        return " ".join(words[s : s + 8])
+
+    async def _h_model(self, request: Any, ver: str, model: str, method: str) -> Any:
+        body = await self._json(request)
+        if method == "countTokens":
+            self._check_model(model, method)
+            self.stats["count_tokens_calls"] += 1
+            if "generateContentRequest" in body:
+                body = body["generateContentRequest"]
+            n = self._tokens(body, contents_only=True)
+            return self._ok({"totalTokens": n, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n}]})
+        if method == "generateContent":
+            return await self._generate(body, self._check_model(model, method))
+        if method == "batchGenerateContent":
+            return self._create_batch(body, model)
+        raise _EmuError(501, "UNIMPLEMENTED", f"{method} is not emulated.")
+
+    async def _generate(self, body: dict[str, Any], model: str) -> Any:
+        req = self._check_request(body, "request")
+        self.stats["generate_calls"] += 1
+        tokens = self._tokens(req)
+        now = self.now()
+        w = self.cfg.rate_window
+        self.gen_window = [(t, k) for t, k in self.gen_window if t > now - w]
+        used_req = len(self.gen_window)
+        used_tok = sum(k for _, k in self.gen_window)
+        if (self.cfg.rpm and used_req + 1 > self.cfg.rpm) or (self.cfg.tpm and used_tok + tokens > self.cfg.tpm):
+            self.stats["generate_429"] += 1
+            wait = max(1, math.ceil(self.gen_window[0][0] + w - now)) if self.gen_window else 1
+            raise _EmuError(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "You exceeded your current quota, please check your plan and billing details. (emulated)",
+                [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [
+                            {
+                                "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+                            }
+                        ],
+                    },
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait}s"},
+                ],
+            )
+        self.gen_window.append((now, tokens))
+        self.stats["max_generate_in_window"] = max(self.stats["max_generate_in_window"], len(self.gen_window))
+        self.stats["max_generate_tokens_in_window"] = max(self.stats["max_generate_tokens_in_window"], used_tok + tokens)
+        if self.cfg.latency_ms or self.cfg.latency_spread_ms:
+            delay = max(0.0, self.rng.gauss(self.cfg.latency_ms, self.cfg.latency_spread_ms)) / 1000
+            await asyncio.sleep(delay)
+        return self._ok(self._answer(req, model))
+
+    # -- batches ---------------------------------------------------------------------------------------
+    def _active_tokens(self, model: str) -> tuple[int, int]:
+        self._refresh_all()
+        live = [j for j in self.jobs.values() if j["state"] in ("PENDING", "RUNNING")]
+        return sum(j["tokens"] for j in live if j["model"] == model), len(live)
+
+    def _limit(self, model: str) -> int:
+        return self.cfg.enqueued_limit or enqueued_limit_for(model, 1, None)
+
+    def _create_batch(self, body: dict[str, Any], model: str) -> Any:
+        model = self._check_model(model, "batchGenerateContent")
+        if self.cfg.forbid_batch:
+            raise _EmuError(403, "PERMISSION_DENIED", "Batch API requires a billing-enabled project (emulated).")
+        batch = body.get("batch")
+        if not isinstance(batch, dict) or set(batch) - {"inputConfig", "displayName", "model", "priority"}:
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", 'Invalid JSON payload received. Expected {"batch": {inputConfig, displayName}}.'
+            )
+        ic = batch.get("inputConfig") or {}
+        lines: list[tuple[Any, Any]] = []
+        if "fileName" in ic:
+            data = self.blobs.get(self._get_file(ic["fileName"])["resource"]["name"].split("/")[1], b"")
+            for raw in data.splitlines():
+                if raw.strip():
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        obj = {"key": None, "request": None}
+                    if isinstance(obj, dict) and "request" in obj:
+                        lines.append((obj.get("key"), obj.get("request")))
+                    else:
+                        lines.append((None, obj))
+        elif "requests" in ic:
+            for r in (ic["requests"] or {}).get("requests") or []:
+                lines.append((r.get("metadata"), r.get("request")))
+        else:
+            raise _EmuError(400, "INVALID_ARGUMENT", "inputConfig needs fileName or requests.")
+        if not lines:
+            raise _EmuError(400, "INVALID_ARGUMENT", "The batch has no requests.")
+        tokens = sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
+        active, njobs = self._active_tokens(model)
+        if self.cfg.create_429 > 0 or active + tokens > self._limit(model) or njobs >= self.cfg.max_active_jobs:
+            self.cfg.create_429 = max(0, self.cfg.create_429 - 1)
+            self.stats["creates_refused_429"] += 1
+            raise _EmuError(
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"You exceeded your current quota: enqueued tokens {active + tokens} > {self._limit(model)} "
+                "for this model (emulated).",
+                [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [{"quotaId": "BatchEnqueuedTokensPerModel"}],
+                    }
+                ],
+            )
+        self.created += 1
+        fate = "succeed"
+        if self.created <= self.cfg.fail_jobs:
+            fate = "fail"
+        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
+            fate = "expire"
+        jid = "".join(self.rng.choice(string.ascii_lowercase + string.digits) for _ in range(36))
+        lo = self.cfg.job_seconds
+        hi = self.cfg.job_seconds_max or lo
+        dur = self._dur(lo + (hi - lo) * self.rng.random())
+        t = time.time()
+        dn = batch.get("displayName")
+        self.jobs[jid] = {
+            "id": jid,
+            "model": model,
+            "display_name": dn,
+            "input": ic,
+            "lines": lines,
+            "tokens": tokens,
+            "t0": self.now(),
+            "duration": dur,
+            "fate": fate,
+            "state": "PENDING",
+            "create_time": t,
+            "update_time": t,
+            "end_time": None,
+            "output": None,
+            "ok": 0,
+            "failed": 0,
+        }
+        self.stats["creates"] += 1
+        key = dn or "(none)"
+        self.stats["creates_by_display_name"][key] = self.stats["creates_by_display_name"].get(key, 0) + 1
+        self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
+        return self._ok(self._operation(self.jobs[jid]))
+
+    def _refresh_all(self) -> None:
+        for j in self.jobs.values():
+            self._refresh(j)
+
+    def _refresh(self, j: dict[str, Any]) -> None:
+        if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            return
+        el = self.now() - j["t0"]
+        new = j["state"]
+        if j["fate"] == "expire":
+            if el >= self._dur(self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds):
+                new = "EXPIRED"
+        elif el >= j["duration"]:
+            new = "FAILED" if j["fate"] == "fail" else "SUCCEEDED"
+        elif el >= j["duration"] * self.cfg.pending_fraction:
+            new = "RUNNING"
+        if new != j["state"]:
+            j["state"] = new
+            j["update_time"] = time.time()
+            if new in ("SUCCEEDED", "FAILED", "EXPIRED"):
+                j["end_time"] = j["update_time"]
+            if new == "SUCCEEDED":
+                self._produce_output(j)
+
+    def _produce_output(self, j: dict[str, Any]) -> None:
+        outs: list[tuple[Any, Any, Any]] = []
+        for i, (key, req) in enumerate(j["lines"]):
+            try:
+                norm = self._check_request(req, "request")
+                if self.cfg.line_error_rate and (_mix(j["id"], i, self.cfg.seed) % 10_000) / 10_000 < self.cfg.line_error_rate:
+                    raise _EmuError(500, "INTERNAL", "Internal error encountered. (emulated line error)")
+                outs.append((key, self._answer(norm, j["model"]), None))
+                j["ok"] += 1
+            except _EmuError as e:
+                grpc = {400: 3, 403: 7, 404: 5, 429: 8, 500: 13, 503: 14}.get(e.code, 2)
+                outs.append((key, None, {"code": grpc, "message": e.message}))
+                j["failed"] += 1
+        if "fileName" in j["input"]:
+            buf = bytearray()
+            for key, resp, err in outs:
+                line: dict[str, Any] = {} if key is None else {"key": key}
+                if resp is not None:
+                    line["response"] = resp
+                else:
+                    line["error"] = err
+                buf += orjson.dumps(line) + b"\n"
+            fid = f"batch-{j['id']}"
+            self._new_file(fid, bytes(buf), f"{j['display_name'] or j['id']}-output", "application/jsonl", generated=True)
+            self.files[fid]["available_at"] = self.now() + self._dur(self.cfg.output_delay)
+            j["output"] = {"responsesFile": f"files/{fid}"}
+        else:
+            items = []
+            for meta, resp, err in outs:
+                item: dict[str, Any] = {"response": resp} if resp is not None else {"error": err}
+                if meta:
+                    item["metadata"] = meta
+                items.append(item)
+            j["output"] = {"inlinedResponses": {"inlinedResponses": items}}
+
+    def _operation(self, j: dict[str, Any]) -> dict[str, Any]:
+        self._refresh(j)
+        n = len(j["lines"])
+        state = j["state"]
+        if state == "RUNNING":
+            frac = min(
+                1.0,
+                max(
+                    0.0,
+                    (self.now() - j["t0"] - j["duration"] * self.cfg.pending_fraction)
+                    / max(1e-9, j["duration"] * (1 - self.cfg.pending_fraction)),
+                ),
+            )
+            done = int(n * frac)
+            ok, failed = done, 0
+        elif state == "SUCCEEDED":
+            ok, failed = j["ok"], j["failed"]
+        else:
+            ok = failed = 0
+        pending = n - ok - failed if state in ("PENDING", "RUNNING") else 0
+        stats = {
+            k: str(v)
+            for k, v in (
+                ("requestCount", n),
+                ("successfulRequestCount", ok),
+                ("failedRequestCount", failed),
+                ("pendingRequestCount", pending),
+            )
+            if v
+        }
+        meta: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{j['model']}",
+            "name": f"batches/{j['id']}",
+            "inputConfig": j["input"] if "fileName" in j["input"] else {"requests": {"requests": []}},
+            "createTime": _rfc3339(j["create_time"]),
+            "updateTime": _rfc3339(j["update_time"]),
+            "batchStats": stats,
+            "state": f"BATCH_STATE_{state}",
+        }
+        if j["display_name"] is not None:
+            meta["displayName"] = j["display_name"]
+        op: dict[str, Any] = {"name": f"batches/{j['id']}", "metadata": meta}
+        if state in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            meta["endTime"] = _rfc3339(j["end_time"] or j["update_time"])
+            op["done"] = True
+            if state == "SUCCEEDED":
+                meta["output"] = j["output"]
+                op["response"] = {
+                    "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
+                    **j["output"],
+                }
+            else:
+                code, msg = {
+                    "FAILED": (13, "Batch job failed (emulated)."),
+                    "CANCELLED": (1, "Batch job was cancelled."),
+                    "EXPIRED": (4, "Batch job expired: not completed within 48 hours (emulated)."),
+                }[state]
+                op["error"] = {"code": code, "message": msg}
+        return op
+
+    def _job(self, id: str) -> dict[str, Any]:
+        j = self.jobs.get(id)
+        if j is None:
+            raise _EmuError(404, "NOT_FOUND", "Requested entity was not found.")
+        return j
+
+    async def _h_batch_get(self, request: Any, ver: str, id: str) -> Any:
+        self.stats["gets"] += 1
+        return self._ok(self._operation(self._job(id)))
+
+    async def _h_batch_list(self, request: Any, ver: str) -> Any:
+        self.stats["lists"] += 1
+        return self._page(request, [self._operation(j) for j in self.jobs.values()], "operations", 50)
+
+    async def _h_batch_cancel(self, request: Any, ver: str, id: str) -> Any:
+        j = self._job(id)
+        self._refresh(j)
+        if j["state"] in ("PENDING", "RUNNING"):
+            j["state"] = "CANCELLED"
+            j["update_time"] = j["end_time"] = time.time()
+        self.stats["cancels"] += 1
+        return self._ok({})
+
+    async def _h_batch_delete(self, request: Any, ver: str, id: str) -> Any:
+        self._job(id)
+        del self.jobs[id]
+        self.stats["deletes"] += 1
+        return self._ok({})
+
+
+class EmulatorThread:
+    """Run an Emulator on its own event loop in a thread (for sync callers and tests)."""
+
+    def __init__(self, config: EmulatorConfig | None = None, port: int = 0):
+        self.emulator = Emulator(config)
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="batchify-emulator")
+        self.url = ""
+
+    def __enter__(self) -> EmulatorThread:
+        self._thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self.emulator.start(port=self.port), self.loop).result(10)
+        return self
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the emulator's loop (to read or change its state safely)."""
+
+        async def _do() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(_do(), self.loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.emulator.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    endpoint: str | None, api_key: str | None, emulator_config: EmulatorConfig | None = None, need: bool = True
+) -> Any:
+    """Yield (client or None, endpoint label). "local" starts the emulator in this event loop."""
+    emu = None
+    base_url = endpoint
+    if endpoint == "local":
+        emu = Emulator(emulator_config)
+        base_url = await emu.start()
+        api_key = api_key or "local-emulator"
+    if not api_key:
+        if need:
+            raise UsageError(
+                "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
+            )
+        yield None, base_url
+        return
+    client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None)
+    try:
+        yield client, ("local emulator" if emu else (base_url or "Gemini API"))
+    finally:
+        await client.close()
+        if emu is not None:
+            await emu.stop()
+
+
+async def run_file(
+    input_path: str | Path,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+    confirm: Callable[[Run], bool] | None = None,
+    dry_run: bool = False,
+    hook: Callable[[str], None] | None = None,
+    emulator_config: EmulatorConfig | None = None,
+) -> tuple[Run, Summary | None]:
+    """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine)."""
+    cfg = config or JobConfig()
+    opts = options or RunOptions()
+    name = opts.name or Path(input_path).stem
+    opts.name = name
+    store = RunStore(state_dir, name)
+    if store.exists():
+        raise UsageError(
+            f"a run named {name!r} already exists in {state_dir}. Fix: `batchify resume {name}` "
+            "to finish it, or pass --name for a new run."
+        )
+    if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
+        opts.poll_interval = 1.0
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("run")
+        async with open_client(endpoint, api_key, emulator_config, need=not dry_run) as (client, _label):
+            run = await prepare_run(store, input_path, cfg, opts, client, endpoint)
+            if dry_run:
+                return run, None
+            if confirm is not None and not confirm(run):
+                raise UsageError(
+                    f"not confirmed. The run is prepared; `batchify resume {name}` submits it.",
+                )
+            assert client is not None
+            summary = await Engine(store, client, reporter, hook=hook).execute()
+            return run, summary
+
+
+async def resume_run(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+    hook: Callable[[str], None] | None = None,
+    poll_interval: float | None = None,
+    emulator_config: EmulatorConfig | None = None,
+) -> Summary:
+    """Continue an unfinished run from its sidecars alone (the input is checked against its hash)."""
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("resume")
+        run = store.load_run()
+        inp = Path(run.input_path)
+        if inp.exists() and file_sha256(inp) != run.input_sha256:
+            raise UsageError(
+                f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
+                "or start a new run with --name."
+            )
+        endpoint = endpoint or run.endpoint
+        if poll_interval is not None or endpoint == "local":
+            run.options["poll_interval"] = poll_interval or 1.0
+            store.save_run(run)
+        async with open_client(endpoint, api_key, emulator_config) as (client, _label):
+            return await Engine(store, client, reporter, hook=hook).execute()
+
+
+async def cancel(
+    name: str, state_dir: str | Path = DEFAULT_STATE_DIR, endpoint: str | None = None, api_key: str | None = None
+) -> list[str]:
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("cancel")
+        run = store.load_run()
+        async with open_client(endpoint or run.endpoint, api_key) as (client, _label):
+            return await cancel_run(store, client)
+
+
+def validate_file(
+    path: str | Path,
+    cfg: JobConfig | None = None,
+    id_field: str = "id",
+    text_field: str = "text",
+    tier: int = 1,
+    enqueued_limit: int | None = None,
+) -> dict[str, Any]:
+    """The input checks of `run`, alone: nothing is written or sent. Raises InputError listing problems."""
+    import tempfile
+
+    cfg = cfg or JobConfig()
+    opts = RunOptions(id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False)
+    with tempfile.TemporaryDirectory() as d:
+        run = asyncio.run(prepare_run(RunStore(d, "validate"), path, cfg, opts))
+    return {"file": str(path), "records": run.records, "input_tokens": run.plan["input_tokens"], "valid": True}
+
+
+# ================================================================================================
+# 9. Rendering: rich tables and progress bars, all on stderr
+# ================================================================================================
+
+_console: Any = None
+
+
+def console() -> Any:
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True)
+    return _console
+
+
+def _esc(text: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def render_plan(run: Run, endpoint_label: str | None = None) -> None:
+    from rich.table import Table
+
+    p = run.plan
+    t = Table(title=f"Plan for run {_esc(run.name)}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("endpoint", endpoint_label or run.endpoint or "Gemini API"),
+        ("model", p["model"]),
+        ("mode", run.options.get("mode")),
+        ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
+        ("batches", f"{p['batches']:,}"),
+        ("waves", f"{p['waves']:,}"),
+        (
+            "input tokens (est.)",
+            f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
+            f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
+        ),
+        ("enqueued limit", f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,})"),
+        (
+            "estimated cost",
+            f"${p['estimated_cost_usd']:.4f}"
+            + (" batch price" if p.get("realtime_share", 0) == 0 else f" ({p['realtime_share']:.0%} real time)"),
+        ),
+        ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
+        ("estimated time", p["estimated_time"]),
+        ("request files", str(Path(run.out).parent if False else Path(run.input_path).name) + " -> " + "requests/*.jsonl"),
+    ]
+    for k, v in rows:
+        t.add_row(k, _esc(v))
+    console().print(t)
+    if run.endpoint == "local":
+        console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+
+
+class RichReporter:
+    """Progress bars: one overall bar, one per live job, one for the real-time path."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console(),
+            transient=False,
+        )
+        self.overall: Any = None
+        self.tasks: dict[str, Any] = {}
+        self.rt: Any = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def log(self, message: str) -> None:
+        self.progress.console.log(_esc(message), _stack_offset=2) if False else self.progress.console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {_esc(message)}")
+
+    def update(self, view: ProgressView) -> None:
+        p = self.progress
+        if self.overall is None:
+            self.overall = p.add_task(f"[bold]{_esc(view.run)}[/] overall", total=max(1, view.records))
+        done = 0
+        for j in view.jobs:
+            final = j.state in ("RESULTS_DOWNLOADED", "FAILED", "CANCELLED", "EXPIRED")
+            if j.state == "RESULTS_DOWNLOADED":
+                done += j.total if "-r" not in j.name and not j.name.startswith("x") else 0
+            live = j.state in ("SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED")
+            if live and j.name not in self.tasks:
+                self.tasks[j.name] = p.add_task("", total=max(1, j.total))
+            if j.name in self.tasks:
+                tid = self.tasks[j.name]
+                p.update(
+                    tid, description=f"  {_esc(j.name)} w{j.wave + 1} {j.state.lower()}", completed=j.done, total=max(1, j.total)
+                )
+                if final:
+                    p.update(tid, visible=False)
+        if view.realtime is not None:
+            r = view.realtime
+            if self.rt is None:
+                self.rt = p.add_task("", total=max(1, r.total))
+            p.update(
+                self.rt,
+                completed=r.done,
+                total=max(1, r.total),
+                description=(
+                    f"  real time {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
+                ),
+            )
+            done = max(done, 0)
+        p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
+
+
+def render_summary(s: Summary) -> None:
+    c = console()
+    style = "green" if s.errors == 0 else "yellow"
+    c.print(f"[{style}]{s.ok:,} ok, {s.errors:,} error(s)[/] of {s.total:,} -> {_esc(s.out)}")
+    srcs = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.by_source.items()))
+    c.print(
+        f"sources: {_esc(srcs)}; tokens in {s.usage.get('promptTokenCount', 0):,} "
+        f"out {s.usage.get('candidatesTokenCount', 0) + s.usage.get('thoughtsTokenCount', 0):,}; "
+        f"cost ${s.cost_batch_usd:.4f} batch + ${s.cost_realtime_usd:.4f} real time"
+    )
+    for kind, n in sorted(s.error_kinds.items(), key=lambda kv: -kv[1])[:10]:
+        c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
+
+
+def render_status(data: dict[str, Any], one: bool) -> None:
+    from rich.table import Table
+
+    c = console()
+    if not data["runs"]:
+        c.print(f"no runs in {_esc(data['state_dir'])}")
+        return
+    t = Table(title=f"Runs in {_esc(data['state_dir'])}", title_justify="left")
+    for col in ("run", "status", "model", "records", "jobs", "states", "tokens (est.)", "est. cost", "cost", "updated"):
+        t.add_column(col)
+    for r in data["runs"]:
+        states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
+        cost = (
+            (r["summary"].get("cost_batch_usd", 0) + r["summary"].get("cost_realtime_usd", 0))
+            if r["summary"]
+            else r["batch_cost_usd"]
+        )
+        t.add_row(
+            _esc(r["name"]),
+            r["status"],
+            _esc(r["model"]),
+            f"{r['records']:,}",
+            str(r["jobs"]),
+            _esc(states),
+            f"{r['plan']['input_tokens'] or 0:,}",
+            f"${r['plan']['estimated_cost_usd'] or 0:.4f}",
+            f"${cost:.4f}",
+            _esc(_age(r["updated_at"])),
+        )
+    c.print(t)
+    if one:
+        r = data["runs"][0]
+        jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
+        for col in ("job", "wave", "state", "done", "ok", "failed", "tokens", "remote", "since", "error"):
+            jt.add_column(col)
+        for j in r["job_list"]:
+            jt.add_row(
+                j["name"],
+                str(j["wave"] + 1),
+                j["state"].lower(),
+                f"{j['done']}/{j['requests']}",
+                str(j["ok"]),
+                str(j["failed"]),
+                f"{j['tokens']:,}",
+                _esc(j["remote_job"] or ""),
+                _esc(_age(j["since"] or "")),
+                _esc((j["error"] or "")[:60]),
+            )
+        c.print(jt)
+        if r["summary"]:
+            s = r["summary"]
+            c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")
+
+
+def _age(ts: str) -> str:
+    if not ts:
+        return ""
+    try:
+        dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return ts
+    sec = int((datetime.now(timezone.utc) - dt).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if sec >= size:
+            return f"{sec // size}{unit} ago"
+    return f"{sec}s ago"
+
+
+# ================================================================================================
+# 10. CLI (click): parse, call one coroutine, render, map errors
+# ================================================================================================
+
+
+def _state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--state-dir",
+        envvar="BATCHIFY_STATE_DIR",
+        default=DEFAULT_STATE_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Where run folders live (env BATCHIFY_STATE_DIR).",
+    )(f)
+
+
+def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--endpoint",
+        default=None,
+        metavar="URL|local",
+        help="API base URL, or 'local' for the built-in emulator. Default: the SDK's GOOGLE_GEMINI_BASE_URL, else Google.",
+    )(f)
+
+
+def _api_key() -> str | None:
+    with contextlib.suppress(ImportError):
+        from dotenv import load_dotenv
+
+        load_dotenv()
+    return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
+
+
+def _crash_hook() -> Callable[[str], None] | None:
+    """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
+    spec = os.environ.get("BATCHIFY_CRASH_AT")
+    if not spec:
+        return None
+    point, _, nth = spec.partition(":")
+    target = int(nth or 1)
+    seen = {"n": 0}
+
+    def hook(p: str) -> None:
+        if p == point:
+            seen["n"] += 1
+            if seen["n"] >= target:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchify")
+def cli() -> None:
+    """Run large LLM jobs through the Gemini Batch API at half price, without losing a result."""
+
+
+def _waves(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter("use 'auto' or a whole number of waves") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1")
+    return n
+
+
+@cli.command()
+@click.argument("input_file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML).")
+@click.option("--model", help=f"Model (default {DEFAULT_MODEL}).")
+@click.option("--system-instruction", help="System instruction text.")
+@click.option("--prompt-template", help="Prompt with {field} placeholders.")
+@click.option("--temperature", type=float)
+@click.option("--max-output-tokens", type=int)
+@click.option("--thinking-budget", type=int)
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--name", help="Run name (default: the input file's stem).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Results file (default <input stem>.results.jsonl).")
+@click.option("--waves", default="auto", show_default=True, help="'auto' or a number of waves.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
+@click.option("--tier", default=1, show_default=True, type=click.IntRange(1, 3))
+@click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
+@click.option("--margin", default=DEFAULT_MARGIN, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
+@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
+@click.option("--mode", type=click.Choice(["auto", "batch", "realtime"]), default="auto", show_default=True)
+@click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
+@click.option("--max-attempts", default=DEFAULT_MAX_ATTEMPTS, show_default=True, type=click.IntRange(1))
+@click.option("--rpm", default=DEFAULT_RPM, show_default=True, type=click.IntRange(1))
+@click.option("--tpm", type=click.IntRange(1), help="Tokens per minute (default: the tier table).")
+@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--max-cost", type=float, help="Stop before spending more than this many USD.")
+@click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm the plan.")
+@click.option("--dry-run", is_flag=True, help="Write request files and print the plan; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
+@_endpoint_option
+@_state_dir_option
+def run(
+    input_file: str,
+    config_path: str | None,
+    model: str | None,
+    system_instruction: str | None,
+    prompt_template: str | None,
+    temperature: float | None,
+    max_output_tokens: int | None,
+    thinking_budget: int | None,
+    id_field: str,
+    text_field: str,
+    name: str | None,
+    out: str | None,
+    waves: str,
+    batch_size: int,
+    tier: int,
+    enqueued_limit: int | None,
+    margin: float,
+    barrier: bool,
+    poll_interval: float | None,
+    mode: str,
+    fallback: bool,
+    max_attempts: int,
+    rpm: int,
+    tpm: int | None,
+    concurrency: int,
+    max_cost: float | None,
+    skip_invalid: bool,
+    yes: bool,
+    dry_run: bool,
+    as_json: bool,
+    endpoint: str | None,
+    state_dir: str,
+) -> None:
+    """Prepare, plan, submit, poll, retrieve and merge INPUT_FILE (JSONL or a JSON array)."""
+    cfg = load_config(
+        config_path,
+        {
+            "model": model,
+            "system_instruction": system_instruction,
+            "prompt_template": prompt_template,
+            "temperature": temperature,
+            "max_output_tokens": max_output_tokens,
+            "thinking_budget": thinking_budget,
+        },
+    )
+    opts = RunOptions(
+        name=name,
+        id_field=id_field,
+        text_field=text_field,
+        batch_size=batch_size,
+        waves=_waves(waves),
+        tier=tier,
+        enqueued_limit=enqueued_limit,
+        margin=margin,
+        barrier=barrier,
+        poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
+        mode=mode,
+        fallback=fallback,
+        max_attempts=max_attempts,
+        rpm=rpm,
+        tpm=tpm,
+        concurrency=concurrency,
+        max_cost=max_cost,
+        skip_invalid=skip_invalid,
+        out=out,
+    )
+    interactive = not yes and sys.stdin.isatty() and not as_json
+
+    def confirm(r: Run) -> bool:
+        render_plan(r)
+        return click.confirm("Submit?", default=True, err=True) if interactive else True
+
+    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
+        r, summary = asyncio.run(
+            run_file(input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook())
+        )
+    if dry_run:
+        if as_json:
+            _emit_json(
+                {
+                    "run": r.name,
+                    "state_dir": state_dir,
+                    "plan": r.plan,
+                    "records": r.records,
+                    "rejected": r.rejected,
+                    "chars_per_token": r.chars_per_token,
+                }
+            )
+        else:
+            render_plan(r)
+            console().print(f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded")
+        return
+    assert summary is not None
+    _finish(summary, as_json)
+
+
+def _finish(summary: Summary, as_json: bool) -> None:
+    if as_json:
+        _emit_json(summary.to_dict())
+    else:
+        render_summary(summary)
+    if summary.status == "cancelled":
+        raise SystemExit(1)
+    if summary.errors:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("run_name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@_state_dir_option
+def status(run_name: str | None, as_json: bool, state_dir: str) -> None:
+    """Where every run (or RUN's waves and jobs) stands. Reads sidecars only."""
+    data = run_status(state_dir, run_name)
+    if as_json:
+        _emit_json(data)
+    else:
+        render_status(data, bool(run_name))
+
+
+def _pick_run(state_dir: str, run_name: str | None) -> str:
+    if run_name:
+        return run_name
+    unfinished = [n for n in list_runs(state_dir) if RunStore(state_dir, n).load_run().status not in ("done", "cancelled")]
+    if len(unfinished) == 1:
+        return unfinished[0]
+    if not unfinished:
+        raise UsageError(f"no unfinished run in {state_dir}. Fix: name one (see `batchify list`).")
+    raise UsageError(f"several unfinished runs ({', '.join(unfinished)}). Fix: name the one to resume.")
+
+
+@cli.command()
+@click.argument("run_name", required=False)
+@click.option("--poll-interval", type=click.FloatRange(0.05))
+@click.option("--json", "as_json", is_flag=True)
+@_endpoint_option
+@_state_dir_option
+def resume(run_name: str | None, poll_interval: float | None, as_json: bool, endpoint: str | None, state_dir: str) -> None:
+    """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
+    name = _pick_run(state_dir, run_name)
+    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
+        summary = asyncio.run(resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval))
+    _finish(summary, as_json)
+
+
+@cli.command(name="list")
+@_state_dir_option
+def list_cmd(state_dir: str) -> None:
+    """One line per run: name, status, records."""
+    for n in list_runs(state_dir):
+        r = RunStore(state_dir, n).load_run()
+        click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
+
+
+@cli.command()
+@click.argument("run_name")
+@click.option("--summary", "summary_only", is_flag=True, help="Counts only, not the results.")
+@_state_dir_option
+def results(run_name: str, summary_only: bool, state_dir: str) -> None:
+    """Re-emit RUN's merged results file on stdout."""
+    run_ = RunStore(state_dir, run_name).load_run()
+    if summary_only:
+        _emit_json(run_.summary)
+        return
+    out = Path(run_.out)
+    if not out.exists():
+        raise UsageError(f"{out} does not exist yet. Fix: `batchify resume {run_name}`.")
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sys.stdout.buffer.write(chunk)
+
+
+@cli.command(name="cancel")
+@click.argument("run_name")
+@_endpoint_option
+@_state_dir_option
+def cancel_cmd(run_name: str, endpoint: str | None, state_dir: str) -> None:
+    """Cancel RUN's remote jobs (they stay cancelled on resume)."""
+    names = asyncio.run(cancel(run_name, state_dir, endpoint, _api_key()))
+    console().print(f"cancelled {len(names)} job(s) of {_esc(run_name)}")
+
+
+@cli.command()
+@click.argument("input_file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+def validate(input_file: str, config_path: str | None, id_field: str, text_field: str) -> None:
+    """Check INPUT_FILE (and --config) as `run` would, without writing or sending anything."""
+    res = validate_file(input_file, load_config(config_path), id_field, text_field)
+    console().print(f"[green]{_esc(input_file)}: {res['records']:,} valid record(s), ~{res['input_tokens']:,} tokens[/]")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--job-seconds", default=3.0, show_default=True, type=float)
+@click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
+@click.option("--time-scale", default=1.0, show_default=True, type=float)
+@click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the tier-1 table).")
+@click.option("--max-active-jobs", default=100, show_default=True, type=int)
+@click.option("--line-error-rate", default=0.0, type=float)
+@click.option("--fail-jobs", default=0, type=int, help="The first N jobs end FAILED.")
+@click.option("--expire-jobs", default=0, type=int, help="The next N jobs stay PENDING, then EXPIRE.")
+@click.option("--create-429", default=0, type=int, help="The first N creates answer 429.")
+@click.option("--forbid-batch", is_flag=True, help="Creates answer 403 (no billing).")
+@click.option("--unavailable-rate", default=0.0, type=float, help="Share of API calls answered 503.")
+@click.option("--drop-downloads", default=0, type=int, help="The first N downloads drop half-way.")
+@click.option("--output-delay", default=0.0, type=float, help="Seconds before a finished job's output is there.")
+@click.option("--latency-ms", default=0.0, type=float)
+@click.option("--latency-spread-ms", default=0.0, type=float)
+@click.option("--rpm", type=int)
+@click.option("--tpm", type=int)
+@click.option("--rate-window", default=60.0, type=float)
+@click.option("--seed", default=0, type=int)
+def emulator(host: str, port: int, **knobs: Any) -> None:
+    """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
+    cfg = EmulatorConfig(**knobs)
+
+    async def serve() -> None:
+        emu = Emulator(cfg)
+        url = await emu.start(host, port)
+        console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/] listening on {url}  (GOOGLE_GEMINI_BASE_URL={url})")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await emu.stop()
+
+    asyncio.run(serve())
+
+
+# ================================================================================================
+# 11. main(): the one place errors become exit codes
+# ================================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="batchify", standalone_mode=False)
+    except KeyboardInterrupt:
+        console().print("\n[yellow]interrupted[/]: every step so far is saved; `batchify resume` finishes the run.")
+        return 130
+    except click.exceptions.Abort:
+        console().print("\n[yellow]aborted[/]")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except InputError as e:
+        console().print(f"[red]error:[/] {_esc(e)}")
+        for p in e.problems:
+            console().print(f"  {_esc(p)}")
+        return e.exit_code
+    except BatchifyError as e:
+        console().print(f"[red]error:[/] {_esc(e)}")
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
