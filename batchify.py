@@ -3214,7 +3214,7 @@ def render_plan(run: Run, endpoint_label: str | None = None) -> None:
         ),
         ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
         ("estimated time", p["estimated_time"]),
-        ("request files", str(Path(run.out).parent if False else Path(run.input_path).name) + " -> " + "requests/*.jsonl"),
+        ("results file", run.out),
     ]
     for k, v in rows:
         t.add_row(k, _esc(v))
@@ -3249,7 +3249,7 @@ class RichReporter:
         self.progress.stop()
 
     def log(self, message: str) -> None:
-        self.progress.console.log(_esc(message), _stack_offset=2) if False else self.progress.console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {_esc(message)}")
+        self.progress.console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {_esc(message)}")
 
     def update(self, view: ProgressView) -> None:
         p = self.progress
@@ -3715,11 +3715,8 @@ def emulator(host: str, port: int, **knobs: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         console().print("\n[yellow]interrupted[/]: every step so far is saved; `batchify resume` finishes the run.")
-        return 130
-    except click.exceptions.Abort:
-        console().print("\n[yellow]aborted[/]")
         return 130
     except click.ClickException as e:
         e.show()

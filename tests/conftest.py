@@ -1,0 +1,77 @@
+"""Shared fixtures: a real emulator on a free loopback port, sample inputs, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import batchify  # noqa: E402
+
+# Never let the developer's environment steer the SDK somewhere else.
+for var in ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY"):
+    os.environ.pop(var, None)
+
+
+class Emu:
+    """A running emulator (own thread and loop) with helpers to read and change it."""
+
+    def __init__(self, thread: batchify.EmulatorThread):
+        self.thread = thread
+        self.url = thread.url
+        self.emulator = thread.emulator
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_emulator/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def configure(self, **kw: Any) -> None:
+        self.thread.call(lambda: self.emulator.cfg.update(**kw))
+
+
+@pytest.fixture
+def emu_config() -> batchify.EmulatorConfig:
+    return batchify.EmulatorConfig(job_seconds=0.6, pending_fraction=0.3)
+
+
+@pytest.fixture
+def emu(emu_config: batchify.EmulatorConfig):
+    with batchify.EmulatorThread(emu_config) as t:
+        yield Emu(t)
+
+
+@pytest.fixture
+def articles(tmp_path: Path) -> Path:
+    p = tmp_path / "articles.jsonl"
+    shutil.copy(ROOT / "examples" / "articles.jsonl", p)
+    return p
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHIFY_")}
+    env.update({"GEMINI_API_KEY": "test-key-123", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "batchify.py"), *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def input_ids(path: Path) -> list[Any]:
+    return [r["id"] for r in read_jsonl(path)]

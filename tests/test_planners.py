@@ -1,0 +1,274 @@
+"""Pure planners and the state machine: parametrized tables and hypothesis properties."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchify as b
+from batchify import JobState as S
+
+# -- state machine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wire", "state"),
+    [("BATCH_STATE_PENDING", S.PENDING), ("JOB_STATE_PENDING", S.PENDING), ("BATCH_STATE_RUNNING", S.RUNNING),
+     ("JOB_STATE_RUNNING", S.RUNNING), ("BATCH_STATE_SUCCEEDED", S.SUCCEEDED), ("JOB_STATE_SUCCEEDED", S.SUCCEEDED),
+     ("BATCH_STATE_FAILED", S.FAILED), ("JOB_STATE_FAILED", S.FAILED), ("BATCH_STATE_CANCELLED", S.CANCELLED),
+     ("JOB_STATE_CANCELLED", S.CANCELLED), ("BATCH_STATE_EXPIRED", S.EXPIRED), ("JOB_STATE_EXPIRED", S.EXPIRED),
+     ("JobState.JOB_STATE_QUEUED", S.PENDING), ("job_state_succeeded", S.SUCCEEDED)],
+)
+def test_parse_remote_state(wire, state):
+    assert b.parse_remote_state(wire) == state
+
+
+def test_parse_remote_state_refuses_unknown():
+    with pytest.raises(b.StateError):
+        b.parse_remote_state("BATCH_STATE_EXPLODED")
+
+
+def job(state=S.CREATED):
+    return b.Job(name="b0001", index=1, display_name="d", request_file="requests/b0001.jsonl", request_count=1,
+                 tokens=10, bytes=100, state=state)
+
+
+LEGAL = [(S.CREATED, S.UPLOADING), (S.UPLOADING, S.UPLOADED), (S.UPLOADED, S.SUBMITTING), (S.SUBMITTING, S.PENDING),
+         (S.SUBMITTING, S.UPLOADED), (S.SUBMITTING, S.SUCCEEDED), (S.PENDING, S.RUNNING), (S.PENDING, S.EXPIRED),
+         (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.CANCELLED), (S.SUCCEEDED, S.RESULTS_DOWNLOADED)]
+ILLEGAL = [(S.CREATED, S.PENDING), (S.CREATED, S.SUBMITTING), (S.UPLOADED, S.RUNNING), (S.RUNNING, S.PENDING),
+           (S.SUCCEEDED, S.RUNNING), (S.FAILED, S.SUCCEEDED), (S.RESULTS_DOWNLOADED, S.SUCCEEDED),
+           (S.CANCELLED, S.RUNNING), (S.EXPIRED, S.PENDING), (S.PENDING, S.RESULTS_DOWNLOADED)]
+
+
+@pytest.mark.parametrize(("src", "dst"), LEGAL)
+def test_advance_legal(src, dst):
+    j = b.advance(job(src), dst, "2026-01-01T00:00:00Z")
+    assert j.state == dst and j.timestamps[str(dst)] == "2026-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(("src", "dst"), ILLEGAL)
+def test_advance_refuses_illegal(src, dst):
+    with pytest.raises(b.StateError):
+        b.advance(job(src), dst, "t")
+
+
+def test_every_state_has_a_row_and_terminal_states_are_final():
+    assert set(b.TRANSITIONS) == set(S)
+    for s in b.FINAL_STATES:
+        assert b.TRANSITIONS[s] == frozenset()
+
+
+def test_job_roundtrip_and_validation():
+    j = b.advance(job(), S.UPLOADING, "t")
+    assert b.Job.from_dict(j.to_dict()) == j
+    d = j.to_dict()
+    d["state"] = "NOPE"
+    with pytest.raises(b.StateError):
+        b.Job.from_dict(d)
+    d = j.to_dict()
+    d["schema_version"] = 99
+    with pytest.raises(b.StateError):
+        b.Job.from_dict(d)
+
+
+# -- batches and waves ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sizes", "batch_size", "cap", "max_bytes", "expected"),
+    [
+        ([(10, 1)] * 5, 2, 100, 100, [(0, 2), (2, 4), (4, 5)]),
+        ([(10, 1)] * 5, 10, 25, 100, [(0, 2), (2, 4), (4, 5)]),
+        ([(10, 40)] * 5, 10, 1000, 100, [(0, 2), (2, 4), (4, 5)]),
+        ([(10, 1)], 1000, 10, 10, [(0, 1)]),
+        ([], 10, 10, 10, []),
+    ],
+)
+def test_plan_batches_table(sizes, batch_size, cap, max_bytes, expected):
+    assert [(p.start, p.end) for p in b.plan_batches(sizes, batch_size, cap, max_bytes)] == expected
+
+
+@pytest.mark.parametrize(
+    ("tokens", "limit", "waves", "expected"),
+    [
+        ([5, 5, 5, 5], 10, "auto", [[0, 1], [2, 3]]),
+        ([5, 5, 5, 5], 20, "auto", [[0, 1, 2, 3]]),
+        ([5, 5, 5, 5], 20, 4, [[0], [1], [2], [3]]),
+        ([5, 5, 5, 5], 20, 2, [[0, 1], [2, 3]]),
+        ([5, 5, 5, 5], 10, 1, [[0, 1], [2, 3]]),  # the limit wins over the wish
+        ([9, 2, 9], 10, "auto", [[0], [1], [2]]),
+    ],
+)
+def test_plan_waves_table(tokens, limit, waves, expected):
+    assert b.plan_waves(tokens, limit, waves) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 500), st.integers(1, 2000)), min_size=1, max_size=300),
+    batch_size=st.integers(1, 50),
+    limit=st.integers(500, 5000),
+    max_bytes=st.integers(2000, 20000),
+    waves=st.one_of(st.just("auto"), st.integers(1, 10)),
+)
+def test_plan_properties(sizes, batch_size, limit, max_bytes, waves):
+    batches = b.plan_batches(sizes, batch_size, limit, max_bytes)
+    # every request is planned exactly once, in order
+    covered = [i for p in batches for i in range(p.start, p.end)]
+    assert covered == list(range(len(sizes)))
+    for p in batches:
+        assert p.count <= batch_size
+        assert p.tokens == sum(t for t, _ in sizes[p.start : p.end])
+        assert p.tokens <= limit and p.bytes <= max_bytes or p.count == 1
+    plan = b.plan_waves([p.tokens for p in batches], limit, waves)
+    assert sorted(i for w in plan for i in w) == list(range(len(batches)))
+    for w in plan:  # no wave exceeds the limit
+        assert sum(batches[i].tokens for i in w) <= limit
+
+
+@given(active=st.integers(0, 100), cand=st.integers(1, 100), limit=st.integers(1, 200), jobs=st.integers(0, 5))
+def test_admit_never_exceeds_limit(active, cand, limit, jobs):
+    if b.admit(active, jobs, cand, limit, 5):
+        assert active + cand <= limit and jobs < 5
+
+
+def test_effective_limit_and_tables():
+    assert b.effective_limit(3_000_000, 0.1) == 2_700_000
+    assert b.enqueued_limit_for("gemini-2.5-flash", 1, None) == 3_000_000
+    assert b.enqueued_limit_for("models/gemini-2.5-flash-lite", 1, None) == 10_000_000
+    assert b.enqueued_limit_for("gemini-2.0-flash", 1, None) == 10_000_000
+    assert b.enqueued_limit_for("gemini-2.5-pro", 1, None) == 5_000_000
+    assert b.enqueued_limit_for("gemini-2.5-flash", 1, 1234) == 1234
+
+
+@pytest.mark.parametrize(
+    ("model", "inp", "out", "batch", "usd"),
+    [("gemini-2.5-flash", 1_000_000, 0, False, 0.30), ("gemini-2.5-flash", 1_000_000, 0, True, 0.15),
+     ("gemini-2.5-flash", 0, 1_000_000, True, 1.25), ("gemini-2.5-flash-lite", 2_000_000, 1_000_000, False, 0.60),
+     ("gemini-2.5-pro", 1_000_000, 1_000_000, True, 5.625)],
+)
+def test_cost_table(model, inp, out, batch, usd):
+    assert b.cost_usd(model, inp, out, batch) == pytest.approx(usd)
+
+
+def test_usage_cost_counts_thoughts_as_output():
+    u = {"promptTokenCount": 1_000_000, "candidatesTokenCount": 500_000, "thoughtsTokenCount": 500_000}
+    assert b.usage_cost("gemini-2.5-flash", u, batch=True) == pytest.approx((0.30 + 2.50) / 2)
+
+
+@pytest.mark.parametrize(("cur", "changed", "expected"), [(30, True, 30), (30, False, 45), (250, False, 300)])
+def test_poll_backoff(cur, changed, expected):
+    assert b.next_poll_interval(cur, changed, 30, 300) == expected
+
+
+def test_calibration():
+    assert b.calibrate_chars_per_token([(400, 100), (800, 200)]) == 4.0
+    assert b.calibrate_chars_per_token([]) == b.CHARS_PER_TOKEN_OFFLINE
+    assert b.estimate_tokens(10, 4.0) == 3
+
+
+# -- records, prompts, answers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "problem"),
+    [({"id": 1, "text": "x"}, None), ({"id": "a", "text": "x", "title": "t"}, None), ([1], "not an object"),
+     ({"text": "x"}, "no 'id'"), ({"id": "", "text": "x"}, "non-empty"), ({"id": 1.5, "text": "x"}, "non-empty string"),
+     ({"id": True, "text": "x"}, "non-empty string"), ({"id": 1}, "no 'text'"), ({"id": 1, "text": "  "}, "empty"),
+     ({"id": 1, "text": 5}, "empty or not a string")],
+)
+def test_check_record(obj, problem):
+    got = b.check_record(obj, "id", "text", ["title", "url", "text"])
+    assert (got is None) if problem is None else (problem in got)
+
+
+def test_template_field_missing_is_reported():
+    assert "template uses {lang}" in b.check_record({"id": 1, "text": "x"}, "id", "text", ["lang"])
+
+
+def test_build_request_shape():
+    cfg = b.JobConfig()
+    req = b.build_request(cfg, b.render_prompt(cfg.prompt_template, {"id": 1, "text": "Body"}, "text"))
+    assert req["contents"][0]["parts"][0]["text"] == "Title: \nURL: \n\nBody"
+    gc = req["generationConfig"]
+    assert gc["responseMimeType"] == "application/json" and gc["responseJsonSchema"] == b.NEWS_SCHEMA
+    assert gc["thinkingConfig"] == {"thinkingBudget": 0} and "systemInstruction" in req
+
+
+def resp(text, finish="STOP"):
+    return {"candidates": [{"content": {"parts": [{"text": text}]}, "finishReason": finish}]}
+
+
+@pytest.mark.parametrize(
+    ("response", "ok", "err"),
+    [(resp('{"a": "x"}'), True, None), (resp('{"a": 1}'), False, "does not match"), (resp("nope"), False, "not valid JSON"),
+     (resp('{"a": "x'), False, "not valid JSON"), (resp('{"a": "x"', "MAX_TOKENS"), False, "max_output_tokens"),
+     ({"candidates": []}, False, "no candidates"), (resp("", "SAFETY"), False, "empty answer"),
+     ({"candidates": [{"content": {"parts": [{"text": "thinking", "thought": True}, {"text": '{"a": "y"}'}]}}]}, True, None)],
+)
+def test_parse_answer(response, ok, err):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    value, e = b.parse_answer(response, schema)
+    assert (e is None) == ok
+    if err:
+        assert err in e
+
+
+def test_merge_choice_prefers_first_ok():
+    ok1, ok2, e1, e2 = ({"status": "ok", "v": 1}, {"status": "ok", "v": 2}, {"status": "error", "v": 3},
+                        {"status": "error", "v": 4})
+    assert b.merge_choice(ok1, ok2) is ok1
+    assert b.merge_choice(e1, ok2) is ok2
+    assert b.merge_choice(e1, e2) is e2
+    assert b.merge_choice(None, e1) is e1
+
+
+# -- the limiter with a clock the test moves --------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    async def sleep(self, d):
+        self.t += d
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(("limit", "window"), [(100, 60.0), (2000, 60.0), (50, 1.0)])
+async def test_limiter_never_exceeds_window_and_sustains_rate(limit, window):
+    clock = FakeClock()
+    lim = b.RateLimiter(limit * 0.99 / window, 1.0, clock, clock.sleep)
+    times = []
+    for _ in range(limit * 3):
+        await lim.acquire(1)
+        times.append(clock.t)
+    # no window of length `window` holds more than the limit (sliding, starting at every grant)
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        assert i - j + 1 <= limit
+    achieved = len(times) / (times[-1] - times[0]) * window
+    assert achieved >= 0.97 * limit
+
+
+async def test_limiter_pause_and_slowdown():
+    clock = FakeClock()
+    lim = b.RateLimiter(10.0, 1.0, clock, clock.sleep)
+    await lim.acquire()
+    lim.pause(5.0)
+    await lim.acquire()
+    assert clock.t >= 5.0
+    lim.slow_down()
+    assert lim.rate < 10.0
+    for _ in range(1000):
+        lim.recover()
+    assert lim.rate == 10.0

@@ -1,0 +1,230 @@
+"""`run`, `status`, `resume` end to end: the CLI in a subprocess against a real emulator."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli
+
+import batchify
+
+FAST = ["--poll-interval", "0.2", "--yes"]
+
+
+def assert_complete(out: Path, inp: Path, source: str = "batch") -> list[dict]:
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(inp), "exactly one line per input id, in input order"
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert not bad, bad[:3]
+    for r in rows:
+        assert set(r) == {"id", "status", "result", "error", "source", "usage"}
+        assert r["result"]["is_financial"] in ("Yes", "No") and r["usage"]["promptTokenCount"] > 0
+    assert {r["source"] for r in rows} == {source}
+    return rows
+
+
+def assert_no_duplicate_creates(stats: dict) -> None:
+    dupes = {k: v for k, v in stats["creates_by_display_name"].items() if v > 1}
+    assert not dupes, f"jobs created twice: {dupes}"
+
+
+def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
+    emu.configure(enqueued_limit=9000)
+    out = tmp_path / "out.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "9000", "--batch-size", "8",
+                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    st = json.loads(run_cli(["status", "articles", "--json", "--state-dir", "st"], tmp_path).stdout)
+    run = st["runs"][0]
+    assert run["status"] == "done" and run["plan"]["waves"] >= 3
+    assert run["job_states"] == {"RESULTS_DOWNLOADED": run["jobs"]}
+    stats = emu.stats()
+    assert stats["peak_enqueued_tokens"] <= 9000
+    assert stats["creates"] == run["jobs"] == run["plan"]["batches"]
+    assert_no_duplicate_creates(stats)
+    assert "60 ok, 0 error(s)" in p.stderr and "cost $" in p.stderr
+    # results re-emits the merged file on stdout; list names the run
+    assert run_cli(["results", "articles", "--state-dir", "st"], tmp_path).stdout == out.read_text()
+    assert run_cli(["list", "--state-dir", "st"], tmp_path).stdout.startswith("articles\tdone\t60")
+    # the human status shows the run and its jobs
+    human = run_cli(["status", "articles", "--state-dir", "st"], tmp_path)
+    assert human.returncode == 0 and "b0001" in human.stderr and "results_downloaded" in human.stderr
+
+
+def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
+    """Rolling admission submits as soon as a batch fits: more than one wave is live at a time."""
+    emu.configure(enqueued_limit=9000, job_seconds=0.4, job_seconds_max=1.6)
+    out = tmp_path / "out.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "9000", "--batch-size", "4",
+                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    assert emu.stats()["peak_enqueued_tokens"] <= 9000
+
+
+def test_barrier_mode_completes(emu, articles, tmp_path):
+    emu.configure(enqueued_limit=12000)
+    out = tmp_path / "out.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "12000", "--batch-size", "10",
+                 "--barrier", "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+
+
+def test_dry_run_uploads_nothing(emu, articles, tmp_path):
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--dry-run", "--json", "--batch-size", "25",
+                 "--state-dir", "st"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert plan["records"] == 60 and plan["plan"]["batches"] == 3 and plan["plan"]["estimated_cost_usd"] > 0
+    files = sorted((tmp_path / "st" / "articles" / "requests").glob("*.jsonl"))
+    assert len(files) == 3
+    line = json.loads(files[0].read_text().splitlines()[0])
+    assert set(line) == {"key", "request"} and line["request"]["generationConfig"]["responseMimeType"] == "application/json"
+    s = emu.stats()
+    assert s["uploads"] == 0 and s["creates"] == 0 and s["count_tokens_calls"] > 0  # calibrated, nothing sent
+
+
+def test_quick_start_local_endpoint(tmp_path):
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(ROOT / "batchify.py"), "run", str(ROOT / "examples/articles.jsonl"),
+                        "--waves", "auto", "--endpoint", "local", "--yes", "--out", str(tmp_path / "o.jsonl")],
+                       cwd=tmp_path, env=cli_env(GEMINI_API_KEY=""), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 60
+    assert "emulator" in p.stderr
+    assert_complete(tmp_path / "o.jsonl", ROOT / "examples/articles.jsonl")
+
+
+def test_config_file_and_flags(emu, articles, tmp_path):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('model = "gemini-2.5-flash-lite"\nprompt_template = "Summarise: {text}"\nschema = \'{"type": "object", '
+                   '"properties": {"summary": {"type": "string"}}, "required": ["summary"]}\'\n')
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(articles), "--config", str(cfg), "--temperature", "0.5", "--endpoint", emu.url,
+                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = read_jsonl(out)
+    assert all(r["status"] == "ok" and set(r["result"]) == {"summary"} for r in rows)
+    req = json.loads((tmp_path / "st/articles/requests/b0001.jsonl").read_text().splitlines()[0])["request"]
+    assert req["contents"][0]["parts"][0]["text"].startswith("Summarise: ")
+    assert req["generationConfig"]["temperature"] == 0.5
+    assert "thinkingConfig" not in req["generationConfig"] or True
+    run = json.loads((tmp_path / "st/articles/run.json").read_text())
+    assert run["config"]["model"] == "gemini-2.5-flash-lite"
+    assert "test-key-123" not in json.dumps(run)
+
+
+def test_json_array_input_and_integer_ids(emu, tmp_path):
+    inp = tmp_path / "docs.json"
+    inp.write_text(json.dumps([{"id": i, "text": f"Document number {i} about markets."} for i in range(1, 8)]
+                              + [{"id": "8", "text": "String id eight."}]))
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [r["id"] for r in read_jsonl(out)] == [1, 2, 3, 4, 5, 6, 7, "8"]
+
+
+async def test_library_api(emu, articles, tmp_path):
+    opts = batchify.RunOptions(poll_interval=0.2, batch_size=20)
+    run, summary = await batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url,
+                                           api_key="k")
+    assert summary is not None and summary.ok == 60 and summary.errors == 0 and summary.cost_batch_usd > 0
+    assert run.plan["batches"] == 3
+    st = batchify.run_status(tmp_path / "st", "articles")
+    assert st["runs"][0]["status"] == "done" and len(st["runs"][0]["job_list"]) == 3
+    with pytest.raises(batchify.UsageError):  # the same name again: resume, not a second run
+        await batchify.run_file(articles, options=batchify.RunOptions(), state_dir=tmp_path / "st", endpoint=emu.url,
+                                api_key="k")
+
+
+def wait_for(pred, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
+    emu.configure(job_seconds=3.0, enqueued_limit=12000)
+    out = tmp_path / "o.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url,
+                             "--enqueued-limit", "12000", "--batch-size", "10", "--out", str(out), "--state-dir", "st",
+                             *FAST], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    wait_for(lambda: emu.stats()["creates"] >= 2)
+    time.sleep(0.3)  # now it is polling
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "resume" in err
+    created_before = emu.stats()["creates"]
+    assert created_before < 6  # it really was interrupted part-way
+    emu.configure(job_seconds=0.5)
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    stats = emu.stats()
+    assert_no_duplicate_creates(stats)
+    assert stats["creates"] == json.loads(run_cli(["status", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]["jobs"]
+
+
+@pytest.mark.parametrize("point", ["after_intent", "after_create", "after_create:2", "after_upload", "after_download"])
+def test_crash_then_resume_creates_nothing_twice(emu, articles, tmp_path, point):
+    emu.configure(enqueued_limit=20000)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "20000", "--batch-size", "15",
+                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path, BATCHIFY_CRASH_AT=point)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    jobs = [json.loads(x.read_text()) for x in (tmp_path / "st/articles/jobs").glob("*.json")]
+    if point == "after_intent":
+        assert [j["state"] for j in jobs].count("SUBMITTING") == 1 and emu.stats()["creates"] == 0
+    if point.startswith("after_create"):
+        assert [j["state"] for j in jobs].count("SUBMITTING") == 1 and emu.stats()["creates"] >= 1
+    p = run_cli(["resume", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    stats = emu.stats()
+    assert_no_duplicate_creates(stats)
+    assert stats["creates"] == len(jobs)
+    if point.startswith("after_create"):
+        assert "found remote job" in p.stderr
+
+
+def test_resume_refuses_changed_input(emu, articles, tmp_path):
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st",
+                 *FAST], tmp_path, BATCHIFY_CRASH_AT="after_intent")
+    assert p.returncode == -signal.SIGKILL
+    with open(articles, "a") as f:
+        f.write(json.dumps({"id": "new", "text": "changed"}) + "\n")
+    p = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 2 and "changed since" in p.stderr
+
+
+def test_cancel_keeps_jobs_cancelled(emu, articles, tmp_path):
+    emu.configure(job_seconds=30)
+    p = subprocess.Popen([sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url,
+                          "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st", *FAST], cwd=tmp_path, env=cli_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    wait_for(lambda: emu.stats()["creates"] >= 1)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    c = run_cli(["cancel", "articles", "--state-dir", "st"], tmp_path)
+    assert c.returncode == 0, c.stderr
+    assert emu.stats()["cancels"] == 1
+    st = json.loads(run_cli(["status", "articles", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "cancelled" and st["job_states"] == {"CANCELLED": 1}
+    r = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert r.returncode == 1  # the ids stay in error: the user cancelled them
+    assert emu.stats()["creates"] == 1
+    assert all(x["status"] == "error" and "CANCELLED" in x["error"] for x in read_jsonl(tmp_path / "o.jsonl"))
