@@ -65,8 +65,15 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "batchify.py"), *args], cwd=cwd, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "batchify.py"), *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,11 +16,22 @@ from batchify import JobState as S
 
 @pytest.mark.parametrize(
     ("wire", "state"),
-    [("BATCH_STATE_PENDING", S.PENDING), ("JOB_STATE_PENDING", S.PENDING), ("BATCH_STATE_RUNNING", S.RUNNING),
-     ("JOB_STATE_RUNNING", S.RUNNING), ("BATCH_STATE_SUCCEEDED", S.SUCCEEDED), ("JOB_STATE_SUCCEEDED", S.SUCCEEDED),
-     ("BATCH_STATE_FAILED", S.FAILED), ("JOB_STATE_FAILED", S.FAILED), ("BATCH_STATE_CANCELLED", S.CANCELLED),
-     ("JOB_STATE_CANCELLED", S.CANCELLED), ("BATCH_STATE_EXPIRED", S.EXPIRED), ("JOB_STATE_EXPIRED", S.EXPIRED),
-     ("JobState.JOB_STATE_QUEUED", S.PENDING), ("job_state_succeeded", S.SUCCEEDED)],
+    [
+        ("BATCH_STATE_PENDING", S.PENDING),
+        ("JOB_STATE_PENDING", S.PENDING),
+        ("BATCH_STATE_RUNNING", S.RUNNING),
+        ("JOB_STATE_RUNNING", S.RUNNING),
+        ("BATCH_STATE_SUCCEEDED", S.SUCCEEDED),
+        ("JOB_STATE_SUCCEEDED", S.SUCCEEDED),
+        ("BATCH_STATE_FAILED", S.FAILED),
+        ("JOB_STATE_FAILED", S.FAILED),
+        ("BATCH_STATE_CANCELLED", S.CANCELLED),
+        ("JOB_STATE_CANCELLED", S.CANCELLED),
+        ("BATCH_STATE_EXPIRED", S.EXPIRED),
+        ("JOB_STATE_EXPIRED", S.EXPIRED),
+        ("JobState.JOB_STATE_QUEUED", S.PENDING),
+        ("job_state_succeeded", S.SUCCEEDED),
+    ],
 )
 def test_parse_remote_state(wire, state):
     assert b.parse_remote_state(wire) == state
@@ -32,16 +43,44 @@ def test_parse_remote_state_refuses_unknown():
 
 
 def job(state=S.CREATED):
-    return b.Job(name="b0001", index=1, display_name="d", request_file="requests/b0001.jsonl", request_count=1,
-                 tokens=10, bytes=100, state=state)
+    return b.Job(
+        name="b0001",
+        index=1,
+        display_name="d",
+        request_file="requests/b0001.jsonl",
+        request_count=1,
+        tokens=10,
+        bytes=100,
+        state=state,
+    )
 
 
-LEGAL = [(S.CREATED, S.UPLOADING), (S.UPLOADING, S.UPLOADED), (S.UPLOADED, S.SUBMITTING), (S.SUBMITTING, S.PENDING),
-         (S.SUBMITTING, S.UPLOADED), (S.SUBMITTING, S.SUCCEEDED), (S.PENDING, S.RUNNING), (S.PENDING, S.EXPIRED),
-         (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.CANCELLED), (S.SUCCEEDED, S.RESULTS_DOWNLOADED)]
-ILLEGAL = [(S.CREATED, S.PENDING), (S.CREATED, S.SUBMITTING), (S.UPLOADED, S.RUNNING), (S.RUNNING, S.PENDING),
-           (S.SUCCEEDED, S.RUNNING), (S.FAILED, S.SUCCEEDED), (S.RESULTS_DOWNLOADED, S.SUCCEEDED),
-           (S.CANCELLED, S.RUNNING), (S.EXPIRED, S.PENDING), (S.PENDING, S.RESULTS_DOWNLOADED)]
+LEGAL = [
+    (S.CREATED, S.UPLOADING),
+    (S.UPLOADING, S.UPLOADED),
+    (S.UPLOADED, S.SUBMITTING),
+    (S.SUBMITTING, S.PENDING),
+    (S.SUBMITTING, S.UPLOADED),
+    (S.SUBMITTING, S.SUCCEEDED),
+    (S.PENDING, S.RUNNING),
+    (S.PENDING, S.EXPIRED),
+    (S.RUNNING, S.SUCCEEDED),
+    (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.CANCELLED),
+    (S.SUCCEEDED, S.RESULTS_DOWNLOADED),
+]
+ILLEGAL = [
+    (S.CREATED, S.PENDING),
+    (S.CREATED, S.SUBMITTING),
+    (S.UPLOADED, S.RUNNING),
+    (S.RUNNING, S.PENDING),
+    (S.SUCCEEDED, S.RUNNING),
+    (S.FAILED, S.SUCCEEDED),
+    (S.RESULTS_DOWNLOADED, S.SUCCEEDED),
+    (S.CANCELLED, S.RUNNING),
+    (S.EXPIRED, S.PENDING),
+    (S.PENDING, S.RESULTS_DOWNLOADED),
+]
 
 
 @pytest.mark.parametrize(("src", "dst"), LEGAL)
@@ -123,7 +162,7 @@ def test_plan_properties(sizes, batch_size, limit, max_bytes, waves):
     for p in batches:
         assert p.count <= batch_size
         assert p.tokens == sum(t for t, _ in sizes[p.start : p.end])
-        assert p.tokens <= limit and p.bytes <= max_bytes or p.count == 1
+        assert (p.tokens <= limit and p.bytes <= max_bytes) or p.count == 1
     plan = b.plan_waves([p.tokens for p in batches], limit, waves)
     assert sorted(i for w in plan for i in w) == list(range(len(batches)))
     for w in plan:  # no wave exceeds the limit
@@ -147,9 +186,13 @@ def test_effective_limit_and_tables():
 
 @pytest.mark.parametrize(
     ("model", "inp", "out", "batch", "usd"),
-    [("gemini-2.5-flash", 1_000_000, 0, False, 0.30), ("gemini-2.5-flash", 1_000_000, 0, True, 0.15),
-     ("gemini-2.5-flash", 0, 1_000_000, True, 1.25), ("gemini-2.5-flash-lite", 2_000_000, 1_000_000, False, 0.60),
-     ("gemini-2.5-pro", 1_000_000, 1_000_000, True, 5.625)],
+    [
+        ("gemini-2.5-flash", 1_000_000, 0, False, 0.30),
+        ("gemini-2.5-flash", 1_000_000, 0, True, 0.15),
+        ("gemini-2.5-flash", 0, 1_000_000, True, 1.25),
+        ("gemini-2.5-flash-lite", 2_000_000, 1_000_000, False, 0.60),
+        ("gemini-2.5-pro", 1_000_000, 1_000_000, True, 5.625),
+    ],
 )
 def test_cost_table(model, inp, out, batch, usd):
     assert b.cost_usd(model, inp, out, batch) == pytest.approx(usd)
@@ -176,10 +219,18 @@ def test_calibration():
 
 @pytest.mark.parametrize(
     ("obj", "problem"),
-    [({"id": 1, "text": "x"}, None), ({"id": "a", "text": "x", "title": "t"}, None), ([1], "not an object"),
-     ({"text": "x"}, "no 'id'"), ({"id": "", "text": "x"}, "non-empty"), ({"id": 1.5, "text": "x"}, "non-empty string"),
-     ({"id": True, "text": "x"}, "non-empty string"), ({"id": 1}, "no 'text'"), ({"id": 1, "text": "  "}, "empty"),
-     ({"id": 1, "text": 5}, "empty or not a string")],
+    [
+        ({"id": 1, "text": "x"}, None),
+        ({"id": "a", "text": "x", "title": "t"}, None),
+        ([1], "not an object"),
+        ({"text": "x"}, "no 'id'"),
+        ({"id": "", "text": "x"}, "non-empty"),
+        ({"id": 1.5, "text": "x"}, "non-empty string"),
+        ({"id": True, "text": "x"}, "non-empty string"),
+        ({"id": 1}, "no 'text'"),
+        ({"id": 1, "text": "  "}, "empty"),
+        ({"id": 1, "text": 5}, "empty or not a string"),
+    ],
 )
 def test_check_record(obj, problem):
     got = b.check_record(obj, "id", "text", ["title", "url", "text"])
@@ -205,22 +256,32 @@ def resp(text, finish="STOP"):
 
 @pytest.mark.parametrize(
     ("response", "ok", "err"),
-    [(resp('{"a": "x"}'), True, None), (resp('{"a": 1}'), False, "does not match"), (resp("nope"), False, "not valid JSON"),
-     (resp('{"a": "x'), False, "not valid JSON"), (resp('{"a": "x"', "MAX_TOKENS"), False, "max_output_tokens"),
-     ({"candidates": []}, False, "no candidates"), (resp("", "SAFETY"), False, "empty answer"),
-     ({"candidates": [{"content": {"parts": [{"text": "thinking", "thought": True}, {"text": '{"a": "y"}'}]}}]}, True, None)],
+    [
+        (resp('{"a": "x"}'), True, None),
+        (resp('{"a": 1}'), False, "does not match"),
+        (resp("nope"), False, "not valid JSON"),
+        (resp('{"a": "x'), False, "not valid JSON"),
+        (resp('{"a": "x"', "MAX_TOKENS"), False, "max_output_tokens"),
+        ({"candidates": []}, False, "no candidates"),
+        (resp("", "SAFETY"), False, "empty answer"),
+        ({"candidates": [{"content": {"parts": [{"text": "thinking", "thought": True}, {"text": '{"a": "y"}'}]}}]}, True, None),
+    ],
 )
 def test_parse_answer(response, ok, err):
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
-    value, e = b.parse_answer(response, schema)
+    _value, e = b.parse_answer(response, schema)
     assert (e is None) == ok
     if err:
         assert err in e
 
 
 def test_merge_choice_prefers_first_ok():
-    ok1, ok2, e1, e2 = ({"status": "ok", "v": 1}, {"status": "ok", "v": 2}, {"status": "error", "v": 3},
-                        {"status": "error", "v": 4})
+    ok1, ok2, e1, e2 = (
+        {"status": "ok", "v": 1},
+        {"status": "ok", "v": 2},
+        {"status": "error", "v": 3},
+        {"status": "error", "v": 4},
+    )
     assert b.merge_choice(ok1, ok2) is ok1
     assert b.merge_choice(e1, ok2) is ok2
     assert b.merge_choice(e1, e2) is e2

@@ -37,8 +37,24 @@ def assert_no_duplicate_creates(stats: dict) -> None:
 def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
     emu.configure(enqueued_limit=9000)
     out = tmp_path / "out.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "9000", "--batch-size", "8",
-                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--enqueued-limit",
+            "9000",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     st = json.loads(run_cli(["status", "articles", "--json", "--state-dir", "st"], tmp_path).stdout)
@@ -62,8 +78,24 @@ def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
     """Rolling admission submits as soon as a batch fits: more than one wave is live at a time."""
     emu.configure(enqueued_limit=9000, job_seconds=0.4, job_seconds_max=1.6)
     out = tmp_path / "out.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "9000", "--batch-size", "4",
-                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--enqueued-limit",
+            "9000",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     assert emu.stats()["peak_enqueued_tokens"] <= 9000
@@ -72,15 +104,33 @@ def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
 def test_barrier_mode_completes(emu, articles, tmp_path):
     emu.configure(enqueued_limit=12000)
     out = tmp_path / "out.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "12000", "--batch-size", "10",
-                 "--barrier", "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--enqueued-limit",
+            "12000",
+            "--batch-size",
+            "10",
+            "--barrier",
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
 
 
 def test_dry_run_uploads_nothing(emu, articles, tmp_path):
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--dry-run", "--json", "--batch-size", "25",
-                 "--state-dir", "st"], tmp_path)
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--dry-run", "--json", "--batch-size", "25", "--state-dir", "st"], tmp_path
+    )
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["records"] == 60 and plan["plan"]["batches"] == 3 and plan["plan"]["estimated_cost_usd"] > 0
@@ -94,9 +144,26 @@ def test_dry_run_uploads_nothing(emu, articles, tmp_path):
 
 def test_quick_start_local_endpoint(tmp_path):
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, str(ROOT / "batchify.py"), "run", str(ROOT / "examples/articles.jsonl"),
-                        "--waves", "auto", "--endpoint", "local", "--yes", "--out", str(tmp_path / "o.jsonl")],
-                       cwd=tmp_path, env=cli_env(GEMINI_API_KEY=""), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "batchify.py"),
+            "run",
+            str(ROOT / "examples/articles.jsonl"),
+            "--waves",
+            "auto",
+            "--endpoint",
+            "local",
+            "--yes",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(GEMINI_API_KEY=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - t0 < 60
     assert "emulator" in p.stderr
@@ -105,11 +172,29 @@ def test_quick_start_local_endpoint(tmp_path):
 
 def test_config_file_and_flags(emu, articles, tmp_path):
     cfg = tmp_path / "job.toml"
-    cfg.write_text('model = "gemini-2.5-flash-lite"\nprompt_template = "Summarise: {text}"\nschema = \'{"type": "object", '
-                   '"properties": {"summary": {"type": "string"}}, "required": ["summary"]}\'\n')
+    cfg.write_text(
+        'model = "gemini-2.5-flash-lite"\nprompt_template = "Summarise: {text}"\nschema = \'{"type": "object", '
+        '"properties": {"summary": {"type": "string"}}, "required": ["summary"]}\'\n'
+    )
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(articles), "--config", str(cfg), "--temperature", "0.5", "--endpoint", emu.url,
-                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--config",
+            str(cfg),
+            "--temperature",
+            "0.5",
+            "--endpoint",
+            emu.url,
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     rows = read_jsonl(out)
     assert all(r["status"] == "ok" and set(r["result"]) == {"summary"} for r in rows)
@@ -124,8 +209,12 @@ def test_config_file_and_flags(emu, articles, tmp_path):
 
 def test_json_array_input_and_integer_ids(emu, tmp_path):
     inp = tmp_path / "docs.json"
-    inp.write_text(json.dumps([{"id": i, "text": f"Document number {i} about markets."} for i in range(1, 8)]
-                              + [{"id": "8", "text": "String id eight."}]))
+    inp.write_text(
+        json.dumps(
+            [{"id": i, "text": f"Document number {i} about markets."} for i in range(1, 8)]
+            + [{"id": "8", "text": "String id eight."}]
+        )
+    )
     out = tmp_path / "o.jsonl"
     p = run_cli(["run", str(inp), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
     assert p.returncode == 0, p.stderr
@@ -134,15 +223,13 @@ def test_json_array_input_and_integer_ids(emu, tmp_path):
 
 async def test_library_api(emu, articles, tmp_path):
     opts = batchify.RunOptions(poll_interval=0.2, batch_size=20)
-    run, summary = await batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url,
-                                           api_key="k")
+    run, summary = await batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
     assert summary is not None and summary.ok == 60 and summary.errors == 0 and summary.cost_batch_usd > 0
     assert run.plan["batches"] == 3
     st = batchify.run_status(tmp_path / "st", "articles")
     assert st["runs"][0]["status"] == "done" and len(st["runs"][0]["job_list"]) == 3
     with pytest.raises(batchify.UsageError):  # the same name again: resume, not a second run
-        await batchify.run_file(articles, options=batchify.RunOptions(), state_dir=tmp_path / "st", endpoint=emu.url,
-                                api_key="k")
+        await batchify.run_file(articles, options=batchify.RunOptions(), state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
 
 
 def wait_for(pred, timeout=30.0):
@@ -157,10 +244,31 @@ def wait_for(pred, timeout=30.0):
 def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
     emu.configure(job_seconds=3.0, enqueued_limit=12000)
     out = tmp_path / "o.jsonl"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url,
-                             "--enqueued-limit", "12000", "--batch-size", "10", "--out", str(out), "--state-dir", "st",
-                             *FAST], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "batchify.py"),
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--enqueued-limit",
+            "12000",
+            "--batch-size",
+            "10",
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     wait_for(lambda: emu.stats()["creates"] >= 2)
     time.sleep(0.3)  # now it is polling
     proc.send_signal(signal.SIGINT)
@@ -182,8 +290,25 @@ def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
 def test_crash_then_resume_creates_nothing_twice(emu, articles, tmp_path, point):
     emu.configure(enqueued_limit=20000)
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--enqueued-limit", "20000", "--batch-size", "15",
-                 "--out", str(out), "--state-dir", "st", *FAST], tmp_path, BATCHIFY_CRASH_AT=point)
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--enqueued-limit",
+            "20000",
+            "--batch-size",
+            "15",
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        tmp_path,
+        BATCHIFY_CRASH_AT=point,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     jobs = [json.loads(x.read_text()) for x in (tmp_path / "st/articles/jobs").glob("*.json")]
     if point == "after_intent":
@@ -201,8 +326,11 @@ def test_crash_then_resume_creates_nothing_twice(emu, articles, tmp_path, point)
 
 
 def test_resume_refuses_changed_input(emu, articles, tmp_path):
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st",
-                 *FAST], tmp_path, BATCHIFY_CRASH_AT="after_intent")
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st", *FAST],
+        tmp_path,
+        BATCHIFY_CRASH_AT="after_intent",
+    )
     assert p.returncode == -signal.SIGKILL
     with open(articles, "a") as f:
         f.write(json.dumps({"id": "new", "text": "changed"}) + "\n")
@@ -212,9 +340,27 @@ def test_resume_refuses_changed_input(emu, articles, tmp_path):
 
 def test_cancel_keeps_jobs_cancelled(emu, articles, tmp_path):
     emu.configure(job_seconds=30)
-    p = subprocess.Popen([sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url,
-                          "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st", *FAST], cwd=tmp_path, env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "batchify.py"),
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--state-dir",
+            "st",
+            *FAST,
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     wait_for(lambda: emu.stats()["creates"] >= 1)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)

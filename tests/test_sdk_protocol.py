@@ -13,12 +13,23 @@ from google.genai import errors, types
 import batchify
 
 LINES = [
-    {"key": "a", "request": {"contents": [{"parts": [{"text": "Title: Stocks rise\n\nMarkets rallied."}]}],
-                             "generation_config": {"temperature": 0.1}}},
-    {"key": "b", "request": {"contents": [{"parts": [{"text": "Hello there"}], "role": "user"}],
-                             "generationConfig": {"responseMimeType": "application/json",
-                                                  "responseJsonSchema": {"type": "object", "properties": {
-                                                      "ok": {"type": "string", "enum": ["Yes", "No"]}}}}}},
+    {
+        "key": "a",
+        "request": {
+            "contents": [{"parts": [{"text": "Title: Stocks rise\n\nMarkets rallied."}]}],
+            "generation_config": {"temperature": 0.1},
+        },
+    },
+    {
+        "key": "b",
+        "request": {
+            "contents": [{"parts": [{"text": "Hello there"}], "role": "user"}],
+            "generationConfig": {
+                "responseMimeType": "application/json",
+                "responseJsonSchema": {"type": "object", "properties": {"ok": {"type": "string", "enum": ["Yes", "No"]}}},
+            },
+        },
+    },
 ]
 
 
@@ -92,8 +103,10 @@ def test_raw_operation_has_batch_stats_as_strings(emu, tmp_path):
 
 async def test_async_inline_batch_cancel_generate_count(emu):
     c = client(emu.url)
-    inline = [{"contents": [{"parts": [{"text": "one"}], "role": "user"}], "metadata": {"key": "x"}},
-              types.InlinedRequest(contents="two", metadata={"key": "y"})]
+    inline = [
+        {"contents": [{"parts": [{"text": "one"}], "role": "user"}], "metadata": {"key": "x"}},
+        types.InlinedRequest(contents="two", metadata={"key": "y"}),
+    ]
     job = await c.aio.batches.create(model="gemini-2.5-flash-lite", src=inline, config={"display_name": "inl"})
     for _ in range(100):
         job = await c.aio.batches.get(name=job.name)
@@ -110,9 +123,11 @@ async def test_async_inline_batch_cancel_generate_count(emu):
     job2 = await c.aio.batches.create(model="gemini-2.5-flash", src=inline)
     await c.aio.batches.cancel(name=job2.name)
     assert (await c.aio.batches.get(name=job2.name)).state == types.JobState.JOB_STATE_CANCELLED
-    r = await c.aio.models.generate_content(model="gemini-2.5-flash", contents="Why is the sky blue?",
-                                            config=types.GenerateContentConfig(system_instruction="Be brief",
-                                                                               temperature=0.2))
+    r = await c.aio.models.generate_content(
+        model="gemini-2.5-flash",
+        contents="Why is the sky blue?",
+        config=types.GenerateContentConfig(system_instruction="Be brief", temperature=0.2),
+    )
     assert r.text and r.usage_metadata.prompt_token_count > 0
     n = await c.aio.models.count_tokens(model="gemini-2.5-flash", contents="x" * 36)
     assert n.total_tokens == 10
@@ -121,10 +136,16 @@ async def test_async_inline_batch_cancel_generate_count(emu):
 
 def test_sync_generate_with_schema_and_count(emu):
     c = client(emu.url)
-    schema = {"type": "object", "properties": {"label": {"type": "string", "enum": ["a", "b"]}, "n": {"type": "integer"}},
-              "required": ["label", "n"]}
-    r = c.models.generate_content(model="gemini-2.5-flash", contents="classify me",
-                                  config={"response_mime_type": "application/json", "response_json_schema": schema})
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": ["a", "b"]}, "n": {"type": "integer"}},
+        "required": ["label", "n"],
+    }
+    r = c.models.generate_content(
+        model="gemini-2.5-flash",
+        contents="classify me",
+        config={"response_mime_type": "application/json", "response_json_schema": schema},
+    )
     val = json.loads(r.text)
     assert val["label"] in ("a", "b") and isinstance(val["n"], int)
     assert c.models.count_tokens(model="gemini-2.5-flash", contents="hello").total_tokens == 2
