@@ -1,0 +1,49 @@
+"""Helpers shared by the bench scripts: a separate emulator process on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def emulator_process(*args: str) -> Iterator[str]:
+    """Start `batchify.py emulator` in its own process (so it does not share our GIL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "batchify.py"), "emulator", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(url + "/_emulator/stats", timeout=1)
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def stats(url: str) -> dict:
+    with urllib.request.urlopen(url + "/_emulator/stats", timeout=10) as r:
+        return json.loads(r.read())

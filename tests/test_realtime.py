@@ -1,0 +1,150 @@
+"""The real-time path: limiter against an RPM-enforcing emulator, 403 fallback, per-line-error fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import input_ids, read_jsonl, run_cli
+
+import batchify
+
+
+def small_docs(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": f"Short news item number {i} about the markets."}) + "\n"
+            )
+    return path
+
+
+async def test_realtime_1000_requests_hold_the_rpm_limit(emu, tmp_path):
+    # 600 requests per 5 s window (7,200 RPM) with 20 ms +- 10 ms latency: a scaled minute.
+    emu.configure(rpm=600, rate_window=5.0, latency_ms=20, latency_spread_ms=10)
+    inp = small_docs(tmp_path / "docs.jsonl", 1000)
+    opts = batchify.RunOptions(mode="realtime", rpm=600, rate_window=5.0, concurrency=32)
+    _run, summary = await batchify.run_file(inp, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
+    assert summary is not None and summary.ok == 1000 and summary.errors == 0
+    assert summary.by_source == {"realtime": 1000} and summary.cost_realtime_usd > 0
+    s = emu.stats()
+    assert s["generate_429"] == 0, "batchify exceeded the limit"
+    assert s["max_generate_in_window"] <= 600
+    assert s["generate_calls"] == 1000 and s["creates"] == 0
+    rows = read_jsonl(tmp_path / "docs.results.jsonl")
+    assert [r["id"] for r in rows] == input_ids(inp) and all(r["source"] == "realtime" for r in rows)
+
+
+async def test_realtime_recovers_from_429_with_retry_delay(emu, tmp_path):
+    """A limiter set above the server's real limit: 429s are honoured (RetryInfo) and every id ends ok."""
+    emu.configure(rpm=40, rate_window=1.0)
+    inp = small_docs(tmp_path / "docs.jsonl", 120)
+    opts = batchify.RunOptions(mode="realtime", rpm=200, rate_window=1.0, concurrency=8, max_attempts=5)
+    _run, summary = await batchify.run_file(inp, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
+    assert summary is not None and summary.ok == 120
+    assert emu.stats()["generate_429"] > 0
+
+
+def test_batch_refused_403_auto_finishes_in_realtime(emu, articles, tmp_path):
+    emu.configure(forbid_batch=True)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", "--yes", "--poll-interval", "0.2"],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in rows)
+    s = emu.stats()
+    assert s["creates"] == 0 and s["generate_calls"] == 60
+    assert "real time" in p.stderr
+
+
+def test_batch_refused_403_in_batch_mode_says_what_to_do(emu, articles, tmp_path):
+    emu.configure(forbid_batch=True)
+    p = run_cli(["run", str(articles), "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 3
+    assert "403" in p.stderr and "billing" in p.stderr and "--mode realtime" in p.stderr
+    assert emu.stats()["generate_calls"] == 0
+
+
+def test_unknown_model_404(emu, articles, tmp_path):
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--model",
+            "gemini-9-ultra",
+            "--mode",
+            "batch",
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 3 and "404" in p.stderr and "--model" in p.stderr
+
+
+def test_line_errors_fallback_completes_exactly_those(emu, articles, tmp_path):
+    emu.configure(line_error_rate=0.15, seed=3)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--out",
+            str(out),
+            "--state-dir",
+            "st",
+            "--yes",
+            "--poll-interval",
+            "0.2",
+            "--batch-size",
+            "20",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    run_dir = tmp_path / "st" / "articles"
+    ids = [json.loads(x) for x in (run_dir / "ids.jsonl").read_text().splitlines()]
+    batch_errors = {ids[r["n"]] for f in (run_dir / "results").glob("*.jsonl") for r in read_jsonl(f) if r["status"] != "ok"}
+    assert batch_errors, "the emulator should have injected line errors"
+    rows = read_jsonl(out)
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["id"] for r in rows if r["source"] == "realtime"} == batch_errors
+    assert {ids[r["n"]] for r in read_jsonl(run_dir / "realtime.jsonl")} == batch_errors
+    assert emu.stats()["generate_calls"] == len(batch_errors)
+
+
+def test_max_cost_refuses_before_spending(emu, articles, tmp_path):
+    p = run_cli(
+        ["run", str(articles), "--mode", "realtime", "--max-cost", "0.0001", "--endpoint", emu.url, "--state-dir", "st", "--yes"],
+        tmp_path,
+    )
+    assert p.returncode == 5 and "max-cost" in p.stderr
+    assert emu.stats()["generate_calls"] == 0
+
+
+def test_realtime_resume_never_resends(emu, tmp_path):
+    inp = small_docs(tmp_path / "docs.jsonl", 80)
+    p = run_cli(
+        ["run", str(inp), "--mode", "realtime", "--endpoint", emu.url, "--state-dir", "st", "--yes", "--concurrency", "4"],
+        tmp_path,
+        BATCHIFY_CRASH_AT="after_realtime:30",
+    )
+    assert p.returncode == -9
+    sent_before = emu.stats()["generate_calls"]
+    on_disk = len(read_jsonl(tmp_path / "st/docs/realtime.jsonl"))
+    assert 30 <= on_disk <= sent_before
+    p = run_cli(["resume", "docs", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    # only the requests in flight at the crash may have been sent twice; nothing on disk was
+    assert emu.stats()["generate_calls"] - sent_before == 80 - on_disk
+    rows = read_jsonl(tmp_path / "docs.results.jsonl")
+    assert len(rows) == 80 and all(r["status"] == "ok" for r in rows)
