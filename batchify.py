@@ -610,7 +610,10 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
         return f"no '{id_field}' field. Fix: give every record a unique id (or name the field with --id-field)"
     rid = obj[id_field]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
-        return f"'{id_field}' must be a non-empty string or an integer, not {orjson.dumps(rid).decode()[:40]}"
+        return (
+            f"'{id_field}' must be a non-empty string or an integer, not {orjson.dumps(rid).decode()[:40]}. "
+            "Fix: give the record a unique string or integer id"
+        )
     text = obj.get(text_field)
     if text is None:
         return f"no '{text_field}' field. Fix: add the document text (or name the field with --text-field)"
@@ -1075,7 +1078,12 @@ def read_input(path: Path, hasher: Any = None) -> Iterator[InputRecord]:
                         s,
                     )
                     continue
-                yield InputRecord(f"line {lineno}", None, f"malformed JSON ({e}). Fix: one complete JSON object per line", s)
+                yield InputRecord(
+                    f"line {lineno}",
+                    None,
+                    f"malformed JSON ({e.msg} at column {e.colno}). Fix: one complete JSON object per line",
+                    s,
+                )
                 continue
             yield InputRecord(f"line {lineno}", obj, None, s)
 
@@ -1086,6 +1094,27 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def repair_jsonl_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-append) so that the next append starts on a line of its own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        pos = f.seek(0, os.SEEK_END)
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        f.truncate(0)
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -1213,7 +1242,10 @@ class GeminiClient:
         return RemoteFile(name=f.name or "", size_bytes=int(f.size_bytes or 0), state=str(f.state))
 
     async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
-        cfg = self._types.CreateBatchJobConfig(display_name=display_name)
+        # No SDK retry here: create is not idempotent, and a retried create after a lost answer makes a
+        # second job. The engine looks the job up by display name instead (Engine.submit).
+        once = self._types.HttpOptions(retry_options=self._types.HttpRetryOptions(attempts=1))
+        cfg = self._types.CreateBatchJobConfig(display_name=display_name, http_options=once)
         j = await self._call("create batch", self.aio.batches.create(model=model, src=src, config=cfg))  # type: ignore[arg-type]
         return RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state)))
 
@@ -1369,6 +1401,7 @@ async def prepare_run(
     opts: RunOptions,
     client: GeminiClient | None = None,
     endpoint: str | None = None,
+    hook: Callable[[str], None] | None = None,
 ) -> Run:
     """Validate the input, write the request files, ids and job sidecars, and plan the waves.
 
@@ -1409,6 +1442,8 @@ async def prepare_run(
             cur_f.close()
             cur_f = None
             batches.append(BatchPlan(start, start + count, tok, nb))
+            if hook is not None:
+                hook("prepare")
 
     try:
         for rec in read_input(path, hasher):
@@ -1876,6 +1911,7 @@ class Engine:
         """One batches.get; True when something changed."""
         try:
             rj = await self.client.get_batch(job.remote_job or "")
+            self.hook("after_poll")
         except RemoteError as e:
             if e.code == 404:
                 self._set(job, S.FAILED, error="the remote job is gone (404)")
@@ -2019,7 +2055,7 @@ class Engine:
         usage_b: dict[str, int] = {}
         usage_r: dict[str, int] = {}
         with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
-            for (_n, r), id_line in zip(self.resolve(), ids, strict=True):
+            for (n, r), id_line in zip(self.resolve(), ids, strict=True):
                 rid = orjson.loads(id_line)
                 if r is None:
                     r = {
@@ -2038,6 +2074,8 @@ class Engine:
                     "usage": r.get("usage"),
                 }
                 f.write(orjson.dumps(line) + b"\n")
+                if n % 16 == 0:
+                    self.hook("merge")
                 if r["status"] == "ok":
                     ok += 1
                 else:
@@ -2111,6 +2149,7 @@ class Engine:
         recent: collections.deque[tuple[float, int]] = collections.deque()
         queue: asyncio.Queue[tuple[int, dict[str, Any], int] | None] = asyncio.Queue(maxsize=self.opts.concurrency * 2)
         finished = asyncio.Event()
+        repair_jsonl_tail(self.store.realtime_path)
         out = open_private(self.store.realtime_path, "ab")
 
         async def producer() -> None:
@@ -3124,7 +3163,7 @@ async def run_file(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("run")
         async with open_client(endpoint, api_key, emulator_config, need=not dry_run) as (client, _label):
-            run = await prepare_run(store, input_path, cfg, opts, client, endpoint)
+            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook)
             if dry_run:
                 return run, None
             if confirm is not None and not confirm(run):
@@ -3493,6 +3532,13 @@ def _waves(value: str) -> str | int:
 @click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
 @click.option("--margin", default=DEFAULT_MARGIN, show_default=True, type=click.FloatRange(0, 0.9))
 @click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
+@click.option(
+    "--max-active-jobs",
+    default=DEFAULT_MAX_ACTIVE_JOBS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Batch jobs pending or running at once (the API allows 100).",
+)
 @click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
 @click.option("--mode", type=click.Choice(["auto", "batch", "realtime"]), default="auto", show_default=True)
 @click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
@@ -3527,6 +3573,7 @@ def run(
     enqueued_limit: int | None,
     margin: float,
     barrier: bool,
+    max_active_jobs: int,
     poll_interval: float | None,
     mode: str,
     fallback: bool,
@@ -3565,6 +3612,7 @@ def run(
         enqueued_limit=enqueued_limit,
         margin=margin,
         barrier=barrier,
+        max_active_jobs=max_active_jobs,
         poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
         mode=mode,
         fallback=fallback,
@@ -3762,12 +3810,12 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return 2
     except InputError as e:
-        console().print(f"[red]error:[/] {_esc(e)}")
+        console().print(f"[red]error:[/] {_esc(e)}", soft_wrap=True)
         for p in e.problems:
-            console().print(f"  {_esc(p)}")
+            console().print(f"  {_esc(p)}", soft_wrap=True)
         return e.exit_code
     except BatchifyError as e:
-        console().print(f"[red]error:[/] {_esc(e)}")
+        console().print(f"[red]error:[/] {_esc(e)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1

@@ -1,0 +1,138 @@
+"""Bad input: every case names the file, the line and the fix, exits 2, and uploads nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, run_cli
+
+GOOD = '{"id": "a", "text": "Shares rose."}\n'
+
+CASES = [
+    ("malformed_json", GOOD + '{"id": "b", "text": "oops"\n', ":2:", "malformed JSON"),
+    ("not_an_object", GOOD + '["b", "text"]\n', ":2:", "not an object"),
+    ("missing_text", GOOD + '{"id": "b", "title": "t"}\n', ":2:", "no 'text' field"),
+    ("empty_text", GOOD + '{"id": "b", "text": "   "}\n', ":2:", "'text' is empty"),
+    ("missing_id", GOOD + '{"text": "no id"}\n', ":2:", "no 'id' field"),
+    ("duplicate_id", GOOD + '{"id": "a", "text": "again"}\n', ":2:", "duplicate id \"a\" (first at line 1)"),
+    ("bad_id_type", GOOD + '{"id": {"x": 1}, "text": "t"}\n', ":2:", "non-empty string or an integer"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "where", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_record(emu, tmp_path, case, content, where, message):
+    inp = tmp_path / f"{case}.jsonl"
+    inp.write_text(content)
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2
+    assert f"{inp}{where}" in p.stderr and message in p.stderr and "Fix:" in p.stderr
+    assert emu.stats()["uploads"] == 0 and emu.stats()["creates"] == 0
+    assert not (tmp_path / "st" / case / "run.json").exists()
+    v = run_cli(["validate", str(inp)], tmp_path)  # the same checks alone
+    assert v.returncode == 2 and message in v.stderr
+
+
+def test_non_utf8_bytes(emu, tmp_path):
+    inp = tmp_path / "latin1.jsonl"
+    inp.write_bytes(GOOD.encode() + '{"id": "b", "text": "caf\xe9"}\n'.encode("latin-1"))
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "not UTF-8" in p.stderr and "re-encode" in p.stderr
+    assert emu.stats()["uploads"] == 0
+
+
+def test_document_longer_than_context_window(emu, tmp_path):
+    inp = tmp_path / "long.jsonl"
+    inp.write_text(GOOD + json.dumps({"id": "big", "text": "word " * 1_000_000}) + "\n")
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "context window" in p.stderr and "split or truncate" in p.stderr
+    assert emu.stats()["uploads"] == 0
+
+
+def test_empty_and_missing_files(emu, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    p = run_cli(["run", "empty.jsonl", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and "empty.jsonl: the file is empty" in p.stderr
+    p = run_cli(["run", "missing.jsonl", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and "missing.jsonl: no such file" in p.stderr
+    assert emu.stats()["uploads"] == 0
+
+
+def test_bom_crlf_and_blank_lines_are_accepted(emu, tmp_path):
+    inp = tmp_path / "windows.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "one"}\r\n\r\n{"id": "b", "text": "two"}\r\n\n')
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
+                 "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [("colour = 'blue'\n", "unknown key(s) colour"),
+     ("schema = '{\"type\": \"objekt\"}'\n", "not valid JSON Schema"),
+     ("schema = '{not json'\n", "'schema' is not valid JSON"),
+     ("model = \n", "not valid TOML"),
+     ("temperature = 7.0\n", "'temperature' must be a number from 0.0 to 2.0"),
+     ("prompt_template = 'Hi {0}'\n", "not a valid template")],
+)
+def test_bad_config(emu, articles, tmp_path, toml, message):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(toml)
+    p = run_cli(["run", str(articles), "--config", str(cfg), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and str(cfg) in p.stderr and message in p.stderr, p.stderr
+    assert emu.stats()["uploads"] == 0
+
+
+def test_template_field_missing_from_a_record(emu, tmp_path):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text("prompt_template = 'Language: {lang}\\n{text}'\n")
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text('{"id": 1, "text": "a", "lang": "en"}\n{"id": 2, "text": "b"}\n')
+    p = run_cli(["run", str(inp), "--config", str(cfg), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "{lang}" in p.stderr
+
+
+def test_skip_invalid_sets_records_aside(emu, tmp_path):
+    inp = tmp_path / "mixed.jsonl"
+    inp.write_text(GOOD + '{"id": "b"}\nnot json\n{"id": "c", "text": "fine"}\n')
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(inp), "--skip-invalid", "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
+                 "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "c"]
+    rejected = read_jsonl(tmp_path / "st" / "mixed" / "mixed.rejected.jsonl")
+    assert [r["where"] for r in rejected] == ["line 2", "line 3"]
+    assert "no 'text'" in rejected[0]["reason"] and rejected[1]["record"] == "not json"
+    assert "2 rejected" in p.stderr
+
+
+def test_files_are_private(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
+                 "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    files = [f for f in (tmp_path / "st").rglob("*") if f.is_file()] + [out]
+    assert len(files) > 5
+    for f in files:
+        assert os.stat(f).st_mode & 0o077 == 0, f"{f} is readable by others"
+
+
+def test_api_key_never_written_or_printed(emu, articles, tmp_path):
+    secret = "AIzaSECRET-do-not-leak-1234567890"
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
+                 "--poll-interval", "0.2"], tmp_path, GEMINI_API_KEY=secret)
+    assert p.returncode == 0, p.stderr
+    emu.configure(forbid_batch=True)
+    p2 = run_cli(["run", str(articles), "--name", "again", "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st",
+                  "--yes"], tmp_path, GEMINI_API_KEY=secret)
+    assert p2.returncode == 3  # an error path too
+    s = run_cli(["status", "--json", "--state-dir", "st"], tmp_path, GEMINI_API_KEY=secret)
+    blobs = [p.stdout, p.stderr, p2.stdout, p2.stderr, s.stdout, s.stderr]
+    blobs += [f.read_bytes().decode("utf-8", "replace") for f in Path(tmp_path).rglob("*") if f.is_file()]
+    assert not any(secret in b for b in blobs)
+    assert not any("do-not-leak" in b for b in blobs)
