@@ -1756,7 +1756,7 @@ class Engine:
 
     def _line_retry_due(self) -> bool:
         """Without the real-time fallback, per-line errors get one more try in a batch of their own."""
-        if self.opts.mode == "auto" and self.opts.fallback:
+        if (self.opts.mode == "auto" and self.opts.fallback) or self.opts.max_attempts < 2:
             return False
         if self.run.realtime.get("line_retry_done"):
             return False

@@ -17,7 +17,7 @@ CASES = [
     ("missing_text", GOOD + '{"id": "b", "title": "t"}\n', ":2:", "no 'text' field"),
     ("empty_text", GOOD + '{"id": "b", "text": "   "}\n', ":2:", "'text' is empty"),
     ("missing_id", GOOD + '{"text": "no id"}\n', ":2:", "no 'id' field"),
-    ("duplicate_id", GOOD + '{"id": "a", "text": "again"}\n', ":2:", "duplicate id \"a\" (first at line 1)"),
+    ("duplicate_id", GOOD + '{"id": "a", "text": "again"}\n', ":2:", 'duplicate id "a" (first at line 1)'),
     ("bad_id_type", GOOD + '{"id": {"x": 1}, "text": "t"}\n', ":2:", "non-empty string or an integer"),
 ]
 
@@ -64,20 +64,24 @@ def test_bom_crlf_and_blank_lines_are_accepted(emu, tmp_path):
     inp = tmp_path / "windows.jsonl"
     inp.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "one"}\r\n\r\n{"id": "b", "text": "two"}\r\n\n')
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
-                 "--poll-interval", "0.2"], tmp_path)
+    p = run_cli(
+        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
 
 
 @pytest.mark.parametrize(
     ("toml", "message"),
-    [("colour = 'blue'\n", "unknown key(s) colour"),
-     ("schema = '{\"type\": \"objekt\"}'\n", "not valid JSON Schema"),
-     ("schema = '{not json'\n", "'schema' is not valid JSON"),
-     ("model = \n", "not valid TOML"),
-     ("temperature = 7.0\n", "'temperature' must be a number from 0.0 to 2.0"),
-     ("prompt_template = 'Hi {0}'\n", "not a valid template")],
+    [
+        ("colour = 'blue'\n", "unknown key(s) colour"),
+        ('schema = \'{"type": "objekt"}\'\n', "not valid JSON Schema"),
+        ("schema = '{not json'\n", "'schema' is not valid JSON"),
+        ("model = \n", "not valid TOML"),
+        ("temperature = 7.0\n", "'temperature' must be a number from 0.0 to 2.0"),
+        ("prompt_template = 'Hi {0}'\n", "not a valid template"),
+    ],
 )
 def test_bad_config(emu, articles, tmp_path, toml, message):
     cfg = tmp_path / "job.toml"
@@ -100,8 +104,23 @@ def test_skip_invalid_sets_records_aside(emu, tmp_path):
     inp = tmp_path / "mixed.jsonl"
     inp.write_text(GOOD + '{"id": "b"}\nnot json\n{"id": "c", "text": "fine"}\n')
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(inp), "--skip-invalid", "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
-                 "--poll-interval", "0.2"], tmp_path)
+    p = run_cli(
+        [
+            "run",
+            str(inp),
+            "--skip-invalid",
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--out",
+            str(out),
+            "--poll-interval",
+            "0.2",
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "c"]
     rejected = read_jsonl(tmp_path / "st" / "mixed" / "mixed.rejected.jsonl")
@@ -112,8 +131,10 @@ def test_skip_invalid_sets_records_aside(emu, tmp_path):
 
 def test_files_are_private(emu, articles, tmp_path):
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
-                 "--poll-interval", "0.2"], tmp_path)
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     files = [f for f in (tmp_path / "st").rglob("*") if f.is_file()] + [out]
     assert len(files) > 5
@@ -124,12 +145,18 @@ def test_files_are_private(emu, articles, tmp_path):
 def test_api_key_never_written_or_printed(emu, articles, tmp_path):
     secret = "AIzaSECRET-do-not-leak-1234567890"
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out),
-                 "--poll-interval", "0.2"], tmp_path, GEMINI_API_KEY=secret)
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
+        tmp_path,
+        GEMINI_API_KEY=secret,
+    )
     assert p.returncode == 0, p.stderr
     emu.configure(forbid_batch=True)
-    p2 = run_cli(["run", str(articles), "--name", "again", "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st",
-                  "--yes"], tmp_path, GEMINI_API_KEY=secret)
+    p2 = run_cli(
+        ["run", str(articles), "--name", "again", "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st", "--yes"],
+        tmp_path,
+        GEMINI_API_KEY=secret,
+    )
     assert p2.returncode == 3  # an error path too
     s = run_cli(["status", "--json", "--state-dir", "st"], tmp_path, GEMINI_API_KEY=secret)
     blobs = [p.stdout, p.stderr, p2.stdout, p2.stderr, s.stdout, s.stderr]

@@ -1,0 +1,264 @@
+"""Fault drills: one test per emulator knob, each ending with every id resolved and nothing created twice."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli
+from test_run import assert_complete, assert_no_duplicate_creates, wait_for
+
+FAST = ["--poll-interval", "0.2", "--yes"]
+
+
+def run_articles(emu, articles, tmp_path, *extra, **env):
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", *FAST, *extra], tmp_path, **env
+    )
+    return p, out
+
+
+def jobs_of(tmp_path, run="articles"):
+    return [json.loads(f.read_text()) for f in sorted((tmp_path / "st" / run / "jobs").glob("*.json"))]
+
+
+def test_failed_jobs_are_resubmitted(emu, articles, tmp_path):
+    emu.configure(fail_jobs=2)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "20", "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    jobs = jobs_of(tmp_path)
+    assert sorted(j["state"] for j in jobs).count("FAILED") == 2
+    assert len(jobs) == 5 and all(j["display_name"].endswith("-a2") for j in jobs if j["retry_of"])
+    s = emu.stats()
+    assert s["creates"] == 5
+    assert_no_duplicate_creates(s)
+
+
+def test_expired_job_is_resubmitted(emu, articles, tmp_path):
+    emu.configure(expire_jobs=1, expire_seconds=0.8)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30", "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    assert [j["state"] for j in jobs_of(tmp_path)].count("EXPIRED") == 1
+    assert_no_duplicate_creates(emu.stats())
+
+
+def test_failed_beyond_attempts_falls_back_to_realtime(emu, articles, tmp_path):
+    emu.configure(fail_jobs=1)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30", "--max-attempts", "1")
+    assert p.returncode == 0, p.stderr
+    rows = read_jsonl(out)
+    assert all(r["status"] == "ok" for r in rows)
+    assert [r["source"] for r in rows] == ["realtime"] * 30 + ["batch"] * 30
+    assert emu.stats()["generate_calls"] == 30
+
+
+def test_failed_without_fallback_reports_errors(emu, articles, tmp_path):
+    emu.configure(fail_jobs=1)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30", "--max-attempts", "1", "--mode", "batch")
+    assert p.returncode == 1
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    assert sum(r["status"] == "error" and "FAILED" in r["error"] for r in rows) == 30
+
+
+def test_line_errors_retried_once_in_batch_without_fallback(emu, articles, tmp_path):
+    emu.configure(line_error_rate=0.2, seed=5)
+    p, out = run_articles(emu, articles, tmp_path, "--no-fallback")
+    jobs = {j["name"]: j for j in jobs_of(tmp_path)}
+    retry = jobs["x0002"]  # one more try, in a batch of its own, for exactly the failed lines
+    assert retry["request_count"] == jobs["b0001"]["failed"] > 0
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    errors = [r for r in rows if r["status"] != "ok"]
+    assert len(errors) == retry["failed"]  # what failed twice stays an error line, nothing is dropped
+    assert p.returncode == (1 if errors else 0)
+    assert emu.stats()["generate_calls"] == 0 and emu.stats()["creates"] == 2
+
+
+def test_429_on_create_waits_and_retries(emu, articles, tmp_path):
+    emu.configure(create_429=3)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "20")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    s = emu.stats()
+    assert s["creates_refused_429"] == 3 and s["creates"] == 3
+    assert_no_duplicate_creates(s)
+
+
+def test_concurrent_job_limit(emu, articles, tmp_path):
+    emu.configure(max_active_jobs=2)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "6")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    s = emu.stats()
+    assert s["creates"] == 10
+    assert_no_duplicate_creates(s)
+
+
+def test_enqueued_limit_smaller_than_we_think(emu, articles, tmp_path):
+    """The account's real limit is below the table's: 429s, waiting, and still no job twice."""
+    emu.configure(enqueued_limit=8000)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "10", "--enqueued-limit", "16000")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    s = emu.stats()
+    assert s["creates_refused_429"] > 0 and s["peak_enqueued_tokens"] <= 8000
+    assert_no_duplicate_creates(s)
+
+
+def test_503_bursts_everywhere(emu, articles, tmp_path):
+    emu.configure(unavailable_rate=0.2, seed=11)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "20")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    s = emu.stats()
+    assert s["injected_503"] > 0
+    assert_no_duplicate_creates(s)
+
+
+def test_dropped_downloads_are_retried(emu, articles, tmp_path):
+    emu.configure(drop_downloads=2)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    assert emu.stats()["downloads_dropped"] == 2
+
+
+def test_output_file_appears_later(emu, articles, tmp_path):
+    emu.configure(output_delay=1.0)
+    p, out = run_articles(emu, articles, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    assert "not downloadable yet" in p.stderr
+
+
+def test_latency_on_generate(emu, articles, tmp_path):
+    emu.configure(latency_ms=40, latency_spread_ms=20)
+    p, out = run_articles(emu, articles, tmp_path, "--mode", "realtime")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles, source="realtime")
+
+
+def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
+    emu.configure(job_seconds=4)
+    p1 = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "batchify.py"),
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            *FAST,
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    wait_for(lambda: emu.stats()["creates"] >= 1)
+    p2 = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert p2.returncode == 4
+    assert "in use by pid" in p2.stderr and "(run)" in p2.stderr
+    p1.send_signal(signal.SIGINT)
+    p1.communicate(timeout=30)
+    emu.configure(job_seconds=0.5)
+    # two resumes at once: exactly one works, the other is told who holds the run
+    a, b = (
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "batchify.py"), "resume", "articles", "--state-dir", "st"],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    )
+    ra, rb = a.wait(60), b.wait(60)
+    assert sorted([ra, rb]) == [0, 4]
+    assert_complete(tmp_path / "o.jsonl", articles)
+    assert_no_duplicate_creates(emu.stats())
+
+
+def _drill_phase(run_dir) -> str:
+    if not (run_dir / "run.json").exists():
+        return "prepare"
+    jobs = [json.loads(f.read_text()) for f in (run_dir / "jobs").glob("*.json")]
+    if any(j["state"] not in ("RESULTS_DOWNLOADED", "FAILED", "CANCELLED", "EXPIRED") for j in jobs):
+        return "batch"
+    return "late"
+
+
+@pytest.mark.slow
+def test_crash_drill_20_sigkills(emu, tmp_path):
+    """SIGKILL at 20 moments spread over prepare, upload, create, poll, download, fallback and merge; resume after each."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_articles
+
+    rng = random.Random(1234)
+    inp = tmp_path / "news.jsonl"
+    inp.write_bytes(b"".join(json.dumps(make_articles.article(i, rng, 120)).encode() + b"\n" for i in range(200)))
+    emu.configure(job_seconds=1.5, enqueued_limit=9000, line_error_rate=0.05, seed=2)
+    out = tmp_path / "o.jsonl"
+    run_dir = tmp_path / "st" / "news"
+    base = ["--endpoint", emu.url, "--state-dir", "st", "--poll-interval", "0.1"]
+    batch_points = ["before_upload", "after_upload", "after_intent", "after_create", "after_poll", "after_download"]
+    killed: list[str] = []
+    for i in range(20):
+        phase = _drill_phase(run_dir)
+        moment: str | float
+        if phase == "prepare" and sum("prepare" in k for k in killed) < 2:
+            moment = f"prepare:{rng.randint(2, 30)}"  # prepare is all or nothing: it starts again
+        elif phase in ("prepare", "batch") and i < 14:
+            # each batch-phase point once, in a random order, with random moments in time between
+            todo = [p for p in batch_points if not any(k.startswith(p) for k in killed)]
+            moment = rng.uniform(0.9, 2.0) if (i % 3 == 2 or not todo) else f"{rng.choice(todo)}:{rng.randint(1, 3)}"
+        else:
+            moment = "after_realtime:2" if not any("realtime" in k for k in killed) else f"merge:{rng.randint(1, 10)}"
+        args = (
+            ["resume", "news", *base]
+            if phase != "prepare"
+            else ["run", str(inp), "--out", str(out), "--batch-size", "5", "--enqueued-limit", "9000", "--yes", *base]
+        )
+        env = cli_env(BATCHIFY_CRASH_AT=moment) if isinstance(moment, str) else cli_env()
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "batchify.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        if isinstance(moment, float):
+            time.sleep(moment)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        if proc.wait(60) == -signal.SIGKILL:
+            killed.append(f"{phase}@{moment:.2f}s" if isinstance(moment, float) else moment)
+    assert len(killed) >= 19, f"only {len(killed)} kills landed: {killed}"
+    for phase in ("prepare", "upload", "intent", "create", "poll", "download", "merge"):
+        assert any(phase in k for k in killed), f"no kill in {phase}: {killed}"
+    p = run_cli(["resume", "news", *base], tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(inp), "every id has exactly one result, in input order"
+    assert all(r["status"] == "ok" for r in rows)
+    s = emu.stats()
+    assert_no_duplicate_creates(s)
+    assert s["peak_enqueued_tokens"] <= 9000
