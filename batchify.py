@@ -762,10 +762,12 @@ def usage_cost(model: str, usage: dict[str, int], batch: bool) -> float:
     return cost_usd(model, usage.get("promptTokenCount", 0), out, batch)
 
 
+USAGE_KEYS = frozenset({"promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"})
+
+
 def add_usage(total: dict[str, int], usage: dict[str, Any] | None) -> None:
-    for k in ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"):
-        v = (usage or {}).get(k)
-        if isinstance(v, int):
+    for k, v in (usage or {}).items():
+        if k in USAGE_KEYS and type(v) is int:
             total[k] = total.get(k, 0) + v
 
 
@@ -911,7 +913,7 @@ def open_private(path: Path, mode: str = "wb") -> Any:
     """Open a file for writing, created 0600 (results may be sensitive)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
-    return os.fdopen(os.open(path, flags, 0o600), mode)
+    return os.fdopen(os.open(path, flags, 0o600), mode, buffering=1 << 20 if "a" not in mode else -1)
 
 
 class RunStore:
@@ -1062,30 +1064,29 @@ def read_input(path: Path, hasher: Any = None) -> Iterator[InputRecord]:
                 hasher.update(line)
             if lineno == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")
-            s = line.strip()
-            if not s:
+            if line.isspace() or not line:
                 continue
             try:
-                obj = orjson.loads(s)
+                obj = orjson.loads(line)  # surrounding white space (CRLF too) is valid JSON
             except orjson.JSONDecodeError as e:
                 try:
-                    s.decode("utf-8")
+                    line.decode("utf-8")
                 except UnicodeDecodeError as ue:
                     yield InputRecord(
                         f"line {lineno}",
                         None,
                         f"bytes that are not UTF-8 at column {ue.start + 1}. Fix: re-encode the file as UTF-8",
-                        s,
+                        line.strip(),
                     )
                     continue
                 yield InputRecord(
                     f"line {lineno}",
                     None,
                     f"malformed JSON ({e.msg} at column {e.colno}). Fix: one complete JSON object per line",
-                    s,
+                    line.strip(),
                 )
                 continue
-            yield InputRecord(f"line {lineno}", obj, None, s)
+            yield InputRecord(f"line {lineno}", obj, None, line)
 
 
 def file_sha256(path: Path) -> str:
@@ -1394,71 +1395,86 @@ async def calibrate(
     return calibrate_chars_per_token([(len(p), c) for p, c in zip(prompts, counts, strict=True)]), True
 
 
-async def prepare_run(
+def id_digest(rid: Any) -> int:
+    """A 64-bit digest of an id: 8 bytes per record for the duplicate check instead of the id itself."""
+    return int.from_bytes(hashlib.blake2b(orjson.dumps(rid), digest_size=8).digest(), "little")
+
+
+@dataclass
+class _Pass:
+    batches: list[BatchPlan]
+    records: int
+    n_problems: int
+    problems: list[str]
+    sha256: str
+    duplicate_digests: set[int]
+
+
+def _prepare_pass(
     store: RunStore,
-    input_path: str | Path,
+    path: Path,
     cfg: JobConfig,
     opts: RunOptions,
-    client: GeminiClient | None = None,
-    endpoint: str | None = None,
-    hook: Callable[[str], None] | None = None,
-) -> Run:
-    """Validate the input, write the request files, ids and job sidecars, and plan the waves.
+    cpt: float,
+    eff: int,
+    suspects: set[int],
+    hook: Callable[[str], None] | None,
+) -> _Pass:
+    """One streaming pass: validate each record, write request files and ids. Memory stays flat:
+    ids are kept as 8-byte digests in an array; only ids whose digest repeats (`suspects`, known
+    after a first pass) are compared exactly, in a second pass that runs only when there are any."""
+    import array
+    import shutil
 
-    Streams record by record; nothing remote is touched except countTokens for calibration.
-    On bad input (and no skip_invalid) the run folder is removed and InputError names every problem.
-    """
-    path = Path(input_path)
     if store.dir.exists():
-        import shutil
-
         shutil.rmtree(store.dir)  # a prepare that never finished: nothing of it was uploaded
     fields = template_fields(cfg.prompt_template)
-    limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
-    eff = effective_limit(limit, opts.margin)
-    cpt, calibrated = (
-        (await calibrate(client, path, cfg, opts.id_field, opts.text_field))
-        if opts.calibrate
-        else (CHARS_PER_TOKEN_OFFLINE, False)
-    )
     si_chars = len(cfg.system_instruction or "")
     gc = generation_config(cfg)
     hasher = hashlib.sha256()
-    seen: dict[Any, str] = {}
+    digests = array.array("Q")
+    first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
     problems: list[str] = []
     n_problems = 0
     batches: list[BatchPlan] = []
     req_dir = store.dir / "requests"
     req_dir.mkdir(parents=True, exist_ok=True)
-    ids_f = open_private(store.ids_path)
-    rej_f = None
-    cur_f: Any = None
-    start = count = tok = nb = 0
-    n = 0
+    start = count = tok = nb = n = 0
+    with contextlib.ExitStack() as stack:
+        ids_f = stack.enter_context(open_private(store.ids_path))
+        rej_f: Any = None
+        cur_f: Any = None
 
-    def close_batch() -> None:
-        nonlocal cur_f
-        if cur_f is not None:
-            cur_f.close()
-            cur_f = None
-            batches.append(BatchPlan(start, start + count, tok, nb))
-            if hook is not None:
-                hook("prepare")
+        def close_batch() -> None:
+            nonlocal cur_f
+            if cur_f is not None:
+                cur_f.close()
+                cur_f = None
+                batches.append(BatchPlan(start, start + count, tok, nb))
+                if hook is not None:
+                    hook("prepare")
 
-    try:
+        stack.callback(lambda: cur_f.close() if cur_f is not None else None)
         for rec in read_input(path, hasher):
             err = rec.error or check_record(rec.obj, opts.id_field, opts.text_field, fields)
             prompt = ""
             t = 0
+            rid: Any = None
+            digest = 0
             if err is None:
                 rid = rec.obj[opts.id_field]
-                if rid in seen:
-                    err = f"duplicate id {orjson.dumps(rid).decode()[:60]} (first at {seen[rid]}). Fix: make ids unique"
-                else:
-                    try:
-                        prompt = render_prompt(cfg.prompt_template, rec.obj, opts.text_field)
-                    except (KeyError, IndexError, ValueError) as e:
-                        err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
+                digest = id_digest(rid)
+                if digest in suspects:
+                    key = orjson.dumps(rid)
+                    if key in first_seen:
+                        err = f"duplicate id {key.decode()[:60]} (first at {first_seen[key]}). Fix: make ids unique"
+                    else:
+                        first_seen[key] = rec.where
+            if err is None:
+                try:
+                    prompt = render_prompt(cfg.prompt_template, rec.obj, opts.text_field)
+                except (KeyError, IndexError, ValueError) as e:
+                    err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
             if err is None:
                 t = estimate_tokens(len(prompt) + si_chars, cpt)
                 if t > CONTEXT_WINDOW:
@@ -1475,22 +1491,13 @@ async def prepare_run(
                 n_problems += 1
                 if opts.skip_invalid:
                     if rej_f is None:
-                        rej_f = open_private(store.rejected_path)
-                    rej_f.write(
-                        orjson.dumps(
-                            {
-                                "where": rec.where,
-                                "reason": err,
-                                "record": rec.obj if rec.error is None else rec.raw.decode("utf-8", "replace"),
-                            }
-                        )
-                        + b"\n"
-                    )
+                        rej_f = stack.enter_context(open_private(store.rejected_path))
+                    raw = rec.obj if rec.error is None else rec.raw.decode("utf-8", "replace")
+                    rej_f.write(orjson.dumps({"where": rec.where, "reason": err, "record": raw}) + b"\n")
                 elif len(problems) < 20:
                     problems.append(f"{path}:{rec.where.split()[-1]}: {err}")
                 continue
-            rid = rec.obj[opts.id_field]
-            seen[rid] = rec.where
+            digests.append(digest)
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}) + b"\n"
             if cur_f is None or should_cut(count, tok, nb, t, len(line), opts.batch_size, eff, opts.max_file_bytes):
                 close_batch()
@@ -1503,35 +1510,60 @@ async def prepare_run(
             ids_f.write(orjson.dumps(rid) + b"\n")
             n += 1
         close_batch()
-    except BaseException:
-        if cur_f is not None:
-            cur_f.close()
-        ids_f.close()
-        if rej_f is not None:
-            rej_f.close()
-        raise
-    ids_f.close()
-    if rej_f is not None:
-        rej_f.close()
-    if n_problems and not opts.skip_invalid:
-        import shutil
+    dupes: set[int] = set()
+    if not suspects:
+        prev = None
+        for d in sorted(digests):
+            if d == prev:
+                dupes.add(d)
+            prev = d
+    return _Pass(batches, n, n_problems, problems, hasher.hexdigest(), dupes)
 
+
+async def prepare_run(
+    store: RunStore,
+    input_path: str | Path,
+    cfg: JobConfig,
+    opts: RunOptions,
+    client: GeminiClient | None = None,
+    endpoint: str | None = None,
+    hook: Callable[[str], None] | None = None,
+) -> Run:
+    """Validate the input, write the request files, ids and job sidecars, and plan the waves.
+
+    Streams record by record in flat memory; nothing remote is touched except a few countTokens
+    calls for calibration. On bad input (and no skip_invalid) the run folder is removed and
+    InputError names every problem (file:line and the fix).
+    """
+    import shutil
+
+    path = Path(input_path)
+    limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
+    eff = effective_limit(limit, opts.margin)
+    cpt, calibrated = (
+        (await calibrate(client, path, cfg, opts.id_field, opts.text_field))
+        if opts.calibrate
+        else (CHARS_PER_TOKEN_OFFLINE, False)
+    )
+    p = _prepare_pass(store, path, cfg, opts, cpt, eff, set(), hook)
+    if p.duplicate_digests:  # rare: once more, comparing just those ids exactly
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
+    if p.n_problems and not opts.skip_invalid:
         shutil.rmtree(store.dir, ignore_errors=True)
-        more = f" (and {n_problems - len(problems)} more)" if n_problems > len(problems) else ""
+        more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
         raise InputError(
-            f"{path}: {n_problems} invalid record(s){more}; nothing was uploaded. "
+            f"{path}: {p.n_problems} invalid record(s){more}; nothing was uploaded. "
             "Fix them, or pass --skip-invalid to set them aside.",
-            problems,
+            p.problems,
         )
-    if n == 0:
-        import shutil
-
+    if p.records == 0:
         shutil.rmtree(store.dir, ignore_errors=True)
         raise InputError(
             f"{path}: no valid records. Fix: give one JSON object per line with '{opts.id_field}' and '{opts.text_field}'."
         )
+    batches = p.batches
     waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
-    plan = estimate_plan(cfg, batches, waves, limit, eff, n, 1.0 if opts.mode == "realtime" else 0.0)
+    plan = estimate_plan(cfg, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
     run_id = secrets.token_hex(3)
     name = store.name
@@ -1557,13 +1589,13 @@ async def prepare_run(
         name=name,
         run_id=run_id,
         input_path=str(path.resolve()),
-        input_sha256=hasher.hexdigest(),
+        input_sha256=p.sha256,
         input_format="json" if str(path).endswith(".json") else "jsonl",
         config=cfg.to_dict(),
         options=opts.to_dict(),
         endpoint=endpoint,
-        records=n,
-        rejected=n_problems,
+        records=p.records,
+        rejected=p.n_problems,
         chars_per_token=cpt,
         calibrated=calibrated,
         plan=plan,
@@ -1625,14 +1657,14 @@ class Engine:
     def __init__(
         self,
         store: RunStore,
-        client: GeminiClient,
+        client: GeminiClient | None,
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         hook: Callable[[str], None] | None = None,
     ):
         self.store = store
-        self.client = client
+        self._client = client
         self.reporter: Reporter = reporter or NullReporter()
         self.clock = clock
         self.sleep = sleep
@@ -1643,6 +1675,12 @@ class Engine:
         self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs()}
         self.rt_view: RealtimeView | None = None
         self.limit = self.run.plan["effective_limit"]
+
+    @property
+    def client(self) -> GeminiClient:
+        if self._client is None:
+            raise UsageError("this step needs the API: give an endpoint and a key")
+        return self._client
 
     # -- helpers -------------------------------------------------------------------------------
     def _set(self, job: Job, state: JobState, **changes: Any) -> Job:
@@ -2054,36 +2092,38 @@ class Engine:
         kinds: dict[str, int] = {}
         usage_b: dict[str, int] = {}
         usage_r: dict[str, int] = {}
+        missing: dict[str, Any] = {
+            "status": "error",
+            "result": None,
+            "usage": None,
+            "source": "none",
+            "error": "no result (run not finished)",
+        }
+        dumps = orjson.dumps
         with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
             for (n, r), id_line in zip(self.resolve(), ids, strict=True):
-                rid = orjson.loads(id_line)
                 if r is None:
-                    r = {
-                        "status": "error",
-                        "result": None,
-                        "usage": None,
-                        "source": "none",
-                        "error": "no result (run not finished)",
-                    }
-                line = {
-                    "id": rid,
-                    "status": r["status"],
-                    "result": r.get("result"),
-                    "error": r.get("error"),
-                    "source": r.get("source", "batch"),
-                    "usage": r.get("usage"),
-                }
-                f.write(orjson.dumps(line) + b"\n")
+                    r = missing
+                status: str = r["status"]
+                source: str = r.get("source") or "batch"
+                usage: dict[str, Any] | None = r.get("usage")
+                rest = {"status": status, "result": r.get("result"), "error": r.get("error"), "source": source, "usage": usage}
+                # ids.jsonl holds each id already JSON-encoded: splice it in rather than decode and encode it again
+                f.write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + dumps(rest)[1:] + b"\n")
                 if n % 16 == 0:
                     self.hook("merge")
-                if r["status"] == "ok":
+                if status == "ok":
                     ok += 1
                 else:
                     err += 1
                     kind = re.sub(r"[:(].*", "", str(r.get("error")))[:60].strip()
                     kinds[kind] = kinds.get(kind, 0) + 1
-                by_source[line["source"]] = by_source.get(line["source"], 0) + 1
-                add_usage(usage_r if line["source"] == "realtime" else usage_b, r.get("usage"))
+                by_source[source] = by_source.get(source, 0) + 1
+                if usage:
+                    acc = usage_r if source == "realtime" else usage_b
+                    for k, v in usage.items():
+                        if k in USAGE_KEYS and type(v) is int:
+                            acc[k] = acc.get(k, 0) + v
         os.replace(tmp, out)
         cost_b = usage_cost(self.cfg.model, usage_b, batch=True)
         cost_r = usage_cost(self.cfg.model, usage_r, batch=False)
@@ -2129,22 +2169,27 @@ class Engine:
         Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
         """
         done = {r["n"] for r in iter_jsonl(self.store.realtime_path)}
-        todo = [(n, req, t) for n, req, t in self._requests(only) if n not in done]
-        view = self.rt_view = RealtimeView(total=len(todo))
-        if not todo:
+        # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
+        count = tokens = 0
+        for n, _req, t in self._requests(only):
+            if n not in done:
+                count += 1
+                tokens += t
+        view = self.rt_view = RealtimeView(total=count)
+        if not count:
             return
         if self.opts.max_cost is not None:
-            est = sum(cost_usd(self.cfg.model, t, self.cfg.expected_output_tokens, batch=False) for _, _, t in todo)
+            est = cost_usd(self.cfg.model, tokens, count * self.cfg.expected_output_tokens, batch=False)
             spent = self._batch_spent()
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
-                    f"real time for {len(todo)} request(s) would cost about ${est:.4f} (standard price), "
+                    f"real time for {count} request(s) would cost about ${est:.4f} (standard price), "
                     f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
                 )
         window = self.opts.rate_window
         tpm = tpm_limit_for(self.cfg.model, self.opts.tier, self.opts.tpm)
         rpm_l = RateLimiter(self.opts.rpm * 0.99 / window, 1.0, self.clock, self.sleep)
-        tpm_l = RateLimiter(tpm * 0.95 / window, float(max(t for _, _, t in todo)), self.clock, self.sleep)
+        tpm_l = RateLimiter(tpm * 0.95 / window, max(1.0, tpm * 0.01), self.clock, self.sleep)
         sem = asyncio.Semaphore(self.opts.concurrency)
         recent: collections.deque[tuple[float, int]] = collections.deque()
         queue: asyncio.Queue[tuple[int, dict[str, Any], int] | None] = asyncio.Queue(maxsize=self.opts.concurrency * 2)
@@ -2153,8 +2198,9 @@ class Engine:
         out = open_private(self.store.realtime_path, "ab")
 
         async def producer() -> None:
-            for item in todo:
-                await queue.put(item)
+            for item in self._requests(only):
+                if item[0] not in done:
+                    await queue.put(item)
             for _ in range(self.opts.concurrency):
                 await queue.put(None)
 
@@ -2251,6 +2297,11 @@ async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
     engine.run.status = "cancelled"
     store.save_run(engine.run)
     return cancelled
+
+
+def merge_run(state_dir: str | Path, name: str) -> Summary:
+    """Write (again) a run's results file from its sidecars alone: no network."""
+    return Engine(RunStore(state_dir, name), None).merge()
 
 
 def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]:
@@ -3730,7 +3781,7 @@ def results(run_name: str, summary_only: bool, state_dir: str) -> None:
         return
     out = Path(run_.out)
     if not out.exists():
-        raise UsageError(f"{out} does not exist yet. Fix: `batchify resume {run_name}`.")
+        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
     with open(out, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)

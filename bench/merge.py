@@ -1,0 +1,112 @@
+"""Merge speed and memory: 200,000 result lines merged back to input order vs a plain orjson pass.
+
+    python bench/merge.py [--docs 200000] [--small 50000]
+
+Prepares a run (short documents), writes every batch's results file as a download would, marks the
+jobs RESULTS_DOWNLOADED, then times, each in a fresh process, (1) the floor: read every results line
+and the ids with orjson, write the output line; (2) batchify's merge (input order, overrides from
+retries and real time, one line per id). Targets: <= 1.5x the floor, peak RSS <= 200 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from _common import ROOT
+
+import batchify
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import orjson, batchify
+mode, state = sys.argv[1:3]
+t0 = time.perf_counter()
+if mode == "floor":
+    run_dir = state + "/bench"
+    run = json.load(open(run_dir + "/run.json"))
+    with open(run_dir + "/ids.jsonl", "rb") as ids, open(state + "/floor.jsonl", "wb", buffering=1 << 20) as out:
+        for i in range(1, len(run["plan"]["batch_ranges"]) + 1):
+            with open(f"{{run_dir}}/results/b{{i:04d}}.jsonl", "rb") as f:
+                for line in f:
+                    r = orjson.loads(line)
+                    rid = orjson.loads(next(ids))
+                    out.write(orjson.dumps({{"id": rid, "status": r["status"], "result": r["result"], "error": r["error"],
+                                            "source": r["source"], "usage": r["usage"]}}) + b"\n")
+else:
+    batchify.merge_run(state, "bench")
+elapsed = time.perf_counter() - t0
+print(json.dumps({{"seconds": elapsed, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def build(state: Path, docs: int) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    inp = state / "in.jsonl"
+    with open(inp, "wb") as f:
+        for i in range(docs):
+            f.write(orjson.dumps({"id": f"doc-{i:07d}", "text": f"Short article {i} about markets."}) + b"\n")
+    opts = batchify.RunOptions(calibrate=False, out=str(state / "out.jsonl"))
+    asyncio.run(batchify.prepare_run(batchify.RunStore(state, "bench"), inp, batchify.JobConfig(), opts))
+    store = batchify.RunStore(state, "bench")
+    rng = random.Random(1)
+    cats = batchify.NEWS_SCHEMA["properties"]["category"]["enum"]
+    for job in store.load_jobs():
+        path = store.result_path(job)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            for n in range(job.start or 0, job.end or 0):
+                ok = rng.random() > 0.01
+                result = {"page_title": f"Short article {n}", "is_financial": rng.choice(["Yes", "No"]),
+                          "category": rng.choice(cats), "sentiment": "neutral", "companies": ["Norhaven Capital"],
+                          "summary": "A short article about markets and what moved them today."}
+                f.write(orjson.dumps({"n": n, "status": "ok" if ok else "error", "result": result if ok else None,
+                                      "error": None if ok else "Internal error (code 13)", "source": "batch",
+                                      "usage": {"promptTokenCount": 120, "candidatesTokenCount": 60, "totalTokenCount": 180}})
+                        + b"\n")
+        for st in (batchify.S.UPLOADING, batchify.S.UPLOADED, batchify.S.SUBMITTING, batchify.S.PENDING,
+                   batchify.S.SUCCEEDED, batchify.S.RESULTS_DOWNLOADED):
+            job = batchify.advance(job, st, batchify.utcnow())
+        store.save_job(job)
+
+
+def child(mode: str, state: Path) -> dict:
+    code = CHILD.format(root=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code, mode, str(state)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=200_000)
+    ap.add_argument("--small", type=int, default=50_000)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d:
+        big, small = Path(d) / "big", Path(d) / "small"
+        t0 = time.perf_counter()
+        build(big, a.docs)
+        build(small, a.small)
+        print(f"built {a.docs:,} and {a.small:,} results in {time.perf_counter() - t0:.0f} s")
+        floor = child("floor", big)
+        full = child("batchify", big)
+        part = child("batchify", small)
+        rows = sum(1 for _ in open(big / "out.jsonl", "rb"))
+    assert rows == a.docs
+    print(f"floor (orjson read+write): {floor['seconds']:.2f} s, peak RSS {floor['maxrss_mb']:.0f} MB")
+    print(f"batchify merge {a.docs:,}: {full['seconds']:.2f} s, peak RSS {full['maxrss_mb']:.0f} MB")
+    print(f"batchify merge {a.small:,}: {part['seconds']:.2f} s, peak RSS {part['maxrss_mb']:.0f} MB")
+    print(f"ratio merge/floor: {full['seconds'] / floor['seconds']:.2f}")
+    print(f"ratio peak RSS {a.docs:,}/{a.small:,}: {full['maxrss_mb'] / part['maxrss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Prepare speed and memory: batchify building request files vs a plain orjson pass (the floor).
+
+    python bench/prepare.py [--docs 200000] [--small 50000] [--words 1900]
+
+Generates synthetic articles of ~11 KB (~2,800 tokens) each, then, each in a fresh process, times
+(1) the floor: read every line with orjson, wrap its text in the same request shape, write it out;
+(2) batchify's prepare (validation, prompt template, token estimate, batching, ids, sidecars).
+Targets: prepare <= 1.5x the floor; peak RSS <= 200 MB and no growth from the small to the full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from _common import ROOT
+
+CHILD = r"""
+import json, resource, sys, time, asyncio
+sys.path.insert(0, {root!r})
+import orjson, batchify
+mode, inp, outdir = sys.argv[1:4]
+t0 = time.perf_counter()
+if mode == "floor":
+    cfg = batchify.JobConfig()
+    gc = batchify.generation_config(cfg)
+    si = {{"parts": [{{"text": cfg.system_instruction}}]}}
+    with open(inp, "rb") as f, open(outdir + "/floor.jsonl", "wb", buffering=1 << 20) as out:
+        for n, line in enumerate(f):
+            rec = orjson.loads(line)
+            req = {{"contents": [{{"role": "user", "parts": [{{"text": rec["text"]}}]}}], "systemInstruction": si,
+                   "generationConfig": gc}}
+            out.write(orjson.dumps({{"key": str(n), "request": req}}) + b"\n")
+else:
+    opts = batchify.RunOptions(calibrate=False, batch_size=1000)
+    run = asyncio.run(batchify.prepare_run(batchify.RunStore(outdir, "bench"), inp, batchify.JobConfig(), opts))
+elapsed = time.perf_counter() - t0
+print(json.dumps({{"seconds": elapsed, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def generate(path: Path, docs: int, words: int) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import random
+
+    import make_articles
+
+    rng = random.Random(1)
+    pool = [make_articles.article(i, rng, words) for i in range(500)]
+    with open(path, "wb", buffering=1 << 20) as f:
+        for i in range(docs):
+            rec = dict(pool[i % len(pool)])
+            rec["id"] = f"doc-{i:07d}"
+            f.write(orjson.dumps(rec) + b"\n")
+
+
+def child(mode: str, inp: Path, outdir: Path) -> dict:
+    outdir.mkdir(parents=True, exist_ok=True)
+    code = CHILD.format(root=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code, mode, str(inp), str(outdir)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=200_000)
+    ap.add_argument("--small", type=int, default=50_000)
+    ap.add_argument("--words", type=int, default=1900)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d:
+        big, small = Path(d) / "big.jsonl", Path(d) / "small.jsonl"
+        t0 = time.perf_counter()
+        generate(big, a.docs, a.words)
+        generate(small, a.small, a.words)
+        size = big.stat().st_size
+        print(f"input: {a.docs:,} docs, {size / 1e9:.2f} GB ({size / a.docs / 1024:.1f} KB/doc), "
+              f"generated in {time.perf_counter() - t0:.0f} s")
+        floor = child("floor", big, Path(d) / "floor")
+        full = child("batchify", big, Path(d) / "full")
+        part = child("batchify", small, Path(d) / "part")
+        tokens = json.loads((Path(d) / "full" / "bench" / "run.json").read_text())["plan"]["input_tokens"]
+    print(f"estimated tokens/doc: {tokens / a.docs:,.0f}")
+    print(f"floor (orjson read+wrap+write): {floor['seconds']:.1f} s, peak RSS {floor['maxrss_mb']:.0f} MB")
+    print(f"batchify prepare {a.docs:,}: {full['seconds']:.1f} s, peak RSS {full['maxrss_mb']:.0f} MB")
+    print(f"batchify prepare {a.small:,}: {part['seconds']:.1f} s, peak RSS {part['maxrss_mb']:.0f} MB")
+    print(f"ratio prepare/floor: {full['seconds'] / floor['seconds']:.2f}")
+    print(f"ratio peak RSS {a.docs:,}/{a.small:,}: {full['maxrss_mb'] / part['maxrss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
