@@ -1674,6 +1674,9 @@ class Engine:
         self.cfg = self.run.job_config
         self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs()}
         self.rt_view: RealtimeView | None = None
+        self._saved_at: dict[str, float] = {}
+        self._uploaded = asyncio.Event()
+        self._demand = asyncio.Event()
         self.limit = self.run.plan["effective_limit"]
 
     @property
@@ -1831,14 +1834,81 @@ class Engine:
         return True
 
     async def batch_phase(self) -> None:
+        """Admit, poll and retrieve until every batch job is final; uploads run ahead beside it."""
         await self.reconcile()
+        self._uploaded = asyncio.Event()  # an upload finished: admission may go on
+        self._demand = asyncio.Event()  # admission took uploaded files: upload more
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._uploader(stop))
+            try:
+                await self._schedule()
+            finally:
+                stop.set()
+                self._demand.set()
+
+    def _upload_ahead(self) -> int:
+        """How many batches to keep uploaded before they are admitted: as many as could start at once."""
+        waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED]
+        if not waiting:
+            return 0
+        fits = self.limit // max(1, sum(waiting) // len(waiting))
+        return max(2, min(self.opts.max_active_jobs, fits) + 1)
+
+    async def _uploader(self, stop: asyncio.Event) -> None:
+        backoff = self.opts.poll_interval
+        while not stop.is_set():
+            ready = sum(1 for j in self.jobs.values() if j.state == S.UPLOADED)
+            todo = [j for j in self._ordered() if j.state in (S.CREATED, S.UPLOADING)]
+            todo = todo[: max(0, min(4, self._upload_ahead() - ready))]
+            if todo:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(self._upload(j)) for j in todo]
+                self._uploaded.set()
+                if all(t.result() for t in tasks):
+                    backoff = self.opts.poll_interval
+                    continue
+                await self._nap(backoff, stop)
+                backoff = min(backoff * 2, self.opts.max_poll_interval)
+                continue
+            self._demand.clear()
+            await self._demand.wait()
+
+    async def _upload(self, job: Job) -> bool:
+        job = self._set(job, S.UPLOADING)  # the intent: a crash from here re-uploads (the orphan file expires)
+        self.hook("before_upload")
+        try:
+            f = await self.client.upload(self.store.request_path(job), job.display_name)
+        except RemoteError as e:
+            self._log(f"{job.name}: upload failed ({e}); will retry")
+            return False
+        self._set(job, S.UPLOADED, remote_file=f.name)
+        self.hook("after_upload")
+        return True
+
+    async def _nap(self, delay: float, event: asyncio.Event) -> None:
+        """Sleep (through the injected sleep) until the delay passes or the event is set."""
+        if event.is_set():
+            return
+        sleeper = asyncio.ensure_future(self.sleep(delay))
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waiter):
+                t.cancel()
+            await asyncio.gather(sleeper, waiter, return_exceptions=True)
+
+    async def _schedule(self) -> None:
         base = self.opts.poll_interval
         interval: dict[str, float] = {}
         next_poll: dict[str, float] = {}
         create_after = 0.0
         create_backoff = base
         while True:
+            self._uploaded.clear()
             self._spawn_retries()
+            self._demand.set()
             now = self.clock()
             # admission: rolling (or wave by wave with --barrier), in order, under the token limit
             if now >= create_after:
@@ -1850,7 +1920,10 @@ class Engine:
                         break
                     if not admit(sum(x.tokens for x in live), len(live), j.tokens, self.limit, self.opts.max_active_jobs):
                         break
+                    if j.state != S.UPLOADED:
+                        break  # the uploader is on it; its event wakes us
                     created = await self.submit(j)
+                    self._demand.set()
                     if not created:
                         create_after = self.clock() + create_backoff
                         create_backoff = min(create_backoff * 2, self.opts.max_poll_interval)
@@ -1863,7 +1936,7 @@ class Engine:
                 j
                 for j in self._ordered()
                 if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
-                and next_poll.get(j.name, 0.0) <= now
+                and next_poll.get(j.name, 0.0) <= now + 0.2 * base  # jobs due soon ride along: fewer wake-ups
             ]
             if due:
                 async with asyncio.TaskGroup() as tg:
@@ -1883,11 +1956,11 @@ class Engine:
             if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
                 return
             waits = [t for name, t in next_poll.items() if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED}]
-            if any(j.state in UNSUBMITTED for j in self.jobs.values()):
+            if any(j.state == S.UPLOADED for j in self.jobs.values()):
                 waits.append(max(create_after, self.clock() + (base if waits else 0.0)))
             delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
             if delay > 0:
-                await self.sleep(delay)
+                await self._nap(delay, self._uploaded)
 
     def _retry_pending(self) -> bool:
         retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
@@ -1900,17 +1973,7 @@ class Engine:
         )
 
     async def submit(self, job: Job) -> bool:
-        """Upload (if needed) and create one batch job. False when the service said "not now" (429)."""
-        if job.state in (S.CREATED, S.UPLOADING):
-            job = self._set(job, S.UPLOADING)
-            self.hook("before_upload")
-            try:
-                f = await self.client.upload(self.store.request_path(job), job.display_name)
-            except RemoteError as e:
-                self._log(f"{job.name}: upload failed ({e}); will retry")
-                return False
-            job = self._set(job, S.UPLOADED, remote_file=f.name)
-            self.hook("after_upload")
+        """Create the batch job of one uploaded file. False when the service said "not now"."""
         job = self._set(job, S.SUBMITTING)  # the intent, on disk before the call
         self.hook("after_intent")
         try:
@@ -1956,12 +2019,21 @@ class Engine:
                 return True
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
-        changed = rj.state != job.state or rj.stats != job.stats or (rj.output_file and not job.output_file)
-        if not changed:
+        moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
+        if not moved and rj.stats == job.stats:
             return False
         if rj.state != job.state and rj.state in (S.FAILED, S.EXPIRED, S.CANCELLED):
             self._log(f"{job.name}: {rj.state} {rj.error or ''}".rstrip())
-        self._set(job, rj.state, stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error)
+        new = advance(
+            job, rj.state, utcnow(), stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error
+        )
+        self.jobs[new.name] = new
+        # A state change is saved at once; progress counts alone at most every 10 poll intervals (they
+        # are for `status` only, and an fsync per job per poll adds up over 1,000 jobs).
+        now = self.clock()
+        if moved or now - self._saved_at.get(job.name, -1e18) >= 10 * self.opts.poll_interval:
+            self.store.save_job(new)
+            self._saved_at[job.name] = now
         return True
 
     async def retrieve(self, job: Job) -> bool:
@@ -2637,6 +2709,25 @@ class Emulator:
         self.blobs[fid] = data
         return res
 
+    def _file_lines(self, fid: str) -> list[tuple[Any, Any]]:
+        """An uploaded JSONL file's (key, request) lines, parsed once and kept (as the service would)."""
+        f = self.files[fid]
+        if "lines" not in f:
+            lines: list[tuple[Any, Any]] = []
+            for raw in self.blobs.get(fid, b"").splitlines():
+                if raw.strip():
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        obj = {"key": None, "request": None}
+                    if isinstance(obj, dict) and "request" in obj:
+                        lines.append((obj.get("key"), obj.get("request")))
+                    else:
+                        lines.append((None, obj))
+            f["lines"] = lines
+            f["tokens"] = sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
+        return list(f["lines"])
+
     def _get_file(self, fid: str) -> dict[str, Any]:
         fid = fid.removeprefix("files/")
         f = self.files.get(fid)
@@ -2682,6 +2773,8 @@ class Emulator:
         del self.uploads[uid]
         fid = "".join(self.rng.choice(string.ascii_lowercase + string.digits) for _ in range(12))
         res = self._new_file(fid, bytes(up["buf"]), up["display_name"], up["mime"], generated=False)
+        if "jsonl" in str(up["mime"]):
+            self._file_lines(fid)  # parse now, off the create path
         self.stats["uploads"] += 1
         return web.Response(
             body=orjson.dumps({"file": res}),
@@ -2907,17 +3000,7 @@ class Emulator:
         ic = batch.get("inputConfig") or {}
         lines: list[tuple[Any, Any]] = []
         if "fileName" in ic:
-            data = self.blobs.get(self._get_file(ic["fileName"])["resource"]["name"].split("/")[1], b"")
-            for raw in data.splitlines():
-                if raw.strip():
-                    try:
-                        obj = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        obj = {"key": None, "request": None}
-                    if isinstance(obj, dict) and "request" in obj:
-                        lines.append((obj.get("key"), obj.get("request")))
-                    else:
-                        lines.append((None, obj))
+            lines = list(self._file_lines(self._get_file(ic["fileName"])["resource"]["name"].split("/")[1]))
         elif "requests" in ic:
             for r in (ic["requests"] or {}).get("requests") or []:
                 lines.append((r.get("metadata"), r.get("request")))
@@ -2925,7 +3008,10 @@ class Emulator:
             raise _EmuError(400, "INVALID_ARGUMENT", "inputConfig needs fileName or requests.")
         if not lines:
             raise _EmuError(400, "INVALID_ARGUMENT", "The batch has no requests.")
-        tokens = sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
+        if "fileName" in ic:
+            tokens = self.files[ic["fileName"].removeprefix("files/")]["tokens"]
+        else:
+            tokens = sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
         active, njobs = self._active_tokens(model)
         if self.cfg.create_429 > 0 or active + tokens > self._limit(model) or njobs >= self.cfg.max_active_jobs:
             self.cfg.create_429 = max(0, self.cfg.create_429 - 1)
@@ -2954,6 +3040,7 @@ class Emulator:
         dur = self._dur(lo + (hi - lo) * self.rng.random())
         t = time.time()
         dn = batch.get("displayName")
+        self.stats.setdefault("first_create_at", self.now())
         self.jobs[jid] = {
             "id": jid,
             "model": model,
@@ -2976,6 +3063,7 @@ class Emulator:
         key = dn or "(none)"
         self.stats["creates_by_display_name"][key] = self.stats["creates_by_display_name"].get(key, 0) + 1
         self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
+        self.stats.setdefault("job_seconds", []).append(round(dur, 4))
         return self._ok(self._operation(self.jobs[jid]))
 
     def _refresh_all(self) -> None:
@@ -2999,6 +3087,8 @@ class Emulator:
             j["update_time"] = time.time()
             if new in ("SUCCEEDED", "FAILED", "EXPIRED"):
                 j["end_time"] = j["update_time"]
+                end = j["t0"] + (j["duration"] if new != "EXPIRED" else el)
+                self.stats["last_end_at"] = max(self.stats.get("last_end_at", 0.0), end)
             if new == "SUCCEEDED":
                 self._produce_output(j)
 
@@ -3813,7 +3903,8 @@ def validate(input_file: str, config_path: str | None, id_field: str, text_field
 @click.option("--port", default=8765, show_default=True, type=int)
 @click.option("--job-seconds", default=3.0, show_default=True, type=float)
 @click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
-@click.option("--time-scale", default=1.0, show_default=True, type=float)
+@click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")
+@click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
 @click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the tier-1 table).")
 @click.option("--max-active-jobs", default=100, show_default=True, type=int)
 @click.option("--line-error-rate", default=0.0, type=float)

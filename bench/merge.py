@@ -66,15 +66,35 @@ def build(state: Path, docs: int) -> None:
         with open(path, "wb") as f:
             for n in range(job.start or 0, job.end or 0):
                 ok = rng.random() > 0.01
-                result = {"page_title": f"Short article {n}", "is_financial": rng.choice(["Yes", "No"]),
-                          "category": rng.choice(cats), "sentiment": "neutral", "companies": ["Norhaven Capital"],
-                          "summary": "A short article about markets and what moved them today."}
-                f.write(orjson.dumps({"n": n, "status": "ok" if ok else "error", "result": result if ok else None,
-                                      "error": None if ok else "Internal error (code 13)", "source": "batch",
-                                      "usage": {"promptTokenCount": 120, "candidatesTokenCount": 60, "totalTokenCount": 180}})
-                        + b"\n")
-        for st in (batchify.S.UPLOADING, batchify.S.UPLOADED, batchify.S.SUBMITTING, batchify.S.PENDING,
-                   batchify.S.SUCCEEDED, batchify.S.RESULTS_DOWNLOADED):
+                result = {
+                    "page_title": f"Short article {n}",
+                    "is_financial": rng.choice(["Yes", "No"]),
+                    "category": rng.choice(cats),
+                    "sentiment": "neutral",
+                    "companies": ["Norhaven Capital"],
+                    "summary": "A short article about markets and what moved them today.",
+                }
+                f.write(
+                    orjson.dumps(
+                        {
+                            "n": n,
+                            "status": "ok" if ok else "error",
+                            "result": result if ok else None,
+                            "error": None if ok else "Internal error (code 13)",
+                            "source": "batch",
+                            "usage": {"promptTokenCount": 120, "candidatesTokenCount": 60, "totalTokenCount": 180},
+                        }
+                    )
+                    + b"\n"
+                )
+        for st in (
+            batchify.S.UPLOADING,
+            batchify.S.UPLOADED,
+            batchify.S.SUBMITTING,
+            batchify.S.PENDING,
+            batchify.S.SUCCEEDED,
+            batchify.S.RESULTS_DOWNLOADED,
+        ):
             job = batchify.advance(job, st, batchify.utcnow())
         store.save_job(job)
 

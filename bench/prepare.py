@@ -79,8 +79,10 @@ def main() -> None:
         generate(big, a.docs, a.words)
         generate(small, a.small, a.words)
         size = big.stat().st_size
-        print(f"input: {a.docs:,} docs, {size / 1e9:.2f} GB ({size / a.docs / 1024:.1f} KB/doc), "
-              f"generated in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"input: {a.docs:,} docs, {size / 1e9:.2f} GB ({size / a.docs / 1024:.1f} KB/doc), "
+            f"generated in {time.perf_counter() - t0:.0f} s"
+        )
         floor = child("floor", big, Path(d) / "floor")
         full = child("batchify", big, Path(d) / "full")
         part = child("batchify", small, Path(d) / "part")
