@@ -28,8 +28,9 @@ Contents (sections are marked with banner comments, in the order data flows)
   7. Engine ..................... prepare, submit, poll, retrieve, retry, real-time fallback, merge
   8. Emulator ................... a local Gemini API server with fault injection (aiohttp.web)
   9. Rendering .................. rich tables and progress bars (stderr)
- 10. CLI ........................ click commands: run, status, resume, list, results, cancel, ...
- 11. main()
+ 10. REST API ................... FastAPI app (optional extra "api") over the same engine
+ 11. CLI ........................ click commands: run, status, resume, list, results, cancel, serve, ...
+ 12. main()
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ class RunOptions:
     max_cost: float | None = None
     skip_invalid: bool = False
     calibrate: bool = True
+    fetch: bool = True  # fetch the pages of records that have a url and no text
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -942,6 +944,14 @@ class RunStore:
         return self.dir / "realtime.jsonl"
 
     @property
+    def fetch_cache_path(self) -> Path:
+        return self.dir / "fetched.jsonl"
+
+    @property
+    def fetch_errors_path(self) -> Path:
+        return self.dir / "fetch_errors.jsonl"
+
+    @property
     def rejected_path(self) -> Path:
         return self.dir / f"{self.name}.rejected.jsonl"
 
@@ -1395,6 +1405,96 @@ async def calibrate(
     return calibrate_chars_per_token([(len(p), c) for p, c in zip(prompts, counts, strict=True)]), True
 
 
+def needs_fetch(obj: Any, text_field: str) -> bool:
+    """A record with a url and no text: its text is fetched and extracted first."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("url"), str) or not obj["url"]:
+        return False
+    text = obj.get(text_field)
+    return not (isinstance(text, str) and text.strip())
+
+
+def load_fetch_cache(path: Path) -> dict[str, dict[str, str]]:
+    return {r["url"]: r for r in iter_jsonl(path) if "url" in r}
+
+
+FETCH_MAX_BYTES = 5_000_000
+
+
+async def fetch_urls(
+    path: Path,
+    store: RunStore,
+    text_field: str,
+    concurrency: int = 16,
+    timeout_s: float = 20.0,
+    max_bytes: int = FETCH_MAX_BYTES,
+    max_redirects: int = 5,
+) -> dict[str, int]:
+    """Fetch the pages of records that have a url and no text, and extract their main text.
+
+    Bounded concurrency, a timeout, a size cap, at most max_redirects redirects, http/https only.
+    Each outcome (text or error) is appended to the run's fetched.jsonl as it arrives, so a prepare
+    that is interrupted and run again fetches only what is missing."""
+    cache = load_fetch_cache(store.fetch_cache_path)
+    todo: list[str] = []
+    seen: set[str] = set()
+    for rec in read_input(path):
+        if rec.error is None and needs_fetch(rec.obj, text_field):
+            url = rec.obj["url"]
+            if url not in cache and url not in seen:
+                seen.add(url)
+                todo.append(url)
+    if not todo:
+        return {"fetched": 0, "cached": len(cache)}
+    try:
+        import trafilatura
+    except ImportError:
+        raise UsageError(
+            f"{path}: {len(todo)} record(s) have a url and no text, and fetching them needs trafilatura. "
+            'Fix: pip install -e ".[urls]" (or give each record its text).'
+        ) from None
+    import aiohttp
+
+    store.dir.mkdir(parents=True, exist_ok=True)
+    sem = asyncio.Semaphore(concurrency)
+    counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
+
+    async def one(session: Any, url: str) -> dict[str, str]:
+        if not re.match(r"^https?://", url, re.I):
+            return {"url": url, "error": "only http and https URLs are fetched"}
+        try:
+            async with sem, session.get(url, allow_redirects=True, max_redirects=max_redirects) as resp:
+                if resp.status != 200:
+                    return {"url": url, "error": f"HTTP {resp.status}"}
+                body = await resp.content.read(max_bytes + 1)
+                if len(body) > max_bytes:
+                    return {"url": url, "error": f"page larger than {max_bytes:,} bytes"}
+                html = body.decode(resp.charset or "utf-8", "replace")
+        except aiohttp.TooManyRedirects:
+            return {"url": url, "error": f"more than {max_redirects} redirects"}
+        except (TimeoutError, aiohttp.ClientError, UnicodeError, ValueError) as e:
+            return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}
+        text = await asyncio.to_thread(trafilatura.extract, html)
+        if not text or not text.strip():
+            return {"url": url, "error": "no main text found on the page"}
+        return {"url": url, "text": text}
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    with open_private(store.fetch_cache_path, "ab") as f:
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"batchify/{__version__}"}) as session:
+            tasks = [asyncio.ensure_future(one(session, u)) for u in todo]
+            try:
+                for fut in asyncio.as_completed(tasks):
+                    r = await fut
+                    f.write(orjson.dumps(r) + b"\n")
+                    f.flush()
+                    counts["fetched" if "text" in r else "failed"] += 1
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    return counts
+
+
 def id_digest(rid: Any) -> int:
     """A 64-bit digest of an id: 8 bytes per record for the duplicate check instead of the id itself."""
     return int.from_bytes(hashlib.blake2b(orjson.dumps(rid), digest_size=8).digest(), "little")
@@ -1426,8 +1526,11 @@ def _prepare_pass(
     import array
     import shutil
 
-    if store.dir.exists():
-        shutil.rmtree(store.dir)  # a prepare that never finished: nothing of it was uploaded
+    for leftover in ("requests", "jobs", "results"):  # a prepare that never finished: nothing was uploaded
+        shutil.rmtree(store.dir / leftover, ignore_errors=True)
+    for leftover_file in (store.ids_path, store.rejected_path, store.fetch_errors_path, store.realtime_path):
+        leftover_file.unlink(missing_ok=True)
+    fetched = load_fetch_cache(store.fetch_cache_path)
     fields = template_fields(cfg.prompt_template)
     si_chars = len(cfg.system_instruction or "")
     gc = generation_config(cfg)
@@ -1444,18 +1547,27 @@ def _prepare_pass(
         ids_f = stack.enter_context(open_private(store.ids_path))
         rej_f: Any = None
         cur_f: Any = None
+        fail_f: Any = None
 
         def close_batch() -> None:
             nonlocal cur_f
             if cur_f is not None:
                 cur_f.close()
                 cur_f = None
-                batches.append(BatchPlan(start, start + count, tok, nb))
+                batches.append(BatchPlan(start, n, tok, nb))  # ordinals [start, n): fetch failures included
                 if hook is not None:
                     hook("prepare")
 
         stack.callback(lambda: cur_f.close() if cur_f is not None else None)
         for rec in read_input(path, hasher):
+            fetch_error = None
+            if rec.error is None and needs_fetch(rec.obj, opts.text_field):
+                got = fetched.get(rec.obj["url"]) or ({"error": "not fetched"} if opts.fetch else {"text": "(to fetch)"})
+                if "text" in got:
+                    rec.obj[opts.text_field] = got["text"]
+                else:
+                    fetch_error = f"fetching {rec.obj['url']} failed: {got['error']}"
+                    rec.obj[opts.text_field] = "(not fetched)"  # checked as usual; no request is made for it
             err = rec.error or check_record(rec.obj, opts.id_field, opts.text_field, fields)
             prompt = ""
             t = 0
@@ -1498,10 +1610,22 @@ def _prepare_pass(
                     problems.append(f"{path}:{rec.where.split()[-1]}: {err}")
                 continue
             digests.append(digest)
+            if fetch_error is not None:  # the id keeps its place and gets an error line; nothing is sent
+                if fail_f is None:
+                    fail_f = stack.enter_context(open_private(store.fetch_errors_path))
+                fail_f.write(
+                    orjson.dumps(
+                        {"n": n, "status": "error", "result": None, "usage": None, "source": "fetch", "error": fetch_error}
+                    )
+                    + b"\n"
+                )
+                ids_f.write(orjson.dumps(rid) + b"\n")
+                n += 1
+                continue
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}) + b"\n"
             if cur_f is None or should_cut(count, tok, nb, t, len(line), opts.batch_size, eff, opts.max_file_bytes):
                 close_batch()
-                start, count, tok, nb = n, 0, 0, 0
+                start, count, tok, nb = batches[-1].end if batches else 0, 0, 0, 0
                 cur_f = open_private(req_dir / f"b{len(batches) + 1:04d}.jsonl")
             cur_f.write(line)
             count += 1
@@ -1510,6 +1634,11 @@ def _prepare_pass(
             ids_f.write(orjson.dumps(rid) + b"\n")
             n += 1
         close_batch()
+        if batches and batches[-1].end < n:  # trailing fetch failures join the last batch's range
+            last = batches[-1]
+            batches[-1] = BatchPlan(last.start, n, last.tokens, last.bytes)
+        elif not batches and n:  # every page failed: one range with no requests (and no job)
+            batches.append(BatchPlan(0, n, 0, 0))
     dupes: set[int] = set()
     if not suspects:
         prev = None
@@ -1545,6 +1674,8 @@ async def prepare_run(
         if opts.calibrate
         else (CHARS_PER_TOKEN_OFFLINE, False)
     )
+    if opts.fetch:
+        await fetch_urls(path, store, opts.text_field)
     p = _prepare_pass(store, path, cfg, opts, cpt, eff, set(), hook)
     if p.duplicate_digests:  # rare: once more, comparing just those ids exactly
         p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
@@ -1569,6 +1700,8 @@ async def prepare_run(
     name = store.name
     if opts.mode != "realtime":
         for i, b in enumerate(batches, 1):
+            if not b.bytes:
+                continue  # only fetch failures: nothing to send
             store.save_job(
                 Job(
                     name=f"b{i:04d}",
@@ -2123,8 +2256,9 @@ class Engine:
             if (j.retry_of or j.start is None) and j.state == S.RESULTS_DOWNLOADED:
                 for r in iter_jsonl(self.store.result_path(j)):
                     out[r["n"]] = merge_choice(out.get(r["n"]), r)
-        for r in iter_jsonl(self.store.realtime_path):
-            out[r["n"]] = merge_choice(out.get(r["n"]), r)
+        for path in (self.store.realtime_path, self.store.fetch_errors_path):
+            for r in iter_jsonl(path):
+                out[r["n"]] = merge_choice(out.get(r["n"]), r)
         return out
 
     def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -2225,6 +2359,8 @@ class Engine:
     def _requests(self, only: set[int] | None) -> Iterator[tuple[int, dict[str, Any], int]]:
         cpt = self.run.chars_per_token
         for i in range(1, len(self.run.plan["batch_ranges"]) + 1):
+            if not (self.store.dir / f"requests/b{i:04d}.jsonl").exists():
+                continue  # a range of fetch failures only
             with open(self.store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
                 for line in f:
                     obj = orjson.loads(line)
@@ -2374,6 +2510,152 @@ async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
 def merge_run(state_dir: str | Path, name: str) -> Summary:
     """Write (again) a run's results file from its sidecars alone: no network."""
     return Engine(RunStore(state_dir, name), None).merge()
+
+
+@dataclass(frozen=True)
+class Result:
+    """One line of a results file, typed."""
+
+    id: Any
+    status: str
+    result: Any
+    error: str | None
+    source: str
+    usage: dict[str, int] | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
+    """A run's merged results in input order, as Result objects (streamed from the results file)."""
+    run = RunStore(state_dir, name).load_run()
+    out = Path(run.out)
+    if not out.exists():
+        merge_run(state_dir, name)
+    for d in iter_jsonl(out):
+        yield Result(d["id"], d["status"], d.get("result"), d.get("error"), d.get("source", "batch"), d.get("usage"))
+
+
+def schema_categoricals(schema: dict[str, Any] | None) -> dict[str, list[Any]]:
+    """The enum and boolean fields of a schema (top level, and arrays of enums): what analytics counts."""
+    out: dict[str, list[Any]] = {}
+    for key, prop in ((schema or {}).get("properties") or {}).items():
+        if not isinstance(prop, dict):
+            continue
+        items = prop.get("items") if prop.get("type") == "array" and isinstance(prop.get("items"), dict) else None
+        src = items or prop
+        if "enum" in src:
+            out[key] = list(src["enum"])
+        elif src.get("type") == "boolean":
+            out[key] = [True, False]
+    return out
+
+
+def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
+    """Counts of every enum/boolean schema field, errors by kind, tokens and cost of one run."""
+    run = RunStore(state_dir, name).load_run()
+    fields = schema_categoricals(run.config.get("schema"))
+    dist: dict[str, dict[str, int]] = {k: {} for k in fields}
+    errors: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    usage: dict[str, dict[str, int]] = {"batch": {}, "realtime": {}}
+    total = ok = 0
+    for r in iter_results(state_dir, name):
+        total += 1
+        sources[r.source] = sources.get(r.source, 0) + 1
+        add_usage(usage["realtime" if r.source == "realtime" else "batch"], r.usage)
+        if not r.ok:
+            kind = re.sub(r"[:(].*", "", str(r.error))[:60].strip() or "error"
+            errors[kind] = errors.get(kind, 0) + 1
+            continue
+        ok += 1
+        if isinstance(r.result, dict):
+            for k in fields:
+                v = r.result.get(k)
+                for item in v if isinstance(v, list) else [v]:
+                    label = json_label(item)
+                    dist[k][label] = dist[k].get(label, 0) + 1
+    model = run.config.get("model", DEFAULT_MODEL)
+    cost_b = usage_cost(model, usage["batch"], batch=True)
+    cost_r = usage_cost(model, usage["realtime"], batch=False)
+    return {
+        "run": name,
+        "records": total,
+        "ok": ok,
+        "errors": total - ok,
+        "error_kinds": errors,
+        "sources": sources,
+        "fields": dist,
+        "usage": usage,
+        "cost_usd": {"batch": round(cost_b, 6), "realtime": round(cost_r, 6), "total": round(cost_b + cost_r, 6)},
+    }
+
+
+def json_label(v: Any) -> str:
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+async def cleanup_run(store: RunStore, client: GeminiClient, local: bool = False) -> dict[str, int]:
+    """Delete a finished run's remote jobs and files (and, with local, its state folder).
+
+    Refuses while any result is missing: a run's remote output is the only copy until merged."""
+    import shutil
+
+    run = store.load_run()
+    out = Path(run.out)
+    if run.status not in ("done", "cancelled") or not out.exists():
+        raise UsageError(
+            f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
+            f"Fix: `batchify resume {store.name}` first."
+        )
+    lines = sum(1 for _ in open(out, "rb"))
+    if lines != run.records:
+        raise UsageError(
+            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
+            "to merge again before cleaning up."
+        )
+    counts = {"jobs": 0, "files": 0}
+    for j in store.load_jobs():
+        if j.remote_job:
+            with contextlib.suppress(RemoteError):  # already gone is fine
+                await client.delete_batch(j.remote_job)
+                counts["jobs"] += 1
+        for f in {j.remote_file, j.output_file} - {None}:
+            with contextlib.suppress(RemoteError):
+                await client.delete_file(str(f))
+                counts["files"] += 1
+    run.summary = {**run.summary, "cleaned_at": utcnow()}
+    store.save_run(run)
+    if local:
+        shutil.rmtree(store.dir)
+    return counts
+
+
+def run_sync(coro: Awaitable[Any]) -> Any:
+    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, IPython)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="batchify-sync")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]:
@@ -3348,6 +3630,110 @@ async def resume_run(
             return await Engine(store, client, reporter, hook=hook).execute()
 
 
+def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
+    """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
+    n = 0
+    with open_private(path) as f:
+        for r in records:
+            f.write(orjson.dumps({"id": r, "url": r} if isinstance(r, str) else r) + b"\n")
+            n += 1
+    if not n:
+        raise InputError("no records given. Fix: pass at least one record or URL.")
+    return n
+
+
+async def prepare(
+    source: str | Path | Iterable[dict[str, Any] | str],
+    name: str | None = None,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+) -> Run:
+    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is uploaded.
+
+    Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
+    opts = dataclasses.replace(options or RunOptions())
+    if isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)):
+        path = Path(source)
+    else:
+        if name is None:
+            raise UsageError("records given in memory need a run name. Fix: pass name=...")
+        path = Path(state_dir) / "inputs" / f"{name}.jsonl"
+        write_records([source] if isinstance(source, str) else source, path)
+    opts.name = name or opts.name or path.stem
+    store = RunStore(state_dir, opts.name)
+    if store.exists():
+        raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
+    with RunLock(store.state_dir / ".locks" / opts.name) as lock:
+        lock.acquire("prepare")
+        async with open_client(endpoint, api_key, need=False) as (client, _label):
+            return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+
+
+async def submit(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+) -> Summary:
+    """Submit a prepared run and drive it to the end (the same as resuming it)."""
+    return await resume_run(name, state_dir, endpoint, api_key, reporter)
+
+
+def results(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Result]:
+    """A run's results in input order, typed (`[r.to_dict() for r in ...]` for dicts)."""
+    return list(iter_results(state_dir, name))
+
+
+# Thin sync wrappers over the async API, safe in notebooks (where an event loop already runs).
+def run_file_sync(*args: Any, **kwargs: Any) -> tuple[Run, Summary | None]:
+    return run_sync(run_file(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def prepare_sync(*args: Any, **kwargs: Any) -> Run:
+    return run_sync(prepare(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def submit_sync(*args: Any, **kwargs: Any) -> Summary:
+    return run_sync(submit(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def resume_sync(*args: Any, **kwargs: Any) -> Summary:
+    return run_sync(resume_run(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def cancel_sync(*args: Any, **kwargs: Any) -> list[str]:
+    return run_sync(cancel(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def cleanup_sync(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    local: bool = False,
+) -> dict[str, int]:
+    return run_sync(cleanup(name, state_dir, endpoint, api_key, local))  # type: ignore[no-any-return]
+
+
+async def cleanup(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    local: bool = False,
+) -> dict[str, int]:
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("cleanup")
+        run = store.load_run()
+        async with open_client(endpoint or run.endpoint, api_key) as (client, _label):
+            return await cleanup_run(store, client, local)
+
+
 async def cancel(
     name: str, state_dir: str | Path = DEFAULT_STATE_DIR, endpoint: str | None = None, api_key: str | None = None
 ) -> list[str]:
@@ -3371,7 +3757,9 @@ def validate_file(
     import tempfile
 
     cfg = cfg or JobConfig()
-    opts = RunOptions(id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False)
+    opts = RunOptions(
+        id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False, fetch=False
+    )
     with tempfile.TemporaryDirectory() as d:
         run = asyncio.run(prepare_run(RunStore(d, "validate"), path, cfg, opts))
     return {"file": str(path), "records": run.records, "input_tokens": run.plan["input_tokens"], "valid": True}
@@ -3512,6 +3900,36 @@ def render_summary(s: Summary) -> None:
         c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
 
 
+def render_analytics(a: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    c = console()
+    for field_name, counts in a["fields"].items():
+        t = Table(title=f"{_esc(field_name)}", title_justify="left")
+        t.add_column("value")
+        t.add_column("count", justify="right")
+        t.add_column("share", justify="right")
+        total = sum(counts.values()) or 1
+        for value, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            t.add_row(_esc(value), f"{n:,}", f"{n / total:.0%}")
+        c.print(t)
+    if a["error_kinds"]:
+        t = Table(title="errors by kind", title_justify="left")
+        t.add_column("kind")
+        t.add_column("count", justify="right")
+        for kind, n in sorted(a["error_kinds"].items(), key=lambda kv: -kv[1]):
+            t.add_row(_esc(kind), f"{n:,}")
+        c.print(t)
+    u = a["usage"]
+    c.print(
+        f"{a['ok']:,} ok, {a['errors']:,} error(s) of {a['records']:,}; sources "
+        + ", ".join(f"{k} {v:,}" for k, v in sorted(a["sources"].items()))
+        + f"; tokens in {u['batch'].get('promptTokenCount', 0) + u['realtime'].get('promptTokenCount', 0):,}"
+        + f"; cost ${a['cost_usd']['total']:.4f} (batch ${a['cost_usd']['batch']:.4f}, real time "
+        + f"${a['cost_usd']['realtime']:.4f})"
+    )
+
+
 def render_status(data: dict[str, Any], one: bool) -> None:
     from rich.table import Table
 
@@ -3581,7 +3999,184 @@ def _age(ts: str) -> str:
 
 
 # ================================================================================================
-# 10. CLI (click): parse, call one coroutine, render, map errors
+# 10. REST API (FastAPI, optional extra "api"): the same engine behind HTTP
+# ================================================================================================
+
+RUN_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def make_api(
+    state_dir: str | Path,
+    token: str,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+) -> Any:
+    """A FastAPI app over the engine. Every route needs `Authorization: Bearer <token>`: it spends money.
+
+    Long work (fetching, batch jobs) runs in tasks this app owns and awaits at shutdown; status is pollable.
+    """
+    try:
+        from fastapi import Depends, FastAPI, HTTPException
+        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+        from pydantic import BaseModel, Field
+    except ImportError:
+        raise UsageError('the REST API needs FastAPI and uvicorn. Fix: pip install -e ".[api]"') from None
+    if not token:
+        raise UsageError("the REST API spends money, so it needs a token. Fix: set BATCHIFY_API_TOKEN.")
+
+    tasks: dict[str, asyncio.Task[Any]] = {}
+    failures: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    app = FastAPI(
+        title="batchify",
+        version=__version__,
+        lifespan=lifespan,
+        description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
+    )
+    bearer = HTTPBearer(auto_error=False)
+
+    def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(
+                status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    class SubmitUrls(BaseModel):
+        urls: list[str] = Field(min_length=1, max_length=1_000_000)
+        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
+
+    class SubmitContents(BaseModel):
+        contents: list[dict[str, Any]] = Field(min_length=1, max_length=1_000_000)
+        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
+
+    class Submitted(BaseModel):
+        job_id: str
+        batch_name: str
+        status: str
+        message: str
+
+    def new_name(given: str | None) -> str:
+        name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        if RunStore(state_dir, name).exists() or name in tasks:
+            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already")
+        return name
+
+    def start(name: str, work: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except BatchifyError as e:
+                failures[name] = str(e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # kept for status: the server goes on
+                failures[name] = f"{type(e).__name__}: {e}"
+
+        tasks[name] = asyncio.ensure_future(guarded())
+
+    async def prepare_and_submit(name: str, records: list[Any]) -> None:
+        await prepare(records, name, config, options, state_dir, endpoint, api_key)
+        await submit(name, state_dir, endpoint, api_key)
+
+    def input_error(e: InputError) -> HTTPException:
+        return HTTPException(status_code=422, detail={"message": str(e), "problems": e.problems})
+
+    async def submit_urls(body: SubmitUrls) -> Submitted:
+        bad = [u for u in body.urls if not re.match(r"^https?://[^\s/]+", u)]
+        if bad:
+            raise HTTPException(status_code=422, detail={"message": "only http(s) URLs", "problems": bad[:20]})
+        name = new_name(body.batch_name)
+        start(name, prepare_and_submit(name, list(body.urls)))
+        return Submitted(
+            job_id=name,
+            batch_name=name,
+            status="submitted",
+            message=f"{len(body.urls)} URL(s) accepted: fetching, then batch. Poll /batch/status/{name}.",
+        )
+
+    async def submit_contents(body: SubmitContents) -> Submitted:
+        name = new_name(body.batch_name)
+        try:
+            run = await prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
+        except InputError as e:
+            raise input_error(e) from None
+        start(name, submit(name, state_dir, endpoint, api_key))
+        return Submitted(
+            job_id=name,
+            batch_name=name,
+            status="submitted",
+            message=f"{run.records} record(s) in {run.plan['batches']} batch(es), "
+            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}.",
+        )
+
+    # This module uses postponed annotations, so FastAPI cannot resolve these function-local models by
+    # name: hand it the classes themselves, then register the routes.
+    auth.__annotations__["creds"] = HTTPAuthorizationCredentials | None
+    for fn, model in ((submit_urls, SubmitUrls), (submit_contents, SubmitContents)):
+        fn.__annotations__.update(body=model, **{"return": Submitted})
+    app.add_api_route("/batch/submit", submit_urls, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)])
+    app.add_api_route(
+        "/batch/submit-contents", submit_contents, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)]
+    )
+
+    def known(name: str) -> None:
+        if not re.match(RUN_NAME_RE, name) or not (RunStore(state_dir, name).exists() or name in tasks):
+            raise HTTPException(status_code=404, detail=f"no run named {name!r}")
+
+    @app.get("/batch/status/{run}", dependencies=[Depends(auth)])
+    async def status_route(run: str) -> dict[str, Any]:
+        known(run)
+        task = tasks.get(run)
+        if not RunStore(state_dir, run).exists():
+            return {"name": run, "status": "failed" if run in failures else "preparing", "error": failures.get(run)}
+        entry: dict[str, Any] = run_status(state_dir, run)["runs"][0]
+        entry["working"] = task is not None and not task.done()
+        entry["error"] = failures.get(run)
+        return entry
+
+    @app.get("/batch/results/{run}", dependencies=[Depends(auth)])
+    async def results_route(run: str, summary: bool = False) -> dict[str, Any]:
+        known(run)
+        if not RunStore(state_dir, run).exists():
+            raise HTTPException(status_code=409, detail="the run is still being prepared")
+        if summary:
+            return analytics(state_dir, run)
+        st = RunStore(state_dir, run).load_run().status
+        return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
+
+    @app.get("/batch/jobs", dependencies=[Depends(auth)])
+    async def jobs_route() -> dict[str, Any]:
+        data = run_status(state_dir)
+        return {
+            "runs": [{k: r[k] for k in ("name", "status", "records", "jobs", "job_states", "updated_at")} for r in data["runs"]]
+        }
+
+    @app.post("/batch/cancel/{run}", dependencies=[Depends(auth)])
+    async def cancel_route(run: str) -> dict[str, Any]:
+        known(run)
+        task = tasks.get(run)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not RunStore(state_dir, run).exists():
+            return {"run": run, "cancelled": [], "status": "cancelled"}
+        names = await cancel(run, state_dir, endpoint, api_key)
+        return {"run": run, "cancelled": names, "status": "cancelled"}
+
+    return app
+
+
+# ================================================================================================
+# 11. CLI (click): parse, call one coroutine, render, map errors
 # ================================================================================================
 
 
@@ -3793,13 +4388,15 @@ def run(
             console().print(f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded")
         return
     assert summary is not None
-    _finish(summary, as_json)
+    _finish(summary, as_json, state_dir)
 
 
-def _finish(summary: Summary, as_json: bool) -> None:
+def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
     if as_json:
         _emit_json(summary.to_dict())
     else:
+        if state_dir is not None and summary.ok:
+            render_analytics(analytics(state_dir, summary.run))
         render_summary(summary)
     if summary.status == "cancelled":
         raise SystemExit(1)
@@ -3847,7 +4444,7 @@ def resume(
         summary = asyncio.run(
             resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval, max_cost=max_cost)
         )
-    _finish(summary, as_json)
+    _finish(summary, as_json, state_dir)
 
 
 @cli.command(name="list")
@@ -3859,22 +4456,40 @@ def list_cmd(state_dir: str) -> None:
         click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
 
 
-@cli.command()
+@cli.command(name="results")
 @click.argument("run_name")
-@click.option("--summary", "summary_only", is_flag=True, help="Counts only, not the results.")
+@click.option(
+    "--summary", "summary_only", is_flag=True, help="Analytics instead of the results: field distributions, errors, cost."
+)
+@click.option("--json", "as_json", is_flag=True, help="With --summary: as JSON on stdout.")
 @_state_dir_option
-def results(run_name: str, summary_only: bool, state_dir: str) -> None:
-    """Re-emit RUN's merged results file on stdout."""
-    run_ = RunStore(state_dir, run_name).load_run()
+def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str) -> None:
+    """Re-emit RUN's merged results file on stdout (rebuilt from the sidecars if it is missing)."""
     if summary_only:
-        _emit_json(run_.summary)
+        data = analytics(state_dir, run_name)
+        if as_json:
+            _emit_json(data)
+        else:
+            render_analytics(data)
         return
-    out = Path(run_.out)
+    out = Path(RunStore(state_dir, run_name).load_run().out)
     if not out.exists():
-        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
+        merge_run(state_dir, run_name)  # unfinished ids show as errors
     with open(out, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
+
+
+@cli.command(name="cleanup")
+@click.argument("run_name")
+@click.option("--local", is_flag=True, help="Also delete the run's state folder.")
+@_endpoint_option
+@_state_dir_option
+def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str) -> None:
+    """Delete RUN's remote jobs and files once its results are merged (refuses before)."""
+    counts = asyncio.run(cleanup(run_name, state_dir, endpoint, _api_key(), local))
+    where = " and its state folder" if local else ""
+    console().print(f"deleted {counts['jobs']} remote job(s), {counts['files']} remote file(s){where} of {_esc(run_name)}")
 
 
 @cli.command(name="cancel")
@@ -3896,6 +4511,20 @@ def validate(input_file: str, config_path: str | None, id_field: str, text_field
     """Check INPUT_FILE (and --config) as `run` would, without writing or sending anything."""
     res = validate_file(input_file, load_config(config_path), id_field, text_field)
     console().print(f"[green]{_esc(input_file)}: {res['records']:,} valid record(s), ~{res['input_tokens']:,} tokens[/]")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@_endpoint_option
+@_state_dir_option
+def serve(host: str, port: int, endpoint: str | None, state_dir: str) -> None:
+    """Serve the REST API (needs BATCHIFY_API_TOKEN and pip install -e ".[api]")."""
+    app = make_api(state_dir, os.environ.get("BATCHIFY_API_TOKEN", ""), endpoint, _api_key())
+    import uvicorn
+
+    console().print(f"batchify REST API on http://{host}:{port} (OpenAPI at /docs); state in {_esc(state_dir)}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @cli.command()
@@ -3938,7 +4567,7 @@ def emulator(host: str, port: int, **knobs: Any) -> None:
 
 
 # ================================================================================================
-# 11. main(): the one place errors become exit codes
+# 12. main(): the one place errors become exit codes
 # ================================================================================================
 
 

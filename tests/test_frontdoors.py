@@ -1,0 +1,324 @@
+"""The other front doors: library API (async and sync), REST API over real HTTP, URL input, analytics, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, input_ids, read_jsonl, run_cli
+
+import batchify
+
+sys.path.insert(0, str(ROOT / "examples"))
+import make_articles  # noqa: E402
+
+# -- a local web site for URL input -----------------------------------------------------------
+
+
+class Site:
+    def __init__(self):
+        import random
+
+        rng = random.Random(5)
+        self.pages = {}
+        for i in range(6):
+            a = make_articles.article(i, rng, 220)
+            paras = "".join(f"<p>{p}</p>" for p in a["text"].split("\n\n"))
+            self.pages[f"/news/{i}"] = (
+                f"<html><head><title>{a['title']}</title></head><body><nav>Home | World</nav>"
+                f"<article><h1>{a['title']}</h1>{paras}</article><footer>(c) News</footer>"
+                "</body></html>"
+            )
+        self.hits: dict[str, int] = {}
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                site.hits[self.path] = site.hits.get(self.path, 0) + 1
+                if self.path == "/loop":
+                    self.send_response(302)
+                    self.send_header("Location", "/loop")
+                    self.end_headers()
+                    return
+                body = site.pages.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    yield s
+    s.close()
+
+
+def url_records(site):
+    ok = [{"id": f"p{i}", "url": f"{site.url}/news/{i}"} for i in range(6)]
+    bad = [
+        {"id": "missing", "url": f"{site.url}/nope"},
+        {"id": "loop", "url": f"{site.url}/loop"},
+        {"id": "ftp", "url": "ftp://127.0.0.1/file"},
+    ]
+    return ok[:3] + bad + ok[3:]
+
+
+def test_url_input_fetches_extracts_and_caches(emu, site, tmp_path):
+    inp = tmp_path / "urls.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in url_records(site)))
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
+        tmp_path,
+        BATCHIFY_CRASH_AT="after_create",
+    )
+    assert p.returncode == -9  # crash after the fetch and the create; resume must not fetch again
+    hits = dict(site.hits)
+    assert hits[f"/news/0"] == 1 and hits["/nope"] == 1
+    p = run_cli(["resume", "urls", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 1, p.stderr  # three ids end in error
+    assert site.hits == hits
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(inp)
+    by_id = {r["id"]: r for r in rows}
+    for i in range(6):
+        assert by_id[f"p{i}"]["status"] == "ok"
+    assert "HTTP 404" in by_id["missing"]["error"] and "redirects" in by_id["loop"]["error"]
+    assert "only http and https" in by_id["ftp"]["error"]
+    assert {by_id[k]["source"] for k in ("missing", "loop", "ftp")} == {"fetch"}
+    # the request carries the extracted article text, not the page chrome
+    req = json.loads((tmp_path / "st/urls/requests/b0001.jsonl").read_text().splitlines()[0])["request"]
+    text = req["contents"][0]["parts"][0]["text"]
+    assert "Home | World" not in text and len(text) > 500
+
+
+def test_all_urls_failing_still_gives_one_line_each(emu, site, tmp_path):
+    inp = tmp_path / "dead.jsonl"
+    inp.write_text(json.dumps({"id": 1, "url": f"{site.url}/gone"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out)], tmp_path)
+    assert p.returncode == 1
+    assert [(r["id"], r["status"]) for r in read_jsonl(out)] == [(1, "error")]
+    assert emu.stats()["uploads"] == 0
+
+
+async def test_library_records_prepare_submit_results(emu, tmp_path):
+    records = [{"id": i, "title": f"Story {i}", "text": f"Shares of Quillmark Systems rose {i}% today."} for i in range(12)]
+    run = await batchify.prepare(
+        records,
+        name="lib",
+        state_dir=tmp_path,
+        endpoint=emu.url,
+        api_key="k",
+        options=batchify.RunOptions(batch_size=5, poll_interval=0.2),
+    )
+    assert run.records == 12 and run.plan["batches"] == 3 and emu.stats()["uploads"] == 0
+    summary = await batchify.submit("lib", state_dir=tmp_path, endpoint=emu.url, api_key="k")
+    assert summary.ok == 12
+    res = batchify.results("lib", state_dir=tmp_path)
+    assert [r.id for r in res] == list(range(12)) and all(isinstance(r, batchify.Result) and r.ok for r in res)
+    assert res[0].to_dict()["result"]["is_financial"] in ("Yes", "No")
+    a = batchify.analytics(tmp_path, "lib")
+    assert sum(a["fields"]["is_financial"].values()) == 12 and a["cost_usd"]["batch"] > 0
+
+
+async def test_sync_wrappers_work_inside_a_running_loop(emu, articles, tmp_path):
+    # A notebook cell runs inside an event loop: the sync API must still work there.
+    assert asyncio.get_running_loop()
+    run, summary = batchify.run_file_sync(
+        articles, options=batchify.RunOptions(poll_interval=0.2), state_dir=tmp_path, endpoint=emu.url, api_key="k"
+    )
+    assert summary.ok == 60
+    assert batchify.run_status(tmp_path, "articles")["runs"][0]["status"] == "done"
+    with pytest.raises(batchify.UsageError):
+        batchify.cancel_sync("nope", state_dir=tmp_path, endpoint=emu.url, api_key="k")
+
+
+def test_notebook_example_runs(tmp_path):
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "notebook_usage.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert "60 ok" in p.stdout
+
+
+def test_results_summary_json_and_cleanup(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--out",
+            str(out),
+            "--poll-interval",
+            "0.2",
+            "--batch-size",
+            "30",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0
+    assert "is_financial" in p.stderr and "category" in p.stderr  # the analytics table at the end
+    a = json.loads(run_cli(["results", "articles", "--summary", "--json", "--state-dir", "st"], tmp_path).stdout)
+    assert a["ok"] == 60 and sum(a["fields"]["category"].values()) == 60
+    assert set(a["fields"]) == {"is_financial", "category", "sentiment"}  # enums only: free text is not counted
+    c = run_cli(["cleanup", "articles", "--state-dir", "st", "--local"], tmp_path)
+    assert c.returncode == 0, c.stderr
+    s = emu.stats()
+    assert s["deletes"] == 2 + 4  # two jobs, two uploads and two outputs
+    assert not (tmp_path / "st" / "articles").exists()
+
+
+def test_cleanup_refuses_before_results_are_merged(emu, articles, tmp_path):
+    p = run_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path, BATCHIFY_CRASH_AT="after_create"
+    )
+    assert p.returncode == -9
+    c = run_cli(["cleanup", "articles", "--state-dir", "st"], tmp_path)
+    assert c.returncode == 2 and "not finished" in c.stderr and "resume" in c.stderr
+    assert emu.stats()["deletes"] == 0
+
+
+# -- REST API over real HTTP --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def api(emu, tmp_path):
+    import uvicorn
+
+    app = batchify.make_api(
+        tmp_path / "st", "s3cret-token", endpoint=emu.url, api_key="k", options=batchify.RunOptions(poll_interval=0.2)
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(10)
+
+
+def call(url, method="GET", body=None, token="s3cret-token"):
+    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def wait_status(api, name, want="done", timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        code, st = call(f"{api}/batch/status/{name}")
+        assert code == 200, st
+        if st["status"] == want and not st.get("working"):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"status stayed {st}")
+
+
+def test_rest_api_submit_contents_status_results(api, articles):
+    records = [json.loads(x) for x in articles.read_text().splitlines()[:20]]
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": records, "batch_name": "news1"})
+    assert code == 200 and set(body) == {"job_id", "batch_name", "status", "message"}
+    assert body["job_id"] == "news1" and body["status"] == "submitted"
+    st = wait_status(api, "news1")
+    assert st["records"] == 20
+    code, res = call(f"{api}/batch/results/news1")
+    assert code == 200 and [r["id"] for r in res["results"]] == [r["id"] for r in records]
+    assert all(r["status"] == "ok" for r in res["results"])
+    code, summ = call(f"{api}/batch/results/news1?summary=true")
+    assert code == 200 and summ["ok"] == 20
+    code, jobs = call(f"{api}/batch/jobs")
+    assert code == 200 and [r["name"] for r in jobs["runs"]] == ["news1"]
+
+
+def test_rest_api_requires_token_and_validates(api):
+    assert call(f"{api}/batch/jobs", token=None)[0] == 401
+    assert call(f"{api}/batch/jobs", token="wrong")[0] == 401
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": []})
+    assert code == 422
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "x"}], "batch_name": "../etc"})
+    assert code == 422
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1}, {"id": 1, "text": "x"}]})
+    assert code == 422 and "no 'text' field" in json.dumps(body)
+    code, body = call(f"{api}/batch/submit", "POST", {"urls": ["file:///etc/passwd"]})
+    assert code == 422
+    assert call(f"{api}/batch/status/nope")[0] == 404
+    with urllib.request.urlopen(f"{api}/openapi.json") as r:
+        paths = json.loads(r.read())["paths"]
+    assert {
+        "/batch/submit",
+        "/batch/submit-contents",
+        "/batch/status/{run}",
+        "/batch/results/{run}",
+        "/batch/jobs",
+        "/batch/cancel/{run}",
+    } <= set(paths)
+
+
+def test_rest_api_urls_and_cancel(api, emu, site):
+    code, body = call(f"{api}/batch/submit", "POST", {"urls": [f"{site.url}/news/{i}" for i in range(4)], "batch_name": "web"})
+    assert code == 200
+    st = wait_status(api, "web")
+    assert st["records"] == 4
+    code, res = call(f"{api}/batch/results/web")
+    assert [r["status"] for r in res["results"]] == ["ok"] * 4
+    emu.configure(job_seconds=30)
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "slow"}], "batch_name": "slow"})
+    assert code == 200
+    for _ in range(100):
+        if emu.stats()["creates"] >= 2:
+            break
+        time.sleep(0.05)
+    code, body = call(f"{api}/batch/cancel/slow", "POST")
+    assert code == 200 and body["cancelled"] == ["b0001"]
+    assert emu.stats()["cancels"] == 1
