@@ -1972,13 +1972,18 @@ class Engine:
         self._uploaded = asyncio.Event()  # an upload finished: admission may go on
         self._demand = asyncio.Event()  # admission took uploaded files: upload more
         stop = asyncio.Event()
+        failure: BaseException | None = None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._uploader(stop))
             try:
                 await self._schedule()
+            except Exception as e:  # re-raised as itself below, not wrapped in an ExceptionGroup
+                failure = e
             finally:
                 stop.set()
                 self._demand.set()
+        if failure is not None:
+            raise failure
 
     def _upload_ahead(self) -> int:
         """How many batches to keep uploaded before they are admitted: as many as could start at once."""
@@ -1991,9 +1996,9 @@ class Engine:
     async def _uploader(self, stop: asyncio.Event) -> None:
         backoff = self.opts.poll_interval
         while not stop.is_set():
-            ready = sum(1 for j in self.jobs.values() if j.state == S.UPLOADED)
-            todo = [j for j in self._ordered() if j.state in (S.CREATED, S.UPLOADING)]
-            todo = todo[: max(0, min(4, self._upload_ahead() - ready))]
+            # The next few batches in admission order, so the head of the queue is never left waiting.
+            window = [j for j in self._ordered() if j.state in UNSUBMITTED][: self._upload_ahead()]
+            todo = [j for j in window if j.state != S.UPLOADED][:4]
             if todo:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [tg.create_task(self._upload(j)) for j in todo]
