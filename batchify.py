@@ -2025,8 +2025,9 @@ class Engine:
         return True
 
     async def _nap(self, delay: float, event: asyncio.Event) -> None:
-        """Sleep (through the injected sleep) until the delay passes or the event is set."""
-        if event.is_set():
+        """Sleep (through the injected sleep) until the delay passes or the event is set; always yields."""
+        if event.is_set() or delay <= 0:
+            await asyncio.sleep(0)
             return
         sleeper = asyncio.ensure_future(self.sleep(delay))
         waiter = asyncio.ensure_future(event.wait())
@@ -2093,12 +2094,13 @@ class Engine:
             self._report()
             if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
                 return
+            # Sleep until the next poll is due, or until the uploader brings the next batch (its event),
+            # or for one interval while admission waits on a back-off. Every pass awaits: no busy loop.
             waits = [t for name, t in next_poll.items() if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED}]
-            if any(j.state == S.UPLOADED for j in self.jobs.values()):
-                waits.append(max(create_after, self.clock() + (base if waits else 0.0)))
+            if any(j.state in UNSUBMITTED for j in self.jobs.values()):
+                waits.append(max(create_after, self.clock() + base))
             delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
-            if delay > 0:
-                await self._nap(delay, self._uploaded)
+            await self._nap(delay, self._uploaded)
 
     def _retry_pending(self) -> bool:
         retried = {j.retry_of for j in self.jobs.values() if j.retry_of}

@@ -76,6 +76,19 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> sub
     )
 
 
+def spawn_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
+    """Start the CLI in the background (to interrupt or race it)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "batchify.py"), *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

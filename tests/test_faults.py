@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -10,8 +11,10 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli, spawn_cli
 from test_run import assert_complete, assert_no_duplicate_creates, wait_for
+
+import batchify
 
 FAST = ["--poll-interval", "0.2", "--yes"]
 
@@ -149,26 +152,8 @@ def test_latency_on_generate(emu, articles, tmp_path):
 
 def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
     emu.configure(job_seconds=4)
-    p1 = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "batchify.py"),
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--out",
-            str(tmp_path / "o.jsonl"),
-            *FAST,
-        ],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+    p1 = spawn_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--out", str(tmp_path / "o.jsonl"), *FAST], tmp_path
     )
     wait_for(lambda: emu.stats()["creates"] >= 1)
     p2 = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
@@ -178,18 +163,7 @@ def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
     p1.communicate(timeout=30)
     emu.configure(job_seconds=0.5)
     # two resumes at once: exactly one works, the other is told who holds the run
-    a, b = (
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "batchify.py"), "resume", "articles", "--state-dir", "st"],
-            cwd=tmp_path,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        for _ in range(2)
-    )
+    a, b = (spawn_cli(["resume", "articles", "--state-dir", "st"], tmp_path) for _ in range(2))
     ra, rb = a.wait(60), b.wait(60)
     assert sorted([ra, rb]) == [0, 4]
     assert_complete(tmp_path / "o.jsonl", articles)
@@ -262,3 +236,23 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
     s = emu.stats()
     assert_no_duplicate_creates(s)
     assert s["peak_enqueued_tokens"] <= 9000
+
+
+async def test_resume_with_head_of_queue_not_uploaded(emu, articles, tmp_path):
+    """A crash can leave the first batch UPLOADING behind later ones already UPLOADED: resume must
+    upload the head first, not spin (a regression: it once busy-looped here)."""
+    opts = batchify.RunOptions(batch_size=15, poll_interval=0.2)
+    await batchify.prepare(articles, name="a", state_dir=tmp_path, options=opts, endpoint=emu.url, api_key="k")
+    store = batchify.RunStore(tmp_path, "a")
+    jobs = {j.name: j for j in store.load_jobs()}
+    client = batchify.GeminiClient("k", emu.url)
+    f = await client.upload(store.request_path(jobs["b0002"]), jobs["b0002"].display_name)
+    await client.close()
+    now = batchify.utcnow()
+    store.save_job(batchify.advance(jobs["b0001"], batchify.S.UPLOADING, now))
+    up = batchify.advance(jobs["b0002"], batchify.S.UPLOADING, now)
+    store.save_job(batchify.advance(up, batchify.S.UPLOADED, now, remote_file=f.name))
+    store.save_job(batchify.advance(jobs["b0003"], batchify.S.UPLOADING, now))
+    summary = await asyncio.wait_for(batchify.resume_run("a", tmp_path, emu.url, "k"), 60)
+    assert summary.ok == 60
+    assert_no_duplicate_creates(emu.stats())

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, input_ids, read_jsonl, run_cli
@@ -19,7 +18,7 @@ from conftest import ROOT, input_ids, read_jsonl, run_cli
 import batchify
 
 sys.path.insert(0, str(ROOT / "examples"))
-import make_articles  # noqa: E402
+import make_articles
 
 # -- a local web site for URL input -----------------------------------------------------------
 
@@ -101,7 +100,7 @@ def test_url_input_fetches_extracts_and_caches(emu, site, tmp_path):
     )
     assert p.returncode == -9  # crash after the fetch and the create; resume must not fetch again
     hits = dict(site.hits)
-    assert hits[f"/news/0"] == 1 and hits["/nope"] == 1
+    assert hits["/news/0"] == 1 and hits["/nope"] == 1
     p = run_cli(["resume", "urls", "--state-dir", "st"], tmp_path)
     assert p.returncode == 1, p.stderr  # three ids end in error
     assert site.hits == hits
@@ -152,7 +151,7 @@ async def test_library_records_prepare_submit_results(emu, tmp_path):
 async def test_sync_wrappers_work_inside_a_running_loop(emu, articles, tmp_path):
     # A notebook cell runs inside an event loop: the sync API must still work there.
     assert asyncio.get_running_loop()
-    run, summary = batchify.run_file_sync(
+    _run, summary = batchify.run_file_sync(
         articles, options=batchify.RunOptions(poll_interval=0.2), state_dir=tmp_path, endpoint=emu.url, api_key="k"
     )
     assert summary.ok == 60

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli, spawn_cli
 
 import batchify
 
@@ -244,10 +244,8 @@ def wait_for(pred, timeout=30.0):
 def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
     emu.configure(job_seconds=3.0, enqueued_limit=12000)
     out = tmp_path / "o.jsonl"
-    proc = subprocess.Popen(
+    proc = spawn_cli(
         [
-            sys.executable,
-            str(ROOT / "batchify.py"),
             "run",
             str(articles),
             "--endpoint",
@@ -262,12 +260,7 @@ def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
             "st",
             *FAST,
         ],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        tmp_path,
     )
     wait_for(lambda: emu.stats()["creates"] >= 2)
     time.sleep(0.3)  # now it is polling
@@ -340,26 +333,8 @@ def test_resume_refuses_changed_input(emu, articles, tmp_path):
 
 def test_cancel_keeps_jobs_cancelled(emu, articles, tmp_path):
     emu.configure(job_seconds=30)
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "batchify.py"),
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--out",
-            str(tmp_path / "o.jsonl"),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+    p = spawn_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st", *FAST], tmp_path
     )
     wait_for(lambda: emu.stats()["creates"] >= 1)
     time.sleep(0.3)
