@@ -349,3 +349,16 @@ def test_cancel_keeps_jobs_cancelled(emu, articles, tmp_path):
     assert r.returncode == 1  # the ids stay in error: the user cancelled them
     assert emu.stats()["creates"] == 1
     assert all(x["status"] == "error" and "CANCELLED" in x["error"] for x in read_jsonl(tmp_path / "o.jsonl"))
+
+
+def test_sdk_base_url_env_and_state_dir_env(emu, articles, tmp_path):
+    """No --endpoint: the SDK's own GOOGLE_GEMINI_BASE_URL is honoured; BATCHIFY_STATE_DIR is the default state dir."""
+    out = tmp_path / "o.jsonl"
+    env = {"GOOGLE_GEMINI_BASE_URL": emu.url, "BATCHIFY_STATE_DIR": str(tmp_path / "envstate")}
+    p = run_cli(["run", str(articles), "--out", str(out), *FAST], tmp_path, **env)
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    assert (tmp_path / "envstate" / "articles" / "run.json").exists()
+    assert emu.stats()["creates"] == 1
+    s = run_cli(["status", "--json"], tmp_path, **env)
+    assert json.loads(s.stdout)["runs"][0]["status"] == "done"
