@@ -1508,6 +1508,7 @@ class _Pass:
     problems: list[str]
     sha256: str
     duplicate_digests: set[int]
+    unfetched: int
 
 
 def _prepare_pass(
@@ -1538,7 +1539,7 @@ def _prepare_pass(
     digests = array.array("Q")
     first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
     problems: list[str] = []
-    n_problems = 0
+    n_problems = unfetched = 0
     batches: list[BatchPlan] = []
     req_dir = store.dir / "requests"
     req_dir.mkdir(parents=True, exist_ok=True)
@@ -1562,7 +1563,10 @@ def _prepare_pass(
         for rec in read_input(path, hasher):
             fetch_error = None
             if rec.error is None and needs_fetch(rec.obj, opts.text_field):
-                got = fetched.get(rec.obj["url"]) or ({"error": "not fetched"} if opts.fetch else {"text": "(to fetch)"})
+                got = fetched.get(rec.obj["url"])
+                if got is None:
+                    unfetched += 1  # fetched after this pass (which is then made again), or left for `run`
+                    got = {"text": "(to fetch)"}
                 if "text" in got:
                     rec.obj[opts.text_field] = got["text"]
                 else:
@@ -1646,7 +1650,7 @@ def _prepare_pass(
             if d == prev:
                 dupes.add(d)
             prev = d
-    return _Pass(batches, n, n_problems, problems, hasher.hexdigest(), dupes)
+    return _Pass(batches, n, n_problems, problems, hasher.hexdigest(), dupes, unfetched)
 
 
 async def prepare_run(
@@ -1674,10 +1678,13 @@ async def prepare_run(
         if opts.calibrate
         else (CHARS_PER_TOKEN_OFFLINE, False)
     )
-    if opts.fetch:
-        await fetch_urls(path, store, opts.text_field)
     p = _prepare_pass(store, path, cfg, opts, cpt, eff, set(), hook)
-    if p.duplicate_digests:  # rare: once more, comparing just those ids exactly
+    if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
+        await fetch_urls(path, store, opts.text_field)
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
+        if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
+            raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
+    elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
         p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
     if p.n_problems and not opts.skip_invalid:
         shutil.rmtree(store.dir, ignore_errors=True)
