@@ -31,7 +31,7 @@ if mode == "floor":
     cfg = batchify.JobConfig()
     gc = batchify.generation_config(cfg)
     si = {{"parts": [{{"text": cfg.system_instruction}}]}}
-    with open(inp, "rb") as f, open(outdir + "/floor.jsonl", "wb", buffering=1 << 20) as out:
+    with open(inp, "rb", buffering=1 << 20) as f, open(outdir + "/floor.jsonl", "wb", buffering=1 << 20) as out:
         for n, line in enumerate(f):
             rec = orjson.loads(line)
             req = {{"contents": [{{"role": "user", "parts": [{{"text": rec["text"]}}]}}], "systemInstruction": si,
