@@ -3959,8 +3959,9 @@ def render_status(data: dict[str, Any], one: bool) -> None:
         c.print(f"no runs in {_esc(data['state_dir'])}")
         return
     t = Table(title=f"Runs in {_esc(data['state_dir'])}", title_justify="left")
-    for col in ("run", "status", "model", "records", "jobs", "states", "tokens (est.)", "est. cost", "cost", "updated"):
-        t.add_column(col)
+    for col in ("run", "status", "records", "jobs", "cost (est.)", "updated"):
+        t.add_column(col, no_wrap=col != "run")
+    t.add_column("job states", overflow="fold")
     for r in data["runs"]:
         states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
         cost = (
@@ -3971,33 +3972,29 @@ def render_status(data: dict[str, Any], one: bool) -> None:
         t.add_row(
             _esc(r["name"]),
             r["status"],
-            _esc(r["model"]),
             f"{r['records']:,}",
             str(r["jobs"]),
-            _esc(states),
-            f"{r['plan']['input_tokens'] or 0:,}",
-            f"${r['plan']['estimated_cost_usd'] or 0:.4f}",
-            f"${cost:.4f}",
+            f"${cost:.4f} (${r['plan']['estimated_cost_usd'] or 0:.4f})",
             _esc(_age(r["updated_at"])),
+            _esc(states),
         )
     c.print(t)
     if one:
         r = data["runs"][0]
         jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
-        for col in ("job", "wave", "state", "done", "ok", "failed", "tokens", "remote", "since", "error"):
-            jt.add_column(col)
+        for col in ("job", "wave", "state", "done", "ok/failed", "tokens", "since"):
+            jt.add_column(col, no_wrap=True)
+        jt.add_column("error", overflow="fold")  # remote job names: `status RUN --json`
         for j in r["job_list"]:
             jt.add_row(
                 j["name"],
                 str(j["wave"] + 1),
                 j["state"].lower(),
                 f"{j['done']}/{j['requests']}",
-                str(j["ok"]),
-                str(j["failed"]),
+                f"{j['ok']}/{j['failed']}",
                 f"{j['tokens']:,}",
-                _esc(j["remote_job"] or ""),
                 _esc(_age(j["since"] or "")),
-                _esc((j["error"] or "")[:60]),
+                _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
         if r["summary"]:
