@@ -628,11 +628,27 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
     return None
 
 
+class _PromptValues(dict[str, Any]):
+    """A record seen by the template: {title} and {url} may be missing, None prints as nothing."""
+
+    __slots__ = ("text_field",)
+    text_field: str
+
+    def __missing__(self, key: str) -> Any:
+        if key == "text":
+            return self[self.text_field]
+        if key in OPTIONAL_FIELDS:
+            return ""
+        raise KeyError(key)
+
+    def __getitem__(self, key: str) -> Any:
+        v = super().__getitem__(key)
+        return "" if v is None else v
+
+
 def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str:
-    values = {k: ("" if v is None else v) for k, v in record.items()}
-    for f in OPTIONAL_FIELDS:
-        values.setdefault(f, "")
-    values.setdefault("text", record[text_field])
+    values = _PromptValues(record)
+    values.text_field = text_field
     return template.format_map(values)
 
 
@@ -1499,9 +1515,15 @@ async def fetch_urls(
     return counts
 
 
+NL = orjson.OPT_APPEND_NEWLINE  # one allocation per line, not two
+
+
 def id_digest(rid: Any) -> int:
-    """A 64-bit digest of an id: 8 bytes per record for the duplicate check instead of the id itself."""
-    return int.from_bytes(hashlib.blake2b(orjson.dumps(rid), digest_size=8).digest(), "little")
+    """A 64-bit digest of an id (1 and "1" differ): 8 bytes per record for the duplicate check.
+
+    Python's own hash (SipHash, salted per process) is enough: digests only live within one prepare,
+    and a collision merely triggers the exact second pass."""
+    return hash((type(rid) is str, rid)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass
@@ -1543,7 +1565,7 @@ def _prepare_pass(
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256, path)
     hashing.shutdown(wait=False)
-    digests = array.array("Q")
+    digests = [array.array("Q") for _ in range(64)]  # 64 buckets by the digest's low bits
     first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
     problems: list[str] = []
     n_problems = unfetched = 0
@@ -1620,7 +1642,7 @@ def _prepare_pass(
                 elif len(problems) < 20:
                     problems.append(f"{path}:{rec.number}: {err}")
                 continue
-            digests.append(digest)
+            digests[digest & 63].append(digest)
             if fetch_error is not None:  # the id keeps its place and gets an error line; nothing is sent
                 if fail_f is None:
                     fail_f = stack.enter_context(open_private(store.fetch_errors_path))
@@ -1633,7 +1655,7 @@ def _prepare_pass(
                 ids_f.write(orjson.dumps(rid) + b"\n")
                 n += 1
                 continue
-            line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}) + b"\n"
+            line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
             if cur_f is None or should_cut(count, tok, nb, t, len(line), opts.batch_size, eff, opts.max_file_bytes):
                 close_batch()
                 start, count, tok, nb = batches[-1].end if batches else 0, 0, 0, 0
@@ -1642,7 +1664,7 @@ def _prepare_pass(
             count += 1
             tok += t
             nb += len(line)
-            ids_f.write(orjson.dumps(rid) + b"\n")
+            ids_f.write(orjson.dumps(rid, option=NL))
             n += 1
         close_batch()
         if batches and batches[-1].end < n:  # trailing fetch failures join the last batch's range
@@ -1652,11 +1674,12 @@ def _prepare_pass(
             batches.append(BatchPlan(0, n, 0, 0))
     dupes: set[int] = set()
     if not suspects:
-        prev = None
-        for d in sorted(digests):
-            if d == prev:
-                dupes.add(d)
-            prev = d
+        for bucket in digests:  # one bucket's set at a time: ~1/64 of the ids in memory at once
+            seen_d: set[int] = set()
+            for d in bucket:
+                if d in seen_d:
+                    dupes.add(d)
+                seen_d.add(d)
     return _Pass(batches, n, n_problems, problems, sha.result(), dupes, unfetched)
 
 

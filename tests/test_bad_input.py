@@ -163,3 +163,34 @@ def test_api_key_never_written_or_printed(emu, articles, tmp_path):
     blobs += [f.read_bytes().decode("utf-8", "replace") for f in Path(tmp_path).rglob("*") if f.is_file()]
     assert not any(secret in b for b in blobs)
     assert not any("do-not-leak" in b for b in blobs)
+
+
+def test_skip_invalid_keeps_the_first_of_duplicate_ids(emu, tmp_path):
+    inp = tmp_path / "dups.jsonl"
+    inp.write_text(
+        '{"id": 1, "text": "one"}\n{"id": "1", "text": "string one"}\n{"id": 1, "text": "again"}\n'
+        '{"id": 2, "text": "two"}\n{"id": 2, "text": "two again"}\n'
+    )
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        [
+            "run",
+            str(inp),
+            "--skip-invalid",
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--out",
+            str(out),
+            "--poll-interval",
+            "0.2",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [r["id"] for r in read_jsonl(out)] == [1, "1", 2]  # 1 and "1" are different ids
+    rejected = read_jsonl(tmp_path / "st" / "dups" / "dups.rejected.jsonl")
+    assert [(r["where"], r["record"]["text"]) for r in rejected] == [("line 3", "again"), ("line 5", "two again")]
+    assert all("duplicate id" in r["reason"] for r in rejected)
