@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_against, run_cli
 
 GOOD = '{"id": "a", "text": "Shares rose."}\n'
 
@@ -26,7 +26,7 @@ CASES = [
 def test_bad_record(emu, tmp_path, case, content, where, message):
     inp = tmp_path / f"{case}.jsonl"
     inp.write_text(content)
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, inp, tmp_path, "--yes")
     assert p.returncode == 2
     assert f"{inp}{where}" in p.stderr and message in p.stderr and "Fix:" in p.stderr
     assert emu.stats()["uploads"] == 0 and emu.stats()["creates"] == 0
@@ -38,7 +38,7 @@ def test_bad_record(emu, tmp_path, case, content, where, message):
 def test_non_utf8_bytes(emu, tmp_path):
     inp = tmp_path / "latin1.jsonl"
     inp.write_bytes(GOOD.encode() + '{"id": "b", "text": "caf\xe9"}\n'.encode("latin-1"))
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, inp, tmp_path, "--yes")
     assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "not UTF-8" in p.stderr and "re-encode" in p.stderr
     assert emu.stats()["uploads"] == 0
 
@@ -46,16 +46,16 @@ def test_non_utf8_bytes(emu, tmp_path):
 def test_document_longer_than_context_window(emu, tmp_path):
     inp = tmp_path / "long.jsonl"
     inp.write_text(GOOD + json.dumps({"id": "big", "text": "word " * 1_000_000}) + "\n")
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, inp, tmp_path, "--yes")
     assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "context window" in p.stderr and "split or truncate" in p.stderr
     assert emu.stats()["uploads"] == 0
 
 
 def test_empty_and_missing_files(emu, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    p = run_cli(["run", "empty.jsonl", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, "empty.jsonl", tmp_path, "--yes")
     assert p.returncode == 2 and "empty.jsonl: the file is empty" in p.stderr
-    p = run_cli(["run", "missing.jsonl", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, "missing.jsonl", tmp_path, "--yes")
     assert p.returncode == 2 and "missing.jsonl: no such file" in p.stderr
     assert emu.stats()["uploads"] == 0
 
@@ -64,10 +64,7 @@ def test_bom_crlf_and_blank_lines_are_accepted(emu, tmp_path):
     inp = tmp_path / "windows.jsonl"
     inp.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "one"}\r\n\r\n{"id": "b", "text": "two"}\r\n\n')
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
-        tmp_path,
-    )
+    p = run_against(emu, inp, tmp_path, "--yes", "--poll-interval", "0.2", out=out)
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
 
@@ -86,7 +83,7 @@ def test_bom_crlf_and_blank_lines_are_accepted(emu, tmp_path):
 def test_bad_config(emu, articles, tmp_path, toml, message):
     cfg = tmp_path / "job.toml"
     cfg.write_text(toml)
-    p = run_cli(["run", str(articles), "--config", str(cfg), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, articles, tmp_path, "--config", str(cfg), "--yes")
     assert p.returncode == 2 and str(cfg) in p.stderr and message in p.stderr, p.stderr
     assert emu.stats()["uploads"] == 0
 
@@ -96,7 +93,7 @@ def test_template_field_missing_from_a_record(emu, tmp_path):
     cfg.write_text("prompt_template = 'Language: {lang}\\n{text}'\n")
     inp = tmp_path / "docs.jsonl"
     inp.write_text('{"id": 1, "text": "a", "lang": "en"}\n{"id": 2, "text": "b"}\n')
-    p = run_cli(["run", str(inp), "--config", str(cfg), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, inp, tmp_path, "--config", str(cfg), "--yes")
     assert p.returncode == 2 and f"{inp}:2:" in p.stderr and "{lang}" in p.stderr
 
 
@@ -104,23 +101,7 @@ def test_skip_invalid_sets_records_aside(emu, tmp_path):
     inp = tmp_path / "mixed.jsonl"
     inp.write_text(GOOD + '{"id": "b"}\nnot json\n{"id": "c", "text": "fine"}\n')
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(inp),
-            "--skip-invalid",
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--out",
-            str(out),
-            "--poll-interval",
-            "0.2",
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, inp, tmp_path, "--skip-invalid", "--yes", "--poll-interval", "0.2", out=out)
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "c"]
     rejected = read_jsonl(tmp_path / "st" / "mixed" / "mixed.rejected.jsonl")
@@ -131,10 +112,7 @@ def test_skip_invalid_sets_records_aside(emu, tmp_path):
 
 def test_files_are_private(emu, articles, tmp_path):
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", out=out)
     assert p.returncode == 0, p.stderr
     files = [f for f in (tmp_path / "st").rglob("*") if f.is_file()] + [out]
     assert len(files) > 5
@@ -145,18 +123,10 @@ def test_files_are_private(emu, articles, tmp_path):
 def test_api_key_never_written_or_printed(emu, articles, tmp_path):
     secret = "AIzaSECRET-do-not-leak-1234567890"
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
-        tmp_path,
-        GEMINI_API_KEY=secret,
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", out=out, GEMINI_API_KEY=secret)
     assert p.returncode == 0, p.stderr
     emu.configure(forbid_batch=True)
-    p2 = run_cli(
-        ["run", str(articles), "--name", "again", "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st", "--yes"],
-        tmp_path,
-        GEMINI_API_KEY=secret,
-    )
+    p2 = run_against(emu, articles, tmp_path, "--name", "again", "--mode", "batch", "--yes", GEMINI_API_KEY=secret)
     assert p2.returncode == 3  # an error path too
     s = run_cli(["status", "--json", "--state-dir", "st"], tmp_path, GEMINI_API_KEY=secret)
     blobs = [p.stdout, p.stderr, p2.stdout, p2.stderr, s.stdout, s.stderr]
@@ -172,23 +142,7 @@ def test_skip_invalid_keeps_the_first_of_duplicate_ids(emu, tmp_path):
         '{"id": 2, "text": "two"}\n{"id": 2, "text": "two again"}\n'
     )
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(inp),
-            "--skip-invalid",
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--out",
-            str(out),
-            "--poll-interval",
-            "0.2",
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, inp, tmp_path, "--skip-invalid", "--yes", "--poll-interval", "0.2", out=out)
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == [1, "1", 2]  # 1 and "1" are different ids
     rejected = read_jsonl(tmp_path / "st" / "dups" / "dups.rejected.jsonl")

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli, spawn_cli
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_against, run_cli, spawn_cli
 from test_run import assert_complete, assert_no_duplicate_creates, wait_for
 
 import batchify
@@ -21,9 +21,7 @@ FAST = ["--poll-interval", "0.2", "--yes"]
 
 def run_articles(emu, articles, tmp_path, *extra, **env):
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", *FAST, *extra], tmp_path, **env
-    )
+    p = run_against(emu, articles, tmp_path, *FAST, *extra, out=out, **env)
     return p, out
 
 

@@ -13,7 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, input_ids, read_jsonl, run_cli
+from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli
 
 import batchify
 
@@ -93,11 +93,7 @@ def test_url_input_fetches_extracts_and_caches(emu, site, tmp_path):
     inp = tmp_path / "urls.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in url_records(site)))
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out), "--poll-interval", "0.2"],
-        tmp_path,
-        BATCHIFY_CRASH_AT="after_create",
-    )
+    p = run_against(emu, inp, tmp_path, "--yes", "--poll-interval", "0.2", out=out, BATCHIFY_CRASH_AT="after_create")
     assert p.returncode == -9  # crash after the fetch and the create; resume must not fetch again
     hits = dict(site.hits)
     assert hits["/news/0"] == 1 and hits["/nope"] == 1
@@ -122,7 +118,7 @@ def test_all_urls_failing_still_gives_one_line_each(emu, site, tmp_path):
     inp = tmp_path / "dead.jsonl"
     inp.write_text(json.dumps({"id": 1, "url": f"{site.url}/gone"}) + "\n")
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", str(out)], tmp_path)
+    p = run_against(emu, inp, tmp_path, "--yes", out=out)
     assert p.returncode == 1
     assert [(r["id"], r["status"]) for r in read_jsonl(out)] == [(1, "error")]
     assert emu.stats()["uploads"] == 0
@@ -172,24 +168,7 @@ def test_notebook_example_runs(tmp_path):
 
 def test_results_summary_json_and_cleanup(emu, articles, tmp_path):
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--out",
-            str(out),
-            "--poll-interval",
-            "0.2",
-            "--batch-size",
-            "30",
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", "--batch-size", "30", out=out)
     assert p.returncode == 0
     assert "is_financial" in p.stderr and "category" in p.stderr  # the analytics table at the end
     a = json.loads(run_cli(["results", "articles", "--summary", "--json", "--state-dir", "st"], tmp_path).stdout)
@@ -203,9 +182,7 @@ def test_results_summary_json_and_cleanup(emu, articles, tmp_path):
 
 
 def test_cleanup_refuses_before_results_are_merged(emu, articles, tmp_path):
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path, BATCHIFY_CRASH_AT="after_create"
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", BATCHIFY_CRASH_AT="after_create")
     assert p.returncode == -9
     c = run_cli(["cleanup", "articles", "--state-dir", "st"], tmp_path)
     assert c.returncode == 2 and "not finished" in c.stderr and "resume" in c.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import input_ids, read_jsonl, run_cli
+from conftest import input_ids, read_jsonl, run_against, run_cli
 
 import batchify
 
@@ -48,10 +48,7 @@ async def test_realtime_recovers_from_429_with_retry_delay(emu, tmp_path):
 def test_batch_refused_403_auto_finishes_in_realtime(emu, articles, tmp_path):
     emu.configure(forbid_batch=True)
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", "--yes", "--poll-interval", "0.2"],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", out=out)
     assert p.returncode == 0, p.stderr
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == input_ids(articles)
@@ -63,53 +60,21 @@ def test_batch_refused_403_auto_finishes_in_realtime(emu, articles, tmp_path):
 
 def test_batch_refused_403_in_batch_mode_says_what_to_do(emu, articles, tmp_path):
     emu.configure(forbid_batch=True)
-    p = run_cli(["run", str(articles), "--mode", "batch", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    p = run_against(emu, articles, tmp_path, "--mode", "batch", "--yes")
     assert p.returncode == 3
     assert "403" in p.stderr and "billing" in p.stderr and "--mode realtime" in p.stderr
     assert emu.stats()["generate_calls"] == 0
 
 
 def test_unknown_model_404(emu, articles, tmp_path):
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--model",
-            "gemini-9-ultra",
-            "--mode",
-            "batch",
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--model", "gemini-9-ultra", "--mode", "batch", "--yes")
     assert p.returncode == 3 and "404" in p.stderr and "--model" in p.stderr
 
 
 def test_line_errors_fallback_completes_exactly_those(emu, articles, tmp_path):
     emu.configure(line_error_rate=0.15, seed=3)
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            "--yes",
-            "--poll-interval",
-            "0.2",
-            "--batch-size",
-            "20",
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", "--batch-size", "20", out=out)
     assert p.returncode == 0, p.stderr
     run_dir = tmp_path / "st" / "articles"
     ids = [json.loads(x) for x in (run_dir / "ids.jsonl").read_text().splitlines()]
@@ -123,20 +88,15 @@ def test_line_errors_fallback_completes_exactly_those(emu, articles, tmp_path):
 
 
 def test_max_cost_refuses_before_spending(emu, articles, tmp_path):
-    p = run_cli(
-        ["run", str(articles), "--mode", "realtime", "--max-cost", "0.0001", "--endpoint", emu.url, "--state-dir", "st", "--yes"],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--mode", "realtime", "--max-cost", "0.0001", "--yes")
     assert p.returncode == 5 and "max-cost" in p.stderr
     assert emu.stats()["generate_calls"] == 0
 
 
 def test_realtime_resume_never_resends(emu, tmp_path):
     inp = small_docs(tmp_path / "docs.jsonl", 80)
-    p = run_cli(
-        ["run", str(inp), "--mode", "realtime", "--endpoint", emu.url, "--state-dir", "st", "--yes", "--concurrency", "4"],
-        tmp_path,
-        BATCHIFY_CRASH_AT="after_realtime:30",
+    p = run_against(
+        emu, str(inp), tmp_path, "--mode", "realtime", "--yes", "--concurrency", "4", BATCHIFY_CRASH_AT="after_realtime:30"
     )
     assert p.returncode == -9
     sent_before = emu.stats()["generate_calls"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_cli, spawn_cli
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_against, run_cli, spawn_cli
 
 import batchify
 
@@ -37,24 +37,7 @@ def assert_no_duplicate_creates(stats: dict) -> None:
 def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
     emu.configure(enqueued_limit=9000)
     out = tmp_path / "out.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--enqueued-limit",
-            "9000",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--enqueued-limit", "9000", "--batch-size", "8", *FAST, out=out)
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     st = json.loads(run_cli(["status", "articles", "--json", "--state-dir", "st"], tmp_path).stdout)
@@ -78,24 +61,7 @@ def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
     """Rolling admission submits as soon as a batch fits: more than one wave is live at a time."""
     emu.configure(enqueued_limit=9000, job_seconds=0.4, job_seconds_max=1.6)
     out = tmp_path / "out.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--enqueued-limit",
-            "9000",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--enqueued-limit", "9000", "--batch-size", "4", *FAST, out=out)
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     assert emu.stats()["peak_enqueued_tokens"] <= 9000
@@ -104,33 +70,15 @@ def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
 def test_barrier_mode_completes(emu, articles, tmp_path):
     emu.configure(enqueued_limit=12000)
     out = tmp_path / "out.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--enqueued-limit",
-            "12000",
-            "--batch-size",
-            "10",
-            "--barrier",
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
-        tmp_path,
+    p = run_against(
+        emu, str(articles), tmp_path, "--enqueued-limit", "12000", "--batch-size", "10", "--barrier", *FAST, out=str(out)
     )
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
 
 
 def test_dry_run_uploads_nothing(emu, articles, tmp_path):
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--dry-run", "--json", "--batch-size", "25", "--state-dir", "st"], tmp_path
-    )
+    p = run_against(emu, articles, tmp_path, "--dry-run", "--json", "--batch-size", "25")
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["records"] == 60 and plan["plan"]["batches"] == 3 and plan["plan"]["estimated_cost_usd"] > 0
@@ -177,24 +125,7 @@ def test_config_file_and_flags(emu, articles, tmp_path):
         '"properties": {"summary": {"type": "string"}}, "required": ["summary"]}\'\n'
     )
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--config",
-            str(cfg),
-            "--temperature",
-            "0.5",
-            "--endpoint",
-            emu.url,
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
-        tmp_path,
-    )
+    p = run_against(emu, articles, tmp_path, "--config", str(cfg), "--temperature", "0.5", *FAST, out=out)
     assert p.returncode == 0, p.stderr
     rows = read_jsonl(out)
     assert all(r["status"] == "ok" and set(r["result"]) == {"summary"} for r in rows)
@@ -216,7 +147,7 @@ def test_json_array_input_and_integer_ids(emu, tmp_path):
         )
     )
     out = tmp_path / "o.jsonl"
-    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--out", str(out), "--state-dir", "st", *FAST], tmp_path)
+    p = run_against(emu, inp, tmp_path, *FAST, out=out)
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == [1, 2, 3, 4, 5, 6, 7, "8"]
 
@@ -283,23 +214,16 @@ def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
 def test_crash_then_resume_creates_nothing_twice(emu, articles, tmp_path, point):
     emu.configure(enqueued_limit=20000)
     out = tmp_path / "o.jsonl"
-    p = run_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--enqueued-limit",
-            "20000",
-            "--batch-size",
-            "15",
-            "--out",
-            str(out),
-            "--state-dir",
-            "st",
-            *FAST,
-        ],
+    p = run_against(
+        emu,
+        str(articles),
         tmp_path,
+        "--enqueued-limit",
+        "20000",
+        "--batch-size",
+        "15",
+        *FAST,
+        out=out,
         BATCHIFY_CRASH_AT=point,
     )
     assert p.returncode == -signal.SIGKILL, p.stderr
@@ -319,11 +243,7 @@ def test_crash_then_resume_creates_nothing_twice(emu, articles, tmp_path, point)
 
 
 def test_resume_refuses_changed_input(emu, articles, tmp_path):
-    p = run_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--out", str(tmp_path / "o.jsonl"), "--state-dir", "st", *FAST],
-        tmp_path,
-        BATCHIFY_CRASH_AT="after_intent",
-    )
+    p = run_against(emu, articles, tmp_path, *FAST, out=str(tmp_path / "o.jsonl"), BATCHIFY_CRASH_AT="after_intent")
     assert p.returncode == -signal.SIGKILL
     with open(articles, "a") as f:
         f.write(json.dumps({"id": "new", "text": "changed"}) + "\n")
