@@ -544,7 +544,6 @@ class Run:
     out: str
     created_at: str
     status: str = "prepared"  # prepared | running | done | cancelled
-    phase: str = "batch"  # batch | fallback | merged
     realtime: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     updated_at: str = ""
@@ -870,6 +869,11 @@ def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
         v = _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
     err = next(iter(v.iter_errors(value)), None)
     return None if err is None else f"{'/'.join(map(str, err.absolute_path)) or '(root)'}: {err.message}"[:200]
+
+
+def error_kind(error: Any) -> str:
+    """The part of an error message that names its kind (before any detail), for counting."""
+    return re.sub(r"[:(].*", "", str(error))[:60].strip() or "error"
 
 
 def merge_choice(current: dict[str, Any] | None, candidate: dict[str, Any]) -> dict[str, Any]:
@@ -2366,7 +2370,7 @@ class Engine:
                     ok += 1
                 else:
                     err += 1
-                    kind = re.sub(r"[:(].*", "", str(r.get("error")))[:60].strip()
+                    kind = error_kind(r.get("error"))
                     kinds[kind] = kinds.get(kind, 0) + 1
                 by_source[source] = by_source.get(source, 0) + 1
                 if usage:
@@ -2532,7 +2536,6 @@ class Engine:
 
 async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
     """Cancel every remote job of a run that is still live; they stay cancelled on resume."""
-    run = store.load_run()
     engine = Engine(store, client)
     await engine.reconcile()
     cancelled = []
@@ -2545,7 +2548,6 @@ async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
         elif j.state in UNSUBMITTED:
             engine._set(j, S.CANCELLED, cancelled_by_user=True)
             cancelled.append(j.name)
-    run.status = "cancelled"
     engine.run.status = "cancelled"
     store.save_run(engine.run)
     return cancelled
@@ -2614,7 +2616,7 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
         sources[r.source] = sources.get(r.source, 0) + 1
         add_usage(usage["realtime" if r.source == "realtime" else "batch"], r.usage)
         if not r.ok:
-            kind = re.sub(r"[:(].*", "", str(r.error))[:60].strip() or "error"
+            kind = error_kind(r.error)
             errors[kind] = errors.get(kind, 0) + 1
             continue
         ok += 1
@@ -3578,7 +3580,7 @@ class EmulatorThread:
 async def open_client(
     endpoint: str | None, api_key: str | None, emulator_config: EmulatorConfig | None = None, need: bool = True
 ) -> Any:
-    """Yield (client or None, endpoint label). "local" starts the emulator in this event loop."""
+    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
     emu = None
     base_url = endpoint
     if endpoint == "local":
@@ -3590,11 +3592,11 @@ async def open_client(
             raise UsageError(
                 "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
             )
-        yield None, base_url
+        yield None
         return
     client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None)
     try:
-        yield client, ("local emulator" if emu else (base_url or "Gemini API"))
+        yield client
     finally:
         await client.close()
         if emu is not None:
@@ -3629,7 +3631,7 @@ async def run_file(
         opts.poll_interval = 1.0
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("run")
-        async with open_client(endpoint, api_key, emulator_config, need=not dry_run) as (client, _label):
+        async with open_client(endpoint, api_key, emulator_config, need=not dry_run) as client:
             run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook)
             if dry_run:
                 return run, None
@@ -3670,7 +3672,7 @@ async def resume_run(
         if max_cost is not None:
             run.options["max_cost"] = max_cost
         store.save_run(run)
-        async with open_client(endpoint, api_key, emulator_config) as (client, _label):
+        async with open_client(endpoint, api_key, emulator_config) as client:
             return await Engine(store, client, reporter, hook=hook).execute()
 
 
@@ -3712,7 +3714,7 @@ async def prepare(
         raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
     with RunLock(store.state_dir / ".locks" / opts.name) as lock:
         lock.acquire("prepare")
-        async with open_client(endpoint, api_key, need=False) as (client, _label):
+        async with open_client(endpoint, api_key, need=False) as client:
             return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
 
 
@@ -3774,7 +3776,7 @@ async def cleanup(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as (client, _label):
+        async with open_client(endpoint or run.endpoint, api_key) as client:
             return await cleanup_run(store, client, local)
 
 
@@ -3785,7 +3787,7 @@ async def cancel(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as (client, _label):
+        async with open_client(endpoint or run.endpoint, api_key) as client:
             return await cancel_run(store, client)
 
 
@@ -3831,7 +3833,7 @@ def _esc(text: Any) -> str:
     return escape(str(text))
 
 
-def render_plan(run: Run, endpoint_label: str | None = None) -> None:
+def render_plan(run: Run) -> None:
     from rich.table import Table
 
     p = run.plan
@@ -3839,7 +3841,7 @@ def render_plan(run: Run, endpoint_label: str | None = None) -> None:
     t.add_column(style="bold")
     t.add_column()
     rows = [
-        ("endpoint", endpoint_label or run.endpoint or "Gemini API"),
+        ("endpoint", run.endpoint or "Gemini API"),
         ("model", p["model"]),
         ("mode", run.options.get("mode")),
         ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
@@ -3926,7 +3928,6 @@ class RichReporter:
                     f"  real time {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
                 ),
             )
-            done = max(done, 0)
         p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
 
 

@@ -44,6 +44,12 @@ def emulator_process(*args: str) -> Iterator[str]:
         proc.wait(10)
 
 
+def child(code: str, *args: str) -> dict:
+    """Run a measuring snippet in a fresh interpreter (its own peak RSS); it prints JSON last."""
+    p = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), *args], capture_output=True, text=True, check=True)
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
 def stats(url: str) -> dict:
     with urllib.request.urlopen(url + "/_emulator/stats", timeout=10) as r:
         return json.loads(r.read())

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
 from _common import ROOT
+from _common import child as run_child
 
 import batchify
 
@@ -100,9 +98,7 @@ def build(state: Path, docs: int) -> None:
 
 
 def child(mode: str, state: Path) -> dict:
-    code = CHILD.format(root=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", code, mode, str(state)], capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, mode, str(state))
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import orjson
 from _common import ROOT
+from _common import child as run_child
 
 CHILD = r"""
 import json, resource, sys, time, asyncio
@@ -62,9 +62,7 @@ def generate(path: Path, docs: int, words: int) -> None:
 
 def child(mode: str, inp: Path, outdir: Path) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
-    code = CHILD.format(root=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", code, mode, str(inp), str(outdir)], capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, mode, str(inp), str(outdir))
 
 
 def main() -> None:
