@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import math
 import os
@@ -606,6 +607,15 @@ def template_fields(template: str) -> list[str]:
 
 def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]) -> str | None:
     """None when the record is usable, else what is wrong with it and how to fix it."""
+    if type(obj) is dict:  # the common case, checked without building anything (prepare's hot loop)
+        rid = obj.get(id_field)
+        text = obj.get(text_field)
+        if (type(rid) is int or (type(rid) is str and rid)) and type(text) is str and text and not text.isspace():
+            for f in fields:
+                if f not in obj and f != text_field and f not in OPTIONAL_FIELDS:
+                    break
+            else:
+                return None
     if not isinstance(obj, dict):
         return f"record is a JSON {type(obj).__name__}, not an object. Fix: one JSON object per line"
     if id_field not in obj:
@@ -619,7 +629,7 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
     text = obj.get(text_field)
     if text is None:
         return f"no '{text_field}' field. Fix: add the document text (or name the field with --text-field)"
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text or text.isspace():  # isspace: no copy of a long text
         return f"'{text_field}' is empty or not a string. Fix: give the document text as a non-empty string"
     for f in fields:
         if f not in (text_field, *OPTIONAL_FIELDS) and f not in obj:
@@ -634,7 +644,7 @@ class _PromptValues(dict[str, Any]):
     text_field: str
 
     def __missing__(self, key: str) -> Any:
-        if key == "text":
+        if key == "text" and self.text_field != "text":
             return self[self.text_field]
         if key in OPTIONAL_FIELDS:
             return ""
@@ -645,7 +655,18 @@ class _PromptValues(dict[str, Any]):
         return "" if v is None else v
 
 
+@functools.lru_cache(maxsize=16)
+def _fields_of(template: str) -> tuple[str, ...]:
+    return tuple(template_fields(template))
+
+
 def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str:
+    if text_field == "text":  # every field present and not None: the record itself fills the template
+        for f in _fields_of(template):
+            if record.get(f) is None:
+                break
+        else:
+            return template.format_map(record)
     values = _PromptValues(record)
     values.text_field = text_field
     return template.format_map(values)
@@ -1434,7 +1455,7 @@ def needs_fetch(obj: Any, text_field: str) -> bool:
     if not isinstance(obj, dict) or not isinstance(obj.get("url"), str) or not obj["url"]:
         return False
     text = obj.get(text_field)
-    return not (isinstance(text, str) and text.strip())
+    return not (isinstance(text, str) and text and not text.isspace())
 
 
 def load_fetch_cache(path: Path) -> dict[str, dict[str, str]]:
@@ -1577,6 +1598,7 @@ def _prepare_pass(
     req_dir = store.dir / "requests"
     req_dir.mkdir(parents=True, exist_ok=True)
     start = count = tok = nb = n = 0
+    batch_size, max_bytes = opts.batch_size, opts.max_file_bytes
     with contextlib.ExitStack() as stack:
         ids_f = stack.enter_context(open_private(store.ids_path))
         rej_f: Any = None
@@ -1625,7 +1647,7 @@ def _prepare_pass(
                 except (KeyError, IndexError, ValueError) as e:
                     err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
             if err is None:
-                t = estimate_tokens(len(prompt) + si_chars, cpt)
+                t = math.ceil((len(prompt) + si_chars) / cpt) or 1  # estimate_tokens(), inlined: hot loop
                 if t > CONTEXT_WINDOW:
                     err = (
                         f"document of about {t:,} tokens is longer than the model's context window "
@@ -1660,7 +1682,8 @@ def _prepare_pass(
                 n += 1
                 continue
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
-            if cur_f is None or should_cut(count, tok, nb, t, len(line), opts.batch_size, eff, opts.max_file_bytes):
+            # should_cut(), inlined (hot loop): a new batch when the current one is full
+            if cur_f is None or count >= batch_size or tok + t > eff or nb + len(line) > max_bytes:
                 close_batch()
                 start, count, tok, nb = batches[-1].end if batches else 0, 0, 0, 0
                 cur_f = open_private(req_dir / f"b{len(batches) + 1:04d}.jsonl")
@@ -2118,13 +2141,15 @@ class Engine:
                 if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
                 and next_poll.get(j.name, 0.0) <= now + 0.2 * base  # jobs due soon ride along: fewer wake-ups
             ]
+            freed = False
             if due:
                 async with asyncio.TaskGroup() as tg:
                     tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
-                for name, task in tasks.items():
-                    changed = task.result()
-                    interval[name] = next_poll_interval(interval.get(name, base), changed, base, self.opts.max_poll_interval)
-                    next_poll[name] = self.clock() + interval[name]
+                for j in due:
+                    changed = tasks[j.name].result()
+                    freed = freed or (j.state in ACTIVE_STATES and self.jobs[j.name].state not in ACTIVE_STATES)
+                    interval[j.name] = next_poll_interval(interval.get(j.name, base), changed, base, self.opts.max_poll_interval)
+                    next_poll[j.name] = self.clock() + interval[j.name]
             ready = [j for j in self._ordered() if j.state == S.SUCCEEDED and j.output_file and next_poll.get(j.name, 0.0) <= now]
             if ready:
                 async with asyncio.TaskGroup() as tg:
@@ -2139,7 +2164,13 @@ class Engine:
             # or for one interval while admission waits on a back-off. Every pass awaits: no busy loop.
             waits = [t for name, t in next_poll.items() if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED}]
             if any(j.state in UNSUBMITTED for j in self.jobs.values()):
-                waits.append(max(create_after, self.clock() + base))
+                if freed:
+                    # A job just left the enqueued set: admit into the room it made now, not one interval
+                    # later; a 429 back-off is moot once capacity has actually changed.
+                    create_after, create_backoff = 0.0, base
+                    waits.append(self.clock())
+                else:
+                    waits.append(max(create_after, self.clock() + base))
             delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
             await self._nap(delay, self._uploaded)
 
@@ -2872,6 +2903,9 @@ class Emulator:
     def __init__(self, config: EmulatorConfig | None = None):
         self.cfg = config or EmulatorConfig()
         self.rng = random.Random(self.cfg.seed)
+        # Job durations from their own stream: the n-th job created gets the same duration whatever
+        # else drew random numbers before it (uploads, faults), so two runs can be compared job for job.
+        self.duration_rng = random.Random(f"durations:{self.cfg.seed}")
         self.files: dict[str, dict[str, Any]] = {}
         self.blobs: dict[str, bytes] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
@@ -3365,7 +3399,7 @@ class Emulator:
         jid = "".join(self.rng.choice(string.ascii_lowercase + string.digits) for _ in range(36))
         lo = self.cfg.job_seconds
         hi = self.cfg.job_seconds_max or lo
-        dur = self._dur(lo + (hi - lo) * self.rng.random())
+        dur = self._dur(lo + (hi - lo) * self.duration_rng.random())
         t = time.time()
         dn = batch.get("displayName")
         self.stats.setdefault("first_create_at", self.now())
@@ -3392,6 +3426,7 @@ class Emulator:
         self.stats["creates_by_display_name"][key] = self.stats["creates_by_display_name"].get(key, 0) + 1
         self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
         self.stats.setdefault("job_seconds", []).append(round(dur, 4))
+        self.stats.setdefault("job_created_at", []).append(round(self.now(), 4))
         return self._ok(self._operation(self.jobs[jid]))
 
     def _refresh_all(self) -> None:

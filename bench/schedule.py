@@ -52,6 +52,8 @@ def makespan(args: argparse.Namespace, inp: Path, state: Path, barrier: bool) ->
         )
         run, summary = asyncio.run(batchify.run_file(inp, options=opts, state_dir=state, endpoint=url, api_key="k"))
         s = stats(url)
+    if args.dump:
+        Path(args.dump + ("-waves" if barrier else "-rolling") + ".json").write_bytes(orjson.dumps(s))
     assert summary is not None and summary.ok == args.docs, summary
     span = (s["last_end_at"] - s["first_create_at"]) * args.scale / 60
     return span, s, run.plan["input_tokens"]
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--margin", type=float, default=batchify.DEFAULT_MARGIN)
     ap.add_argument("--words", type=int, default=1650)
+    ap.add_argument("--dump", help="write each run's emulator stats to DUMP-rolling.json / DUMP-waves.json")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "examples"))
     import make_articles

@@ -237,6 +237,35 @@ def test_check_record(obj, problem):
     assert (got is None) if problem is None else (problem in got)
 
 
+class _NotQuiteDict(dict):
+    """A dict subclass: check_record's and render_prompt's fast paths step aside for it."""
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=8))
+_records = st.dictionaries(st.sampled_from(["id", "text", "title", "url", "lang", "body"]), _values, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records, st.sampled_from(["text", "body"]), st.lists(st.sampled_from(["title", "url", "text", "lang"]), max_size=4))
+def test_check_record_fast_path_agrees_with_the_full_check(rec, text_field, fields):
+    # The hot loop of prepare takes a shortcut for plain dicts; it must never accept what the full check refuses.
+    assert b.check_record(rec, "id", text_field, fields) == b.check_record(_NotQuiteDict(rec), "id", text_field, fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records, st.sampled_from(["{text}", "Title: {title}\nURL: {url}\n\n{text}", "{lang}: {title!r} {text:>3}"]))
+def test_render_prompt_fast_path_agrees_with_the_template_rules(rec, template):
+    values = b._PromptValues(rec)
+    values.text_field = "text"
+    try:
+        want = template.format_map(values)
+    except (KeyError, ValueError, TypeError) as e:
+        with pytest.raises(type(e)):
+            b.render_prompt(template, rec, "text")
+        return
+    assert b.render_prompt(template, rec, "text") == want
+
+
 def test_template_field_missing_is_reported():
     assert "template uses {lang}" in b.check_record({"id": 1, "text": "x"}, "id", "text", ["lang"])
 
