@@ -43,6 +43,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -75,9 +76,13 @@ DEFAULT_MODEL = "gemini-2.5-flash"
 DEFAULT_STATE_DIR = "batch_jobs"
 DEFAULT_BATCH_SIZE = 1_000
 MAX_FILE_BYTES = 2 * 1024**3  # the Batch API's limit on one input file
-DEFAULT_MARGIN = 0.10  # keep 10% under the enqueued-token limit: estimates are estimates
+# Share of the enqueued-token limit kept free, against the estimate's error. A create above the real
+# limit only costs a 429 and a wait for the next job to finish, so the margin need not be wide.
+DEFAULT_MARGIN = 0.10  # with the offline 4 chars/token guess
+CALIBRATED_MARGIN = 0.03  # with chars/token measured by countTokens on documents from across the file
 CHARS_PER_TOKEN_OFFLINE = 4.0  # documented fallback when countTokens cannot be called
-CALIBRATION_SAMPLES = 8
+CALIBRATION_SAMPLES = 64  # documents, spread over the input file ...
+CALIBRATION_CALLS = 8  # ... counted in this many countTokens calls
 DEFAULT_POLL_INTERVAL = 30.0
 MAX_POLL_INTERVAL = 300.0
 DEFAULT_MAX_ACTIVE_JOBS = 100  # the Batch API's concurrent-job limit
@@ -284,7 +289,7 @@ class RunOptions:
     waves: str | int = "auto"
     tier: int = 1
     enqueued_limit: int | None = None
-    margin: float = DEFAULT_MARGIN
+    margin: float | None = None  # None: CALIBRATED_MARGIN or DEFAULT_MARGIN, see margin_for()
     barrier: bool = False
     poll_interval: float = DEFAULT_POLL_INTERVAL
     max_poll_interval: float = MAX_POLL_INTERVAL
@@ -747,6 +752,13 @@ def plan_batches(sizes: Iterable[tuple[int, int]], batch_size: int, token_cap: i
     return out
 
 
+def margin_for(margin: float | None, calibrated: bool) -> float:
+    """The margin asked for, or the default for how good the token estimate is."""
+    if margin is not None:
+        return margin
+    return CALIBRATED_MARGIN if calibrated else DEFAULT_MARGIN
+
+
 def effective_limit(limit: int, margin: float) -> int:
     return max(1, int(limit * (1.0 - margin)))
 
@@ -783,7 +795,31 @@ def admit(active_tokens: int, active_jobs: int, candidate_tokens: int, limit: in
 
 
 def next_poll_interval(current: float, changed: bool, base: float, maximum: float) -> float:
+    """A job's poll interval: back to base when its state moved, else 1.5x longer up to maximum."""
     return base if changed else min(maximum, current * 1.5)
+
+
+def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) -> float | None:
+    """Seconds from the last observation until a job's requests are all done, at the rate seen between
+    two (time, requests done) observations; None when there is no rate to go by.
+
+    Counts are whole requests, so each observation may be up to one request behind: the slowest rate
+    they allow is used, which makes the answer late rather than early (an early poll finds the job
+    still running and costs a whole base interval)."""
+    (t0, d0), (t1, d1) = first, last
+    if total <= 0 or d1 - d0 <= 1 or t1 <= t0:
+        return None
+    return max(0.0, (total - d1) * (t1 - t0) / (d1 - d0 - 1))
+
+
+def poll_delay(interval: float, eta: float | None, base: float) -> float:
+    """When to poll a job next: after its backed-off interval; or, when its progress says it will be
+    done before the poll after that one could happen, just after that moment. Never sooner than
+    `base`: at most one get per job per base interval."""
+    if eta is None:
+        return interval
+    done_at = eta + 0.05 * base
+    return max(base, done_at) if done_at < interval + base else interval
 
 
 def price_for(model: str) -> tuple[float, float]:
@@ -1334,8 +1370,9 @@ class GeminiClient:
         data = await self._call("download", self.aio.files.download(file=name))
         return bytes(data)
 
-    async def count_tokens(self, model: str, text: str) -> int:
-        r = await self._call("count tokens", self.aio.models.count_tokens(model=model, contents=text))
+    async def count_tokens(self, model: str, texts: str | list[str]) -> int:
+        """Tokens of one text, or of several counted together in one call."""
+        r = await self._call("count tokens", self.aio.models.count_tokens(model=model, contents=texts))
         return int(r.total_tokens or 0)
 
     async def generate(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -1428,26 +1465,56 @@ def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
 async def calibrate(
     client: GeminiClient | None, path: Path, cfg: JobConfig, id_field: str, text_field: str
 ) -> tuple[float, bool]:
-    """Characters per token from a few countTokens calls on the first records; offline constant otherwise."""
+    """Characters per token, measured with countTokens on documents from across the input (a file
+    sorted by language or source would mislead a sample of its head); the offline constant when the
+    service cannot be asked. CALIBRATION_SAMPLES documents in CALIBRATION_CALLS calls."""
     if client is None:
         return CHARS_PER_TOKEN_OFFLINE, False
     fields = template_fields(cfg.prompt_template)
     prompts: list[str] = []
     try:
-        for rec in read_input(path):
-            if rec.error is None and check_record(rec.obj, id_field, text_field, fields) is None:
-                prompts.append(render_prompt(cfg.prompt_template, rec.obj, text_field))
-                if len(prompts) >= CALIBRATION_SAMPLES:
-                    break
+        for obj in calibration_sample(path, CALIBRATION_SAMPLES):
+            if check_record(obj, id_field, text_field, fields) is None:
+                prompts.append(render_prompt(cfg.prompt_template, obj, text_field))
     except InputError:
         return CHARS_PER_TOKEN_OFFLINE, False
     if not prompts:
         return CHARS_PER_TOKEN_OFFLINE, False
+    groups = [prompts[i::CALIBRATION_CALLS] for i in range(min(CALIBRATION_CALLS, len(prompts)))]
     try:
-        counts = await asyncio.gather(*(client.count_tokens(cfg.model, p) for p in prompts))
+        counts = await asyncio.gather(*(client.count_tokens(cfg.model, g) for g in groups))
     except RemoteError:
         return CHARS_PER_TOKEN_OFFLINE, False
-    return calibrate_chars_per_token([(len(p), c) for p, c in zip(prompts, counts, strict=True)]), True
+    return calibrate_chars_per_token([(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]), True
+
+
+def calibration_sample(path: Path, n: int) -> Iterator[Any]:
+    """Up to n records spread evenly over a JSONL file: seek to n offsets, take the next whole line
+    (n seeks, not a pass over the file). A JSON array file: its first n items. Bad lines are skipped."""
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):
+            for rec in itertools.islice(read_input(path), n):
+                if rec.error is None:
+                    yield rec.obj
+            return
+        starts: set[int] = set()
+        for k in range(n):
+            f.seek(size * k // n)
+            if k:
+                f.readline()  # the rest of the line the offset fell into
+            start = f.tell()
+            line = f.readline()
+            if start in starts or not line.strip(b"\xef\xbb\xbf \t\r\n"):
+                continue
+            starts.add(start)
+            with contextlib.suppress(orjson.JSONDecodeError):
+                yield orjson.loads(line.removeprefix(b"\xef\xbb\xbf"))
 
 
 def needs_fetch(obj: Any, text_field: str) -> bool:
@@ -1729,12 +1796,13 @@ async def prepare_run(
 
     path = Path(input_path)
     limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
-    eff = effective_limit(limit, opts.margin)
     cpt, calibrated = (
         (await calibrate(client, path, cfg, opts.id_field, opts.text_field))
         if opts.calibrate
         else (CHARS_PER_TOKEN_OFFLINE, False)
     )
+    margin = margin_for(opts.margin, calibrated)
+    eff = effective_limit(limit, margin)
     p = _prepare_pass(store, path, cfg, opts, cpt, eff, set(), hook)
     if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
         await fetch_urls(path, store, opts.text_field)
@@ -1760,6 +1828,7 @@ async def prepare_run(
     waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
     plan = estimate_plan(cfg, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
+    plan["margin"] = margin
     run_id = secrets.token_hex(3)
     name = store.name
     if opts.mode != "realtime":
@@ -1872,7 +1941,10 @@ class Engine:
         self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs()}
         self.rt_view: RealtimeView | None = None
         self._saved_at: dict[str, float] = {}
-        self._uploaded = asyncio.Event()
+        self._progress: dict[str, tuple[float, int]] = {}  # first (clock, requests done) seen while RUNNING
+        self._retrieving: set[str] = set()  # jobs whose results are being downloaded beside the scheduler
+        self._failure: Exception | None = None
+        self._wake = asyncio.Event()
         self._demand = asyncio.Event()
         self.limit = self.run.plan["effective_limit"]
 
@@ -2033,14 +2105,14 @@ class Engine:
     async def batch_phase(self) -> None:
         """Admit, poll and retrieve until every batch job is final; uploads run ahead beside it."""
         await self.reconcile()
-        self._uploaded = asyncio.Event()  # an upload finished: admission may go on
+        self._wake = asyncio.Event()  # an upload or a retrieval finished: the scheduler looks again
         self._demand = asyncio.Event()  # admission took uploaded files: upload more
         stop = asyncio.Event()
         failure: BaseException | None = None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._uploader(stop))
             try:
-                await self._schedule()
+                await self._schedule(tg)
             except Exception as e:  # re-raised as itself below, not wrapped in an ExceptionGroup
                 failure = e
             finally:
@@ -2066,7 +2138,7 @@ class Engine:
             if todo:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [tg.create_task(self._upload(j)) for j in todo]
-                self._uploaded.set()
+                self._wake.set()
                 if all(t.result() for t in tasks):
                     backoff = self.opts.poll_interval
                     continue
@@ -2102,14 +2174,25 @@ class Engine:
                 t.cancel()
             await asyncio.gather(sleeper, waiter, return_exceptions=True)
 
-    async def _schedule(self) -> None:
+    async def _retrieve_beside(self, job: Job, next_poll: dict[str, float]) -> None:
+        """One retrieval, run beside the scheduler so that polls and admission never wait on a download."""
+        try:
+            if not await self.retrieve(job):
+                next_poll[job.name] = self.clock() + self.opts.poll_interval
+        except Exception as e:  # handed to the scheduler, which raises it as itself
+            self._failure = e
+        finally:
+            self._retrieving.discard(job.name)
+            self._wake.set()
+
+    async def _schedule(self, background: asyncio.TaskGroup) -> None:
         base = self.opts.poll_interval
         interval: dict[str, float] = {}
         next_poll: dict[str, float] = {}
         create_after = 0.0
         create_backoff = base
         while True:
-            self._uploaded.clear()
+            self._wake.clear()
             self._spawn_retries()
             self._demand.set()
             now = self.clock()
@@ -2146,23 +2229,31 @@ class Engine:
                 async with asyncio.TaskGroup() as tg:
                     tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
                 for j in due:
-                    changed = tasks[j.name].result()
+                    moved = tasks[j.name].result()
                     freed = freed or (j.state in ACTIVE_STATES and self.jobs[j.name].state not in ACTIVE_STATES)
-                    interval[j.name] = next_poll_interval(interval.get(j.name, base), changed, base, self.opts.max_poll_interval)
-                    next_poll[j.name] = self.clock() + interval[j.name]
-            ready = [j for j in self._ordered() if j.state == S.SUCCEEDED and j.output_file and next_poll.get(j.name, 0.0) <= now]
-            if ready:
-                async with asyncio.TaskGroup() as tg:
-                    dl = {j.name: tg.create_task(self.retrieve(j)) for j in ready}
-                for name, task in dl.items():
-                    if not task.result():
-                        next_poll[name] = self.clock() + base
+                    interval[j.name] = next_poll_interval(interval.get(j.name, base), moved, base, self.opts.max_poll_interval)
+                    next_poll[j.name] = self.clock() + poll_delay(interval[j.name], self._eta(self.jobs[j.name]), base)
+            for j in self._ordered():
+                if (
+                    j.state == S.SUCCEEDED
+                    and j.output_file
+                    and next_poll.get(j.name, 0.0) <= now
+                    and j.name not in self._retrieving
+                ):
+                    self._retrieving.add(j.name)
+                    background.create_task(self._retrieve_beside(j, next_poll))
+            if self._failure is not None:
+                raise self._failure
             self._report()
             if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
                 return
             # Sleep until the next poll is due, or until the uploader brings the next batch (its event),
             # or for one interval while admission waits on a back-off. Every pass awaits: no busy loop.
-            waits = [t for name, t in next_poll.items() if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED}]
+            waits = [
+                t
+                for name, t in next_poll.items()
+                if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED} and name not in self._retrieving
+            ]
             if any(j.state in UNSUBMITTED for j in self.jobs.values()):
                 if freed:
                     # A job just left the enqueued set: admit into the room it made now, not one interval
@@ -2172,7 +2263,7 @@ class Engine:
                 else:
                     waits.append(max(create_after, self.clock() + base))
             delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
-            await self._nap(delay, self._uploaded)
+            await self._nap(delay, self._wake)
 
     def _retry_pending(self) -> bool:
         retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
@@ -2220,8 +2311,19 @@ class Engine:
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
         return True
 
+    def _eta(self, job: Job) -> float | None:
+        """Seconds until a running job should be done, from the progress its batchStats showed so far."""
+        if job.state != S.RUNNING or not job.stats:
+            self._progress.pop(job.name, None)
+            return None
+        done = job.stats.get("successfulRequestCount", 0) + job.stats.get("failedRequestCount", 0)
+        now = self.clock()
+        first = self._progress.setdefault(job.name, (now, done))
+        return progress_eta(first, (now, done), job.stats.get("requestCount", job.request_count))
+
     async def poll(self, job: Job) -> bool:
-        """One batches.get; True when something changed."""
+        """One batches.get; True when the job's state moved (progress counts alone do not count: they
+        are saved, but a job that is merely progressing keeps backing off, see poll_delay)."""
         try:
             rj = await self.client.get_batch(job.remote_job or "")
             self.hook("after_poll")
@@ -2246,7 +2348,7 @@ class Engine:
         if moved or now - self._saved_at.get(job.name, -1e18) >= 10 * self.opts.poll_interval:
             self.store.save_job(new)
             self._saved_at[job.name] = now
-        return True
+        return moved
 
     async def retrieve(self, job: Job) -> bool:
         """Download, parse and record one finished job's results. False: try again later."""
@@ -2256,6 +2358,14 @@ class Engine:
             self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
             return False
         self.hook("after_download")
+        # Parsing, schema checks and the fsync'ed write run in a worker thread: the event loop stays free
+        # for polls and admission (a 1,000-line output is ~0.3 s of work).
+        ok, failed, usage = await asyncio.to_thread(self._record_results, job, data)
+        self._set(job, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+        return True
+
+    def _record_results(self, job: Job, data: bytes) -> tuple[int, int, dict[str, int]]:
+        """Parse one job's output, write its per-line results (in request order); (ok, failed, usage)."""
         keys = [int(orjson.loads(line)["key"]) for line in open(self.store.request_path(job), "rb") if line.strip()]
         results: dict[int, dict[str, Any]] = {}
         usage: dict[str, int] = {}
@@ -2291,8 +2401,7 @@ class Engine:
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.store.result_path(job).with_suffix(".tmp"), self.store.result_path(job))
-        self._set(job, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
-        return True
+        return ok, failed, usage
 
     async def _download(self, name: str) -> bytes:
         delay = 1.0
@@ -2918,6 +3027,7 @@ class Emulator:
             "creates_refused_429": 0,
             "creates_by_display_name": {},
             "gets": 0,
+            "gets_by_job": {},
             "lists": 0,
             "downloads": 0,
             "downloads_dropped": 0,
@@ -3245,7 +3355,7 @@ class Emulator:
         schema = gc.get("responseJsonSchema") or gc.get("responseSchema")
         seed = _mix(text, salt)
         if schema:
-            answer = orjson.dumps(self._fake(schema, seed, text)).decode()
+            answer = orjson.dumps(self._fake(schema, seed, text.split() or ["emulated"])).decode()
         else:
             answer = f"[{EMULATOR_LABEL}] " + " ".join(text.split()[:12])
         prompt_tokens = self._tokens(req)
@@ -3268,22 +3378,21 @@ class Emulator:
             "responseId": f"emu-{seed % 10**12:012d}",
         }
 
-    def _fake(self, schema: dict[str, Any], seed: int, text: str) -> Any:
+    def _fake(self, schema: dict[str, Any], seed: int, words: list[str]) -> Any:
         t = schema.get("type", "object" if "properties" in schema else "string")
         t = (t[0] if isinstance(t, list) else t).lower()
         if "enum" in schema:
             return schema["enum"][seed % len(schema["enum"])]
         if t == "object":
-            return {k: self._fake(v, _mix(seed, k), text) for k, v in (schema.get("properties") or {}).items()}
+            return {k: self._fake(v, _mix(seed, k), words) for k, v in (schema.get("properties") or {}).items()}
         if t == "array":
-            return [self._fake(schema.get("items") or {"type": "string"}, _mix(seed, i), text) for i in range(1 + seed % 3)]
+            return [self._fake(schema.get("items") or {"type": "string"}, _mix(seed, i), words) for i in range(1 + seed % 3)]
         if t == "boolean":
             return seed % 2 == 0
         if t == "integer":
             return int(schema.get("minimum", 0)) + seed % 100
         if t == "number":
             return round((seed % 1000) / 10, 1)
-        words = text.split() or ["emulated"]
         s = seed % max(1, len(words) - 8)
         return " ".join(words[s : s + 8])
 
@@ -3559,7 +3668,20 @@ class Emulator:
 
     async def _h_batch_get(self, request: Any, ver: str, id: str) -> Any:
         self.stats["gets"] += 1
-        return self._ok(self._operation(self._job(id)))
+        j = self._job(id)
+        op = self._operation(j)
+        # Polling cost, for tests and benches: gets per job, the shortest gap between two gets of one
+        # job, and how long after its end a client first saw a job finished.
+        now = self.now()
+        if "last_get_at" in j:
+            self.stats["min_get_gap"] = min(self.stats.get("min_get_gap", math.inf), now - j["last_get_at"])
+        j["last_get_at"] = now
+        key = j["display_name"] or j["id"]
+        self.stats["gets_by_job"][key] = self.stats["gets_by_job"].get(key, 0) + 1
+        if j["state"] in ("SUCCEEDED", "FAILED", "EXPIRED") and "seen_end_at" not in j:
+            j["seen_end_at"] = now
+            self.stats.setdefault("job_end_seen_after", []).append(round(now - j["t0"] - j["duration"], 4))
+        return self._ok(op)
 
     async def _h_batch_list(self, request: Any, ver: str) -> Any:
         self.stats["lists"] += 1
@@ -3887,7 +4009,11 @@ def render_plan(run: Run) -> None:
             f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
             f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
         ),
-        ("enqueued limit", f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,})"),
+        (
+            "enqueued limit",
+            f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
+            + (f", margin {p['margin']:.0%})" if "margin" in p else ")"),
+        ),
         (
             "estimated cost",
             f"${p['estimated_cost_usd']:.4f}"
@@ -4343,7 +4469,12 @@ def _waves(value: str) -> str | int:
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
 @click.option("--tier", default=1, show_default=True, type=click.IntRange(1, 3))
 @click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
-@click.option("--margin", default=DEFAULT_MARGIN, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 0.9),
+    help=f"Share of the enqueued-token limit kept free. [default: {CALIBRATED_MARGIN} when countTokens calibrated "
+    f"the estimate, {DEFAULT_MARGIN} with the offline guess]",
+)
 @click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
 @click.option(
     "--max-active-jobs",
@@ -4384,7 +4515,7 @@ def run(
     batch_size: int,
     tier: int,
     enqueued_limit: int | None,
-    margin: float,
+    margin: float | None,
     barrier: bool,
     max_active_jobs: int,
     poll_interval: float | None,

@@ -52,6 +52,7 @@ def makespan(args: argparse.Namespace, inp: Path, state: Path, barrier: bool) ->
         )
         run, summary = asyncio.run(batchify.run_file(inp, options=opts, state_dir=state, endpoint=url, api_key="k"))
         s = stats(url)
+        s["plan"] = run.plan
     if args.dump:
         Path(args.dump + ("-waves" if barrier else "-rolling") + ".json").write_bytes(orjson.dumps(s))
     assert summary is not None and summary.ok == args.docs, summary
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10_000_000)
     ap.add_argument("--scale", type=float, default=400.0, help="simulated seconds per real second")
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--margin", type=float, default=batchify.DEFAULT_MARGIN)
+    ap.add_argument("--margin", type=float, default=None, help="default: batchify's (3%% once calibrated)")
     ap.add_argument("--words", type=int, default=1650)
     ap.add_argument("--dump", help="write each run's emulator stats to DUMP-rolling.json / DUMP-waves.json")
     a = ap.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
     import heapq
 
     per_batch = tokens / math.ceil(a.docs / a.batch_size)
-    slots = int(batchify.effective_limit(a.limit, a.margin) // per_batch)
+    slots = int(s1["plan"]["effective_limit"] // per_batch)
     free = [0.0] * slots
     ideal = 0.0
     for sec in s1["job_seconds"]:
@@ -97,7 +98,7 @@ def main() -> None:
     bound = tokens / a.limit * 25.0  # mean of U(10, 40) minutes
     print(
         f"{a.docs:,} docs, ~{tokens / a.docs:,.0f} tokens each, {tokens / 1e6:.1f}M tokens; limit {a.limit / 1e6:.0f}M "
-        f"(margin {a.margin:.0%}); batches of {a.batch_size}; jobs 10-40 simulated min"
+        f"(margin {s1['plan']['margin']:.0%}); batches of {a.batch_size}; jobs 10-40 simulated min"
     )
     print(
         f"peak enqueued tokens: rolling {served / 1e6:.2f}M, waves {s2['peak_enqueued_tokens'] / 1e6:.2f}M; "
