@@ -759,6 +759,20 @@ def margin_for(margin: float | None, calibrated: bool) -> float:
     return CALIBRATED_MARGIN if calibrated else DEFAULT_MARGIN
 
 
+def batch_token_cap(eff: int, batch_size: int, tokens_per_doc: float, max_jobs: int) -> int:
+    """Most tokens one batch may hold: a whole number of batches fills the usable limit exactly.
+
+    Batches of `batch_size` documents would leave up to one batch's worth of the limit idle for the
+    whole run (3 batches of 2.9M under 9.7M use 90% of it); capping each at eff/k tokens, k being the
+    next whole number of batches, lets k of them run at once. Not when k would pass the concurrent-job
+    limit (then the job count binds, not the tokens)."""
+    full = batch_size * tokens_per_doc
+    if full <= 0 or full >= eff:
+        return eff
+    k = math.ceil(eff / full - 1e-9)
+    return eff if k > max_jobs else eff // k
+
+
 def effective_limit(limit: int, margin: float) -> int:
     return max(1, int(limit * (1.0 - margin)))
 
@@ -1462,30 +1476,31 @@ def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
     return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}"
 
 
-async def calibrate(
-    client: GeminiClient | None, path: Path, cfg: JobConfig, id_field: str, text_field: str
-) -> tuple[float, bool]:
-    """Characters per token, measured with countTokens on documents from across the input (a file
-    sorted by language or source would mislead a sample of its head); the offline constant when the
-    service cannot be asked. CALIBRATION_SAMPLES documents in CALIBRATION_CALLS calls."""
-    if client is None:
-        return CHARS_PER_TOKEN_OFFLINE, False
-    fields = template_fields(cfg.prompt_template)
-    prompts: list[str] = []
-    try:
-        for obj in calibration_sample(path, CALIBRATION_SAMPLES):
-            if check_record(obj, id_field, text_field, fields) is None:
-                prompts.append(render_prompt(cfg.prompt_template, obj, text_field))
-    except InputError:
-        return CHARS_PER_TOKEN_OFFLINE, False
-    if not prompts:
+async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, bool]:
+    """Characters per token, measured with countTokens on the prompts of documents sampled from across
+    the input (a file sorted by language or source would mislead a sample of its head), in
+    CALIBRATION_CALLS calls; the offline constant when the service cannot be asked."""
+    if client is None or not prompts:
         return CHARS_PER_TOKEN_OFFLINE, False
     groups = [prompts[i::CALIBRATION_CALLS] for i in range(min(CALIBRATION_CALLS, len(prompts)))]
     try:
-        counts = await asyncio.gather(*(client.count_tokens(cfg.model, g) for g in groups))
+        counts = await asyncio.gather(*(client.count_tokens(model, g) for g in groups))
     except RemoteError:
         return CHARS_PER_TOKEN_OFFLINE, False
     return calibrate_chars_per_token([(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]), True
+
+
+def sample_prompts(path: Path, cfg: JobConfig, id_field: str, text_field: str) -> list[str]:
+    """The prompts of up to CALIBRATION_SAMPLES valid records from across the input."""
+    fields = template_fields(cfg.prompt_template)
+    try:
+        return [
+            render_prompt(cfg.prompt_template, obj, text_field)
+            for obj in calibration_sample(path, CALIBRATION_SAMPLES)
+            if check_record(obj, id_field, text_field, fields) is None
+        ]
+    except (InputError, KeyError, IndexError, ValueError):
+        return []
 
 
 def calibration_sample(path: Path, n: int) -> Iterator[Any]:
@@ -1636,6 +1651,7 @@ def _prepare_pass(
     opts: RunOptions,
     cpt: float,
     eff: int,
+    cap: int,
     suspects: set[int],
     hook: Callable[[str], None] | None,
 ) -> _Pass:
@@ -1750,7 +1766,7 @@ def _prepare_pass(
                 continue
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
             # should_cut(), inlined (hot loop): a new batch when the current one is full
-            if cur_f is None or count >= batch_size or tok + t > eff or nb + len(line) > max_bytes:
+            if cur_f is None or count >= batch_size or tok + t > cap or nb + len(line) > max_bytes:
                 close_batch()
                 start, count, tok, nb = batches[-1].end if batches else 0, 0, 0, 0
                 cur_f = open_private(req_dir / f"b{len(batches) + 1:04d}.jsonl")
@@ -1796,21 +1812,21 @@ async def prepare_run(
 
     path = Path(input_path)
     limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
-    cpt, calibrated = (
-        (await calibrate(client, path, cfg, opts.id_field, opts.text_field))
-        if opts.calibrate
-        else (CHARS_PER_TOKEN_OFFLINE, False)
-    )
+    sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
+    cpt, calibrated = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, False)
     margin = margin_for(opts.margin, calibrated)
     eff = effective_limit(limit, margin)
-    p = _prepare_pass(store, path, cfg, opts, cpt, eff, set(), hook)
+    si_chars = len(cfg.system_instruction or "")
+    per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
+    cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
+    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook)
     if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
         await fetch_urls(path, store, opts.text_field)
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook)
         if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, p.duplicate_digests, hook)
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook)
     if p.n_problems and not opts.skip_invalid:
         shutil.rmtree(store.dir, ignore_errors=True)
         more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
@@ -1829,6 +1845,7 @@ async def prepare_run(
     plan = estimate_plan(cfg, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
     plan["margin"] = margin
+    plan["batch_token_cap"] = cap
     run_id = secrets.token_hex(3)
     name = store.name
     if opts.mode != "realtime":

@@ -362,3 +362,57 @@ async def test_limiter_pause_and_slowdown():
     for _ in range(1000):
         lim.recover()
     assert lim.rate == 10.0
+
+
+# -- calibration sample and margin --------------------------------------------------------------
+
+
+def test_calibration_sample_spreads_over_the_file(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b"".join(b'{"id": %d, "text": "%s"}\n' % (i, b"x" * (i % 50 + 1)) for i in range(1000)))
+    ids = [r["id"] for r in b.calibration_sample(p, 64)]
+    assert len(ids) == 64 and len(set(ids)) == 64
+    assert min(ids) == 0 and max(ids) > 960, "from the head to the tail, not just the head"
+
+
+def test_calibration_sample_small_bad_and_array_files(tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "a"}\n{oops\n\n{"id": 2, "text": "b"}\n')
+    assert [r["id"] for r in b.calibration_sample(small, 64)] == [1, 2]  # each line once, bad ones skipped
+    arr = tmp_path / "in.json"
+    arr.write_bytes(b'[{"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 3, "text": "c"}]')
+    assert [r["id"] for r in b.calibration_sample(arr, 2)] == [1, 2]
+    assert list(b.calibration_sample(tmp_path / "missing.jsonl", 8)) == []
+
+
+@pytest.mark.parametrize(
+    ("asked", "calibrated", "margin"),
+    [(None, True, b.CALIBRATED_MARGIN), (None, False, b.DEFAULT_MARGIN), (0.2, True, 0.2), (0.0, False, 0.0)],
+)
+def test_margin_for(asked, calibrated, margin):
+    assert b.margin_for(asked, calibrated) == margin
+
+
+@pytest.mark.parametrize(
+    ("eff", "batch_size", "per_doc", "max_jobs", "cap"),
+    [
+        (9_700_000, 1000, 2900.0, 100, 2_425_000),  # 3 x 2.9M would idle 0.9M: 4 batches of 2.425M fill it
+        (9_700_000, 100, 2900.0, 100, 9_700_000 // 34),  # 33.4 -> 34 batches
+        (8_700_000, 1000, 2900.0, 100, 2_900_000),  # already a whole number: unchanged
+        (9_700_000, 10_000, 2900.0, 100, 9_700_000),  # one batch would exceed the limit: the limit caps it
+        (400_000_000, 1000, 2900.0, 100, 400_000_000),  # 138 batches > 100 concurrent jobs: the job count binds
+        (9_700_000, 1000, 0.0, 100, 9_700_000),  # nothing sampled
+    ],
+)
+def test_batch_token_cap(eff, batch_size, per_doc, max_jobs, cap):
+    assert b.batch_token_cap(eff, batch_size, per_doc, max_jobs) == cap
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1_000, 10**9), st.integers(1, 5000), st.floats(1, 50_000), st.integers(1, 200))
+def test_batch_token_cap_fills_the_limit_with_whole_batches(eff, batch_size, per_doc, max_jobs):
+    cap = b.batch_token_cap(eff, batch_size, per_doc, max_jobs)
+    assert 1 <= cap <= eff
+    if cap < eff:  # k batches at the cap fit, and the cap is not below the next size down
+        k = eff // cap
+        assert k <= max_jobs and k * cap <= eff and cap <= batch_size * per_doc

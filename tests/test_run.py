@@ -157,6 +157,10 @@ async def test_library_api(emu, articles, tmp_path):
     run, summary = await batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
     assert summary is not None and summary.ok == 60 and summary.errors == 0 and summary.cost_batch_usd > 0
     assert run.plan["batches"] == 3
+    # Calibrated with countTokens (8 calls, documents from across the file), so the narrow margin applies.
+    assert run.calibrated and run.plan["margin"] == batchify.CALIBRATED_MARGIN
+    assert emu.stats()["count_tokens_calls"] == batchify.CALIBRATION_CALLS
+    assert abs(run.chars_per_token - batchify.EmulatorConfig().chars_per_token) < 0.05
     st = batchify.run_status(tmp_path / "st", "articles")
     assert st["runs"][0]["status"] == "done" and len(st["runs"][0]["job_list"]) == 3
     with pytest.raises(batchify.UsageError):  # the same name again: resume, not a second run
