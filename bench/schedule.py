@@ -115,7 +115,8 @@ def main() -> None:
                 f"{s2['peak_enqueued_tokens'] / 1e6:.2f}M; 429s {s1['creates_refused_429']} / {s2['creates_refused_429']}; "
                 f"gets {s1['gets']} for {jobs} jobs, ends seen {statistics.mean(seen or [0]):.0f} s after on average"
             )
-    mc = sorted(greedy([random.Random(k).uniform(LO, HI) for _ in range(jobs)], slots) / bound for k in range(2000))
+    draws = [random.Random(k) for k in range(2000)]
+    mc = sorted(greedy([r.uniform(LO, HI) for _ in range(jobs)], slots) / bound for r in draws)
     print(
         f"{a.docs:,} docs, {tokens / 1e6:.1f}M tokens in {jobs} batches of {a.batch_size}; limit {a.limit / 1e6:.0f}M "
         f"(planning to {plan['effective_limit'] / 1e6:.2f}M, margin {plan['margin']:.0%}); jobs {LO:.0f}-{HI:.0f} simulated min"
