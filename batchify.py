@@ -851,6 +851,9 @@ def usage_cost(model: str, usage: dict[str, int], batch: bool) -> float:
     return cost_usd(model, usage.get("promptTokenCount", 0), out, batch)
 
 
+# One line of a results sidecar (results/*.jsonl, realtime.jsonl), keys in this order; merge's output
+# line is the same with "id" in place of "n".
+RESULT_KEYS = ("n", "status", "result", "error", "source", "usage")
 USAGE_KEYS = frozenset({"promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"})
 
 
@@ -1757,7 +1760,7 @@ def _prepare_pass(
                     fail_f = stack.enter_context(open_private(store.fetch_errors_path))
                 fail_f.write(
                     orjson.dumps(
-                        {"n": n, "status": "error", "result": None, "usage": None, "source": "fetch", "error": fetch_error}
+                        {"n": n, "status": "error", "result": None, "error": fetch_error, "source": "fetch", "usage": None}
                     )
                     + b"\n"
                 )
@@ -2408,9 +2411,9 @@ class Engine:
                     "n": n,
                     "status": "error",
                     "result": None,
-                    "usage": None,
-                    "source": "batch",
                     "error": f"missing from the output of {job.remote_job}",
+                    "source": "batch",
+                    "usage": None,
                 }
                 ok += r["status"] == "ok"
                 failed += r["status"] != "ok"
@@ -2442,13 +2445,13 @@ class Engine:
                 "status": "ok" if err is None else "error",
                 "result": value,
                 "error": err,
-                "usage": usage or None,
                 "source": source,
+                "usage": usage or None,
             }
         e = obj.get("error") or obj.get("status") or {}
         msg = e.get("message", "unknown error") if isinstance(e, dict) else str(e)
         code = e.get("code") if isinstance(e, dict) else None
-        return {"n": n, "status": "error", "result": None, "error": f"{msg} (code {code})", "usage": None, "source": source}
+        return {"n": n, "status": "error", "result": None, "error": f"{msg} (code {code})", "source": source, "usage": None}
 
     # -- resolution and merge ------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int, int]]:
@@ -2466,33 +2469,75 @@ class Engine:
                 out[r["n"]] = merge_choice(out.get(r["n"]), r)
         return out
 
-    def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        """Every ordinal in input order with its best result so far (None: no result yet)."""
+    @staticmethod
+    def _results_lines(path: Path) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
+        """A results file's lines in file order: (ordinal, result, the raw line if merge may splice it).
+
+        A line can be spliced into the output as it is when it is one whole line of our own layout
+        (RESULT_KEYS in that order, nothing else, "n" an int); anything else is re-encoded.
+        """
+        if not path.exists():
+            return
+        loads = orjson.loads
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    r = loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a blank or torn line: that request is simply not done
+                ours = tuple(r) == RESULT_KEYS and type(r["n"]) is int and line.startswith(b'{"n":') and line.endswith(b"\n")
+                yield r["n"], r, line if ours else None
+
+    def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None, bytes | None]]:
+        """Every ordinal in input order with its best result so far (None: no result yet).
+
+        The third item is the primary results line the result came from, unchanged (None when the
+        result came from elsewhere or was re-decided): merge splices it instead of re-encoding.
+        A primary results file is in request order (ascending ordinals), so it is read alongside the
+        range; a line found ahead of its place (an ordinal with no line, or a file out of order) waits
+        in a small per-batch dict.
+        """
         overrides = self._overrides()
         primary = {j.index: j for j in self.jobs.values() if j.attempt == 1 and j.start is not None}
         for idx, s, e in self._ranges():
             j = primary.get(idx)
-            res: dict[int, dict[str, Any]] = {}
+            lines: Iterator[tuple[int, dict[str, Any], bytes | None]] = iter(())
             if j is not None and j.state == S.RESULTS_DOWNLOADED:
-                res = {r["n"]: r for r in iter_jsonl(self.store.result_path(j))}
+                lines = self._results_lines(self.store.result_path(j))
+            ahead: dict[int, tuple[int, dict[str, Any], bytes | None]] = {}
+            ended = j is not None and j.state in (S.FAILED, S.EXPIRED, S.CANCELLED)
             for n in range(s, e):
-                best = res.get(n)
-                o = overrides.get(n)
+                best: dict[str, Any] | None = None
+                raw: bytes | None = None
+                got = ahead.pop(n, None) if ahead else None
+                if got is None:
+                    for got in lines:
+                        if got[0] == n:
+                            break
+                        ahead[got[0]] = got
+                    else:
+                        got = None
+                if got is not None:
+                    best, raw = got[1], got[2]
+                o = overrides.get(n) if overrides else None
                 if o is not None:
-                    best = merge_choice(best, o)
-                if best is None and j is not None and j.state in (S.FAILED, S.EXPIRED, S.CANCELLED):
+                    chosen = merge_choice(best, o)
+                    if chosen is not best:
+                        best, raw = chosen, None
+                if best is None and ended:
+                    assert j is not None
                     best = {
                         "n": n,
                         "status": "error",
                         "result": None,
-                        "usage": None,
-                        "source": "batch",
                         "error": f"batch job {j.name} ended {j.state}: {j.error or 'no detail'}",
+                        "source": "batch",
+                        "usage": None,
                     }
-                yield n, best
+                yield n, best, raw
 
     def unresolved(self) -> set[int]:
-        return {n for n, r in self.resolve() if r is None or r["status"] != "ok"}
+        return {n for n, r, _raw in self.resolve() if r is None or r["status"] != "ok"}
 
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order."""
@@ -2511,18 +2556,29 @@ class Engine:
             "error": "no result (run not finished)",
         }
         dumps = orjson.dumps
+        hook = self.hook
         with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
-            for (n, r), id_line in zip(self.resolve(), ids, strict=True):
+            write = f.write
+            for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 if r is None:
                     r = missing
+                # ids.jsonl holds each id already JSON-encoded, and a primary results line already holds the
+                # encoded result: splice the bytes rather than decode and encode them again
+                if raw is not None:
+                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
+                else:
+                    rest = {
+                        "status": r["status"],
+                        "result": r.get("result"),
+                        "error": r.get("error"),
+                        "source": r.get("source") or "batch",
+                        "usage": r.get("usage"),
+                    }
+                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + dumps(rest)[1:] + b"\n")
+                if n & 15 == 0:
+                    hook("merge")
                 status: str = r["status"]
                 source: str = r.get("source") or "batch"
-                usage: dict[str, Any] | None = r.get("usage")
-                rest = {"status": status, "result": r.get("result"), "error": r.get("error"), "source": source, "usage": usage}
-                # ids.jsonl holds each id already JSON-encoded: splice it in rather than decode and encode it again
-                f.write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + dumps(rest)[1:] + b"\n")
-                if n % 16 == 0:
-                    self.hook("merge")
                 if status == "ok":
                     ok += 1
                 else:
@@ -2530,6 +2586,7 @@ class Engine:
                     kind = error_kind(r.get("error"))
                     kinds[kind] = kinds.get(kind, 0) + 1
                 by_source[source] = by_source.get(source, 0) + 1
+                usage: dict[str, Any] | None = r.get("usage")
                 if usage:
                     acc = usage_r if source == "realtime" else usage_b
                     for k, v in usage.items():
@@ -2637,7 +2694,7 @@ class Engine:
                         view.retries += 1
                         await self.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
                         continue
-                    return {"n": n, "status": "error", "result": None, "usage": None, "source": "realtime", "error": str(e)}
+                    return {"n": n, "status": "error", "result": None, "error": str(e), "source": "realtime", "usage": None}
                 rpm_l.recover()
                 return self._line_result(n, {"response": resp}, "realtime")
 

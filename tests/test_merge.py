@@ -1,0 +1,150 @@
+"""Merge from sidecars alone: results files in odd shapes, against a plain model of the resolution rules.
+
+merge splices a primary results line's bytes into the output when the line has our own layout, and
+re-encodes anything else; it reads each results file alongside its range. These tests hand it files
+out of order, with holes, torn lines, foreign key orders and extra keys, plus real-time and retry
+overrides, and check the output line by line against a model that decodes and re-encodes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import batchify
+
+S = batchify.S
+TO_DOWNLOADED = (S.UPLOADING, S.UPLOADED, S.SUBMITTING, S.PENDING, S.SUCCEEDED, S.RESULTS_DOWNLOADED)
+FIELDS = ("status", "result", "error", "source", "usage")
+
+
+def prepared(tmp: Path, docs: int, batch_size: int) -> batchify.RunStore:
+    inp = tmp / "in.jsonl"
+    with open(inp, "wb") as f:
+        for i in range(docs):
+            f.write(orjson.dumps({"id": f"doc-{i:03d}", "text": f"Article {i} about markets."}) + b"\n")
+    opts = batchify.RunOptions(calibrate=False, batch_size=batch_size, out=str(tmp / "out.jsonl"))
+    store = batchify.RunStore(tmp / "st", "m")
+    asyncio.run(batchify.prepare_run(store, inp, batchify.JobConfig(), opts))
+    (store.dir / "results").mkdir(exist_ok=True)
+    return store
+
+
+def result(n: int, ok: bool, source: str = "batch") -> dict[str, Any]:
+    return {
+        "n": n,
+        "status": "ok" if ok else "error",
+        "result": {"summary": f'answer {n} \u00e9 "quoted"'} if ok else None,
+        "error": None if ok else f"Internal error (code 13) for {n}",
+        "source": source,
+        "usage": {"promptTokenCount": 100 + n, "candidatesTokenCount": 7, "totalTokenCount": 107 + n} if ok else None,
+    }
+
+
+def encode(r: dict[str, Any], layout: str) -> bytes:
+    if layout == "ours":
+        return orjson.dumps(r) + b"\n"
+    if layout == "reordered":  # an older writer: usage before source
+        return orjson.dumps({k: r[k] for k in ("n", "status", "result", "error", "usage", "source")}) + b"\n"
+    if layout == "spaced":  # written by another JSON library
+        return json.dumps(r).encode() + b"\n"
+    if layout == "extra":  # an extra key the output must not carry
+        return orjson.dumps({**r, "debug": [1, 2]}) + b"\n"
+    raise AssertionError(layout)
+
+
+def mark_downloaded(store: batchify.RunStore, job: batchify.Job) -> None:
+    for s in TO_DOWNLOADED:
+        job = batchify.advance(job, s, batchify.utcnow())
+    store.save_job(job)
+
+
+def expected_lines(store: batchify.RunStore, best: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    ids = [orjson.loads(line) for line in open(store.ids_path, "rb")]
+    missing = {"status": "error", "result": None, "error": "no result (run not finished)", "source": "none", "usage": None}
+    return [{"id": i, **{k: (best.get(n) or missing)[k] for k in FIELDS}} for n, i in enumerate(ids)]
+
+
+def test_spliced_lines_are_byte_identical_to_encoded_ones(tmp_path):
+    store = prepared(tmp_path, 30, 10)
+    rng = random.Random(3)
+    for job in store.load_jobs():
+        with open(store.result_path(job), "wb") as f:
+            for n in range(job.start or 0, job.end or 0):
+                f.write(encode(result(n, rng.random() > 0.2), "ours"))
+        mark_downloaded(store, job)
+    summary = batchify.merge_run(store.state_dir, "m")
+    out = Path(summary.out).read_bytes().splitlines()
+    assert len(out) == 30
+    for line in out:
+        row = orjson.loads(line)
+        assert list(row) == ["id", *FIELDS]  # the documented key order
+        assert line == orjson.dumps(row), "a spliced line must be exactly what encoding the row gives"
+    ok = sum(orjson.loads(x)["status"] == "ok" for x in out)
+    assert (summary.ok, summary.errors) == (ok, 30 - ok)
+    usage = [orjson.loads(x)["usage"] for x in out]
+    assert summary.usage["promptTokenCount"] == sum(u["promptTokenCount"] for u in usage if u)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_merge_matches_the_model_whatever_the_results_files_look_like(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("merge")
+    store = prepared(tmp, 24, 6)
+    best: dict[int, dict[str, Any]] = {}
+    realtime: list[dict[str, Any]] = []
+    for job in store.load_jobs():
+        ns = list(range(job.start or 0, job.end or 0))
+        present = [n for n in ns if data.draw(st.integers(0, 5)) > 0]  # a hole now and then
+        order = data.draw(st.permutations(present))
+        lines = []
+        for n in order:
+            r = result(n, data.draw(st.booleans()))
+            layout = data.draw(st.sampled_from(["ours", "ours", "reordered", "spaced", "extra"]))
+            lines.append(encode(r, layout))
+            best[n] = r
+        if lines and data.draw(st.booleans()):
+            torn = lines.pop()  # a crash mid-write: the last line is cut short
+            best.pop(orjson.loads(torn)["n"])
+            lines.append(torn[: len(torn) // 2])
+        fate = data.draw(st.sampled_from(["downloaded", "downloaded", "failed", "running"]))
+        if fate == "downloaded":
+            store.result_path(job).write_bytes(b"".join(lines))
+            mark_downloaded(store, job)
+        else:  # a results file of a job that did not finish is never read
+            store.result_path(job).write_bytes(b"".join(lines))
+            for n in ns:
+                best.pop(n, None)
+            if fate == "failed":
+                for state in (S.UPLOADING, S.UPLOADED, S.SUBMITTING, S.PENDING, S.FAILED):
+                    job = batchify.advance(job, state, batchify.utcnow(), error="quota")
+                store.save_job(job)
+                for n in ns:
+                    best[n] = {
+                        "status": "error",
+                        "result": None,
+                        "error": f"batch job {job.name} ended FAILED: quota",
+                        "source": "batch",
+                        "usage": None,
+                    }
+        # real time answered some ids: an ok answer replaces an error, never the other way round
+        for n in ns:
+            if data.draw(st.integers(0, 3)) == 0:
+                rt = result(n, data.draw(st.booleans()), "realtime")
+                realtime.append(rt)
+                if n not in best or best[n]["status"] != "ok":
+                    best[n] = rt
+    store.realtime_path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in realtime))
+    summary = batchify.merge_run(store.state_dir, "m")
+    rows = [orjson.loads(line) for line in open(summary.out, "rb")]
+    assert rows == expected_lines(store, best)
+    assert all(list(r) == ["id", *FIELDS] for r in rows)
+    assert summary.ok == sum(r["status"] == "ok" for r in rows)
+    assert summary.by_source == {s: sum(r["source"] == s for r in rows) for s in {r["source"] for r in rows}}
