@@ -148,3 +148,31 @@ def test_merge_matches_the_model_whatever_the_results_files_look_like(tmp_path_f
     assert all(list(r) == ["id", *FIELDS] for r in rows)
     assert summary.ok == sum(r["status"] == "ok" for r in rows)
     assert summary.by_source == {s: sum(r["source"] == s for r in rows) for s in {r["source"] for r in rows}}
+
+
+USAGE = st.dictionaries(
+    st.sampled_from(["promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount", "cachedTokens"]),
+    st.integers(0, 10**9),
+)
+
+
+@given(st.lists(USAGE, max_size=40))
+def test_bulk_usage_sum_equals_one_by_one(usages):
+    one: dict[str, int] = {"promptTokenCount": 5}
+    bulk = dict(one)
+    for u in usages:
+        batchify.add_usage(one, u)
+    batchify.add_usages(bulk, usages)
+    assert bulk == one
+
+
+def test_bulk_usage_sum_counts_only_ints_on_foreign_values():
+    usages: list = [
+        {"promptTokenCount": 10, "totalTokenCount": 12},
+        {"promptTokenCount": 1.5, "totalTokenCount": "7"},  # a foreign writer
+        {"promptTokenCount": 3, "candidatesTokenCount": None},
+        ["not", "a", "dict"],
+    ]
+    total: dict[str, int] = {}
+    batchify.add_usages(total, usages)
+    assert total == {"promptTokenCount": 13, "totalTokenCount": 12}
