@@ -50,11 +50,13 @@ import random
 import re
 import secrets
 import signal
+import statistics
 import string
 import sys
 import threading
 import time
 import tomllib
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,8 +80,12 @@ DEFAULT_BATCH_SIZE = 1_000
 MAX_FILE_BYTES = 2 * 1024**3  # the Batch API's limit on one input file
 # Share of the enqueued-token limit kept free, against the estimate's error. A create above the real
 # limit only costs a 429 and a wait for the next job to finish, so the margin need not be wide.
-DEFAULT_MARGIN = 0.10  # with the offline 4 chars/token guess
-CALIBRATED_MARGIN = 0.03  # with chars/token measured by countTokens on documents from across the file
+DEFAULT_MARGIN = 0.10  # with the offline 4 chars/token guess (and the most a calibration can ask for)
+# Once countTokens measured chars/token on documents from across the file, the margin is three standard
+# errors of that measurement (see estimate_margin), never below MARGIN_FLOOR; CALIBRATED_MARGIN when
+# too few documents were counted to see their spread.
+CALIBRATED_MARGIN = 0.03
+MARGIN_FLOOR = 0.01  # kept free however exact the estimate looks: per-request rounding, a spurious count
 CHARS_PER_TOKEN_OFFLINE = 4.0  # documented fallback when countTokens cannot be called
 CALIBRATION_SAMPLES = 64  # documents, spread over the input file ...
 CALIBRATION_CALLS = 8  # ... counted in this many countTokens calls
@@ -289,7 +295,7 @@ class RunOptions:
     waves: str | int = "auto"
     tier: int = 1
     enqueued_limit: int | None = None
-    margin: float | None = None  # None: CALIBRATED_MARGIN or DEFAULT_MARGIN, see margin_for()
+    margin: float | None = None  # None: what the calibration warrants, or DEFAULT_MARGIN; see margin_for()
     barrier: bool = False
     poll_interval: float = DEFAULT_POLL_INTERVAL
     max_poll_interval: float = MAX_POLL_INTERVAL
@@ -752,11 +758,27 @@ def plan_batches(sizes: Iterable[tuple[int, int]], batch_size: int, token_cap: i
     return out
 
 
-def margin_for(margin: float | None, calibrated: bool) -> float:
-    """The margin asked for, or the default for how good the token estimate is."""
+def estimate_margin(samples: list[tuple[int, int]]) -> float:
+    """Share of the limit to keep free for the token estimate's error, from the calibration itself.
+
+    samples: (characters, counted tokens) of each calibration call, each over different documents.
+    The estimate's chars/token is their pooled ratio; its relative standard error is the spread of
+    the per-call ratios over the square root of their number. Three of those, between MARGIN_FLOOR
+    and DEFAULT_MARGIN; CALIBRATED_MARGIN when fewer than 4 calls show no usable spread.
+    (Documents of one batch err in both directions and mostly cancel: the calibration's own error is
+    shared by every batch enqueued at once, so that is what the margin covers.)"""
+    ratios = [t / c for c, t in samples if c > 0 and t > 0]
+    if len(ratios) < 4:
+        return CALIBRATED_MARGIN
+    rse = statistics.stdev(ratios) / statistics.fmean(ratios) / math.sqrt(len(ratios))
+    return round(min(DEFAULT_MARGIN, max(MARGIN_FLOOR, 3 * rse)), 4)
+
+
+def margin_for(margin: float | None, estimated: float | None) -> float:
+    """The margin asked for; else the one the calibration warrants; else DEFAULT_MARGIN (offline guess)."""
     if margin is not None:
         return margin
-    return CALIBRATED_MARGIN if calibrated else DEFAULT_MARGIN
+    return DEFAULT_MARGIN if estimated is None else estimated
 
 
 def batch_token_cap(eff: int, batch_size: int, tokens_per_doc: float, max_jobs: int) -> int:
@@ -1494,18 +1516,20 @@ def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
     return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}"
 
 
-async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, bool]:
+async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None]:
     """Characters per token, measured with countTokens on the prompts of documents sampled from across
     the input (a file sorted by language or source would mislead a sample of its head), in
-    CALIBRATION_CALLS calls; the offline constant when the service cannot be asked."""
+    CALIBRATION_CALLS calls, and the margin that measurement's spread warrants (estimate_margin).
+    The offline constant and None when the service cannot be asked."""
     if client is None or not prompts:
-        return CHARS_PER_TOKEN_OFFLINE, False
+        return CHARS_PER_TOKEN_OFFLINE, None
     groups = [prompts[i::CALIBRATION_CALLS] for i in range(min(CALIBRATION_CALLS, len(prompts)))]
     try:
         counts = await asyncio.gather(*(client.count_tokens(model, g) for g in groups))
     except RemoteError:
-        return CHARS_PER_TOKEN_OFFLINE, False
-    return calibrate_chars_per_token([(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]), True
+        return CHARS_PER_TOKEN_OFFLINE, None
+    samples = [(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]
+    return calibrate_chars_per_token(samples), estimate_margin(samples)
 
 
 def sample_prompts(path: Path, cfg: JobConfig, id_field: str, text_field: str) -> list[str]:
@@ -1831,8 +1855,9 @@ async def prepare_run(
     path = Path(input_path)
     limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
     sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
-    cpt, calibrated = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, False)
-    margin = margin_for(opts.margin, calibrated)
+    cpt, warranted = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None)
+    calibrated = warranted is not None
+    margin = margin_for(opts.margin, warranted)
     eff = effective_limit(limit, margin)
     si_chars = len(cfg.system_instruction or "")
     per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
@@ -3071,6 +3096,7 @@ class EmulatorConfig:
     enqueued_limit: int | None = None  # per model; None: the tier-1 table
     max_active_jobs: int = 100
     chars_per_token: float = 3.6  # the emulator's "tokenizer"
+    token_spread: float = 0.0  # each text's chars/token off by up to +- this share (fixed per text), as with real text
     line_error_rate: float = 0.0  # share of batch lines answered with an error status
     fail_jobs: int = 0  # the first N jobs created end FAILED
     expire_jobs: int = 0  # the next N stay PENDING, then EXPIRE
@@ -3406,15 +3432,26 @@ class Emulator:
             )
         return m
 
+    def _chars(self, part: Any) -> float:
+        """A text part's length as the "tokenizer" sees it: with token_spread, stretched or shrunk by a
+        factor fixed by the text itself, so countTokens, batch accounting and usage all agree."""
+        text = part.get("text", "") if isinstance(part, dict) else ""
+        if not isinstance(text, str):
+            return 0.0
+        if not self.cfg.token_spread or not text:
+            return len(text)
+        u = zlib.crc32(text.encode()) / 2**32
+        return len(text) * (1.0 + self.cfg.token_spread * (2.0 * u - 1.0))
+
     def _tokens(self, req: dict[str, Any], contents_only: bool = False) -> int:
-        chars = 0
+        chars = 0.0
         for c in req.get("contents") or []:
             for p in (c or {}).get("parts") or []:
-                chars += len(p.get("text", "")) if isinstance(p, dict) else 0
+                chars += self._chars(p)
         if not contents_only:
             si = req.get("systemInstruction") or req.get("system_instruction") or {}
             for p in si.get("parts") or []:
-                chars += len(p.get("text", "")) if isinstance(p, dict) else 0
+                chars += self._chars(p)
         return max(1, math.ceil(chars / self.cfg.chars_per_token)) if chars else 0
 
     @staticmethod
@@ -4106,7 +4143,7 @@ def render_plan(run: Run) -> None:
         (
             "enqueued limit",
             f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
-            + (f", margin {p['margin']:.0%})" if "margin" in p else ")"),
+            + (f", margin {p['margin']:.1%})" if "margin" in p else ")"),
         ),
         (
             "estimated cost",
@@ -4566,8 +4603,8 @@ def _waves(value: str) -> str | int:
 @click.option(
     "--margin",
     type=click.FloatRange(0, 0.9),
-    help=f"Share of the enqueued-token limit kept free. [default: {CALIBRATED_MARGIN} when countTokens calibrated "
-    f"the estimate, {DEFAULT_MARGIN} with the offline guess]",
+    help="Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
+    f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
 )
 @click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
 @click.option(
@@ -4838,6 +4875,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str) -> None:
 @click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
 @click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the tier-1 table).")
 @click.option("--max-active-jobs", default=100, show_default=True, type=int)
+@click.option("--token-spread", default=0.0, type=float, help="Each text's tokens off by up to +- this share.")
 @click.option("--line-error-rate", default=0.0, type=float)
 @click.option("--fail-jobs", default=0, type=int, help="The first N jobs end FAILED.")
 @click.option("--expire-jobs", default=0, type=int, help="The next N jobs stay PENDING, then EXPIRE.")

@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10_000_000)
     ap.add_argument("--scale", type=float, default=200.0, help="simulated seconds per real second")
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--margin", type=float, default=None, help="default: batchify's (3%% once calibrated)")
+    ap.add_argument("--margin", type=float, default=None, help="default: batchify's (what the countTokens calibration warrants)")
     ap.add_argument("--words", type=int, default=1650)
     ap.add_argument("--seeds", default="7,8,9", help="emulator seeds (job durations), comma-separated")
     ap.add_argument("--dump", help="write each run's emulator stats to DUMP-SEED-rolling.json / -waves.json")
@@ -119,7 +119,7 @@ def main() -> None:
     mc = sorted(greedy([r.uniform(LO, HI) for _ in range(jobs)], slots) / bound for r in draws)
     print(
         f"{a.docs:,} docs, {tokens / 1e6:.1f}M tokens in {jobs} batches of {a.batch_size}; limit {a.limit / 1e6:.0f}M "
-        f"(planning to {plan['effective_limit'] / 1e6:.2f}M, margin {plan['margin']:.0%}); jobs {LO:.0f}-{HI:.0f} simulated min"
+        f"(planning to {plan['effective_limit'] / 1e6:.2f}M, margin {plan['margin']:.1%}); jobs {LO:.0f}-{HI:.0f} simulated min"
     )
     print(
         f"ideal greedy with {slots} slots over 2,000 duration draws / lower bound: mean {statistics.mean(mc):.2f}, "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import statistics
 
 import pytest
 from hypothesis import given, settings
@@ -386,11 +388,38 @@ def test_calibration_sample_small_bad_and_array_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("asked", "calibrated", "margin"),
-    [(None, True, b.CALIBRATED_MARGIN), (None, False, b.DEFAULT_MARGIN), (0.2, True, 0.2), (0.0, False, 0.0)],
+    ("asked", "warranted", "margin"),
+    [(None, 0.017, 0.017), (None, None, b.DEFAULT_MARGIN), (0.2, 0.017, 0.2), (0.0, None, 0.0)],
 )
-def test_margin_for(asked, calibrated, margin):
-    assert b.margin_for(asked, calibrated) == margin
+def test_margin_for(asked, warranted, margin):
+    assert b.margin_for(asked, warranted) == margin
+
+
+@pytest.mark.parametrize(
+    ("samples", "margin"),
+    [
+        ([(36_000, 10_000)] * 8, b.MARGIN_FLOOR),  # every call the same ratio: the floor
+        ([(36_000, 10_000)] * 3, b.CALIBRATED_MARGIN),  # too few calls to see a spread
+        ([(36_000, 10_000), (0, 0), (36_000, 0), (36_000, 10_000)], b.CALIBRATED_MARGIN),  # empty calls do not count
+        # ratios 0.27 and 0.29 (+-3.6%), 8 calls: relative standard error 3.84% / sqrt(8); three of them
+        ([(100, 27), (100, 29)] * 4, round(3 * statistics.stdev([0.27, 0.29] * 4) / 0.28 / math.sqrt(8), 4)),
+        ([(100, 10), (100, 40)] * 4, b.DEFAULT_MARGIN),  # wild: capped at the offline guess's margin
+    ],
+)
+def test_estimate_margin(samples, margin):
+    assert b.estimate_margin(samples) == pytest.approx(margin)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 10**6), st.integers(1, 10**6)), min_size=4, max_size=16),
+    st.integers(1, 1000),
+)
+def test_estimate_margin_bounds_and_scale(samples, k):
+    m = b.estimate_margin(samples)
+    assert b.MARGIN_FLOOR <= m <= b.DEFAULT_MARGIN
+    # counting in other units (k times the characters, or k times the tokens) changes nothing
+    assert b.estimate_margin([(c * k, t) for c, t in samples]) == pytest.approx(m, abs=1e-4)
+    assert b.estimate_margin([(c, t * k) for c, t in samples]) == pytest.approx(m, abs=1e-4)
 
 
 @pytest.mark.parametrize(
