@@ -3667,6 +3667,7 @@ class Emulator:
         self.stats["creates_by_display_name"][key] = self.stats["creates_by_display_name"].get(key, 0) + 1
         self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
         self.stats.setdefault("job_seconds", []).append(round(dur, 4))
+        self.stats.setdefault("created_after", []).append(round(self.now() - self.stats["first_create_at"], 4))
         return self._ok(self._operation(self.jobs[jid]))
 
     def _refresh_all(self) -> None:

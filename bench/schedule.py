@@ -108,12 +108,14 @@ def main() -> None:
             ideal = greedy([sec * a.scale / 60 for sec in s1["job_seconds"]], slots)
             bound = tokens / a.limit * MEAN
             seen = [x * a.scale for x in s1.get("job_end_seen_after", [])]
+            fill = s1["created_after"][min(slots, jobs) - 1] * a.scale
             rows.append((rolling, waves, ideal, bound))
             print(
                 f"seed {seed}: rolling {rolling:.0f} min, strict waves {waves:.0f} min, lower bound {bound:.0f} min, "
                 f"ideal greedy {ideal:.0f} min ({slots} slots); peak enqueued {s1['peak_enqueued_tokens'] / 1e6:.2f}M / "
                 f"{s2['peak_enqueued_tokens'] / 1e6:.2f}M; 429s {s1['creates_refused_429']} / {s2['creates_refused_429']}; "
-                f"gets {s1['gets']} for {jobs} jobs, ends seen {statistics.mean(seen or [0]):.0f} s after on average"
+                f"gets {s1['gets']} for {jobs} jobs, ends seen {statistics.mean(seen or [0]):.0f} s after on average, "
+                f"first {slots} creates within {fill:.0f} s (simulated)"
             )
     draws = [random.Random(k) for k in range(2000)]
     mc = sorted(greedy([r.uniform(LO, HI) for _ in range(jobs)], slots) / bound for r in draws)
