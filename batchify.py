@@ -2523,10 +2523,11 @@ class Engine:
             for line in f:
                 try:
                     r = loads(line)
-                except orjson.JSONDecodeError:
-                    continue  # a blank or torn line: that request is simply not done
-                ours = tuple(r) == RESULT_KEYS and type(r["n"]) is int and line.startswith(b'{"n":') and line.endswith(b"\n")
-                yield r["n"], r, line if ours else None
+                    n = r["n"]
+                except (orjson.JSONDecodeError, TypeError, KeyError):
+                    continue  # a blank or torn line (or no result line at all): that request is simply not done
+                ours = type(n) is int and tuple(r) == RESULT_KEYS and line.startswith(b'{"n":') and line.endswith(b"\n")
+                yield n, r, line if ours else None
 
     def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None, bytes | None]]:
         """Every ordinal in input order with its best result so far (None: no result yet).

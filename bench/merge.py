@@ -1,13 +1,15 @@
 """Merge speed and memory: 200,000 result lines merged back to input order vs a plain orjson pass.
 
-    python bench/merge.py [--docs 200000] [--small 50000]
+    python bench/merge.py [--docs 200000] [--small 50000] [--no-instructions]
 
 Prepares a run (short documents), writes every batch's results file as a download would, marks the
 jobs RESULTS_DOWNLOADED, then times, each in a fresh process, (1) the floor: read every results line
 and the ids with orjson, write the output line; (2) batchify's merge (input order, overrides from
 retries and real time, one line per id). Targets: <= 1.5x the floor, peak RSS <= 200 MB.
 Five back-to-back pairs: this VM's CPU speed drifts between runs by up to 1.7x for the same code, so
-the ratio is printed both as the median of the pairs and as best-of-each.
+the ratio is printed both as the median of the pairs and as best-of-each. Where valgrind is installed,
+also the ratio of instructions executed (callgrind, on the small run, interpreter start-up and imports
+subtracted): a figure the machine's noise does not move.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +50,7 @@ if mode == "floor":
                     rid = orjson.loads(next(ids))
                     out.write(orjson.dumps({{"id": rid, "status": r["status"], "result": r["result"], "error": r["error"],
                                             "source": r["source"], "usage": r["usage"]}}) + b"\n")
-else:
+elif mode == "batchify":
     batchify.merge_run(state, "bench")
 elapsed = time.perf_counter() - t0
 print(json.dumps({{"seconds": elapsed, "cpu": time.process_time() - c0, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -105,10 +111,33 @@ def child(mode: str, state: Path) -> dict:
     return run_child(CHILD, mode, str(state))
 
 
+def instructions(mode: str, state: Path) -> int:
+    """Instructions one child executes, counted by valgrind's callgrind (deterministic, unlike time)."""
+    p = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-c",
+            CHILD.format(root=str(ROOT)),
+            mode,
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    m = re.search(r"Collected : (\d+)", p.stderr)
+    assert m, p.stderr[-500:]
+    return int(m.group(1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200_000)
     ap.add_argument("--small", type=int, default=50_000)
+    ap.add_argument("--no-instructions", action="store_true", help="skip the callgrind instruction count")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d:
         big, small = Path(d) / "big", Path(d) / "small"
@@ -123,6 +152,10 @@ def main() -> None:
         floor = min(floors, key=lambda r: r["seconds"])
         full = min(fulls, key=lambda r: r["seconds"])
         part = child("batchify", small)
+        ins = None
+        if shutil.which("valgrind") and not a.no_instructions:
+            base = instructions("import", small)
+            ins = (instructions("batchify", small) - base) / (instructions("floor", small) - base)
         rows = sum(1 for _ in open(big / "out.jsonl", "rb"))
     assert rows == a.docs
     print(f"floor (orjson read+write): {floor['seconds']:.2f} s, peak RSS {floor['maxrss_mb']:.0f} MB")
@@ -134,6 +167,8 @@ def main() -> None:
     print(f"ratio merge/floor CPU time (best of each): {cpu:.2f}")
     print(f"ratio merge/floor (median of back-to-back pairs): {statistics.median(pairs):.2f}")
     print(f"ratio merge/floor (best of each): {full['seconds'] / floor['seconds']:.2f}")
+    if ins is not None:
+        print(f"ratio merge/floor instructions ({a.small:,} lines, callgrind): {ins:.2f}")
     print(f"ratio peak RSS {a.docs:,}/{a.small:,}: {full['maxrss_mb'] / part['maxrss_mb']:.2f}")
 
 
