@@ -3620,11 +3620,15 @@ class Emulator:
         if self.cfg.create_429 > 0 or active + tokens > self._limit(model) or njobs >= self.cfg.max_active_jobs:
             self.cfg.create_429 = max(0, self.cfg.create_429 - 1)
             self.stats["creates_refused_429"] += 1
+            what = (
+                f"enqueued tokens {active + tokens} > {self._limit(model)}"
+                if active + tokens > self._limit(model) or njobs < self.cfg.max_active_jobs
+                else f"{njobs} batch jobs pending or running (at most {self.cfg.max_active_jobs})"
+            )
             raise _EmuError(
                 429,
                 "RESOURCE_EXHAUSTED",
-                f"You exceeded your current quota: enqueued tokens {active + tokens} > {self._limit(model)} "
-                "for this model (emulated).",
+                f"You exceeded your current quota: {what} for this model (emulated).",
                 [
                     {
                         "@type": "type.googleapis.com/google.rpc.QuotaFailure",

@@ -182,8 +182,19 @@ def test_enqueued_limit_answers_429(emu, tmp_path):
     with pytest.raises(errors.ClientError) as e:
         for _ in range(3):
             c.batches.create(model="gemini-2.5-flash", src=f.name)
-    assert e.value.code == 429
+    assert e.value.code == 429 and "enqueued tokens" in e.value.message
     assert emu.stats()["peak_enqueued_tokens"] <= 30
+
+
+def test_concurrent_job_limit_answers_429_naming_it(emu, tmp_path):
+    emu.configure(max_active_jobs=2, job_seconds=30)
+    c = client(emu.url)
+    f = c.files.upload(file=str(write_jsonl(tmp_path)), config={"mime_type": "jsonl"})
+    c.batches.create(model="gemini-2.5-flash", src=f.name)
+    c.batches.create(model="gemini-2.5-flash", src=f.name)
+    with pytest.raises(errors.ClientError) as e:
+        c.batches.create(model="gemini-2.5-flash", src=f.name)
+    assert e.value.code == 429 and "2 batch jobs pending or running" in e.value.message
 
 
 def test_unknown_request_field_is_a_line_error(emu, tmp_path):
