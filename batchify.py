@@ -851,11 +851,19 @@ def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) 
 def poll_delay(interval: float, eta: float | None, base: float) -> float:
     """When to poll a job next: after its backed-off interval; or, when its progress says it will be
     done before the poll after that one could happen, just after that moment. Never sooner than
-    `base`: at most one get per job per base interval."""
+    `base`: at most one get per job per base interval.
+
+    An end more than three base intervals off gets one look two intervals before it first: the rate
+    the counts allow is taken at its slowest, which errs late in proportion to the time left, so a
+    fresh count close to the end pins the end down (one more get, the end seen seconds sooner)."""
     if eta is None:
         return interval
     done_at = eta + 0.05 * base
-    return max(base, done_at) if done_at < interval + base else interval
+    if done_at >= interval + base:
+        return interval
+    if done_at > 3 * base:
+        return done_at - 2 * base
+    return max(base, done_at)
 
 
 def price_for(model: str) -> tuple[float, float]:
@@ -2249,6 +2257,7 @@ class Engine:
         base = self.opts.poll_interval
         interval: dict[str, float] = {}
         next_poll: dict[str, float] = {}
+        timed: set[str] = set()  # jobs whose next poll is set just after their progress says they end
         create_after = 0.0
         create_backoff = base
         while True:
@@ -2282,7 +2291,9 @@ class Engine:
                 j
                 for j in self._ordered()
                 if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
-                and next_poll.get(j.name, 0.0) <= now + 0.2 * base  # jobs due soon ride along: fewer wake-ups
+                # jobs due soon ride along (fewer wake-ups), except those timed to their end: polled early,
+                # they would be found still running and wait a whole base interval more
+                and next_poll.get(j.name, 0.0) <= now + (0.0 if j.name in timed else 0.2 * base)
             ]
             freed = False
             if due:
@@ -2292,7 +2303,12 @@ class Engine:
                     moved = tasks[j.name].result()
                     freed = freed or (j.state in ACTIVE_STATES and self.jobs[j.name].state not in ACTIVE_STATES)
                     interval[j.name] = next_poll_interval(interval.get(j.name, base), moved, base, self.opts.max_poll_interval)
-                    next_poll[j.name] = self.clock() + poll_delay(interval[j.name], self._eta(self.jobs[j.name]), base)
+                    delay = poll_delay(interval[j.name], self._eta(self.jobs[j.name]), base)
+                    next_poll[j.name] = self.clock() + delay
+                    if delay != interval[j.name]:
+                        timed.add(j.name)
+                    else:
+                        timed.discard(j.name)
             for j in self._ordered():
                 if (
                     j.state == S.SUCCEEDED

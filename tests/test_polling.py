@@ -52,8 +52,10 @@ def test_progress_eta(first, last, total, eta):
     [
         (300, None, 30, 300),  # no progress to go by: the backed-off interval
         (300, 500, 30, 300),  # done after the next poll plus one more: keep to the interval
-        (300, 200, 30, 201.5),  # done before the next poll: look just after
-        (300, 320, 30, 321.5),  # done just after the next poll would come: skip that poll, look then
+        (300, 80, 30, 81.5),  # done before the next poll: look just after
+        (300, 200, 30, 141.5),  # ... but more than 3 base intervals off: one look 2 intervals before, first
+        (300, 320, 30, 261.5),  # done just after the next poll would come: skip that poll, look close to it
+        (300, 88.5, 30, 90.0),  # exactly 3 intervals off: no look before
         (300, 5, 30, 30),  # done very soon: still not sooner than the base interval
         (30, 10, 30, 30),
     ],
