@@ -3689,6 +3689,12 @@ class Emulator:
         self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
         self.stats.setdefault("job_seconds", []).append(round(dur, 4))
         self.stats.setdefault("created_after", []).append(round(self.now() - self.stats["first_create_at"], 4))
+        if fate != "expire":
+            # The service has a job's output ready when its state flips; states here move lazily (on the
+            # next look), so flip it, and write its output, at its end time rather than inside the get
+            # that happens to look next (which would bill that get for the answers' generation).
+            with contextlib.suppress(RuntimeError):  # no running loop: stays lazy
+                asyncio.get_running_loop().call_later(dur + 0.001, self._refresh, self.jobs[jid])
         return self._ok(self._operation(self.jobs[jid]))
 
     def _refresh_all(self) -> None:
