@@ -885,6 +885,21 @@ def usage_cost(model: str, usage: dict[str, int], batch: bool) -> float:
 # One line of a results sidecar (results/*.jsonl, realtime.jsonl), keys in this order; merge's output
 # line is the same with "id" in place of "n".
 RESULT_KEYS = ("n", "status", "result", "error", "source", "usage")
+
+
+def result_record(n: int, result: Any, error: str | None, source: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One results-sidecar record (ok when there is no error), keys in RESULT_KEYS order: merge splices
+    lines of exactly that layout into its output and re-encodes any other."""
+    return {
+        "n": n,
+        "status": "ok" if error is None else "error",
+        "result": result,
+        "error": error,
+        "source": source,
+        "usage": usage,
+    }
+
+
 USAGE_KEYS = frozenset({"promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"})
 
 
@@ -1806,12 +1821,7 @@ def _prepare_pass(
             if fetch_error is not None:  # the id keeps its place and gets an error line; nothing is sent
                 if fail_f is None:
                     fail_f = stack.enter_context(open_private(store.fetch_errors_path))
-                fail_f.write(
-                    orjson.dumps(
-                        {"n": n, "status": "error", "result": None, "error": fetch_error, "source": "fetch", "usage": None}
-                    )
-                    + b"\n"
-                )
+                fail_f.write(orjson.dumps(result_record(n, None, fetch_error, "fetch")) + b"\n")
                 ids_f.write(orjson.dumps(rid) + b"\n")
                 n += 1
                 continue
@@ -2479,14 +2489,7 @@ class Engine:
         ok = failed = 0
         with open_private(self.store.result_path(job).with_suffix(".tmp")) as f:
             for n in keys:
-                r = results.get(n) or {
-                    "n": n,
-                    "status": "error",
-                    "result": None,
-                    "error": f"missing from the output of {job.remote_job}",
-                    "source": "batch",
-                    "usage": None,
-                }
+                r = results.get(n) or result_record(n, None, f"missing from the output of {job.remote_job}", "batch")
                 ok += r["status"] == "ok"
                 failed += r["status"] != "ok"
                 f.write(orjson.dumps(r) + b"\n")
@@ -2512,18 +2515,11 @@ class Engine:
             resp = obj["response"]
             usage = {k: v for k, v in (resp.get("usageMetadata") or {}).items() if isinstance(v, int)}
             value, err = parse_answer(resp, self.cfg.schema)
-            return {
-                "n": n,
-                "status": "ok" if err is None else "error",
-                "result": value,
-                "error": err,
-                "source": source,
-                "usage": usage or None,
-            }
+            return result_record(n, value, err, source, usage or None)
         e = obj.get("error") or obj.get("status") or {}
         msg = e.get("message", "unknown error") if isinstance(e, dict) else str(e)
         code = e.get("code") if isinstance(e, dict) else None
-        return {"n": n, "status": "error", "result": None, "error": f"{msg} (code {code})", "source": source, "usage": None}
+        return result_record(n, None, f"{msg} (code {code})", source)
 
     # -- resolution and merge ------------------------------------------------------------------
     def _ranges(self) -> list[tuple[int, int, int]]:
@@ -2599,14 +2595,7 @@ class Engine:
                         best, raw = chosen, None
                 if best is None and ended:
                     assert j is not None
-                    best = {
-                        "n": n,
-                        "status": "error",
-                        "result": None,
-                        "error": f"batch job {j.name} ended {j.state}: {j.error or 'no detail'}",
-                        "source": "batch",
-                        "usage": None,
-                    }
+                    best = result_record(n, None, f"batch job {j.name} ended {j.state}: {j.error or 'no detail'}", "batch")
                 yield n, best, raw
 
     def unresolved(self) -> set[int]:
@@ -2773,7 +2762,7 @@ class Engine:
                         view.retries += 1
                         await self.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
                         continue
-                    return {"n": n, "status": "error", "result": None, "error": str(e), "source": "realtime", "usage": None}
+                    return result_record(n, None, str(e), "realtime")
                 rpm_l.recover()
                 return self._line_result(n, {"response": resp}, "realtime")
 

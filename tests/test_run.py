@@ -164,6 +164,9 @@ async def test_library_api(emu, articles, tmp_path):
     assert abs(run.chars_per_token - batchify.EmulatorConfig().chars_per_token) < 0.05
     st = batchify.run_status(tmp_path / "st", "articles")
     assert st["runs"][0]["status"] == "done" and len(st["runs"][0]["job_list"]) == 3
+    # the results sidecars are written in the layout merge splices as bytes (not re-encoded)
+    lines = [ln for p in sorted((tmp_path / "st" / "articles" / "results").glob("*.jsonl")) for ln in p.open("rb")]
+    assert len(lines) == 60 and all(tuple(json.loads(ln)) == batchify.RESULT_KEYS for ln in lines)
     with pytest.raises(batchify.UsageError):  # the same name again: resume, not a second run
         await batchify.run_file(articles, options=batchify.RunOptions(), state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
 
