@@ -74,7 +74,7 @@ __version__ = "0.1.0"
 # ================================================================================================
 
 SCHEMA_VERSION = 1
-DEFAULT_MODEL = "gemini-2.5-flash"
+DEFAULT_MODEL = "gemini-3-flash-preview"  # default_model(builtin_catalog()), checked by a test
 DEFAULT_STATE_DIR = "batch_jobs"
 DEFAULT_BATCH_SIZE = 1_000
 MAX_FILE_BYTES = 2 * 1024**3  # the Batch API's limit on one input file
@@ -92,71 +92,745 @@ CALIBRATION_CALLS = 8  # ... counted in this many countTokens calls
 DEFAULT_POLL_INTERVAL = 30.0
 MAX_POLL_INTERVAL = 300.0
 DEFAULT_MAX_ACTIVE_JOBS = 100  # the Batch API's concurrent-job limit
-DEFAULT_RPM = 2_000
+DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lowered by any 429)
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
+DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
-CONTEXT_WINDOW = 1_048_576
+CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
 NL = orjson.OPT_APPEND_NEWLINE  # JSONL lines: one allocation per line, not two
-BATCH_DISCOUNT = 0.5
 
-# Enqueued-token limits per tier and model (Gemini API rate-limit page; override with --enqueued-limit).
-ENQUEUED_LIMITS: dict[int, dict[str, int]] = {
-    1: {
-        "gemini-2.5-pro": 5_000_000,
-        "gemini-2.5-flash": 3_000_000,
-        "gemini-2.5-flash-lite": 10_000_000,
-        "gemini-2.0-flash": 10_000_000,
-        "gemini-2.0-flash-lite": 10_000_000,
-    },
-    2: {
-        "gemini-2.5-pro": 500_000_000,
-        "gemini-2.5-flash": 400_000_000,
-        "gemini-2.5-flash-lite": 500_000_000,
-        "gemini-2.0-flash": 1_000_000_000,
-        "gemini-2.0-flash-lite": 1_000_000_000,
-    },
-    3: {
-        "gemini-2.5-pro": 1_000_000_000,
-        "gemini-2.5-flash": 1_000_000_000,
-        "gemini-2.5-flash-lite": 1_000_000_000,
-        "gemini-2.0-flash": 5_000_000_000,
-        "gemini-2.0-flash-lite": 5_000_000_000,
-    },
-}
+# The model catalog: every model-specific figure batchify uses, with the page it came from and when
+# that page said so. Data, not code: `--models FILE`, env BATCHIFY_MODELS and a `[models.NAME]` table in
+# a job config override it key by key (a new NAME needs at least input_price and output_price).
+# Prices are USD per 1M tokens at the standard (real-time) tier; batch and flex are shares of them.
+# A key left out means Google publishes no figure: batchify then asks for one, it never guesses.
+# Tiers: enqueued_tokens / rpm / tpm = { tier1 = ..., tier2 = ..., tier3 = ... }.
+MODEL_CATALOG_TOML = """
+as_of = "2026-12-01"
 
-# Real-time tokens per minute per tier and model (the default for --tpm).
-TPM_LIMITS: dict[int, dict[str, int]] = {
-    1: {
-        "gemini-2.5-pro": 2_000_000,
-        "gemini-2.5-flash": 1_000_000,
-        "gemini-2.5-flash-lite": 4_000_000,
-        "gemini-2.0-flash": 4_000_000,
-        "gemini-2.0-flash-lite": 4_000_000,
-    },
-    2: {
-        "gemini-2.5-pro": 5_000_000,
-        "gemini-2.5-flash": 3_000_000,
-        "gemini-2.5-flash-lite": 10_000_000,
-        "gemini-2.0-flash": 10_000_000,
-        "gemini-2.0-flash-lite": 10_000_000,
-    },
-    3: {
-        "gemini-2.5-pro": 8_000_000,
-        "gemini-2.5-flash": 8_000_000,
-        "gemini-2.5-flash-lite": 30_000_000,
-        "gemini-2.0-flash": 30_000_000,
-        "gemini-2.0-flash-lite": 30_000_000,
-    },
-}
+[sources]
+pricing = "https://ai.google.dev/gemini-api/docs/pricing (full page updated 2026-06-02)"
+pricing_late = "https://ai.google.dev/gemini-api/docs/pricing (updated 2026-10-01, verbatim third-party quotes read 2026-09-19 to 2026-10-07)"
+rate_limits = "https://ai.google.dev/gemini-api/docs/rate-limits (updated 2026-03-03; unchanged 2026-04-29): batch enqueued tokens; real-time RPM/TPM are 'viewed in Google AI Studio', not published"
+rate_limits_2025 = "https://ai.google.dev/gemini-api/docs/rate-limits (2025 edition, the last to publish RPM/TPM, quoted on discuss.ai.google.dev)"
+flex = "https://ai.google.dev/gemini-api/docs/flex-inference (updated 2026-09-23): 50% of standard, 1-15 min target, shed with 503, counts toward the general rate limits"
+deprecations = "https://ai.google.dev/gemini-api/docs/deprecations (copy of mid-September 2026)"
+deprecations_3p = "ai.google.dev/gemini-api/docs/deprecations as read by a third party on 2026-11-10 (no stored Google copy has these rows)"
+models = "https://ai.google.dev/gemini-api/docs/models/<model> (as stored, read 2026-12-01)"
+whats_new = "https://ai.google.dev/gemini-api/docs/whats-new-gemini-3.6 (2026-07-21)"
+thinking = "https://ai.google.dev/gemini-api/docs/thinking and the Gemini 3.x developer guides (as stored, read 2026-12-01)"
+thinking_3p = "Google's thinking page as quoted by third-party SDK docs (no stored Google copy for this model)"
+temperature = "Gemini 3 prompting guide: 'keep the temperature parameter at its default value of 1.0'; changelog 2026-07-21: temperature/top_p/top_k deprecated"
 
-# Standard (real-time) prices in USD per 1M tokens: (input, output incl. thinking). Batch is 50%.
-PRICES: dict[str, tuple[float, float]] = {
-    "gemini-2.5-pro": (1.25, 10.00),
-    "gemini-2.5-flash": (0.30, 2.50),
-    "gemini-2.5-flash-lite": (0.10, 0.40),
-    "gemini-2.0-flash": (0.10, 0.40),
-    "gemini-2.0-flash-lite": (0.075, 0.30),
-}
+[models."gemini-3.8-flash"]
+class = "flash"
+status = "stable"
+released = "2026-09-02"
+batch = true
+flex = true
+input_price = 0.75
+output_price = 3.75
+cached_input_price = 0.075
+price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50, cached_input_price = 0.15 }]
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "pricing_late", limits = "models", thinking = "thinking", lifecycle = "deprecations", batch = "models", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-3.7-flash"]
+class = "flash"
+status = "stable"
+released = "2026-08-13"
+flex = true
+input_price = 0.75
+output_price = 3.75
+price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50 }]
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "pricing_late (cached price not published)", limits = "models", thinking = "thinking", lifecycle = "deprecations", batch = "not confirmed on a Google page", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-3.6-flash"]
+class = "flash"
+status = "stable"
+released = "2026-07-21"
+flex = true
+input_price = 0.75
+output_price = 3.75
+price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50 }]
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["minimal", "low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "pricing_late (launched at 1.50/7.50 per whats_new; introductory 0.75/3.75 to 2026-12-31)", limits = "whats_new", thinking = "whats_new", lifecycle = "deprecations", batch = "not confirmed on a Google page", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-3.5-flash"]
+class = "flash"
+status = "stable"
+released = "2026-05-19"
+batch = true
+flex = true
+input_price = 1.50
+output_price = 9.00
+cached_input_price = 0.15
+batch_cached_input_price = 0.075
+flex_cached_input_price = 0.08
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["minimal", "low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "pricing", limits = "models (output limit from a third party)", thinking = "thinking_3p", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-3.5-flash-lite"]
+class = "flash-lite"
+status = "stable"
+released = "2026-07-21"
+flex = true
+input_price = 0.30
+output_price = 2.50
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["minimal", "low", "medium", "high"]
+thinking_default = "minimal"
+sources = { prices = "pricing_late (cached price not published)", limits = "whats_new", thinking = "whats_new", lifecycle = "deprecations", batch = "not confirmed on a Google page", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-3.1-flash-lite"]
+class = "flash-lite"
+status = "stable"
+released = "2026-05-07"
+shutdown = "2027-05-07"
+replacement = "gemini-3.5-flash-lite"
+batch = true
+flex = true
+input_price = 0.25
+output_price = 1.50
+cached_input_price = 0.025
+batch_cached_input_price = 0.0125
+flex_cached_input_price = 0.0125
+batch_discount = 0.5
+flex_discount = 0.5
+input_token_limit = 1048576
+sources = { prices = "pricing", limits = "models (output limit not published)", thinking = "not published for this model: nothing is sent", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (published only for gemini-3.1-flash-lite-preview: 10M/500M/1B)" }
+
+[models."gemini-3.1-pro-preview"]
+class = "pro"
+status = "preview"
+released = "2026-02-19"
+batch = true
+flex = true
+input_price = 2.00
+output_price = 12.00
+cached_input_price = 0.20
+long_context_threshold = 200000
+long_input_price = 4.00
+long_output_price = 18.00
+long_cached_input_price = 0.40
+batch_discount = 0.5
+flex_discount = 0.5
+enqueued_tokens = { tier1 = 5_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["low", "medium", "high"]
+thinking_default = "high"
+temperature = 1.0
+sources = { prices = "pricing (batch and flex: cached tokens at the standard cache price)", limits = "models", thinking = "thinking (thinking cannot be turned off)", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits", temperature = "temperature" }
+
+[models."gemini-3-flash-preview"]
+class = "flash"
+status = "preview"
+released = "2025-12-17"
+batch = true
+flex = true
+input_price = 0.50
+output_price = 3.00
+cached_input_price = 0.05
+batch_discount = 0.5
+flex_discount = 0.5
+enqueued_tokens = { tier1 = 3_000_000, tier2 = 400_000_000, tier3 = 1_000_000_000 }
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["minimal", "low", "medium", "high"]
+thinking_default = "high"
+temperature = 1.0
+sources = { prices = "pricing (batch and flex: cached tokens at the standard cache price)", limits = "models (as transcribed by third parties)", thinking = "thinking_3p", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (tier 2/3 rows labelled 'Gemini 3.1 Flash Preview' on Google's page)", temperature = "temperature" }
+
+[models."gemini-3-pro-preview"]
+class = "pro"
+status = "retired"
+shutdown = "2026-03-09"
+replacement = "gemini-3.1-pro-preview"
+input_price = 2.00
+output_price = 12.00
+sources = { lifecycle = "deprecations" }
+
+[models."gemini-2.5-pro"]
+class = "pro"
+status = "deprecated"
+released = "2025-06-17"
+shutdown = "2026-12-01"
+replacement = "gemini-3.1-pro-preview"
+note = "Google's own copies give the shutdown as 'earliest 2026-06-17'; a third party read 2026-12-01 on the page, with requests then routed to gemini-3.8-flash at that model's prices and access limited to existing users. A 404 from the service ends a run with exit 2."
+batch = true
+flex = true
+input_price = 1.25
+output_price = 10.00
+cached_input_price = 0.125
+long_context_threshold = 200000
+long_input_price = 2.50
+long_output_price = 15.00
+long_cached_input_price = 0.25
+batch_discount = 0.5
+flex_discount = 0.5
+enqueued_tokens = { tier1 = 5_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
+rpm = { tier1 = 150, tier2 = 1_000, tier3 = 2_000 }
+tpm = { tier1 = 2_000_000, tier2 = 5_000_000, tier3 = 8_000_000 }
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "budget"
+thinking_budget_min = 128
+thinking_budget_max = 32768
+thinking_budget_zero = false
+thinking_dynamic = true
+sources = { prices = "pricing", limits = "models", thinking = "thinking_3p (budget 0 answered 400: vercel/ai#8027)", lifecycle = "deprecations_3p", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits", rpm = "rate_limits_2025", tpm = "rate_limits_2025" }
+
+[models."gemini-2.5-flash"]
+class = "flash"
+status = "deprecated"
+released = "2025-06-17"
+shutdown = "2026-12-01"
+replacement = "gemini-3.8-flash"
+note = "Google's own copies give the shutdown as 'earliest 2026-06-17' (replacement gemini-3-flash-preview); a third party read 2026-12-01 on the page, with requests then routed to a newer model at that model's prices. A 404 from the service ends a run with exit 2."
+batch = true
+flex = true
+input_price = 0.30
+output_price = 2.50
+cached_input_price = 0.03
+batch_discount = 0.5
+flex_discount = 0.5
+enqueued_tokens = { tier1 = 3_000_000, tier2 = 400_000_000, tier3 = 1_000_000_000 }
+rpm = { tier1 = 1_000 }
+tpm = { tier1 = 1_000_000 }
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "budget"
+thinking_budget_min = 1
+thinking_budget_max = 24576
+thinking_budget_zero = true
+thinking_dynamic = true
+sources = { prices = "pricing", limits = "models", thinking = "thinking_3p", lifecycle = "deprecations_3p", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits", rpm = "rate_limits_2025", tpm = "rate_limits_2025" }
+
+[models."gemini-2.5-flash-lite"]
+class = "flash-lite"
+status = "stable"
+released = "2025-07-22"
+note = "Google's copies list 'earliest 2026-07-22'; a third party read on 2026-11-10 that it is not deprecated and stays available until further notice."
+batch = true
+flex = true
+input_price = 0.10
+output_price = 0.40
+cached_input_price = 0.01
+batch_discount = 0.5
+flex_discount = 0.5
+enqueued_tokens = { tier1 = 10_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
+rpm = { tier1 = 4_000 }
+tpm = { tier1 = 4_000_000 }
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "budget"
+thinking_budget_min = 512
+thinking_budget_max = 24576
+thinking_budget_zero = true
+thinking_dynamic = true
+sources = { prices = "pricing", limits = "models", thinking = "thinking_3p", lifecycle = "deprecations_3p", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits", rpm = "rate_limits_2025", tpm = "rate_limits_2025" }
+
+[models."gemini-2.0-flash"]
+class = "flash"
+status = "retired"
+shutdown = "2026-06-01"
+replacement = "gemini-2.5-flash-lite"
+input_price = 0.10
+output_price = 0.40
+sources = { lifecycle = "pricing (banner: shut down June 1, 2026)" }
+
+[models."gemini-2.0-flash-lite"]
+class = "flash-lite"
+status = "retired"
+shutdown = "2026-06-01"
+replacement = "gemini-2.5-flash-lite"
+input_price = 0.075
+output_price = 0.30
+sources = { lifecycle = "pricing (banner: shut down June 1, 2026)" }
+"""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's figures and rules, from the catalog (after overrides and dated price changes)."""
+
+    name: str
+    klass: str  # flash | flash-lite | pro | other
+    status: str  # stable | preview | deprecated | retired
+    input_price: float  # standard, USD per 1M tokens
+    output_price: float  # thinking included
+    released: str | None = None
+    shutdown: str | None = None
+    replacement: str | None = None
+    note: str | None = None
+    batch: bool | None = None  # None: Google's pages do not say
+    flex: bool | None = None
+    cached_input_price: float | None = None  # standard cache price (batch bills cached tokens at it too)
+    batch_cached_input_price: float | None = None  # where the Batch table lists its own
+    flex_cached_input_price: float | None = None
+    long_context_threshold: int | None = None  # prompt tokens above which a request is billed at long_*
+    long_input_price: float | None = None
+    long_output_price: float | None = None
+    long_cached_input_price: float | None = None
+    batch_discount: float = 0.5
+    flex_discount: float | None = None
+    enqueued_tokens: dict[int, int] = field(default_factory=dict)  # tier -> batch enqueued-token limit
+    rpm: dict[int, int] = field(default_factory=dict)  # tier -> requests per minute (real time)
+    tpm: dict[int, int] = field(default_factory=dict)  # tier -> input tokens per minute (real time)
+    input_token_limit: int | None = None
+    output_token_limit: int | None = None
+    thinking: str = "none"  # level | budget | none (nothing sent)
+    thinking_levels: tuple[str, ...] = ()  # lowest first
+    thinking_default: str | None = None  # the model's own default level
+    thinking_budget_min: int | None = None  # smallest positive budget
+    thinking_budget_max: int | None = None
+    thinking_budget_zero: bool = False  # 0 turns thinking off
+    thinking_dynamic: bool = False  # -1: the model decides
+    legacy_budget: bool = False  # a level model that still accepts thinkingBudget (Gemini 3 / 3.1)
+    temperature: float | None = None  # Google's advice; None: nothing is sent (the model's default)
+    sources: dict[str, str] = field(default_factory=dict)
+    price_note: str | None = None  # a dated price change in effect or ahead
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("enqueued_tokens", "rpm", "tpm"):
+            d[k] = {f"tier{t}": v for t, v in sorted(d[k].items())}
+        d["class"] = d.pop("klass")
+        d["thinking_levels"] = list(self.thinking_levels)
+        return d
+
+
+_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec)}
+_SPEC_KEYS = (set(_SPEC_FIELDS) - {"name", "klass", "price_note"}) | {"class", "price_changes"}
+_PRICE_KEYS = {"input_price", "output_price", "cached_input_price", "batch_cached_input_price", "flex_cached_input_price"}
+_PRICE_KEYS |= {"long_input_price", "long_output_price", "long_cached_input_price"}
+MODEL_STATUSES = ("stable", "preview", "deprecated", "retired")
+THINKING_STYLES = ("level", "budget", "none")
+
+
+def _tiers(value: Any, where: str, key: str) -> dict[int, int]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table such as {{ tier1 = 3000000 }}.")
+    out: dict[int, int] = {}
+    for k, v in value.items():
+        m = re.fullmatch(r"(?:tier)?([1-9])", str(k))
+        if m is None or type(v) is not int or v < 1:
+            raise ConfigError(f"{where}: '{key}.{k}' must be tierN = a whole number >= 1.")
+        out[int(m.group(1))] = v
+    return out
+
+
+def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelSpec:
+    """A catalog entry (TOML table) -> ModelSpec, checked key by key; price changes dated on or before
+    `today` (YYYY-MM-DD) applied."""
+    entry = f"{where} [models.{name!r}]"
+    unknown = sorted(set(raw) - _SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"{entry}: unknown key(s) {', '.join(unknown)}. Fix: use only {', '.join(sorted(_SPEC_KEYS))}.")
+    missing = [k for k in ("input_price", "output_price") if k not in raw]
+    if missing:
+        raise ConfigError(
+            f"{entry}: {' and '.join(missing)} missing. Fix: give the model's standard prices in USD per 1M tokens "
+            "from https://ai.google.dev/gemini-api/docs/pricing."
+        )
+    kw: dict[str, Any] = {"name": name, "klass": raw.get("class", "other"), "status": raw.get("status", "stable")}
+    for k, v in raw.items():
+        if k in ("class", "status", "price_changes"):
+            continue
+        if k in ("enqueued_tokens", "rpm", "tpm"):
+            kw[k] = _tiers(v, entry, k)
+        elif k in _PRICE_KEYS or k in ("batch_discount", "flex_discount", "temperature"):
+            if type(v) not in (int, float) or not (0 <= v < 1e6) or v != v:
+                raise ConfigError(f"{entry}: '{k}' must be a number >= 0.")
+            kw[k] = float(v)
+        elif k in (
+            "long_context_threshold",
+            "input_token_limit",
+            "output_token_limit",
+            "thinking_budget_min",
+            "thinking_budget_max",
+        ):
+            if type(v) is not int or v < 0:
+                raise ConfigError(f"{entry}: '{k}' must be a whole number >= 0.")
+            kw[k] = v
+        elif k in ("batch", "flex", "thinking_budget_zero", "thinking_dynamic", "legacy_budget"):
+            if type(v) is not bool:
+                raise ConfigError(f"{entry}: '{k}' must be true or false.")
+            kw[k] = v
+        elif k == "thinking_levels":
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+                raise ConfigError(f"{entry}: 'thinking_levels' must be a list of level names, lowest first.")
+            kw[k] = tuple(x.lower() for x in v)
+        elif k == "sources":
+            if not isinstance(v, dict):
+                raise ConfigError(f"{entry}: 'sources' must be a table of figure = source.")
+            kw[k] = {str(a): str(b) for a, b in v.items()}
+        else:
+            if not isinstance(v, str):
+                raise ConfigError(f"{entry}: '{k}' must be a string.")
+            kw[k] = v.lower() if k in ("thinking", "thinking_default") else v
+    if kw["status"] not in MODEL_STATUSES:
+        raise ConfigError(f"{entry}: 'status' must be one of {', '.join(MODEL_STATUSES)}.")
+    if kw.get("thinking", "none") not in THINKING_STYLES:
+        raise ConfigError(f"{entry}: 'thinking' must be one of {', '.join(THINKING_STYLES)}.")
+    if kw.get("thinking") == "level" and not kw.get("thinking_levels"):
+        raise ConfigError(f'{entry}: thinking = "level" needs thinking_levels (lowest first).')
+    if kw.get("thinking") == "budget" and not (kw.get("thinking_budget_max") and kw.get("thinking_budget_min") is not None):
+        raise ConfigError(f'{entry}: thinking = "budget" needs thinking_budget_min and thinking_budget_max.')
+    for k in ("released", "shutdown"):
+        if k in kw and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", kw[k]):
+            raise ConfigError(f"{entry}: '{k}' must be a date YYYY-MM-DD.")
+    changes = raw.get("price_changes", [])
+    if not isinstance(changes, list):
+        raise ConfigError(f"{entry}: 'price_changes' must be a list of {{ from = \"YYYY-MM-DD\", input_price = ... }}.")
+    ahead = []
+    for ch in sorted(changes, key=lambda c: str(c.get("from", "")) if isinstance(c, dict) else ""):
+        if (
+            not isinstance(ch, dict)
+            or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(ch.get("from", "")))
+            or set(ch) - _PRICE_KEYS - {"from"}
+        ):
+            raise ConfigError(f'{entry}: each price change is {{ from = "YYYY-MM-DD", <price keys> = USD }}.')
+        prices = {k: float(v) for k, v in ch.items() if k != "from"}
+        if ch["from"] <= today:
+            kw.update(prices)
+        else:
+            ahead.append(f"from {ch['from']}: " + ", ".join(f"{k} {v:g}" for k, v in prices.items()))
+    if ahead:
+        kw["price_note"] = "; ".join(ahead)
+    return ModelSpec(**kw)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The model catalog: the built-in table with the user's overrides merged in, key by key."""
+
+    as_of: str
+    models: dict[str, dict[str, Any]]
+    sources: dict[str, str]
+    overridden_by: tuple[str, ...] = ()
+    user_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # the override tables alone
+
+    def merged(self, tables: dict[str, Any], where: str) -> Catalog:
+        """This catalog with `[models.NAME]` tables (from a models file or a job config) laid over it."""
+        if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+            raise ConfigError(f"{where}: 'models' must hold [models.\"NAME\"] tables.")
+        models = {k: dict(v) for k, v in self.models.items()}
+        for name, table in tables.items():
+            models[name.removeprefix("models/")] = {**models.get(name.removeprefix("models/"), {}), **table}
+        user = {**self.user_models, **{n.removeprefix("models/"): t for n, t in tables.items()}}
+        merged = Catalog(self.as_of, models, self.sources, (*self.overridden_by, where), user)
+        for name in tables:  # check now, naming the file that brought the table
+            model_spec(name.removeprefix("models/"), merged.models[name.removeprefix("models/")], where, self.as_of)
+        return merged
+
+    def spec(self, name: str, today: str) -> ModelSpec:
+        n = name.removeprefix("models/")
+        return model_spec(n, self.models[n], "model catalog", today)
+
+    def source(self, spec: ModelSpec, figure: str) -> str:
+        """Where a figure of a model came from, in words (the catalog's source keys expanded)."""
+        s = spec.sources.get(figure, "")
+        if not s:
+            return "not published by Google" if figure in ("enqueued_tokens", "rpm", "tpm") else "user-given"
+        head, _, rest = s.partition(" ")
+        return self.sources.get(head, head) + (f" {rest}" if rest else "")
+
+
+@functools.cache
+def builtin_catalog() -> Catalog:
+    data = tomllib.loads(MODEL_CATALOG_TOML)
+    return Catalog(str(data["as_of"]), data["models"], data["sources"])
+
+
+def load_catalog(models_file: str | Path | None = None) -> Catalog:
+    """The built-in catalog with a models file (--models / BATCHIFY_MODELS) laid over it."""
+    cat = builtin_catalog()
+    return cat.merged(read_models_file(models_file), str(models_file)) if models_file else cat
+
+
+def read_models_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file of `[models."NAME"]` tables (for --models / BATCHIFY_MODELS)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the models file ({e.strerror}). Fix: check the path given to --models.") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}. Fix: correct the TOML syntax.") from e
+    if set(data) - {"models"}:
+        raise ConfigError(
+            f'{p}: only [models."NAME"] tables belong in a models file (found {", ".join(sorted(set(data) - {"models"}))}).'
+        )
+    return dict(data.get("models") or {})
+
+
+def resolve_model(catalog: Catalog, name: str, today: str) -> ModelSpec:
+    """The catalog's spec for `name`, or UsageError (exit 2): unknown names say what to give; retired ones
+    name their replacement. Deprecated models resolve (the plan warns: see lifecycle_warning)."""
+    n = name.removeprefix("models/")
+    if n not in catalog.models:
+        known = ", ".join(m for m in catalog.models if catalog.models[m].get("status") != "retired")
+        raise UsageError(
+            f"model {n!r} is not in batchify's model catalog (as of {catalog.as_of}), so its prices, limits and "
+            f"thinking rules are unknown. Fix: use a known model ({known}), or describe it in a models file "
+            f"given with --models FILE (or env BATCHIFY_MODELS, or a [models] table in --config):\n"
+            f'  [models."{n}"]\n  input_price = <USD per 1M input tokens>\n  output_price = <USD per 1M output tokens>\n'
+            "  enqueued_tokens = { tier1 = <batch enqueued-token limit> }   # or pass --enqueued-limit\n"
+            '  thinking = "none"   # or "level" with thinking_levels, or "budget" with its range'
+        )
+    spec = catalog.spec(n, today)
+    retired = spec.status == "retired" or (spec.status != "deprecated" and spec.shutdown is not None and spec.shutdown <= today)
+    if retired:
+        instead = f"use --model {spec.replacement}" if spec.replacement else "choose another model (`batchify models`)"
+        raise UsageError(f"model {n!r} was shut down on {spec.shutdown or 'an earlier date'} (model catalog). Fix: {instead}.")
+    return spec
+
+
+def lifecycle_warning(spec: ModelSpec, today: str) -> str | None:
+    if spec.status != "deprecated" and not spec.shutdown:
+        return None
+    when = spec.shutdown or "a date not yet announced"
+    tense = "was due to shut down" if spec.shutdown and spec.shutdown <= today else "shuts down"
+    instead = f"; its replacement is {spec.replacement}" if spec.replacement else ""
+    if spec.status == "deprecated":
+        return f"{spec.name} is deprecated and {tense} on {when}{instead}. {spec.note or ''}".strip()
+    return f"{spec.name} {tense} on {when}{instead}." if spec.shutdown and spec.shutdown <= _add_days(today, 183) else None
+
+
+def _add_days(day: str, n: int) -> str:
+    from datetime import date, timedelta
+
+    return (date.fromisoformat(day) + timedelta(days=n)).isoformat()
+
+
+def default_model(catalog: Catalog, tier: int = 1) -> str:
+    """The cheapest current (stable or preview) Flash-class model that supports batch and whose enqueued-token
+    limit Google publishes (so a first run needs no figure from the user). DEFAULT_MODEL is this, checked by a test."""
+    cands = []
+    for name in catalog.models:
+        s = catalog.spec(name, catalog.as_of)
+        if s.klass in ("flash", "flash-lite") and s.status in ("stable", "preview") and s.batch and tier in s.enqueued_tokens:
+            cands.append((s.input_price + s.output_price, s.input_price, name))
+    return min(cands)[2]
+
+
+def catalog_rows(catalog: Catalog, today: str) -> list[dict[str, Any]]:
+    """One plain row per model (what `batchify models` shows): stable, preview, deprecated, retired; by name."""
+    rows = []
+    for name in catalog.models:
+        s = catalog.spec(name, today)
+        retired = s.status == "retired" or (s.status != "deprecated" and bool(s.shutdown) and str(s.shutdown) <= today)
+        rows.append(
+            {
+                "model": name,
+                "class": s.klass,
+                "status": "retired" if retired else s.status,
+                "shutdown": s.shutdown,
+                "replacement": s.replacement,
+                "input_price": s.input_price,
+                "output_price": s.output_price,
+                "cached_input_price": s.cached_input_price,
+                "long_context": (
+                    {"above": s.long_context_threshold, "input_price": s.long_input_price, "output_price": s.long_output_price}
+                    if s.long_context_threshold
+                    else None
+                ),
+                "batch": s.batch,
+                "batch_discount": s.batch_discount,
+                "flex": s.flex,
+                "flex_discount": s.flex_discount,
+                "enqueued_tokens": {f"tier{t}": v for t, v in sorted(s.enqueued_tokens.items())},
+                "rpm": {f"tier{t}": v for t, v in sorted(s.rpm.items())},
+                "tpm": {f"tier{t}": v for t, v in sorted(s.tpm.items())},
+                "input_token_limit": s.input_token_limit,
+                "output_token_limit": s.output_token_limit,
+                "thinking": s.thinking,
+                "thinking_allowed": thinking_allowed(s) if s.thinking != "none" else None,
+                "thinking_default_sent": thinking_choice(s, None),
+                "temperature": s.temperature,
+                "price_note": s.price_note,
+                "note": s.note,
+                "sources": {k: catalog.source(s, k) for k in s.sources},
+                "default": name == DEFAULT_MODEL,
+            }
+        )
+    order = {"stable": 0, "preview": 1, "deprecated": 2, "retired": 3}
+    return sorted(rows, key=lambda r: (order[r["status"]], r["model"]), reverse=False)
+
+
+def _millions(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:g}B" if n >= 1e9 else f"{n / 1e6:g}M" if n >= 1e6 else f"{n:,}"
+
+
+def models_markdown(catalog: Catalog, today: str) -> str:
+    """The README's model table, generated from the catalog (a test keeps the README equal to it)."""
+    out = [
+        f"Model catalog as of {catalog.as_of} (prices USD per 1M tokens, standard tier; batch and flex bill 50% of it).",
+        "",
+        "| model | status | input / output | cached input | batch | flex | enqueued tokens T1 / T2 / T3 | thinking (batchify's default) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in catalog_rows(catalog, today):
+        status = r["status"] + (
+            f" (shutdown {r['shutdown']}" + (f", use {r['replacement']})" if r["replacement"] else ")") if r["shutdown"] else ""
+        )
+        price = f"${r['input_price']:g} / ${r['output_price']:g}"
+        if r["long_context"]:
+            price += f" (>{r['long_context']['above'] // 1000}k: ${r['long_context']['input_price']:g} / ${r['long_context']['output_price']:g})"
+        if r["price_note"]:
+            price += f"; {r['price_note']}"
+        yes = {True: "yes", False: "no", None: "not published"}
+        enq = r["enqueued_tokens"]
+        tiers = " / ".join(_millions(enq.get(f"tier{t}")) for t in (1, 2, 3)) if enq else "not published"
+        think = "-" if r["thinking"] == "none" else f"{r['thinking']} ({r['thinking_default_sent']})"
+        cached = f"${r['cached_input_price']:g}" if r["cached_input_price"] is not None else "not published"
+        name = f"**{r['model']}** (default)" if r["default"] else r["model"]
+        if r["status"] == "retired":
+            price = cached = tiers = think = "-"
+        out.append(f"| {name} | {status} | {price} | {cached} | {yes[r['batch']]} | {yes[r['flex']]} | {tiers} | {think} |")
+    out += ["", "Sources:", ""]
+    out += [f"- `{k}`: {v}" for k, v in catalog.sources.items()]
+    return "\n".join(out) + "\n"
+
+
+def enqueued_limit_for(spec: ModelSpec, tier: int, override: int | None, where: str = "the model catalog") -> int:
+    if override:
+        return override
+    if tier in spec.enqueued_tokens:
+        return spec.enqueued_tokens[tier]
+    raise UsageError(
+        f"Google publishes no batch enqueued-token limit for {spec.name} at tier {tier} ({where}). "
+        f"Fix: pass --enqueued-limit N with your project's figure (Google AI Studio shows it), or add "
+        f'enqueued_tokens = {{ tier{tier} = N }} under [models."{spec.name}"] in a --models file.'
+    )
+
+
+def realtime_limits(spec: ModelSpec, tier: int, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+    """Requests and tokens per minute for the real-time path and where each figure came from."""
+    out: dict[str, Any] = {}
+    if rpm:
+        out["rpm"], out["rpm_source"] = rpm, "--rpm"
+    elif tier in spec.rpm:
+        out["rpm"], out["rpm_source"] = spec.rpm[tier], f"catalog, tier {tier} ({spec.sources.get('rpm', 'user-given')})"
+    else:
+        out["rpm"], out["rpm_source"] = DEFAULT_RPM, "not published by Google: batchify's 2,000, lowered by any 429"
+    if tpm:
+        out["tpm"], out["tpm_source"] = tpm, "--tpm"
+    elif tier in spec.tpm:
+        out["tpm"], out["tpm_source"] = spec.tpm[tier], f"catalog, tier {tier} ({spec.sources.get('tpm', 'user-given')})"
+    else:
+        out["tpm"], out["tpm_source"] = None, "not published by Google: no token bucket; 429s slow the rate"
+    return out
+
+
+# -- thinking and the generation config a model accepts ----------------------------------------------
+# batchify's own allowances (Google publishes no token figure per level): room left in maxOutputTokens for
+# thinking, and the thinking tokens the cost estimate assumes per request.
+THINKING_ROOM = {"minimal": 2_048, "low": 4_096, "medium": 8_192, "high": 16_384, "xhigh": 32_768, "dynamic": 8_192}
+THINKING_EXPECTED = {"minimal": 0, "low": 256, "medium": 1_024, "high": 2_048, "xhigh": 4_096, "dynamic": 1_024}
+ANSWER_ROOM_MIN = 1_024
+
+
+def parse_thinking(value: Any) -> str | int | None:
+    """--thinking / `thinking` as given: a level name, a whole-number budget (-1: dynamic), or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ConfigError("'thinking' must be a level name (minimal, low, medium, high) or a whole-number budget.")
+    if isinstance(value, int):
+        return value
+    s = str(value).strip().lower()
+    if re.fullmatch(r"-?\d+", s):
+        return int(s)
+    return s
+
+
+def thinking_choice(spec: ModelSpec, thinking: str | int | None) -> str | int | None:
+    """The thinking setting to send, checked against the model's rules; None: send nothing.
+    The default is the lowest the model allows (thinking costs output tokens and shares maxOutputTokens)."""
+    allowed = thinking_allowed(spec)
+    if thinking is None:
+        if spec.thinking == "level":
+            return spec.thinking_levels[0]
+        if spec.thinking == "budget":
+            return 0 if spec.thinking_budget_zero else spec.thinking_budget_min
+        return None
+    if spec.thinking == "level":
+        if isinstance(thinking, str) and thinking in spec.thinking_levels:
+            return thinking
+    elif spec.thinking == "budget":
+        lo, hi = spec.thinking_budget_min or 0, spec.thinking_budget_max or 0
+        if isinstance(thinking, int) and (
+            lo <= thinking <= hi or (thinking == 0 and spec.thinking_budget_zero) or (thinking == -1 and spec.thinking_dynamic)
+        ):
+            return thinking
+    raise ConfigError(f"thinking {thinking!r} is not allowed for {spec.name}: {allowed}.")
+
+
+def thinking_allowed(spec: ModelSpec) -> str:
+    if spec.thinking == "level":
+        return "use a level: " + ", ".join(spec.thinking_levels) + f" (--thinking {spec.thinking_levels[0]} is the lowest)"
+    if spec.thinking == "budget":
+        extra = (", 0 (off)" if spec.thinking_budget_zero else "") + (", -1 (dynamic)" if spec.thinking_dynamic else "")
+        return f"use a budget of {spec.thinking_budget_min} to {spec.thinking_budget_max} tokens{extra}"
+    return "its thinking is not configurable in batchify's catalog: leave --thinking out"
+
+
+def _thinking_key(choice: str | int | None) -> str:
+    if isinstance(choice, str):
+        return choice
+    return "dynamic" if choice == -1 else "budget"
+
+
+def thinking_room(choice: str | int | None) -> int:
+    if choice is None:
+        return THINKING_ROOM["medium"]  # nothing sent: the model thinks as it likes
+    if isinstance(choice, int) and choice >= 0:
+        return choice
+    return THINKING_ROOM.get(_thinking_key(choice), THINKING_ROOM["high"])
+
+
+def thinking_expected(choice: str | int | None) -> int:
+    if isinstance(choice, int) and choice >= 0:
+        return min(choice, THINKING_EXPECTED["medium"]) if choice else 0
+    return THINKING_EXPECTED.get(_thinking_key(choice) if choice is not None else "medium", THINKING_EXPECTED["high"])
+
 
 NEWS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -201,10 +875,13 @@ class JobConfig:
     system_instruction: str = NEWS_SYSTEM_INSTRUCTION
     prompt_template: str = NEWS_PROMPT
     schema: dict[str, Any] | None = field(default_factory=lambda: dict(NEWS_SCHEMA))
-    temperature: float | None = 0.0
-    max_output_tokens: int | None = 1024
-    thinking_budget: int | None = 0
-    expected_output_tokens: int = 200  # used only for the cost estimate
+    temperature: float | None = None  # None: the catalog's advice for the model, else nothing sent
+    max_output_tokens: int | None = None  # None: room for the thinking setting plus the answer (default_max_output)
+    thinking: str | int | None = None  # a level, a budget (-1 dynamic); None: the lowest the model allows
+    expected_output_tokens: int = 200  # answer tokens per request, for the cost estimate
+    expected_thinking_tokens: int | None = None  # None: batchify's assumption per thinking setting (THINKING_EXPECTED)
+    accept_truncated: bool = False  # schema-less runs only: a MAX_TOKENS answer counts as ok
+    models: dict[str, Any] | None = None  # [models."NAME"] tables laid over the model catalog
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,9 +908,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid TOML: {e}. Fix: correct the TOML syntax.") from e
-        unknown = sorted(set(data) - set(CONFIG_KEYS) - {"schema_file"})
+        unknown = sorted(set(data) - set(CONFIG_KEYS) - {"schema_file", "thinking_budget"})
         if unknown:
             raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}. Fix: use only {', '.join(CONFIG_KEYS)}, schema_file.")
+        if "thinking_budget" in data:  # the name before the catalog: a budget is one form of `thinking`
+            data.setdefault("thinking", data.pop("thinking_budget"))
         if "schema_file" in data:
             sp = (p.parent / str(data.pop("schema_file"))).resolve()
             try:
@@ -250,6 +929,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     for k, v in (overrides or {}).items():
         if v is not None:
             data[k] = v
+    if "thinking" in data:
+        data["thinking"] = parse_thinking(data["thinking"])
     cfg = JobConfig(**{**JobConfig().to_dict(), **data})
     validate_config(cfg, where)
     return cfg
@@ -279,10 +960,16 @@ def validate_config(cfg: JobConfig, where: str) -> None:
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi):
             raise ConfigError(f"{where}: '{name}' must be a number from {lo} to {hi}.")
-    for name in ("max_output_tokens", "thinking_budget", "expected_output_tokens"):
+    for name in ("max_output_tokens", "expected_output_tokens", "expected_thinking_tokens"):
         v = getattr(cfg, name)
-        if v is not None and not (isinstance(v, int) and v >= 0):
+        if v is not None and not (type(v) is int and v >= 0):
             raise ConfigError(f"{where}: '{name}' must be a whole number >= 0.")
+    if cfg.thinking is not None and not (type(cfg.thinking) is int or (isinstance(cfg.thinking, str) and cfg.thinking)):
+        raise ConfigError(f"{where}: 'thinking' must be a level name or a whole-number budget.")
+    if cfg.accept_truncated and cfg.schema is not None:
+        raise ConfigError(f"{where}: 'accept_truncated' is for schema-less runs only (a cut JSON answer is never valid).")
+    if cfg.models is not None:
+        builtin_catalog().merged(cfg.models, where)  # each [models.NAME] table checked here, naming the file
 
 
 @dataclass
@@ -305,8 +992,10 @@ class RunOptions:
     mode: str = "auto"  # batch | realtime | auto
     fallback: bool = True
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    rpm: int = DEFAULT_RPM
-    tpm: int | None = None
+    rpm: int | None = None  # None: the catalog's figure for the model and tier, else DEFAULT_RPM
+    tpm: int | None = None  # None: the catalog's figure, else no token bucket (429s teach the rate)
+    create_timeout: float = DEFAULT_CREATE_TIMEOUT  # creates refused (429) with nothing enqueued: give up after
+    retry_scale: float = 1.0  # multiplies every retry delay (tests and drills move faster; 1 in real use)
     concurrency: int = 64
     rate_window: float = 60.0
     max_cost: float | None = None
@@ -322,28 +1011,6 @@ class RunOptions:
     def from_dict(cls, d: dict[str, Any]) -> RunOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def enqueued_limit_for(model: str, tier: int, override: int | None) -> int:
-    if override:
-        return override
-    table = ENQUEUED_LIMITS.get(tier, ENQUEUED_LIMITS[1])
-    return table.get(base_model(model), table[DEFAULT_MODEL])
-
-
-def tpm_limit_for(model: str, tier: int, override: int | None) -> int:
-    if override:
-        return override
-    table = TPM_LIMITS.get(tier, TPM_LIMITS[1])
-    return table.get(base_model(model), table[DEFAULT_MODEL])
-
-
-def base_model(model: str) -> str:
-    m = model.removeprefix("models/")
-    for known in sorted(PRICES, key=len, reverse=True):
-        if m == known or m.startswith(known + "-0") or m.startswith(known + "-preview"):
-            return known
-    return m
 
 
 # ================================================================================================
@@ -398,11 +1065,20 @@ class RemoteError(BatchifyError):
 
     @property
     def transient(self) -> bool:
-        return self.code in (0, 408, 429, 500, 502, 503, 504)
+        """Worth trying again: network errors (code 0), 408, 429, 5xx, and the 400 "Unsupported MIME type"
+        that users report the upload endpoint answering intermittently (python-genai#1547)."""
+        return self.code in TRANSIENT_CODES or (self.code == 400 and "Unsupported MIME type" in str(self))
+
+
+TRANSIENT_CODES = frozenset({0, 408, 429, 500, 502, 503, 504})
 
 
 class BatchRefusedError(RemoteError):
     """Batch creation refused for good (403 permission/billing, 404 model without batch)."""
+
+
+class AuthError(RemoteError):
+    """The API key was refused (400 API_KEY_INVALID, 401, 403 naming the key): nothing will work; stop at once."""
 
 
 # ================================================================================================
@@ -427,13 +1103,13 @@ class JobState(StrEnum):
 S = JobState
 _REMOTE_OUTCOMES = frozenset({S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED}),
-    S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED}),
-    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED}),
+    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED}),
+    S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED, S.FAILED}),  # FAILED: upload refused N times
+    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED}),  # FAILED: creates refused too long
     S.SUBMITTING: _REMOTE_OUTCOMES | {S.UPLOADED},
     S.PENDING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
-    S.SUCCEEDED: frozenset({S.RESULTS_DOWNLOADED}),
+    S.SUCCEEDED: frozenset({S.RESULTS_DOWNLOADED, S.FAILED}),  # FAILED: output not downloadable N times
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
     S.EXPIRED: frozenset(),
@@ -489,6 +1165,7 @@ class Job:
     stats: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     cancelled_by_user: bool = False
+    no_retry: bool = False  # failed in a way another attempt cannot mend (creates refused for too long)
     usage: dict[str, int] = field(default_factory=dict)
     ok: int = 0
     failed: int = 0
@@ -600,6 +1277,20 @@ def validate_run_dict(d: dict[str, Any]) -> None:
             raise StateError(f"run sidecar field {k!r} missing or not {t.__name__}")
 
 
+def run_model_spec(run: Run) -> ModelSpec:
+    """The model figures a run was planned with (kept in its plan), or, for a run prepared before the
+    catalog, the built-in catalog's entry for its model."""
+    d = run.plan.get("model_spec")
+    if isinstance(d, dict):
+        raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {}}
+        return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", "0000-00-00")
+    model = str(run.config.get("model") or DEFAULT_MODEL).removeprefix("models/")
+    cat = builtin_catalog()
+    if model in cat.models:
+        return cat.spec(model, cat.as_of)
+    return ModelSpec(model, "other", "stable", 0.0, 0.0, note="not in the catalog when this run was prepared: cost unknown")
+
+
 # ================================================================================================
 # 4. Pure planners: records, prompts, requests, tokens, batches, waves, cost
 # ================================================================================================
@@ -685,26 +1376,44 @@ def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str
     return template.format_map(values)
 
 
-def generation_config(cfg: JobConfig) -> dict[str, Any]:
+def default_max_output(spec: ModelSpec, choice: str | int | None, expected_output_tokens: int) -> int | None:
+    """maxOutputTokens when none is given: thinking shares it with the answer, so leave room for both
+    (a cap of 1,024 with thinking on gives MAX_TOKENS and cut JSON); never above the model's own limit."""
+    room = thinking_room(choice) + max(ANSWER_ROOM_MIN, 4 * expected_output_tokens)
+    return min(room, spec.output_token_limit) if spec.output_token_limit else room
+
+
+def generation_config(cfg: JobConfig, spec: ModelSpec) -> dict[str, Any]:
+    """The generationConfig a request carries, in the field each model takes: thinkingLevel (Gemini 3),
+    thinkingBudget (2.5), nothing where the catalog knows no rule; never a value the model refuses."""
     gc: dict[str, Any] = {}
-    if cfg.temperature is not None:
-        gc["temperature"] = cfg.temperature
-    if cfg.max_output_tokens is not None:
-        gc["maxOutputTokens"] = cfg.max_output_tokens
-    if cfg.thinking_budget is not None and base_model(cfg.model).startswith("gemini-2.5"):
-        gc["thinkingConfig"] = {"thinkingBudget": cfg.thinking_budget}
+    temperature = cfg.temperature if cfg.temperature is not None else spec.temperature
+    if temperature is not None:
+        gc["temperature"] = temperature
+    choice = thinking_choice(spec, cfg.thinking)
+    max_out = (
+        cfg.max_output_tokens
+        if cfg.max_output_tokens is not None
+        else default_max_output(spec, choice, cfg.expected_output_tokens)
+    )
+    if max_out is not None:
+        gc["maxOutputTokens"] = max_out
+    if isinstance(choice, str):
+        gc["thinkingConfig"] = {"thinkingLevel": choice.upper()}  # the SDK's spelling of the enum
+    elif isinstance(choice, int):
+        gc["thinkingConfig"] = {"thinkingBudget": choice}
     if cfg.schema is not None:
         gc["responseMimeType"] = "application/json"
         gc["responseJsonSchema"] = cfg.schema
     return gc
 
 
-def build_request(cfg: JobConfig, prompt: str, gen_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_request(cfg: JobConfig, prompt: str, gen_config: dict[str, Any]) -> dict[str, Any]:
     """A GenerateContentRequest in the wire's camelCase, as one line of a batch file carries it."""
     req: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
     if cfg.system_instruction:
         req["systemInstruction"] = {"parts": [{"text": cfg.system_instruction}]}
-    gc = generation_config(cfg) if gen_config is None else gen_config
+    gc = gen_config
     if gc:
         req["generationConfig"] = gc
     return req
@@ -868,19 +1577,58 @@ def poll_delay(interval: float, eta: float | None, base: float) -> float:
     return max(base, done_at)
 
 
-def price_for(model: str) -> tuple[float, float]:
-    return PRICES.get(base_model(model), PRICES[DEFAULT_MODEL])
+SERVICES = ("batch", "flex", "standard")
 
 
-def cost_usd(model: str, input_tokens: int, output_tokens: int, batch: bool) -> float:
-    pin, pout = price_for(model)
-    factor = BATCH_DISCOUNT if batch else 1.0
-    return (input_tokens * pin + output_tokens * pout) / 1e6 * factor
+def cost_usd(spec: ModelSpec, usage: dict[str, int], service: str) -> float:
+    """USD for summed usage at one service tier: the one cost rule, for estimates and actuals alike.
+
+    Input tokens at the input price, cached tokens (part of promptTokenCount) at the cache price, output
+    and thinking tokens at the output price; batch and flex at their share of standard, except cached
+    tokens, which Google bills at the standard cache price in batch too unless the model's Batch/Flex table
+    lists its own. Usage from requests above the long-context threshold comes in `long.`-prefixed keys
+    (long_usage) and is billed at the long-context prices. A cache price Google does not publish: cached
+    tokens billed as uncached input (an upper bound)."""
+    factor = {"standard": 1.0, "batch": spec.batch_discount, "flex": spec.flex_discount or spec.batch_discount}[service]
+    own_cache = {"batch": spec.batch_cached_input_price, "flex": spec.flex_cached_input_price}.get(service)
+
+    def part(u: dict[str, int], prefix: str, pin: float, pout: float, pcache: float | None) -> float:
+        prompt = u.get(prefix + "promptTokenCount", 0)
+        cached = min(prompt, u.get(prefix + "cachedContentTokenCount", 0))
+        out = u.get(prefix + "candidatesTokenCount", 0) + u.get(prefix + "thoughtsTokenCount", 0)
+        cache_price = pcache if pcache is not None else pin * factor
+        return ((prompt - cached) * pin * factor + cached * cache_price + out * pout * factor) / 1e6
+
+    short = {k: v - usage.get("long." + k, 0) for k, v in usage.items() if not k.startswith("long.")}
+    total = part(short, "", spec.input_price, spec.output_price, own_cache if own_cache is not None else spec.cached_input_price)
+    if any(k.startswith("long.") for k in usage):
+        total += part(
+            usage,
+            "long.",
+            spec.long_input_price or spec.input_price,
+            spec.long_output_price or spec.output_price,
+            spec.long_cached_input_price if spec.long_cached_input_price is not None else spec.cached_input_price,
+        )
+    return total
 
 
-def usage_cost(model: str, usage: dict[str, int], batch: bool) -> float:
-    out = usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0)
-    return cost_usd(model, usage.get("promptTokenCount", 0), out, batch)
+def long_usage(total: dict[str, int], usages: Iterable[Any], threshold: int | None) -> None:
+    """Add, under `long.` keys, the usage of the requests whose prompt passed the long-context threshold."""
+    if not threshold:
+        return
+    for u in usages:
+        if isinstance(u, dict) and type(p := u.get("promptTokenCount")) is int and p > threshold:
+            for k in USAGE_KEYS:
+                if type(v := u.get(k)) is int:
+                    total["long." + k] = total.get("long." + k, 0) + v
+
+
+def request_cost(spec: ModelSpec, usage: dict[str, Any] | None, service: str) -> float:
+    """cost_usd() of one request's usageMetadata."""
+    total: dict[str, int] = {}
+    add_usage(total, usage)
+    long_usage(total, [usage], spec.long_context_threshold)
+    return cost_usd(spec, total, service)
 
 
 # One line of a results sidecar (results/*.jsonl, realtime.jsonl), keys in this order; merge's output
@@ -901,16 +1649,18 @@ def result_record(n: int, result: Any, error: str | None, source: str, usage: di
     }
 
 
-USAGE_KEYS = frozenset({"promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"})
+USAGE_KEYS = frozenset(
+    {"promptTokenCount", "cachedContentTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"}
+)
 
 
 def add_usage(total: dict[str, int], usage: dict[str, Any] | None) -> None:
     for k, v in (usage or {}).items():
-        if k in USAGE_KEYS and type(v) is int:
+        if (k in USAGE_KEYS or k.startswith("long.")) and type(v) is int:
             total[k] = total.get(k, 0) + v
 
 
-def add_usages(total: dict[str, int], usages: list[dict[str, Any]]) -> None:
+def add_usages(total: dict[str, int], usages: list[dict[str, Any]], long_threshold: int | None = None) -> None:
     """add_usage() for many usage dicts at once: one C-level sum per key (merge sums 200k of them);
     a key whose values are not all ints (a foreign line) falls back to add_usage's per-value rule
     (the one difference: a bool counts as 1 on the fast path; our writers never store one)."""
@@ -923,10 +1673,24 @@ def add_usages(total: dict[str, int], usages: list[dict[str, Any]]) -> None:
             v = sum(x for u in usages if isinstance(u, dict) and type(x := u.get(k)) is int)
         if v or any(isinstance(u, dict) and type(u.get(k)) is int for u in usages):  # a key seen, even as 0
             total[k] = total.get(k, 0) + v
+    long_usage(total, usages, long_threshold)
+
+
+def expected_usage(cfg: JobConfig, spec: ModelSpec, input_tokens: int, records: int) -> dict[str, int]:
+    """The usage a run is expected to have: its input, the answer tokens assumed per request and the
+    thinking tokens assumed for its thinking setting (expected_thinking_tokens overrides)."""
+    choice = thinking_choice(spec, cfg.thinking)
+    per_thought = cfg.expected_thinking_tokens if cfg.expected_thinking_tokens is not None else thinking_expected(choice)
+    return {
+        "promptTokenCount": input_tokens,
+        "candidatesTokenCount": records * cfg.expected_output_tokens,
+        "thoughtsTokenCount": records * per_thought,
+    }
 
 
 def estimate_plan(
     cfg: JobConfig,
+    spec: ModelSpec,
     batches: list[BatchPlan],
     waves: list[list[int]],
     limit: int,
@@ -935,16 +1699,17 @@ def estimate_plan(
     realtime_share: float = 0.0,
 ) -> dict[str, Any]:
     tokens = sum(b.tokens for b in batches)
-    out_tokens = records * cfg.expected_output_tokens
-    batch_cost = cost_usd(cfg.model, tokens, out_tokens, batch=True)
-    rt_cost = cost_usd(cfg.model, tokens, out_tokens, batch=False)
+    usage = expected_usage(cfg, spec, tokens, records)
+    batch_cost = cost_usd(spec, usage, "batch")
+    rt_cost = cost_usd(spec, usage, "standard")
     return {
-        "model": cfg.model,
+        "model": spec.name,
         "records": records,
         "batches": len(batches),
         "waves": len(waves),
         "input_tokens": tokens,
-        "expected_output_tokens": out_tokens,
+        "expected_output_tokens": usage["candidatesTokenCount"],
+        "expected_thinking_tokens": usage["thoughtsTokenCount"],
         "enqueued_limit": limit,
         "effective_limit": eff_limit,
         "estimated_cost_usd": round(batch_cost * (1 - realtime_share) + rt_cost * realtime_share, 6),
@@ -956,7 +1721,7 @@ def estimate_plan(
     }
 
 
-def response_text(response: dict[str, Any]) -> tuple[str | None, str | None]:
+def response_text(response: dict[str, Any], accept_truncated: bool = False) -> tuple[str | None, str | None]:
     """The text of a GenerateContentResponse (thought parts skipped) or why there is none."""
     cands = response.get("candidates") or []
     if not cands:
@@ -967,15 +1732,23 @@ def response_text(response: dict[str, Any]) -> tuple[str | None, str | None]:
     text = "".join(p.get("text", "") for p in parts if isinstance(p, dict) and not p.get("thought"))
     finish = cand.get("finishReason", "STOP")
     if not text:
-        return None, f"empty answer (finishReason={finish})"
-    if finish not in ("STOP", "FINISH_REASON_UNSPECIFIED", None) and finish != "MAX_TOKENS":
+        hint = (
+            " (thinking used up maxOutputTokens: raise max_output_tokens or lower --thinking)" if finish == "MAX_TOKENS" else ""
+        )
+        return None, f"empty answer (finishReason={finish}){hint}"
+    if finish == "MAX_TOKENS" and not accept_truncated:
+        return None, "answer truncated (finishReason=MAX_TOKENS): raise max_output_tokens or lower --thinking"
+    if finish not in ("STOP", "FINISH_REASON_UNSPECIFIED", "MAX_TOKENS", None):
         return None, f"answer stopped early (finishReason={finish})"
     return text, None
 
 
-def parse_answer(response: dict[str, Any], schema: dict[str, Any] | None) -> tuple[Any, str | None]:
-    """(result, None) or (None, error) for one response: JSON parsed and checked against the schema."""
-    text, err = response_text(response)
+def parse_answer(
+    response: dict[str, Any], schema: dict[str, Any] | None, accept_truncated: bool = False
+) -> tuple[Any, str | None]:
+    """(result, None) or (None, error) for one response: JSON parsed and checked against the schema.
+    A MAX_TOKENS (truncated) answer is an error unless accept_truncated (schema-less runs only)."""
+    text, err = response_text(response, accept_truncated and schema is None)
     if err is not None:
         return None, err
     assert text is not None
@@ -1356,36 +2129,99 @@ def operation_to_job(op: dict[str, Any]) -> RemoteJob:
     )
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    input_token_limit: int | None
+    output_token_limit: int | None
+
+
+# -- one retry policy for every remote call -----------------------------------------------------------
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long one remote call is tried. `also`: codes retried for this call only (a
+    download answering 403/404 for an output that is not readable yet)."""
+
+    attempts: int = 5
+    base: float = 1.0  # seconds before the 2nd try; doubled each time, with jitter
+    cap: float = 60.0
+    deadline: float = 900.0  # seconds from the first try after which nothing more is tried
+    also: frozenset[int] = frozenset()
+
+
+CALL_POLICY = RetryPolicy()  # get, list, count tokens, models.get, cancel, delete, upload
+DOWNLOAD_POLICY = RetryPolicy(attempts=3, base=2.0, cap=30.0, deadline=300.0, also=frozenset({403, 404}))
+ONCE = RetryPolicy(attempts=1)  # create (not idempotent: the engine looks the job up instead) and generate (the engine paces it)
+
+
+def retry_delay(error: RemoteError, attempt: int, policy: RetryPolicy, elapsed: float, jitter: float) -> float | None:
+    """Seconds to wait before trying a call again after its `attempt`-th failure, or None: give up.
+    The server's RetryInfo delay is honoured as given; otherwise exponential back-off with jitter
+    (`jitter` in [0, 1) from the caller). Pure: no clock, no randomness of its own."""
+    if isinstance(error, (AuthError, BatchRefusedError)) or attempt >= policy.attempts:
+        return None
+    if not (error.transient or error.code in policy.also):
+        return None
+    if error.retry_delay is not None:
+        delay = max(0.0, error.retry_delay)
+    else:
+        delay = min(policy.cap, policy.base * 2 ** (attempt - 1)) * (0.5 + jitter)
+    if elapsed + delay > policy.deadline:
+        return None
+    return delay
+
+
 class GeminiClient:
     """Async access to the Gemini API through the unmodified google-genai SDK.
 
-    base_url None lets the SDK resolve it (GOOGLE_GEMINI_BASE_URL, else Google). Retries of
-    408/5xx and network errors are the SDK's own HttpRetryOptions; 429 is left to the engine,
-    which knows whether it means "enqueued tokens full" (wait) or "rate limit" (slow down).
+    base_url None lets the SDK resolve it (GOOGLE_GEMINI_BASE_URL, else Google). Every call goes
+    through _call: SDK objects become our dataclasses, every exception becomes a RemoteError naming
+    the call, and retries follow one RetryPolicy (the SDK's own retries are off). 429s on create and
+    generate are left to the engine, which knows whether they mean "enqueued tokens full" or "slow down".
     """
 
     def __init__(
-        self, api_key: str, base_url: str | None = None, attempts: int = 4, timeout_s: float = 120.0, initial_delay: float = 1.0
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 120.0,
+        key_source: str = "the API key",
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        retry_scale: float = 1.0,
     ):
         from google import genai
         from google.genai import types
 
         self._types = types
-        retry = types.HttpRetryOptions(
-            attempts=attempts, initial_delay=initial_delay, max_delay=30.0, http_status_codes=[408, 500, 502, 503, 504]
-        )
-        opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000), retry_options=retry)
+        self.key_source = key_source
+        self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
+        self.retry_scale = retry_scale
+        once = types.HttpRetryOptions(attempts=1)
+        # v1beta: every batch page of Google's documents it (SDK 3.x would otherwise send /v1/).
+        opts = types.HttpOptions(base_url=base_url, api_version="v1beta", timeout=int(timeout_s * 1000), retry_options=once)
         self._client = genai.Client(api_key=api_key, vertexai=False, http_options=opts)
         self.aio = self._client.aio
 
-    @staticmethod
-    def _wrap(e: BaseException, what: str) -> RemoteError:
+    def _wrap(self, e: BaseException, what: str) -> RemoteError:
+        """Any exception of a call -> RemoteError naming the call (AuthError, BatchRefusedError as such)."""
         from google.genai import errors
 
+        if isinstance(e, RemoteError):
+            return e
         if isinstance(e, errors.APIError):
             code = int(e.code or 0)
-            msg = f"{what}: {code} {e.status or ''} {e.message or ''}".strip()
-            if what == "create batch" and code in (403, 404) and "File" not in (e.message or ""):
+            text = e.message or ""
+            msg = f"{what}: {code} {e.status or ''} {text}".strip()
+            if code == 401 or (code in (400, 403) and re.search(r"API[ _]key|API_KEY|unregistered callers", text, re.I)):
+                return AuthError(
+                    f"{what}: the service refused {self.key_source} ({code} {e.status or ''}: {text[:160]}). "
+                    f"Fix: set a valid key in {self.key_source} (or .env); nothing more was sent.",
+                    code=code,
+                    status=e.status or "",
+                )
+            if what == "create batch" and code in (403, 404) and "File" not in text:
                 hint = (
                     " Fix: enable billing for the API key's project (the Batch API needs it) and check the key's "
                     "permissions, or run with --mode realtime."
@@ -1393,76 +2229,101 @@ class GeminiClient:
                     else " Fix: this model has no Batch API: choose another --model, or run with --mode realtime."
                 )
                 return BatchRefusedError(msg + hint, code=code, status=e.status or "")
-            return RemoteError(msg, code=code, status=e.status or "", retry_delay=_retry_delay(e.details))
+            details = e.details if isinstance(e.details, dict) else {}
+            return RemoteError(msg, code=code, status=e.status or "", retry_delay=_retry_delay(details))
         if isinstance(e, (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)):
             return RemoteError(f"{what}: network error ({type(e).__name__}: {e})", code=0)
-        name = type(e).__name__
-        if "Timeout" in name or "Connect" in name or "Payload" in name or "Disconnect" in name or "Protocol" in name:
-            return RemoteError(f"{what}: network error ({name}: {e})", code=0)
-        raise e
+        # Anything else the SDK lets escape (KeyError 'file' on an upload answered without its file,
+        # a transport error class of its own): named, and treated as transient like a network error.
+        return RemoteError(f"{what}: unexpected answer ({type(e).__name__}: {e})", code=0)
 
-    async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
+    async def _call(self, what: str, make: Callable[[], Awaitable[Any]], policy: RetryPolicy = CALL_POLICY) -> Any:
+        start = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await make()
+            except Exception as e:  # translated at the boundary
+                err = self._wrap(e, what)
+                cause: BaseException = e
+            delay = retry_delay(err, attempt, policy, self._clock() - start, self._rng.random())
+            if delay is None:
+                if attempt > 1:
+                    err.args = (f"{err} (after {attempt} tries)",)
+                raise err from cause
+            await self._sleep(delay * self.retry_scale)
+
+    async def get_model(self, model: str, replacement: str | None = None) -> ModelInfo:
+        """models.get: does the service serve this model, and with which token limits? A 404: exit 2."""
         try:
-            return await coro
-        except Exception as e:  # translated at the boundary
-            raise self._wrap(e, what) from e
+            m = await self._call("get model", lambda: self.aio.models.get(model=model))
+        except RemoteError as e:
+            if e.code != 404:
+                raise
+            instead = f"use --model {replacement}" if replacement else "choose another model (`batchify models`)"
+            raise UsageError(
+                f"the service does not serve model {model!r} ({e}); it may have been shut down. Fix: {instead}."
+            ) from e
+        return ModelInfo(m.name or model, m.input_token_limit, m.output_token_limit)
 
     async def upload(self, path: Path, display_name: str) -> RemoteFile:
         cfg = self._types.UploadFileConfig(mime_type="jsonl", display_name=display_name)
-        f = await self._call("upload", self.aio.files.upload(file=str(path), config=cfg))
+        f = await self._call("upload", lambda: self.aio.files.upload(file=str(path), config=cfg))
         return RemoteFile(name=f.name or "", size_bytes=int(f.size_bytes or 0), state=str(f.state))
 
     async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
-        # No SDK retry here: create is not idempotent, and a retried create after a lost answer makes a
-        # second job. The engine looks the job up by display name instead (Engine.submit).
-        once = self._types.HttpOptions(retry_options=self._types.HttpRetryOptions(attempts=1))
-        cfg = self._types.CreateBatchJobConfig(display_name=display_name, http_options=once)
-        j = await self._call("create batch", self.aio.batches.create(model=model, src=src, config=cfg))  # type: ignore[arg-type]
+        # Tried once: create is not idempotent, and a retried create after a lost answer makes a second
+        # job. The engine looks the job up by display name instead (Engine.submit).
+        cfg = self._types.CreateBatchJobConfig(display_name=display_name)
+        j = await self._call("create batch", lambda: self.aio.batches.create(model=model, src=src, config=cfg), ONCE)  # type: ignore[arg-type]
         return RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state)))
 
     async def get_batch(self, name: str) -> RemoteJob:
-        # A raw GET through the SDK's own client (auth, base URL, retries): the typed
-        # batches.get() never fills batchStats or the Operation error for Gemini batches.
-        resp = await self._call("get batch", self.aio._api_client.async_request("get", name, {}))
+        # A raw GET through the SDK's own client (auth, base URL): the typed batches.get() never fills
+        # batchStats or the Operation error for Gemini batches.
+        resp = await self._call("get batch", lambda: self.aio._api_client.async_request("get", name, {}))
         return operation_to_job(orjson.loads(resp.body or "{}"))
 
     async def list_batches(self) -> list[RemoteJob]:
-        out = []
-        pager = await self._call("list batches", self.aio.batches.list(config={"page_size": 100}))
-        try:
-            async for j in pager:
+        async def every_page() -> list[RemoteJob]:
+            out = []
+            async for j in await self.aio.batches.list(config={"page_size": 100}):
                 out.append(RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state))))
-        except Exception as e:
-            raise self._wrap(e, "list batches") from e
-        return out
+            return out
+
+        return list(await self._call("list batches", every_page))
 
     async def cancel_batch(self, name: str) -> None:
-        await self._call("cancel batch", self.aio.batches.cancel(name=name))
+        await self._call("cancel batch", lambda: self.aio.batches.cancel(name=name))
 
     async def delete_batch(self, name: str) -> None:
-        await self._call("delete batch", self.aio.batches.delete(name=name))
+        await self._call("delete batch", lambda: self.aio.batches.delete(name=name))
 
     async def delete_file(self, name: str) -> None:
-        await self._call("delete file", self.aio.files.delete(name=name))
+        await self._call("delete file", lambda: self.aio.files.delete(name=name))
 
     async def download(self, name: str) -> bytes:
-        data = await self._call("download", self.aio.files.download(file=name))
+        data = await self._call("download", lambda: self.aio.files.download(file=name), DOWNLOAD_POLICY)
         return bytes(data)
 
     async def count_tokens(self, model: str, texts: str | list[str]) -> int:
         """Tokens of one text, or of several counted together in one call."""
-        r = await self._call("count tokens", self.aio.models.count_tokens(model=model, contents=texts))
+        r = await self._call("count tokens", lambda: self.aio.models.count_tokens(model=model, contents=texts))
         return int(r.total_tokens or 0)
 
     async def generate(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
-        """One real-time call with the very wire-form request a batch line carries.
+        """One real-time call with the very wire-form request a batch line carries; tried once (the
+        real-time path paces and retries it under the same RetryPolicy rule).
 
-        Sent through the SDK's own client (auth, base URL, HttpRetryOptions) as a raw POST: the typed
-        generate_content() re-validates and deep-copies every request and response through pydantic,
-        which measured ~5 ms of CPU per call and capped one process below 200 requests/s (bench/realtime.py).
+        Sent through the SDK's own client (auth, base URL) as a raw POST: the typed generate_content()
+        re-validates and deep-copies every request and response through pydantic, which measured ~5 ms
+        of CPU per call and capped one process below 200 requests/s (bench/realtime.py).
         """
         path = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
-        resp = await self._call("generate", self.aio._api_client.async_request("post", f"{path}:generateContent", dict(request)))
+        resp = await self._call(
+            "generate", lambda: self.aio._api_client.async_request("post", f"{path}:generateContent", dict(request)), ONCE
+        )
         return dict(orjson.loads(resp.body or "{}"))
 
     async def close(self) -> None:
@@ -1551,6 +2412,8 @@ async def calibrate(client: GeminiClient | None, model: str, prompts: list[str])
     groups = [prompts[i::CALIBRATION_CALLS] for i in range(min(CALIBRATION_CALLS, len(prompts)))]
     try:
         counts = await asyncio.gather(*(client.count_tokens(model, g) for g in groups))
+    except AuthError:
+        raise
     except RemoteError:
         return CHARS_PER_TOKEN_OFFLINE, None
     samples = [(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]
@@ -1718,6 +2581,8 @@ def _prepare_pass(
     cap: int,
     suspects: set[int],
     hook: Callable[[str], None] | None,
+    gc: dict[str, Any],
+    context: int = CONTEXT_WINDOW,
 ) -> _Pass:
     """One streaming pass: validate each record, write request files and ids. Memory stays flat:
     ids are kept as 8-byte digests in an array; only ids whose digest repeats (`suspects`, known
@@ -1732,7 +2597,6 @@ def _prepare_pass(
     fetched = load_fetch_cache(store.fetch_cache_path)
     fields = template_fields(cfg.prompt_template)
     si_chars = len(cfg.system_instruction or "")
-    gc = generation_config(cfg)
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256, path)
@@ -1795,10 +2659,10 @@ def _prepare_pass(
                     err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
             if err is None:
                 t = math.ceil((len(prompt) + si_chars) / cpt) or 1  # estimate_tokens(), inlined: hot loop
-                if t > CONTEXT_WINDOW:
+                if t > context:
                     err = (
                         f"document of about {t:,} tokens is longer than the model's context window "
-                        f"({CONTEXT_WINDOW:,}). Fix: split or truncate it"
+                        f"(input limit {context:,} tokens). Fix: split or truncate it"
                     )
                 elif t > eff:
                     err = (
@@ -1860,6 +2724,8 @@ async def prepare_run(
     client: GeminiClient | None = None,
     endpoint: str | None = None,
     hook: Callable[[str], None] | None = None,
+    catalog: Catalog | None = None,
+    today: str | None = None,
 ) -> Run:
     """Validate the input, write the request files, ids and job sidecars, and plan the waves.
 
@@ -1870,7 +2736,22 @@ async def prepare_run(
     import shutil
 
     path = Path(input_path)
-    limit = enqueued_limit_for(cfg.model, opts.tier, opts.enqueued_limit)
+    today = today or utcnow()[:10]
+    catalog = catalog or builtin_catalog()
+    if cfg.models:
+        catalog = catalog.merged(cfg.models, "the job config")
+    spec = resolve_model(catalog, cfg.model, today)  # unknown or retired: exit 2, before anything is sent
+    gc = generation_config(cfg, spec)  # a thinking setting the model refuses: exit 2 here
+    if opts.mode == "realtime":
+        limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or 10**15  # no batch: nothing to fit under
+    else:
+        limit = enqueued_limit_for(spec, opts.tier, opts.enqueued_limit, catalog.source(spec, "enqueued_tokens"))
+    context = spec.input_token_limit or CONTEXT_WINDOW
+    if client is not None:  # the service confirms the model (a 404: retired or unknown there) and its limits
+        info = await client.get_model(cfg.model, replacement=spec.replacement)
+        context = info.input_token_limit or context
+        if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
+            gc["maxOutputTokens"] = info.output_token_limit
     sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
     cpt, warranted = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None)
     calibrated = warranted is not None
@@ -1879,14 +2760,14 @@ async def prepare_run(
     si_chars = len(cfg.system_instruction or "")
     per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
     cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
-    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook)
+    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook, gc, context)
     if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
         await fetch_urls(path, store, opts.text_field)
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook)
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context)
         if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook)
+        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context)
     if p.n_problems and not opts.skip_invalid:
         shutil.rmtree(store.dir, ignore_errors=True)
         more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
@@ -1902,8 +2783,17 @@ async def prepare_run(
         )
     batches = p.batches
     waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
-    plan = estimate_plan(cfg, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
+    plan = estimate_plan(cfg, spec, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
+    plan["model_spec"] = spec.to_dict()  # the figures this run plans and bills with, whatever the catalog says later
+    plan["catalog_as_of"] = catalog.as_of
+    plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
+    plan["context_limit"] = context
+    plan["enqueued_limit_source"] = "--enqueued-limit" if opts.enqueued_limit else catalog.source(spec, "enqueued_tokens")
+    plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
+    plan["warnings"] = [
+        w for w in (lifecycle_warning(spec, today), spec.price_note and f"price change ahead: {spec.price_note}") if w
+    ]
     plan["margin"] = margin
     plan["batch_token_cap"] = cap
     run_id = secrets.token_hex(3)
@@ -2024,6 +2914,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._demand = asyncio.Event()
         self.limit = self.run.plan["effective_limit"]
+        self.spec = run_model_spec(self.run)
+        self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
+        self._download_failures: dict[str, int] = {}
 
     @property
     def client(self) -> GeminiClient:
@@ -2064,7 +2957,7 @@ class Engine:
         usage: dict[str, int] = {}
         for j in self.jobs.values():
             add_usage(usage, j.usage)
-        return usage_cost(self.cfg.model, usage, batch=True)
+        return cost_usd(self.spec, usage, "batch")
 
     # -- the whole run ---------------------------------------------------------------------------
     async def execute(self) -> Summary:
@@ -2090,6 +2983,10 @@ class Engine:
                 self._log(f"batch refused for good ({e}); finishing in real time at the standard price")
                 self.run.realtime["batch_refused"] = str(e)
                 self.store.save_run(self.run)
+            refused = self.run.realtime.get("create_refused")
+            if refused and not (self.opts.mode == "auto" and self.opts.fallback):
+                self.merge()
+                raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
             if self.opts.mode == "auto" and self.opts.fallback:
                 todo = self.unresolved()
                 if todo:
@@ -2104,7 +3001,13 @@ class Engine:
         stuck = [j for j in self._ordered() if j.state == S.SUBMITTING]
         if not stuck:
             return
-        remote = {r.display_name: r for r in await self.client.list_batches()}
+        try:
+            remote = {r.display_name: r for r in await self.client.list_batches()}
+        except AuthError:
+            raise
+        except RemoteError as e:  # never fatal: the scheduler reconciles again on its next pass
+            self._log(f"listing batches to reconcile {len(stuck)} job(s) failed ({e}); will look again")
+            return
         for j in stuck:
             r = remote.get(j.display_name)
             if r is not None:
@@ -2119,6 +3022,7 @@ class Engine:
             if (
                 j.state in (S.FAILED, S.EXPIRED)
                 and not j.cancelled_by_user
+                and not j.no_retry
                 and j.name not in retried
                 and j.attempt < self.opts.max_attempts
             ):
@@ -2244,9 +3148,13 @@ class Engine:
         self.hook("before_upload")
         try:
             f = await self.client.upload(self.store.request_path(job), job.display_name)
-        except RemoteError as e:
-            self._log(f"{job.name}: upload failed ({e}); will retry")
-            return False
+        except AuthError:
+            raise
+        except RemoteError as e:  # the seam already tried as often as the retry policy allows
+            self._log(f"{job.name}: upload refused ({e}); the job failed")
+            self._set(job, S.FAILED, error=f"upload refused: {e}")
+            self._wake.set()
+            return True
         self._set(job, S.UPLOADED, remote_file=f.name)
         self.hook("after_upload")
         self._wake.set()  # the scheduler may admit it now
@@ -2370,6 +3278,7 @@ class Engine:
         return any(
             j.state in (S.FAILED, S.EXPIRED)
             and not j.cancelled_by_user
+            and not j.no_retry
             and j.name not in retried
             and j.attempt < self.opts.max_attempts
             for j in self.jobs.values()
@@ -2386,9 +3295,8 @@ class Engine:
             raise
         except RemoteError as e:
             if e.code == 429:
-                self._log(f"{job.name}: create answered 429 RESOURCE_EXHAUSTED; waiting for capacity")
                 self._set(job, S.UPLOADED)
-                return False
+                return self._create_refused(job, e)
             if e.code in (400, 403) and "file" in str(e).lower():
                 self._log(f"{job.name}: the uploaded file is gone ({e}); uploading again")
                 self._set(self._set(job, S.UPLOADED), S.UPLOADING)
@@ -2407,8 +3315,36 @@ class Engine:
             self._set(job, S.FAILED, error=str(e))
             return True
         self.hook("after_create")
+        self._refused_since = None
         self._set(job, rj.state, remote_job=rj.name)
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
+        return True
+
+    def _create_refused(self, job: Job, e: RemoteError) -> bool:
+        """A create answered 429. With jobs of this run enqueued, that is the enqueued-token limit: wait for
+        one to finish. With none enqueued for longer than --create-timeout, waiting will not help (users
+        report persistent 429s under quota): every job not yet created fails, for the fallback to finish."""
+        now = self.clock()
+        if any(x.state in ACTIVE_STATES for x in self.jobs.values()):
+            self._refused_since = None
+            self._log(f"{job.name}: create answered 429 RESOURCE_EXHAUSTED; waiting for capacity")
+            return False
+        if self._refused_since is None:
+            self._refused_since = now
+        waited = now - self._refused_since
+        if waited < self.opts.create_timeout:
+            self._log(f"{job.name}: create answered 429 with nothing of this run enqueued ({waited:.0f} s so far); trying again")
+            return False
+        reason = (
+            f"batch creates refused with 429 for {waited / 60:.1f} min while nothing of this run was enqueued "
+            f"(--create-timeout {self.opts.create_timeout:g} s): {e}"
+        )
+        self._log(reason)
+        for j in self._ordered():
+            if j.state in UNSUBMITTED:
+                self._set(j, S.FAILED, error=reason, no_retry=True)
+        self.run.realtime["create_refused"] = reason
+        self.store.save_run(self.run)
         return True
 
     def _eta(self, job: Job) -> float | None:
@@ -2453,10 +3389,17 @@ class Engine:
     async def retrieve(self, job: Job) -> bool:
         """Download, parse and record one finished job's results. False: try again later."""
         try:
-            data = await self._download(job.output_file or "")
+            data = await self.client.download(job.output_file or "")
+        except AuthError:
+            raise
         except RemoteError as e:
-            self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
-            return False
+            n = self._download_failures[job.name] = self._download_failures.get(job.name, 0) + 1
+            if n < DOWNLOAD_ROUNDS:
+                self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
+                return False
+            self._log(f"{job.name}: output not downloadable ({e}); the job failed and its requests go again")
+            self._set(job, S.FAILED, error=f"output {job.output_file} not downloadable after {n} rounds of tries: {e}")
+            return True
         self.hook("after_download")
         # Parsing, schema checks and the fsync'ed write run in a worker thread: the event loop stays free
         # for polls and admission (a 1,000-line output is ~0.3 s of work).
@@ -2484,6 +3427,7 @@ class Engine:
                 continue
             results[n] = self._line_result(n, obj, "batch")
             add_usage(usage, results[n].get("usage"))
+            long_usage(usage, [results[n].get("usage")], self.spec.long_context_threshold)
         ok = failed = 0
         with open_private(self.store.result_path(job).with_suffix(".tmp")) as f:
             for n in keys:
@@ -2496,23 +3440,11 @@ class Engine:
         os.replace(self.store.result_path(job).with_suffix(".tmp"), self.store.result_path(job))
         return ok, failed, usage
 
-    async def _download(self, name: str) -> bytes:
-        delay = 1.0
-        for attempt in range(1, 5):
-            try:
-                return await self.client.download(name)
-            except RemoteError as e:
-                if e.code in (403, 404) or attempt == 4:
-                    raise
-                await self.sleep(delay * (0.5 + random.random()))
-                delay *= 2
-        raise AssertionError("unreachable")
-
     def _line_result(self, n: int, obj: dict[str, Any], source: str) -> dict[str, Any]:
         if "response" in obj and isinstance(obj["response"], dict):
             resp = obj["response"]
             usage = {k: v for k, v in (resp.get("usageMetadata") or {}).items() if isinstance(v, int)}
-            value, err = parse_answer(resp, self.cfg.schema)
+            value, err = parse_answer(resp, self.cfg.schema, self.cfg.accept_truncated)
             return result_record(n, value, err, source, usage or None)
         e = obj.get("error") or obj.get("status") or {}
         msg = e.get("message", "unknown error") if isinstance(e, dict) else str(e)
@@ -2619,6 +3551,7 @@ class Engine:
         }
         dumps = orjson.dumps
         hook = self.hook
+        long_at = self.spec.long_context_threshold
         with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
             write = f.write
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
@@ -2652,15 +3585,15 @@ class Engine:
                 if n & 15 == 0:
                     hook("merge")
                     if n & 4095 == 0:  # usage is summed in bulk, a few thousand at a time
-                        add_usages(usage_b, usages_b)
-                        add_usages(usage_r, usages_r)
+                        add_usages(usage_b, usages_b, long_at)
+                        add_usages(usage_r, usages_r, long_at)
                         usages_b.clear()
                         usages_r.clear()
-            add_usages(usage_b, usages_b)
-            add_usages(usage_r, usages_r)
+            add_usages(usage_b, usages_b, long_at)
+            add_usages(usage_r, usages_r, long_at)
         os.replace(tmp, out)
-        cost_b = usage_cost(self.cfg.model, usage_b, batch=True)
-        cost_r = usage_cost(self.cfg.model, usage_r, batch=False)
+        cost_b = cost_usd(self.spec, usage_b, "batch")
+        cost_r = cost_usd(self.spec, usage_r, "standard")
         total_usage = dict(usage_b)
         add_usage(total_usage, usage_r)
         finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and ok + err == self.run.records
@@ -2715,7 +3648,7 @@ class Engine:
         if not count:
             return
         if self.opts.max_cost is not None:
-            est = cost_usd(self.cfg.model, tokens, count * self.cfg.expected_output_tokens, batch=False)
+            est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count), "standard")
             spent = self._batch_spent()
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
@@ -2723,9 +3656,12 @@ class Engine:
                     f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
                 )
         window = self.opts.rate_window
-        tpm = tpm_limit_for(self.cfg.model, self.opts.tier, self.opts.tpm)
-        rpm_l = RateLimiter(self.opts.rpm * 0.99 / window, 1.0, self.clock, self.sleep)
-        tpm_l = RateLimiter(tpm * 0.95 / window, max(1.0, tpm * 0.01), self.clock, self.sleep)
+        limits = realtime_limits(self.spec, self.opts.tier, self.opts.rpm, self.opts.tpm)
+        rpm_l = RateLimiter(limits["rpm"] * 0.99 / window, 1.0, self.clock, self.sleep)
+        tpm = limits["tpm"]
+        tpm_l = RateLimiter(tpm * 0.95 / window, max(1.0, tpm * 0.01), self.clock, self.sleep) if tpm else None
+        rt_policy = RetryPolicy(attempts=self.opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
+        throttled_policy = dataclasses.replace(rt_policy, attempts=self.opts.max_attempts * 4)
         sem = asyncio.Semaphore(self.opts.concurrency)
         recent: collections.deque[tuple[float, int]] = collections.deque()
         queue: asyncio.Queue[tuple[int, dict[str, Any], int] | None] = asyncio.Queue(maxsize=self.opts.concurrency * 2)
@@ -2742,25 +3678,30 @@ class Engine:
 
         async def one(n: int, req: dict[str, Any], t: int) -> dict[str, Any]:
             attempt = 0
+            started = self.clock()
             while True:
                 attempt += 1
                 await rpm_l.acquire(1)
-                await tpm_l.acquire(t)
+                if tpm_l is not None:
+                    await tpm_l.acquire(t)
                 try:
                     async with sem:
                         resp = await self.client.generate(self.cfg.model, req)
+                except AuthError:
+                    raise
                 except RemoteError as e:
-                    if e.code == 429 and attempt < self.opts.max_attempts * 4:
+                    policy = throttled_policy if e.code == 429 else rt_policy
+                    delay = retry_delay(e, attempt, policy, self.clock() - started, random.random())
+                    if delay is None:
+                        return result_record(n, None, str(e), "realtime")
+                    view.retries += 1
+                    if e.code == 429:  # the rate is too high: every request slows down, not just this one
                         view.throttled += 1
-                        view.retries += 1
                         rpm_l.slow_down()
-                        rpm_l.pause(e.retry_delay if e.retry_delay is not None else 2.0)
-                        continue
-                    if e.code == 0 and attempt < self.opts.max_attempts:
-                        view.retries += 1
-                        await self.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-                        continue
-                    return result_record(n, None, str(e), "realtime")
+                        rpm_l.pause(delay)
+                    else:
+                        await self.sleep(delay)
+                    continue
                 rpm_l.recover()
                 return self._line_result(n, {"response": resp}, "realtime")
 
@@ -2780,7 +3721,7 @@ class Engine:
                 view.done += 1
                 view.errors += r["status"] != "ok"
                 u = r.get("usage") or {}
-                view.cost_usd += usage_cost(self.cfg.model, u, batch=False)
+                view.cost_usd += request_cost(self.spec, u, "standard")
                 recent.append((self.clock(), u.get("promptTokenCount", t)))
                 self.hook("after_realtime")
 
@@ -2885,6 +3826,7 @@ def schema_categoricals(schema: dict[str, Any] | None) -> dict[str, list[Any]]:
 def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
     """Counts of every enum/boolean schema field, errors by kind, tokens and cost of one run."""
     run = RunStore(state_dir, name).load_run()
+    spec = run_model_spec(run)
     fields = schema_categoricals(run.config.get("schema"))
     dist: dict[str, dict[str, int]] = {k: {} for k in fields}
     errors: dict[str, int] = {}
@@ -2895,6 +3837,7 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
         total += 1
         sources[r.source] = sources.get(r.source, 0) + 1
         add_usage(usage["realtime" if r.source == "realtime" else "batch"], r.usage)
+        long_usage(usage["realtime" if r.source == "realtime" else "batch"], [r.usage], spec.long_context_threshold)
         if not r.ok:
             kind = error_kind(r.error)
             errors[kind] = errors.get(kind, 0) + 1
@@ -2906,9 +3849,8 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
                 for item in v if isinstance(v, list) else [v]:
                     label = json_label(item)
                     dist[k][label] = dist[k].get(label, 0) + 1
-    model = run.config.get("model", DEFAULT_MODEL)
-    cost_b = usage_cost(model, usage["batch"], batch=True)
-    cost_r = usage_cost(model, usage["realtime"], batch=False)
+    cost_b = cost_usd(spec, usage["batch"], "batch")
+    cost_r = cost_usd(spec, usage["realtime"], "standard")
     return {
         "run": name,
         "records": total,
@@ -3022,7 +3964,7 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
                 )
             },
             "batch_usage": usage,
-            "batch_cost_usd": round(usage_cost(run.config.get("model", DEFAULT_MODEL), usage, True), 6),
+            "batch_cost_usd": round(cost_usd(run_model_spec(run), usage, "batch"), 6),
             "summary": run.summary,
         }
         if name:
@@ -3133,12 +4075,28 @@ class EmulatorConfig:
     tpm: int | None = None  # generateContent input tokens per rate_window
     rate_window: float = 60.0
     seed: int = 0
+    # The models served, with their limits and thinking rules: the catalog batchify plans with, plus these
+    # [models."NAME"] tables; a model retired by `today` (default: the real date) answers 404.
+    models: dict[str, Any] | None = None
+    today: str | None = None
+    cache_min_tokens: int = 1_024  # implicit caching: a repeated system instruction this long is reported cached
+    # Faults users report from the real service (REAL_SERVICE_NOTES.md), each for the first N calls:
+    upload_400_mime: int = 0  # upload answered 400 "Unsupported MIME type: jsonl" (python-genai#1547)
+    upload_no_file: int = 0  # upload answered 200 without its `file` (the SDK raises KeyError, #1248/#1590)
+    download_403: int = 0  # output download answered 403
+    download_404: int = 0  # output download answered 404 (SUCCEEDED before the output is readable)
+    list_429: int = 0  # batches.list answered 429 (seen in a client's CI log)
+    reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise ValueError(f"unknown emulator setting {k!r}")
             setattr(self, k, v)
+
+
+# Thinking tokens the emulator's "model" spends per setting (synthetic: Google publishes none).
+EMULATED_THOUGHTS = {"minimal": 0, "low": 48, "medium": 160, "high": 480, "xhigh": 960, "dynamic": 160}
 
 
 class _EmuError(Exception):
@@ -3186,6 +4144,10 @@ class Emulator:
         self.created = 0
         self._runner: Any = None
         self.url = ""
+        self.seen_prefixes: set[tuple[str, str]] = set()
+        self._specs: dict[tuple[str, bytes, str | None], ModelSpec | None] = {}  # (model, system instruction) already served
+        self.stats["thinking_seen"] = {}  # "model thinkingLevel=LOW" -> requests answered with it
+        self.stats["models_get"] = 0
 
     # -- server ------------------------------------------------------------------------------------
     def app(self) -> Any:
@@ -3230,6 +4192,7 @@ class Emulator:
             ("DELETE", rf"^/(?P<ver>{_VER})/files/(?P<id>[^/:]+)$", self._h_file_delete),
             ("GET", rf"^/(?P<ver>{_VER})/files$", self._h_file_list),
             ("POST", rf"^/(?P<ver>{_VER})/models/(?P<model>[^/:]+):(?P<method>\w+)$", self._h_model),
+            ("GET", rf"^/(?P<ver>{_VER})/models/(?P<model>[^/:]+)$", self._h_model_get),
             ("GET", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_get),
             ("DELETE", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_delete),
             ("POST", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+):cancel$", self._h_batch_cancel),
@@ -3243,7 +4206,15 @@ class Emulator:
                         self.stats["requests"] += 1
                         chunk = "upload_id" in request.query
                         if not chunk:
-                            if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+                            key = request.headers.get("x-goog-api-key") or request.query.get("key")
+                            if self.cfg.reject_key is not None and key == self.cfg.reject_key:
+                                raise _EmuError(
+                                    400,
+                                    "INVALID_ARGUMENT",
+                                    "API key not valid. Please pass a valid API key.",
+                                    [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}],
+                                )
+                            if not key:
                                 raise _EmuError(
                                     403,
                                     "PERMISSION_DENIED",
@@ -3357,6 +4328,10 @@ class Emulator:
             if h.get("X-Goog-Upload-Protocol") != "resumable" or h.get("X-Goog-Upload-Command") != "start":
                 raise _EmuError(400, "INVALID_ARGUMENT", "Only resumable uploads are supported.")
             meta = (await self._json(request)).get("file") or {}
+            if self.cfg.upload_400_mime > 0:
+                self.cfg.upload_400_mime -= 1
+                self.stats["faults_upload_400_mime"] = self.stats.get("faults_upload_400_mime", 0) + 1
+                raise _EmuError(400, "INVALID_ARGUMENT", "Unsupported MIME type: jsonl")
             uid = secrets.token_hex(16)
             self.uploads[uid] = {
                 "buf": bytearray(),
@@ -3384,6 +4359,12 @@ class Emulator:
         if "finalize" not in cmd:
             return web.Response(status=200, headers={"X-Goog-Upload-Status": "active"})
         del self.uploads[uid]
+        if self.cfg.upload_no_file > 0:  # 200, final, and no file in the body: the SDK raises KeyError('file')
+            self.cfg.upload_no_file -= 1
+            self.stats["faults_upload_no_file"] = self.stats.get("faults_upload_no_file", 0) + 1
+            return web.Response(
+                body=b"{}", status=200, content_type="application/json", headers={"X-Goog-Upload-Status": "final"}
+            )
         fid = "".join(self.rng.choice(string.ascii_lowercase + string.digits) for _ in range(12))
         res = self._new_file(fid, bytes(up["buf"]), up["display_name"], up["mime"], generated=False)
         if "jsonl" in str(up["mime"]):
@@ -3428,6 +4409,14 @@ class Emulator:
             raise _EmuError(400, "INVALID_ARGUMENT", "Only generated files can be downloaded.")
         data = self.blobs[fid]
         self.stats["downloads"] += 1
+        for code, knob, status, message in (
+            (403, "download_403", "PERMISSION_DENIED", "You do not have permission to access the File or it may not exist."),
+            (404, "download_404", "NOT_FOUND", "Requested entity was not found."),
+        ):
+            if getattr(self.cfg, knob) > 0:
+                setattr(self.cfg, knob, getattr(self.cfg, knob) - 1)
+                self.stats[f"faults_{knob}"] = self.stats.get(f"faults_{knob}", 0) + 1
+                raise _EmuError(code, status, message)
         if self.cfg.drop_downloads > 0:
             self.cfg.drop_downloads -= 1
             self.stats["downloads_dropped"] += 1
@@ -3441,9 +4430,44 @@ class Emulator:
         return web.Response(body=data, status=200, content_type="application/octet-stream")
 
     # -- models: generateContent, countTokens, batchGenerateContent ---------------------------------
+    def _spec(self, model: str) -> ModelSpec | None:
+        """The served model's catalog entry; None for a model unknown or retired (404)."""
+        m = model.removeprefix("models/")
+        key = (m, orjson.dumps(self.cfg.models or {}), self.cfg.today)
+        if key not in self._specs:
+            catalog = builtin_catalog()
+            if self.cfg.models:
+                catalog = catalog.merged(self.cfg.models, "emulator models")
+            try:
+                self._specs[key] = resolve_model(catalog, m, self.cfg.today or utcnow()[:10])
+            except UsageError:
+                self._specs[key] = None
+        return self._specs[key]
+
+    async def _h_model_get(self, request: Any, ver: str, model: str) -> Any:
+        self.stats["models_get"] += 1
+        m = self._check_model(model, "get")
+        spec = self._spec(m)
+        assert spec is not None
+        body: dict[str, Any] = {
+            "name": f"models/{m}",
+            "version": "001",
+            "displayName": m,
+            "description": EMULATOR_LABEL,
+            "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+            "thinking": spec.thinking != "none",
+        }
+        if spec.input_token_limit:
+            body["inputTokenLimit"] = spec.input_token_limit
+        if spec.output_token_limit:
+            body["outputTokenLimit"] = spec.output_token_limit
+        if spec.temperature is not None:
+            body["temperature"] = spec.temperature
+        return self._ok(body)
+
     def _check_model(self, model: str, method: str) -> str:
         m = model.removeprefix("models/")
-        if base_model(m) not in PRICES:
+        if self._spec(m) is None:
             raise _EmuError(
                 404,
                 "NOT_FOUND",
@@ -3500,8 +4524,66 @@ class Emulator:
             raise _EmuError(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified")
         return norm
 
+    def _check_thinking(self, req: dict[str, Any], model: str) -> str | int | None:
+        """The model's thinking rules, as the service applies them (400 for what it refuses): Gemini 3 takes
+        thinkingLevel among its levels; 2.5 takes thinkingBudget in its range (Pro: never 0); not both."""
+        spec = self._spec(model)
+        tc = (req.get("generationConfig") or {}).get("thinkingConfig")
+        if spec is None or tc is None:
+            return None
+        tc = {_camel(k): v for k, v in (tc if isinstance(tc, dict) else {}).items()}
+        bad = set(tc) - {"includeThoughts", "thinkingBudget", "thinkingLevel"}
+        if bad:
+            raise _EmuError(
+                400,
+                "INVALID_ARGUMENT",
+                f"Invalid JSON payload received. Unknown name \"{sorted(bad)[0]}\" at 'generation_config.thinking_config'.",
+            )
+        level, budget = tc.get("thinkingLevel"), tc.get("thinkingBudget")
+        if level is not None and budget is not None:
+            raise _EmuError(400, "INVALID_ARGUMENT", "You can only set one of thinking budget and thinking level.")
+        if level is not None:
+            lv = str(level).lower().removeprefix("thinking_level_")
+            if spec.thinking != "level":
+                raise _EmuError(400, "INVALID_ARGUMENT", "Thinking level is not supported for this model.")
+            if lv not in spec.thinking_levels:
+                raise _EmuError(
+                    400,
+                    "INVALID_ARGUMENT",
+                    f"Thinking level {level} is not supported for this model. Supported: {', '.join(spec.thinking_levels)}.",
+                )
+            return lv
+        if budget is None:
+            return None
+        if spec.thinking == "none" or (spec.thinking == "level" and not spec.legacy_budget):
+            raise _EmuError(400, "INVALID_ARGUMENT", "Thinking budget is not supported for this model; use thinking_level.")
+        b = int(budget)
+        if spec.thinking == "budget":
+            if b == 0 and not spec.thinking_budget_zero:
+                raise _EmuError(400, "INVALID_ARGUMENT", "Budget 0 is invalid. This model only works in thinking mode.")
+            lo, hi = spec.thinking_budget_min or 0, spec.thinking_budget_max or 0
+            if not (b == 0 or (b == -1 and spec.thinking_dynamic) or lo <= b <= hi):
+                raise _EmuError(
+                    400, "INVALID_ARGUMENT", f"The thinking budget {b} is invalid. Please choose a value between {lo} and {hi}."
+                )
+        return b
+
     def _answer(self, req: dict[str, Any], model: str, salt: Any = "") -> dict[str, Any]:
-        """A deterministic response that follows the requested schema, labelled as the emulator's."""
+        """A deterministic response that follows the requested schema, labelled as the emulator's. Thinking
+        shares maxOutputTokens with the answer: past it, the answer is cut (finishReason MAX_TOKENS). A system
+        instruction of cache_min_tokens or more seen before is reported as cached (implicit caching)."""
+        choice = self._check_thinking(req, model)
+        spec = self._spec(model)
+        tc = (req.get("generationConfig") or {}).get("thinkingConfig") or {}
+        wire = ",".join(f"{_camel(k)}={v}" for k, v in sorted(tc.items())) if isinstance(tc, dict) and tc else "none"
+        key = f"{model} {wire}"
+        self.stats["thinking_seen"][key] = self.stats["thinking_seen"].get(key, 0) + 1
+        if choice is None and spec is not None and spec.thinking != "none":
+            choice = spec.thinking_default or ("dynamic" if spec.thinking == "budget" else "medium")
+        if isinstance(choice, int):
+            thoughts = EMULATED_THOUGHTS["dynamic"] if choice < 0 else min(choice, EMULATED_THOUGHTS["medium"])
+        else:
+            thoughts = EMULATED_THOUGHTS.get(choice or "minimal", 0)
         text = " ".join(p.get("text", "") for c in req["contents"] for p in c.get("parts", []) if isinstance(p, dict))
         gc = req.get("generationConfig") or {}
         schema = gc.get("responseJsonSchema") or gc.get("responseSchema")
@@ -3512,19 +4594,32 @@ class Emulator:
             answer = f"[{EMULATOR_LABEL}] " + " ".join(text.split()[:12])
         prompt_tokens = self._tokens(req)
         out_tokens = max(1, math.ceil(len(answer) / self.cfg.chars_per_token))
-        thoughts = ((gc.get("thinkingConfig") or {}).get("thinkingBudget") or 0) and min(
-            64, gc["thinkingConfig"]["thinkingBudget"]
-        )
-        usage = {
+        finish = "STOP"
+        cap = gc.get("maxOutputTokens")
+        if isinstance(cap, int) and thoughts + out_tokens > cap:
+            finish = "MAX_TOKENS"
+            thoughts = min(thoughts, cap)
+            out_tokens = cap - thoughts
+            answer = answer[: int(out_tokens * self.cfg.chars_per_token)]
+        usage: dict[str, Any] = {
             "promptTokenCount": prompt_tokens,
             "candidatesTokenCount": out_tokens,
-            "totalTokenCount": prompt_tokens + out_tokens + (thoughts or 0),
+            "totalTokenCount": prompt_tokens + out_tokens + thoughts,
             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
         }
+        si = req.get("systemInstruction") or {}
+        si_tokens = self._tokens({"systemInstruction": si}) if isinstance(si, dict) else 0
+        if si_tokens >= self.cfg.cache_min_tokens:
+            prefix = (model, hashlib.blake2b(orjson.dumps(si), digest_size=16).hexdigest())
+            if prefix in self.seen_prefixes:
+                usage["cachedContentTokenCount"] = si_tokens
+                usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": si_tokens}]
+            self.seen_prefixes.add(prefix)
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
+        parts = [{"text": answer}] if answer else []
         return {
-            "candidates": [{"content": {"parts": [{"text": answer}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}],
             "usageMetadata": usage,
             "modelVersion": f"{model} (batchify-emulator)",
             "responseId": f"emu-{seed % 10**12:012d}",
@@ -3609,7 +4704,9 @@ class Emulator:
         return sum(j["tokens"] for j in live if j["model"] == model), len(live)
 
     def _limit(self, model: str) -> int:
-        return self.cfg.enqueued_limit or enqueued_limit_for(model, 1, None)
+        """The enqueued-token limit: configured, else the catalog's tier 1, else (not published) 3M."""
+        spec = self._spec(model)
+        return self.cfg.enqueued_limit or (spec.enqueued_tokens.get(1) if spec else None) or 3_000_000
 
     def _create_batch(self, body: dict[str, Any], model: str) -> Any:
         model = self._check_model(model, "batchGenerateContent")
@@ -3845,6 +4942,20 @@ class Emulator:
 
     async def _h_batch_list(self, request: Any, ver: str) -> Any:
         self.stats["lists"] += 1
+        if self.cfg.list_429 > 0:
+            self.cfg.list_429 -= 1
+            self.stats["faults_list_429"] = self.stats.get("faults_list_429", 0) + 1
+            raise _EmuError(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Resource has been exhausted (e.g. check quota).",
+                [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.Help",
+                        "links": [{"description": "quota", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}],
+                    }
+                ],
+            )
         return self._page(request, [self._operation(j) for j in self.jobs.values()], "operations", 50)
 
     async def _h_batch_cancel(self, request: Any, ver: str, id: str) -> Any:
@@ -3895,7 +5006,11 @@ class EmulatorThread:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    endpoint: str | None, api_key: str | None, emulator_config: EmulatorConfig | None = None, need: bool = True
+    endpoint: str | None,
+    api_key: str | None,
+    emulator_config: EmulatorConfig | None = None,
+    need: bool = True,
+    retry_scale: float = 1.0,
 ) -> Any:
     """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
     emu = None
@@ -3911,7 +5026,7 @@ async def open_client(
             )
         yield None
         return
-    client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None)
+    client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
     try:
         yield client
     finally:
@@ -3932,8 +5047,10 @@ async def run_file(
     dry_run: bool = False,
     hook: Callable[[str], None] | None = None,
     emulator_config: EmulatorConfig | None = None,
+    catalog: Catalog | None = None,
 ) -> tuple[Run, Summary | None]:
-    """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine)."""
+    """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
+    `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
     cfg = config or JobConfig()
     opts = options or RunOptions()
     name = opts.name or Path(input_path).stem
@@ -3946,10 +5063,12 @@ async def run_file(
         )
     if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
         opts.poll_interval = 1.0
+    if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
+        emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("run")
-        async with open_client(endpoint, api_key, emulator_config, need=not dry_run) as client:
-            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook)
+        async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
+            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
             if dry_run:
                 return run, None
             if confirm is not None and not confirm(run):
@@ -3989,7 +5108,8 @@ async def resume_run(
         if max_cost is not None:
             run.options["max_cost"] = max_cost
         store.save_run(run)
-        async with open_client(endpoint, api_key, emulator_config) as client:
+        scale = float(run.options.get("retry_scale", 1.0))
+        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
             return await Engine(store, client, reporter, hook=hook).execute()
 
 
@@ -4159,7 +5279,8 @@ def render_plan(run: Run) -> None:
     t.add_column()
     rows = [
         ("endpoint", run.endpoint or "Gemini API"),
-        ("model", p["model"]),
+        ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
+        ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
         ("mode", run.options.get("mode")),
         ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
         ("batches", f"{p['batches']:,}"),
@@ -4172,7 +5293,12 @@ def render_plan(run: Run) -> None:
         (
             "enqueued limit",
             f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
-            + (f", margin {p['margin']:.1%})" if "margin" in p else ")"),
+            + (f", margin {p['margin']:.1%})" if "margin" in p else ")")
+            + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else ""),
+        ),
+        (
+            "tokens assumed out",
+            f"{p.get('expected_output_tokens', 0):,} answer + {p.get('expected_thinking_tokens', 0):,} thinking",
         ),
         (
             "estimated cost",
@@ -4183,11 +5309,47 @@ def render_plan(run: Run) -> None:
         ("estimated time", p["estimated_time"]),
         ("results file", run.out),
     ]
+    if "realtime_limits" in p:
+        lim = p["realtime_limits"]
+        tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
+        rows.insert(-3, ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
     for k, v in rows:
         t.add_row(k, _esc(v))
     console().print(t)
+    for w in p.get("warnings") or []:
+        console().print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
     if run.endpoint == "local":
         console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+
+
+def render_models(catalog: Catalog, today: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Model catalog as of {catalog.as_of} (USD per 1M tokens, standard; batch/flex 50%)", title_justify="left")
+    t.add_column("model", no_wrap=True)
+    for col in ("status", "in / out", "batch", "flex", "enq. T1", "thinking"):
+        t.add_column(col)
+    for r in catalog_rows(catalog, today):
+        style = {"retired": "dim", "deprecated": "yellow"}.get(r["status"], "")
+        status = r["status"] + (f" {r['shutdown']}" if r["shutdown"] else "")
+        yes = {True: "yes", False: "no", None: "?"}
+        think = "-" if r["thinking"] == "none" else f"{r['thinking']}: {r['thinking_default_sent']}"
+        t.add_row(
+            _esc(r["model"] + (" *" if r["default"] else "")),
+            _esc(status),
+            f"{r['input_price']:g} / {r['output_price']:g}",
+            yes[r["batch"]],
+            yes[r["flex"]],
+            _millions(r["enqueued_tokens"].get("tier1")) if r["enqueued_tokens"] else "?",
+            _esc(think),
+            style=style,
+        )
+    out = Console()  # a report: stdout
+    out.print(t)
+    out.print(
+        "* the default model. ?: not published by Google (give the figure in a --models file). `--json` shows every source."
+    )
 
 
 class RichReporter:
@@ -4615,12 +5777,31 @@ def _waves(value: str) -> str | int:
 @cli.command()
 @click.argument("input_file", type=click.Path(dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML).")
-@click.option("--model", help=f"Model (default {DEFAULT_MODEL}).")
+@click.option(
+    "--model", help=f"Model (default {DEFAULT_MODEL}: the catalog's cheapest current Flash with batch; see `batchify models`)."
+)
+@click.option(
+    "--models",
+    "models_file",
+    envvar="BATCHIFY_MODELS",
+    type=click.Path(dir_okay=False),
+    help='TOML file of [models."NAME"] tables laid over the model catalog (env BATCHIFY_MODELS).',
+)
 @click.option("--system-instruction", help="System instruction text.")
 @click.option("--prompt-template", help="Prompt with {field} placeholders.")
-@click.option("--temperature", type=float)
-@click.option("--max-output-tokens", type=int)
-@click.option("--thinking-budget", type=int)
+@click.option(
+    "--temperature", type=float, help="Default: the catalog's advice for the model (1.0 for Gemini 3), else the model's own."
+)
+@click.option(
+    "--max-output-tokens", type=int, help="Default: room for the thinking setting plus the answer, within the model's limit."
+)
+@click.option(
+    "--thinking",
+    help="Thinking level (Gemini 3: minimal, low, medium, high, as the model allows) or budget in tokens (2.5; -1 dynamic). "
+    "Default: the lowest the model allows.",
+)
+@click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
+@click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--name", help="Run name (default: the input file's stem).")
@@ -4647,9 +5828,25 @@ def _waves(value: str) -> str | int:
 @click.option("--mode", type=click.Choice(["auto", "batch", "realtime"]), default="auto", show_default=True)
 @click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
 @click.option("--max-attempts", default=DEFAULT_MAX_ATTEMPTS, show_default=True, type=click.IntRange(1))
-@click.option("--rpm", default=DEFAULT_RPM, show_default=True, type=click.IntRange(1))
-@click.option("--tpm", type=click.IntRange(1), help="Tokens per minute (default: the tier table).")
+@click.option(
+    "--rpm",
+    type=click.IntRange(1),
+    help=f"Real-time requests per minute. Default: the catalog's for the model and tier, else {DEFAULT_RPM:,}.",
+)
+@click.option(
+    "--tpm",
+    type=click.IntRange(1),
+    help="Real-time input tokens per minute. Default: the catalog's, else none (429s slow the rate).",
+)
+@click.option(
+    "--create-timeout",
+    default=DEFAULT_CREATE_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
+)
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
 @click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
 @click.option("--max-cost", type=float, help="Stop before spending more than this many USD.")
 @click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
@@ -4662,11 +5859,14 @@ def run(
     input_file: str,
     config_path: str | None,
     model: str | None,
+    models_file: str | None,
     system_instruction: str | None,
     prompt_template: str | None,
     temperature: float | None,
     max_output_tokens: int | None,
+    thinking: str | None,
     thinking_budget: int | None,
+    accept_truncated: bool | None,
     id_field: str,
     text_field: str,
     name: str | None,
@@ -4682,9 +5882,11 @@ def run(
     mode: str,
     fallback: bool,
     max_attempts: int,
-    rpm: int,
+    rpm: int | None,
     tpm: int | None,
+    create_timeout: float,
     concurrency: int,
+    retry_scale: float,
     rate_window: float,
     max_cost: float | None,
     skip_invalid: bool,
@@ -4703,9 +5905,11 @@ def run(
             "prompt_template": prompt_template,
             "temperature": temperature,
             "max_output_tokens": max_output_tokens,
-            "thinking_budget": thinking_budget,
+            "thinking": thinking if thinking is not None else thinking_budget,
+            "accept_truncated": accept_truncated,
         },
     )
+    catalog = load_catalog(models_file)
     opts = RunOptions(
         name=name,
         id_field=id_field,
@@ -4723,6 +5927,8 @@ def run(
         max_attempts=max_attempts,
         rpm=rpm,
         tpm=tpm,
+        create_timeout=create_timeout,
+        retry_scale=retry_scale,
         concurrency=concurrency,
         rate_window=rate_window,
         max_cost=max_cost,
@@ -4737,7 +5943,9 @@ def run(
 
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         r, summary = asyncio.run(
-            run_file(input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook())
+            run_file(
+                input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
+            )
         )
     if dry_run:
         if as_json:
@@ -4770,6 +5978,26 @@ def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> No
         raise SystemExit(1)
     if summary.errors:
         raise SystemExit(1)
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Every figure, with its source, as JSON on stdout.")
+@click.option("--markdown", is_flag=True, help="The README's model table.")
+@click.option(
+    "--models", "models_file", envvar="BATCHIFY_MODELS", type=click.Path(dir_okay=False), help="Overrides, as for `run --models`."
+)
+def models_cmd(as_json: bool, markdown: bool, models_file: str | None) -> None:
+    """The model catalog: prices, limits, thinking rules and lifecycle, with their sources and dates."""
+    catalog = load_catalog(models_file)
+    today = utcnow()[:10]
+    if as_json:
+        _emit_json(
+            {"as_of": catalog.as_of, "default": DEFAULT_MODEL, "models": catalog_rows(catalog, today), "sources": catalog.sources}
+        )
+    elif markdown:
+        sys.stdout.write(models_markdown(catalog, today))
+    else:
+        render_models(catalog, today)
 
 
 @cli.command()
@@ -4955,7 +6183,11 @@ def main(argv: list[str] | None = None) -> int:
             console().print(f"  {_esc(p)}", soft_wrap=True)
         return e.exit_code
     except BatchifyError as e:
-        console().print(f"[red]error:[/] {_esc(e)}", soft_wrap=True)
+        msg = str(e)
+        if isinstance(e, AuthError):  # which variable held the key (never its value)
+            var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+            msg = msg.replace("the API key", f"the API key in {var}")
+        console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1

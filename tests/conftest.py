@@ -79,7 +79,10 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> sub
 def run_against(emu: Any, inp: Any, cwd: Path, *args: str, out: Any = None, **env: str) -> subprocess.CompletedProcess[str]:
     """`batchify run INPUT ARGS` against this test's emulator, state in ./st, results in `out` if given."""
     extra = ["--out", str(out)] if out is not None else []
-    return run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", *extra, *args], cwd, **env)
+    # retry delays at a tenth: the retry rules are the same, the tests wait less
+    return run_cli(
+        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--retry-scale", "0.1", *extra, *args], cwd, **env
+    )
 
 
 def spawn_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
