@@ -341,9 +341,10 @@ sources = { prices = "pricing", limits = "models", thinking = "thinking_3p", lif
 
 [models."gemini-2.5-flash-lite"]
 class = "flash-lite"
-status = "stable"
+status = "deprecated"
 released = "2025-07-22"
-note = "Google's copies list 'earliest 2026-07-22'; a third party read on 2026-11-10 that it is not deprecated and stays available until further notice."
+replacement = "gemini-3.5-flash-lite"
+note = "Google's deprecations page lists it (shutdown 'earliest 2026-07-22', a date now past); a third party read on 2026-11-10 that it stays available until further notice. A 404 from the service ends a run with exit 2."
 batch = true
 flex = true
 input_price = 0.10
@@ -3756,7 +3757,9 @@ class Engine:
 
 
 async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
-    """Cancel every remote job of a run that is still live; they stay cancelled on resume."""
+    """Cancel every remote job of a run that is still live, then read each one's state back: a job that
+    finished before the cancel reached it keeps its results, which are downloaded now. Cancelled jobs stay
+    cancelled on resume."""
     engine = Engine(store, client)
     await engine.reconcile()
     cancelled = []
@@ -3764,8 +3767,18 @@ async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
         if j.state in REMOTE_LIVE and j.remote_job:
             with contextlib.suppress(RemoteError):
                 await client.cancel_batch(j.remote_job)
-            engine._set(j, S.CANCELLED, cancelled_by_user=True)
+            await engine.poll(j)  # the state as the service now reports it
+            j = engine.jobs[j.name]
+            if j.state == S.SUCCEEDED and j.output_file:
+                if await engine.retrieve(j):
+                    continue  # finished before the cancel: its results are kept
+            if j.state in REMOTE_LIVE:  # cancelling takes a moment remotely: it ends CANCELLED
+                engine._set(j, S.CANCELLED, cancelled_by_user=True)
+            elif j.state == S.CANCELLED:
+                engine._set(j, S.CANCELLED, cancelled_by_user=True)
             cancelled.append(j.name)
+        elif j.state == S.SUCCEEDED and j.output_file:  # finished, not yet downloaded: paid for, so kept
+            await engine.retrieve(j)
         elif j.state in UNSUBMITTED:
             engine._set(j, S.CANCELLED, cancelled_by_user=True)
             cancelled.append(j.name)
@@ -4404,7 +4417,11 @@ class Emulator:
         from aiohttp import web
 
         fid = id.removeprefix("files/")
-        f = self._get_file(fid)
+        try:
+            f = self._get_file(fid)
+        except _EmuError:
+            self.stats["downloads_not_ready"] = self.stats.get("downloads_not_ready", 0) + 1
+            raise
         if f["resource"]["source"] != "GENERATED":
             raise _EmuError(400, "INVALID_ARGUMENT", "Only generated files can be downloaded.")
         data = self.blobs[fid]
@@ -4710,6 +4727,13 @@ class Emulator:
 
     def _create_batch(self, body: dict[str, Any], model: str) -> Any:
         model = self._check_model(model, "batchGenerateContent")
+        spec = self._spec(model)
+        if spec is not None and spec.batch is False:
+            raise _EmuError(
+                404,
+                "NOT_FOUND",
+                f"models/{model} is not found for API version v1beta, or is not supported for batchGenerateContent.",
+            )
         if self.cfg.forbid_batch:
             raise _EmuError(403, "PERMISSION_DENIED", "Batch API requires a billing-enabled project (emulated).")
         batch = body.get("batch")
@@ -5995,7 +6019,7 @@ def models_cmd(as_json: bool, markdown: bool, models_file: str | None) -> None:
             {"as_of": catalog.as_of, "default": DEFAULT_MODEL, "models": catalog_rows(catalog, today), "sources": catalog.sources}
         )
     elif markdown:
-        sys.stdout.write(models_markdown(catalog, today))
+        sys.stdout.write(models_markdown(catalog, catalog.as_of))  # the catalog's own date: the README embeds it
     else:
         render_models(catalog, today)
 

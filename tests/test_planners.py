@@ -179,30 +179,35 @@ def test_admit_never_exceeds_limit(active, cand, limit, jobs):
 
 def test_effective_limit_and_tables():
     assert b.effective_limit(3_000_000, 0.1) == 2_700_000
-    assert b.enqueued_limit_for("gemini-2.5-flash", 1, None) == 3_000_000
-    assert b.enqueued_limit_for("models/gemini-2.5-flash-lite", 1, None) == 10_000_000
-    assert b.enqueued_limit_for("gemini-2.0-flash", 1, None) == 10_000_000
-    assert b.enqueued_limit_for("gemini-2.5-pro", 1, None) == 5_000_000
-    assert b.enqueued_limit_for("gemini-2.5-flash", 1, 1234) == 1234
+    cat = b.builtin_catalog()
+    spec = lambda m: b.resolve_model(cat, m, cat.as_of)  # noqa: E731
+    assert b.enqueued_limit_for(spec("gemini-2.5-flash"), 1, None) == 3_000_000
+    assert b.enqueued_limit_for(spec("models/gemini-2.5-flash-lite"), 1, None) == 10_000_000
+    assert b.enqueued_limit_for(spec("gemini-3-flash-preview"), 1, None) == 3_000_000
+    assert b.enqueued_limit_for(spec("gemini-2.5-pro"), 1, None) == 5_000_000
+    assert b.enqueued_limit_for(spec("gemini-2.5-flash"), 1, 1234) == 1234
 
 
 @pytest.mark.parametrize(
-    ("model", "inp", "out", "batch", "usd"),
+    ("model", "inp", "out", "service", "usd"),
     [
-        ("gemini-2.5-flash", 1_000_000, 0, False, 0.30),
-        ("gemini-2.5-flash", 1_000_000, 0, True, 0.15),
-        ("gemini-2.5-flash", 0, 1_000_000, True, 1.25),
-        ("gemini-2.5-flash-lite", 2_000_000, 1_000_000, False, 0.60),
-        ("gemini-2.5-pro", 1_000_000, 1_000_000, True, 5.625),
+        ("gemini-2.5-flash", 1_000_000, 0, "standard", 0.30),
+        ("gemini-2.5-flash", 1_000_000, 0, "batch", 0.15),
+        ("gemini-2.5-flash", 0, 1_000_000, "batch", 1.25),
+        ("gemini-2.5-flash-lite", 2_000_000, 1_000_000, "standard", 0.60),
+        ("gemini-2.5-pro", 1_000_000, 1_000_000, "batch", 5.625),
     ],
 )
-def test_cost_table(model, inp, out, batch, usd):
-    assert b.cost_usd(model, inp, out, batch) == pytest.approx(usd)
+def test_cost_table(model, inp, out, service, usd):
+    cat = b.builtin_catalog()
+    usage = {"promptTokenCount": inp, "candidatesTokenCount": out}
+    assert b.cost_usd(b.resolve_model(cat, model, cat.as_of), usage, service) == pytest.approx(usd)
 
 
 def test_usage_cost_counts_thoughts_as_output():
     u = {"promptTokenCount": 1_000_000, "candidatesTokenCount": 500_000, "thoughtsTokenCount": 500_000}
-    assert b.usage_cost("gemini-2.5-flash", u, batch=True) == pytest.approx((0.30 + 2.50) / 2)
+    cat = b.builtin_catalog()
+    assert b.cost_usd(b.resolve_model(cat, "gemini-2.5-flash", cat.as_of), u, "batch") == pytest.approx((0.30 + 2.50) / 2)
 
 
 @pytest.mark.parametrize(("cur", "changed", "expected"), [(30, True, 30), (30, False, 45), (250, False, 300)])
@@ -274,11 +279,13 @@ def test_template_field_missing_is_reported():
 
 def test_build_request_shape():
     cfg = b.JobConfig()
-    req = b.build_request(cfg, b.render_prompt(cfg.prompt_template, {"id": 1, "text": "Body"}, "text"))
+    cat = b.builtin_catalog()
+    gen = b.generation_config(cfg, b.resolve_model(cat, cfg.model, cat.as_of))
+    req = b.build_request(cfg, b.render_prompt(cfg.prompt_template, {"id": 1, "text": "Body"}, "text"), gen)
     assert req["contents"][0]["parts"][0]["text"] == "Title: \nURL: \n\nBody"
     gc = req["generationConfig"]
     assert gc["responseMimeType"] == "application/json" and gc["responseJsonSchema"] == b.NEWS_SCHEMA
-    assert gc["thinkingConfig"] == {"thinkingBudget": 0} and "systemInstruction" in req
+    assert gc["thinkingConfig"] == {"thinkingLevel": "MINIMAL"} and "systemInstruction" in req
 
 
 def resp(text, finish="STOP"):

@@ -1,0 +1,318 @@
+"""Today's models and failures, through the real SDK against the emulator: the right thinking field on the
+wire, no upload for an unknown or retired model, and every fault knob ending in a terminal state with every
+id answered once and nothing created twice."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, spawn_cli
+
+import batchify
+
+FAST = ["--poll-interval", "0.2", "--yes"]
+
+
+def run(emu, articles, tmp_path, *extra, **env):
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, *extra, out=out, **env)
+    return p, out
+
+
+def assert_every_id_once(out: Path, articles: Path) -> list[dict]:
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    return rows
+
+
+def assert_created_once(stats: dict) -> None:
+    dup = {k: v for k, v in stats["creates_by_display_name"].items() if v > 1}
+    assert not dup, f"created twice: {dup}"
+
+
+def test_gemini3_run_sends_thinking_level(emu, articles, tmp_path):
+    p, out = run(emu, articles, tmp_path, "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    seen = emu.stats()["thinking_seen"]
+    assert seen == {f"{batchify.DEFAULT_MODEL} thinkingLevel=MINIMAL": 60}, seen
+    run_json = json.loads((tmp_path / "st" / "articles" / "run.json").read_text())
+    assert run_json["plan"]["generation_config"]["temperature"] == 1.0
+    assert run_json["plan"]["model_spec"]["name"] == batchify.DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("mode", ["batch", "realtime"])
+def test_25_pro_run_sends_its_lowest_budget(emu, articles, tmp_path, mode):
+    p, out = run(emu, articles, tmp_path, "--model", "gemini-2.5-pro", "--mode", mode)
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    assert emu.stats()["thinking_seen"] == {"gemini-2.5-pro thinkingBudget=128": 60}
+    assert "deprecated" in p.stderr  # the plan warns
+
+
+def test_the_emulator_refuses_what_the_real_service_refuses(emu):
+    """Budget 0 on 2.5 Pro, a level on a 2.5 model, a budget on Gemini 3.5+, both fields at once: 400s."""
+    from google import genai
+    from google.genai import errors, types
+
+    client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=emu.url, api_version="v1beta"))
+    cases = [
+        ("gemini-2.5-pro", types.ThinkingConfig(thinking_budget=0), "only works in thinking mode"),
+        ("gemini-2.5-flash", types.ThinkingConfig(thinking_level="LOW"), "not supported"),
+        ("gemini-3.5-flash", types.ThinkingConfig(thinking_budget=512), "thinking_level"),
+        ("gemini-3.8-flash", types.ThinkingConfig(thinking_level="MINIMAL"), "not supported"),
+        ("gemini-3-flash-preview", types.ThinkingConfig(thinking_level="LOW", thinking_budget=5), "only set one"),
+    ]
+    for model, tc, words in cases:
+        with pytest.raises(errors.ClientError) as e:
+            client.models.generate_content(model=model, contents="hi", config=types.GenerateContentConfig(thinking_config=tc))
+        assert e.value.code == 400 and words in (e.value.message or ""), (model, e.value.message)
+    ok = client.models.generate_content(
+        model="gemini-3-flash-preview",
+        contents="hi",
+        config=types.GenerateContentConfig(thinking_config=types.ThinkingConfig(thinking_level="HIGH")),
+    )
+    assert ok.usage_metadata.thoughts_token_count and ok.text
+    m = client.models.get(model="gemini-3.1-pro-preview")
+    assert (m.input_token_limit, m.output_token_limit) == (1_048_576, 65_536)
+    with pytest.raises(errors.ClientError) as e:
+        client.models.get(model="gemini-2.0-flash")
+    assert e.value.code == 404
+
+
+def test_thinking_past_max_output_tokens_is_max_tokens_and_an_error(emu, articles, tmp_path):
+    p, out = run(
+        emu, articles, tmp_path, "--thinking", "high", "--max-output-tokens", "500", "--mode", "batch", "--max-attempts", "1"
+    )
+    assert p.returncode == 1
+    rows = assert_every_id_once(out, articles)
+    assert rows and all(r["status"] == "error" and "MAX_TOKENS" in r["error"] for r in rows)
+
+
+def test_schema_less_truncated_answers_can_be_accepted(emu, articles, tmp_path):
+    cfg = tmp_path / "plain.toml"
+    cfg.write_text('prompt_template = "{text}"\nsystem_instruction = "Summarize."\nschema = "null"\nmax_output_tokens = 5\n')
+    p, out = run(emu, articles, tmp_path, "--config", str(cfg), "--mode", "batch", "--max-attempts", "1")
+    assert p.returncode == 1 and all("truncated" in r["error"] for r in read_jsonl(out))
+    (tmp_path / "st").rename(tmp_path / "st-1")
+    p, out = run(emu, articles, tmp_path, "--config", str(cfg), "--mode", "batch", "--accept-truncated")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" and r["result"] for r in read_jsonl(out))
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        ("gemini-9-ultra", '[models."gemini-9-ultra"]'),
+        ("gemini-2.0-flash", "shut down on 2026-06-01"),
+        ("gemini-3-pro-preview", "--model gemini-3.1-pro-preview"),
+    ],
+)
+def test_unknown_and_retired_models_exit_2_before_anything_is_sent(emu, articles, tmp_path, model, words):
+    p, _ = run(emu, articles, tmp_path, "--model", model)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+    s = emu.stats()
+    assert s["uploads"] == 0 and s["count_tokens_calls"] == 0 and s["creates"] == 0 and s["generate_calls"] == 0
+
+
+def test_a_model_the_service_no_longer_serves_exits_2(emu, articles, tmp_path):
+    """The catalog still lists it, the service answers models.get with 404: exit 2 naming the replacement."""
+    emu.configure(models={"gemini-3.5-flash": {"status": "retired", "shutdown": "2026-11-30"}})
+    p, _ = run(emu, articles, tmp_path, "--model", "gemini-3.5-flash", "--enqueued-limit", "3000000")
+    assert p.returncode == 2 and "does not serve" in p.stderr, p.stderr
+    assert emu.stats()["uploads"] == 0 and emu.stats()["models_get"] == 1
+
+
+def test_unpublished_limit_asks_for_the_figure_and_a_models_file_gives_it(emu, articles, tmp_path):
+    p, _ = run(emu, articles, tmp_path, "--model", "gemini-3.8-flash")
+    assert p.returncode == 2 and "--enqueued-limit" in p.stderr and "not published" in p.stderr
+    assert emu.stats()["uploads"] == 0
+    f = tmp_path / "models.toml"
+    f.write_text('[models."gemini-3.8-flash"]\nenqueued_tokens = { tier1 = 2000000 }\n')
+    p, _out = run(emu, articles, tmp_path, "--model", "gemini-3.8-flash", "--mode", "batch", BATCHIFY_MODELS=str(f))
+    assert p.returncode == 0, p.stderr
+    assert emu.stats()["thinking_seen"] == {"gemini-3.8-flash thinkingLevel=LOW": 60}
+
+
+def test_a_custom_model_from_a_models_file_runs_on_the_local_emulator(tmp_path, articles):
+    f = tmp_path / "models.toml"
+    f.write_text('[models."acme-tuned-1"]\ninput_price = 1.0\noutput_price = 4.0\nenqueued_tokens = { tier1 = 5000000 }\n')
+    p = run_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            "local",
+            "--state-dir",
+            "st",
+            "--yes",
+            "--model",
+            "acme-tuned-1",
+            "--models",
+            str(f),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--json",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["ok"] == 60 and s["cost_batch_usd"] > 0
+
+
+def test_repeated_system_instruction_is_billed_at_the_cache_price(emu, articles, tmp_path):
+    cfg = tmp_path / "long.toml"
+    cfg.write_text('system_instruction = """' + "Classify carefully. " * 300 + '"""\n')
+    p, _out = run(emu, articles, tmp_path, "--config", str(cfg), "--mode", "batch", "--json")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    cached = summary["usage"]["cachedContentTokenCount"]
+    assert cached > 0 and cached < summary["usage"]["promptTokenCount"]
+    spec = batchify.builtin_catalog().spec(batchify.DEFAULT_MODEL, "2026-12-01")
+    assert summary["cost_batch_usd"] == pytest.approx(batchify.cost_usd(spec, summary["usage"], "batch"), rel=1e-4)
+    assert summary["cost_batch_usd"] < batchify.cost_usd(spec, {**summary["usage"], "cachedContentTokenCount": 0}, "batch")
+
+
+# -- faults users report: each ends in a terminal state, every id answered once, nothing created twice ----
+def test_upload_refused_with_unsupported_mime_a_few_times_is_retried(emu, articles, tmp_path):
+    emu.configure(upload_400_mime=2, upload_no_file=2)
+    p, out = run(emu, articles, tmp_path, "--batch-size", "20", "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["faults_upload_400_mime"] == 2 and s["faults_upload_no_file"] == 2 and s["creates"] == 3
+    assert_created_once(s)
+
+
+def test_upload_always_refused_fails_the_job_then_falls_back(emu, articles, tmp_path):
+    emu.configure(upload_400_mime=10_000)
+    t0 = time.monotonic()
+    p, out = run(emu, articles, tmp_path, "--batch-size", "30", "--max-attempts", "2")
+    assert p.returncode == 0, p.stderr
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in rows)
+    jobs = [json.loads(f.read_text()) for f in (tmp_path / "st" / "articles" / "jobs").glob("*.json")]
+    assert len(jobs) == 4 and all(j["state"] == "FAILED" and "upload refused" in j["error"] for j in jobs)
+    assert emu.stats()["creates"] == 0
+    assert time.monotonic() - t0 < 120  # bounded: 2 attempts x the retry policy, not forever
+
+
+def test_upload_always_refused_without_fallback_reports_the_reason(emu, articles, tmp_path):
+    emu.configure(upload_400_mime=10_000)
+    p, out = run(emu, articles, tmp_path, "--batch-size", "30", "--max-attempts", "1", "--mode", "batch")
+    assert p.returncode == 1
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "error" and "Unsupported MIME type" in r["error"] for r in rows)
+
+
+def test_download_refused_fails_over_to_a_new_job(emu, articles, tmp_path):
+    attempts = batchify.DOWNLOAD_POLICY.attempts * batchify.DOWNLOAD_ROUNDS
+    emu.configure(download_404=attempts)
+    p, out = run(emu, articles, tmp_path, "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" and r["source"] == "batch" for r in assert_every_id_once(out, articles))
+    jobs = {j["name"]: j for j in (json.loads(f.read_text()) for f in (tmp_path / "st" / "articles" / "jobs").glob("*.json"))}
+    assert jobs["b0001"]["state"] == "FAILED" and "not downloadable" in jobs["b0001"]["error"]
+    assert jobs["b0001-r2"]["state"] == "RESULTS_DOWNLOADED"
+    s = emu.stats()
+    assert s["faults_download_404"] == attempts and s["creates"] == 2
+    assert_created_once(s)
+
+
+def test_download_403_a_few_times_is_retried(emu, articles, tmp_path):
+    emu.configure(download_403=2)
+    p, _out = run(emu, articles, tmp_path, "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert emu.stats()["creates"] == 1 and emu.stats()["faults_download_403"] == 2
+
+
+def test_create_429_with_nothing_enqueued_goes_to_the_fallback_after_the_timeout(emu, articles, tmp_path):
+    emu.configure(create_429=10**9)
+    p, out = run(emu, articles, tmp_path, "--create-timeout", "1.5", "--batch-size", "30")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in assert_every_id_once(out, articles))
+    assert emu.stats()["creates"] == 0 and emu.stats()["generate_calls"] == 60
+
+
+def test_create_429_with_nothing_enqueued_without_fallback_exits_3_with_the_reason(emu, articles, tmp_path):
+    emu.configure(create_429=10**9)
+    p, out = run(emu, articles, tmp_path, "--create-timeout", "1", "--no-fallback")
+    assert p.returncode == 3 and "refused with 429" in p.stderr and "nothing of this run was enqueued" in p.stderr
+    assert emu.stats()["generate_calls"] == 0
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "error" for r in rows)
+
+
+def test_429_on_list_during_reconcile_is_retried(emu, articles, tmp_path):
+    p, _ = run(emu, articles, tmp_path, "--mode", "batch", BATCHIFY_CRASH_AT="after_intent")
+    assert p.returncode != 0
+    emu.configure(list_429=2)
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", emu.url, "--poll-interval", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = emu.stats()
+    assert s["faults_list_429"] == 2
+    assert_created_once(s)
+
+
+def test_a_refused_api_key_stops_at_once_naming_the_variable(emu, articles, tmp_path):
+    emu.configure(reject_key="test-key-123")
+    t0 = time.monotonic()
+    p, _ = run(emu, articles, tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "GEMINI_API_KEY" in p.stderr and "test-key-123" not in p.stderr + p.stdout
+    assert emu.stats()["uploads"] == 0
+    assert time.monotonic() - t0 < 60
+
+
+def test_cancel_reads_back_and_keeps_a_finished_jobs_results(emu, articles, tmp_path):
+    """The job finished before the cancel reached it: cancel downloads its results instead of dropping them."""
+    p = spawn_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--mode",
+            "batch",
+            "--poll-interval",
+            "30",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        while emu.stats()["active_jobs"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the remote job ends; the run's next poll is 30 s away
+    finally:
+        p.kill()
+        p.wait()
+    c = run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert c.returncode == 0, c.stderr
+    job = json.loads((tmp_path / "st" / "articles" / "jobs" / "b0001.json").read_text())
+    assert job["state"] == "RESULTS_DOWNLOADED" and job["ok"] == 60
+    assert emu.stats()["cancels"] == 1
+
+
+def test_models_command_lists_the_catalog(tmp_path):
+    p = run_cli(["models", "--json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    rows = {r["model"]: r for r in data["models"]}
+    assert data["default"] == batchify.DEFAULT_MODEL and rows[batchify.DEFAULT_MODEL]["default"]
+    assert rows["gemini-2.0-flash"]["status"] == "retired" and rows["gemini-2.5-pro"]["status"] == "deprecated"
+    assert "ai.google.dev" in rows["gemini-3-flash-preview"]["sources"]["prices"]
+    t = run_cli(["models"], tmp_path, COLUMNS="100")
+    assert t.returncode == 0 and "gemini-3-flash-preview" in t.stdout and "retired" in t.stdout
+    m = run_cli(["models", "--markdown"], tmp_path)
+    assert m.stdout in (ROOT / "README.md").read_text()
