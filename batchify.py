@@ -40,9 +40,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
+import ipaddress
 import itertools
 import math
 import os
@@ -50,12 +52,14 @@ import random
 import re
 import secrets
 import signal
+import stat
 import statistics
 import string
 import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -933,20 +937,26 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if "thinking" in data:
         data["thinking"] = parse_thinking(data["thinking"])
     cfg = JobConfig(**{**JobConfig().to_dict(), **data})
-    validate_config(cfg, where)
+    validate_config(cfg, where, [k for k, v in (overrides or {}).items() if v is not None])
     return cfg
 
 
-def validate_config(cfg: JobConfig, where: str) -> None:
+def validate_config(cfg: JobConfig, where: str, flags: Iterable[str] = ()) -> None:
+    """Every key checked; an error blames the flag that gave the value (`flags`), else `where` (the file)."""
+    given = set(flags)
+
+    def blame(key: str) -> str:
+        return f"--{key.replace('_', '-')}" if key in given else where
+
     if not isinstance(cfg.model, str) or not cfg.model:
-        raise ConfigError(f"{where}: 'model' must be a model name such as {DEFAULT_MODEL}.")
+        raise ConfigError(f"{blame('model')}: 'model' must be a model name such as {DEFAULT_MODEL}.")
     if not isinstance(cfg.prompt_template, str) or not cfg.prompt_template.strip():
-        raise ConfigError(f"{where}: 'prompt_template' must be a non-empty string with {{text}} in it.")
+        raise ConfigError(f"{blame('prompt_template')}: 'prompt_template' must be a non-empty string with {{text}} in it.")
     try:
         template_fields(cfg.prompt_template)
     except ValueError as e:
         raise ConfigError(
-            f"{where}: 'prompt_template' is not a valid template ({e}). Fix: write literal braces as {{{{ and }}}}."
+            f"{blame('prompt_template')}: 'prompt_template' is not a valid template ({e}). Fix: write literal braces as {{{{ and }}}}."
         ) from e
     if cfg.schema is not None:
         if not isinstance(cfg.schema, dict):
@@ -959,14 +969,14 @@ def validate_config(cfg: JobConfig, where: str) -> None:
             raise ConfigError(f"{where}: 'schema' is not valid JSON Schema: {e.message}. Fix: correct the schema.") from e
     for name, lo, hi in (("temperature", 0.0, 2.0),):
         v = getattr(cfg, name)
-        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi):
-            raise ConfigError(f"{where}: '{name}' must be a number from {lo} to {hi}.")
+        if v is not None and not (type(v) in (int, float) and lo <= v <= hi):
+            raise ConfigError(f"{blame(name)}: '{name}' must be a number from {lo} to {hi}.")
     for name in ("max_output_tokens", "expected_output_tokens", "expected_thinking_tokens"):
         v = getattr(cfg, name)
         if v is not None and not (type(v) is int and v >= 0):
-            raise ConfigError(f"{where}: '{name}' must be a whole number >= 0.")
+            raise ConfigError(f"{blame(name)}: '{name}' must be a whole number >= 0.")
     if cfg.thinking is not None and not (type(cfg.thinking) is int or (isinstance(cfg.thinking, str) and cfg.thinking)):
-        raise ConfigError(f"{where}: 'thinking' must be a level name or a whole-number budget.")
+        raise ConfigError(f"{blame('thinking')}: 'thinking' must be a level name or a whole-number budget.")
     if cfg.accept_truncated and cfg.schema is not None:
         raise ConfigError(f"{where}: 'accept_truncated' is for schema-less runs only (a cut JSON answer is never valid).")
     if cfg.models is not None:
@@ -1003,6 +1013,7 @@ class RunOptions:
     skip_invalid: bool = False
     calibrate: bool = True
     fetch: bool = True  # fetch the pages of records that have a url and no text
+    allow_private_urls: bool = False  # fetch URLs that lead to loopback/private/link-local addresses too
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -1017,6 +1028,9 @@ class RunOptions:
 # ================================================================================================
 # 2. Errors
 # ================================================================================================
+
+
+DISK_EXIT = 6  # the exit code for a disk that refuses writes (full, read-only): see main()
 
 
 class BatchifyError(Exception):
@@ -1186,11 +1200,22 @@ class Job:
         return cls(**kw)
 
 
+def check_schema_version(d: dict[str, Any], kind: str) -> None:
+    """The migration hook: a sidecar of an older schema would be migrated here (there is none yet: version 1
+    is the first); a newer one was written by a newer batchify and is refused with the hint to upgrade."""
+    v = d.get("schema_version")
+    if type(v) is int and v > SCHEMA_VERSION:
+        raise StateError(
+            f"{kind} sidecar schema_version {v} is newer than this batchify's {SCHEMA_VERSION}: upgrade batchify to read it"
+        )
+    if v != SCHEMA_VERSION:
+        raise StateError(f"{kind} sidecar schema_version {v!r}, expected {SCHEMA_VERSION}")
+
+
 def validate_job_dict(d: dict[str, Any]) -> None:
     if not isinstance(d, dict) or d.get("kind") != "job":
-        raise StateError("not a job sidecar")
-    if d.get("schema_version") != SCHEMA_VERSION:
-        raise StateError(f"job sidecar schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise StateError('not a job sidecar (no "kind": "job")')
+    check_schema_version(d, "job")
     for k, t in (
         ("name", str),
         ("display_name", str),
@@ -1260,9 +1285,8 @@ class Run:
 
 def validate_run_dict(d: dict[str, Any]) -> None:
     if not isinstance(d, dict) or d.get("kind") != "run":
-        raise StateError("not a run sidecar")
-    if d.get("schema_version") != SCHEMA_VERSION:
-        raise StateError(f"run sidecar schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise StateError('not a run sidecar (no "kind": "run")')
+    check_schema_version(d, "run")
     for k, t in (
         ("name", str),
         ("run_id", str),
@@ -1326,6 +1350,11 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
     if id_field not in obj:
         return f"no '{id_field}' field. Fix: give every record a unique id (or name the field with --id-field)"
     rid = obj[id_field]
+    if type(rid) is float and rid.is_integer() and abs(rid) >= 2**63:
+        return (
+            f"'{id_field}' is an integer too large for 64 bits (about {rid:.3g}); it would not come back as given. "
+            "Fix: give such ids as strings"
+        )
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
         return (
             f"'{id_field}' must be a non-empty string or an integer, not {orjson.dumps(rid).decode()[:40]}. "
@@ -1806,7 +1835,7 @@ def utcnow() -> str:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write temp + fsync + os.replace (+ fsync of the folder): readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -1819,11 +1848,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def private_dir(path: Path) -> None:
+    """Make a folder (and its parents) private: run folders hold documents and results (files are 0600)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:
@@ -1844,15 +1882,34 @@ def load_json(path: Path) -> dict[str, Any]:
 
 def open_private(path: Path, mode: str = "wb") -> Any:
     """Open a file for writing, created 0600 (results may be sensitive)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     return os.fdopen(os.open(path, flags, 0o600), mode, buffering=1 << 20 if "a" not in mode else -1)
+
+
+# The one rule for run names (CLI, library, REST): a folder name inside the state dir and a safe part of
+# a display name. No "/", no "..", nothing absolute.
+RUN_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RUN_NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_run_name(name: str) -> str:
+    if not isinstance(name, str) or not re.match(RUN_NAME_RE, name) or ".." in name:
+        raise UsageError(f"run name {name!r} is not allowed: {RUN_NAME_RULE}. Fix: pass --name with such a name.")
+    return name
+
+
+def default_run_name(path: str | Path) -> str:
+    """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-._")[:64].replace("..", ".")
+    return name or "run"
 
 
 class RunStore:
     """The sidecars of one run folder: <state_dir>/<run>/{run.json, jobs/, requests/, results/, ...}."""
 
     def __init__(self, state_dir: str | Path, name: str):
+        check_run_name(name)
         self.state_dir = Path(state_dir)
         self.name = name
         self.dir = self.state_dir / name
@@ -1906,25 +1963,45 @@ class RunStore:
         try:
             return Run.from_dict(load_json(self.run_path))
         except FileNotFoundError:
-            raise UsageError(f"no run named {self.name!r} in {self.state_dir}. Fix: see `batchify list`.") from None
+            hint = (
+                " A `run` was interrupted while preparing it (nothing was uploaded): run the same `batchify run` command again."
+                if self.dir.is_dir()
+                else " Fix: see `batchify list`."
+            )
+            raise UsageError(f"no run named {self.name!r} in {self.state_dir}.{hint}") from None
+        except StateError as e:
+            raise StateError(_sidecar_problem(self.run_path, e)) from None
+
+    def load_jobs(self) -> list[Job]:
+        if not self.jobs_dir.exists():
+            return []
+        jobs = []
+        for p in sorted(self.jobs_dir.glob("*.json")):
+            try:
+                jobs.append(Job.from_dict(load_json(p)))
+            except StateError as e:
+                raise StateError(_sidecar_problem(p, e)) from None
+        return sorted(jobs, key=lambda j: (j.index, j.attempt, j.name))
 
     def save_job(self, job: Job) -> None:
         d = job.to_dict()
         validate_job_dict(d)
         save_json(self.jobs_dir / f"{job.name}.json", d)
 
-    def load_jobs(self) -> list[Job]:
-        if not self.jobs_dir.exists():
-            return []
-        jobs = [Job.from_dict(load_json(p)) for p in sorted(self.jobs_dir.glob("*.json"))]
-        return sorted(jobs, key=lambda j: (j.index, j.attempt, j.name))
+
+def _sidecar_problem(path: Path, e: Exception) -> str:
+    text = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+    return (
+        f"{text}. Fix: restore the file from a backup (or move the run folder {path.parent if path.name == 'run.json' else path.parent.parent} "
+        "away); every other run is untouched."
+    )
 
 
 def list_runs(state_dir: str | Path) -> list[str]:
     d = Path(state_dir)
     if not d.is_dir():
         return []
-    return sorted(p.parent.name for p in d.glob("*/run.json"))
+    return sorted(p.parent.name for p in d.glob("*/run.json") if re.match(RUN_NAME_RE, p.parent.name))
 
 
 class RunLock:
@@ -1935,7 +2012,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self, what: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1984,16 +2061,37 @@ def read_input(path: Path) -> Iterator[InputRecord]:
     reported per line.
     """
     try:
-        f = open(path, "rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
+        st = os.stat(path)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file. Fix: check the path.") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror}).") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{path}: not a regular file (a pipe, FIFO or device): batchify reads its input more than once and checks "
+            "its hash on resume. Fix: save it to a file first (e.g. `cat ... > input.jsonl`)."
+        )
+    try:
+        f = open(path, "rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror}).") from e
     with f:
         head = f.read(4096)
         f.seek(0)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) > 1 and head.count(b"\x00") > len(head) // 4):
+            raise InputError(
+                f"{path}: the file is UTF-16 (or another wide encoding); batchify expects UTF-8 JSONL. "
+                f"Fix: convert it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > input.jsonl`."
+            )
         if not head.strip(b"\xef\xbb\xbf \t\r\n"):
             raise InputError(f"{path}: the file is empty. Fix: give one JSON object per line.")
+        first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0].strip()
+        if first == b"{":
+            raise InputError(
+                f"{path}: the file starts with a JSON object spread over several lines (pretty-printed); batchify "
+                "expects JSONL (one complete object per line) or a JSON array of objects. "
+                "Fix: e.g. `jq -c . file > input.jsonl` (one object per line)."
+            )
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             data = f.read()
             try:
@@ -2486,10 +2584,13 @@ async def fetch_urls(
     timeout_s: float = 20.0,
     max_bytes: int = FETCH_MAX_BYTES,
     max_redirects: int = 5,
+    allow_private: bool = False,
 ) -> dict[str, int]:
     """Fetch the pages of records that have a url and no text, and extract their main text.
 
     Bounded concurrency, a timeout, a size cap, at most max_redirects redirects, http/https only.
+    Loopback, private, link-local, multicast and reserved targets are refused (after DNS resolution and
+    after each redirect) unless allow_private: a URL in a request must not reach the machine's own network.
     Each outcome (text or error) is appended to the run's fetched.jsonl as it arrives, so a prepare
     that is interrupted and run again fetches only what is missing."""
     cache = load_fetch_cache(store.fetch_cache_path)
@@ -2516,20 +2617,60 @@ async def fetch_urls(
     sem = asyncio.Semaphore(concurrency)
     counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
 
+    class PublicOnly(aiohttp.abc.AbstractResolver):
+        """Resolves names, refusing any that lead to an address of the machine's own networks."""
+
+        def __init__(self) -> None:
+            self.inner = aiohttp.ThreadedResolver()
+
+        async def resolve(self, host: str, port: int = 0, family: int = 0) -> Any:
+            infos = await self.inner.resolve(host, port, family)  # type: ignore[arg-type]
+            bad = [i["host"] for i in infos if not public_address(i["host"])]
+            if bad and not allow_private:
+                raise OSError(f"refused: {host} resolves to a private or local address ({bad[0]}); see --allow-private-urls")
+            return infos
+
+        async def close(self) -> None:
+            await self.inner.close()
+
+    def refused(target: str) -> str | None:
+        host = (urllib.parse.urlsplit(target).hostname or "").strip("[]")
+        if allow_private or not host:
+            return None
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return "refused: a local name" if host == "localhost" or host.endswith((".localhost", ".local")) else None
+        return (
+            None if public_address(str(literal)) else f"refused: {host} is a private or local address (see --allow-private-urls)"
+        )
+
     async def one(session: Any, url: str) -> dict[str, str]:
         if not re.match(r"^https?://", url, re.I):
             return {"url": url, "error": "only http and https URLs are fetched"}
+        target = url
         try:
-            async with sem, session.get(url, allow_redirects=True, max_redirects=max_redirects) as resp:
-                if resp.status != 200:
-                    return {"url": url, "error": f"HTTP {resp.status}"}
-                body = await resp.content.read(max_bytes + 1)
-                if len(body) > max_bytes:
-                    return {"url": url, "error": f"page larger than {max_bytes:,} bytes"}
-                html = body.decode(resp.charset or "utf-8", "replace")
-        except aiohttp.TooManyRedirects:
-            return {"url": url, "error": f"more than {max_redirects} redirects"}
-        except (TimeoutError, aiohttp.ClientError, UnicodeError, ValueError) as e:
+            async with sem:
+                for _hop in range(max_redirects + 1):  # redirects followed by hand: each target checked
+                    why = refused(target)
+                    if why:
+                        return {"url": url, "error": why}
+                    async with session.get(target, allow_redirects=False) as resp:
+                        if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                            target = urllib.parse.urljoin(target, resp.headers["Location"])
+                            if not re.match(r"^https?://", target, re.I):
+                                return {"url": url, "error": "redirected to a URL that is not http(s)"}
+                            continue
+                        if resp.status != 200:
+                            return {"url": url, "error": f"HTTP {resp.status}"}
+                        body = await resp.content.read(max_bytes + 1)
+                        if len(body) > max_bytes:
+                            return {"url": url, "error": f"page larger than {max_bytes:,} bytes"}
+                        html = body.decode(resp.charset or "utf-8", "replace")
+                        break
+                else:
+                    return {"url": url, "error": f"more than {max_redirects} redirects"}
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeError, ValueError) as e:
             return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}
         text = await asyncio.to_thread(trafilatura.extract, html)
         if not text or not text.strip():
@@ -2538,7 +2679,10 @@ async def fetch_urls(
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     with open_private(store.fetch_cache_path, "ab") as f:
-        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"batchify/{__version__}"}) as session:
+        connector = aiohttp.TCPConnector(resolver=PublicOnly())
+        async with aiohttp.ClientSession(
+            timeout=timeout, headers={"User-Agent": f"batchify/{__version__}"}, connector=connector
+        ) as session:
             tasks = [asyncio.ensure_future(one(session, u)) for u in todo]
             try:
                 for fut in asyncio.as_completed(tasks):
@@ -2551,6 +2695,14 @@ async def fetch_urls(
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
     return counts
+
+
+def public_address(ip: str) -> bool:
+    """An address on the public internet (not loopback, private, link-local, multicast, reserved, unspecified)."""
+    a = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    return not (a.is_private or a.is_loopback or a.is_link_local or a.is_multicast or a.is_reserved or a.is_unspecified)
 
 
 def id_digest(rid: Any) -> int:
@@ -2763,7 +2915,7 @@ async def prepare_run(
     cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
     p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook, gc, context)
     if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
-        await fetch_urls(path, store, opts.text_field)
+        await fetch_urls(path, store, opts.text_field, allow_private=opts.allow_private_urls)
         p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context)
         if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
@@ -3047,14 +3199,21 @@ class Engine:
                 self.jobs[nj.name] = nj
 
     def _line_retry_due(self) -> bool:
-        """Without the real-time fallback, per-line errors get one more try in a batch of their own."""
+        """Without the real-time fallback, per-line errors get one more try in a batch of their own: only the
+        ids a finished job answered with an error, never those of a job that ended FAILED/EXPIRED after its
+        --max-attempts (attempts mean what the flag says)."""
         if (self.opts.mode == "auto" and self.opts.fallback) or self.opts.max_attempts < 2:
             return False
         if self.run.realtime.get("line_retry_done"):
             return False
         self.run.realtime["line_retry_done"] = True
         self.store.save_run(self.run)
-        todo = self.unresolved()
+        latest: dict[int, Job] = {}
+        for j in self._ordered():  # attempts in order: the last one of each batch wins
+            latest[j.index] = j
+        ended = {idx for idx, j in latest.items() if j.state in (S.FAILED, S.EXPIRED, S.CANCELLED)}
+        spent = [(s, e) for idx, s, e in self._ranges() if idx in ended]
+        todo = {n for n in self.unresolved() if not any(s <= n < e for s, e in spent)}
         if not todo:
             return False
         idx = max(j.index for j in self.jobs.values()) + 1
@@ -3592,7 +3751,10 @@ class Engine:
                         usages_r.clear()
             add_usages(usage_b, usages_b, long_at)
             add_usages(usage_r, usages_r, long_at)
+            f.flush()
+            os.fsync(f.fileno())  # as durable as the sidecars it is made from
         os.replace(tmp, out)
+        fsync_dir(out.parent)
         cost_b = cost_usd(self.spec, usage_b, "batch")
         cost_r = cost_usd(self.spec, usage_r, "standard")
         total_usage = dict(usage_b)
@@ -3945,8 +4107,14 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
     runs = []
     for nm in names:
         store = RunStore(state_dir, nm)
-        run = store.load_run()
-        jobs = store.load_jobs()
+        try:
+            run = store.load_run()
+            jobs = store.load_jobs()
+        except StateError as e:
+            if name:  # the one run asked for: its error, with the path and a fix
+                raise
+            runs.append({"name": nm, "status": "broken", "error": str(e)})  # the others are still listed
+            continue
         counts: dict[str, int] = {}
         for j in jobs:
             counts[str(j.state)] = counts.get(str(j.state), 0) + 1
@@ -5076,21 +5244,30 @@ async def run_file(
     """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
     `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
     cfg = config or JobConfig()
-    opts = options or RunOptions()
-    name = opts.name or Path(input_path).stem
+    opts = dataclasses.replace(options or RunOptions())  # the caller's options stay as they were
+    name = check_run_name(opts.name) if opts.name else default_run_name(input_path)
     opts.name = name
     store = RunStore(state_dir, name)
-    if store.exists():
-        raise UsageError(
-            f"a run named {name!r} already exists in {state_dir}. Fix: `batchify resume {name}` "
-            "to finish it, or pass --name for a new run."
-        )
     if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
         opts.poll_interval = 1.0
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("run")
+        lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
+        if store.exists():  # the same command again: continue the run it made, or say what differs
+            run = store.load_run()
+            diffs = run_differences(run, Path(input_path), cfg, opts)
+            if diffs:
+                raise UsageError(
+                    f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
+                    f"--name NEW to start a new run, or `batchify resume {name}` to finish the existing one."
+                )
+            if dry_run or run.status == "done":
+                return run, (Summary(**run.summary) if run.status == "done" and run.summary else None)
+            if confirm is not None and run.status == "prepared" and not confirm(run):
+                raise UsageError(f"not confirmed: nothing submitted. `batchify resume {name}` submits the prepared run.")
+            async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
+                return run, await Engine(store, client, reporter, hook=hook).execute()
         async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
             run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
             if dry_run:
@@ -5102,6 +5279,25 @@ async def run_file(
             assert client is not None
             summary = await Engine(store, client, reporter, hook=hook).execute()
             return run, summary
+
+
+# Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
+PLAN_OPTIONS = ("id_field", "text_field", "batch_size", "max_file_bytes", "waves", "tier", "enqueued_limit", "margin", "mode")
+
+
+def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions) -> list[str]:
+    """What differs between an existing run and the same `run` command given again (empty: the same run)."""
+    diffs = []
+    if Path(run.input_path) != input_path.resolve() or (input_path.exists() and file_sha256(input_path) != run.input_sha256):
+        diffs.append("input file (path or content)")
+    old = JobConfig.from_dict(run.config).to_dict()
+    changed = [k for k, v in cfg.to_dict().items() if old.get(k) != v]
+    if changed:
+        diffs.append("config (" + ", ".join(changed) + ")")
+    changed = [k for k in PLAN_OPTIONS if run.options.get(k) != getattr(opts, k)]
+    if changed:
+        diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
+    return diffs
 
 
 async def resume_run(
@@ -5162,21 +5358,27 @@ async def prepare(
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
     opts = dataclasses.replace(options or RunOptions())
-    if isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)):
-        path = Path(source)
-    else:
-        if name is None:
-            raise UsageError("records given in memory need a run name. Fix: pass name=...")
-        path = Path(state_dir) / "inputs" / f"{name}.jsonl"
-        write_records([source] if isinstance(source, str) else source, path)
-    opts.name = name or opts.name or path.stem
+    in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    if in_memory and name is None:
+        raise UsageError("records given in memory need a run name. Fix: pass name=...")
+    path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
+    opts.name = check_run_name(name or opts.name or default_run_name(path))
     store = RunStore(state_dir, opts.name)
-    if store.exists():
-        raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
+    # Claim the name first (the lock, then the exists check), and only then write anything of this request:
+    # a request that loses the race writes nothing and leaves the holder's run as it was.
     with RunLock(store.state_dir / ".locks" / opts.name) as lock:
         lock.acquire("prepare")
-        async with open_client(endpoint, api_key, need=False) as client:
-            return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+        if store.exists():
+            raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
+        if in_memory:
+            write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
+        try:
+            async with open_client(endpoint, api_key, need=False) as client:
+                return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+        except BaseException:
+            if in_memory:  # a refused payload is not kept on disk
+                path.unlink(missing_ok=True)
+            raise
 
 
 async def submit(
@@ -5493,7 +5695,11 @@ def render_status(data: dict[str, Any], one: bool) -> None:
     for col in ("run", "status", "records", "jobs", "cost (est.)", "updated"):
         t.add_column(col, no_wrap=col != "run")
     t.add_column("job states", overflow="fold")
+    broken = [r for r in data["runs"] if r["status"] == "broken"]
     for r in data["runs"]:
+        if r["status"] == "broken":
+            t.add_row(_esc(r["name"]), "[red]broken[/]", "", "", "", "", "see below")
+            continue
         states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
         cost = (
             (r["summary"].get("cost_batch_usd", 0) + r["summary"].get("cost_realtime_usd", 0))
@@ -5510,6 +5716,8 @@ def render_status(data: dict[str, Any], one: bool) -> None:
             _esc(states),
         )
     c.print(t)
+    for r in broken:
+        c.print(f"[red]broken:[/] {_esc(r['error'])}", soft_wrap=True)
     if one:
         r = data["runs"][0]
         jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
@@ -5551,7 +5759,52 @@ def _age(ts: str) -> str:
 # 10. REST API (FastAPI, optional extra "api"): the same engine behind HTTP
 # ================================================================================================
 
-RUN_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+REST_MAX_BODY = 32 * 1024**2  # bytes a REST request body may hold (bigger inputs: the CLI, or a file)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes answers 413 (by Content-Length, or while read)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _too_large(self, send: Any) -> None:
+        body = orjson.dumps({"detail": f"request body over {self.limit:,} bytes: send a file through the CLI, or split it"})
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracked(msg: Any) -> None:
+            nonlocal started
+            started = started or msg.get("type") == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 def make_api(
@@ -5561,8 +5814,12 @@ def make_api(
     api_key: str | None = None,
     config: JobConfig | None = None,
     options: RunOptions | None = None,
+    docs: bool = False,
+    max_body: int = REST_MAX_BODY,
 ) -> Any:
     """A FastAPI app over the engine. Every route needs `Authorization: Bearer <token>`: it spends money.
+    `docs`: serve /docs and /openapi.json (without a token: they show the API's shape, never data; off by
+    default, and /docs loads Swagger UI from a CDN). Bodies over `max_body` bytes answer 413.
 
     Long work (fetching, batch jobs) runs in tasks this app owns and awaits at shutdown; status is pollable.
     """
@@ -5577,6 +5834,7 @@ def make_api(
 
     tasks: dict[str, asyncio.Task[Any]] = {}
     failures: dict[str, str] = {}
+    claimed: set[str] = set()  # names taken by a request in this process (checked and added with no await between)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -5590,7 +5848,23 @@ def make_api(
         version=__version__,
         lifespan=lifespan,
         description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Any, exc: RequestValidationError) -> Any:
+        # What was wrong, never the body itself echoed back (a 22 MB body made a 22 MB error).
+        errs = [
+            {"loc": list(e.get("loc", ()))[:6], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse(status_code=422, content={"detail": errs, "errors": len(exc.errors())})
+
+    app.add_middleware(_BodyLimit, limit=max_body)
     bearer = HTTPBearer(auto_error=False)
 
     def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -5615,8 +5889,9 @@ def make_api(
 
     def new_name(given: str | None) -> str:
         name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        if RunStore(state_dir, name).exists() or name in tasks:
-            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already")
+        if name in claimed or RunStore(state_dir, name).exists() or name in tasks:
+            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already (or is being prepared)")
+        claimed.add(name)
         return name
 
     def start(name: str, work: Awaitable[Any]) -> None:
@@ -5636,8 +5911,14 @@ def make_api(
         await prepare(records, name, config, options, state_dir, endpoint, api_key)
         await submit(name, state_dir, endpoint, api_key)
 
-    def input_error(e: InputError) -> HTTPException:
-        return HTTPException(status_code=422, detail={"message": str(e), "problems": e.problems})
+    def input_error(e: InputError, name: str) -> HTTPException:
+        """The engine's message in the API's terms: no server path, no CLI flag."""
+        where = str(Path(state_dir) / "inputs" / f"{name}.jsonl")
+
+        def say(text: str) -> str:
+            return text.replace(where, "request body").replace("--skip-invalid", "the server's skip_invalid option")
+
+        return HTTPException(status_code=422, detail={"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
 
     async def submit_urls(body: SubmitUrls) -> Submitted:
         bad = [u for u in body.urls if not re.match(r"^https?://[^\s/]+", u)]
@@ -5654,10 +5935,16 @@ def make_api(
 
     async def submit_contents(body: SubmitContents) -> Submitted:
         name = new_name(body.batch_name)
-        try:
-            run = await prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
+        try:  # validation and planning are CPU work: off the event loop, so other clients are not stalled
+            run = await asyncio.to_thread(
+                asyncio.run, prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
+            )
         except InputError as e:
-            raise input_error(e) from None
+            claimed.discard(name)
+            raise input_error(e, name) from None
+        except (UsageError, LockedError) as e:  # another process holds or made the name
+            claimed.discard(name)
+            raise HTTPException(status_code=409, detail=str(e)) from None
         start(name, submit(name, state_dir, endpoint, api_key))
         return Submitted(
             job_id=name,
@@ -5740,10 +6027,23 @@ def _state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
+    return value
+
+
+def _endpoint_url(ctx: Any, param: Any, value: str | None) -> str | None:
+    if value is not None and value != "local" and not re.match(r"^https?://[^\s/:]+(:\d+)?(/\S*)?$", value):
+        raise click.BadParameter(f"{value!r} is neither 'local' nor an http(s) URL such as http://127.0.0.1:8765")
+    return value
+
+
 def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--endpoint",
         default=None,
+        callback=_endpoint_url,
         metavar="URL|local",
         help="API base URL, or 'local' for the built-in emulator. Default: the SDK's GOOGLE_GEMINI_BASE_URL, else Google.",
     )(f)
@@ -5753,7 +6053,7 @@ def _api_key() -> str | None:
     with contextlib.suppress(ImportError):
         from dotenv import load_dotenv
 
-        load_dotenv()
+        load_dotenv(dotenv_path=Path.cwd() / ".env")  # the working directory's, as the README says
     return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
 
 
@@ -5872,8 +6172,11 @@ def _waves(value: str) -> str | int:
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
 @click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
-@click.option("--max-cost", type=float, help="Stop before spending more than this many USD.")
+@click.option("--max-cost", type=float, callback=_positive_usd, help="Stop before spending more than this many USD (> 0).")
 @click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
+@click.option(
+    "--allow-private-urls", is_flag=True, help="Fetch URLs that lead to loopback/private/link-local addresses too (off: refused)."
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm the plan.")
 @click.option("--dry-run", is_flag=True, help="Write request files and print the plan; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
@@ -5914,6 +6217,7 @@ def run(
     rate_window: float,
     max_cost: float | None,
     skip_invalid: bool,
+    allow_private_urls: bool,
     yes: bool,
     dry_run: bool,
     as_json: bool,
@@ -5957,6 +6261,7 @@ def run(
         rate_window=rate_window,
         max_cost=max_cost,
         skip_invalid=skip_invalid,
+        allow_private_urls=allow_private_urls,
         out=out,
     )
     interactive = not yes and sys.stdin.isatty() and not as_json
@@ -6051,7 +6356,7 @@ def _pick_run(state_dir: str, run_name: str | None) -> str:
 @cli.command()
 @click.argument("run_name", required=False)
 @click.option("--poll-interval", type=click.FloatRange(0.05))
-@click.option("--max-cost", type=float, help="A new cost cap (USD) for what is left.")
+@click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
 @click.option("--json", "as_json", is_flag=True)
 @_endpoint_option
 @_state_dir_option
@@ -6072,7 +6377,11 @@ def resume(
 def list_cmd(state_dir: str) -> None:
     """One line per run: name, status, records."""
     for n in list_runs(state_dir):
-        r = RunStore(state_dir, n).load_run()
+        try:
+            r = RunStore(state_dir, n).load_run()
+        except StateError as e:
+            click.echo(f"{n}\tbroken\t-\t{e}")
+            continue
         click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
 
 
@@ -6136,14 +6445,18 @@ def validate(input_file: str, config_path: str | None, id_field: str, text_field
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--docs", is_flag=True, help="Serve /docs and /openapi.json (answer without a token; Swagger UI loads from a CDN).")
+@click.option("--allow-private-urls", is_flag=True, help="Fetch submitted URLs that lead to private/local addresses too.")
 @_endpoint_option
 @_state_dir_option
-def serve(host: str, port: int, endpoint: str | None, state_dir: str) -> None:
+def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool, allow_private_urls: bool) -> None:
     """Serve the REST API (needs BATCHIFY_API_TOKEN and pip install -e ".[api]")."""
-    app = make_api(state_dir, os.environ.get("BATCHIFY_API_TOKEN", ""), endpoint, _api_key())
+    opts = RunOptions(allow_private_urls=allow_private_urls)
+    app = make_api(state_dir, os.environ.get("BATCHIFY_API_TOKEN", ""), endpoint, _api_key(), options=opts, docs=docs)
     import uvicorn
 
-    console().print(f"batchify REST API on http://{host}:{port} (OpenAPI at /docs); state in {_esc(state_dir)}")
+    where = " (OpenAPI at /docs, without a token)" if docs else ""
+    console().print(f"batchify REST API on http://{host}:{port}{where}; state in {_esc(state_dir)}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -6154,7 +6467,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str) -> None:
 @click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
 @click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")
 @click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
-@click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the tier-1 table).")
+@click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the catalog's tier 1, else 3M).")
 @click.option("--max-active-jobs", default=100, show_default=True, type=int)
 @click.option("--token-spread", default=0.0, type=float, help="Each text's tokens off by up to +- this share.")
 @click.option("--line-error-rate", default=0.0, type=float)
@@ -6171,9 +6484,20 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str) -> None:
 @click.option("--tpm", type=int)
 @click.option("--rate-window", default=60.0, type=float)
 @click.option("--seed", default=0, type=int)
-def emulator(host: str, port: int, **knobs: Any) -> None:
+@click.option("--upload-400-mime", default=0, type=int, help='The first N uploads answer 400 "Unsupported MIME type: jsonl".')
+@click.option("--upload-no-file", default=0, type=int, help="The first N uploads answer 200 without their file.")
+@click.option("--download-403", default=0, type=int, help="The first N output downloads answer 403.")
+@click.option("--download-404", default=0, type=int, help="The first N output downloads answer 404.")
+@click.option("--list-429", default=0, type=int, help="The first N batches.list calls answer 429.")
+@click.option("--reject-key", help="This API key is answered 400 API_KEY_INVALID.")
+@click.option("--cache-min-tokens", default=1_024, type=int, help="A repeated system instruction this long is reported cached.")
+@click.option("--today", help="The date that decides which models are retired (default: today).")
+@click.option(
+    "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
+)
+def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> None:
     """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
-    cfg = EmulatorConfig(**knobs)
+    cfg = EmulatorConfig(**knobs, models=read_models_file(models_file) if models_file else None)
 
     async def serve() -> None:
         emu = Emulator(cfg)
@@ -6206,6 +6530,23 @@ def main(argv: list[str] | None = None) -> int:
         for p in e.problems:
             console().print(f"  {_esc(p)}", soft_wrap=True)
         return e.exit_code
+    except OSError as e:  # the disk, not batchify: full, read-only, no permission
+        why = {
+            errno.ENOSPC: "the disk is full",
+            errno.EROFS: "the file system is read-only",
+            errno.EDQUOT: "the disk quota is used up",
+        }
+        where = e.filename or "the state dir"
+        if e.errno not in why:
+            console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
+            return 3
+        what = why[e.errno]
+        console().print(
+            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
+            "writable disk, then `batchify resume` (nothing already done is lost).",
+            soft_wrap=True,
+        )
+        return DISK_EXIT
     except BatchifyError as e:
         msg = str(e)
         if isinstance(e, AuthError):  # which variable held the key (never its value)

@@ -93,7 +93,9 @@ def test_url_input_fetches_extracts_and_caches(emu, site, tmp_path):
     inp = tmp_path / "urls.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in url_records(site)))
     out = tmp_path / "o.jsonl"
-    p = run_against(emu, inp, tmp_path, "--yes", "--poll-interval", "0.2", out=out, BATCHIFY_CRASH_AT="after_create")
+    p = run_against(
+        emu, inp, tmp_path, "--yes", "--poll-interval", "0.2", "--allow-private-urls", out=out, BATCHIFY_CRASH_AT="after_create"
+    )
     assert p.returncode == -9  # crash after the fetch and the create; resume must not fetch again
     hits = dict(site.hits)
     assert hits["/news/0"] == 1 and hits["/nope"] == 1
@@ -118,7 +120,7 @@ def test_all_urls_failing_still_gives_one_line_each(emu, site, tmp_path):
     inp = tmp_path / "dead.jsonl"
     inp.write_text(json.dumps({"id": 1, "url": f"{site.url}/gone"}) + "\n")
     out = tmp_path / "o.jsonl"
-    p = run_against(emu, inp, tmp_path, "--yes", out=out)
+    p = run_against(emu, inp, tmp_path, "--yes", "--allow-private-urls", out=out)
     assert p.returncode == 1
     assert [(r["id"], r["status"]) for r in read_jsonl(out)] == [(1, "error")]
     assert emu.stats()["uploads"] == 0
@@ -203,7 +205,12 @@ def api(emu, tmp_path):
     import uvicorn
 
     app = batchify.make_api(
-        tmp_path / "st", "s3cret-token", endpoint=emu.url, api_key="k", options=batchify.RunOptions(poll_interval=0.2)
+        tmp_path / "st",
+        "s3cret-token",
+        endpoint=emu.url,
+        api_key="k",
+        options=batchify.RunOptions(poll_interval=0.2, allow_private_urls=True),  # the test site is on loopback
+        docs=True,
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

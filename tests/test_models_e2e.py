@@ -186,6 +186,8 @@ def test_upload_refused_with_unsupported_mime_a_few_times_is_retried(emu, articl
     s = emu.stats()
     assert s["faults_upload_400_mime"] == 2 and s["faults_upload_no_file"] == 2 and s["creates"] == 3
     assert_created_once(s)
+    jobs = [json.loads(f.read_text()) for f in (tmp_path / "st" / "articles" / "jobs").glob("*.json")]
+    assert sorted(j["state"] for j in jobs) == ["RESULTS_DOWNLOADED"] * 3  # retried in the call, no job lost to it
 
 
 def test_upload_always_refused_fails_the_job_then_falls_back(emu, articles, tmp_path):

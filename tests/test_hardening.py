@@ -1,0 +1,340 @@
+"""Issue 12's defects, one test each: names that escape, races, permanent errors, bad numbers and paths,
+broken sidecars, private URLs, the REST API's limits, attempts that mean what they say."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import input_ids, read_jsonl, run_against, run_cli
+
+import batchify
+
+FAST = ["--poll-interval", "0.2", "--yes"]
+
+
+# -- 3. one name rule for CLI, library and REST ------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "a/b", "..", ".hidden", "x" * 65, ""])
+def test_run_names_that_would_escape_the_state_dir_exit_2(emu, articles, tmp_path, name):
+    p = run_against(emu, articles, tmp_path, "--name", name, *FAST)
+    assert p.returncode == 2, p.stderr
+    assert "letters, digits" in p.stderr or "--name" in p.stderr
+    assert emu.stats()["uploads"] == 0
+    assert not (tmp_path / "x").exists() and not Path("/abs/path").exists()
+    assert not any(tmp_path.glob("st/*/run.json"))
+
+
+def test_library_applies_the_same_name_rule(tmp_path, articles):
+    with pytest.raises(batchify.UsageError, match="not allowed"):
+        batchify.prepare_sync(articles, name="../escape", state_dir=tmp_path / "st")
+    with pytest.raises(batchify.UsageError, match="not allowed"):
+        batchify.RunStore(tmp_path / "st", "a/b")
+    assert batchify.default_run_name("my file (2).jsonl") == "my-file-2"
+
+
+# -- 1. the same name, twice at once ------------------------------------------------------------------
+def test_library_prepare_never_overwrites_an_existing_runs_input(tmp_path):
+    st = tmp_path / "st"
+    first = [{"id": i, "text": f"first {i}"} for i in range(3)]
+    batchify.prepare_sync(first, name="same", state_dir=st)
+    before = (st / "inputs" / "same.jsonl").read_bytes()
+    with pytest.raises(batchify.UsageError, match="already exists"):
+        batchify.prepare_sync([{"id": 9, "text": "second"}], name="same", state_dir=st)
+    assert (st / "inputs" / "same.jsonl").read_bytes() == before
+
+
+def _post(url: str, body: dict, token: str = "s3cret-token") -> tuple[int, dict]:
+    req = urllib.request.Request(url, method="POST", data=json.dumps(body).encode())
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+@pytest.fixture
+def api_server(emu, tmp_path):
+    """A REST server on a free loopback port; yields (base url, state dir)."""
+    import socket
+
+    import uvicorn
+
+    def serve(**kw):
+        app = batchify.make_api(tmp_path / "st", "s3cret-token", endpoint=emu.url, api_key="k", **kw)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        t = threading.Thread(target=server.run, daemon=True)
+        t.start()
+        for _ in range(300):
+            if server.started:
+                break
+            time.sleep(0.02)
+        servers.append((server, t))
+        return f"http://127.0.0.1:{port}"
+
+    servers: list = []
+    yield serve
+    for server, t in servers:
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+def test_rest_same_name_race_one_wins_the_others_409(api_server, tmp_path):
+    base = api_server(options=batchify.RunOptions(poll_interval=0.2))
+    bodies = [
+        {"contents": [{"id": f"r{k}-{i}", "text": f"request {k} doc {i}"} for i in range(200)], "batch_name": "race"}
+        for k in range(4)
+    ]
+    results: list[tuple[int, dict]] = [(0, {})] * 4
+
+    def go(k: int) -> None:
+        results[k] = _post(f"{base}/batch/submit-contents", bodies[k])
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(c for c, _ in results)
+    assert codes == [200, 409, 409, 409], results
+    winner = next(k for k, (c, _) in enumerate(results) if c == 200)
+    stored = [r["id"] for r in read_jsonl(tmp_path / "st" / "inputs" / "race.jsonl")]
+    assert stored == [r["id"] for r in bodies[winner]["contents"]]
+
+
+# -- 6. the REST API's limits -------------------------------------------------------------------------------
+def test_rest_docs_off_by_default_and_body_limit(api_server, tmp_path):
+    base = api_server(max_body=20_000)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{base}/docs", timeout=10)
+    assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{base}/openapi.json", timeout=10)
+    assert e.value.code == 404
+    big = {"contents": [{"id": i, "text": "x" * 100} for i in range(500)], "batch_name": "big"}
+    code, body = _post(f"{base}/batch/submit-contents", big)
+    assert code == 413 and "bytes" in body["detail"]
+    assert not (tmp_path / "st" / "big").exists()
+
+
+def test_rest_422_echoes_no_body_no_path_keeps_nothing(api_server, tmp_path):
+    base = api_server()
+    code, body = _post(f"{base}/batch/submit-contents", {"contents": "y" * 5000, "batch_name": "bad"})
+    assert code == 422 and len(json.dumps(body)) < 2000 and "yyyy" not in json.dumps(body)
+    code, body = _post(f"{base}/batch/submit-contents", {"contents": [{"id": 1}, {"id": 2, "text": "ok"}], "batch_name": "rej"})
+    assert code == 422
+    text = json.dumps(body)
+    assert "no 'text' field" in text and str(tmp_path) not in text and "--skip-invalid" not in text
+    assert not (tmp_path / "st" / "inputs" / "rej.jsonl").exists()  # a refused payload is not kept
+    code, _ = _post(f"{base}/batch/submit-contents", {"contents": [{"id": 2, "text": "ok"}], "batch_name": "rej"})
+    assert code == 200  # and the name is free again
+
+
+# -- 7. URL fetching never reaches the machine's own network ----------------------------------------
+@pytest.mark.parametrize(
+    "ip, public",
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.5", False),
+        ("172.16.9.9", False),
+        ("169.254.169.254", False),
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fe80::1", False),
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+    ],
+)
+def test_public_address(ip, public):
+    assert batchify.public_address(ip) is public
+
+
+def test_urls_to_loopback_are_refused_without_the_flag(emu, tmp_path):
+    import http.server
+
+    hits = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:1/secret")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        inp = tmp_path / "u.jsonl"
+        inp.write_text(
+            json.dumps({"id": 1, "url": f"http://127.0.0.1:{srv.server_address[1]}/x"})
+            + "\n"
+            + json.dumps({"id": 2, "url": f"http://localhost:{srv.server_address[1]}/y"})
+            + "\n"
+        )
+        out = tmp_path / "o.jsonl"
+        p = run_against(emu, inp, tmp_path, *FAST, out=out)
+        assert p.returncode == 1
+        rows = read_jsonl(out)
+        assert all(r["status"] == "error" and "refused" in r["error"] for r in rows), rows
+        assert hits == []  # nothing was requested from the local server
+    finally:
+        srv.shutdown()
+
+
+# -- 8, 9. awkward paths ------------------------------------------------------------------------------
+def test_interrupted_prepare_tells_how_to_go_on(tmp_path):
+    (tmp_path / "st" / "articles" / "requests").mkdir(parents=True)
+    p = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 2 and "batchify run" in p.stderr and "again" in p.stderr
+
+
+def test_bad_endpoint_is_a_usage_error(articles, tmp_path):
+    p = run_cli(["run", str(articles), "--endpoint", "notaurl", "--yes"], tmp_path)
+    assert p.returncode == 2 and "notaurl" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_fifo_input_is_refused_not_waited_on(tmp_path, emu):
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    p = run_against(emu, fifo, tmp_path, *FAST)
+    assert p.returncode == 2 and "not a regular file" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- 10, 11. numbers and messages ----------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_max_cost_must_be_a_positive_number(emu, articles, tmp_path, value):
+    p = run_against(emu, articles, tmp_path, "--max-cost", value, *FAST)
+    assert p.returncode == 2 and "--max-cost" in p.stderr
+    assert emu.stats()["uploads"] == 0
+
+
+@pytest.mark.parametrize(
+    "flag, value, blamed",
+    [("--temperature", "5", "--temperature"), ("--model", "", "--model"), ("--max-output-tokens", "-1", "--max-output-tokens")],
+)
+def test_bad_flag_values_blame_the_flag(emu, articles, tmp_path, flag, value, blamed):
+    p = run_against(emu, articles, tmp_path, flag, value, *FAST)
+    assert p.returncode == 2 and blamed in p.stderr and "built-in default" not in p.stderr, p.stderr
+
+
+def test_temperature_true_in_toml_is_refused(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("temperature = true\n")
+    with pytest.raises(batchify.ConfigError, match=r"c\.toml.*temperature"):
+        batchify.load_config(f)
+
+
+def test_inputs_that_are_not_jsonl_say_what_they_are(tmp_path):
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"id": 123456789012345678901234567890, "text": "x"}\n')
+    res = batchify.validate_file(big)
+    assert any("64 bits" in p and "string" in p for p in res["problems"]), res
+    u16 = tmp_path / "u16.jsonl"
+    u16.write_bytes('{"id": 1, "text": "x"}\n'.encode("utf-16"))
+    with pytest.raises(batchify.InputError, match="UTF-16"):
+        batchify.validate_file(u16)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('{\n  "id": 1,\n  "text": "x"\n}\n')
+    with pytest.raises(batchify.InputError, match="pretty-printed"):
+        batchify.validate_file(pretty)
+
+
+# -- 12. one broken sidecar does not hide the other runs ------------------------------------------------
+def test_a_corrupt_run_json_is_marked_and_the_others_listed(emu, articles, tmp_path):
+    assert run_against(emu, articles, tmp_path, "--name", "good", *FAST).returncode == 0
+    assert run_against(emu, articles, tmp_path, "--name", "bad", "--dry-run").returncode == 0
+    (tmp_path / "st" / "bad" / "run.json").write_text('{"schema_version": 1}')
+    s = run_cli(["status", "--state-dir", "st"], tmp_path, COLUMNS="200")
+    assert s.returncode == 0, s.stderr
+    assert "good" in s.stdout + s.stderr and "broken" in s.stdout + s.stderr
+    assert "bad/run.json" in s.stdout + s.stderr and "Fix:" in s.stdout + s.stderr
+    js = json.loads(run_cli(["status", "--json", "--state-dir", "st"], tmp_path).stdout)
+    assert {r["name"]: r["status"] for r in js["runs"]} == {"good": "done", "bad": "broken"}
+    lst = run_cli(["list", "--state-dir", "st"], tmp_path)
+    assert lst.returncode == 0 and "good" in lst.stdout and "broken" in lst.stdout
+    one = run_cli(["status", "bad", "--state-dir", "st"], tmp_path)
+    assert one.returncode == 3 and "bad/run.json" in one.stderr and "Fix:" in one.stderr
+
+
+def test_a_newer_schema_asks_for_an_upgrade(tmp_path):
+    d = {"schema_version": 99, "kind": "run"}
+    with pytest.raises(batchify.StateError, match="upgrade batchify"):
+        batchify.validate_run_dict(d)
+
+
+# -- 13. the same command twice ------------------------------------------------------------------------------
+def test_running_the_same_command_again(emu, articles, tmp_path):
+    first = run_against(emu, articles, tmp_path, *FAST, "--dry-run")
+    assert first.returncode == 0
+    again = run_against(emu, articles, tmp_path, *FAST, "--dry-run")
+    assert again.returncode == 0, again.stderr
+    go = run_against(emu, articles, tmp_path, *FAST)  # the prepared run is submitted, not refused
+    assert go.returncode == 0, go.stderr
+    assert emu.stats()["creates"] == 1
+    done = run_against(emu, articles, tmp_path, *FAST)  # finished: says where the results are, sends nothing
+    assert done.returncode == 0 and emu.stats()["creates"] == 1
+    diff = run_against(emu, articles, tmp_path, *FAST, "--thinking", "high")
+    assert diff.returncode == 2 and "thinking" in diff.stderr and "--name" in diff.stderr
+
+
+def test_a_run_held_by_another_process_exits_4(emu, articles, tmp_path):
+    assert run_against(emu, articles, tmp_path, *FAST, "--dry-run").returncode == 0
+    lock = batchify.RunLock(tmp_path / "st" / ".locks" / "articles")
+    lock.acquire("test holder")
+    try:
+        p = run_against(emu, articles, tmp_path, *FAST)
+        assert p.returncode == 4 and "test holder" in p.stderr
+    finally:
+        lock.release()
+
+
+# -- 14. durability and privacy -----------------------------------------------------------------------------
+def test_run_folders_are_private(emu, articles, tmp_path):
+    assert run_against(emu, articles, tmp_path, *FAST).returncode == 0
+    for d in ("st/articles", "st/articles/jobs", "st/articles/requests", "st/articles/results"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
+
+
+# -- 5. a disk that refuses writes ------------------------------------------------------------------------
+def test_disk_full_is_one_line_and_its_own_exit_code(articles, tmp_path, monkeypatch, capsys):
+    real = batchify.atomic_write
+
+    def full(path, data, mode=0o600):
+        if path.name == "run.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, mode)
+
+    monkeypatch.setattr(batchify, "atomic_write", full)
+    monkeypatch.chdir(tmp_path)
+    code = batchify.main(["run", str(articles), "--endpoint", "local", "--yes", "--state-dir", "st", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == batchify.DISK_EXIT == 6
+    assert "disk is full" in err and "run.json" in err and "Traceback" not in err
+
+
+# -- 15. --max-attempts means what it says -------------------------------------------------------------------------
+def test_max_attempts_is_the_number_of_batches_tried(emu, articles, tmp_path):
+    emu.configure(fail_jobs=10)
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "batch", "--max-attempts", "3", out=out)
+    assert p.returncode == 1
+    assert emu.stats()["creates"] == 3  # three attempts, no fourth batch for the same ids
+    assert [r["id"] for r in read_jsonl(out)] == input_ids(articles)
