@@ -2054,12 +2054,8 @@ class InputRecord:
         return f"{self.kind} {self.number}"
 
 
-def read_input(path: Path) -> Iterator[InputRecord]:
-    """Stream the records of a JSONL file (or a JSON array file), with where each one stands.
-
-    A UTF-8 BOM, CRLF line ends and blank lines are accepted; malformed JSON and non-UTF-8 bytes are
-    reported per line.
-    """
+def check_input_file(path: Path) -> None:
+    """InputError unless `path` is a regular file batchify can read more than once."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -2071,6 +2067,15 @@ def read_input(path: Path) -> Iterator[InputRecord]:
             f"{path}: not a regular file (a pipe, FIFO or device): batchify reads its input more than once and checks "
             "its hash on resume. Fix: save it to a file first (e.g. `cat ... > input.jsonl`)."
         )
+
+
+def read_input(path: Path) -> Iterator[InputRecord]:
+    """Stream the records of a JSONL file (or a JSON array file), with where each one stands.
+
+    A UTF-8 BOM, CRLF line ends and blank lines are accepted; malformed JSON and non-UTF-8 bytes are
+    reported per line.
+    """
+    check_input_file(path)
     try:
         f = open(path, "rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
     except OSError as e:
@@ -2613,7 +2618,7 @@ async def fetch_urls(
         ) from None
     import aiohttp
 
-    store.dir.mkdir(parents=True, exist_ok=True)
+    private_dir(store.dir)
     sem = asyncio.Semaphore(concurrency)
     counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
 
@@ -2760,7 +2765,7 @@ def _prepare_pass(
     n_problems = unfetched = 0
     batches: list[BatchPlan] = []
     req_dir = store.dir / "requests"
-    req_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(req_dir)
     start = count = tok = nb = n = 0
     batch_size, max_bytes = opts.batch_size, opts.max_file_bytes
     with contextlib.ExitStack() as stack:
@@ -2889,6 +2894,9 @@ async def prepare_run(
     import shutil
 
     path = Path(input_path)
+    check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
+    private_dir(store.dir)
+    os.chmod(store.dir, 0o700)
     today = today or utcnow()[:10]
     catalog = catalog or builtin_catalog()
     if cfg.models:
@@ -5245,7 +5253,7 @@ async def run_file(
     `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
     cfg = config or JobConfig()
     opts = dataclasses.replace(options or RunOptions())  # the caller's options stay as they were
-    name = check_run_name(opts.name) if opts.name else default_run_name(input_path)
+    name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts.name = name
     store = RunStore(state_dir, name)
     if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:

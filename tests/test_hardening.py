@@ -245,8 +245,9 @@ def test_temperature_true_in_toml_is_refused(tmp_path):
 def test_inputs_that_are_not_jsonl_say_what_they_are(tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_text('{"id": 123456789012345678901234567890, "text": "x"}\n')
-    res = batchify.validate_file(big)
-    assert any("64 bits" in p and "string" in p for p in res["problems"]), res
+    with pytest.raises(batchify.InputError) as e:
+        batchify.validate_file(big)
+    assert any("64 bits" in p and "string" in p for p in e.value.problems), e.value.problems
     u16 = tmp_path / "u16.jsonl"
     u16.write_bytes('{"id": 1, "text": "x"}\n'.encode("utf-16"))
     with pytest.raises(batchify.InputError, match="UTF-16"):
