@@ -1972,7 +1972,9 @@ class RunStore:
         except StateError as e:
             raise StateError(_sidecar_problem(self.run_path, e)) from None
 
-    def load_jobs(self) -> list[Job]:
+    def load_jobs(self, quarantine: list[str] | None = None) -> list[Job]:
+        """Every job sidecar. A damaged one raises StateError naming it, or, given `quarantine`, is moved
+        aside to <name>.json.damaged (its path appended there) for the engine to rebuild from the service."""
         if not self.jobs_dir.exists():
             return []
         jobs = []
@@ -1980,7 +1982,10 @@ class RunStore:
             try:
                 jobs.append(Job.from_dict(load_json(p)))
             except StateError as e:
-                raise StateError(_sidecar_problem(p, e)) from None
+                if quarantine is None:
+                    raise StateError(_sidecar_problem(p, e)) from None
+                os.replace(p, p.with_name(p.name + ".damaged"))
+                quarantine.append(str(p))
         return sorted(jobs, key=lambda j: (j.index, j.attempt, j.name))
 
     def save_job(self, job: Job) -> None:
@@ -3066,7 +3071,8 @@ class Engine:
         self.run = store.load_run()
         self.opts = self.run.run_options
         self.cfg = self.run.job_config
-        self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs()}
+        self.damaged: list[str] = []  # job sidecars found unreadable, moved aside; repair() rebuilds them
+        self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs(self.damaged)}
         self.rt_view: RealtimeView | None = None
         self._saved_at: dict[str, float] = {}
         self._progress: dict[str, tuple[float, int]] = {}  # first (clock, requests done) seen while RUNNING
@@ -3134,6 +3140,7 @@ class Engine:
         if self.opts.mode == "realtime":
             await self.realtime(None)
         else:
+            await self.repair()
             try:
                 await self.batch_phase()
                 if self._line_retry_due():
@@ -3157,6 +3164,109 @@ class Engine:
         return summary
 
     # -- batch -----------------------------------------------------------------------------------
+    async def repair(self) -> None:
+        """Reconcile the sidecars with the service before anything is sent again: a job sidecar deleted or
+        damaged is rebuilt from the run's jobs listed by display name (adopted, in the state the service
+        reports), a batch with no remote trace is sent again, and a results file that is gone is downloaded
+        again. Says what it found; only ids with no remote trace are ever paid for again."""
+        ranges = self.run.plan.get("batch_ranges") or []
+        indices = {j.index for j in self.jobs.values()}
+        missing = [
+            i
+            for i, (_s, _e, _t, nbytes) in enumerate(ranges, 1)
+            if nbytes and i not in indices and (self.store.dir / f"requests/b{i:04d}.jsonl").exists()
+        ]
+        talked = any(j.state not in (S.CREATED, S.UPLOADING, S.UPLOADED) for j in self.jobs.values())
+        repaired: list[str] = [f"{p}: unreadable, moved aside" for p in self.damaged]
+        if missing or talked or self.damaged:
+            repaired += await self._adopt_remote(ranges, missing)
+        for j in self._ordered():
+            if j.state == S.RESULTS_DOWNLOADED and not self.store.result_path(j).exists():
+                try:
+                    data = await self.client.download(j.output_file or "")
+                except RemoteError as e:
+                    repaired.append(f"{j.name}: results file gone and the output is not downloadable ({e}): its ids go again")
+                    continue
+                ok, failed, usage = await asyncio.to_thread(self._record_results, j, data)
+                self._set(j, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+                repaired.append(f"{j.name}: results file gone: downloaded {j.output_file} again")
+        if repaired:
+            for line in repaired:
+                self._log(f"repair: {line}")
+            self.run.realtime.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in repaired)
+            self.store.save_run(self.run)
+
+    async def _adopt_remote(self, ranges: list[Any], missing: list[int]) -> list[str]:
+        """Jobs of this run that the service has and the sidecars do not: adopt them; batches in `missing`
+        that the service has never seen: recreate them, to be sent."""
+        prefix = f"batchify-{self.run.name[:40]}-{self.run.run_id}-"
+        try:
+            remote = [r for r in await self.client.list_batches() if (r.display_name or "").startswith(prefix)]
+        except AuthError:
+            raise
+        except RemoteError as e:
+            if not missing:
+                self._log(f"could not list batches to check the sidecars ({e}); going on with them as they are")
+                return []
+            raise RemoteError(
+                f"{len(missing)} job sidecar(s) are missing and the service cannot be asked ({e}); resume again later"
+            ) from e
+        known = {j.display_name for j in self.jobs.values()}
+        found: dict[int, list[tuple[int, RemoteJob]]] = {}
+        for r in remote:
+            m = re.search(r"-b(\d{4,})-a(\d+)$", r.display_name or "")
+            if m and r.display_name not in known:
+                found.setdefault(int(m.group(1)), []).append((int(m.group(2)), r))
+        notes = []
+        for i in sorted(set(missing) | set(found)):
+            chain = sorted(found.get(i, []), key=lambda x: x[0])
+            if i <= len(ranges):
+                start, end, tokens, nbytes = ranges[i - 1]
+                base = Job(
+                    name=f"b{i:04d}",
+                    index=i,
+                    display_name=display_name_for(self.run.name, self.run.run_id, i, 1),
+                    request_file=f"requests/b{i:04d}.jsonl",
+                    request_count=end - start,
+                    tokens=tokens,
+                    bytes=nbytes,
+                    wave=int(self.run.plan.get("wave_of_batch", {}).get(str(i - 1), 0)),
+                    start=start,
+                    end=end,
+                    timestamps={"CREATED": utcnow()},
+                )
+            else:  # the one extra try of per-line errors: its request file says how many
+                rel = f"requests/retry-{i:04d}.jsonl"
+                if not (self.store.dir / rel).exists():
+                    continue
+                lines = (self.store.dir / rel).read_bytes().count(b"\n")
+                base = Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
+            if not chain and i in missing:
+                self.store.save_job(base)
+                self.jobs[base.name] = base
+                notes.append(
+                    f"{base.name}: sidecar missing and no job at the service: its {base.request_count} request(s) will be sent"
+                )
+            prev = next((j.name for j in self.jobs.values() if j.index == i and j.attempt < (chain[0][0] if chain else 1)), None)
+            for attempt, r in chain:
+                name = base.name if attempt == 1 else f"{base.name.split('-')[0]}-r{attempt}"
+                j = dataclasses.replace(
+                    base,
+                    name=name,
+                    display_name=r.display_name or "",
+                    attempt=attempt,
+                    retry_of=prev,
+                    state=r.state,
+                    remote_job=r.name,
+                    start=base.start if attempt == 1 else None,  # a retry's results override its primary's range
+                    end=base.end if attempt == 1 else None,
+                )
+                self.store.save_job(j)
+                self.jobs[j.name] = j
+                prev = name
+                notes.append(f"{name}: sidecar missing; adopted {r.name} ({r.state}) from the service")
+        return notes
+
     async def reconcile(self) -> None:
         """A job left in SUBMITTING may or may not exist remotely: find it by display name."""
         stuck = [j for j in self._ordered() if j.state == S.SUBMITTING]
@@ -4336,6 +4446,7 @@ class Emulator:
         self.seen_prefixes: set[tuple[str, str]] = set()
         self._specs: dict[tuple[str, bytes, str | None], ModelSpec | None] = {}  # (model, system instruction) already served
         self.stats["thinking_seen"] = {}  # "model thinkingLevel=LOW" -> requests answered with it
+        self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
         self.stats["models_get"] = 0
 
     # -- server ------------------------------------------------------------------------------------
@@ -4811,6 +4922,8 @@ class Emulator:
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
         parts = [{"text": answer}] if answer else []
+        digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        self.stats["billed"][digest] = self.stats["billed"].get(digest, 0) + 1
         return {
             "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}],
             "usageMetadata": usage,
