@@ -99,6 +99,7 @@ DEFAULT_MAX_ACTIVE_JOBS = 100  # the Batch API's concurrent-job limit
 DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lowered by any 429)
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
+POLL_REFUSALS = 3  # permanent (non-transient, non-404) answers to a job's get before the job counts as FAILED
 DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
@@ -255,6 +256,7 @@ output_token_limit = 65536
 thinking = "level"
 thinking_levels = ["low", "medium", "high"]
 thinking_default = "high"
+legacy_budget = true
 temperature = 1.0
 sources = { prices = "pricing (batch and flex: cached tokens at the standard cache price)", limits = "models", thinking = "thinking (thinking cannot be turned off)", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits", temperature = "temperature" }
 
@@ -275,6 +277,7 @@ output_token_limit = 65536
 thinking = "level"
 thinking_levels = ["minimal", "low", "medium", "high"]
 thinking_default = "high"
+legacy_budget = true
 temperature = 1.0
 sources = { prices = "pricing (batch and flex: cached tokens at the standard cache price)", limits = "models (as transcribed by third parties)", thinking = "thinking_3p", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (tier 2/3 rows labelled 'Gemini 3.1 Flash Preview' on Google's page)", temperature = "temperature" }
 
@@ -293,6 +296,7 @@ status = "deprecated"
 released = "2025-06-17"
 shutdown = "2026-12-01"
 replacement = "gemini-3.1-pro-preview"
+routed_to = "gemini-3.8-flash"
 note = "Google's own copies give the shutdown as 'earliest 2026-06-17'; a third party read 2026-12-01 on the page, with requests then routed to gemini-3.8-flash at that model's prices and access limited to existing users. A 404 from the service ends a run with exit 2."
 batch = true
 flex = true
@@ -323,6 +327,7 @@ status = "deprecated"
 released = "2025-06-17"
 shutdown = "2026-12-01"
 replacement = "gemini-3.8-flash"
+routed_to = "gemini-3.8-flash"
 note = "Google's own copies give the shutdown as 'earliest 2026-06-17' (replacement gemini-3-flash-preview); a third party read 2026-12-01 on the page, with requests then routed to a newer model at that model's prices. A 404 from the service ends a run with exit 2."
 batch = true
 flex = true
@@ -400,6 +405,7 @@ class ModelSpec:
     released: str | None = None
     shutdown: str | None = None
     replacement: str | None = None
+    routed_to: str | None = None  # reported: after its shutdown, requests go to this model, at its prices
     note: str | None = None
     batch: bool | None = None  # None: Google's pages do not say
     flex: bool | None = None
@@ -509,6 +515,19 @@ def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelS
             kw[k] = v.lower() if k in ("thinking", "thinking_default") else v
     if kw["status"] not in MODEL_STATUSES:
         raise ConfigError(f"{entry}: 'status' must be one of {', '.join(MODEL_STATUSES)}.")
+    for k in ("batch_discount", "flex_discount"):
+        if k in kw and not 0 < kw[k] <= 1:
+            raise ConfigError(
+                f"{entry}: '{k}' is the share of the standard price paid (0.5 for half): a number above 0, at most 1."
+            )
+    if kw.get("thinking_default") and kw["thinking_default"] not in kw.get("thinking_levels", ()):
+        raise ConfigError(f"{entry}: 'thinking_default' must be one of thinking_levels.")
+    if kw.get("thinking") == "budget":
+        lo, hi = kw.get("thinking_budget_min", 0), kw.get("thinking_budget_max", 0)
+        if not 1 <= lo <= hi:
+            raise ConfigError(
+                f"{entry}: thinking_budget_min must be at least 1 and at most thinking_budget_max (0 is thinking_budget_zero)."
+            )
     if kw.get("thinking", "none") not in THINKING_STYLES:
         raise ConfigError(f"{entry}: 'thinking' must be one of {', '.join(THINKING_STYLES)}.")
     if kw.get("thinking") == "level" and not kw.get("thinking_levels"):
@@ -622,6 +641,19 @@ def resolve_model(catalog: Catalog, name: str, today: str) -> ModelSpec:
     if retired:
         instead = f"use --model {spec.replacement}" if spec.replacement else "choose another model (`batchify models`)"
         raise UsageError(f"model {n!r} was shut down on {spec.shutdown or 'an earlier date'} (model catalog). Fix: {instead}.")
+    if spec.routed_to and spec.shutdown and spec.shutdown <= today and spec.routed_to in catalog.models:
+        # Past its (reported) shutdown, its requests may be served by another model at that model's prices:
+        # plan and bill at the higher of the two, so that --max-cost never under-protects.
+        other = catalog.spec(spec.routed_to, today)
+        higher = {
+            k: max(x for x in (getattr(spec, k), getattr(other, k)) if x is not None) for k in ("input_price", "output_price")
+        }
+        for k in ("cached_input_price", "batch_cached_input_price", "flex_cached_input_price"):
+            vals = [x for x in (getattr(spec, k), getattr(other, k)) if x is not None]
+            if vals:
+                higher[k] = max(vals)
+        note = f"priced at the higher of its own and {other.name}'s prices (requests may be routed there after {spec.shutdown})"
+        spec = dataclasses.replace(spec, price_note="; ".join(x for x in (spec.price_note, note) if x), **higher)
     return spec
 
 
@@ -917,7 +949,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if unknown:
             raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}. Fix: use only {', '.join(CONFIG_KEYS)}, schema_file.")
         if "thinking_budget" in data:  # the name before the catalog: a budget is one form of `thinking`
-            data.setdefault("thinking", data.pop("thinking_budget"))
+            old = data.pop("thinking_budget")  # 0 meant "thinking off": now, the lowest the model allows
+            data.setdefault("thinking", None if old == 0 else old)
         if "schema_file" in data:
             sp = (p.parent / str(data.pop("schema_file"))).resolve()
             try:
@@ -1706,16 +1739,29 @@ def add_usages(total: dict[str, int], usages: list[dict[str, Any]], long_thresho
     long_usage(total, usages, long_threshold)
 
 
-def expected_usage(cfg: JobConfig, spec: ModelSpec, input_tokens: int, records: int) -> dict[str, int]:
+def expected_usage(
+    cfg: JobConfig, spec: ModelSpec, input_tokens: int, records: int, long: tuple[int, int] = (0, 0)
+) -> dict[str, int]:
     """The usage a run is expected to have: its input, the answer tokens assumed per request and the
-    thinking tokens assumed for its thinking setting (expected_thinking_tokens overrides)."""
+    thinking tokens assumed for its thinking setting (expected_thinking_tokens overrides); `long`: the
+    (documents, tokens) above the model's long-context threshold, under `long.` keys as cost_usd takes them."""
     choice = thinking_choice(spec, cfg.thinking)
     per_thought = cfg.expected_thinking_tokens if cfg.expected_thinking_tokens is not None else thinking_expected(choice)
-    return {
+    usage = {
         "promptTokenCount": input_tokens,
         "candidatesTokenCount": records * cfg.expected_output_tokens,
         "thoughtsTokenCount": records * per_thought,
     }
+    docs, tokens = long
+    if docs:
+        usage.update(
+            {
+                "long.promptTokenCount": tokens,
+                "long.candidatesTokenCount": docs * cfg.expected_output_tokens,
+                "long.thoughtsTokenCount": docs * per_thought,
+            }
+        )
+    return usage
 
 
 def estimate_plan(
@@ -1727,9 +1773,10 @@ def estimate_plan(
     eff_limit: int,
     records: int,
     realtime_share: float = 0.0,
+    long: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     tokens = sum(b.tokens for b in batches)
-    usage = expected_usage(cfg, spec, tokens, records)
+    usage = expected_usage(cfg, spec, tokens, records, long)
     batch_cost = cost_usd(spec, usage, "batch")
     rt_cost = cost_usd(spec, usage, "standard")
     return {
@@ -2732,6 +2779,8 @@ class _Pass:
     sha256: str
     duplicate_digests: set[int]
     unfetched: int
+    long_docs: int = 0  # documents above the model's long-context threshold (billed at its long prices)
+    long_tokens: int = 0
 
 
 def _prepare_pass(
@@ -2746,6 +2795,7 @@ def _prepare_pass(
     hook: Callable[[str], None] | None,
     gc: dict[str, Any],
     context: int = CONTEXT_WINDOW,
+    long_at: int | None = None,
 ) -> _Pass:
     """One streaming pass: validate each record, write request files and ids. Memory stays flat:
     ids are kept as 8-byte digests in an array; only ids whose digest repeats (`suspects`, known
@@ -2760,6 +2810,8 @@ def _prepare_pass(
     fetched = load_fetch_cache(store.fetch_cache_path)
     fields = template_fields(cfg.prompt_template)
     si_chars = len(cfg.system_instruction or "")
+    long_threshold = long_at or 1 << 62
+    long_docs = long_tokens = 0
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256, path)
@@ -2860,6 +2912,9 @@ def _prepare_pass(
             count += 1
             tok += t
             nb += len(line)
+            if t > long_threshold:
+                long_docs += 1
+                long_tokens += t
             ids_f.write(orjson.dumps(rid, option=NL))
             n += 1
         close_batch()
@@ -2876,7 +2931,7 @@ def _prepare_pass(
                 if d in seen_d:
                     dupes.add(d)
                 seen_d.add(d)
-    return _Pass(batches, n, n_problems, problems, sha.result(), dupes, unfetched)
+    return _Pass(batches, n, n_problems, problems, sha.result(), dupes, unfetched, long_docs, long_tokens)
 
 
 async def prepare_run(
@@ -2926,14 +2981,18 @@ async def prepare_run(
     si_chars = len(cfg.system_instruction or "")
     per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
     cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
-    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook, gc, context)
+    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook, gc, context, spec.long_context_threshold)
     if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
         await fetch_urls(path, store, opts.text_field, allow_private=opts.allow_private_urls)
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context)
+        p = _prepare_pass(
+            store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context, spec.long_context_threshold
+        )
         if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
-        p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context)
+        p = _prepare_pass(
+            store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context, spec.long_context_threshold
+        )
     if p.n_problems and not opts.skip_invalid:
         shutil.rmtree(store.dir, ignore_errors=True)
         more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
@@ -2949,13 +3008,21 @@ async def prepare_run(
         )
     batches = p.batches
     waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
-    plan = estimate_plan(cfg, spec, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0)
+    plan = estimate_plan(
+        cfg, spec, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0, (p.long_docs, p.long_tokens)
+    )
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
     plan["model_spec"] = spec.to_dict()  # the figures this run plans and bills with, whatever the catalog says later
     plan["catalog_as_of"] = catalog.as_of
     plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
     plan["context_limit"] = context
-    plan["enqueued_limit_source"] = "--enqueued-limit" if opts.enqueued_limit else catalog.source(spec, "enqueued_tokens")
+    plan["enqueued_limit_source"] = (
+        "--enqueued-limit"
+        if opts.enqueued_limit
+        else "not used (--mode realtime)"
+        if opts.mode == "realtime"
+        else catalog.source(spec, "enqueued_tokens")
+    )
     plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
     plan["warnings"] = [
         w for w in (lifecycle_warning(spec, today), spec.price_note and f"price change ahead: {spec.price_note}") if w
@@ -3084,6 +3151,7 @@ class Engine:
         self.spec = run_model_spec(self.run)
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._download_failures: dict[str, int] = {}
+        self._poll_refusals: dict[str, int] = {}
 
     @property
     def client(self) -> GeminiClient:
@@ -3129,7 +3197,18 @@ class Engine:
     # -- the whole run ---------------------------------------------------------------------------
     async def execute(self) -> Summary:
         if self.run.status == "cancelled":
+            # Cancel stops what still runs and keeps what is done: jobs that finished (or finish while being
+            # cancelled) are downloaded; nothing is created or retried.
+            if any(j.state in REMOTE_LIVE or j.state == S.SUCCEEDED for j in self.jobs.values()):
+                await self.batch_phase()
             return self.merge()
+        if self.run.realtime.get("create_refused") and not (self.opts.mode == "auto" and self.opts.fallback):
+            # The last try stopped (exit 3) after creates were refused: this resume tries those batches again.
+            del self.run.realtime["create_refused"]
+            for j in list(self.jobs.values()):
+                if j.no_retry and j.state == S.FAILED:
+                    self.jobs[j.name] = dataclasses.replace(j, no_retry=False)
+                    self.store.save_job(self.jobs[j.name])
         self.run.status = "running"
         self.store.save_run(self.run)
         if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
@@ -3288,6 +3367,8 @@ class Engine:
                 self._set(j, S.UPLOADED)
 
     def _spawn_retries(self) -> None:
+        if self.run.status == "cancelled":
+            return
         retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
         for j in list(self._ordered()):
             if (
@@ -3430,10 +3511,13 @@ class Engine:
             raise
         except RemoteError as e:  # the seam already tried as often as the retry policy allows
             self._log(f"{job.name}: upload refused ({e}); the job failed")
-            self._set(job, S.FAILED, error=f"upload refused: {e}")
+            if self.jobs[job.name].state == S.UPLOADING:
+                self._set(self.jobs[job.name], S.FAILED, error=f"upload refused: {e}")
             self._wake.set()
             return True
-        self._set(job, S.UPLOADED, remote_file=f.name)
+        if self.jobs[job.name].state != S.UPLOADING:  # given up on while uploading (creates refused too long)
+            return True
+        self._set(self.jobs[job.name], S.UPLOADED, remote_file=f.name)
         self.hook("after_upload")
         self._wake.set()  # the scheduler may admit it now
         return True
@@ -3472,6 +3556,8 @@ class Engine:
         create_backoff = base
         while True:
             self._wake.clear()
+            if any(j.state == S.SUBMITTING for j in self.jobs.values()):
+                await self.reconcile()  # a create whose answer was lost, not yet found: look again (never fatal)
             self._spawn_retries()
             self._demand.set()
             now = self.clock()
@@ -3507,8 +3593,11 @@ class Engine:
             ]
             freed = False
             if due:
-                async with asyncio.TaskGroup() as tg:
-                    tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
+                except ExceptionGroup as eg:  # a poll's own error (a refused key): raised as itself
+                    raise eg.exceptions[0] from None
                 for j in due:
                     moved = tasks[j.name].result()
                     freed = freed or (j.state in ACTIVE_STATES and self.jobs[j.name].state not in ACTIVE_STATES)
@@ -3552,6 +3641,8 @@ class Engine:
             await self._nap(delay, self._wake)
 
     def _retry_pending(self) -> bool:
+        if self.run.status == "cancelled":
+            return False
         retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
         return any(
             j.state in (S.FAILED, S.EXPIRED)
@@ -3641,12 +3732,20 @@ class Engine:
         try:
             rj = await self.client.get_batch(job.remote_job or "")
             self.hook("after_poll")
+        except AuthError:
+            raise
         except RemoteError as e:
             if e.code == 404:
                 self._set(job, S.FAILED, error="the remote job is gone (404)")
                 return True
+            if not e.transient:  # 400/403 on a get: not worth polling forever
+                n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
+                if n >= POLL_REFUSALS:
+                    self._set(job, S.FAILED, error=f"polling refused {n} times: {e}")
+                    return True
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
+        self._poll_refusals.pop(job.name, None)
         moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
@@ -3920,16 +4019,19 @@ class Engine:
         """
         done = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
-        count = tokens = 0
+        count = tokens = long_docs = long_tokens = 0
+        long_at = self.spec.long_context_threshold or 1 << 62
         for n, _req, t in self._requests(only):
             if n not in done:
                 count += 1
                 tokens += t
+                if t > long_at:
+                    long_docs, long_tokens = long_docs + 1, long_tokens + t
         view = self.rt_view = RealtimeView(total=count)
         if not count:
             return
         if self.opts.max_cost is not None:
-            est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count), "standard")
+            est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count, (long_docs, long_tokens)), "standard")
             spent = self._batch_spent()
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
@@ -4036,34 +4138,37 @@ class Engine:
             )
 
 
-async def cancel_run(store: RunStore, client: GeminiClient) -> list[str]:
+async def cancel_run(store: RunStore, client: GeminiClient, settle_polls: int = 5) -> list[str]:
     """Cancel every remote job of a run that is still live, then read each one's state back: a job that
-    finished before the cancel reached it keeps its results, which are downloaded now. Cancelled jobs stay
-    cancelled on resume."""
+    finished before the cancel reached it keeps its results, which are downloaded now. One still
+    cancelling remotely keeps its state, marked as cancelled by the user: `resume` (or `run` again) polls it
+    to its end and downloads its results if it finished after all. Cancelled jobs are never retried."""
     engine = Engine(store, client)
     await engine.reconcile()
+    engine.run.status = "cancelled"
+    store.save_run(engine.run)
     cancelled = []
+    live = []
     for j in engine._ordered():
         if j.state in REMOTE_LIVE and j.remote_job:
             with contextlib.suppress(RemoteError):
                 await client.cancel_batch(j.remote_job)
-            await engine.poll(j)  # the state as the service now reports it
-            j = engine.jobs[j.name]
-            if j.state == S.SUCCEEDED and j.output_file:
-                if await engine.retrieve(j):
-                    continue  # finished before the cancel: its results are kept
-            if j.state in REMOTE_LIVE:  # cancelling takes a moment remotely: it ends CANCELLED
-                engine._set(j, S.CANCELLED, cancelled_by_user=True)
-            elif j.state == S.CANCELLED:
-                engine._set(j, S.CANCELLED, cancelled_by_user=True)
-            cancelled.append(j.name)
-        elif j.state == S.SUCCEEDED and j.output_file:  # finished, not yet downloaded: paid for, so kept
-            await engine.retrieve(j)
+            live.append(engine._set(j, j.state, cancelled_by_user=True))
         elif j.state in UNSUBMITTED:
             engine._set(j, S.CANCELLED, cancelled_by_user=True)
             cancelled.append(j.name)
-    engine.run.status = "cancelled"
-    store.save_run(engine.run)
+    for round_ in range(settle_polls):  # the service takes a moment to cancel (CANCELLING reads as RUNNING)
+        for j in live:
+            await engine.poll(engine.jobs[j.name])
+        live = [j for j in live if engine.jobs[j.name].state in REMOTE_LIVE]
+        if not live:
+            break
+        await engine.sleep(min(2.0, engine.opts.poll_interval) * (round_ + 1))
+    for j in engine._ordered():
+        if j.cancelled_by_user and j.state in REMOTE_LIVE | {S.CANCELLED} and j.name not in cancelled:
+            cancelled.append(j.name)
+        elif j.state == S.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
+            await engine.retrieve(j)
     return cancelled
 
 
@@ -5050,7 +5155,9 @@ class Emulator:
             self.cfg.create_429 = max(0, self.cfg.create_429 - 1)
             self.stats["creates_refused_429"] += 1
             what = f"enqueued tokens {active + tokens} > {self._limit(model)}"
-            if njobs >= self.cfg.max_active_jobs and active + tokens <= self._limit(model):
+            if active + tokens <= self._limit(model) and njobs < self.cfg.max_active_jobs:
+                what = "batch quota (emulated create_429 fault: refused whatever the load)"
+            elif njobs >= self.cfg.max_active_jobs and active + tokens <= self._limit(model):
                 what = f"{njobs} batch jobs pending or running (at most {self.cfg.max_active_jobs})"
             raise _EmuError(
                 429,
@@ -5402,6 +5509,18 @@ async def run_file(
             return run, summary
 
 
+async def check_model_still_served(run: Run, client: GeminiClient) -> None:
+    """Before a run that was prepared earlier sends more: is its model retired now (by today's catalog, or a
+    404 from models.get)? Exit 2 naming the replacement, instead of failing every request."""
+    if run.status in ("done", "cancelled"):
+        return
+    spec = run_model_spec(run)
+    cat = builtin_catalog()
+    if spec.name in cat.models:
+        resolve_model(cat, spec.name, utcnow()[:10])  # retired since the run was prepared: UsageError
+    await client.get_model(spec.name, replacement=spec.replacement)
+
+
 # Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
 PLAN_OPTIONS = ("id_field", "text_field", "batch_size", "max_file_bytes", "waves", "tier", "enqueued_limit", "margin", "mode")
 
@@ -5451,6 +5570,7 @@ async def resume_run(
         store.save_run(run)
         scale = float(run.options.get("retry_scale", 1.0))
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
+            await check_model_still_served(run, client)
             return await Engine(store, client, reporter, hook=hook).execute()
 
 

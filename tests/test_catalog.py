@@ -84,6 +84,15 @@ def test_deprecated_model_resolves_with_a_warning():
     assert b.lifecycle_warning(spec("gemini-3-flash-preview"), TODAY) is None
 
 
+def test_a_model_past_its_reported_shutdown_is_priced_at_the_higher_of_it_and_its_routing_target():
+    before = spec("gemini-2.5-flash", "2026-11-30")
+    after = spec("gemini-2.5-flash", "2026-12-01")
+    assert (before.input_price, before.output_price) == (0.30, 2.50)
+    assert (after.input_price, after.output_price) == (0.75, 3.75) and "gemini-3.8-flash" in (after.price_note or "")
+    pro = spec("gemini-2.5-pro", "2026-12-01")  # its own prices are the higher ones
+    assert (pro.input_price, pro.output_price) == (1.25, 10.00)
+
+
 def test_dated_price_changes_apply_on_their_day():
     assert spec("gemini-3.8-flash", "2026-12-31").input_price == 0.75
     later = spec("gemini-3.8-flash", "2027-01-01")
@@ -217,6 +226,17 @@ M = 1_000_000
         ("gemini-2.5-pro", {"promptTokenCount": M, "long.promptTokenCount": M}, "standard", 2.50),
         (
             "gemini-2.5-pro",
+            {
+                "promptTokenCount": 3 * M,
+                "cachedContentTokenCount": M,
+                "long.promptTokenCount": 3 * M,
+                "long.cachedContentTokenCount": M,
+            },
+            "batch",
+            2 * 1.25 + 0.25,
+        ),
+        (
+            "gemini-2.5-pro",
             {"promptTokenCount": 2 * M, "long.promptTokenCount": M, "candidatesTokenCount": M, "long.candidatesTokenCount": M},
             "batch",
             (1.25 + 2.50 + 15.0) / 2,
@@ -236,6 +256,13 @@ def test_request_cost_puts_long_requests_in_the_long_tier():
     total: dict[str, int] = {}
     b.add_usages(total, [{"promptTokenCount": 250_000}, {"promptTokenCount": 150_000}], pro.long_context_threshold)
     assert b.cost_usd(pro, total, "standard") == pytest.approx(0.25 * 2.50 + 0.15 * 1.25)
+
+
+def test_estimate_counts_long_context_documents_at_the_long_prices():
+    pro = spec("gemini-2.5-pro")
+    short = b.cost_usd(pro, b.expected_usage(b.JobConfig(), pro, 3_000_000, 10), "batch")
+    long = b.cost_usd(pro, b.expected_usage(b.JobConfig(), pro, 3_000_000, 10, (10, 3_000_000)), "batch")
+    assert long > 1.9 * short
 
 
 def test_estimate_counts_assumed_thinking():

@@ -249,15 +249,106 @@ def test_create_429_with_nothing_enqueued_without_fallback_exits_3_with_the_reas
     assert all(r["status"] == "error" for r in rows)
 
 
-def test_429_on_list_during_reconcile_is_retried(emu, articles, tmp_path):
+@pytest.mark.parametrize("refusals", [2, 12])  # within one call's retries, and past them (looked at again next pass)
+def test_429_on_list_during_reconcile_is_retried(emu, articles, tmp_path, refusals):
     p, _ = run(emu, articles, tmp_path, "--mode", "batch", BATCHIFY_CRASH_AT="after_intent")
     assert p.returncode != 0
-    emu.configure(list_429=2)
-    r = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", emu.url, "--poll-interval", "0.2"], tmp_path)
+    emu.configure(list_429=refusals)
+    r = run_cli(
+        ["resume", "articles", "--state-dir", "st", "--endpoint", emu.url, "--poll-interval", "0.2"],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     s = emu.stats()
-    assert s["faults_list_429"] == 2
+    assert s["faults_list_429"] == refusals
     assert_created_once(s)
+
+
+def test_a_key_refused_mid_run_stops_polling_at_once(emu, articles, tmp_path):
+    emu.configure(job_seconds=5.0)
+    p = spawn_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--mode",
+            "batch",
+            "--poll-interval",
+            "0.2",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    emu.configure(reject_key="test-key-123")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 3 and "GEMINI_API_KEY" in err, err
+
+
+def test_resume_after_creates_were_refused_tries_them_again(emu, articles, tmp_path):
+    emu.configure(create_429=10**9)
+    p, out = run(emu, articles, tmp_path, "--create-timeout", "1", "--no-fallback", "--batch-size", "30")
+    assert p.returncode == 3
+    emu.configure(create_429=0)
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" for x in assert_every_id_once(out, articles))
+    assert emu.stats()["creates"] == 2
+
+
+def test_cancel_then_resume_downloads_a_job_that_had_finished(emu, articles, tmp_path):
+    """The finished job's output is not readable during the cancel: resume downloads it, nothing is lost."""
+    p = spawn_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--mode",
+            "batch",
+            "--poll-interval",
+            "30",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while emu.stats()["active_jobs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
+    emu.configure(download_404=batchify.DOWNLOAD_POLICY.attempts)
+    assert run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    assert json.loads((tmp_path / "st/articles/jobs/b0001.json").read_text())["state"] == "SUCCEEDED"
+    run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    job = json.loads((tmp_path / "st/articles/jobs/b0001.json").read_text())
+    assert job["state"] == "RESULTS_DOWNLOADED"
+    assert all(x["status"] == "ok" for x in assert_every_id_once(tmp_path / "o.jsonl", articles))
+    assert emu.stats()["creates"] == 1
+
+
+def test_resume_on_a_model_no_longer_served_exits_2(emu, articles, tmp_path):
+    p, _ = run(emu, articles, tmp_path, "--dry-run")
+    assert p.returncode == 0
+    emu.configure(models={batchify.DEFAULT_MODEL: {"status": "retired", "shutdown": "2026-11-30"}})
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert r.returncode == 2 and "does not serve" in r.stderr, r.stderr
+    assert emu.stats()["uploads"] == 0
 
 
 def test_a_refused_api_key_stops_at_once_naming_the_variable(emu, articles, tmp_path):
