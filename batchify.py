@@ -3608,11 +3608,13 @@ class Engine:
                         timed.add(j.name)
                     else:
                         timed.discard(j.name)
+            polled = {j.name for j in due}
             for j in self._ordered():
                 if (
                     j.state == S.SUCCEEDED
                     and j.output_file
-                    and next_poll.get(j.name, 0.0) <= now
+                    # seen finished by this very pass (its next poll was just pushed out), or due again
+                    and (j.name in polled or next_poll.get(j.name, 0.0) <= now)
                     and j.name not in self._retrieving
                 ):
                     self._retrieving.add(j.name)

@@ -46,7 +46,8 @@ def test_gemini3_run_sends_thinking_level(emu, articles, tmp_path):
 
 @pytest.mark.parametrize("mode", ["batch", "realtime"])
 def test_25_pro_run_sends_its_lowest_budget(emu, articles, tmp_path, mode):
-    p, out = run(emu, articles, tmp_path, "--model", "gemini-2.5-pro", "--mode", mode)
+    # --rpm: the catalog's 150 RPM for 2.5 Pro would make this test wait ~25 s for pacing it does not check
+    p, out = run(emu, articles, tmp_path, "--model", "gemini-2.5-pro", "--mode", mode, "--rpm", "6000")
     assert p.returncode == 0, p.stderr
     assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
     assert emu.stats()["thinking_seen"] == {"gemini-2.5-pro thinkingBudget=128": 60}

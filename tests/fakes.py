@@ -1,0 +1,100 @@
+"""A fake clock and a fake Gemini backend for the engine's rules: scripted job durations in fake time, so
+admission, polling and retrieval timing are asserted exactly, with no wall clock. (The wire protocol is
+tested against the emulator through the real SDK; this is for the engine's decisions.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import batchify
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+class FakeGemini:
+    """Implements the GeminiClient calls the engine makes. Job i (in create order) takes durations[i] fake
+    seconds; every call is logged with the fake time it happened at."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], limit: int | None = None):
+        self.clock = clock
+        self.durations = list(durations)
+        self.limit = limit
+        self.files: dict[str, Path] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[float, str, str]] = []
+
+    def _log(self, what: str, name: str) -> None:
+        self.calls.append((self.clock.now(), what, name))
+
+    async def upload(self, path: Path, display_name: str) -> batchify.RemoteFile:
+        name = f"files/up{len(self.files)}"
+        self.files[name] = Path(path)
+        self._log("upload", name)
+        return batchify.RemoteFile(name, Path(path).stat().st_size, "ACTIVE")
+
+    async def create_batch(self, model: str, src: Any, display_name: str) -> batchify.RemoteJob:
+        tokens = sum(1 for _ in open(self.files[src], "rb"))
+        live = sum(j["tokens"] for j in self.jobs.values() if self.clock.now() < j["end"])
+        if self.limit is not None and live + tokens > self.limit:
+            self._log("create-429", display_name)
+            raise batchify.RemoteError("create batch: 429 RESOURCE_EXHAUSTED (fake)", code=429)
+        name = f"batches/{len(self.jobs)}"
+        self.jobs[name] = {
+            "src": src,
+            "dn": display_name,
+            "end": self.clock.now() + self.durations[len(self.jobs)],
+            "tokens": tokens,
+        }
+        self._log("create", name)
+        return batchify.RemoteJob(name, display_name, batchify.JobState.PENDING)
+
+    def _state(self, name: str) -> batchify.RemoteJob:
+        j = self.jobs[name]
+        done = self.clock.now() >= j["end"]
+        return batchify.RemoteJob(
+            name,
+            j["dn"],
+            batchify.JobState.SUCCEEDED if done else batchify.JobState.RUNNING,
+            output_file=f"files/out-{name.split('/')[1]}" if done else None,
+        )
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        self._log("get", name)
+        return self._state(name)
+
+    async def list_batches(self) -> list[batchify.RemoteJob]:
+        self._log("list", "")
+        return [self._state(n) for n in self.jobs]
+
+    async def download(self, name: str) -> bytes:
+        self._log("download", name)
+        job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
+        out = bytearray()
+        for line in open(self.files[job["src"]], "rb"):
+            key = orjson.loads(line)["key"]
+            resp = {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
+            out += orjson.dumps({"key": key, "response": resp}) + b"\n"
+        return bytes(out)
+
+    async def cancel_batch(self, name: str) -> None:
+        self._log("cancel", name)
+
+    async def close(self) -> None:
+        pass
+
+    def end_of(self, name: str) -> float:
+        return float(self.jobs[name]["end"])

@@ -1,0 +1,64 @@
+"""The engine's scheduling rules against a fake backend and a fake clock: exact, no wall-clock thresholds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from fakes import FakeClock, FakeGemini
+
+import batchify
+
+
+def prepared(tmp_path: Path, n: int, batch_size: int, **opts) -> batchify.RunStore:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(n)))
+    store = batchify.RunStore(tmp_path / "st", "fake")
+    cfg = batchify.JobConfig(schema={"type": "object"})
+    o = batchify.RunOptions(batch_size=batch_size, mode="batch", calibrate=False, **opts)
+    asyncio.run(batchify.prepare_run(store, inp, cfg, o))
+    return store
+
+
+def run_engine(store: batchify.RunStore, fake: FakeGemini, clock: FakeClock) -> batchify.Summary:
+    async def go() -> batchify.Summary:
+        return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep).execute()  # type: ignore[arg-type]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("poll", [2.0, 30.0])
+def test_a_job_seen_finished_is_downloaded_in_the_same_pass(tmp_path, poll):
+    """End-to-download lag is the poll that sees the end, not one more poll interval (issue 13.11)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=poll)
+    fake = FakeGemini(clock, [7.0, 95.0])
+    s = run_engine(store, fake, clock)
+    assert s.ok == 20
+    for name in fake.jobs:
+        seen = min(t for t, what, n in fake.calls if what == "get" and n == name and t >= fake.end_of(name))
+        downloaded = min(t for t, what, n in fake.calls if what == "download" and n.endswith(name.split("/")[1]))
+        assert downloaded == seen, (name, seen, downloaded)
+
+
+def test_admission_never_passes_the_limit_and_fills_it_again_when_a_job_ends(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 40, 10, poll_interval=5.0, enqueued_limit=10**6, margin=0.0)
+    run = store.load_run()
+    per_batch = run.plan["batch_ranges"][0][2]
+    # room for exactly two batches at once
+    run.plan["effective_limit"] = 2 * per_batch
+    store.save_run(run)
+    fake = FakeGemini(clock, [50.0, 20.0, 30.0, 10.0])
+    assert run_engine(store, fake, clock).ok == 40
+    creates = [(t, n) for t, what, n in fake.calls if what == "create"]
+    assert len(creates) == 4
+    for t, _ in creates:  # at every create, at most one other job is live
+        live = [n for n in fake.jobs if fake.jobs[n]["end"] > t and any(c == n and ct <= t for ct, c in creates)]
+        assert len(live) <= 2
+    # the 3rd batch goes in when the 2nd job (20 s) is seen finished, not later
+    second_end = fake.end_of("batches/1")
+    seen = min(t for t, what, n in fake.calls if what == "get" and n == "batches/1" and t >= second_end)
+    assert creates[2][0] == seen
