@@ -2071,8 +2071,11 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
+            pid = re.search(r"pid (\d+)", holder)
+            how = f"Ctrl-C in its terminal, or `kill -INT {pid.group(1)}`" if pid else "Ctrl-C in its terminal"
             raise LockedError(
-                f"run {self.path.parent.name!r} is in use by {holder}. Fix: wait for it to finish, or stop it."
+                f"run {self.path.parent.name!r} is in use by {holder}. Fix: wait for it to finish, or stop it ({how}; "
+                "it saves everything), then try again."
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({what}) since {utcnow()}\n".encode(), 0)
@@ -2552,6 +2555,12 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def summary_of(run: Run) -> Summary:
+    """The Summary a finished run recorded."""
+    names = {f.name for f in dataclasses.fields(Summary)}
+    return Summary(**{k: v for k, v in run.summary.items() if k in names})
 
 
 def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
@@ -3050,7 +3059,10 @@ async def prepare_run(
                     timestamps={"CREATED": utcnow()},
                 )
             )
-    out = opts.out or str(path.with_name(f"{path.stem}.results.jsonl"))
+    # Each run owns its output: the default is named after the input, plus the run's name when that is not the
+    # input's own (a second run of the same input under --name never overwrites the first one's results).
+    own = f"{path.stem}.results.jsonl" if store.name == default_run_name(path) else f"{path.stem}.{store.name}.results.jsonl"
+    out = opts.out or str(path.with_name(own))
     run = Run(
         name=name,
         run_id=run_id,
@@ -3211,6 +3223,23 @@ class Engine:
                     self.store.save_job(self.jobs[j.name])
         self.run.status = "running"
         self.store.save_run(self.run)
+        try:
+            return await self._execute()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self._end_as("interrupted")
+            raise
+        except CostCapError:
+            self._end_as("refused")
+            raise
+
+    def _end_as(self, status: str) -> None:
+        """The run's state as it stopped (interrupted, refused), from its sidecar as last saved."""
+        with contextlib.suppress(Exception):
+            run = self.store.load_run()
+            run.status = status
+            self.store.save_run(run)
+
+    async def _execute(self) -> Summary:
         if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
             raise CostCapError(
                 f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
@@ -3979,7 +4008,7 @@ class Engine:
         total_usage = dict(usage_b)
         add_usage(total_usage, usage_r)
         finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and ok + err == self.run.records
-        status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "running")
+        status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "interrupted")
         summary = Summary(
             self.run.name,
             str(out),
@@ -3994,6 +4023,8 @@ class Engine:
             status,
         )
         self.run.summary = summary.to_dict()
+        st = out.stat()
+        self.run.summary["out_stat"] = [st.st_size, st.st_mtime_ns]  # how `results` knows the file is still this run's
         self.run.status = status
         self.store.save_run(self.run)
         return summary
@@ -4146,6 +4177,8 @@ async def cancel_run(store: RunStore, client: GeminiClient, settle_polls: int = 
     cancelling remotely keeps its state, marked as cancelled by the user: `resume` (or `run` again) polls it
     to its end and downloads its results if it finished after all. Cancelled jobs are never retried."""
     engine = Engine(store, client)
+    if engine.run.status == "done":
+        return []  # finished: nothing to cancel, and its state stays as it is
     await engine.reconcile()
     engine.run.status = "cancelled"
     store.save_run(engine.run)
@@ -4196,6 +4229,16 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str, Any]]:
+    """A run's result lines rebuilt from its sidecars alone (ids and results files), in input order, without
+    touching its merged output file."""
+    engine = Engine(RunStore(state_dir, name), None)
+    with open(engine.store.ids_path, "rb") as ids:
+        for (_n, r, _raw), id_line in zip(engine.resolve(), ids, strict=True):
+            r = r or {"status": "error", "result": None, "error": "no result (run not finished)", "source": "none", "usage": None}
+            yield {"id": orjson.loads(id_line), **{k: r.get(k) for k in RESULT_KEYS[1:]}}
 
 
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
@@ -4276,6 +4319,12 @@ async def cleanup_run(store: RunStore, client: GeminiClient, local: bool = False
 
     run = store.load_run()
     out = Path(run.out)
+    pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == S.SUCCEEDED]
+    if pending:
+        raise UsageError(
+            f"run {store.name!r}: job(s) {', '.join(pending)} finished (or are still ending) at the service and their "
+            f"output is not downloaded yet: deleting it would lose paid results. Fix: `batchify resume {store.name}` first."
+        )
     if run.status not in ("done", "cancelled") or not out.exists():
         raise UsageError(
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
@@ -5493,7 +5542,7 @@ async def run_file(
                     f"--name NEW to start a new run, or `batchify resume {name}` to finish the existing one."
                 )
             if dry_run or run.status == "done":
-                return run, (Summary(**run.summary) if run.status == "done" and run.summary else None)
+                return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
                 raise UsageError(f"not confirmed: nothing submitted. `batchify resume {name}` submits the prepared run.")
             async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
@@ -5722,9 +5771,11 @@ def validate_file(
 # ================================================================================================
 
 _console: Any = None
+_report_console: Any = None
 
 
 def console() -> Any:
+    """Progress, logs and prompts: stderr."""
     global _console
     if _console is None:
         from rich.console import Console
@@ -5733,13 +5784,24 @@ def console() -> Any:
     return _console
 
 
+def report() -> Any:
+    """Human reports (status, summaries, analytics, the plan of a dry run): stdout, so `batchify status | grep` works."""
+    global _report_console
+    if _report_console is None:
+        from rich.console import Console
+
+        _report_console = Console()
+    return _report_console
+
+
 def _esc(text: Any) -> str:
     from rich.markup import escape
 
     return escape(str(text))
 
 
-def render_plan(run: Run) -> None:
+def render_plan(run: Run, out: Any = None) -> None:
+    """The plan as a table: on stderr before the confirm prompt, on stdout (`out`) for a dry run."""
     from rich.table import Table
 
     p = run.plan
@@ -5784,11 +5846,11 @@ def render_plan(run: Run) -> None:
         rows.insert(-3, ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
     for k, v in rows:
         t.add_row(k, _esc(v))
-    console().print(t)
+    (out or console()).print(t)
     for w in p.get("warnings") or []:
-        console().print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
+        (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
     if run.endpoint == "local":
-        console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+        (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
 
 
 def render_models(catalog: Catalog, today: str) -> None:
@@ -5884,7 +5946,7 @@ class RichReporter:
 
 
 def render_summary(s: Summary) -> None:
-    c = console()
+    c = report()
     style = "green" if s.errors == 0 else "yellow"
     c.print(f"[{style}]{s.ok:,} ok, {s.errors:,} error(s)[/] of {s.total:,} -> {_esc(s.out)}")
     srcs = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.by_source.items()))
@@ -5897,10 +5959,10 @@ def render_summary(s: Summary) -> None:
         c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
 
 
-def render_analytics(a: dict[str, Any]) -> None:
+def render_analytics(a: dict[str, Any], totals: bool = True) -> None:
     from rich.table import Table
 
-    c = console()
+    c = report()
     for field_name, counts in a["fields"].items():
         t = Table(title=f"{_esc(field_name)}", title_justify="left")
         t.add_column("value")
@@ -5917,6 +5979,8 @@ def render_analytics(a: dict[str, Any]) -> None:
         for kind, n in sorted(a["error_kinds"].items(), key=lambda kv: -kv[1]):
             t.add_row(_esc(kind), f"{n:,}")
         c.print(t)
+    if not totals:  # the run summary that follows says them
+        return
     u = a["usage"]
     c.print(
         f"{a['ok']:,} ok, {a['errors']:,} error(s) of {a['records']:,}; sources "
@@ -5930,7 +5994,7 @@ def render_analytics(a: dict[str, Any]) -> None:
 def render_status(data: dict[str, Any], one: bool) -> None:
     from rich.table import Table
 
-    c = console()
+    c = report()
     if not data["runs"]:
         c.print(f"no runs in {_esc(data['state_dir'])}")
         return
@@ -6481,6 +6545,7 @@ def run(
         },
     )
     catalog = load_catalog(models_file)
+    _current_run[:] = [name or default_run_name(input_file)]
     opts = RunOptions(
         name=name,
         id_field=id_field,
@@ -6532,8 +6597,12 @@ def run(
                 }
             )
         else:
-            render_plan(r)
-            console().print(f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded")
+            render_plan(r, report())
+            report().print(
+                f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded. "
+                f"To submit: the same command without --dry-run, or `batchify resume {_esc(r.name)}`.",
+                soft_wrap=True,
+            )
         return
     assert summary is not None
     _finish(summary, as_json, state_dir)
@@ -6544,7 +6613,7 @@ def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> No
         _emit_json(summary.to_dict())
     else:
         if state_dir is not None and summary.ok:
-            render_analytics(analytics(state_dir, summary.run))
+            render_analytics(analytics(state_dir, summary.run), totals=False)
         render_summary(summary)
     if summary.status == "cancelled":
         raise SystemExit(1)
@@ -6585,14 +6654,19 @@ def status(run_name: str | None, as_json: bool, state_dir: str) -> None:
         render_status(data, bool(run_name))
 
 
-def _pick_run(state_dir: str, run_name: str | None) -> str:
+def _pick_run(state_dir: str, run_name: str | None) -> str | None:
+    """The run to resume: the one named, else the only unfinished one; None when nothing is left to resume."""
     if run_name:
         return run_name
-    unfinished = [n for n in list_runs(state_dir) if RunStore(state_dir, n).load_run().status not in ("done", "cancelled")]
+    unfinished = []
+    for n in list_runs(state_dir):
+        with contextlib.suppress(StateError):  # a broken run is shown by `status`, never picked
+            if RunStore(state_dir, n).load_run().status not in ("done", "cancelled"):
+                unfinished.append(n)
     if len(unfinished) == 1:
         return unfinished[0]
     if not unfinished:
-        raise UsageError(f"no unfinished run in {state_dir}. Fix: name one (see `batchify list`).")
+        return None
     raise UsageError(f"several unfinished runs ({', '.join(unfinished)}). Fix: name the one to resume.")
 
 
@@ -6608,6 +6682,10 @@ def resume(
 ) -> None:
     """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
     name = _pick_run(state_dir, run_name)
+    if name is None:
+        report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
+        return
+    _current_run[:] = [name]
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         summary = asyncio.run(
             resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval, max_cost=max_cost)
@@ -6644,9 +6722,20 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
         else:
             render_analytics(data)
         return
-    out = Path(RunStore(state_dir, run_name).load_run().out)
+    run = RunStore(state_dir, run_name).load_run()
+    out = Path(run.out)
     if not out.exists():
-        merge_run(state_dir, run_name)  # unfinished ids show as errors
+        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
+    else:
+        st = out.stat()
+        if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
+            # something else wrote that file since this run merged it: print this run's results, not that file
+            console().print(
+                f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
+            )
+            for r in iter_sidecar_results(state_dir, run_name):
+                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
+            return
     with open(out, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
@@ -6670,8 +6759,11 @@ def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str
 @_state_dir_option
 def cancel_cmd(run_name: str, endpoint: str | None, state_dir: str) -> None:
     """Cancel RUN's remote jobs (they stay cancelled on resume)."""
+    if RunStore(state_dir, run_name).load_run().status == "done":
+        report().print(f"run {_esc(run_name)} is finished: nothing to cancel.")
+        return
     names = asyncio.run(cancel(run_name, state_dir, endpoint, _api_key()))
-    console().print(f"cancelled {len(names)} job(s) of {_esc(run_name)}")
+    report().print(f"cancelled {len(names)} job(s) of {_esc(run_name)}; jobs that had finished keep their results")
 
 
 @cli.command()
@@ -6759,12 +6851,28 @@ def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> Non
 # ================================================================================================
 
 
+_current_run: list[str] = []  # the run a command works on, for the Ctrl-C/SIGTERM message
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
-        console().print("\n[yellow]interrupted[/]: every step so far is saved; `batchify resume` finishes the run.")
-        return 130
+        which = f"run {_current_run[0]!r}" if _current_run else "the run"
+        again = f"`batchify resume {_current_run[0]}`" if _current_run else "`batchify resume`"
+        why = "terminated (SIGTERM)" if _terminated else "interrupted"
+        console().print(f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved; {_esc(again)} finishes it.")
+        return 143 if _terminated else 130
     except click.ClickException as e:
         e.show()
         return 2
@@ -6774,16 +6882,17 @@ def main(argv: list[str] | None = None) -> int:
             console().print(f"  {_esc(p)}", soft_wrap=True)
         return e.exit_code
     except OSError as e:  # the disk, not batchify: full, read-only, no permission
-        why = {
+        reasons = {
             errno.ENOSPC: "the disk is full",
             errno.EROFS: "the file system is read-only",
             errno.EDQUOT: "the disk quota is used up",
         }
         where = e.filename or "the state dir"
-        if e.errno not in why:
+        code = e.errno or 0
+        if code not in reasons:
             console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
             return 3
-        what = why[e.errno]
+        what = reasons[code]
         console().print(
             f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
             "writable disk, then `batchify resume` (nothing already done is lost).",

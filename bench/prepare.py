@@ -31,7 +31,8 @@ mode, inp, outdir = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "floor":
     cfg = batchify.JobConfig()
-    gc = batchify.generation_config(cfg)
+    cat = batchify.builtin_catalog()
+    gc = batchify.generation_config(cfg, cat.spec(cfg.model, cat.as_of))
     si = {{"parts": [{{"text": cfg.system_instruction}}]}}
     with open(inp, "rb", buffering=1 << 20) as f, open(outdir + "/floor.jsonl", "wb", buffering=1 << 20) as out:
         for n, line in enumerate(f):

@@ -1,0 +1,173 @@
+"""A newcomer's day (issue 14): every command twice, runs that own their output, states that tell the truth,
+and cancel / resume / cleanup never throwing away what was paid for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, cli_env, input_ids, read_jsonl, run_against, run_cli, spawn_cli
+
+FAST = ["--poll-interval", "0.2", "--yes"]
+
+
+def status_of(tmp_path: Path, run: str = "articles") -> dict:
+    p = run_cli(["status", run, "--json", "--state-dir", "st"], tmp_path)
+    return json.loads(p.stdout)["runs"][0]
+
+
+def wait_for(pred, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+def test_readme_quick_start_twice_then_cancel_resume_cleanup(tmp_path):
+    """The README's first command, twice in a row, then cancel/resume/cleanup: every paid result kept."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    cmd = ["run", "examples/articles.jsonl", "--waves", "auto", "--endpoint", "local", "--yes"]
+    first = run_cli(cmd, tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "examples" / "articles.results.jsonl"
+    before = out.read_bytes()
+    again = run_cli(cmd, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "ok" in again.stdout and out.read_bytes() == before  # finished: reported, nothing sent or rewritten
+    assert run_cli(["resume", "--state-dir", "batch_jobs"], tmp_path).stdout.startswith("nothing to resume")
+    c = run_cli(["cancel", "articles"], tmp_path)  # a finished run keeps its state
+    assert c.returncode == 0 and "nothing to cancel" in c.stdout
+    assert status_of_dir(tmp_path, "batch_jobs")["status"] == "done"
+    cl = run_cli(["cleanup", "articles", "--endpoint", "local"], tmp_path)
+    assert cl.returncode == 0, cl.stderr
+    assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 60
+
+
+def status_of_dir(tmp_path: Path, state: str) -> dict:
+    return json.loads(run_cli(["status", "articles", "--json", "--state-dir", state], tmp_path).stdout)["runs"][0]
+
+
+def test_cleanup_refuses_while_a_finished_jobs_output_is_not_downloaded(emu, articles, tmp_path):
+    p = spawn_cli(
+        [
+            "run",
+            str(articles),
+            "--endpoint",
+            emu.url,
+            "--state-dir",
+            "st",
+            "--yes",
+            "--mode",
+            "batch",
+            "--poll-interval",
+            "30",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        tmp_path,
+    )
+    try:
+        wait_for(lambda: emu.stats()["creates"] >= 1)
+        wait_for(lambda: emu.stats()["active_jobs"] == 0)
+    finally:
+        p.kill()
+        p.wait()
+    emu.configure(download_404=10**6)  # the output is not readable while we cancel and clean up
+    assert run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    cl = run_cli(["cleanup", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert cl.returncode == 2 and "b0001" in cl.stderr and "resume" in cl.stderr, cl.stderr + cl.stdout
+    assert emu.stats()["deletes"] == 0
+    emu.configure(download_404=0)
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert [x["status"] for x in read_jsonl(tmp_path / "o.jsonl")] == ["ok"] * 60, r.stderr
+
+
+def test_each_run_owns_its_results_file(emu, articles, tmp_path):
+    a = run_against(emu, articles, tmp_path, *FAST)
+    assert a.returncode == 0
+    own = articles.with_name("articles.results.jsonl")
+    first = own.read_bytes()
+    emu.configure(line_error_rate=1.0)
+    b = run_against(emu, articles, tmp_path, *FAST, "--name", "second", "--mode", "batch", "--max-attempts", "1", "--no-fallback")
+    assert b.returncode == 1
+    assert own.read_bytes() == first  # the first run's results untouched
+    second = articles.with_name("articles.second.results.jsonl")
+    assert all(r["status"] == "error" for r in read_jsonl(second))
+    # something else overwrites the first run's file: `results` prints that run's own results, not the file
+    own.write_text("junk\n")
+    r = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert r.returncode == 0 and "changed since" in r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["id"] for x in rows] == input_ids(articles) and all(x["status"] == "ok" for x in rows)
+    own.unlink()  # missing: rebuilt from the sidecars
+    r = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 60 and own.exists()
+
+
+def test_dry_run_says_how_to_submit(emu, articles, tmp_path):
+    p = run_against(emu, articles, tmp_path, "--dry-run")
+    assert p.returncode == 0
+    last = [ln for ln in p.stdout.splitlines() if ln.strip()][-1]
+    assert "without --dry-run" in last and "batchify resume articles" in p.stdout
+
+
+def test_dotenv_in_the_working_directory_is_read(emu, articles, tmp_path):
+    (tmp_path / ".env").write_text("GEMINI_API_KEY=from-dotenv\n")
+    env = {k: v for k, v in cli_env().items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    emu.configure(reject_key="wrong")  # any key but "wrong" is accepted; no key at all is refused
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *FAST],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 0, p.stderr
+
+
+def test_ctrl_c_and_sigterm_leave_an_interrupted_run_named_in_the_message(emu, articles, tmp_path):
+    emu.configure(job_seconds=20)
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        name = f"stop-{code}"
+        p = spawn_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--name", name, *FAST], tmp_path)
+        wait_for(lambda n=name: any(k.startswith(f"batchify-{n}-") for k in emu.stats()["creates_by_display_name"]))
+        time.sleep(0.3)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == code, err
+        assert name in err and f"batchify resume {name}" in err
+        assert status_of(tmp_path, name)["status"] == "interrupted"
+
+
+def test_a_max_cost_refusal_is_shown_as_refused(emu, articles, tmp_path):
+    p = run_against(emu, articles, tmp_path, *FAST, "--max-cost", "0.000001")
+    assert p.returncode == 5
+    assert status_of(tmp_path)["status"] == "refused"
+
+
+def test_cancel_of_a_run_in_use_says_how_to_stop_it(emu, articles, tmp_path):
+    emu.configure(job_seconds=20)
+    p = spawn_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *FAST], tmp_path)
+    try:
+        wait_for(lambda: emu.stats()["creates"] >= 1)
+        c = run_cli(["cancel", "articles", "--state-dir", "st"], tmp_path)
+        assert c.returncode == 4 and f"kill -INT {p.pid}" in c.stderr, c.stderr
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+
+
+def test_reports_go_to_stdout(emu, articles, tmp_path):
+    assert run_against(emu, articles, tmp_path, *FAST).returncode == 0
+    s = run_cli(["status", "--state-dir", "st"], tmp_path, COLUMNS="200")
+    assert "articles" in s.stdout and "done" in s.stdout
+    r = run_cli(["results", "articles", "--summary", "--state-dir", "st"], tmp_path)
+    assert "category" in r.stdout
