@@ -172,7 +172,7 @@ def test_results_summary_json_and_cleanup(emu, articles, tmp_path):
     out = tmp_path / "o.jsonl"
     p = run_against(emu, articles, tmp_path, "--yes", "--poll-interval", "0.2", "--batch-size", "30", out=out)
     assert p.returncode == 0
-    assert "is_financial" in p.stderr and "category" in p.stderr  # the analytics table at the end
+    assert "is_financial" in p.stdout and "category" in p.stdout  # the analytics table at the end (a report: stdout)
     a = json.loads(run_cli(["results", "articles", "--summary", "--json", "--state-dir", "st"], tmp_path).stdout)
     assert a["ok"] == 60 and sum(a["fields"]["category"].values()) == 60
     assert set(a["fields"]) == {"is_financial", "category", "sentiment"}  # enums only: free text is not counted

@@ -48,13 +48,13 @@ def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
     assert stats["peak_enqueued_tokens"] <= 9000
     assert stats["creates"] == run["jobs"] == run["plan"]["batches"]
     assert_no_duplicate_creates(stats)
-    assert "60 ok, 0 error(s)" in p.stderr and "cost $" in p.stderr
+    assert "60 ok, 0 error(s)" in p.stdout and "cost $" in p.stdout  # the summary is a report: stdout
     # results re-emits the merged file on stdout; list names the run
     assert run_cli(["results", "articles", "--state-dir", "st"], tmp_path).stdout == out.read_text()
     assert run_cli(["list", "--state-dir", "st"], tmp_path).stdout.startswith("articles\tdone\t60")
     # the human status shows the run and its jobs
     human = run_cli(["status", "articles", "--state-dir", "st"], tmp_path)
-    assert human.returncode == 0 and "b0001" in human.stderr and "results_downloaded" in human.stderr
+    assert human.returncode == 0 and "b0001" in human.stdout and "results_downloaded" in human.stdout  # a report: stdout
 
 
 def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
