@@ -4600,7 +4600,8 @@ class Emulator:
         self._runner: Any = None
         self.url = ""
         self.seen_prefixes: set[tuple[str, str]] = set()
-        self._specs: dict[tuple[str, int, str | None], ModelSpec | None] = {}  # (model, system instruction) already served
+        self._specs: dict[tuple[str, str | None], ModelSpec | None] = {}
+        self._specs_for: dict[str, Any] | None = None  # the models table the cached specs were made from  # (model, system instruction) already served
         self.stats["thinking_seen"] = {}  # "model thinkingLevel=LOW" -> requests answered with it
         self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
         self.stats["models_get"] = 0
@@ -4893,7 +4894,9 @@ class Emulator:
     def _spec(self, model: str) -> ModelSpec | None:
         """The served model's catalog entry; None for a model unknown or retired (404)."""
         m = model.removeprefix("models/")
-        key = (m, id(self.cfg.models), self.cfg.today)  # a new models table (config update) is a new object
+        if self.cfg.models is not self._specs_for:  # the models table was replaced (a config update)
+            self._specs, self._specs_for = {}, self.cfg.models
+        key = (m, self.cfg.today)
         if key not in self._specs:
             catalog = builtin_catalog()
             if self.cfg.models:
