@@ -100,6 +100,7 @@ DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lo
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
 POLL_REFUSALS = 3  # permanent (non-transient, non-404) answers to a job's get before the job counts as FAILED
+FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
@@ -1033,7 +1034,8 @@ class RunOptions:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     max_poll_interval: float = MAX_POLL_INTERVAL
     max_active_jobs: int = DEFAULT_MAX_ACTIVE_JOBS
-    mode: str = "auto"  # batch | realtime | auto
+    mode: str = "auto"  # auto | batch | flex | realtime (the standard tier; "standard" is an alias)
+    fallback_tier: str = "auto"  # what finishes what batch could not: flex | standard | auto (flex where the model has it)
     fallback: bool = True
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     rpm: int | None = None  # None: the catalog's figure for the model and tier, else DEFAULT_RPM
@@ -2471,7 +2473,7 @@ class GeminiClient:
         r = await self._call("count tokens", lambda: self.aio.models.count_tokens(model=model, contents=texts))
         return int(r.total_tokens or 0)
 
-    async def generate(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
         """One real-time call with the very wire-form request a batch line carries; tried once (the
         real-time path paces and retries it under the same RetryPolicy rule).
 
@@ -2480,8 +2482,13 @@ class GeminiClient:
         of CPU per call and capped one process below 200 requests/s (bench/realtime.py).
         """
         path = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+        body = dict(request)
+        opts: Any = None
+        if flex:  # top-level serviceTier, as the SDK sends it; Flex answers in minutes: a client timeout above its target
+            body["serviceTier"] = "flex"
+            opts = self._types.HttpOptions(timeout=int(FLEX_TIMEOUT_S * 1000))
         resp = await self._call(
-            "generate", lambda: self.aio._api_client.async_request("post", f"{path}:generateContent", dict(request)), ONCE
+            "generate", lambda: self.aio._api_client.async_request("post", f"{path}:generateContent", body, opts), ONCE
         )
         return dict(orjson.loads(resp.body or "{}"))
 
@@ -2552,6 +2559,7 @@ class Summary:
     cost_batch_usd: float
     cost_realtime_usd: float
     status: str
+    cost_flex_usd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -2972,7 +2980,14 @@ async def prepare_run(
         catalog = catalog.merged(cfg.models, "the job config")
     spec = resolve_model(catalog, cfg.model, today)  # unknown or retired: exit 2, before anything is sent
     gc = generation_config(cfg, spec)  # a thinking setting the model refuses: exit 2 here
-    if opts.mode == "realtime":
+    if opts.mode == "flex" and not spec.flex:
+        having = ", ".join(
+            m for m in catalog.models if catalog.models[m].get("flex") and catalog.models[m].get("status") != "retired"
+        )
+        raise UsageError(
+            f"model {spec.name!r} has no Flex tier (model catalog). Fix: --mode batch or standard, or a model with Flex: {having}."
+        )
+    if opts.mode in ("realtime", "flex"):
         limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or 10**15  # no batch: nothing to fit under
     else:
         limit = enqueued_limit_for(spec, opts.tier, opts.enqueued_limit, catalog.source(spec, "enqueued_tokens"))
@@ -3020,6 +3035,10 @@ async def prepare_run(
     plan = estimate_plan(
         cfg, spec, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0, (p.long_docs, p.long_tokens)
     )
+    if opts.mode == "flex":  # every request through Flex: the flex price
+        plan["estimated_cost_usd"] = round(
+            cost_usd(spec, expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens)), "flex"), 6
+        )
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
     plan["model_spec"] = spec.to_dict()  # the figures this run plans and bills with, whatever the catalog says later
     plan["catalog_as_of"] = catalog.as_of
@@ -3029,7 +3048,7 @@ async def prepare_run(
         "--enqueued-limit"
         if opts.enqueued_limit
         else "not used (--mode realtime)"
-        if opts.mode == "realtime"
+        if opts.mode in ("realtime", "flex")
         else catalog.source(spec, "enqueued_tokens")
     )
     plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
@@ -3040,7 +3059,7 @@ async def prepare_run(
     plan["batch_token_cap"] = cap
     run_id = secrets.token_hex(3)
     name = store.name
-    if opts.mode != "realtime":
+    if opts.mode not in ("realtime", "flex"):
         for i, b in enumerate(batches, 1):
             if not b.bytes:
                 continue  # only fetch failures: nothing to send
@@ -3245,8 +3264,8 @@ class Engine:
                 f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
                 f"${self.opts.max_cost:.4f}; nothing was submitted."
             )
-        if self.opts.mode == "realtime":
-            await self.realtime(None)
+        if self.opts.mode in ("realtime", "flex"):
+            await self.realtime(None, "flex" if self.opts.mode == "flex" else "standard")
         else:
             await self.repair()
             try:
@@ -3256,7 +3275,7 @@ class Engine:
             except BatchRefusedError as e:
                 if self.opts.mode != "auto" or not self.opts.fallback:
                     raise
-                self._log(f"batch refused for good ({e}); finishing in real time at the standard price")
+                self._log(f"batch refused for good ({e}); finishing through {self._fallback_tier()}")
                 self.run.realtime["batch_refused"] = str(e)
                 self.store.save_run(self.run)
             refused = self.run.realtime.get("create_refused")
@@ -3266,10 +3285,18 @@ class Engine:
             if self.opts.mode == "auto" and self.opts.fallback:
                 todo = self.unresolved()
                 if todo:
-                    self._log(f"{len(todo)} request(s) not done by batch: real-time fallback")
-                    await self.realtime(todo)
+                    tier = self._fallback_tier()
+                    self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
+                    await self.realtime(todo, tier)
         summary = self.merge()
         return summary
+
+    def _fallback_tier(self) -> str:
+        """Flex (the batch price) where the model offers it, unless told otherwise; else standard (2x)."""
+        tier = self.opts.fallback_tier
+        if tier == "auto":
+            return "flex" if self.spec.flex else "standard"
+        return tier
 
     # -- batch -----------------------------------------------------------------------------------
     async def repair(self) -> None:
@@ -3950,6 +3977,8 @@ class Engine:
         usage_r: dict[str, int] = {}
         usages_b: list[dict[str, Any]] = []
         usages_r: list[dict[str, Any]] = []
+        usages_f: list[dict[str, Any]] = []
+        usage_f: dict[str, int] = {}
         missing: dict[str, Any] = {
             "status": "error",
             "result": None,
@@ -3989,16 +4018,19 @@ class Engine:
                 by_source[source] = by_source.get(source, 0) + 1
                 usage = r.get("usage")
                 if usage:
-                    (usages_r if source == "realtime" else usages_b).append(usage)
+                    (usages_r if source == "realtime" else usages_f if source == "flex" else usages_b).append(usage)
                 if n & 15 == 0:
                     hook("merge")
                     if n & 4095 == 0:  # usage is summed in bulk, a few thousand at a time
                         add_usages(usage_b, usages_b, long_at)
                         add_usages(usage_r, usages_r, long_at)
+                        add_usages(usage_f, usages_f, long_at)
                         usages_b.clear()
                         usages_r.clear()
+                        usages_f.clear()
             add_usages(usage_b, usages_b, long_at)
             add_usages(usage_r, usages_r, long_at)
+            add_usages(usage_f, usages_f, long_at)
             f.flush()
             os.fsync(f.fileno())  # as durable as the sidecars it is made from
         os.replace(tmp, out)
@@ -4007,6 +4039,7 @@ class Engine:
         cost_r = cost_usd(self.spec, usage_r, "standard")
         total_usage = dict(usage_b)
         add_usage(total_usage, usage_r)
+        add_usage(total_usage, usage_f)
         finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and ok + err == self.run.records
         status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "interrupted")
         summary = Summary(
@@ -4021,6 +4054,7 @@ class Engine:
             round(cost_b, 6),
             round(cost_r, 6),
             status,
+            round(cost_usd(self.spec, usage_f, "flex"), 6),
         )
         self.run.summary = summary.to_dict()
         st = out.stat()
@@ -4045,11 +4079,15 @@ class Engine:
                         chars += sum(len(p.get("text", "")) for p in (req.get("systemInstruction") or {}).get("parts", []))
                         yield n, req, estimate_tokens(chars, cpt)
 
-    async def realtime(self, only: set[int] | None) -> None:
-        """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap.
+    async def realtime(self, only: set[int] | None, tier: str = "standard") -> None:
+        """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap, at the
+        standard tier or through Flex (`serviceTier: flex`, the batch price, minutes of latency, requests shed
+        with 503 or 429 under load: retried with back-off, and the rate lowered, AIMD, until it recovers).
 
         Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
         """
+        source = "flex" if tier == "flex" else "realtime"
+        service = "flex" if tier == "flex" else "standard"
         done = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
         count = tokens = long_docs = long_tokens = 0
@@ -4064,11 +4102,11 @@ class Engine:
         if not count:
             return
         if self.opts.max_cost is not None:
-            est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count, (long_docs, long_tokens)), "standard")
+            est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count, (long_docs, long_tokens)), service)
             spent = self._batch_spent()
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
-                    f"real time for {count} request(s) would cost about ${est:.4f} (standard price), "
+                    f"{tier} for {count} request(s) would cost about ${est:.4f} ({service} price), "
                     f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
                 )
         window = self.opts.rate_window
@@ -4102,16 +4140,17 @@ class Engine:
                     await tpm_l.acquire(t)
                 try:
                     async with sem:
-                        resp = await self.client.generate(self.cfg.model, req)
+                        resp = await self.client.generate(self.cfg.model, req, flex=tier == "flex")
                 except AuthError:
                     raise
                 except RemoteError as e:
-                    policy = throttled_policy if e.code == 429 else rt_policy
+                    shed = e.code == 429 or (tier == "flex" and e.code == 503)  # Flex sheds with 503 at capacity
+                    policy = throttled_policy if shed else rt_policy
                     delay = retry_delay(e, attempt, policy, self.clock() - started, random.random())
                     if delay is None:
-                        return result_record(n, None, str(e), "realtime")
+                        return result_record(n, None, str(e), source)
                     view.retries += 1
-                    if e.code == 429:  # the rate is too high: every request slows down, not just this one
+                    if shed:  # the rate is too high (or Flex is full): every request slows down, not just this one
                         view.throttled += 1
                         rpm_l.slow_down()
                         rpm_l.pause(delay)
@@ -4119,7 +4158,7 @@ class Engine:
                         await self.sleep(delay)
                     continue
                 rpm_l.recover()
-                return self._line_result(n, {"response": resp}, "realtime")
+                return self._line_result(n, {"response": resp}, source)
 
         spent = self._batch_spent()
         capped = False
@@ -4137,7 +4176,7 @@ class Engine:
                 view.done += 1
                 view.errors += r["status"] != "ok"
                 u = r.get("usage") or {}
-                view.cost_usd += request_cost(self.spec, u, "standard")
+                view.cost_usd += request_cost(self.spec, u, service)
                 recent.append((self.clock(), u.get("promptTokenCount", t)))
                 self.hook("after_realtime")
 
@@ -4274,13 +4313,14 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
     dist: dict[str, dict[str, int]] = {k: {} for k in fields}
     errors: dict[str, int] = {}
     sources: dict[str, int] = {}
-    usage: dict[str, dict[str, int]] = {"batch": {}, "realtime": {}}
+    usage: dict[str, dict[str, int]] = {"batch": {}, "realtime": {}, "flex": {}}
     total = ok = 0
     for r in iter_results(state_dir, name):
         total += 1
         sources[r.source] = sources.get(r.source, 0) + 1
-        add_usage(usage["realtime" if r.source == "realtime" else "batch"], r.usage)
-        long_usage(usage["realtime" if r.source == "realtime" else "batch"], [r.usage], spec.long_context_threshold)
+        bucket = r.source if r.source in ("realtime", "flex") else "batch"
+        add_usage(usage[bucket], r.usage)
+        long_usage(usage[bucket], [r.usage], spec.long_context_threshold)
         if not r.ok:
             kind = error_kind(r.error)
             errors[kind] = errors.get(kind, 0) + 1
@@ -4294,6 +4334,7 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
                     dist[k][label] = dist[k].get(label, 0) + 1
     cost_b = cost_usd(spec, usage["batch"], "batch")
     cost_r = cost_usd(spec, usage["realtime"], "standard")
+    cost_f = cost_usd(spec, usage["flex"], "flex")
     return {
         "run": name,
         "records": total,
@@ -4303,7 +4344,12 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
         "sources": sources,
         "fields": dist,
         "usage": usage,
-        "cost_usd": {"batch": round(cost_b, 6), "realtime": round(cost_r, 6), "total": round(cost_b + cost_r, 6)},
+        "cost_usd": {
+            "batch": round(cost_b, 6),
+            "flex": round(cost_f, 6),
+            "realtime": round(cost_r, 6),
+            "total": round(cost_b + cost_r + cost_f, 6),
+        },
     }
 
 
@@ -4542,6 +4588,12 @@ class EmulatorConfig:
     download_404: int = 0  # output download answered 404 (SUCCEEDED before the output is readable)
     list_429: int = 0  # batches.list answered 429 (seen in a client's CI log)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
+    # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
+    # a request is shed with 503 at this rate, or whenever more than flex_capacity are in flight.
+    flex_latency_min: float = 0.0
+    flex_latency_max: float = 0.0
+    flex_shed_rate: float = 0.0
+    flex_capacity: int | None = None
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -4601,8 +4653,11 @@ class Emulator:
         self.url = ""
         self.seen_prefixes: set[tuple[str, str]] = set()
         self._specs: dict[tuple[str, str | None], ModelSpec | None] = {}
-        self._specs_for: dict[str, Any] | None = None  # the models table the cached specs were made from  # (model, system instruction) already served
+        self._specs_for: dict[str, Any] | None = (
+            None  # the models table the cached specs were made from  # (model, system instruction) already served
+        )
         self.stats["thinking_seen"] = {}  # "model thinkingLevel=LOW" -> requests answered with it
+        self.stats.update({"flex_calls": 0, "flex_shed": 0, "flex_in_flight": 0, "flex_peak_in_flight": 0, "standard_calls": 0})
         self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
         self.stats["models_get"] = 0
 
@@ -5125,6 +5180,37 @@ class Emulator:
 
     async def _generate(self, body: dict[str, Any], model: str) -> Any:
         req = self._check_request(body, "request")
+        tier = str(req.get("serviceTier") or "standard").lower().removeprefix("service_tier_")
+        if tier == "flex":
+            return await self._flex(req, model)
+        if tier not in ("standard", "unspecified"):
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", f"Invalid value at 'service_tier' ({tier}): the emulator serves standard and flex."
+            )
+        self.stats["standard_calls"] += 1
+        return await self._standard(req, model)
+
+    async def _flex(self, req: dict[str, Any], model: str) -> Any:
+        """Flex: the general rate limits apply, then latency of minutes, and shedding (503) at capacity."""
+        spec = self._spec(model)
+        if spec is None or not spec.flex:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Flex inference is not supported for models/{model}.")
+        self.stats["flex_calls"] += 1
+        over = self.cfg.flex_capacity is not None and self.stats["flex_in_flight"] >= self.cfg.flex_capacity
+        if over or (self.cfg.flex_shed_rate and self.rng.random() < self.cfg.flex_shed_rate):
+            self.stats["flex_shed"] += 1
+            raise _EmuError(503, "UNAVAILABLE", "The system is currently at capacity. Please try again later. (Flex, emulated)")
+        self.stats["flex_in_flight"] += 1
+        self.stats["flex_peak_in_flight"] = max(self.stats["flex_peak_in_flight"], self.stats["flex_in_flight"])
+        try:
+            lo, hi = self.cfg.flex_latency_min, max(self.cfg.flex_latency_min, self.cfg.flex_latency_max)
+            if hi > 0:
+                await asyncio.sleep(self._dur(lo + (hi - lo) * self.rng.random()))
+            return await self._standard(req, model)
+        finally:
+            self.stats["flex_in_flight"] -= 1
+
+    async def _standard(self, req: dict[str, Any], model: str) -> Any:
         self.stats["generate_calls"] += 1
         tokens = self._tokens(req)
         now = self.now()
@@ -6459,7 +6545,21 @@ def _waves(value: str) -> str | int:
     help="Batch jobs pending or running at once (the API allows 100).",
 )
 @click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
-@click.option("--mode", type=click.Choice(["auto", "batch", "realtime"]), default="auto", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "batch", "flex", "realtime", "standard"]),
+    default="auto",
+    show_default=True,
+    help="auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
+    "price, minutes each); realtime/standard: every request at the standard price.",
+)
+@click.option(
+    "--fallback-tier",
+    type=click.Choice(["auto", "flex", "standard"]),
+    default="auto",
+    show_default=True,
+    help="What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
+)
 @click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
 @click.option("--max-attempts", default=DEFAULT_MAX_ATTEMPTS, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -6517,6 +6617,7 @@ def run(
     max_active_jobs: int,
     poll_interval: float | None,
     mode: str,
+    fallback_tier: str,
     fallback: bool,
     max_attempts: int,
     rpm: int | None,
@@ -6561,7 +6662,8 @@ def run(
         barrier=barrier,
         max_active_jobs=max_active_jobs,
         poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
-        mode=mode,
+        mode="realtime" if mode == "standard" else mode,
+        fallback_tier=fallback_tier,
         fallback=fallback,
         max_attempts=max_attempts,
         rpm=rpm,
@@ -6830,6 +6932,10 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @click.option("--reject-key", help="This API key is answered 400 API_KEY_INVALID.")
 @click.option("--cache-min-tokens", default=1_024, type=int, help="A repeated system instruction this long is reported cached.")
 @click.option("--today", help="The date that decides which models are retired (default: today).")
+@click.option("--flex-latency-min", default=0.0, type=float, help="Flex latency, simulated seconds: from this ...")
+@click.option("--flex-latency-max", default=0.0, type=float, help="... to this.")
+@click.option("--flex-shed-rate", default=0.0, type=float, help="Share of Flex requests shed with 503.")
+@click.option("--flex-capacity", type=int, help="Flex requests in flight beyond this are shed with 503.")
 @click.option(
     "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
 )

@@ -197,7 +197,7 @@ def test_upload_always_refused_fails_the_job_then_falls_back(emu, articles, tmp_
     p, out = run(emu, articles, tmp_path, "--batch-size", "30", "--max-attempts", "2")
     assert p.returncode == 0, p.stderr
     rows = assert_every_id_once(out, articles)
-    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in rows)
+    assert all(r["status"] == "ok" and r["source"] == "flex" for r in rows)
     jobs = [json.loads(f.read_text()) for f in (tmp_path / "st" / "articles" / "jobs").glob("*.json")]
     assert len(jobs) == 4 and all(j["state"] == "FAILED" and "upload refused" in j["error"] for j in jobs)
     assert emu.stats()["creates"] == 0
@@ -237,7 +237,7 @@ def test_create_429_with_nothing_enqueued_goes_to_the_fallback_after_the_timeout
     emu.configure(create_429=10**9)
     p, out = run(emu, articles, tmp_path, "--create-timeout", "1.5", "--batch-size", "30")
     assert p.returncode == 0, p.stderr
-    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in assert_every_id_once(out, articles))
+    assert all(r["status"] == "ok" and r["source"] == "flex" for r in assert_every_id_once(out, articles))
     assert emu.stats()["creates"] == 0 and emu.stats()["generate_calls"] == 60
 
 
@@ -410,3 +410,51 @@ def test_models_command_lists_the_catalog(tmp_path):
     assert t.returncode == 0 and "gemini-3-flash-preview" in t.stdout and "retired" in t.stdout
     m = run_cli(["models", "--markdown"], tmp_path)
     assert m.stdout in (ROOT / "README.md").read_text()
+
+
+# -- Flex: the batch price through generateContent ----------------------------------------------------------
+def test_flex_mode_sends_every_request_through_flex(emu, articles, tmp_path):
+    emu.configure(flex_latency_min=0.2, flex_latency_max=0.6)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "ok" and r["source"] == "flex" for r in rows)
+    s = emu.stats()
+    assert s["flex_calls"] == 60 and s["standard_calls"] == 0 and s["creates"] == 0 and s["uploads"] == 0
+    summary = json.loads(p.stdout)
+    spec = batchify.builtin_catalog().spec(batchify.DEFAULT_MODEL, "2026-12-01")
+    assert summary["cost_flex_usd"] == pytest.approx(batchify.cost_usd(spec, summary["usage"], "flex"), rel=1e-4)
+    assert summary["cost_flex_usd"] == pytest.approx(batchify.cost_usd(spec, summary["usage"], "standard") / 2, rel=1e-4)
+
+
+def test_flex_shed_storm_every_id_answered_and_the_rate_backed_off(emu, articles, tmp_path):
+    emu.configure(flex_shed_rate=0.5, seed=4)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--max-attempts", "5")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["flex_shed"] > 0 and s["flex_calls"] == 60 + s["flex_shed"]
+    assert_billed = s["billed"]
+    assert len(assert_billed) == 60 and set(assert_billed.values()) == {1}
+
+
+def test_flex_on_a_model_without_flex_exits_2_naming_those_with_it(emu, articles, tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text(
+        '[models."acme-1"]\ninput_price = 1.0\noutput_price = 2.0\nflex = false\nenqueued_tokens = { tier1 = 3000000 }\n'
+    )
+    p, _ = run(emu, articles, tmp_path, "--mode", "flex", "--model", "acme-1", "--models", str(f))
+    assert p.returncode == 2 and "no Flex" in p.stderr and "gemini-3-flash-preview" in p.stderr
+    assert emu.stats()["generate_calls"] == 0
+
+
+def test_flex_run_killed_and_resumed_sends_no_id_twice(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "flex", out=out, BATCHIFY_CRASH_AT="after_realtime:25")
+    assert p.returncode == -9
+    r = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" and x["source"] == "flex" for x in assert_every_id_once(out, articles))
+    billed = emu.stats()["billed"]
+    assert len(billed) == 60 and max(billed.values()) <= 2  # at most the requests in flight at the kill went twice
+    assert sum(billed.values()) - 60 <= 64  # (--concurrency 64)

@@ -52,10 +52,10 @@ def test_batch_refused_403_auto_finishes_in_realtime(emu, articles, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == input_ids(articles)
-    assert all(r["status"] == "ok" and r["source"] == "realtime" for r in rows)
+    assert all(r["status"] == "ok" and r["source"] == "flex" for r in rows)  # Flex: the batch price
     s = emu.stats()
-    assert s["creates"] == 0 and s["generate_calls"] == 60
-    assert "real time" in p.stderr
+    assert s["creates"] == 0 and s["generate_calls"] == 60 and s["flex_calls"] == 60
+    assert "flex" in p.stderr
 
 
 def test_batch_refused_403_in_batch_mode_says_what_to_do(emu, articles, tmp_path):
@@ -86,7 +86,7 @@ def test_line_errors_fallback_completes_exactly_those(emu, articles, tmp_path):
     assert batch_errors, "the emulator should have injected line errors"
     rows = read_jsonl(out)
     assert all(r["status"] == "ok" for r in rows)
-    assert {r["id"] for r in rows if r["source"] == "realtime"} == batch_errors
+    assert {r["id"] for r in rows if r["source"] == "flex"} == batch_errors
     assert {ids[r["n"]] for r in read_jsonl(run_dir / "realtime.jsonl")} == batch_errors
     assert emu.stats()["generate_calls"] == len(batch_errors)
 
