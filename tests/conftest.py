@@ -104,3 +104,32 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def input_ids(path: Path) -> list[Any]:
     return [r["id"] for r in read_jsonl(path)]
+
+
+def wait_for(pred: Any, timeout: float = 60.0) -> None:
+    """Poll a condition (an emulator stat, a file) until it holds; fail after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+def spawn_batch_run(emu: Any, inp: Path, cwd: Path, out: Path, poll: str = "30") -> subprocess.Popen[str]:
+    """`batchify run INPUT --mode batch` in the background against this test's emulator (to interrupt or race it)."""
+    args = ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", poll]
+    return spawn_cli([*args, "--out", str(out)], cwd)
+
+
+def run_until_the_job_ended_remotely(emu: Any, inp: Path, cwd: Path, out: Path) -> None:
+    """Start a batch run polling every 30 s, let its one job end at the service, then kill the run: the job
+    is SUCCEEDED remotely and not yet seen, let alone downloaded, by the run."""
+    p = spawn_batch_run(emu, inp, cwd, out)
+    try:
+        wait_for(lambda: emu.stats()["creates"] >= 1)
+        wait_for(lambda: emu.stats()["active_jobs"] == 0)
+    finally:
+        p.kill()
+        p.wait()

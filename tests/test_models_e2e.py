@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, spawn_cli
+from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, run_until_the_job_ended_remotely, spawn_batch_run
 
 import batchify
 
@@ -267,24 +267,7 @@ def test_429_on_list_during_reconcile_is_retried(emu, articles, tmp_path, refusa
 
 def test_a_key_refused_mid_run_stops_polling_at_once(emu, articles, tmp_path):
     emu.configure(job_seconds=5.0)
-    p = spawn_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--mode",
-            "batch",
-            "--poll-interval",
-            "0.2",
-            "--out",
-            str(tmp_path / "o.jsonl"),
-        ],
-        tmp_path,
-    )
+    p = spawn_batch_run(emu, articles, tmp_path, tmp_path / "o.jsonl", poll="0.2")
     deadline = time.monotonic() + 60
     while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -306,33 +289,7 @@ def test_resume_after_creates_were_refused_tries_them_again(emu, articles, tmp_p
 
 def test_cancel_then_resume_downloads_a_job_that_had_finished(emu, articles, tmp_path):
     """The finished job's output is not readable during the cancel: resume downloads it, nothing is lost."""
-    p = spawn_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--mode",
-            "batch",
-            "--poll-interval",
-            "30",
-            "--out",
-            str(tmp_path / "o.jsonl"),
-        ],
-        tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while emu.stats()["active_jobs"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        p.kill()
-        p.wait()
+    run_until_the_job_ended_remotely(emu, articles, tmp_path, tmp_path / "o.jsonl")
     emu.configure(download_404=batchify.DOWNLOAD_POLICY.attempts)
     assert run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
     assert json.loads((tmp_path / "st/articles/jobs/b0001.json").read_text())["state"] == "SUCCEEDED"
@@ -364,33 +321,7 @@ def test_a_refused_api_key_stops_at_once_naming_the_variable(emu, articles, tmp_
 
 def test_cancel_reads_back_and_keeps_a_finished_jobs_results(emu, articles, tmp_path):
     """The job finished before the cancel reached it: cancel downloads its results instead of dropping them."""
-    p = spawn_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--mode",
-            "batch",
-            "--poll-interval",
-            "30",
-            "--out",
-            str(tmp_path / "o.jsonl"),
-        ],
-        tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while emu.stats()["creates"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        while emu.stats()["active_jobs"] and time.monotonic() < deadline:
-            time.sleep(0.1)  # the remote job ends; the run's next poll is 30 s away
-    finally:
-        p.kill()
-        p.wait()
+    run_until_the_job_ended_remotely(emu, articles, tmp_path, tmp_path / "o.jsonl")
     c = run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
     assert c.returncode == 0, c.stderr
     job = json.loads((tmp_path / "st" / "articles" / "jobs" / "b0001.json").read_text())

@@ -11,7 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_against, run_cli, spawn_cli
+from conftest import (
+    ROOT,
+    cli_env,
+    input_ids,
+    read_jsonl,
+    run_against,
+    run_cli,
+    run_until_the_job_ended_remotely,
+    spawn_cli,
+    wait_for,
+)
 
 FAST = ["--poll-interval", "0.2", "--yes"]
 
@@ -19,14 +29,6 @@ FAST = ["--poll-interval", "0.2", "--yes"]
 def status_of(tmp_path: Path, run: str = "articles") -> dict:
     p = run_cli(["status", run, "--json", "--state-dir", "st"], tmp_path)
     return json.loads(p.stdout)["runs"][0]
-
-
-def wait_for(pred, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
 
 
 def test_readme_quick_start_twice_then_cancel_resume_cleanup(tmp_path):
@@ -54,30 +56,7 @@ def status_of_dir(tmp_path: Path, state: str) -> dict:
 
 
 def test_cleanup_refuses_while_a_finished_jobs_output_is_not_downloaded(emu, articles, tmp_path):
-    p = spawn_cli(
-        [
-            "run",
-            str(articles),
-            "--endpoint",
-            emu.url,
-            "--state-dir",
-            "st",
-            "--yes",
-            "--mode",
-            "batch",
-            "--poll-interval",
-            "30",
-            "--out",
-            str(tmp_path / "o.jsonl"),
-        ],
-        tmp_path,
-    )
-    try:
-        wait_for(lambda: emu.stats()["creates"] >= 1)
-        wait_for(lambda: emu.stats()["active_jobs"] == 0)
-    finally:
-        p.kill()
-        p.wait()
+    run_until_the_job_ended_remotely(emu, articles, tmp_path, tmp_path / "o.jsonl")
     emu.configure(download_404=10**6)  # the output is not readable while we cancel and clean up
     assert run_cli(["cancel", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
     cl = run_cli(["cleanup", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
