@@ -1036,6 +1036,7 @@ class RunOptions:
     max_active_jobs: int = DEFAULT_MAX_ACTIVE_JOBS
     mode: str = "auto"  # auto | batch | flex | realtime (the standard tier; "standard" is an alias)
     fallback_tier: str = "auto"  # what finishes what batch could not: flex | standard | auto (flex where the model has it)
+    flex_lanes: int = 4  # hybrid: batches drained through Flex at once, from the tail
     fallback: bool = True
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     rpm: int | None = None  # None: the catalog's figure for the model and tier, else DEFAULT_RPM
@@ -1148,14 +1149,15 @@ class JobState(StrEnum):
     CANCELLED = "CANCELLED"
     EXPIRED = "EXPIRED"
     RESULTS_DOWNLOADED = "RESULTS_DOWNLOADED"
+    FLEXED = "FLEXED"  # its requests went through a Flex lane (never created as a batch job); results in realtime.jsonl
 
 
 S = JobState
 _REMOTE_OUTCOMES = frozenset({S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED}),
+    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED}),
     S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED, S.FAILED}),  # FAILED: upload refused N times
-    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED}),  # FAILED: creates refused too long
+    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED}),  # FAILED: creates refused too long
     S.SUBMITTING: _REMOTE_OUTCOMES | {S.UPLOADED},
     S.PENDING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
@@ -1164,10 +1166,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.CANCELLED: frozenset(),
     S.EXPIRED: frozenset(),
     S.RESULTS_DOWNLOADED: frozenset(),
+    S.FLEXED: frozenset(),
 }
 ACTIVE_STATES = frozenset({S.SUBMITTING, S.PENDING, S.RUNNING})  # count against the enqueued limit
 REMOTE_LIVE = frozenset({S.PENDING, S.RUNNING})
-FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED})
+FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED, S.FLEXED})
 UNSUBMITTED = frozenset({S.CREATED, S.UPLOADING, S.UPLOADED})
 
 
@@ -1216,6 +1219,7 @@ class Job:
     error: str | None = None
     cancelled_by_user: bool = False
     no_retry: bool = False  # failed in a way another attempt cannot mend (creates refused for too long)
+    lane: str = "batch"  # batch | flex: who owns it, recorded before the Flex lane sends any of its requests
     usage: dict[str, int] = field(default_factory=dict)
     ok: int = 0
     failed: int = 0
@@ -2980,7 +2984,7 @@ async def prepare_run(
         catalog = catalog.merged(cfg.models, "the job config")
     spec = resolve_model(catalog, cfg.model, today)  # unknown or retired: exit 2, before anything is sent
     gc = generation_config(cfg, spec)  # a thinking setting the model refuses: exit 2 here
-    if opts.mode == "flex" and not spec.flex:
+    if opts.mode in ("flex", "hybrid") and not spec.flex:
         having = ", ".join(
             m for m in catalog.models if catalog.models[m].get("flex") and catalog.models[m].get("status") != "retired"
         )
@@ -3183,6 +3187,7 @@ class Engine:
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._download_failures: dict[str, int] = {}
         self._poll_refusals: dict[str, int] = {}
+        self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
 
     @property
     def client(self) -> GeminiClient:
@@ -3269,20 +3274,23 @@ class Engine:
         else:
             await self.repair()
             try:
-                await self.batch_phase()
+                if self.opts.mode == "hybrid":
+                    await self.hybrid_phase()
+                else:
+                    await self.batch_phase()
                 if self._line_retry_due():
                     await self.batch_phase()
             except BatchRefusedError as e:
-                if self.opts.mode != "auto" or not self.opts.fallback:
+                if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
                     raise
                 self._log(f"batch refused for good ({e}); finishing through {self._fallback_tier()}")
                 self.run.realtime["batch_refused"] = str(e)
                 self.store.save_run(self.run)
             refused = self.run.realtime.get("create_refused")
-            if refused and not (self.opts.mode == "auto" and self.opts.fallback):
+            if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
                 self.merge()
                 raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
-            if self.opts.mode == "auto" and self.opts.fallback:
+            if self.opts.mode in ("auto", "hybrid") and self.opts.fallback:
                 todo = self.unresolved()
                 if todo:
                     tier = self._fallback_tier()
@@ -3290,6 +3298,47 @@ class Engine:
                     await self.realtime(todo, tier)
         summary = self.merge()
         return summary
+
+    def _claim_for_flex(self) -> Job | None:
+        """The next batch for a Flex lane: one this lane owned already and did not finish (a resume), else the
+        last one batch has not started (the tail; batch admits from the head). Claimed on disk before any of
+        its requests is sent, so resume never hands a batch Flex started to batch, nor the other way round.
+        No await between the check and the claim: the scheduler and the uploader cannot take it meanwhile."""
+        mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
+        if mine:
+            return mine[0]
+        free = [j for j in self._ordered() if j.lane == "batch" and j.state in (S.CREATED, S.UPLOADED) and j.attempt == 1]
+        if len(free) < 2 and any(j.state in ACTIVE_STATES for j in self.jobs.values()):
+            return None  # the last batch or so: batch is about to take it (the lanes meet in the middle)
+        if not free:
+            return None
+        j = free[-1]
+        self._set(j, j.state, lane="flex")
+        return self.jobs[j.name]
+
+    async def hybrid_phase(self) -> None:
+        """Batch from the head of the queue and Flex lanes from its tail, at once; an error of either is raised
+        as itself (not wrapped in an ExceptionGroup)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.batch_phase())
+                for _ in range(self.opts.flex_lanes):
+                    tg.create_task(self.flex_lane())
+        except ExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+
+    async def flex_lane(self) -> None:
+        """Drain whole not-yet-submitted batches from the tail through Flex, request by request, until batch and
+        Flex meet in the middle; each finished batch ends FLEXED (its results are in realtime.jsonl)."""
+        while (job := self._claim_for_flex()) is not None:
+            self._flexing.add(job.name)
+            self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
+            try:
+                await self.realtime(set(range(job.start or 0, job.end or 0)), "flex", [job.request_file])
+            finally:
+                self._flexing.discard(job.name)
+            self._set(self.jobs[job.name], S.FLEXED)
+            self._wake.set()
 
     def _fallback_tier(self) -> str:
         """Flex (the batch price) where the model offers it, unless told otherwise; else standard (2x)."""
@@ -3519,7 +3568,7 @@ class Engine:
 
     def _upload_ahead(self) -> int:
         """How many batches to keep uploaded before they are admitted: as many as could start at once."""
-        waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED]
+        waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED and j.lane == "batch"]
         if not waiting:
             return 0
         fits = self.limit // max(1, sum(waiting) // len(waiting))
@@ -3533,7 +3582,7 @@ class Engine:
         running: dict[str, asyncio.Task[bool]] = {}
         async with asyncio.TaskGroup() as tg:
             while not stop.is_set():
-                window = [j for j in self._ordered() if j.state in UNSUBMITTED][: self._upload_ahead()]
+                window = [j for j in self._ordered() if j.state in UNSUBMITTED and j.lane == "batch"][: self._upload_ahead()]
                 for j in window:
                     if len(running) >= UPLOADS_IN_FLIGHT:
                         break
@@ -3559,7 +3608,9 @@ class Engine:
                     backoff = self.opts.poll_interval
 
     async def _upload(self, job: Job) -> bool:
-        job = self._set(job, S.UPLOADING)  # the intent: a crash from here re-uploads (the orphan file expires)
+        if self.jobs[job.name].lane != "batch" or self.jobs[job.name].state not in UNSUBMITTED:
+            return True  # a Flex lane took it meanwhile (or it was given up on)
+        job = self._set(self.jobs[job.name], S.UPLOADING)  # the intent: a crash from here re-uploads (the orphan file expires)
         self.hook("before_upload")
         try:
             f = await self.client.upload(self.store.request_path(job), job.display_name)
@@ -3620,7 +3671,7 @@ class Engine:
             # admission: rolling (or wave by wave with --barrier), in order, under the token limit
             if now >= create_after:
                 for j in self._ordered():
-                    if j.state not in UNSUBMITTED:
+                    if j.state not in UNSUBMITTED or j.lane != "batch":
                         continue
                     live = [x for x in self.jobs.values() if x.state in ACTIVE_STATES]
                     if self.opts.barrier and any(x.wave < j.wave and x.state not in FINAL_STATES for x in self.jobs.values()):
@@ -3768,7 +3819,7 @@ class Engine:
         )
         self._log(reason)
         for j in self._ordered():
-            if j.state in UNSUBMITTED:
+            if j.state in UNSUBMITTED and j.lane == "batch":
                 self._set(j, S.FAILED, error=reason, no_retry=True)
         self.run.realtime["create_refused"] = reason
         self.store.save_run(self.run)
@@ -4064,12 +4115,13 @@ class Engine:
         return summary
 
     # -- real time ---------------------------------------------------------------------------------
-    def _requests(self, only: set[int] | None) -> Iterator[tuple[int, dict[str, Any], int]]:
+    def _requests(self, only: set[int] | None, files: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any], int]]:
         cpt = self.run.chars_per_token
-        for i in range(1, len(self.run.plan["batch_ranges"]) + 1):
-            if not (self.store.dir / f"requests/b{i:04d}.jsonl").exists():
+        names = files or [f"requests/b{i:04d}.jsonl" for i in range(1, len(self.run.plan["batch_ranges"]) + 1)]
+        for rel in names:
+            if not (self.store.dir / rel).exists():
                 continue  # a range of fetch failures only
-            with open(self.store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
+            with open(self.store.dir / rel, "rb") as f:
                 for line in f:
                     obj = orjson.loads(line)
                     n = int(obj["key"])
@@ -4079,7 +4131,7 @@ class Engine:
                         chars += sum(len(p.get("text", "")) for p in (req.get("systemInstruction") or {}).get("parts", []))
                         yield n, req, estimate_tokens(chars, cpt)
 
-    async def realtime(self, only: set[int] | None, tier: str = "standard") -> None:
+    async def realtime(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
         """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap, at the
         standard tier or through Flex (`serviceTier: flex`, the batch price, minutes of latency, requests shed
         with 503 or 429 under load: retried with back-off, and the rate lowered, AIMD, until it recovers).
@@ -4092,7 +4144,7 @@ class Engine:
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
         count = tokens = long_docs = long_tokens = 0
         long_at = self.spec.long_context_threshold or 1 << 62
-        for n, _req, t in self._requests(only):
+        for n, _req, t in self._requests(only, files):
             if n not in done:
                 count += 1
                 tokens += t
@@ -4124,7 +4176,7 @@ class Engine:
         out = open_private(self.store.realtime_path, "ab")
 
         async def producer() -> None:
-            for item in self._requests(only):
+            for item in self._requests(only, files):
                 if item[0] not in done:
                     await queue.put(item)
             for _ in range(self.opts.concurrency):
@@ -6547,11 +6599,15 @@ def _waves(value: str) -> str | int:
 @click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "batch", "flex", "realtime", "standard"]),
+    type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
     default="auto",
     show_default=True,
     help="auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
-    "price, minutes each); realtime/standard: every request at the standard price.",
+    "price, minutes each); hybrid: batch jobs from the head of the queue and Flex lanes from its tail at once, "
+    "meeting in the middle (the same price, sooner); realtime/standard: every request at the standard price.",
+)
+@click.option(
+    "--flex-lanes", default=4, show_default=True, type=click.IntRange(1), help="Hybrid: batches drained through Flex at once."
 )
 @click.option(
     "--fallback-tier",
@@ -6617,6 +6673,7 @@ def run(
     max_active_jobs: int,
     poll_interval: float | None,
     mode: str,
+    flex_lanes: int,
     fallback_tier: str,
     fallback: bool,
     max_attempts: int,
@@ -6664,6 +6721,7 @@ def run(
         poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
         mode="realtime" if mode == "standard" else mode,
         fallback_tier=fallback_tier,
+        flex_lanes=flex_lanes,
         fallback=fallback,
         max_attempts=max_attempts,
         rpm=rpm,

@@ -389,3 +389,59 @@ def test_flex_run_killed_and_resumed_sends_no_id_twice(emu, articles, tmp_path):
     billed = emu.stats()["billed"]
     assert len(billed) == 60 and max(billed.values()) <= 2  # at most the requests in flight at the kill went twice
     assert sum(billed.values()) - 60 <= 64  # (--concurrency 64)
+
+
+# -- hybrid: batch from the head, Flex lanes from the tail ------------------------------------------------
+def test_hybrid_run_uses_both_lanes_and_pays_each_id_once(emu, articles, tmp_path):
+    emu.configure(job_seconds=1.5, flex_latency_min=0.05, flex_latency_max=0.2)
+    out = tmp_path / "o.jsonl"
+    p = run_against(
+        emu,
+        articles,
+        tmp_path,
+        *FAST,
+        "--mode",
+        "hybrid",
+        "--batch-size",
+        "10",
+        "--enqueued-limit",
+        "9000",
+        "--flex-lanes",
+        "2",
+        out=out,
+    )
+    assert p.returncode == 0, p.stderr
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "ok" for r in rows)
+    sources = {r["source"] for r in rows}
+    assert sources == {"batch", "flex"}, sources
+    jobs = [json.loads(f.read_text()) for f in (tmp_path / "st" / "articles" / "jobs").glob("*.json")]
+    flexed = {j["name"] for j in jobs if j["state"] == "FLEXED"}
+    assert flexed and all(j["lane"] == "flex" and not j["remote_job"] for j in jobs if j["name"] in flexed)
+    s = emu.stats()
+    assert s["creates"] + len(flexed) == len(jobs)  # each batch owned by one lane
+    assert_created_once(s)
+    assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}
+    # the Flex lane took batches from the tail
+    assert max(int(n[1:]) for n in flexed) == len(jobs) and s["creates"] > 0
+
+
+def test_hybrid_killed_and_resumed_never_hands_a_flex_batch_to_batch(emu, articles, tmp_path):
+    emu.configure(job_seconds=3.0, flex_latency_min=0.2, flex_latency_max=0.4)
+    out = tmp_path / "o.jsonl"
+    args = [*FAST, "--mode", "hybrid", "--batch-size", "10", "--enqueued-limit", "9000", "--flex-lanes", "1"]
+    p = run_against(emu, articles, tmp_path, *args, out=out, BATCHIFY_CRASH_AT="after_realtime:5")
+    assert p.returncode == -9
+    claimed = {
+        json.loads(f.read_text())["display_name"]
+        for f in (tmp_path / "st/articles/jobs").glob("*.json")
+        if json.loads(f.read_text())["lane"] == "flex"
+    }
+    assert claimed
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" for x in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert not claimed & set(s["creates_by_display_name"])  # a batch Flex had started never went to batch
+    assert_created_once(s)
+    assert len(s["billed"]) == 60 and sum(s["billed"].values()) - 60 <= 64  # at most the requests in flight at the kill
