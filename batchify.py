@@ -4201,6 +4201,7 @@ class Engine:
                     delay = retry_delay(e, attempt, policy, self.clock() - started, random.random())
                     if delay is None:
                         return result_record(n, None, str(e), source)
+                    delay *= self.opts.retry_scale
                     view.retries += 1
                     if shed:  # the rate is too high (or Flex is full): every request slows down, not just this one
                         view.throttled += 1

@@ -360,7 +360,7 @@ def test_flex_mode_sends_every_request_through_flex(emu, articles, tmp_path):
 
 def test_flex_shed_storm_every_id_answered_and_the_rate_backed_off(emu, articles, tmp_path):
     emu.configure(flex_shed_rate=0.5, seed=4)
-    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--max-attempts", "5")
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--max-attempts", "5", "--rpm", "60000")
     assert p.returncode == 0, p.stderr
     assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
     s = emu.stats()
