@@ -5,7 +5,9 @@ the batches into waves that keep the tokens enqueued per model under the account
 creates and polls the batch jobs, downloads and parses every result, and writes one merged results
 file in input order. Every step is recorded first in JSON sidecars, so Ctrl-C, a crash or a reboot
 loses nothing: ``resume`` finishes the run without creating any job twice. A rate-limited real-time
-path finishes what batch cannot (403/404 on create, failed or expired jobs, per-line errors).
+path finishes what batch cannot (403/404 on create, failed or expired jobs, per-line errors), through Flex
+(Google's sheddable tier at the batch price) where the model offers it; `--mode hybrid` runs batch from the head
+of the queue and Flex lanes from its tail at once.
 
 Quick example::
 
@@ -19,17 +21,18 @@ As a library::
     summary = asyncio.run(batchify.run_file("articles.jsonl", endpoint="local"))
 
 Contents (sections are marked with banner comments, in the order data flows)
-  1. Config and constants ....... model tables (limits, prices), JobConfig, RunOptions, TOML loading
+  1. Config and constants ....... the model catalog (TOML: prices, limits, thinking, lifecycle, sources) and
+                                  its rules (resolve_model, thinking_choice, realtime_limits), JobConfig, RunOptions
   2. Errors ..................... BatchifyError and its exit codes
   3. Data model, state machine .. JobState, TRANSITIONS, advance(), Job, Run
-  4. Pure planners .............. record validation, prompts, requests, tokens, batches, waves, cost
+  4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost
   5. Persistence ................ atomic JSON sidecars, RunStore, run lock, input reading
-  6. Gemini seam ................ GeminiClient: the only code that imports google.genai
-  7. Engine ..................... prepare, submit, poll, retrieve, retry, real-time fallback, merge
+  6. Gemini seam ................ RetryPolicy/retry_delay; GeminiClient: the only code that imports google.genai
+  7. Engine ..................... prepare, repair, submit, poll, retrieve, retry, Flex/real time, hybrid, merge
   8. Emulator ................... a local Gemini API server with fault injection (aiohttp.web)
-  9. Rendering .................. rich tables and progress bars (stderr)
+  9. Rendering .................. rich tables: reports on stdout, progress and logs on stderr
  10. REST API ................... FastAPI app (optional extra "api") over the same engine
- 11. CLI ........................ click commands: run, status, resume, list, results, cancel, serve, ...
+ 11. CLI ........................ click commands: run, status, resume, list, results, cancel, models, serve, ...
  12. main()
 """
 
