@@ -1082,6 +1082,12 @@ class UsageError(BatchifyError):
     exit_code = 2
 
 
+class Declined(BatchifyError):
+    """The user said no to the plan: nothing was submitted, which is not an error."""
+
+    exit_code = 0
+
+
 class InputError(BatchifyError):
     """Bad input: the message names the file, the line and the fix."""
 
@@ -5689,7 +5695,7 @@ async def run_file(
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
-                raise UsageError(f"not confirmed: nothing submitted. `batchify resume {name}` submits the prepared run.")
+                raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
             async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
                 return run, await Engine(store, client, reporter, hook=hook).execute()
         async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
@@ -5697,9 +5703,7 @@ async def run_file(
             if dry_run:
                 return run, None
             if confirm is not None and not confirm(run):
-                raise UsageError(
-                    f"not confirmed. The run is prepared; `batchify resume {name}` submits it.",
-                )
+                raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
             assert client is not None
             summary = await Engine(store, client, reporter, hook=hook).execute()
             return run, summary
@@ -6578,13 +6582,21 @@ def _waves(value: str) -> str | int:
 )
 @click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
 @click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")
-@click.option("--id-field", default="id", show_default=True)
-@click.option("--text-field", default="text", show_default=True)
+@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
+@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
 @click.option("--name", help="Run name (default: the input file's stem).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Results file (default <input stem>.results.jsonl).")
 @click.option("--waves", default="auto", show_default=True, help="'auto' or a number of waves.")
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
-@click.option("--tier", default=1, show_default=True, type=click.IntRange(1, 3))
+@click.option(
+    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Requests per batch job at most."
+)
+@click.option(
+    "--tier",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 3),
+    help="Your project's usage tier: picks the catalog's limits.",
+)
 @click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
 @click.option(
     "--margin",
@@ -6621,7 +6633,13 @@ def _waves(value: str) -> str | int:
     help="What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
 )
 @click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
-@click.option("--max-attempts", default=DEFAULT_MAX_ATTEMPTS, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-attempts",
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).",
+)
 @click.option(
     "--rpm",
     type=click.IntRange(1),
@@ -6639,7 +6657,9 @@ def _waves(value: str) -> str | int:
     type=click.FloatRange(0),
     help="Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
 )
-@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--concurrency", default=64, show_default=True, type=click.IntRange(1), help="Real-time/Flex requests in flight at most."
+)
 @click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
 @click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="Stop before spending more than this many USD (> 0).")
@@ -6743,7 +6763,7 @@ def run(
 
     def confirm(r: Run) -> bool:
         render_plan(r)
-        return click.confirm("Submit?", default=True, err=True) if interactive else True
+        return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
 
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         r, summary = asyncio.run(
@@ -6810,7 +6830,7 @@ def models_cmd(as_json: bool, markdown: bool, models_file: str | None) -> None:
 
 @cli.command()
 @click.argument("run_name", required=False)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="As JSON on stdout.")
 @_state_dir_option
 def status(run_name: str | None, as_json: bool, state_dir: str) -> None:
     """Where every run (or RUN's waves and jobs) stands. Reads sidecars only."""
@@ -6839,9 +6859,9 @@ def _pick_run(state_dir: str, run_name: str | None) -> str | None:
 
 @cli.command()
 @click.argument("run_name", required=False)
-@click.option("--poll-interval", type=click.FloatRange(0.05))
+@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The summary as JSON on stdout.")
 @_endpoint_option
 @_state_dir_option
 def resume(
@@ -6935,9 +6955,9 @@ def cancel_cmd(run_name: str, endpoint: str | None, state_dir: str) -> None:
 
 @cli.command()
 @click.argument("input_file", type=click.Path(dir_okay=False))
-@click.option("--config", "config_path", type=click.Path(dir_okay=False))
-@click.option("--id-field", default="id", show_default=True)
-@click.option("--text-field", default="text", show_default=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML) to check too.")
+@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
+@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
 def validate(input_file: str, config_path: str | None, id_field: str, text_field: str) -> None:
     """Check INPUT_FILE (and --config) as `run` would, without writing or sending anything."""
     res = validate_file(input_file, load_config(config_path), id_field, text_field)
@@ -6946,7 +6966,7 @@ def validate(input_file: str, config_path: str | None, id_field: str, text_field
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
 @click.option("--docs", is_flag=True, help="Serve /docs and /openapi.json (answer without a token; Swagger UI loads from a CDN).")
 @click.option("--allow-private-urls", is_flag=True, help="Fetch submitted URLs that lead to private/local addresses too.")
 @_endpoint_option
@@ -7070,6 +7090,9 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return DISK_EXIT
+    except Declined as e:
+        console().print(_esc(e), soft_wrap=True)
+        return 0
     except BatchifyError as e:
         msg = str(e)
         if isinstance(e, AuthError):  # which variable held the key (never its value)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     ROOT,
     cli_env,
@@ -150,3 +151,34 @@ def test_reports_go_to_stdout(emu, articles, tmp_path):
     assert "articles" in s.stdout and "done" in s.stdout
     r = run_cli(["results", "articles", "--summary", "--state-dir", "st"], tmp_path)
     assert "category" in r.stdout
+
+
+def test_declining_the_plan_submits_nothing_and_is_not_an_error(emu, articles, tmp_path):
+    import asyncio
+
+    import batchify
+
+    opts = batchify.RunOptions(poll_interval=0.2)
+    with pytest.raises(batchify.Declined) as e:
+        asyncio.run(
+            batchify.run_file(
+                articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k", confirm=lambda r: False
+            )
+        )
+    assert e.value.exit_code == 0 and "nothing submitted" in str(e.value)
+    assert emu.stats()["uploads"] == 0 and emu.stats()["creates"] == 0
+
+
+def test_every_option_has_help():
+    import click
+
+    import batchify
+
+    missing = [
+        (name, p.opts[0])
+        for name, cmd in batchify.cli.commands.items()
+        if name != "emulator"  # a test double's knobs
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.hidden and not p.help
+    ]
+    assert not missing, missing
