@@ -112,7 +112,9 @@ NL = orjson.OPT_APPEND_NEWLINE  # JSONL lines: one allocation per line, not two
 # The model catalog: every model-specific figure batchify uses, with the page it came from and when
 # that page said so. Data, not code: `--models FILE`, env BATCHIFY_MODELS and a `[models.NAME]` table in
 # a job config override it key by key (a new NAME needs at least input_price and output_price).
-# Prices are USD per 1M tokens at the standard (real-time) tier; batch and flex are shares of them.
+# Prices are USD per 1M tokens at the standard (real-time) tier; batch and flex are shares of them
+# (batch_discount defaults to 0.5, the batch page's "50% of the standard price"; a model whose Batch table differs
+# says so with its own batch_discount).
 # A key left out means Google publishes no figure: batchify then asks for one, it never guesses.
 # Tiers: enqueued_tokens / rpm / tpm = { tier1 = ..., tier2 = ..., tier3 = ... }.
 MODEL_CATALOG_TOML = """
@@ -142,7 +144,6 @@ input_price = 0.75
 output_price = 3.75
 cached_input_price = 0.075
 price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50, cached_input_price = 0.15 }]
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 output_token_limit = 65536
@@ -159,7 +160,6 @@ flex = true
 input_price = 0.75
 output_price = 3.75
 price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50 }]
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 output_token_limit = 65536
@@ -176,7 +176,6 @@ flex = true
 input_price = 0.75
 output_price = 3.75
 price_changes = [{ from = "2027-01-01", input_price = 1.50, output_price = 7.50 }]
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 output_token_limit = 65536
@@ -196,7 +195,6 @@ output_price = 9.00
 cached_input_price = 0.15
 batch_cached_input_price = 0.075
 flex_cached_input_price = 0.08
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 output_token_limit = 65536
@@ -212,7 +210,6 @@ released = "2026-07-21"
 flex = true
 input_price = 0.30
 output_price = 2.50
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 output_token_limit = 65536
@@ -234,7 +231,6 @@ output_price = 1.50
 cached_input_price = 0.025
 batch_cached_input_price = 0.0125
 flex_cached_input_price = 0.0125
-batch_discount = 0.5
 flex_discount = 0.5
 input_token_limit = 1048576
 sources = { prices = "pricing", limits = "models (output limit not published)", thinking = "not published for this model: nothing is sent", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (published only for gemini-3.1-flash-lite-preview: 10M/500M/1B)" }
@@ -252,7 +248,6 @@ long_context_threshold = 200000
 long_input_price = 4.00
 long_output_price = 18.00
 long_cached_input_price = 0.40
-batch_discount = 0.5
 flex_discount = 0.5
 enqueued_tokens = { tier1 = 5_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
 input_token_limit = 1048576
@@ -273,7 +268,6 @@ flex = true
 input_price = 0.50
 output_price = 3.00
 cached_input_price = 0.05
-batch_discount = 0.5
 flex_discount = 0.5
 enqueued_tokens = { tier1 = 3_000_000, tier2 = 400_000_000, tier3 = 1_000_000_000 }
 input_token_limit = 1048576
@@ -311,7 +305,6 @@ long_context_threshold = 200000
 long_input_price = 2.50
 long_output_price = 15.00
 long_cached_input_price = 0.25
-batch_discount = 0.5
 flex_discount = 0.5
 enqueued_tokens = { tier1 = 5_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
 rpm = { tier1 = 150, tier2 = 1_000, tier3 = 2_000 }
@@ -338,7 +331,6 @@ flex = true
 input_price = 0.30
 output_price = 2.50
 cached_input_price = 0.03
-batch_discount = 0.5
 flex_discount = 0.5
 enqueued_tokens = { tier1 = 3_000_000, tier2 = 400_000_000, tier3 = 1_000_000_000 }
 rpm = { tier1 = 1_000 }
@@ -363,7 +355,6 @@ flex = true
 input_price = 0.10
 output_price = 0.40
 cached_input_price = 0.01
-batch_discount = 0.5
 flex_discount = 0.5
 enqueued_tokens = { tier1 = 10_000_000, tier2 = 500_000_000, tier3 = 1_000_000_000 }
 rpm = { tier1 = 4_000 }
@@ -569,7 +560,6 @@ class Catalog:
     as_of: str
     models: dict[str, dict[str, Any]]
     sources: dict[str, str]
-    overridden_by: tuple[str, ...] = ()
     user_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # the override tables alone
 
     def merged(self, tables: dict[str, Any], where: str) -> Catalog:
@@ -580,7 +570,7 @@ class Catalog:
         for name, table in tables.items():
             models[name.removeprefix("models/")] = {**models.get(name.removeprefix("models/"), {}), **table}
         user = {**self.user_models, **{n.removeprefix("models/"): t for n, t in tables.items()}}
-        merged = Catalog(self.as_of, models, self.sources, (*self.overridden_by, where), user)
+        merged = Catalog(self.as_of, models, self.sources, user)
         for name in tables:  # check now, naming the file that brought the table
             model_spec(name.removeprefix("models/"), merged.models[name.removeprefix("models/")], where, self.as_of)
         return merged
@@ -4804,6 +4794,15 @@ class Emulator:
                 body["error"]["details"] = e.details
             return web.json_response(body, status=e.code)
 
+    def _fault(self, knob: str) -> bool:
+        """A "first N calls" fault knob: True (and one fewer left, counted in stats as faults_<knob>) while any are left."""
+        left = getattr(self.cfg, knob)
+        if left <= 0:
+            return False
+        setattr(self.cfg, knob, left - 1)
+        self.stats[f"faults_{knob}"] = self.stats.get(f"faults_{knob}", 0) + 1
+        return True
+
     def _maybe_503(self) -> None:
         if self.cfg.unavailable_burst > 0:
             self.cfg.unavailable_burst -= 1
@@ -4902,9 +4901,7 @@ class Emulator:
             if h.get("X-Goog-Upload-Protocol") != "resumable" or h.get("X-Goog-Upload-Command") != "start":
                 raise _EmuError(400, "INVALID_ARGUMENT", "Only resumable uploads are supported.")
             meta = (await self._json(request)).get("file") or {}
-            if self.cfg.upload_400_mime > 0:
-                self.cfg.upload_400_mime -= 1
-                self.stats["faults_upload_400_mime"] = self.stats.get("faults_upload_400_mime", 0) + 1
+            if self._fault("upload_400_mime"):
                 raise _EmuError(400, "INVALID_ARGUMENT", "Unsupported MIME type: jsonl")
             uid = secrets.token_hex(16)
             self.uploads[uid] = {
@@ -4933,9 +4930,7 @@ class Emulator:
         if "finalize" not in cmd:
             return web.Response(status=200, headers={"X-Goog-Upload-Status": "active"})
         del self.uploads[uid]
-        if self.cfg.upload_no_file > 0:  # 200, final, and no file in the body: the SDK raises KeyError('file')
-            self.cfg.upload_no_file -= 1
-            self.stats["faults_upload_no_file"] = self.stats.get("faults_upload_no_file", 0) + 1
+        if self._fault("upload_no_file"):  # 200, final, and no file in the body: the SDK raises KeyError('file')
             return web.Response(
                 body=b"{}", status=200, content_type="application/json", headers={"X-Goog-Upload-Status": "final"}
             )
@@ -4991,9 +4986,7 @@ class Emulator:
             (403, "download_403", "PERMISSION_DENIED", "You do not have permission to access the File or it may not exist."),
             (404, "download_404", "NOT_FOUND", "Requested entity was not found."),
         ):
-            if getattr(self.cfg, knob) > 0:
-                setattr(self.cfg, knob, getattr(self.cfg, knob) - 1)
-                self.stats[f"faults_{knob}"] = self.stats.get(f"faults_{knob}", 0) + 1
+            if self._fault(knob):
                 raise _EmuError(code, status, message)
         if self.cfg.drop_downloads > 0:
             self.cfg.drop_downloads -= 1
@@ -5564,9 +5557,7 @@ class Emulator:
 
     async def _h_batch_list(self, request: Any, ver: str) -> Any:
         self.stats["lists"] += 1
-        if self.cfg.list_429 > 0:
-            self.cfg.list_429 -= 1
-            self.stats["faults_list_429"] = self.stats.get("faults_list_429", 0) + 1
+        if self._fault("list_429"):
             raise _EmuError(
                 429,
                 "RESOURCE_EXHAUSTED",

@@ -13,7 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli
+from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, serving
 
 import batchify
 
@@ -202,8 +202,6 @@ def free_port() -> int:
 
 @pytest.fixture
 def api(emu, tmp_path):
-    import uvicorn
-
     app = batchify.make_api(
         tmp_path / "st",
         "s3cret-token",
@@ -212,17 +210,8 @@ def api(emu, tmp_path):
         options=batchify.RunOptions(poll_interval=0.2, allow_private_urls=True),  # the test site is on loopback
         docs=True,
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(10)
+    with serving(app) as url:
+        yield url
 
 
 def call(url, method="GET", body=None, token="s3cret-token"):

@@ -3,18 +3,18 @@ broken sidecars, private URLs, the REST API's limits, attempts that mean what th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import input_ids, read_jsonl, run_against, run_cli
+from conftest import input_ids, read_jsonl, run_against, run_cli, serving
 
 import batchify
 
@@ -64,31 +64,14 @@ def _post(url: str, body: dict, token: str = "s3cret-token") -> tuple[int, dict]
 
 @pytest.fixture
 def api_server(emu, tmp_path):
-    """A REST server on a free loopback port; yields (base url, state dir)."""
-    import socket
+    """Start REST servers on free loopback ports (make_api keywords per call); yields the starter."""
+    with contextlib.ExitStack() as stack:
 
-    import uvicorn
+        def serve(**kw):
+            app = batchify.make_api(tmp_path / "st", "s3cret-token", endpoint=emu.url, api_key="k", **kw)
+            return stack.enter_context(serving(app))
 
-    def serve(**kw):
-        app = batchify.make_api(tmp_path / "st", "s3cret-token", endpoint=emu.url, api_key="k", **kw)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        t = threading.Thread(target=server.run, daemon=True)
-        t.start()
-        for _ in range(300):
-            if server.started:
-                break
-            time.sleep(0.02)
-        servers.append((server, t))
-        return f"http://127.0.0.1:{port}"
-
-    servers: list = []
-    yield serve
-    for server, t in servers:
-        server.should_exit = True
-        t.join(timeout=10)
+        yield serve
 
 
 def test_rest_same_name_race_one_wins_the_others_409(api_server, tmp_path):
