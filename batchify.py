@@ -3196,7 +3196,9 @@ class Engine:
 
     # -- helpers -------------------------------------------------------------------------------
     def _set(self, job: Job, state: JobState, **changes: Any) -> Job:
-        new = advance(job, state, utcnow(), **changes)
+        """Advance a job from its current record (never from a caller's stale copy: a Flex lane may have
+        claimed it meanwhile) and persist it."""
+        new = advance(self.jobs.get(job.name, job), state, utcnow(), **changes)
         self.store.save_job(new)
         self.jobs[new.name] = new
         return new
@@ -3670,6 +3672,7 @@ class Engine:
             # admission: rolling (or wave by wave with --barrier), in order, under the token limit
             if now >= create_after:
                 for j in self._ordered():
+                    j = self.jobs[j.name]  # current: a Flex lane may have claimed it while an earlier create ran
                     if j.state not in UNSUBMITTED or j.lane != "batch":
                         continue
                     live = [x for x in self.jobs.values() if x.state in ACTIVE_STATES]
@@ -3763,6 +3766,9 @@ class Engine:
 
     async def submit(self, job: Job) -> bool:
         """Create the batch job of one uploaded file. False when the service said "not now"."""
+        job = self.jobs[job.name]
+        if job.lane != "batch" or job.state != S.UPLOADED:
+            return False  # a Flex lane claimed it since it was chosen: never both (no id paid twice)
         job = self._set(job, S.SUBMITTING)  # the intent, on disk before the call
         self.hook("after_intent")
         try:

@@ -36,6 +36,9 @@ class FakeGemini:
         self.files: dict[str, Path] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[float, str, str]] = []
+        self.create_yields = 0
+        self.generate_seconds = 1.0
+        self.generated: list[str] = []  # the text of every request answered by generateContent
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -47,6 +50,8 @@ class FakeGemini:
         return batchify.RemoteFile(name, Path(path).stat().st_size, "ACTIVE")
 
     async def create_batch(self, model: str, src: Any, display_name: str) -> batchify.RemoteJob:
+        for _ in range(self.create_yields):  # a create is a network call: other tasks run meanwhile
+            await asyncio.sleep(0)
         tokens = sum(1 for _ in open(self.files[src], "rb"))
         live = sum(j["tokens"] for j in self.jobs.values() if self.clock.now() < j["end"])
         if self.limit is not None and live + tokens > self.limit:
@@ -89,6 +94,24 @@ class FakeGemini:
             resp = {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
             out += orjson.dumps({"key": key, "response": resp}) + b"\n"
         return bytes(out)
+
+    async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
+        text = request["contents"][0]["parts"][0]["text"]
+        self._log("flex" if flex else "generate", text)
+        await self.clock.sleep(self.generate_seconds)
+        self.generated.append(text)
+        return {
+            "candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 3, "totalTokenCount": 13},
+        }
+
+    def batch_texts(self) -> list[str]:
+        """The text of every request in every batch job created."""
+        out = []
+        for j in self.jobs.values():
+            for line in open(self.files[j["src"]], "rb"):
+                out.append(orjson.loads(line)["request"]["contents"][0]["parts"][0]["text"])
+        return out
 
     async def cancel_batch(self, name: str) -> None:
         self._log("cancel", name)

@@ -17,7 +17,8 @@ def prepared(tmp_path: Path, n: int, batch_size: int, **opts) -> batchify.RunSto
     inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(n)))
     store = batchify.RunStore(tmp_path / "st", "fake")
     cfg = batchify.JobConfig(schema={"type": "object"})
-    o = batchify.RunOptions(batch_size=batch_size, mode="batch", calibrate=False, **opts)
+    opts.setdefault("mode", "batch")
+    o = batchify.RunOptions(batch_size=batch_size, calibrate=False, **opts)
     asyncio.run(batchify.prepare_run(store, inp, cfg, o))
     return store
 
@@ -62,3 +63,22 @@ def test_admission_never_passes_the_limit_and_fills_it_again_when_a_job_ends(tmp
     second_end = fake.end_of("batches/1")
     seen = min(t for t, what, n in fake.calls if what == "get" and n == "batches/1" and t >= second_end)
     assert creates[2][0] == seen
+
+
+@pytest.mark.parametrize("yields", [0, 1, 3, 10])
+def test_hybrid_never_pays_for_a_request_twice_when_flex_claims_during_a_create(tmp_path, yields):
+    """A Flex lane claims a batch from the tail while the scheduler awaits an earlier create; the scheduler
+    must not then create the batch the lane took (CI caught it: "illegal transition PENDING -> FLEXED")."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 40, 2, poll_interval=5.0, mode="hybrid", flex_lanes=3, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [30.0] * 20)
+    fake.create_yields = yields
+    fake.generate_seconds = 0.0
+    s = run_engine(store, fake, clock)
+    assert s.ok == 40
+    paid = fake.batch_texts() + fake.generated
+    assert sorted(paid) == sorted(set(paid)), "a request was paid for twice"
+    assert len(paid) == 40
+    jobs = {j.name: j for j in store.load_jobs()}
+    assert any(j.state == batchify.JobState.FLEXED for j in jobs.values())
+    assert any(j.state == batchify.JobState.RESULTS_DOWNLOADED for j in jobs.values())
