@@ -66,16 +66,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_zygote: Any = None
+
+
+def zygote() -> Any:
+    """This test process's warm forker of CLI runs (see tests/zygote.py): started on first use."""
+    global _zygote
+    if _zygote is None:
+        import atexit
+
+        from zygote import ZygoteClient
+
+        _zygote = ZygoteClient()
+        atexit.register(_zygote.close)
+    return _zygote
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "batchify.py"), *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    """`batchify ARGS` in its own process (forked from the warm zygote), like `subprocess.run`."""
+    p = zygote().spawn(args, cwd, cli_env(**env))
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+    return subprocess.CompletedProcess(["batchify", *args], p.returncode, out, err)
 
 
 def run_against(emu: Any, inp: Any, cwd: Path, *args: str, out: Any = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -87,17 +103,9 @@ def run_against(emu: Any, inp: Any, cwd: Path, *args: str, out: Any = None, **en
     )
 
 
-def spawn_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
-    """Start the CLI in the background (to interrupt or race it)."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "batchify.py"), *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+def spawn_cli(args: list[str], cwd: Path, capture: bool = True, **env: str) -> Any:
+    """Start the CLI in the background (to interrupt or race it): a Popen-like handle."""
+    return zygote().spawn(args, cwd, cli_env(**env), capture=capture)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

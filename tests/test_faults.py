@@ -6,12 +6,11 @@ import asyncio
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, cli_env, input_ids, read_jsonl, run_against, run_cli, spawn_cli
+from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, spawn_cli
 from test_run import assert_complete, assert_no_duplicate_creates, wait_for
 
 import batchify
@@ -210,15 +209,8 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
             if phase != "prepare"
             else ["run", str(inp), "--out", str(out), "--batch-size", "5", "--enqueued-limit", "9000", "--yes", *base]
         )
-        env = cli_env(BATCHIFY_CRASH_AT=moment) if isinstance(moment, str) else cli_env()
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "batchify.py"), *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
+        env = {"BATCHIFY_CRASH_AT": moment} if isinstance(moment, str) else {}
+        proc = spawn_cli(args, tmp_path, capture=False, **env)
         if isinstance(moment, float):
             time.sleep(moment)
             if proc.poll() is None:
