@@ -25,15 +25,23 @@ Contents (sections are marked with banner comments, in the order data flows)
                                   its rules (resolve_model, thinking_choice, realtime_limits), JobConfig, RunOptions
   2. Errors ..................... BatchifyError and its exit codes
   3. Data model, state machine .. JobState, TRANSITIONS, advance(), Job, Run
-  4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost
-  5. Persistence ................ atomic JSON sidecars, RunStore, run lock, input reading
-  6. Gemini seam ................ RetryPolicy/retry_delay; GeminiClient: the only code that imports google.genai
-  7. Engine ..................... prepare, repair, submit, poll, retrieve, retry, Flex/real time, hybrid, merge
-  8. Emulator ................... a local Gemini API server with fault injection (aiohttp.web)
-  9. Rendering .................. rich tables: reports on stdout, progress and logs on stderr
- 10. REST API ................... FastAPI app (optional extra "api") over the same engine
- 11. CLI ........................ click commands: run, status, resume, list, results, cancel, models, serve, ...
- 12. main()
+  4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost,
+                                  admission and polling decisions
+  5. Persistence ................ one atomic writer, RunStore and its sidecars, run lock, input reading
+  6. Gemini seam ................ Backend protocol, RetryPolicy/retry_delay, GeminiClient (the only code that
+                                  imports google.genai), RateLimiter
+  7. Prepare .................... calibration, URL fetching, the streaming pass that writes request files
+  8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
+                                  cancel_run, cleanup_run
+  9. Queries .................... merged results, analytics, run status (no remote calls)
+ 10. Library API ................ prepare, submit, run_file, resume, cancel, cleanup (async and *_sync)
+ 11. Rendering .................. rich tables: reports on stdout, progress and logs on stderr
+ 12. REST API ................... FastAPI app (optional extra "api") over the same library
+ 13. CLI ........................ click commands: run, status, resume, list, results, cancel, models, serve, ...
+ 14. main() ..................... the one place errors become exit codes
+ 15. Emulator ................... a local Gemini API server with fault injection (aiohttp.web); last, because
+                                  nothing above depends on it: it is here so tests and `--endpoint local` need
+                                  nothing but this file
 """
 
 from __future__ import annotations
@@ -2260,6 +2268,23 @@ class RemoteJob:
     inlined: list[dict[str, Any]] | None = None
 
 
+class Backend(Protocol):
+    """What the engine needs from a batch service: GeminiClient (the Developer API through google-genai) is
+    the one in use; tests drive the engine's rules with tests/fakes.py:FakeGemini against a fake clock.
+    Every call raises RemoteError (or AuthError) after the seam's retry policy, never an SDK exception."""
+
+    async def upload(self, path: Path, display_name: str) -> RemoteFile: ...
+    async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob: ...
+    async def get_batch(self, name: str) -> RemoteJob: ...
+    async def list_batches(self) -> list[RemoteJob]: ...
+    async def cancel_batch(self, name: str) -> None: ...
+    async def download(self, name: str) -> bytes: ...
+    async def delete_batch(self, name: str) -> None: ...
+    async def delete_file(self, name: str) -> None: ...
+    async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]: ...
+    async def close(self) -> None: ...
+
+
 def _retry_delay(details: Any) -> float | None:
     """RetryInfo.retryDelay ("36s") from a Google error body, if any."""
     try:
@@ -2500,78 +2525,55 @@ class GeminiClient:
             await self.aio.aclose()
 
 
+# -- rate limiting for real-time calls ------------------------------------------------------------
+class RateLimiter:
+    """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
+
+    Callers queue FIFO; nobody spins. On a 429 `pause()` holds everyone for the server's retry
+    delay and `slow_down()` lowers the rate, which `recover()` raises again step by step.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ):
+        self.base_rate = rate_per_s
+        self.factor = 1.0
+        self.burst = burst
+        self.clock = clock
+        self.sleep = sleep
+        self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
+        self._lock = asyncio.Lock()
+
+    @property
+    def rate(self) -> float:
+        return self.base_rate * self.factor
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        async with self._lock:
+            now = self.clock()
+            tolerance = max(0.0, (self.burst - amount) / self.rate)
+            start = max(now, self.tat - tolerance)
+            if start > now:
+                await self.sleep(start - now)
+            self.tat = max(self.tat, start) + amount / self.rate
+
+    def pause(self, seconds: float) -> None:
+        self.tat = max(self.tat, self.clock() + seconds)
+
+    def slow_down(self) -> None:
+        self.factor = max(0.25, self.factor * 0.8)
+
+    def recover(self) -> None:
+        self.factor = min(1.0, self.factor + 0.005)
+
+
 # ================================================================================================
-# 7. Engine: prepare, submit, poll, retrieve, retry, real-time fallback, merge
+# 7. Prepare: sample and calibrate, fetch URLs, validate, build request files, plan
 # ================================================================================================
-
-
-@dataclass
-class JobView:
-    name: str
-    state: str
-    done: int
-    total: int
-    tokens: int
-    wave: int
-
-
-@dataclass
-class RealtimeView:
-    done: int = 0
-    total: int = 0
-    errors: int = 0
-    retries: int = 0
-    throttled: int = 0
-    rpm: float = 0.0
-    tpm: float = 0.0
-    cost_usd: float = 0.0
-
-
-@dataclass
-class ProgressView:
-    run: str
-    jobs: list[JobView]
-    realtime: RealtimeView | None
-    records: int
-
-
-class Reporter(Protocol):
-    def update(self, view: ProgressView) -> None: ...
-
-    def log(self, message: str) -> None: ...
-
-
-class NullReporter:
-    def update(self, view: ProgressView) -> None:
-        pass
-
-    def log(self, message: str) -> None:
-        pass
-
-
-@dataclass
-class Summary:
-    run: str
-    out: str
-    total: int
-    ok: int
-    errors: int
-    by_source: dict[str, int]
-    error_kinds: dict[str, int]
-    usage: dict[str, int]
-    cost_batch_usd: float
-    cost_realtime_usd: float
-    status: str
-    cost_flex_usd: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def summary_of(run: Run) -> Summary:
-    """The Summary a finished run recorded."""
-    names = {f.name for f in dataclasses.fields(Summary)}
-    return Summary(**{k: v for k, v in run.summary.items() if k in names})
 
 
 def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
@@ -3106,49 +3108,78 @@ async def prepare_run(
     return run
 
 
-class RateLimiter:
-    """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
+# ================================================================================================
+# 8. Run loop: the engine (upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge), cancel, cleanup
+# ================================================================================================
 
-    Callers queue FIFO; nobody spins. On a 429 `pause()` holds everyone for the server's retry
-    delay and `slow_down()` lowers the rate, which `recover()` raises again step by step.
-    """
 
-    def __init__(
-        self,
-        rate_per_s: float,
-        burst: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    ):
-        self.base_rate = rate_per_s
-        self.factor = 1.0
-        self.burst = burst
-        self.clock = clock
-        self.sleep = sleep
-        self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
-        self._lock = asyncio.Lock()
+@dataclass
+class JobView:
+    name: str
+    state: str
+    done: int
+    total: int
+    tokens: int
+    wave: int
 
-    @property
-    def rate(self) -> float:
-        return self.base_rate * self.factor
 
-    async def acquire(self, amount: float = 1.0) -> None:
-        async with self._lock:
-            now = self.clock()
-            tolerance = max(0.0, (self.burst - amount) / self.rate)
-            start = max(now, self.tat - tolerance)
-            if start > now:
-                await self.sleep(start - now)
-            self.tat = max(self.tat, start) + amount / self.rate
+@dataclass
+class RealtimeView:
+    done: int = 0
+    total: int = 0
+    errors: int = 0
+    retries: int = 0
+    throttled: int = 0
+    rpm: float = 0.0
+    tpm: float = 0.0
+    cost_usd: float = 0.0
 
-    def pause(self, seconds: float) -> None:
-        self.tat = max(self.tat, self.clock() + seconds)
 
-    def slow_down(self) -> None:
-        self.factor = max(0.25, self.factor * 0.8)
+@dataclass
+class ProgressView:
+    run: str
+    jobs: list[JobView]
+    realtime: RealtimeView | None
+    records: int
 
-    def recover(self) -> None:
-        self.factor = min(1.0, self.factor + 0.005)
+
+class Reporter(Protocol):
+    def update(self, view: ProgressView) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class NullReporter:
+    def update(self, view: ProgressView) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class Summary:
+    run: str
+    out: str
+    total: int
+    ok: int
+    errors: int
+    by_source: dict[str, int]
+    error_kinds: dict[str, int]
+    usage: dict[str, int]
+    cost_batch_usd: float
+    cost_realtime_usd: float
+    status: str
+    cost_flex_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def summary_of(run: Run) -> Summary:
+    """The Summary a finished run recorded."""
+    names = {f.name for f in dataclasses.fields(Summary)}
+    return Summary(**{k: v for k, v in run.summary.items() if k in names})
 
 
 class Engine:
@@ -3157,7 +3188,7 @@ class Engine:
     def __init__(
         self,
         store: RunStore,
-        client: GeminiClient | None,
+        client: Backend | None,
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -3189,7 +3220,7 @@ class Engine:
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
 
     @property
-    def client(self) -> GeminiClient:
+    def client(self) -> Backend:
         if self._client is None:
             raise UsageError("this step needs the API: give an endpoint and a key")
         return self._client
@@ -3572,7 +3603,7 @@ class Engine:
         waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED and j.lane == "batch"]
         if not waiting:
             return 0
-        fits = self.limit // max(1, sum(waiting) // len(waiting))
+        fits = int(self.limit) // max(1, sum(waiting) // len(waiting))
         return max(2, min(self.opts.max_active_jobs, fits) + 1)
 
     async def _uploader(self, stop: asyncio.Event) -> None:
@@ -3913,7 +3944,7 @@ class Engine:
             if key is None and pos < len(keys):
                 key = keys[pos]
             try:
-                n = int(key)  # type: ignore[arg-type]
+                n = int(key)
             except (TypeError, ValueError):
                 continue
             results[n] = self._line_result(n, obj, "batch")
@@ -4268,7 +4299,7 @@ class Engine:
             )
 
 
-async def cancel_run(store: RunStore, client: GeminiClient, settle_polls: int = 5) -> list[str]:
+async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) -> list[str]:
     """Cancel every remote job of a run that is still live, then read each one's state back: a job that
     finished before the cancel reached it keeps its results, which are downloaded now. One still
     cancelling remotely keeps its state, marked as cancelled by the user: `resume` (or `run` again) polls it
@@ -4302,6 +4333,53 @@ async def cancel_run(store: RunStore, client: GeminiClient, settle_polls: int = 
         elif j.state == S.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
             await engine.retrieve(j)
     return cancelled
+
+
+async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> dict[str, int]:
+    """Delete a finished run's remote jobs and files (and, with local, its state folder).
+
+    Refuses while any result is missing: a run's remote output is the only copy until merged."""
+    import shutil
+
+    run = store.load_run()
+    out = Path(run.out)
+    pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == S.SUCCEEDED]
+    if pending:
+        raise UsageError(
+            f"run {store.name!r}: job(s) {', '.join(pending)} finished (or are still ending) at the service and their "
+            f"output is not downloaded yet: deleting it would lose paid results. Fix: `batchify resume {store.name}` first."
+        )
+    if run.status not in ("done", "cancelled") or not out.exists():
+        raise UsageError(
+            f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
+            f"Fix: `batchify resume {store.name}` first."
+        )
+    lines = sum(1 for _ in open(out, "rb"))
+    if lines != run.records:
+        raise UsageError(
+            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
+            "to merge again before cleaning up."
+        )
+    counts = {"jobs": 0, "files": 0}
+    for j in store.load_jobs():
+        if j.remote_job:
+            with contextlib.suppress(RemoteError):  # already gone is fine
+                await client.delete_batch(j.remote_job)
+                counts["jobs"] += 1
+        for f in {j.remote_file, j.output_file} - {None}:
+            with contextlib.suppress(RemoteError):
+                await client.delete_file(str(f))
+                counts["files"] += 1
+    run.summary = {**run.summary, "cleaned_at": utcnow()}
+    store.save_run(run)
+    if local:
+        shutil.rmtree(store.dir)
+    return counts
+
+
+# ================================================================================================
+# 9. Queries: merged results, analytics, status (read-only, no remote calls)
+# ================================================================================================
 
 
 def merge_run(state_dir: str | Path, name: str) -> Summary:
@@ -4415,48 +4493,6 @@ def json_label(v: Any) -> str:
     return v if isinstance(v, str) else orjson.dumps(v).decode()
 
 
-async def cleanup_run(store: RunStore, client: GeminiClient, local: bool = False) -> dict[str, int]:
-    """Delete a finished run's remote jobs and files (and, with local, its state folder).
-
-    Refuses while any result is missing: a run's remote output is the only copy until merged."""
-    import shutil
-
-    run = store.load_run()
-    out = Path(run.out)
-    pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == S.SUCCEEDED]
-    if pending:
-        raise UsageError(
-            f"run {store.name!r}: job(s) {', '.join(pending)} finished (or are still ending) at the service and their "
-            f"output is not downloaded yet: deleting it would lose paid results. Fix: `batchify resume {store.name}` first."
-        )
-    if run.status not in ("done", "cancelled") or not out.exists():
-        raise UsageError(
-            f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
-            f"Fix: `batchify resume {store.name}` first."
-        )
-    lines = sum(1 for _ in open(out, "rb"))
-    if lines != run.records:
-        raise UsageError(
-            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
-            "to merge again before cleaning up."
-        )
-    counts = {"jobs": 0, "files": 0}
-    for j in store.load_jobs():
-        if j.remote_job:
-            with contextlib.suppress(RemoteError):  # already gone is fine
-                await client.delete_batch(j.remote_job)
-                counts["jobs"] += 1
-        for f in {j.remote_file, j.output_file} - {None}:
-            with contextlib.suppress(RemoteError):
-                await client.delete_file(str(f))
-                counts["files"] += 1
-    run.summary = {**run.summary, "cleaned_at": utcnow()}
-    store.save_run(run)
-    if local:
-        shutil.rmtree(store.dir)
-    return counts
-
-
 def run_sync(coro: Awaitable[Any]) -> Any:
     """Run a coroutine from sync code, also where an event loop already runs (Jupyter, IPython)."""
     try:
@@ -4551,7 +4587,1493 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
 
 
 # ================================================================================================
-# 8. Emulator: a local Gemini API (wire protocol of ../shared/reference/GEMINI_PROTOCOL.md)
+# 10. Library API: prepare, submit, run_file, resume, cancel, cleanup, results (async and *_sync)
+# ================================================================================================
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    endpoint: str | None,
+    api_key: str | None,
+    emulator_config: EmulatorConfig | None = None,
+    need: bool = True,
+    retry_scale: float = 1.0,
+) -> Any:
+    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
+    emu = None
+    base_url = endpoint
+    if endpoint == "local":
+        emu = Emulator(emulator_config)
+        base_url = await emu.start()
+        api_key = api_key or "local-emulator"
+    if not api_key:
+        if need:
+            raise UsageError(
+                "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
+            )
+        yield None
+        return
+    client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
+    try:
+        yield client
+    finally:
+        await client.close()
+        if emu is not None:
+            await emu.stop()
+
+
+async def run_file(
+    input_path: str | Path,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+    confirm: Callable[[Run], bool] | None = None,
+    dry_run: bool = False,
+    hook: Callable[[str], None] | None = None,
+    emulator_config: EmulatorConfig | None = None,
+    catalog: Catalog | None = None,
+) -> tuple[Run, Summary | None]:
+    """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
+    `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
+    cfg = config or JobConfig()
+    opts = dataclasses.replace(options or RunOptions())  # the caller's options stay as they were
+    name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
+    opts.name = name
+    store = RunStore(state_dir, name)
+    if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
+        opts.poll_interval = 1.0
+    if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
+        emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
+        if store.exists():  # the same command again: continue the run it made, or say what differs
+            run = store.load_run()
+            diffs = run_differences(run, Path(input_path), cfg, opts)
+            if diffs:
+                raise UsageError(
+                    f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
+                    f"--name NEW to start a new run, or `batchify resume {name}` to finish the existing one."
+                )
+            if dry_run or run.status == "done":
+                return run, (summary_of(run) if run.status == "done" and run.summary else None)
+            if confirm is not None and run.status == "prepared" and not confirm(run):
+                raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
+            async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
+                return run, await Engine(store, client, reporter, hook=hook).execute()
+        async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
+            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
+            if dry_run:
+                return run, None
+            if confirm is not None and not confirm(run):
+                raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
+            assert client is not None
+            summary = await Engine(store, client, reporter, hook=hook).execute()
+            return run, summary
+
+
+async def check_model_still_served(run: Run, client: GeminiClient) -> None:
+    """Before a run that was prepared earlier sends more: is its model retired now (by today's catalog, or a
+    404 from models.get)? Exit 2 naming the replacement, instead of failing every request."""
+    if run.status in ("done", "cancelled"):
+        return
+    spec = run_model_spec(run)
+    cat = builtin_catalog()
+    if spec.name in cat.models:
+        resolve_model(cat, spec.name, utcnow()[:10])  # retired since the run was prepared: UsageError
+    await client.get_model(spec.name, replacement=spec.replacement)
+
+
+# Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
+PLAN_OPTIONS = ("id_field", "text_field", "batch_size", "max_file_bytes", "waves", "tier", "enqueued_limit", "margin", "mode")
+
+
+def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions) -> list[str]:
+    """What differs between an existing run and the same `run` command given again (empty: the same run)."""
+    diffs = []
+    if Path(run.input_path) != input_path.resolve() or (input_path.exists() and file_sha256(input_path) != run.input_sha256):
+        diffs.append("input file (path or content)")
+    old = JobConfig.from_dict(run.config).to_dict()
+    changed = [k for k, v in cfg.to_dict().items() if old.get(k) != v]
+    if changed:
+        diffs.append("config (" + ", ".join(changed) + ")")
+    changed = [k for k in PLAN_OPTIONS if run.options.get(k) != getattr(opts, k)]
+    if changed:
+        diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
+    return diffs
+
+
+async def resume_run(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+    hook: Callable[[str], None] | None = None,
+    poll_interval: float | None = None,
+    emulator_config: EmulatorConfig | None = None,
+    max_cost: float | None = None,
+) -> Summary:
+    """Continue an unfinished run from its sidecars alone (the input is checked against its hash)."""
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("resume")
+        run = store.load_run()
+        inp = Path(run.input_path)
+        if inp.exists() and file_sha256(inp) != run.input_sha256:
+            raise UsageError(
+                f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
+                "or start a new run with --name."
+            )
+        endpoint = endpoint or run.endpoint
+        if poll_interval is not None or endpoint == "local":
+            run.options["poll_interval"] = poll_interval or 1.0
+        if max_cost is not None:
+            run.options["max_cost"] = max_cost
+        store.save_run(run)
+        scale = float(run.options.get("retry_scale", 1.0))
+        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
+            await check_model_still_served(run, client)
+            return await Engine(store, client, reporter, hook=hook).execute()
+
+
+def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
+    """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
+    n = 0
+    with open_private(path) as f:
+        for r in records:
+            f.write(orjson.dumps({"id": r, "url": r} if isinstance(r, str) else r) + b"\n")
+            n += 1
+    if not n:
+        raise InputError("no records given. Fix: pass at least one record or URL.")
+    return n
+
+
+async def prepare(
+    source: str | Path | Iterable[dict[str, Any] | str],
+    name: str | None = None,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+) -> Run:
+    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is uploaded.
+
+    Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
+    opts = dataclasses.replace(options or RunOptions())
+    in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    if in_memory and name is None:
+        raise UsageError("records given in memory need a run name. Fix: pass name=...")
+    path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
+    opts.name = check_run_name(name or opts.name or default_run_name(path))
+    store = RunStore(state_dir, opts.name)
+    # Claim the name first (the lock, then the exists check), and only then write anything of this request:
+    # a request that loses the race writes nothing and leaves the holder's run as it was.
+    with RunLock(store.state_dir / ".locks" / opts.name) as lock:
+        lock.acquire("prepare")
+        if store.exists():
+            raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
+        if in_memory:
+            write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
+        try:
+            async with open_client(endpoint, api_key, need=False) as client:
+                return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+        except BaseException:
+            if in_memory:  # a refused payload is not kept on disk
+                path.unlink(missing_ok=True)
+            raise
+
+
+async def submit(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    reporter: Reporter | None = None,
+) -> Summary:
+    """Submit a prepared run and drive it to the end (the same as resuming it)."""
+    return await resume_run(name, state_dir, endpoint, api_key, reporter)
+
+
+def results(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Result]:
+    """A run's results in input order, typed (`[r.to_dict() for r in ...]` for dicts)."""
+    return list(iter_results(state_dir, name))
+
+
+# Thin sync wrappers over the async API, safe in notebooks (where an event loop already runs).
+def run_file_sync(*args: Any, **kwargs: Any) -> tuple[Run, Summary | None]:
+    return run_sync(run_file(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def prepare_sync(*args: Any, **kwargs: Any) -> Run:
+    return run_sync(prepare(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def submit_sync(*args: Any, **kwargs: Any) -> Summary:
+    return run_sync(submit(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def resume_sync(*args: Any, **kwargs: Any) -> Summary:
+    return run_sync(resume_run(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def cancel_sync(*args: Any, **kwargs: Any) -> list[str]:
+    return run_sync(cancel(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def cleanup_sync(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    local: bool = False,
+) -> dict[str, int]:
+    return run_sync(cleanup(name, state_dir, endpoint, api_key, local))  # type: ignore[no-any-return]
+
+
+async def cleanup(
+    name: str,
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    local: bool = False,
+) -> dict[str, int]:
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("cleanup")
+        run = store.load_run()
+        async with open_client(endpoint or run.endpoint, api_key) as client:
+            return await cleanup_run(store, client, local)
+
+
+async def cancel(
+    name: str, state_dir: str | Path = DEFAULT_STATE_DIR, endpoint: str | None = None, api_key: str | None = None
+) -> list[str]:
+    store = RunStore(state_dir, name)
+    with RunLock(store.state_dir / ".locks" / name) as lock:
+        lock.acquire("cancel")
+        run = store.load_run()
+        async with open_client(endpoint or run.endpoint, api_key) as client:
+            return await cancel_run(store, client)
+
+
+def validate_file(
+    path: str | Path,
+    cfg: JobConfig | None = None,
+    id_field: str = "id",
+    text_field: str = "text",
+    tier: int = 1,
+    enqueued_limit: int | None = None,
+) -> dict[str, Any]:
+    """The input checks of `run`, alone: nothing is written or sent. Raises InputError listing problems."""
+    import tempfile
+
+    cfg = cfg or JobConfig()
+    opts = RunOptions(
+        id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False, fetch=False
+    )
+    with tempfile.TemporaryDirectory() as d:
+        run = asyncio.run(prepare_run(RunStore(d, "validate"), path, cfg, opts))
+    return {"file": str(path), "records": run.records, "input_tokens": run.plan["input_tokens"], "valid": True}
+
+
+# ================================================================================================
+# 11. Rendering: reports on stdout; progress bars and logs on stderr
+# ================================================================================================
+
+_console: Any = None
+_report_console: Any = None
+
+
+def console() -> Any:
+    """Progress, logs and prompts: stderr."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True)
+    return _console
+
+
+def report() -> Any:
+    """Human reports (status, summaries, analytics, the plan of a dry run): stdout, so `batchify status | grep` works."""
+    global _report_console
+    if _report_console is None:
+        from rich.console import Console
+
+        _report_console = Console()
+    return _report_console
+
+
+def _esc(text: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def render_plan(run: Run, out: Any = None) -> None:
+    """The plan as a table: on stderr before the confirm prompt, on stdout (`out`) for a dry run."""
+    from rich.table import Table
+
+    p = run.plan
+    t = Table(title=f"Plan for run {_esc(run.name)}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("endpoint", run.endpoint or "Gemini API"),
+        ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
+        ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
+        ("mode", run.options.get("mode")),
+        ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
+        ("batches", f"{p['batches']:,}"),
+        ("waves", f"{p['waves']:,}"),
+        (
+            "input tokens (est.)",
+            f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
+            f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
+        ),
+        (
+            "enqueued limit",
+            f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
+            + (f", margin {p['margin']:.1%})" if "margin" in p else ")")
+            + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else ""),
+        ),
+        (
+            "tokens assumed out",
+            f"{p.get('expected_output_tokens', 0):,} answer + {p.get('expected_thinking_tokens', 0):,} thinking",
+        ),
+        (
+            "estimated cost",
+            f"${p['estimated_cost_usd']:.4f}"
+            + (" batch price" if p.get("realtime_share", 0) == 0 else f" ({p['realtime_share']:.0%} real time)"),
+        ),
+        ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
+        ("estimated time", p["estimated_time"]),
+        ("results file", run.out),
+    ]
+    if "realtime_limits" in p:
+        lim = p["realtime_limits"]
+        tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
+        rows.insert(-3, ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
+    for k, v in rows:
+        t.add_row(k, _esc(v))
+    (out or console()).print(t)
+    for w in p.get("warnings") or []:
+        (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
+    if run.endpoint == "local":
+        (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+
+
+def render_models(catalog: Catalog, today: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Model catalog as of {catalog.as_of} (USD per 1M tokens, standard; batch/flex 50%)", title_justify="left")
+    t.add_column("model", no_wrap=True)
+    for col in ("status", "in / out", "batch", "flex", "enq. T1", "thinking"):
+        t.add_column(col)
+    for r in catalog_rows(catalog, today):
+        style = {"retired": "dim", "deprecated": "yellow"}.get(r["status"], "")
+        status = r["status"] + (f" {r['shutdown']}" if r["shutdown"] else "")
+        yes = {True: "yes", False: "no", None: "?"}
+        think = "-" if r["thinking"] == "none" else f"{r['thinking']}: {r['thinking_default_sent']}"
+        t.add_row(
+            _esc(r["model"] + (" *" if r["default"] else "")),
+            _esc(status),
+            f"{r['input_price']:g} / {r['output_price']:g}",
+            yes[r["batch"]],
+            yes[r["flex"]],
+            _millions(r["enqueued_tokens"].get("tier1")) if r["enqueued_tokens"] else "?",
+            _esc(think),
+            style=style,
+        )
+    out = Console()  # a report: stdout
+    out.print(t)
+    out.print(
+        "* the default model. ?: not published by Google (give the figure in a --models file). `--json` shows every source."
+    )
+
+
+class RichReporter:
+    """Progress bars: one overall bar, one per live job, one for the real-time path."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console(),
+            transient=False,
+        )
+        self.overall: Any = None
+        self.tasks: dict[str, Any] = {}
+        self.rt: Any = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {_esc(message)}")
+
+    def update(self, view: ProgressView) -> None:
+        p = self.progress
+        if self.overall is None:
+            self.overall = p.add_task(f"[bold]{_esc(view.run)}[/] overall", total=max(1, view.records))
+        done = 0
+        for j in view.jobs:
+            final = j.state in ("RESULTS_DOWNLOADED", "FAILED", "CANCELLED", "EXPIRED")
+            if j.state == "RESULTS_DOWNLOADED":
+                done += j.total if "-r" not in j.name and not j.name.startswith("x") else 0
+            live = j.state in ("SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED")
+            if live and j.name not in self.tasks:
+                self.tasks[j.name] = p.add_task("", total=max(1, j.total))
+            if j.name in self.tasks:
+                tid = self.tasks[j.name]
+                p.update(
+                    tid, description=f"  {_esc(j.name)} w{j.wave + 1} {j.state.lower()}", completed=j.done, total=max(1, j.total)
+                )
+                if final:
+                    p.update(tid, visible=False)
+        if view.realtime is not None:
+            r = view.realtime
+            if self.rt is None:
+                self.rt = p.add_task("", total=max(1, r.total))
+            p.update(
+                self.rt,
+                completed=r.done,
+                total=max(1, r.total),
+                description=(
+                    f"  real time {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
+                ),
+            )
+        p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
+
+
+def render_summary(s: Summary) -> None:
+    c = report()
+    style = "green" if s.errors == 0 else "yellow"
+    c.print(f"[{style}]{s.ok:,} ok, {s.errors:,} error(s)[/] of {s.total:,} -> {_esc(s.out)}")
+    srcs = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.by_source.items()))
+    c.print(
+        f"sources: {_esc(srcs)}; tokens in {s.usage.get('promptTokenCount', 0):,} "
+        f"out {s.usage.get('candidatesTokenCount', 0) + s.usage.get('thoughtsTokenCount', 0):,}; "
+        f"cost ${s.cost_batch_usd:.4f} batch + ${s.cost_realtime_usd:.4f} real time"
+    )
+    for kind, n in sorted(s.error_kinds.items(), key=lambda kv: -kv[1])[:10]:
+        c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
+
+
+def render_analytics(a: dict[str, Any], totals: bool = True) -> None:
+    from rich.table import Table
+
+    c = report()
+    for field_name, counts in a["fields"].items():
+        t = Table(title=f"{_esc(field_name)}", title_justify="left")
+        t.add_column("value")
+        t.add_column("count", justify="right")
+        t.add_column("share", justify="right")
+        total = sum(counts.values()) or 1
+        for value, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            t.add_row(_esc(value), f"{n:,}", f"{n / total:.0%}")
+        c.print(t)
+    if a["error_kinds"]:
+        t = Table(title="errors by kind", title_justify="left")
+        t.add_column("kind")
+        t.add_column("count", justify="right")
+        for kind, n in sorted(a["error_kinds"].items(), key=lambda kv: -kv[1]):
+            t.add_row(_esc(kind), f"{n:,}")
+        c.print(t)
+    if not totals:  # the run summary that follows says them
+        return
+    u = a["usage"]
+    c.print(
+        f"{a['ok']:,} ok, {a['errors']:,} error(s) of {a['records']:,}; sources "
+        + ", ".join(f"{k} {v:,}" for k, v in sorted(a["sources"].items()))
+        + f"; tokens in {u['batch'].get('promptTokenCount', 0) + u['realtime'].get('promptTokenCount', 0):,}"
+        + f"; cost ${a['cost_usd']['total']:.4f} (batch ${a['cost_usd']['batch']:.4f}, real time "
+        + f"${a['cost_usd']['realtime']:.4f})"
+    )
+
+
+def render_status(data: dict[str, Any], one: bool) -> None:
+    from rich.table import Table
+
+    c = report()
+    if not data["runs"]:
+        c.print(f"no runs in {_esc(data['state_dir'])}")
+        return
+    t = Table(title=f"Runs in {_esc(data['state_dir'])}", title_justify="left")
+    for col in ("run", "status", "records", "jobs", "cost (est.)", "updated"):
+        t.add_column(col, no_wrap=col != "run")
+    t.add_column("job states", overflow="fold")
+    broken = [r for r in data["runs"] if r["status"] == "broken"]
+    for r in data["runs"]:
+        if r["status"] == "broken":
+            t.add_row(_esc(r["name"]), "[red]broken[/]", "", "", "", "", "see below")
+            continue
+        states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
+        cost = (
+            (r["summary"].get("cost_batch_usd", 0) + r["summary"].get("cost_realtime_usd", 0))
+            if r["summary"]
+            else r["batch_cost_usd"]
+        )
+        t.add_row(
+            _esc(r["name"]),
+            r["status"],
+            f"{r['records']:,}",
+            str(r["jobs"]),
+            f"${cost:.4f} (${r['plan']['estimated_cost_usd'] or 0:.4f})",
+            _esc(_age(r["updated_at"])),
+            _esc(states),
+        )
+    c.print(t)
+    for r in broken:
+        c.print(f"[red]broken:[/] {_esc(r['error'])}", soft_wrap=True)
+    if one:
+        r = data["runs"][0]
+        jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
+        for col in ("job", "wave", "state", "done", "ok/failed", "tokens", "since"):
+            jt.add_column(col, no_wrap=True)
+        jt.add_column("error", overflow="fold")  # remote job names: `status RUN --json`
+        for j in r["job_list"]:
+            jt.add_row(
+                j["name"],
+                str(j["wave"] + 1),
+                j["state"].lower(),
+                f"{j['done']}/{j['requests']}",
+                f"{j['ok']}/{j['failed']}",
+                f"{j['tokens']:,}",
+                _esc(_age(j["since"] or "")),
+                _esc((j["error"] or "")[:80]),
+            )
+        c.print(jt)
+        if r["summary"]:
+            s = r["summary"]
+            c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")
+
+
+def _age(ts: str) -> str:
+    if not ts:
+        return ""
+    try:
+        dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return ts
+    sec = int((datetime.now(timezone.utc) - dt).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if sec >= size:
+            return f"{sec // size}{unit} ago"
+    return f"{sec}s ago"
+
+
+# ================================================================================================
+# 12. REST API (FastAPI, optional extra "api"): the same engine behind HTTP
+# ================================================================================================
+
+REST_MAX_BODY = 32 * 1024**2  # bytes a REST request body may hold (bigger inputs: the CLI, or a file)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes answers 413 (by Content-Length, or while read)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _too_large(self, send: Any) -> None:
+        body = orjson.dumps({"detail": f"request body over {self.limit:,} bytes: send a file through the CLI, or split it"})
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracked(msg: Any) -> None:
+            nonlocal started
+            started = started or msg.get("type") == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def make_api(
+    state_dir: str | Path,
+    token: str,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    docs: bool = False,
+    max_body: int = REST_MAX_BODY,
+) -> Any:
+    """A FastAPI app over the engine. Every route needs `Authorization: Bearer <token>`: it spends money.
+    `docs`: serve /docs and /openapi.json (without a token: they show the API's shape, never data; off by
+    default, and /docs loads Swagger UI from a CDN). Bodies over `max_body` bytes answer 413.
+
+    Long work (fetching, batch jobs) runs in tasks this app owns and awaits at shutdown; status is pollable.
+    """
+    try:
+        from fastapi import Depends, FastAPI, HTTPException
+        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+        from pydantic import BaseModel, Field
+    except ImportError:
+        raise UsageError('the REST API needs FastAPI and uvicorn. Fix: pip install -e ".[api]"') from None
+    if not token:
+        raise UsageError("the REST API spends money, so it needs a token. Fix: set BATCHIFY_API_TOKEN.")
+
+    tasks: dict[str, asyncio.Task[Any]] = {}
+    failures: dict[str, str] = {}
+    claimed: set[str] = set()  # names taken by a request in this process (checked and added with no await between)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    app = FastAPI(
+        title="batchify",
+        version=__version__,
+        lifespan=lifespan,
+        description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Any, exc: RequestValidationError) -> Any:
+        # What was wrong, never the body itself echoed back (a 22 MB body made a 22 MB error).
+        errs = [
+            {"loc": list(e.get("loc", ()))[:6], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse(status_code=422, content={"detail": errs, "errors": len(exc.errors())})
+
+    app.add_middleware(_BodyLimit, limit=max_body)
+    bearer = HTTPBearer(auto_error=False)
+
+    def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(
+                status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    class SubmitUrls(BaseModel):
+        urls: list[str] = Field(min_length=1, max_length=1_000_000)
+        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
+
+    class SubmitContents(BaseModel):
+        contents: list[dict[str, Any]] = Field(min_length=1, max_length=1_000_000)
+        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
+
+    class Submitted(BaseModel):
+        job_id: str
+        batch_name: str
+        status: str
+        message: str
+
+    def new_name(given: str | None) -> str:
+        name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        if name in claimed or RunStore(state_dir, name).exists() or name in tasks:
+            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already (or is being prepared)")
+        claimed.add(name)
+        return name
+
+    def start(name: str, work: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except BatchifyError as e:
+                failures[name] = str(e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # kept for status: the server goes on
+                failures[name] = f"{type(e).__name__}: {e}"
+
+        tasks[name] = asyncio.ensure_future(guarded())
+
+    async def prepare_and_submit(name: str, records: list[Any]) -> None:
+        await prepare(records, name, config, options, state_dir, endpoint, api_key)
+        await submit(name, state_dir, endpoint, api_key)
+
+    def input_error(e: InputError, name: str) -> HTTPException:
+        """The engine's message in the API's terms: no server path, no CLI flag."""
+        where = str(Path(state_dir) / "inputs" / f"{name}.jsonl")
+
+        def say(text: str) -> str:
+            return text.replace(where, "request body").replace("--skip-invalid", "the server's skip_invalid option")
+
+        return HTTPException(status_code=422, detail={"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
+
+    async def submit_urls(body: SubmitUrls) -> Submitted:
+        bad = [u for u in body.urls if not re.match(r"^https?://[^\s/]+", u)]
+        if bad:
+            raise HTTPException(status_code=422, detail={"message": "only http(s) URLs", "problems": bad[:20]})
+        name = new_name(body.batch_name)
+        start(name, prepare_and_submit(name, list(body.urls)))
+        return Submitted(
+            job_id=name,
+            batch_name=name,
+            status="submitted",
+            message=f"{len(body.urls)} URL(s) accepted: fetching, then batch. Poll /batch/status/{name}.",
+        )
+
+    async def submit_contents(body: SubmitContents) -> Submitted:
+        name = new_name(body.batch_name)
+        try:  # validation and planning are CPU work: off the event loop, so other clients are not stalled
+            run = await asyncio.to_thread(
+                asyncio.run, prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
+            )
+        except InputError as e:
+            claimed.discard(name)
+            raise input_error(e, name) from None
+        except (UsageError, LockedError) as e:  # another process holds or made the name
+            claimed.discard(name)
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        start(name, submit(name, state_dir, endpoint, api_key))
+        return Submitted(
+            job_id=name,
+            batch_name=name,
+            status="submitted",
+            message=f"{run.records} record(s) in {run.plan['batches']} batch(es), "
+            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}.",
+        )
+
+    # This module uses postponed annotations, so FastAPI cannot resolve these function-local models by
+    # name: hand it the classes themselves, then register the routes.
+    auth.__annotations__["creds"] = HTTPAuthorizationCredentials | None
+    for fn, model in ((submit_urls, SubmitUrls), (submit_contents, SubmitContents)):
+        fn.__annotations__.update(body=model, **{"return": Submitted})
+    app.add_api_route("/batch/submit", submit_urls, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)])
+    app.add_api_route(
+        "/batch/submit-contents", submit_contents, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)]
+    )
+
+    def known(name: str) -> None:
+        if not re.match(RUN_NAME_RE, name) or not (RunStore(state_dir, name).exists() or name in tasks):
+            raise HTTPException(status_code=404, detail=f"no run named {name!r}")
+
+    @app.get("/batch/status/{run}", dependencies=[Depends(auth)])
+    async def status_route(run: str) -> dict[str, Any]:
+        known(run)
+        task = tasks.get(run)
+        if not RunStore(state_dir, run).exists():
+            return {"name": run, "status": "failed" if run in failures else "preparing", "error": failures.get(run)}
+        entry: dict[str, Any] = run_status(state_dir, run)["runs"][0]
+        entry["working"] = task is not None and not task.done()
+        entry["error"] = failures.get(run)
+        return entry
+
+    @app.get("/batch/results/{run}", dependencies=[Depends(auth)])
+    async def results_route(run: str, summary: bool = False) -> dict[str, Any]:
+        known(run)
+        if not RunStore(state_dir, run).exists():
+            raise HTTPException(status_code=409, detail="the run is still being prepared")
+        if summary:
+            return analytics(state_dir, run)
+        st = RunStore(state_dir, run).load_run().status
+        return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
+
+    @app.get("/batch/jobs", dependencies=[Depends(auth)])
+    async def jobs_route() -> dict[str, Any]:
+        data = run_status(state_dir)
+        return {
+            "runs": [{k: r[k] for k in ("name", "status", "records", "jobs", "job_states", "updated_at")} for r in data["runs"]]
+        }
+
+    @app.post("/batch/cancel/{run}", dependencies=[Depends(auth)])
+    async def cancel_route(run: str) -> dict[str, Any]:
+        known(run)
+        task = tasks.get(run)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not RunStore(state_dir, run).exists():
+            return {"run": run, "cancelled": [], "status": "cancelled"}
+        names = await cancel(run, state_dir, endpoint, api_key)
+        return {"run": run, "cancelled": names, "status": "cancelled"}
+
+    return app
+
+
+# ================================================================================================
+# 13. CLI (click): parse, call one coroutine, render, map errors
+# ================================================================================================
+
+
+def _state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--state-dir",
+        envvar="BATCHIFY_STATE_DIR",
+        default=DEFAULT_STATE_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Where run folders live (env BATCHIFY_STATE_DIR).",
+    )(f)
+
+
+def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
+    return value
+
+
+def _endpoint_url(ctx: Any, param: Any, value: str | None) -> str | None:
+    if value is not None and value != "local" and not re.match(r"^https?://[^\s/:]+(:\d+)?(/\S*)?$", value):
+        raise click.BadParameter(f"{value!r} is neither 'local' nor an http(s) URL such as http://127.0.0.1:8765")
+    return value
+
+
+def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--endpoint",
+        default=None,
+        callback=_endpoint_url,
+        metavar="URL|local",
+        help="API base URL, or 'local' for the built-in emulator. Default: the SDK's GOOGLE_GEMINI_BASE_URL, else Google.",
+    )(f)
+
+
+def _api_key() -> str | None:
+    with contextlib.suppress(ImportError):
+        from dotenv import load_dotenv
+
+        load_dotenv(dotenv_path=Path.cwd() / ".env")  # the working directory's, as the README says
+    return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
+
+
+def _crash_hook() -> Callable[[str], None] | None:
+    """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
+    spec = os.environ.get("BATCHIFY_CRASH_AT")
+    if not spec:
+        return None
+    point, _, nth = spec.partition(":")
+    target = int(nth or 1)
+    seen = {"n": 0}
+
+    def hook(p: str) -> None:
+        if p == point:
+            seen["n"] += 1
+            if seen["n"] >= target:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchify")
+def cli() -> None:
+    """Run large LLM jobs through the Gemini Batch API at half price, without losing a result."""
+
+
+def _waves(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter("use 'auto' or a whole number of waves") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1")
+    return n
+
+
+@cli.command()
+@click.argument("input_file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML).")
+@click.option(
+    "--model", help=f"Model (default {DEFAULT_MODEL}: the catalog's cheapest current Flash with batch; see `batchify models`)."
+)
+@click.option(
+    "--models",
+    "models_file",
+    envvar="BATCHIFY_MODELS",
+    type=click.Path(dir_okay=False),
+    help='TOML file of [models."NAME"] tables laid over the model catalog (env BATCHIFY_MODELS).',
+)
+@click.option("--system-instruction", help="System instruction text.")
+@click.option("--prompt-template", help="Prompt with {field} placeholders.")
+@click.option(
+    "--temperature", type=float, help="Default: the catalog's advice for the model (1.0 for Gemini 3), else the model's own."
+)
+@click.option(
+    "--max-output-tokens", type=int, help="Default: room for the thinking setting plus the answer, within the model's limit."
+)
+@click.option(
+    "--thinking",
+    help="Thinking level (Gemini 3: minimal, low, medium, high, as the model allows) or budget in tokens (2.5; -1 dynamic). "
+    "Default: the lowest the model allows.",
+)
+@click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
+@click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")
+@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
+@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
+@click.option("--name", help="Run name (default: the input file's stem).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Results file (default <input stem>.results.jsonl).")
+@click.option("--waves", default="auto", show_default=True, help="'auto' or a number of waves.")
+@click.option(
+    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Requests per batch job at most."
+)
+@click.option(
+    "--tier",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 3),
+    help="Your project's usage tier: picks the catalog's limits.",
+)
+@click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 0.9),
+    help="Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
+    f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
+)
+@click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
+@click.option(
+    "--max-active-jobs",
+    default=DEFAULT_MAX_ACTIVE_JOBS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Batch jobs pending or running at once (the API allows 100).",
+)
+@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
+    default="auto",
+    show_default=True,
+    help="auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
+    "price, minutes each); hybrid: batch jobs from the head of the queue and Flex lanes from its tail at once, "
+    "meeting in the middle (the same price, sooner); realtime/standard: every request at the standard price.",
+)
+@click.option(
+    "--flex-lanes", default=4, show_default=True, type=click.IntRange(1), help="Hybrid: batches drained through Flex at once."
+)
+@click.option(
+    "--fallback-tier",
+    type=click.Choice(["auto", "flex", "standard"]),
+    default="auto",
+    show_default=True,
+    help="What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
+)
+@click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
+@click.option(
+    "--max-attempts",
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).",
+)
+@click.option(
+    "--rpm",
+    type=click.IntRange(1),
+    help=f"Real-time requests per minute. Default: the catalog's for the model and tier, else {DEFAULT_RPM:,}.",
+)
+@click.option(
+    "--tpm",
+    type=click.IntRange(1),
+    help="Real-time input tokens per minute. Default: the catalog's, else none (429s slow the rate).",
+)
+@click.option(
+    "--create-timeout",
+    default=DEFAULT_CREATE_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
+)
+@click.option(
+    "--concurrency", default=64, show_default=True, type=click.IntRange(1), help="Real-time/Flex requests in flight at most."
+)
+@click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
+@click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
+@click.option("--max-cost", type=float, callback=_positive_usd, help="Stop before spending more than this many USD (> 0).")
+@click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
+@click.option(
+    "--allow-private-urls", is_flag=True, help="Fetch URLs that lead to loopback/private/link-local addresses too (off: refused)."
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm the plan.")
+@click.option("--dry-run", is_flag=True, help="Write request files and print the plan; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
+@_endpoint_option
+@_state_dir_option
+def run(
+    input_file: str,
+    config_path: str | None,
+    model: str | None,
+    models_file: str | None,
+    system_instruction: str | None,
+    prompt_template: str | None,
+    temperature: float | None,
+    max_output_tokens: int | None,
+    thinking: str | None,
+    thinking_budget: int | None,
+    accept_truncated: bool | None,
+    id_field: str,
+    text_field: str,
+    name: str | None,
+    out: str | None,
+    waves: str,
+    batch_size: int,
+    tier: int,
+    enqueued_limit: int | None,
+    margin: float | None,
+    barrier: bool,
+    max_active_jobs: int,
+    poll_interval: float | None,
+    mode: str,
+    flex_lanes: int,
+    fallback_tier: str,
+    fallback: bool,
+    max_attempts: int,
+    rpm: int | None,
+    tpm: int | None,
+    create_timeout: float,
+    concurrency: int,
+    retry_scale: float,
+    rate_window: float,
+    max_cost: float | None,
+    skip_invalid: bool,
+    allow_private_urls: bool,
+    yes: bool,
+    dry_run: bool,
+    as_json: bool,
+    endpoint: str | None,
+    state_dir: str,
+) -> None:
+    """Prepare, plan, submit, poll, retrieve and merge INPUT_FILE (JSONL or a JSON array)."""
+    cfg = load_config(
+        config_path,
+        {
+            "model": model,
+            "system_instruction": system_instruction,
+            "prompt_template": prompt_template,
+            "temperature": temperature,
+            "max_output_tokens": max_output_tokens,
+            "thinking": thinking if thinking is not None else thinking_budget,
+            "accept_truncated": accept_truncated,
+        },
+    )
+    catalog = load_catalog(models_file)
+    _current_run[:] = [name or default_run_name(input_file)]
+    opts = RunOptions(
+        name=name,
+        id_field=id_field,
+        text_field=text_field,
+        batch_size=batch_size,
+        waves=_waves(waves),
+        tier=tier,
+        enqueued_limit=enqueued_limit,
+        margin=margin,
+        barrier=barrier,
+        max_active_jobs=max_active_jobs,
+        poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
+        mode="realtime" if mode == "standard" else mode,
+        fallback_tier=fallback_tier,
+        flex_lanes=flex_lanes,
+        fallback=fallback,
+        max_attempts=max_attempts,
+        rpm=rpm,
+        tpm=tpm,
+        create_timeout=create_timeout,
+        retry_scale=retry_scale,
+        concurrency=concurrency,
+        rate_window=rate_window,
+        max_cost=max_cost,
+        skip_invalid=skip_invalid,
+        allow_private_urls=allow_private_urls,
+        out=out,
+    )
+    interactive = not yes and sys.stdin.isatty() and not as_json
+
+    def confirm(r: Run) -> bool:
+        render_plan(r)
+        return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
+
+    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
+        r, summary = asyncio.run(
+            run_file(
+                input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
+            )
+        )
+    if dry_run:
+        if as_json:
+            _emit_json(
+                {
+                    "run": r.name,
+                    "state_dir": state_dir,
+                    "plan": r.plan,
+                    "records": r.records,
+                    "rejected": r.rejected,
+                    "chars_per_token": r.chars_per_token,
+                }
+            )
+        else:
+            render_plan(r, report())
+            report().print(
+                f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded. "
+                f"To submit: the same command without --dry-run, or `batchify resume {_esc(r.name)}`.",
+                soft_wrap=True,
+            )
+        return
+    assert summary is not None
+    _finish(summary, as_json, state_dir)
+
+
+def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
+    if as_json:
+        _emit_json(summary.to_dict())
+    else:
+        if state_dir is not None and summary.ok:
+            render_analytics(analytics(state_dir, summary.run), totals=False)
+        render_summary(summary)
+    if summary.status == "cancelled":
+        raise SystemExit(1)
+    if summary.errors:
+        raise SystemExit(1)
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Every figure, with its source, as JSON on stdout.")
+@click.option("--markdown", is_flag=True, help="The README's model table.")
+@click.option(
+    "--models", "models_file", envvar="BATCHIFY_MODELS", type=click.Path(dir_okay=False), help="Overrides, as for `run --models`."
+)
+def models_cmd(as_json: bool, markdown: bool, models_file: str | None) -> None:
+    """The model catalog: prices, limits, thinking rules and lifecycle, with their sources and dates."""
+    catalog = load_catalog(models_file)
+    today = utcnow()[:10]
+    if as_json:
+        _emit_json(
+            {"as_of": catalog.as_of, "default": DEFAULT_MODEL, "models": catalog_rows(catalog, today), "sources": catalog.sources}
+        )
+    elif markdown:
+        sys.stdout.write(models_markdown(catalog, catalog.as_of))  # the catalog's own date: the README embeds it
+    else:
+        render_models(catalog, today)
+
+
+@cli.command()
+@click.argument("run_name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="As JSON on stdout.")
+@_state_dir_option
+def status(run_name: str | None, as_json: bool, state_dir: str) -> None:
+    """Where every run (or RUN's waves and jobs) stands. Reads sidecars only."""
+    data = run_status(state_dir, run_name)
+    if as_json:
+        _emit_json(data)
+    else:
+        render_status(data, bool(run_name))
+
+
+def _pick_run(state_dir: str, run_name: str | None) -> str | None:
+    """The run to resume: the one named, else the only unfinished one; None when nothing is left to resume."""
+    if run_name:
+        return run_name
+    unfinished = []
+    for n in list_runs(state_dir):
+        with contextlib.suppress(StateError):  # a broken run is shown by `status`, never picked
+            if RunStore(state_dir, n).load_run().status not in ("done", "cancelled"):
+                unfinished.append(n)
+    if len(unfinished) == 1:
+        return unfinished[0]
+    if not unfinished:
+        return None
+    raise UsageError(f"several unfinished runs ({', '.join(unfinished)}). Fix: name the one to resume.")
+
+
+@cli.command()
+@click.argument("run_name", required=False)
+@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
+@click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
+@click.option("--json", "as_json", is_flag=True, help="The summary as JSON on stdout.")
+@_endpoint_option
+@_state_dir_option
+def resume(
+    run_name: str | None, poll_interval: float | None, max_cost: float | None, as_json: bool, endpoint: str | None, state_dir: str
+) -> None:
+    """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
+    name = _pick_run(state_dir, run_name)
+    if name is None:
+        report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
+        return
+    _current_run[:] = [name]
+    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
+        summary = asyncio.run(
+            resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval, max_cost=max_cost)
+        )
+    _finish(summary, as_json, state_dir)
+
+
+@cli.command(name="list")
+@_state_dir_option
+def list_cmd(state_dir: str) -> None:
+    """One line per run: name, status, records."""
+    for n in list_runs(state_dir):
+        try:
+            r = RunStore(state_dir, n).load_run()
+        except StateError as e:
+            click.echo(f"{n}\tbroken\t-\t{e}")
+            continue
+        click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
+
+
+@cli.command(name="results")
+@click.argument("run_name")
+@click.option(
+    "--summary", "summary_only", is_flag=True, help="Analytics instead of the results: field distributions, errors, cost."
+)
+@click.option("--json", "as_json", is_flag=True, help="With --summary: as JSON on stdout.")
+@_state_dir_option
+def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str) -> None:
+    """Re-emit RUN's merged results file on stdout (rebuilt from the sidecars if it is missing)."""
+    if summary_only:
+        data = analytics(state_dir, run_name)
+        if as_json:
+            _emit_json(data)
+        else:
+            render_analytics(data)
+        return
+    run = RunStore(state_dir, run_name).load_run()
+    out = Path(run.out)
+    if not out.exists():
+        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
+    else:
+        st = out.stat()
+        if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
+            # something else wrote that file since this run merged it: print this run's results, not that file
+            console().print(
+                f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
+            )
+            for r in iter_sidecar_results(state_dir, run_name):
+                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
+            return
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sys.stdout.buffer.write(chunk)
+
+
+@cli.command(name="cleanup")
+@click.argument("run_name")
+@click.option("--local", is_flag=True, help="Also delete the run's state folder.")
+@_endpoint_option
+@_state_dir_option
+def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str) -> None:
+    """Delete RUN's remote jobs and files once its results are merged (refuses before)."""
+    counts = asyncio.run(cleanup(run_name, state_dir, endpoint, _api_key(), local))
+    where = " and its state folder" if local else ""
+    console().print(f"deleted {counts['jobs']} remote job(s), {counts['files']} remote file(s){where} of {_esc(run_name)}")
+
+
+@cli.command(name="cancel")
+@click.argument("run_name")
+@_endpoint_option
+@_state_dir_option
+def cancel_cmd(run_name: str, endpoint: str | None, state_dir: str) -> None:
+    """Cancel RUN's remote jobs (they stay cancelled on resume)."""
+    if RunStore(state_dir, run_name).load_run().status == "done":
+        report().print(f"run {_esc(run_name)} is finished: nothing to cancel.")
+        return
+    names = asyncio.run(cancel(run_name, state_dir, endpoint, _api_key()))
+    report().print(f"cancelled {len(names)} job(s) of {_esc(run_name)}; jobs that had finished keep their results")
+
+
+@cli.command()
+@click.argument("input_file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML) to check too.")
+@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
+@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
+def validate(input_file: str, config_path: str | None, id_field: str, text_field: str) -> None:
+    """Check INPUT_FILE (and --config) as `run` would, without writing or sending anything."""
+    res = validate_file(input_file, load_config(config_path), id_field, text_field)
+    console().print(f"[green]{_esc(input_file)}: {res['records']:,} valid record(s), ~{res['input_tokens']:,} tokens[/]")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
+@click.option("--docs", is_flag=True, help="Serve /docs and /openapi.json (answer without a token; Swagger UI loads from a CDN).")
+@click.option("--allow-private-urls", is_flag=True, help="Fetch submitted URLs that lead to private/local addresses too.")
+@_endpoint_option
+@_state_dir_option
+def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool, allow_private_urls: bool) -> None:
+    """Serve the REST API (needs BATCHIFY_API_TOKEN and pip install -e ".[api]")."""
+    opts = RunOptions(allow_private_urls=allow_private_urls)
+    app = make_api(state_dir, os.environ.get("BATCHIFY_API_TOKEN", ""), endpoint, _api_key(), options=opts, docs=docs)
+    import uvicorn
+
+    where = " (OpenAPI at /docs, without a token)" if docs else ""
+    console().print(f"batchify REST API on http://{host}:{port}{where}; state in {_esc(state_dir)}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--job-seconds", default=3.0, show_default=True, type=float)
+@click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
+@click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")
+@click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
+@click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the catalog's tier 1, else 3M).")
+@click.option("--max-active-jobs", default=100, show_default=True, type=int)
+@click.option("--token-spread", default=0.0, type=float, help="Each text's tokens off by up to +- this share.")
+@click.option("--line-error-rate", default=0.0, type=float)
+@click.option("--fail-jobs", default=0, type=int, help="The first N jobs end FAILED.")
+@click.option("--expire-jobs", default=0, type=int, help="The next N jobs stay PENDING, then EXPIRE.")
+@click.option("--create-429", default=0, type=int, help="The first N creates answer 429.")
+@click.option("--forbid-batch", is_flag=True, help="Creates answer 403 (no billing).")
+@click.option("--unavailable-rate", default=0.0, type=float, help="Share of API calls answered 503.")
+@click.option("--drop-downloads", default=0, type=int, help="The first N downloads drop half-way.")
+@click.option("--output-delay", default=0.0, type=float, help="Seconds before a finished job's output is there.")
+@click.option("--latency-ms", default=0.0, type=float)
+@click.option("--latency-spread-ms", default=0.0, type=float)
+@click.option("--rpm", type=int)
+@click.option("--tpm", type=int)
+@click.option("--rate-window", default=60.0, type=float)
+@click.option("--seed", default=0, type=int)
+@click.option("--upload-400-mime", default=0, type=int, help='The first N uploads answer 400 "Unsupported MIME type: jsonl".')
+@click.option("--upload-no-file", default=0, type=int, help="The first N uploads answer 200 without their file.")
+@click.option("--download-403", default=0, type=int, help="The first N output downloads answer 403.")
+@click.option("--download-404", default=0, type=int, help="The first N output downloads answer 404.")
+@click.option("--list-429", default=0, type=int, help="The first N batches.list calls answer 429.")
+@click.option("--reject-key", help="This API key is answered 400 API_KEY_INVALID.")
+@click.option("--cache-min-tokens", default=1_024, type=int, help="A repeated system instruction this long is reported cached.")
+@click.option("--today", help="The date that decides which models are retired (default: today).")
+@click.option("--flex-latency-min", default=0.0, type=float, help="Flex latency, simulated seconds: from this ...")
+@click.option("--flex-latency-max", default=0.0, type=float, help="... to this.")
+@click.option("--flex-shed-rate", default=0.0, type=float, help="Share of Flex requests shed with 503.")
+@click.option("--flex-capacity", type=int, help="Flex requests in flight beyond this are shed with 503.")
+@click.option(
+    "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
+)
+def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> None:
+    """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
+    cfg = EmulatorConfig(**knobs, models=read_models_file(models_file) if models_file else None)
+
+    async def serve() -> None:
+        emu = Emulator(cfg)
+        url = await emu.start(host, port)
+        console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/] listening on {url}  (GOOGLE_GEMINI_BASE_URL={url})")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await emu.stop()
+
+    asyncio.run(serve())
+
+
+# ================================================================================================
+# 14. main(): the one place errors become exit codes
+# ================================================================================================
+
+
+_current_run: list[str] = []  # the run a command works on, for the Ctrl-C/SIGTERM message
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="batchify", standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+        which = f"run {_current_run[0]!r}" if _current_run else "the run"
+        again = f"`batchify resume {_current_run[0]}`" if _current_run else "`batchify resume`"
+        why = "terminated (SIGTERM)" if _terminated else "interrupted"
+        console().print(f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved; {_esc(again)} finishes it.")
+        return 143 if _terminated else 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except InputError as e:
+        console().print(f"[red]error:[/] {_esc(e)}", soft_wrap=True)
+        for p in e.problems:
+            console().print(f"  {_esc(p)}", soft_wrap=True)
+        return e.exit_code
+    except OSError as e:  # the disk, not batchify: full, read-only, no permission
+        reasons = {
+            errno.ENOSPC: "the disk is full",
+            errno.EROFS: "the file system is read-only",
+            errno.EDQUOT: "the disk quota is used up",
+        }
+        where = e.filename or "the state dir"
+        code = e.errno or 0
+        if code not in reasons:
+            console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
+            return 3
+        what = reasons[code]
+        console().print(
+            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
+            "writable disk, then `batchify resume` (nothing already done is lost).",
+            soft_wrap=True,
+        )
+        return DISK_EXIT
+    except Declined as e:
+        console().print(_esc(e), soft_wrap=True)
+        return 0
+    except BatchifyError as e:
+        msg = str(e)
+        if isinstance(e, AuthError):  # which variable held the key (never its value)
+            var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+            msg = msg.replace("the API key", f"the API key in {var}")
+        console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
+# ================================================================================================
+# 15. Emulator: a local Gemini API (wire protocol: docs/GEMINI_PROTOCOL.md). It ships in this file so
+#     `--endpoint local` and every test run on a machine with nothing else installed and no network
 # ================================================================================================
 
 EMULATOR_LABEL = "batchify local emulator (answers are synthetic, not model output)"
@@ -5621,1485 +7143,6 @@ class EmulatorThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
-
-
-@contextlib.asynccontextmanager
-async def open_client(
-    endpoint: str | None,
-    api_key: str | None,
-    emulator_config: EmulatorConfig | None = None,
-    need: bool = True,
-    retry_scale: float = 1.0,
-) -> Any:
-    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
-    emu = None
-    base_url = endpoint
-    if endpoint == "local":
-        emu = Emulator(emulator_config)
-        base_url = await emu.start()
-        api_key = api_key or "local-emulator"
-    if not api_key:
-        if need:
-            raise UsageError(
-                "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
-            )
-        yield None
-        return
-    client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
-    try:
-        yield client
-    finally:
-        await client.close()
-        if emu is not None:
-            await emu.stop()
-
-
-async def run_file(
-    input_path: str | Path,
-    config: JobConfig | None = None,
-    options: RunOptions | None = None,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    reporter: Reporter | None = None,
-    confirm: Callable[[Run], bool] | None = None,
-    dry_run: bool = False,
-    hook: Callable[[str], None] | None = None,
-    emulator_config: EmulatorConfig | None = None,
-    catalog: Catalog | None = None,
-) -> tuple[Run, Summary | None]:
-    """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
-    `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
-    cfg = config or JobConfig()
-    opts = dataclasses.replace(options or RunOptions())  # the caller's options stay as they were
-    name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
-    opts.name = name
-    store = RunStore(state_dir, name)
-    if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
-        opts.poll_interval = 1.0
-    if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
-        emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
-    with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
-        if store.exists():  # the same command again: continue the run it made, or say what differs
-            run = store.load_run()
-            diffs = run_differences(run, Path(input_path), cfg, opts)
-            if diffs:
-                raise UsageError(
-                    f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
-                    f"--name NEW to start a new run, or `batchify resume {name}` to finish the existing one."
-                )
-            if dry_run or run.status == "done":
-                return run, (summary_of(run) if run.status == "done" and run.summary else None)
-            if confirm is not None and run.status == "prepared" and not confirm(run):
-                raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
-            async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
-                return run, await Engine(store, client, reporter, hook=hook).execute()
-        async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
-            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
-            if dry_run:
-                return run, None
-            if confirm is not None and not confirm(run):
-                raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
-            assert client is not None
-            summary = await Engine(store, client, reporter, hook=hook).execute()
-            return run, summary
-
-
-async def check_model_still_served(run: Run, client: GeminiClient) -> None:
-    """Before a run that was prepared earlier sends more: is its model retired now (by today's catalog, or a
-    404 from models.get)? Exit 2 naming the replacement, instead of failing every request."""
-    if run.status in ("done", "cancelled"):
-        return
-    spec = run_model_spec(run)
-    cat = builtin_catalog()
-    if spec.name in cat.models:
-        resolve_model(cat, spec.name, utcnow()[:10])  # retired since the run was prepared: UsageError
-    await client.get_model(spec.name, replacement=spec.replacement)
-
-
-# Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
-PLAN_OPTIONS = ("id_field", "text_field", "batch_size", "max_file_bytes", "waves", "tier", "enqueued_limit", "margin", "mode")
-
-
-def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions) -> list[str]:
-    """What differs between an existing run and the same `run` command given again (empty: the same run)."""
-    diffs = []
-    if Path(run.input_path) != input_path.resolve() or (input_path.exists() and file_sha256(input_path) != run.input_sha256):
-        diffs.append("input file (path or content)")
-    old = JobConfig.from_dict(run.config).to_dict()
-    changed = [k for k, v in cfg.to_dict().items() if old.get(k) != v]
-    if changed:
-        diffs.append("config (" + ", ".join(changed) + ")")
-    changed = [k for k in PLAN_OPTIONS if run.options.get(k) != getattr(opts, k)]
-    if changed:
-        diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
-    return diffs
-
-
-async def resume_run(
-    name: str,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    reporter: Reporter | None = None,
-    hook: Callable[[str], None] | None = None,
-    poll_interval: float | None = None,
-    emulator_config: EmulatorConfig | None = None,
-    max_cost: float | None = None,
-) -> Summary:
-    """Continue an unfinished run from its sidecars alone (the input is checked against its hash)."""
-    store = RunStore(state_dir, name)
-    with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("resume")
-        run = store.load_run()
-        inp = Path(run.input_path)
-        if inp.exists() and file_sha256(inp) != run.input_sha256:
-            raise UsageError(
-                f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
-                "or start a new run with --name."
-            )
-        endpoint = endpoint or run.endpoint
-        if poll_interval is not None or endpoint == "local":
-            run.options["poll_interval"] = poll_interval or 1.0
-        if max_cost is not None:
-            run.options["max_cost"] = max_cost
-        store.save_run(run)
-        scale = float(run.options.get("retry_scale", 1.0))
-        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
-            await check_model_still_served(run, client)
-            return await Engine(store, client, reporter, hook=hook).execute()
-
-
-def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
-    """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
-    n = 0
-    with open_private(path) as f:
-        for r in records:
-            f.write(orjson.dumps({"id": r, "url": r} if isinstance(r, str) else r) + b"\n")
-            n += 1
-    if not n:
-        raise InputError("no records given. Fix: pass at least one record or URL.")
-    return n
-
-
-async def prepare(
-    source: str | Path | Iterable[dict[str, Any] | str],
-    name: str | None = None,
-    config: JobConfig | None = None,
-    options: RunOptions | None = None,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-) -> Run:
-    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is uploaded.
-
-    Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
-    opts = dataclasses.replace(options or RunOptions())
-    in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
-    if in_memory and name is None:
-        raise UsageError("records given in memory need a run name. Fix: pass name=...")
-    path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
-    opts.name = check_run_name(name or opts.name or default_run_name(path))
-    store = RunStore(state_dir, opts.name)
-    # Claim the name first (the lock, then the exists check), and only then write anything of this request:
-    # a request that loses the race writes nothing and leaves the holder's run as it was.
-    with RunLock(store.state_dir / ".locks" / opts.name) as lock:
-        lock.acquire("prepare")
-        if store.exists():
-            raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
-        if in_memory:
-            write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
-        try:
-            async with open_client(endpoint, api_key, need=False) as client:
-                return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
-        except BaseException:
-            if in_memory:  # a refused payload is not kept on disk
-                path.unlink(missing_ok=True)
-            raise
-
-
-async def submit(
-    name: str,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    reporter: Reporter | None = None,
-) -> Summary:
-    """Submit a prepared run and drive it to the end (the same as resuming it)."""
-    return await resume_run(name, state_dir, endpoint, api_key, reporter)
-
-
-def results(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Result]:
-    """A run's results in input order, typed (`[r.to_dict() for r in ...]` for dicts)."""
-    return list(iter_results(state_dir, name))
-
-
-# Thin sync wrappers over the async API, safe in notebooks (where an event loop already runs).
-def run_file_sync(*args: Any, **kwargs: Any) -> tuple[Run, Summary | None]:
-    return run_sync(run_file(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def prepare_sync(*args: Any, **kwargs: Any) -> Run:
-    return run_sync(prepare(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def submit_sync(*args: Any, **kwargs: Any) -> Summary:
-    return run_sync(submit(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def resume_sync(*args: Any, **kwargs: Any) -> Summary:
-    return run_sync(resume_run(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def cancel_sync(*args: Any, **kwargs: Any) -> list[str]:
-    return run_sync(cancel(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def cleanup_sync(
-    name: str,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    local: bool = False,
-) -> dict[str, int]:
-    return run_sync(cleanup(name, state_dir, endpoint, api_key, local))  # type: ignore[no-any-return]
-
-
-async def cleanup(
-    name: str,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    local: bool = False,
-) -> dict[str, int]:
-    store = RunStore(state_dir, name)
-    with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cleanup")
-        run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
-            return await cleanup_run(store, client, local)
-
-
-async def cancel(
-    name: str, state_dir: str | Path = DEFAULT_STATE_DIR, endpoint: str | None = None, api_key: str | None = None
-) -> list[str]:
-    store = RunStore(state_dir, name)
-    with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cancel")
-        run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
-            return await cancel_run(store, client)
-
-
-def validate_file(
-    path: str | Path,
-    cfg: JobConfig | None = None,
-    id_field: str = "id",
-    text_field: str = "text",
-    tier: int = 1,
-    enqueued_limit: int | None = None,
-) -> dict[str, Any]:
-    """The input checks of `run`, alone: nothing is written or sent. Raises InputError listing problems."""
-    import tempfile
-
-    cfg = cfg or JobConfig()
-    opts = RunOptions(
-        id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False, fetch=False
-    )
-    with tempfile.TemporaryDirectory() as d:
-        run = asyncio.run(prepare_run(RunStore(d, "validate"), path, cfg, opts))
-    return {"file": str(path), "records": run.records, "input_tokens": run.plan["input_tokens"], "valid": True}
-
-
-# ================================================================================================
-# 9. Rendering: rich tables and progress bars, all on stderr
-# ================================================================================================
-
-_console: Any = None
-_report_console: Any = None
-
-
-def console() -> Any:
-    """Progress, logs and prompts: stderr."""
-    global _console
-    if _console is None:
-        from rich.console import Console
-
-        _console = Console(stderr=True)
-    return _console
-
-
-def report() -> Any:
-    """Human reports (status, summaries, analytics, the plan of a dry run): stdout, so `batchify status | grep` works."""
-    global _report_console
-    if _report_console is None:
-        from rich.console import Console
-
-        _report_console = Console()
-    return _report_console
-
-
-def _esc(text: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
-
-
-def render_plan(run: Run, out: Any = None) -> None:
-    """The plan as a table: on stderr before the confirm prompt, on stdout (`out`) for a dry run."""
-    from rich.table import Table
-
-    p = run.plan
-    t = Table(title=f"Plan for run {_esc(run.name)}", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    rows = [
-        ("endpoint", run.endpoint or "Gemini API"),
-        ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
-        ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
-        ("mode", run.options.get("mode")),
-        ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
-        ("batches", f"{p['batches']:,}"),
-        ("waves", f"{p['waves']:,}"),
-        (
-            "input tokens (est.)",
-            f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
-            f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
-        ),
-        (
-            "enqueued limit",
-            f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
-            + (f", margin {p['margin']:.1%})" if "margin" in p else ")")
-            + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else ""),
-        ),
-        (
-            "tokens assumed out",
-            f"{p.get('expected_output_tokens', 0):,} answer + {p.get('expected_thinking_tokens', 0):,} thinking",
-        ),
-        (
-            "estimated cost",
-            f"${p['estimated_cost_usd']:.4f}"
-            + (" batch price" if p.get("realtime_share", 0) == 0 else f" ({p['realtime_share']:.0%} real time)"),
-        ),
-        ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
-        ("estimated time", p["estimated_time"]),
-        ("results file", run.out),
-    ]
-    if "realtime_limits" in p:
-        lim = p["realtime_limits"]
-        tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
-        rows.insert(-3, ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
-    for k, v in rows:
-        t.add_row(k, _esc(v))
-    (out or console()).print(t)
-    for w in p.get("warnings") or []:
-        (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
-    if run.endpoint == "local":
-        (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
-
-
-def render_models(catalog: Catalog, today: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"Model catalog as of {catalog.as_of} (USD per 1M tokens, standard; batch/flex 50%)", title_justify="left")
-    t.add_column("model", no_wrap=True)
-    for col in ("status", "in / out", "batch", "flex", "enq. T1", "thinking"):
-        t.add_column(col)
-    for r in catalog_rows(catalog, today):
-        style = {"retired": "dim", "deprecated": "yellow"}.get(r["status"], "")
-        status = r["status"] + (f" {r['shutdown']}" if r["shutdown"] else "")
-        yes = {True: "yes", False: "no", None: "?"}
-        think = "-" if r["thinking"] == "none" else f"{r['thinking']}: {r['thinking_default_sent']}"
-        t.add_row(
-            _esc(r["model"] + (" *" if r["default"] else "")),
-            _esc(status),
-            f"{r['input_price']:g} / {r['output_price']:g}",
-            yes[r["batch"]],
-            yes[r["flex"]],
-            _millions(r["enqueued_tokens"].get("tier1")) if r["enqueued_tokens"] else "?",
-            _esc(think),
-            style=style,
-        )
-    out = Console()  # a report: stdout
-    out.print(t)
-    out.print(
-        "* the default model. ?: not published by Google (give the figure in a --models file). `--json` shows every source."
-    )
-
-
-class RichReporter:
-    """Progress bars: one overall bar, one per live job, one for the real-time path."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console(),
-            transient=False,
-        )
-        self.overall: Any = None
-        self.tasks: dict[str, Any] = {}
-        self.rt: Any = None
-
-    def __enter__(self) -> RichReporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def log(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {_esc(message)}")
-
-    def update(self, view: ProgressView) -> None:
-        p = self.progress
-        if self.overall is None:
-            self.overall = p.add_task(f"[bold]{_esc(view.run)}[/] overall", total=max(1, view.records))
-        done = 0
-        for j in view.jobs:
-            final = j.state in ("RESULTS_DOWNLOADED", "FAILED", "CANCELLED", "EXPIRED")
-            if j.state == "RESULTS_DOWNLOADED":
-                done += j.total if "-r" not in j.name and not j.name.startswith("x") else 0
-            live = j.state in ("SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED")
-            if live and j.name not in self.tasks:
-                self.tasks[j.name] = p.add_task("", total=max(1, j.total))
-            if j.name in self.tasks:
-                tid = self.tasks[j.name]
-                p.update(
-                    tid, description=f"  {_esc(j.name)} w{j.wave + 1} {j.state.lower()}", completed=j.done, total=max(1, j.total)
-                )
-                if final:
-                    p.update(tid, visible=False)
-        if view.realtime is not None:
-            r = view.realtime
-            if self.rt is None:
-                self.rt = p.add_task("", total=max(1, r.total))
-            p.update(
-                self.rt,
-                completed=r.done,
-                total=max(1, r.total),
-                description=(
-                    f"  real time {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
-                ),
-            )
-        p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
-
-
-def render_summary(s: Summary) -> None:
-    c = report()
-    style = "green" if s.errors == 0 else "yellow"
-    c.print(f"[{style}]{s.ok:,} ok, {s.errors:,} error(s)[/] of {s.total:,} -> {_esc(s.out)}")
-    srcs = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.by_source.items()))
-    c.print(
-        f"sources: {_esc(srcs)}; tokens in {s.usage.get('promptTokenCount', 0):,} "
-        f"out {s.usage.get('candidatesTokenCount', 0) + s.usage.get('thoughtsTokenCount', 0):,}; "
-        f"cost ${s.cost_batch_usd:.4f} batch + ${s.cost_realtime_usd:.4f} real time"
-    )
-    for kind, n in sorted(s.error_kinds.items(), key=lambda kv: -kv[1])[:10]:
-        c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
-
-
-def render_analytics(a: dict[str, Any], totals: bool = True) -> None:
-    from rich.table import Table
-
-    c = report()
-    for field_name, counts in a["fields"].items():
-        t = Table(title=f"{_esc(field_name)}", title_justify="left")
-        t.add_column("value")
-        t.add_column("count", justify="right")
-        t.add_column("share", justify="right")
-        total = sum(counts.values()) or 1
-        for value, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-            t.add_row(_esc(value), f"{n:,}", f"{n / total:.0%}")
-        c.print(t)
-    if a["error_kinds"]:
-        t = Table(title="errors by kind", title_justify="left")
-        t.add_column("kind")
-        t.add_column("count", justify="right")
-        for kind, n in sorted(a["error_kinds"].items(), key=lambda kv: -kv[1]):
-            t.add_row(_esc(kind), f"{n:,}")
-        c.print(t)
-    if not totals:  # the run summary that follows says them
-        return
-    u = a["usage"]
-    c.print(
-        f"{a['ok']:,} ok, {a['errors']:,} error(s) of {a['records']:,}; sources "
-        + ", ".join(f"{k} {v:,}" for k, v in sorted(a["sources"].items()))
-        + f"; tokens in {u['batch'].get('promptTokenCount', 0) + u['realtime'].get('promptTokenCount', 0):,}"
-        + f"; cost ${a['cost_usd']['total']:.4f} (batch ${a['cost_usd']['batch']:.4f}, real time "
-        + f"${a['cost_usd']['realtime']:.4f})"
-    )
-
-
-def render_status(data: dict[str, Any], one: bool) -> None:
-    from rich.table import Table
-
-    c = report()
-    if not data["runs"]:
-        c.print(f"no runs in {_esc(data['state_dir'])}")
-        return
-    t = Table(title=f"Runs in {_esc(data['state_dir'])}", title_justify="left")
-    for col in ("run", "status", "records", "jobs", "cost (est.)", "updated"):
-        t.add_column(col, no_wrap=col != "run")
-    t.add_column("job states", overflow="fold")
-    broken = [r for r in data["runs"] if r["status"] == "broken"]
-    for r in data["runs"]:
-        if r["status"] == "broken":
-            t.add_row(_esc(r["name"]), "[red]broken[/]", "", "", "", "", "see below")
-            continue
-        states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
-        cost = (
-            (r["summary"].get("cost_batch_usd", 0) + r["summary"].get("cost_realtime_usd", 0))
-            if r["summary"]
-            else r["batch_cost_usd"]
-        )
-        t.add_row(
-            _esc(r["name"]),
-            r["status"],
-            f"{r['records']:,}",
-            str(r["jobs"]),
-            f"${cost:.4f} (${r['plan']['estimated_cost_usd'] or 0:.4f})",
-            _esc(_age(r["updated_at"])),
-            _esc(states),
-        )
-    c.print(t)
-    for r in broken:
-        c.print(f"[red]broken:[/] {_esc(r['error'])}", soft_wrap=True)
-    if one:
-        r = data["runs"][0]
-        jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
-        for col in ("job", "wave", "state", "done", "ok/failed", "tokens", "since"):
-            jt.add_column(col, no_wrap=True)
-        jt.add_column("error", overflow="fold")  # remote job names: `status RUN --json`
-        for j in r["job_list"]:
-            jt.add_row(
-                j["name"],
-                str(j["wave"] + 1),
-                j["state"].lower(),
-                f"{j['done']}/{j['requests']}",
-                f"{j['ok']}/{j['failed']}",
-                f"{j['tokens']:,}",
-                _esc(_age(j["since"] or "")),
-                _esc((j["error"] or "")[:80]),
-            )
-        c.print(jt)
-        if r["summary"]:
-            s = r["summary"]
-            c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")
-
-
-def _age(ts: str) -> str:
-    if not ts:
-        return ""
-    try:
-        dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return ts
-    sec = int((datetime.now(timezone.utc) - dt).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if sec >= size:
-            return f"{sec // size}{unit} ago"
-    return f"{sec}s ago"
-
-
-# ================================================================================================
-# 10. REST API (FastAPI, optional extra "api"): the same engine behind HTTP
-# ================================================================================================
-
-REST_MAX_BODY = 32 * 1024**2  # bytes a REST request body may hold (bigger inputs: the CLI, or a file)
-
-
-class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes answers 413 (by Content-Length, or while read)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
-
-    async def _too_large(self, send: Any) -> None:
-        body = orjson.dumps({"detail": f"request body over {self.limit:,} bytes: send a file through the CLI, or split it"})
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._too_large(send)
-        seen = 0
-        started = False
-
-        async def counted() -> Any:
-            nonlocal seen
-            msg = await receive()
-            if msg.get("type") == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return msg
-
-        async def tracked(msg: Any) -> None:
-            nonlocal started
-            started = started or msg.get("type") == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_large(send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def make_api(
-    state_dir: str | Path,
-    token: str,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    config: JobConfig | None = None,
-    options: RunOptions | None = None,
-    docs: bool = False,
-    max_body: int = REST_MAX_BODY,
-) -> Any:
-    """A FastAPI app over the engine. Every route needs `Authorization: Bearer <token>`: it spends money.
-    `docs`: serve /docs and /openapi.json (without a token: they show the API's shape, never data; off by
-    default, and /docs loads Swagger UI from a CDN). Bodies over `max_body` bytes answer 413.
-
-    Long work (fetching, batch jobs) runs in tasks this app owns and awaits at shutdown; status is pollable.
-    """
-    try:
-        from fastapi import Depends, FastAPI, HTTPException
-        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-        from pydantic import BaseModel, Field
-    except ImportError:
-        raise UsageError('the REST API needs FastAPI and uvicorn. Fix: pip install -e ".[api]"') from None
-    if not token:
-        raise UsageError("the REST API spends money, so it needs a token. Fix: set BATCHIFY_API_TOKEN.")
-
-    tasks: dict[str, asyncio.Task[Any]] = {}
-    failures: dict[str, str] = {}
-    claimed: set[str] = set()  # names taken by a request in this process (checked and added with no await between)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        yield
-        for t in tasks.values():
-            t.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-
-    app = FastAPI(
-        title="batchify",
-        version=__version__,
-        lifespan=lifespan,
-        description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
-        docs_url="/docs" if docs else None,
-        redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
-    )
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Any, exc: RequestValidationError) -> Any:
-        # What was wrong, never the body itself echoed back (a 22 MB body made a 22 MB error).
-        errs = [
-            {"loc": list(e.get("loc", ()))[:6], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
-            for e in exc.errors()[:20]
-        ]
-        return JSONResponse(status_code=422, content={"detail": errs, "errors": len(exc.errors())})
-
-    app.add_middleware(_BodyLimit, limit=max_body)
-    bearer = HTTPBearer(auto_error=False)
-
-    def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(
-                status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    class SubmitUrls(BaseModel):
-        urls: list[str] = Field(min_length=1, max_length=1_000_000)
-        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
-
-    class SubmitContents(BaseModel):
-        contents: list[dict[str, Any]] = Field(min_length=1, max_length=1_000_000)
-        batch_name: str | None = Field(default=None, pattern=RUN_NAME_RE)
-
-    class Submitted(BaseModel):
-        job_id: str
-        batch_name: str
-        status: str
-        message: str
-
-    def new_name(given: str | None) -> str:
-        name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        if name in claimed or RunStore(state_dir, name).exists() or name in tasks:
-            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already (or is being prepared)")
-        claimed.add(name)
-        return name
-
-    def start(name: str, work: Awaitable[Any]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except BatchifyError as e:
-                failures[name] = str(e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # kept for status: the server goes on
-                failures[name] = f"{type(e).__name__}: {e}"
-
-        tasks[name] = asyncio.ensure_future(guarded())
-
-    async def prepare_and_submit(name: str, records: list[Any]) -> None:
-        await prepare(records, name, config, options, state_dir, endpoint, api_key)
-        await submit(name, state_dir, endpoint, api_key)
-
-    def input_error(e: InputError, name: str) -> HTTPException:
-        """The engine's message in the API's terms: no server path, no CLI flag."""
-        where = str(Path(state_dir) / "inputs" / f"{name}.jsonl")
-
-        def say(text: str) -> str:
-            return text.replace(where, "request body").replace("--skip-invalid", "the server's skip_invalid option")
-
-        return HTTPException(status_code=422, detail={"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
-
-    async def submit_urls(body: SubmitUrls) -> Submitted:
-        bad = [u for u in body.urls if not re.match(r"^https?://[^\s/]+", u)]
-        if bad:
-            raise HTTPException(status_code=422, detail={"message": "only http(s) URLs", "problems": bad[:20]})
-        name = new_name(body.batch_name)
-        start(name, prepare_and_submit(name, list(body.urls)))
-        return Submitted(
-            job_id=name,
-            batch_name=name,
-            status="submitted",
-            message=f"{len(body.urls)} URL(s) accepted: fetching, then batch. Poll /batch/status/{name}.",
-        )
-
-    async def submit_contents(body: SubmitContents) -> Submitted:
-        name = new_name(body.batch_name)
-        try:  # validation and planning are CPU work: off the event loop, so other clients are not stalled
-            run = await asyncio.to_thread(
-                asyncio.run, prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
-            )
-        except InputError as e:
-            claimed.discard(name)
-            raise input_error(e, name) from None
-        except (UsageError, LockedError) as e:  # another process holds or made the name
-            claimed.discard(name)
-            raise HTTPException(status_code=409, detail=str(e)) from None
-        start(name, submit(name, state_dir, endpoint, api_key))
-        return Submitted(
-            job_id=name,
-            batch_name=name,
-            status="submitted",
-            message=f"{run.records} record(s) in {run.plan['batches']} batch(es), "
-            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}.",
-        )
-
-    # This module uses postponed annotations, so FastAPI cannot resolve these function-local models by
-    # name: hand it the classes themselves, then register the routes.
-    auth.__annotations__["creds"] = HTTPAuthorizationCredentials | None
-    for fn, model in ((submit_urls, SubmitUrls), (submit_contents, SubmitContents)):
-        fn.__annotations__.update(body=model, **{"return": Submitted})
-    app.add_api_route("/batch/submit", submit_urls, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)])
-    app.add_api_route(
-        "/batch/submit-contents", submit_contents, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)]
-    )
-
-    def known(name: str) -> None:
-        if not re.match(RUN_NAME_RE, name) or not (RunStore(state_dir, name).exists() or name in tasks):
-            raise HTTPException(status_code=404, detail=f"no run named {name!r}")
-
-    @app.get("/batch/status/{run}", dependencies=[Depends(auth)])
-    async def status_route(run: str) -> dict[str, Any]:
-        known(run)
-        task = tasks.get(run)
-        if not RunStore(state_dir, run).exists():
-            return {"name": run, "status": "failed" if run in failures else "preparing", "error": failures.get(run)}
-        entry: dict[str, Any] = run_status(state_dir, run)["runs"][0]
-        entry["working"] = task is not None and not task.done()
-        entry["error"] = failures.get(run)
-        return entry
-
-    @app.get("/batch/results/{run}", dependencies=[Depends(auth)])
-    async def results_route(run: str, summary: bool = False) -> dict[str, Any]:
-        known(run)
-        if not RunStore(state_dir, run).exists():
-            raise HTTPException(status_code=409, detail="the run is still being prepared")
-        if summary:
-            return analytics(state_dir, run)
-        st = RunStore(state_dir, run).load_run().status
-        return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
-
-    @app.get("/batch/jobs", dependencies=[Depends(auth)])
-    async def jobs_route() -> dict[str, Any]:
-        data = run_status(state_dir)
-        return {
-            "runs": [{k: r[k] for k in ("name", "status", "records", "jobs", "job_states", "updated_at")} for r in data["runs"]]
-        }
-
-    @app.post("/batch/cancel/{run}", dependencies=[Depends(auth)])
-    async def cancel_route(run: str) -> dict[str, Any]:
-        known(run)
-        task = tasks.get(run)
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if not RunStore(state_dir, run).exists():
-            return {"run": run, "cancelled": [], "status": "cancelled"}
-        names = await cancel(run, state_dir, endpoint, api_key)
-        return {"run": run, "cancelled": names, "status": "cancelled"}
-
-    return app
-
-
-# ================================================================================================
-# 11. CLI (click): parse, call one coroutine, render, map errors
-# ================================================================================================
-
-
-def _state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--state-dir",
-        envvar="BATCHIFY_STATE_DIR",
-        default=DEFAULT_STATE_DIR,
-        show_default=True,
-        type=click.Path(file_okay=False),
-        help="Where run folders live (env BATCHIFY_STATE_DIR).",
-    )(f)
-
-
-def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
-    return value
-
-
-def _endpoint_url(ctx: Any, param: Any, value: str | None) -> str | None:
-    if value is not None and value != "local" and not re.match(r"^https?://[^\s/:]+(:\d+)?(/\S*)?$", value):
-        raise click.BadParameter(f"{value!r} is neither 'local' nor an http(s) URL such as http://127.0.0.1:8765")
-    return value
-
-
-def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--endpoint",
-        default=None,
-        callback=_endpoint_url,
-        metavar="URL|local",
-        help="API base URL, or 'local' for the built-in emulator. Default: the SDK's GOOGLE_GEMINI_BASE_URL, else Google.",
-    )(f)
-
-
-def _api_key() -> str | None:
-    with contextlib.suppress(ImportError):
-        from dotenv import load_dotenv
-
-        load_dotenv(dotenv_path=Path.cwd() / ".env")  # the working directory's, as the README says
-    return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
-
-
-def _crash_hook() -> Callable[[str], None] | None:
-    """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
-    spec = os.environ.get("BATCHIFY_CRASH_AT")
-    if not spec:
-        return None
-    point, _, nth = spec.partition(":")
-    target = int(nth or 1)
-    seen = {"n": 0}
-
-    def hook(p: str) -> None:
-        if p == point:
-            seen["n"] += 1
-            if seen["n"] >= target:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
-    sys.stdout.flush()
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="batchify")
-def cli() -> None:
-    """Run large LLM jobs through the Gemini Batch API at half price, without losing a result."""
-
-
-def _waves(value: str) -> str | int:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter("use 'auto' or a whole number of waves") from None
-    if n < 1:
-        raise click.BadParameter("must be at least 1")
-    return n
-
-
-@cli.command()
-@click.argument("input_file", type=click.Path(dir_okay=False))
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML).")
-@click.option(
-    "--model", help=f"Model (default {DEFAULT_MODEL}: the catalog's cheapest current Flash with batch; see `batchify models`)."
-)
-@click.option(
-    "--models",
-    "models_file",
-    envvar="BATCHIFY_MODELS",
-    type=click.Path(dir_okay=False),
-    help='TOML file of [models."NAME"] tables laid over the model catalog (env BATCHIFY_MODELS).',
-)
-@click.option("--system-instruction", help="System instruction text.")
-@click.option("--prompt-template", help="Prompt with {field} placeholders.")
-@click.option(
-    "--temperature", type=float, help="Default: the catalog's advice for the model (1.0 for Gemini 3), else the model's own."
-)
-@click.option(
-    "--max-output-tokens", type=int, help="Default: room for the thinking setting plus the answer, within the model's limit."
-)
-@click.option(
-    "--thinking",
-    help="Thinking level (Gemini 3: minimal, low, medium, high, as the model allows) or budget in tokens (2.5; -1 dynamic). "
-    "Default: the lowest the model allows.",
-)
-@click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
-@click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")
-@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
-@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
-@click.option("--name", help="Run name (default: the input file's stem).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Results file (default <input stem>.results.jsonl).")
-@click.option("--waves", default="auto", show_default=True, help="'auto' or a number of waves.")
-@click.option(
-    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Requests per batch job at most."
-)
-@click.option(
-    "--tier",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 3),
-    help="Your project's usage tier: picks the catalog's limits.",
-)
-@click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
-@click.option(
-    "--margin",
-    type=click.FloatRange(0, 0.9),
-    help="Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
-    f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
-)
-@click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
-@click.option(
-    "--max-active-jobs",
-    default=DEFAULT_MAX_ACTIVE_JOBS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Batch jobs pending or running at once (the API allows 100).",
-)
-@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
-@click.option(
-    "--mode",
-    type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
-    default="auto",
-    show_default=True,
-    help="auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
-    "price, minutes each); hybrid: batch jobs from the head of the queue and Flex lanes from its tail at once, "
-    "meeting in the middle (the same price, sooner); realtime/standard: every request at the standard price.",
-)
-@click.option(
-    "--flex-lanes", default=4, show_default=True, type=click.IntRange(1), help="Hybrid: batches drained through Flex at once."
-)
-@click.option(
-    "--fallback-tier",
-    type=click.Choice(["auto", "flex", "standard"]),
-    default="auto",
-    show_default=True,
-    help="What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
-)
-@click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
-@click.option(
-    "--max-attempts",
-    default=DEFAULT_MAX_ATTEMPTS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).",
-)
-@click.option(
-    "--rpm",
-    type=click.IntRange(1),
-    help=f"Real-time requests per minute. Default: the catalog's for the model and tier, else {DEFAULT_RPM:,}.",
-)
-@click.option(
-    "--tpm",
-    type=click.IntRange(1),
-    help="Real-time input tokens per minute. Default: the catalog's, else none (429s slow the rate).",
-)
-@click.option(
-    "--create-timeout",
-    default=DEFAULT_CREATE_TIMEOUT,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
-)
-@click.option(
-    "--concurrency", default=64, show_default=True, type=click.IntRange(1), help="Real-time/Flex requests in flight at most."
-)
-@click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
-@click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
-@click.option("--max-cost", type=float, callback=_positive_usd, help="Stop before spending more than this many USD (> 0).")
-@click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
-@click.option(
-    "--allow-private-urls", is_flag=True, help="Fetch URLs that lead to loopback/private/link-local addresses too (off: refused)."
-)
-@click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm the plan.")
-@click.option("--dry-run", is_flag=True, help="Write request files and print the plan; upload nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
-@_endpoint_option
-@_state_dir_option
-def run(
-    input_file: str,
-    config_path: str | None,
-    model: str | None,
-    models_file: str | None,
-    system_instruction: str | None,
-    prompt_template: str | None,
-    temperature: float | None,
-    max_output_tokens: int | None,
-    thinking: str | None,
-    thinking_budget: int | None,
-    accept_truncated: bool | None,
-    id_field: str,
-    text_field: str,
-    name: str | None,
-    out: str | None,
-    waves: str,
-    batch_size: int,
-    tier: int,
-    enqueued_limit: int | None,
-    margin: float | None,
-    barrier: bool,
-    max_active_jobs: int,
-    poll_interval: float | None,
-    mode: str,
-    flex_lanes: int,
-    fallback_tier: str,
-    fallback: bool,
-    max_attempts: int,
-    rpm: int | None,
-    tpm: int | None,
-    create_timeout: float,
-    concurrency: int,
-    retry_scale: float,
-    rate_window: float,
-    max_cost: float | None,
-    skip_invalid: bool,
-    allow_private_urls: bool,
-    yes: bool,
-    dry_run: bool,
-    as_json: bool,
-    endpoint: str | None,
-    state_dir: str,
-) -> None:
-    """Prepare, plan, submit, poll, retrieve and merge INPUT_FILE (JSONL or a JSON array)."""
-    cfg = load_config(
-        config_path,
-        {
-            "model": model,
-            "system_instruction": system_instruction,
-            "prompt_template": prompt_template,
-            "temperature": temperature,
-            "max_output_tokens": max_output_tokens,
-            "thinking": thinking if thinking is not None else thinking_budget,
-            "accept_truncated": accept_truncated,
-        },
-    )
-    catalog = load_catalog(models_file)
-    _current_run[:] = [name or default_run_name(input_file)]
-    opts = RunOptions(
-        name=name,
-        id_field=id_field,
-        text_field=text_field,
-        batch_size=batch_size,
-        waves=_waves(waves),
-        tier=tier,
-        enqueued_limit=enqueued_limit,
-        margin=margin,
-        barrier=barrier,
-        max_active_jobs=max_active_jobs,
-        poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
-        mode="realtime" if mode == "standard" else mode,
-        fallback_tier=fallback_tier,
-        flex_lanes=flex_lanes,
-        fallback=fallback,
-        max_attempts=max_attempts,
-        rpm=rpm,
-        tpm=tpm,
-        create_timeout=create_timeout,
-        retry_scale=retry_scale,
-        concurrency=concurrency,
-        rate_window=rate_window,
-        max_cost=max_cost,
-        skip_invalid=skip_invalid,
-        allow_private_urls=allow_private_urls,
-        out=out,
-    )
-    interactive = not yes and sys.stdin.isatty() and not as_json
-
-    def confirm(r: Run) -> bool:
-        render_plan(r)
-        return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
-
-    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
-        r, summary = asyncio.run(
-            run_file(
-                input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
-            )
-        )
-    if dry_run:
-        if as_json:
-            _emit_json(
-                {
-                    "run": r.name,
-                    "state_dir": state_dir,
-                    "plan": r.plan,
-                    "records": r.records,
-                    "rejected": r.rejected,
-                    "chars_per_token": r.chars_per_token,
-                }
-            )
-        else:
-            render_plan(r, report())
-            report().print(
-                f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded. "
-                f"To submit: the same command without --dry-run, or `batchify resume {_esc(r.name)}`.",
-                soft_wrap=True,
-            )
-        return
-    assert summary is not None
-    _finish(summary, as_json, state_dir)
-
-
-def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
-    if as_json:
-        _emit_json(summary.to_dict())
-    else:
-        if state_dir is not None and summary.ok:
-            render_analytics(analytics(state_dir, summary.run), totals=False)
-        render_summary(summary)
-    if summary.status == "cancelled":
-        raise SystemExit(1)
-    if summary.errors:
-        raise SystemExit(1)
-
-
-@cli.command("models")
-@click.option("--json", "as_json", is_flag=True, help="Every figure, with its source, as JSON on stdout.")
-@click.option("--markdown", is_flag=True, help="The README's model table.")
-@click.option(
-    "--models", "models_file", envvar="BATCHIFY_MODELS", type=click.Path(dir_okay=False), help="Overrides, as for `run --models`."
-)
-def models_cmd(as_json: bool, markdown: bool, models_file: str | None) -> None:
-    """The model catalog: prices, limits, thinking rules and lifecycle, with their sources and dates."""
-    catalog = load_catalog(models_file)
-    today = utcnow()[:10]
-    if as_json:
-        _emit_json(
-            {"as_of": catalog.as_of, "default": DEFAULT_MODEL, "models": catalog_rows(catalog, today), "sources": catalog.sources}
-        )
-    elif markdown:
-        sys.stdout.write(models_markdown(catalog, catalog.as_of))  # the catalog's own date: the README embeds it
-    else:
-        render_models(catalog, today)
-
-
-@cli.command()
-@click.argument("run_name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="As JSON on stdout.")
-@_state_dir_option
-def status(run_name: str | None, as_json: bool, state_dir: str) -> None:
-    """Where every run (or RUN's waves and jobs) stands. Reads sidecars only."""
-    data = run_status(state_dir, run_name)
-    if as_json:
-        _emit_json(data)
-    else:
-        render_status(data, bool(run_name))
-
-
-def _pick_run(state_dir: str, run_name: str | None) -> str | None:
-    """The run to resume: the one named, else the only unfinished one; None when nothing is left to resume."""
-    if run_name:
-        return run_name
-    unfinished = []
-    for n in list_runs(state_dir):
-        with contextlib.suppress(StateError):  # a broken run is shown by `status`, never picked
-            if RunStore(state_dir, n).load_run().status not in ("done", "cancelled"):
-                unfinished.append(n)
-    if len(unfinished) == 1:
-        return unfinished[0]
-    if not unfinished:
-        return None
-    raise UsageError(f"several unfinished runs ({', '.join(unfinished)}). Fix: name the one to resume.")
-
-
-@cli.command()
-@click.argument("run_name", required=False)
-@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
-@click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
-@click.option("--json", "as_json", is_flag=True, help="The summary as JSON on stdout.")
-@_endpoint_option
-@_state_dir_option
-def resume(
-    run_name: str | None, poll_interval: float | None, max_cost: float | None, as_json: bool, endpoint: str | None, state_dir: str
-) -> None:
-    """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
-    name = _pick_run(state_dir, run_name)
-    if name is None:
-        report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
-        return
-    _current_run[:] = [name]
-    with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
-        summary = asyncio.run(
-            resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval, max_cost=max_cost)
-        )
-    _finish(summary, as_json, state_dir)
-
-
-@cli.command(name="list")
-@_state_dir_option
-def list_cmd(state_dir: str) -> None:
-    """One line per run: name, status, records."""
-    for n in list_runs(state_dir):
-        try:
-            r = RunStore(state_dir, n).load_run()
-        except StateError as e:
-            click.echo(f"{n}\tbroken\t-\t{e}")
-            continue
-        click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
-
-
-@cli.command(name="results")
-@click.argument("run_name")
-@click.option(
-    "--summary", "summary_only", is_flag=True, help="Analytics instead of the results: field distributions, errors, cost."
-)
-@click.option("--json", "as_json", is_flag=True, help="With --summary: as JSON on stdout.")
-@_state_dir_option
-def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str) -> None:
-    """Re-emit RUN's merged results file on stdout (rebuilt from the sidecars if it is missing)."""
-    if summary_only:
-        data = analytics(state_dir, run_name)
-        if as_json:
-            _emit_json(data)
-        else:
-            render_analytics(data)
-        return
-    run = RunStore(state_dir, run_name).load_run()
-    out = Path(run.out)
-    if not out.exists():
-        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
-    else:
-        st = out.stat()
-        if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
-            # something else wrote that file since this run merged it: print this run's results, not that file
-            console().print(
-                f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
-            )
-            for r in iter_sidecar_results(state_dir, run_name):
-                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
-            return
-    with open(out, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sys.stdout.buffer.write(chunk)
-
-
-@cli.command(name="cleanup")
-@click.argument("run_name")
-@click.option("--local", is_flag=True, help="Also delete the run's state folder.")
-@_endpoint_option
-@_state_dir_option
-def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str) -> None:
-    """Delete RUN's remote jobs and files once its results are merged (refuses before)."""
-    counts = asyncio.run(cleanup(run_name, state_dir, endpoint, _api_key(), local))
-    where = " and its state folder" if local else ""
-    console().print(f"deleted {counts['jobs']} remote job(s), {counts['files']} remote file(s){where} of {_esc(run_name)}")
-
-
-@cli.command(name="cancel")
-@click.argument("run_name")
-@_endpoint_option
-@_state_dir_option
-def cancel_cmd(run_name: str, endpoint: str | None, state_dir: str) -> None:
-    """Cancel RUN's remote jobs (they stay cancelled on resume)."""
-    if RunStore(state_dir, run_name).load_run().status == "done":
-        report().print(f"run {_esc(run_name)} is finished: nothing to cancel.")
-        return
-    names = asyncio.run(cancel(run_name, state_dir, endpoint, _api_key()))
-    report().print(f"cancelled {len(names)} job(s) of {_esc(run_name)}; jobs that had finished keep their results")
-
-
-@cli.command()
-@click.argument("input_file", type=click.Path(dir_okay=False))
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job definition (TOML) to check too.")
-@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
-@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
-def validate(input_file: str, config_path: str | None, id_field: str, text_field: str) -> None:
-    """Check INPUT_FILE (and --config) as `run` would, without writing or sending anything."""
-    res = validate_file(input_file, load_config(config_path), id_field, text_field)
-    console().print(f"[green]{_esc(input_file)}: {res['records']:,} valid record(s), ~{res['input_tokens']:,} tokens[/]")
-
-
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
-@click.option("--docs", is_flag=True, help="Serve /docs and /openapi.json (answer without a token; Swagger UI loads from a CDN).")
-@click.option("--allow-private-urls", is_flag=True, help="Fetch submitted URLs that lead to private/local addresses too.")
-@_endpoint_option
-@_state_dir_option
-def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool, allow_private_urls: bool) -> None:
-    """Serve the REST API (needs BATCHIFY_API_TOKEN and pip install -e ".[api]")."""
-    opts = RunOptions(allow_private_urls=allow_private_urls)
-    app = make_api(state_dir, os.environ.get("BATCHIFY_API_TOKEN", ""), endpoint, _api_key(), options=opts, docs=docs)
-    import uvicorn
-
-    where = " (OpenAPI at /docs, without a token)" if docs else ""
-    console().print(f"batchify REST API on http://{host}:{port}{where}; state in {_esc(state_dir)}")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=int)
-@click.option("--job-seconds", default=3.0, show_default=True, type=float)
-@click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
-@click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")
-@click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
-@click.option("--enqueued-limit", type=int, help="Enqueued-token limit per model (default: the catalog's tier 1, else 3M).")
-@click.option("--max-active-jobs", default=100, show_default=True, type=int)
-@click.option("--token-spread", default=0.0, type=float, help="Each text's tokens off by up to +- this share.")
-@click.option("--line-error-rate", default=0.0, type=float)
-@click.option("--fail-jobs", default=0, type=int, help="The first N jobs end FAILED.")
-@click.option("--expire-jobs", default=0, type=int, help="The next N jobs stay PENDING, then EXPIRE.")
-@click.option("--create-429", default=0, type=int, help="The first N creates answer 429.")
-@click.option("--forbid-batch", is_flag=True, help="Creates answer 403 (no billing).")
-@click.option("--unavailable-rate", default=0.0, type=float, help="Share of API calls answered 503.")
-@click.option("--drop-downloads", default=0, type=int, help="The first N downloads drop half-way.")
-@click.option("--output-delay", default=0.0, type=float, help="Seconds before a finished job's output is there.")
-@click.option("--latency-ms", default=0.0, type=float)
-@click.option("--latency-spread-ms", default=0.0, type=float)
-@click.option("--rpm", type=int)
-@click.option("--tpm", type=int)
-@click.option("--rate-window", default=60.0, type=float)
-@click.option("--seed", default=0, type=int)
-@click.option("--upload-400-mime", default=0, type=int, help='The first N uploads answer 400 "Unsupported MIME type: jsonl".')
-@click.option("--upload-no-file", default=0, type=int, help="The first N uploads answer 200 without their file.")
-@click.option("--download-403", default=0, type=int, help="The first N output downloads answer 403.")
-@click.option("--download-404", default=0, type=int, help="The first N output downloads answer 404.")
-@click.option("--list-429", default=0, type=int, help="The first N batches.list calls answer 429.")
-@click.option("--reject-key", help="This API key is answered 400 API_KEY_INVALID.")
-@click.option("--cache-min-tokens", default=1_024, type=int, help="A repeated system instruction this long is reported cached.")
-@click.option("--today", help="The date that decides which models are retired (default: today).")
-@click.option("--flex-latency-min", default=0.0, type=float, help="Flex latency, simulated seconds: from this ...")
-@click.option("--flex-latency-max", default=0.0, type=float, help="... to this.")
-@click.option("--flex-shed-rate", default=0.0, type=float, help="Share of Flex requests shed with 503.")
-@click.option("--flex-capacity", type=int, help="Flex requests in flight beyond this are shed with 503.")
-@click.option(
-    "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
-)
-def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> None:
-    """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
-    cfg = EmulatorConfig(**knobs, models=read_models_file(models_file) if models_file else None)
-
-    async def serve() -> None:
-        emu = Emulator(cfg)
-        url = await emu.start(host, port)
-        console().print(f"[yellow]{_esc(EMULATOR_LABEL)}[/] listening on {url}  (GOOGLE_GEMINI_BASE_URL={url})")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await emu.stop()
-
-    asyncio.run(serve())
-
-
-# ================================================================================================
-# 12. main(): the one place errors become exit codes
-# ================================================================================================
-
-
-_current_run: list[str] = []  # the run a command works on, for the Ctrl-C/SIGTERM message
-_terminated = False
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted."""
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        cli.main(args=argv, prog_name="batchify", standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
-        which = f"run {_current_run[0]!r}" if _current_run else "the run"
-        again = f"`batchify resume {_current_run[0]}`" if _current_run else "`batchify resume`"
-        why = "terminated (SIGTERM)" if _terminated else "interrupted"
-        console().print(f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved; {_esc(again)} finishes it.")
-        return 143 if _terminated else 130
-    except click.ClickException as e:
-        e.show()
-        return 2
-    except InputError as e:
-        console().print(f"[red]error:[/] {_esc(e)}", soft_wrap=True)
-        for p in e.problems:
-            console().print(f"  {_esc(p)}", soft_wrap=True)
-        return e.exit_code
-    except OSError as e:  # the disk, not batchify: full, read-only, no permission
-        reasons = {
-            errno.ENOSPC: "the disk is full",
-            errno.EROFS: "the file system is read-only",
-            errno.EDQUOT: "the disk quota is used up",
-        }
-        where = e.filename or "the state dir"
-        code = e.errno or 0
-        if code not in reasons:
-            console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
-            return 3
-        what = reasons[code]
-        console().print(
-            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
-            "writable disk, then `batchify resume` (nothing already done is lost).",
-            soft_wrap=True,
-        )
-        return DISK_EXIT
-    except Declined as e:
-        console().print(_esc(e), soft_wrap=True)
-        return 0
-    except BatchifyError as e:
-        msg = str(e)
-        if isinstance(e, AuthError):  # which variable held the key (never its value)
-            var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
-            msg = msg.replace("the API key", f"the API key in {var}")
-        console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
-        return e.exit_code
-    except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
-    return 0
 
 
 if __name__ == "__main__":

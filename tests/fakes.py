@@ -26,7 +26,7 @@ class FakeClock:
 
 
 class FakeGemini:
-    """Implements the GeminiClient calls the engine makes. Job i (in create order) takes durations[i] fake
+    """Implements batchify.Backend (what the engine calls). Job i (in create order) takes durations[i] fake
     seconds; every call is logged with the fake time it happened at."""
 
     def __init__(self, clock: FakeClock, durations: list[float], limit: int | None = None):
@@ -116,8 +116,18 @@ class FakeGemini:
     async def cancel_batch(self, name: str) -> None:
         self._log("cancel", name)
 
+    async def delete_batch(self, name: str) -> None:
+        self._log("delete-batch", name)
+
+    async def delete_file(self, name: str) -> None:
+        self._log("delete-file", name)
+
     async def close(self) -> None:
         pass
 
     def end_of(self, name: str) -> float:
         return float(self.jobs[name]["end"])
+
+
+def _conforms(clock: FakeClock) -> batchify.Backend:
+    return FakeGemini(clock, [])  # mypy (run by .ci/run) checks the fake implements the Backend protocol

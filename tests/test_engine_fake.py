@@ -25,7 +25,7 @@ def prepared(tmp_path: Path, n: int, batch_size: int, **opts) -> batchify.RunSto
 
 def run_engine(store: batchify.RunStore, fake: FakeGemini, clock: FakeClock) -> batchify.Summary:
     async def go() -> batchify.Summary:
-        return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep).execute()  # type: ignore[arg-type]
+        return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep).execute()
 
     return asyncio.run(go())
 
