@@ -1617,6 +1617,99 @@ def admit(active_tokens: int, active_jobs: int, candidate_tokens: int, limit: in
     return active_jobs < max_jobs and active_tokens + candidate_tokens <= limit
 
 
+def jobs_to_retry(jobs: Iterable[Job], max_attempts: int, run_cancelled: bool) -> list[Job]:
+    """The jobs that ended FAILED/EXPIRED and get another attempt (a new job with the same requests): not
+    cancelled by the user, not marked final, not retried already, attempts left. In admission order."""
+    if run_cancelled:
+        return []
+    jobs = list(jobs)
+    retried = {j.retry_of for j in jobs if j.retry_of}
+    return sorted(
+        (
+            j
+            for j in jobs
+            if j.state in (S.FAILED, S.EXPIRED)
+            and not j.cancelled_by_user
+            and not j.no_retry
+            and j.name not in retried
+            and j.attempt < max_attempts
+        ),
+        key=lambda j: (j.index, j.attempt),
+    )
+
+
+def plan_admission(jobs: Iterable[Job], limit: int, max_jobs: int, barrier: bool) -> list[str]:
+    """Which batch-lane jobs to create now, in order: rolling admission from the head of the queue while the
+    enqueued tokens stay under `limit` and the live jobs under `max_jobs`; with `barrier`, never a job of a
+    later wave while an earlier wave is unfinished. Stops at the first job that does not fit or is not
+    uploaded yet (order is kept: the head is never overtaken). Each answer assumes the creates before it
+    succeed; the engine stops at the first one refused."""
+    ordered = sorted(jobs, key=lambda j: (j.index, j.attempt))
+    live_tokens = sum(j.tokens for j in ordered if j.state in ACTIVE_STATES)
+    live_jobs = sum(1 for j in ordered if j.state in ACTIVE_STATES)
+    open_waves = [j.wave for j in ordered if j.state not in FINAL_STATES]
+    first_open_wave = min(open_waves, default=0)
+    out: list[str] = []
+    for j in ordered:
+        if j.state not in UNSUBMITTED or j.lane != "batch":
+            continue
+        if barrier and first_open_wave < j.wave:
+            break
+        if not admit(live_tokens, live_jobs, j.tokens, limit, max_jobs) or j.state != S.UPLOADED:
+            break
+        out.append(j.name)
+        live_tokens += j.tokens
+        live_jobs += 1
+    return out
+
+
+def due_for_poll(jobs: Iterable[Job], next_poll: dict[str, float], timed: set[str], now: float, base: float) -> list[str]:
+    """The jobs to poll in this pass: live at the service (or SUCCEEDED without its output file yet) and due.
+    Jobs due within a fifth of the base interval ride along (fewer wake-ups), except those timed to their
+    end (`timed`): polled early, they would be found still running and wait a whole interval more."""
+    return [
+        j.name
+        for j in sorted(jobs, key=lambda j: (j.index, j.attempt))
+        if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
+        and next_poll.get(j.name, 0.0) <= now + (0.0 if j.name in timed else 0.2 * base)
+    ]
+
+
+def due_for_retrieval(
+    jobs: Iterable[Job], polled: set[str], next_poll: dict[str, float], now: float, retrieving: set[str]
+) -> list[str]:
+    """The SUCCEEDED jobs whose output to download now: seen finished by this very pass (so the end-to-download
+    lag is the download alone), or due again after a failed download; never one already being downloaded."""
+    return [
+        j.name
+        for j in sorted(jobs, key=lambda j: (j.index, j.attempt))
+        if j.state == S.SUCCEEDED
+        and j.output_file
+        and (j.name in polled or next_poll.get(j.name, 0.0) <= now)
+        and j.name not in retrieving
+    ]
+
+
+def next_wake(
+    jobs: Iterable[Job],
+    next_poll: dict[str, float],
+    retrieving: set[str],
+    now: float,
+    base: float,
+    create_after: float,
+    freed: bool,
+) -> float:
+    """The moment the scheduler should look again: the earliest poll due (of jobs live or awaiting their
+    output, not being downloaded); with jobs waiting for admission, now if a job just left the enqueued set
+    (admit into the room it made at once), else the create back-off or one base interval. At least `now`."""
+    jobs = list(jobs)
+    state = {j.name: j.state for j in jobs}
+    waits = [t for name, t in next_poll.items() if state.get(name) in REMOTE_LIVE | {S.SUCCEEDED} and name not in retrieving]
+    if any(j.state in UNSUBMITTED for j in jobs):
+        waits.append(now if freed else max(create_after, now + base))
+    return max(now, min(waits, default=now + base))
+
+
 def next_poll_interval(current: float, changed: bool, base: float, maximum: float) -> float:
     """A job's poll interval: back to base when its state moved, else 1.5x longer up to maximum."""
     return base if changed else min(maximum, current * 1.5)
@@ -3182,6 +3275,18 @@ def summary_of(run: Run) -> Summary:
     return Summary(**{k: v for k, v in run.summary.items() if k in names})
 
 
+@dataclass
+class _Timers:
+    """The run loop's bookkeeping between passes: when each job is next polled, its backed-off interval,
+    which polls are timed to a job's predicted end, and the create back-off after a refusal."""
+
+    create_backoff: float
+    create_after: float = 0.0
+    next_poll: dict[str, float] = field(default_factory=dict)
+    interval: dict[str, float] = field(default_factory=dict)
+    timed: set[str] = field(default_factory=set)
+
+
 class Engine:
     """Drives one prepared run to the end. Never prints, exits or reads the environment."""
 
@@ -3504,35 +3609,25 @@ class Engine:
                 self._set(j, S.UPLOADED)
 
     def _spawn_retries(self) -> None:
-        if self.run.status == "cancelled":
-            return
-        retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
-        for j in list(self._ordered()):
-            if (
-                j.state in (S.FAILED, S.EXPIRED)
-                and not j.cancelled_by_user
-                and not j.no_retry
-                and j.name not in retried
-                and j.attempt < self.opts.max_attempts
-            ):
-                a = j.attempt + 1
-                base = j.name.split("-")[0]
-                nj = Job(
-                    name=f"{base}-r{a}",
-                    index=j.index,
-                    display_name=display_name_for(self.run.name, self.run.run_id, j.index, a),
-                    request_file=j.request_file,
-                    request_count=j.request_count,
-                    tokens=j.tokens,
-                    bytes=j.bytes,
-                    wave=j.wave,
-                    attempt=a,
-                    retry_of=j.name,
-                    timestamps={"CREATED": utcnow()},
-                )
-                self._log(f"{j.name} ended {j.state}: resubmitting its {j.request_count} request(s) as {nj.name}")
-                self.store.save_job(nj)
-                self.jobs[nj.name] = nj
+        for j in jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"):
+            a = j.attempt + 1
+            base = j.name.split("-")[0]
+            nj = Job(
+                name=f"{base}-r{a}",
+                index=j.index,
+                display_name=display_name_for(self.run.name, self.run.run_id, j.index, a),
+                request_file=j.request_file,
+                request_count=j.request_count,
+                tokens=j.tokens,
+                bytes=j.bytes,
+                wave=j.wave,
+                attempt=a,
+                retry_of=j.name,
+                timestamps={"CREATED": utcnow()},
+            )
+            self._log(f"{j.name} ended {j.state}: resubmitting its {j.request_count} request(s) as {nj.name}")
+            self.store.save_job(nj)
+            self.jobs[nj.name] = nj
 
     def _line_retry_due(self) -> bool:
         """Without the real-time fallback, per-line errors get one more try in a batch of their own: only the
@@ -3687,113 +3782,79 @@ class Engine:
             self._wake.set()
 
     async def _schedule(self, background: asyncio.TaskGroup) -> None:
+        """The run loop: each pass applies the pure decisions (plan_admission, due_for_poll,
+        due_for_retrieval, next_wake) to the jobs as they stand, then sleeps until the next one is due or
+        something (an upload, a download, a Flex lane) wakes it. Every pass awaits: no busy loop."""
         base = self.opts.poll_interval
-        interval: dict[str, float] = {}
-        next_poll: dict[str, float] = {}
-        timed: set[str] = set()  # jobs whose next poll is set just after their progress says they end
-        create_after = 0.0
-        create_backoff = base
+        t = _Timers(create_backoff=base)
         while True:
             self._wake.clear()
             if any(j.state == S.SUBMITTING for j in self.jobs.values()):
                 await self.reconcile()  # a create whose answer was lost, not yet found: look again (never fatal)
             self._spawn_retries()
             self._demand.set()
-            now = self.clock()
-            # admission: rolling (or wave by wave with --barrier), in order, under the token limit
-            if now >= create_after:
-                for j in self._ordered():
-                    j = self.jobs[j.name]  # current: a Flex lane may have claimed it while an earlier create ran
-                    if j.state not in UNSUBMITTED or j.lane != "batch":
-                        continue
-                    live = [x for x in self.jobs.values() if x.state in ACTIVE_STATES]
-                    if self.opts.barrier and any(x.wave < j.wave and x.state not in FINAL_STATES for x in self.jobs.values()):
-                        break
-                    if not admit(sum(x.tokens for x in live), len(live), j.tokens, self.limit, self.opts.max_active_jobs):
-                        break
-                    if j.state != S.UPLOADED:
-                        break  # the uploader is on it; its event wakes us
-                    created = await self.submit(j)
-                    self._demand.set()
-                    if not created:
-                        create_after = self.clock() + create_backoff
-                        create_backoff = min(create_backoff * 2, self.opts.max_poll_interval)
-                        break
-                    create_backoff = base
-                    next_poll[j.name] = self.clock() + base
-            # poll every due job concurrently, then fetch every finished job's results
-            now = self.clock()
-            due = [
-                j
-                for j in self._ordered()
-                if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
-                # jobs due soon ride along (fewer wake-ups), except those timed to their end: polled early,
-                # they would be found still running and wait a whole base interval more
-                and next_poll.get(j.name, 0.0) <= now + (0.0 if j.name in timed else 0.2 * base)
-            ]
-            freed = False
-            if due:
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        tasks = {j.name: tg.create_task(self.poll(j)) for j in due}
-                except ExceptionGroup as eg:  # a poll's own error (a refused key): raised as itself
-                    raise eg.exceptions[0] from None
-                for j in due:
-                    moved = tasks[j.name].result()
-                    freed = freed or (j.state in ACTIVE_STATES and self.jobs[j.name].state not in ACTIVE_STATES)
-                    interval[j.name] = next_poll_interval(interval.get(j.name, base), moved, base, self.opts.max_poll_interval)
-                    delay = poll_delay(interval[j.name], self._eta(self.jobs[j.name]), base)
-                    next_poll[j.name] = self.clock() + delay
-                    if delay != interval[j.name]:
-                        timed.add(j.name)
-                    else:
-                        timed.discard(j.name)
-            polled = {j.name for j in due}
-            for j in self._ordered():
-                if (
-                    j.state == S.SUCCEEDED
-                    and j.output_file
-                    # seen finished by this very pass (its next poll was just pushed out), or due again
-                    and (j.name in polled or next_poll.get(j.name, 0.0) <= now)
-                    and j.name not in self._retrieving
-                ):
-                    self._retrieving.add(j.name)
-                    background.create_task(self._retrieve_beside(j, next_poll))
+            if self.clock() >= t.create_after:
+                await self._admit(t)
+            due = due_for_poll(self.jobs.values(), t.next_poll, t.timed, self.clock(), base)
+            freed = await self._poll_due(due, t)
+            for name in due_for_retrieval(self.jobs.values(), set(due), t.next_poll, self.clock(), self._retrieving):
+                self._retrieving.add(name)
+                background.create_task(self._retrieve_beside(self.jobs[name], t.next_poll))
             if self._failure is not None:
                 raise self._failure
             self._report()
             if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
                 return
-            # Sleep until the next poll is due, or until the uploader brings the next batch (its event),
-            # or for one interval while admission waits on a back-off. Every pass awaits: no busy loop.
-            waits = [
-                t
-                for name, t in next_poll.items()
-                if self.jobs[name].state in REMOTE_LIVE | {S.SUCCEEDED} and name not in self._retrieving
-            ]
-            if any(j.state in UNSUBMITTED for j in self.jobs.values()):
-                if freed:
-                    # A job just left the enqueued set: admit into the room it made now, not one interval
-                    # later; a 429 back-off is moot once capacity has actually changed.
-                    create_after, create_backoff = 0.0, base
-                    waits.append(self.clock())
-                else:
-                    waits.append(max(create_after, self.clock() + base))
-            delay = max(0.0, min(waits, default=self.clock() + base) - self.clock())
-            await self._nap(delay, self._wake)
+            if freed:  # a 429 back-off is moot once capacity has actually changed
+                t.create_after, t.create_backoff = 0.0, base
+            now = self.clock()
+            wake = next_wake(self.jobs.values(), t.next_poll, self._retrieving, now, base, t.create_after, freed)
+            await self._nap(wake - now, self._wake)
+
+    async def _admit(self, t: _Timers) -> None:
+        """Create the jobs plan_admission picks, in order, stopping at the first the service refuses."""
+        base = self.opts.poll_interval
+        for name in plan_admission(self.jobs.values(), self.limit, self.opts.max_active_jobs, self.opts.barrier):
+            job = self.jobs[name]
+            if job.lane != "batch" or job.state != S.UPLOADED:
+                continue  # a Flex lane claimed it while an earlier create was awaited
+            created = await self.submit(job)
+            self._demand.set()
+            if not created:
+                t.create_after = self.clock() + t.create_backoff
+                t.create_backoff = min(t.create_backoff * 2, self.opts.max_poll_interval)
+                return
+            t.create_backoff = base
+            t.next_poll[name] = self.clock() + base
+
+    async def _poll_due(self, due: list[str], t: _Timers) -> bool:
+        """Poll the due jobs at once and set each one's next poll; True when one of them left the enqueued set."""
+        if not due:
+            return False
+        base = self.opts.poll_interval
+        before = {name: self.jobs[name].state for name in due}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = {name: tg.create_task(self.poll(self.jobs[name])) for name in due}
+        except ExceptionGroup as eg:  # a poll's own error (a refused key): raised as itself
+            raise eg.exceptions[0] from None
+        freed = False
+        for name in due:
+            now_state = self.jobs[name].state
+            freed = freed or (before[name] in ACTIVE_STATES and now_state not in ACTIVE_STATES)
+            t.interval[name] = next_poll_interval(
+                t.interval.get(name, base), tasks[name].result(), base, self.opts.max_poll_interval
+            )
+            delay = poll_delay(t.interval[name], self._eta(self.jobs[name]), base)
+            t.next_poll[name] = self.clock() + delay
+            if delay != t.interval[name]:
+                t.timed.add(name)
+            else:
+                t.timed.discard(name)
+        return freed
 
     def _retry_pending(self) -> bool:
-        if self.run.status == "cancelled":
-            return False
-        retried = {j.retry_of for j in self.jobs.values() if j.retry_of}
-        return any(
-            j.state in (S.FAILED, S.EXPIRED)
-            and not j.cancelled_by_user
-            and not j.no_retry
-            and j.name not in retried
-            and j.attempt < self.opts.max_attempts
-            for j in self.jobs.values()
-        )
+        return bool(jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"))
 
     async def submit(self, job: Job) -> bool:
         """Create the batch job of one uploaded file. False when the service said "not now"."""

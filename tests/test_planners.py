@@ -172,9 +172,138 @@ def test_plan_properties(sizes, batch_size, limit, max_bytes, waves):
 
 
 @given(active=st.integers(0, 100), cand=st.integers(1, 100), limit=st.integers(1, 200), jobs=st.integers(0, 5))
-def test_admit_never_exceeds_limit(active, cand, limit, jobs):
-    if b.admit(active, jobs, cand, limit, 5):
-        assert active + cand <= limit and jobs < 5
+def test_admit_says_yes_exactly_when_it_fits(active, cand, limit, jobs):
+    assert b.admit(active, jobs, cand, limit, 5) == (active + cand <= limit and jobs < 5)
+
+
+# -- the run loop's decisions (pure: the engine only applies them) -----------------------------------
+
+
+def mkjob(i: int, state: S = S.UPLOADED, tokens: int = 10, wave: int = 0, lane: str = "batch", **kw) -> b.Job:
+    return b.Job(f"b{i:04d}", i, f"dn{i}", f"requests/b{i:04d}.jsonl", 1, tokens, 1, wave=wave, state=state, lane=lane, **kw)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "limit", "max_jobs", "barrier", "expected"),
+    [
+        # fills the limit from the head, in order
+        ([mkjob(1), mkjob(2), mkjob(3)], 25, 10, False, ["b0001", "b0002"]),
+        # live jobs count against it
+        ([mkjob(1, S.RUNNING), mkjob(2), mkjob(3)], 25, 10, False, ["b0002"]),
+        ([mkjob(1, S.SUBMITTING, tokens=20), mkjob(2)], 25, 10, False, []),
+        # the job cap
+        ([mkjob(1, S.PENDING), mkjob(2), mkjob(3)], 100, 2, False, ["b0002"]),
+        # the head not uploaded yet: nothing overtakes it
+        ([mkjob(1, S.UPLOADING), mkjob(2)], 100, 10, False, []),
+        ([mkjob(1, S.CREATED), mkjob(2)], 100, 10, False, []),
+        # a big head blocks smaller later ones (order is kept)
+        ([mkjob(1, tokens=30), mkjob(2, tokens=1)], 25, 10, False, []),
+        # finished and Flex-owned jobs are skipped
+        ([mkjob(1, S.RESULTS_DOWNLOADED), mkjob(2, lane="flex"), mkjob(3)], 10, 10, False, ["b0003"]),
+        ([mkjob(1, S.FLEXED), mkjob(2)], 10, 10, False, ["b0002"]),
+        # rolling: a later wave starts while the earlier one runs...
+        ([mkjob(1, S.RUNNING, wave=0), mkjob(2, wave=1)], 100, 10, False, ["b0002"]),
+        # ...but not with --barrier
+        ([mkjob(1, S.RUNNING, wave=0), mkjob(2, wave=1)], 100, 10, True, []),
+        ([mkjob(1, S.RESULTS_DOWNLOADED, wave=0), mkjob(2, wave=1), mkjob(3, wave=2)], 100, 10, True, ["b0002"]),
+        ([mkjob(1, wave=0), mkjob(2, wave=0), mkjob(3, wave=1)], 100, 10, True, ["b0001", "b0002"]),
+    ],
+)
+def test_plan_admission_table(jobs, limit, max_jobs, barrier, expected):
+    assert b.plan_admission(jobs, limit, max_jobs, barrier) == expected
+
+
+@settings(max_examples=200)
+@given(
+    toks=st.lists(st.integers(1, 50), min_size=1, max_size=12),
+    live=st.lists(st.integers(1, 50), max_size=4),
+    limit=st.integers(1, 200),
+    max_jobs=st.integers(1, 8),
+)
+def test_plan_admission_properties(toks, live, limit, max_jobs):
+    jobs = [mkjob(100 + i, S.RUNNING, tokens=t) for i, t in enumerate(live)] + [mkjob(i, tokens=t) for i, t in enumerate(toks)]
+    got = b.plan_admission(jobs, limit, max_jobs, barrier=False)
+    names = [j.name for j in jobs[len(live) :]]
+    assert got == names[: len(got)], "a prefix of the queue, in order"
+    admitted = sum(toks[: len(got)])
+    assert sum(live) + admitted <= limit or not got
+    assert len(live) + len(got) <= max_jobs or not got
+    if len(got) < len(toks):  # it stopped because the next one does not fit: never out of timidity
+        assert sum(live) + admitted + toks[len(got)] > limit or len(live) + len(got) >= max_jobs
+
+
+def test_jobs_to_retry():
+    jobs = [
+        mkjob(1, S.FAILED),
+        mkjob(2, S.EXPIRED),
+        mkjob(3, S.FAILED, cancelled_by_user=True),
+        mkjob(4, S.FAILED, no_retry=True),
+        mkjob(5, S.FAILED, attempt=3),
+        mkjob(6, S.FAILED),
+        b.Job("b0006-r2", 6, "dn6r2", "requests/b0006.jsonl", 1, 10, 1, attempt=2, retry_of="b0006"),
+        mkjob(7, S.CANCELLED),
+        mkjob(8, S.RESULTS_DOWNLOADED),
+    ]
+    assert [j.name for j in b.jobs_to_retry(jobs, 3, run_cancelled=False)] == ["b0001", "b0002"]
+    assert b.jobs_to_retry(jobs, 3, run_cancelled=True) == []
+    assert [j.name for j in b.jobs_to_retry(jobs, 1, run_cancelled=False)] == []
+
+
+@pytest.mark.parametrize(
+    ("states", "next_poll", "timed", "now", "expected"),
+    [
+        # live jobs due now, or within a fifth of the base interval (10 s here), ride along
+        ([S.RUNNING, S.PENDING, S.RUNNING], {"b0001": 5.0, "b0002": 11.5, "b0003": 13.0}, set(), 10.0, ["b0001", "b0002"]),
+        # a job timed to its predicted end is not polled early
+        ([S.RUNNING], {"b0001": 11.0}, {"b0001"}, 10.0, []),
+        ([S.RUNNING], {"b0001": 10.0}, {"b0001"}, 10.0, ["b0001"]),
+        # never polled yet: due
+        ([S.PENDING], {}, set(), 0.0, ["b0001"]),
+        # SUCCEEDED without its output file yet (it appears later) is polled; with it, not
+        ([S.SUCCEEDED], {"b0001": 0.0}, set(), 1.0, ["b0001"]),
+        ([S.UPLOADED, S.RESULTS_DOWNLOADED, S.FAILED], {}, set(), 1.0, []),
+    ],
+)
+def test_due_for_poll_table(states, next_poll, timed, now, expected):
+    assert b.due_for_poll([mkjob(i + 1, st_) for i, st_ in enumerate(states)], next_poll, timed, now, 10.0) == expected
+
+
+def test_due_for_poll_skips_a_succeeded_job_that_has_its_output():
+    assert b.due_for_poll([mkjob(1, S.SUCCEEDED, output_file="files/o")], {}, set(), 0.0, 10.0) == []
+
+
+def test_due_for_retrieval_is_the_same_pass_that_saw_the_end():
+    done = mkjob(1, S.SUCCEEDED, output_file="files/o1")
+    later = mkjob(2, S.SUCCEEDED, output_file="files/o2")
+    busy = mkjob(3, S.SUCCEEDED, output_file="files/o3")
+    running = mkjob(4, S.RUNNING)
+    jobs = [done, later, busy, running]
+    # b0001 was polled in this pass (its next poll already pushed out): retrieved now, not at that next poll
+    got = b.due_for_retrieval(jobs, {"b0001", "b0003", "b0004"}, {"b0001": 99.0, "b0002": 50.0}, 10.0, {"b0003"})
+    assert got == ["b0001"]
+    # a failed download is tried again when it is due
+    assert b.due_for_retrieval(jobs, set(), {"b0001": 99.0, "b0002": 50.0, "b0003": 99.0}, 50.0, set()) == ["b0002"]
+
+
+@pytest.mark.parametrize(
+    ("states", "next_poll", "retrieving", "create_after", "freed", "expected"),
+    [
+        # the earliest poll due among live jobs
+        ([S.RUNNING, S.RUNNING], {"b0001": 30.0, "b0002": 17.0}, set(), 0.0, False, 17.0),
+        # finished and downloading jobs do not set the time
+        ([S.RESULTS_DOWNLOADED, S.SUCCEEDED], {"b0001": 12.0, "b0002": 13.0}, {"b0002"}, 0.0, False, 20.0),
+        # a job waits for admission: one base interval (or the create back-off, if later)...
+        ([S.RUNNING, S.UPLOADED], {"b0001": 40.0}, set(), 0.0, False, 20.0),
+        ([S.RUNNING, S.UPLOADED], {"b0001": 40.0}, set(), 35.0, False, 35.0),
+        # ...but at once when a job just left the enqueued set
+        ([S.RUNNING, S.UPLOADED], {"b0001": 40.0}, set(), 35.0, True, 10.0),
+        # overdue polls: now, never in the past
+        ([S.RUNNING], {"b0001": 3.0}, set(), 0.0, False, 10.0),
+    ],
+)
+def test_next_wake_table(states, next_poll, retrieving, create_after, freed, expected):
+    jobs = [mkjob(i + 1, st_) for i, st_ in enumerate(states)]
+    assert b.next_wake(jobs, next_poll, retrieving, 10.0, 10.0, create_after, freed) == expected
 
 
 def test_effective_limit_and_tables():
