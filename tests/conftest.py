@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,14 +14,18 @@ from typing import Any
 
 import pytest
 
+import batchify
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+STEERING = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY")
 
-import batchify  # noqa: E402
 
-# Never let the developer's environment steer the SDK somewhere else.
-for var in ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY"):
-    os.environ.pop(var, None)
+@pytest.fixture(autouse=True)
+def _no_steering_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never let the developer's environment steer the SDK somewhere else (in-process tests; CLI runs get
+    cli_env(), which drops the same variables)."""
+    for var in STEERING:
+        monkeypatch.delenv(var, raising=False)
 
 
 class Emu:
@@ -60,7 +63,7 @@ def articles(tmp_path: Path) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHIFY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHIFY_") and k not in STEERING}
     env.update({"GEMINI_API_KEY": "test-key-123", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
     env.update(extra)
     return env
@@ -114,6 +117,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def input_ids(path: Path) -> list[Any]:
     return [r["id"] for r in read_jsonl(path)]
+
+
+def assert_complete(out: Path, inp: Path, source: str = "batch") -> list[dict]:
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(inp), "exactly one line per input id, in input order"
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert not bad, bad[:3]
+    for r in rows:
+        assert set(r) == {"id", "status", "result", "error", "source", "usage"}
+        assert r["result"]["is_financial"] in ("Yes", "No") and r["usage"]["promptTokenCount"] > 0
+    assert {r["source"] for r in rows} == {source}
+    return rows
+
+
+def assert_no_duplicate_creates(stats: dict) -> None:
+    dupes = {k: v for k, v in stats["creates_by_display_name"].items() if v > 1}
+    assert not dupes, f"jobs created twice: {dupes}"
 
 
 def wait_for(pred: Any, timeout: float = 60.0) -> None:

@@ -82,3 +82,34 @@ def test_hybrid_never_pays_for_a_request_twice_when_flex_claims_during_a_create(
     jobs = {j.name: j for j in store.load_jobs()}
     assert any(j.state == batchify.JobState.FLEXED for j in jobs.values())
     assert any(j.state == batchify.JobState.RESULTS_DOWNLOADED for j in jobs.values())
+
+
+def _waves_overlap(store: batchify.RunStore, fake: FakeGemini) -> bool:
+    """Was a job of a later wave created before every job of an earlier wave had ended (in fake time)?"""
+    wave_of = {j.display_name: j.wave for j in store.load_jobs()}
+    created = {n: t for t, what, n in fake.calls if what == "create"}
+    ends = {fake.jobs[n]["dn"]: fake.end_of(n) for n in fake.jobs}
+    starts = {fake.jobs[n]["dn"]: created[n] for n in fake.jobs}
+    return any(starts[b] < ends[a] for a in ends for b in starts if wave_of[b] > wave_of[a])
+
+
+@pytest.mark.parametrize("barrier", [False, True])
+def test_rolling_admission_overlaps_waves_and_barrier_does_not(tmp_path, barrier):
+    """Rolling admission creates a batch the moment it fits, so a later wave starts while an earlier one
+    still runs; --barrier waits for the whole earlier wave. Both keep every create under the limit."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 10, poll_interval=5.0, enqueued_limit=10**6, margin=0.0, barrier=barrier)
+    run = store.load_run()
+    per_batch = max(r[2] for r in run.plan["batch_ranges"])
+    run.plan["effective_limit"] = 2 * per_batch  # two batches at once: three waves of two
+    store.save_run(run)
+    jobs = store.load_jobs()
+    for j in jobs:  # the waves as the planner would number them for that limit
+        store.save_job(batchify.dataclasses.replace(j, wave=(j.index - 1) // 2))
+    fake = FakeGemini(clock, [10.0, 60.0, 10.0, 60.0, 10.0, 60.0])
+    assert run_engine(store, fake, clock).ok == 60
+    assert _waves_overlap(store, fake) is (not barrier)
+    for t, what, _n in fake.calls:
+        if what == "create":
+            live = [n for n in fake.jobs if fake.jobs[n]["end"] > t and min(c for c, w, x in fake.calls if x == n) <= t]
+            assert len(live) <= 2

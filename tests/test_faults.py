@@ -10,8 +10,17 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, input_ids, read_jsonl, run_against, run_cli, spawn_cli
-from test_run import assert_complete, assert_no_duplicate_creates, wait_for
+from conftest import (
+    ROOT,
+    assert_complete,
+    assert_no_duplicate_creates,
+    input_ids,
+    read_jsonl,
+    run_against,
+    run_cli,
+    spawn_cli,
+    wait_for,
+)
 
 import batchify
 
