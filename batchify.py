@@ -1529,20 +1529,53 @@ class BatchPlan:
         return self.end - self.start
 
 
+class BatchCutter:
+    """The one batch cutter: requests, in input order, into contiguous batches where should_cut() says. Used
+    by plan_batches() and by prepare's streaming pass (which writes each batch's file as it goes). Plain
+    data in, plain data out: no I/O.
+
+    Ordinals that carry no request (a URL that could not be fetched keeps its place with an error line)
+    belong to the batch before them, so the batches' ranges cover every ordinal exactly once."""
+
+    def __init__(self, batch_size: int, token_cap: int, max_bytes: int):
+        self.batch_size, self.token_cap, self.max_bytes = batch_size, token_cap, max_bytes
+        self.batches: list[BatchPlan] = []
+        self.start = self.count = self.tokens = self.nbytes = 0
+
+    def add(self, ordinal: int, tokens: int, nbytes: int) -> bool:
+        """Count the request at `ordinal`; True when it starts a new batch (the one before, if any, is closed
+        at this ordinal)."""
+        new = self.count == 0
+        if should_cut(self.count, self.tokens, self.nbytes, tokens, nbytes, self.batch_size, self.token_cap, self.max_bytes):
+            self.batches.append(BatchPlan(self.start, ordinal, self.tokens, self.nbytes))
+            self.start, self.count, self.tokens, self.nbytes = ordinal, 0, 0, 0
+            new = True
+        self.count += 1
+        self.tokens += tokens
+        self.nbytes += nbytes
+        return new
+
+    def finish(self, end: int) -> list[BatchPlan]:
+        """Close the last batch at `end` (the number of ordinals): trailing request-less ordinals join it; with
+        no request at all, one range of them (no job is made for it)."""
+        if self.count:
+            self.batches.append(BatchPlan(self.start, end, self.tokens, self.nbytes))
+        elif self.batches and self.batches[-1].end < end:
+            last = self.batches[-1]
+            self.batches[-1] = BatchPlan(last.start, end, last.tokens, last.bytes)
+        elif not self.batches and end:
+            self.batches.append(BatchPlan(0, end, 0, 0))
+        self.count = 0
+        return self.batches
+
+
 def plan_batches(sizes: Iterable[tuple[int, int]], batch_size: int, token_cap: int, max_bytes: int) -> list[BatchPlan]:
     """Cut (tokens, bytes) per request, in input order, into contiguous batches."""
-    out: list[BatchPlan] = []
-    start = count = tok = nb = 0
-    for i, (t, b) in enumerate(sizes):
-        if should_cut(count, tok, nb, t, b, batch_size, token_cap, max_bytes):
-            out.append(BatchPlan(start, i, tok, nb))
-            start, count, tok, nb = i, 0, 0, 0
-        count += 1
-        tok += t
-        nb += b
-    if count:
-        out.append(BatchPlan(start, start + count, tok, nb))
-    return out
+    cutter = BatchCutter(batch_size, token_cap, max_bytes)
+    n = 0
+    for n, (t, b) in enumerate(sizes, 1):
+        cutter.add(n - 1, t, b)
+    return cutter.finish(n)
 
 
 def estimate_margin(samples: list[tuple[int, int]]) -> float:
@@ -2935,27 +2968,25 @@ def _prepare_pass(
     first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
     problems: list[str] = []
     n_problems = unfetched = 0
-    batches: list[BatchPlan] = []
+    cutter = BatchCutter(opts.batch_size, cap, opts.max_file_bytes)
     req_dir = store.dir / "requests"
     private_dir(req_dir)
-    start = count = tok = nb = n = 0
-    batch_size, max_bytes = opts.batch_size, opts.max_file_bytes
+    n = 0
     with contextlib.ExitStack() as stack:
         ids_f = stack.enter_context(open_private(store.ids_path))
         rej_f: Any = None
         cur_f: Any = None
         fail_f: Any = None
 
-        def close_batch() -> None:
+        def close_file() -> None:
             nonlocal cur_f
             if cur_f is not None:
                 cur_f.close()
                 cur_f = None
-                batches.append(BatchPlan(start, n, tok, nb))  # ordinals [start, n): fetch failures included
                 if hook is not None:
                     hook("prepare")
 
-        stack.callback(lambda: cur_f.close() if cur_f is not None else None)
+        stack.callback(close_file)
         for rec in read_input(path):
             fetch_error = None
             if rec.error is None and needs_fetch(rec.obj, opts.text_field):
@@ -3018,26 +3049,17 @@ def _prepare_pass(
                 n += 1
                 continue
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
-            # should_cut(), inlined (hot loop): a new batch when the current one is full
-            if cur_f is None or count >= batch_size or tok + t > cap or nb + len(line) > max_bytes:
-                close_batch()
-                start, count, tok, nb = batches[-1].end if batches else 0, 0, 0, 0
-                cur_f = open_private(req_dir / f"b{len(batches) + 1:04d}.jsonl")
+            if cutter.add(n, t, len(line)):  # this request starts a new batch: a new request file
+                close_file()
+                cur_f = open_private(req_dir / f"b{len(cutter.batches) + 1:04d}.jsonl")
             cur_f.write(line)
-            count += 1
-            tok += t
-            nb += len(line)
             if t > long_threshold:
                 long_docs += 1
                 long_tokens += t
             ids_f.write(orjson.dumps(rid, option=NL))
             n += 1
-        close_batch()
-        if batches and batches[-1].end < n:  # trailing fetch failures join the last batch's range
-            last = batches[-1]
-            batches[-1] = BatchPlan(last.start, n, last.tokens, last.bytes)
-        elif not batches and n:  # every page failed: one range with no requests (and no job)
-            batches.append(BatchPlan(0, n, 0, 0))
+        close_file()
+        batches = cutter.finish(n)
     dupes: set[int] = set()
     if not suspects:
         for bucket in digests:  # one bucket's set at a time: ~1/64 of the ids in memory at once

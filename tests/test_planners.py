@@ -581,3 +581,15 @@ def test_batch_token_cap_fills_the_limit_with_whole_batches(eff, batch_size, per
     if cap < eff:  # k batches at the cap fit, and the cap is not below the next size down
         k = eff // cap
         assert k <= max_jobs and k * cap <= eff and cap <= batch_size * per_doc
+
+
+def test_batch_cutter_gives_request_less_ordinals_to_the_batch_before():
+    """prepare's streaming pass and plan_batches share this cutter; ordinals with no request (a URL that
+    could not be fetched) stay inside the ranges, so every ordinal belongs to exactly one batch."""
+    c = b.BatchCutter(batch_size=2, token_cap=100, max_bytes=1000)
+    starts = [c.add(n, 10, 10) for n in (0, 1, 3, 4, 7)]  # 2, 5, 6 carry no request
+    assert starts == [True, False, True, False, True]
+    got = [(p.start, p.end, p.tokens) for p in c.finish(9)]  # 8 carries none either
+    assert got == [(0, 3, 20), (3, 7, 20), (7, 9, 10)]
+    assert [(p.start, p.end) for p in b.BatchCutter(2, 100, 1000).finish(3)] == [(0, 3)]  # no request at all
+    assert b.BatchCutter(2, 100, 1000).finish(0) == []
