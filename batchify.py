@@ -1246,14 +1246,25 @@ class Job:
         return cls(**kw)
 
 
+# The migration hook: (kind, version) -> a function that rewrites a sidecar of that version, in place, into
+# the next version's form (and sets its schema_version). Version 1 is the first, so there is none yet; a
+# change to Job or Run that old sidecars do not satisfy adds one here and bumps SCHEMA_VERSION.
+MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {}
+
+
 def check_schema_version(d: dict[str, Any], kind: str) -> None:
-    """The migration hook: a sidecar of an older schema would be migrated here (there is none yet: version 1
-    is the first); a newer one was written by a newer batchify and is refused with the hint to upgrade."""
+    """Bring a sidecar to SCHEMA_VERSION through MIGRATIONS (in place); a newer one was written by a newer
+    batchify and is refused with the hint to upgrade."""
     v = d.get("schema_version")
     if type(v) is int and v > SCHEMA_VERSION:
         raise StateError(
             f"{kind} sidecar schema_version {v} is newer than this batchify's {SCHEMA_VERSION}: upgrade batchify to read it"
         )
+    while type(v) is int and v < SCHEMA_VERSION and (kind, v) in MIGRATIONS:
+        MIGRATIONS[(kind, v)](d)
+        if d.get("schema_version") == v:
+            d["schema_version"] = v + 1
+        v = d["schema_version"]
     if v != SCHEMA_VERSION:
         raise StateError(f"{kind} sidecar schema_version {v!r}, expected {SCHEMA_VERSION}")
 
@@ -2019,14 +2030,19 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write temp + fsync + os.replace (+ fsync of the folder): readers see the old or the new file."""
+@contextlib.contextmanager
+def atomic_file(path: Path, unique: bool = True) -> Iterator[Any]:
+    """The one atomic writer, for every sidecar, results file and the merged output: yields a binary file
+    beside `path` (0600); on success it is flushed, fsynced, moved over `path` with os.replace and the
+    folder fsynced, so a reader (or a crash) sees the old file or the new one, never part of one. On error
+    the temp file is removed. `unique=False` names the temp file after `path` alone (writers that hold the
+    run lock: a crash's leftover is overwritten by the next try instead of piling up beside the output)."""
     private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp" if unique else f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -2035,6 +2051,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:
@@ -4034,15 +4056,12 @@ class Engine:
             add_usage(usage, results[n].get("usage"))
             long_usage(usage, [results[n].get("usage")], self.spec.long_context_threshold)
         ok = failed = 0
-        with open_private(self.store.result_path(job).with_suffix(".tmp")) as f:
+        with atomic_file(self.store.result_path(job), unique=False) as f:
             for n in keys:
                 r = results.get(n) or result_record(n, None, f"missing from the output of {job.remote_job}", "batch")
                 ok += r["status"] == "ok"
                 failed += r["status"] != "ok"
                 f.write(orjson.dumps(r, option=NL))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.store.result_path(job).with_suffix(".tmp"), self.store.result_path(job))
         return ok, failed, usage
 
     def _line_result(self, n: int, obj: dict[str, Any], source: str) -> dict[str, Any]:
@@ -4139,7 +4158,6 @@ class Engine:
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order."""
         out = Path(self.run.out)
-        tmp = out.with_name(f".{out.name}.tmp")
         ok = err = 0
         by_source: dict[str, int] = {}
         kinds: dict[str, int] = {}
@@ -4159,7 +4177,7 @@ class Engine:
         dumps = orjson.dumps
         hook = self.hook
         long_at = self.spec.long_context_threshold
-        with open(self.store.ids_path, "rb") as ids, open_private(tmp) as f:
+        with open(self.store.ids_path, "rb") as ids, atomic_file(out, unique=False) as f:
             write = f.write
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 if r is None:
@@ -4201,10 +4219,6 @@ class Engine:
             add_usages(usage_b, usages_b, long_at)
             add_usages(usage_r, usages_r, long_at)
             add_usages(usage_f, usages_f, long_at)
-            f.flush()
-            os.fsync(f.fileno())  # as durable as the sidecars it is made from
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
         cost_b = cost_usd(self.spec, usage_b, "batch")
         cost_r = cost_usd(self.spec, usage_r, "standard")
         total_usage = dict(usage_b)

@@ -301,10 +301,10 @@ def test_run_folders_are_private(emu, articles, tmp_path):
 def test_disk_full_is_one_line_and_its_own_exit_code(articles, tmp_path, monkeypatch, capsys):
     real = batchify.atomic_write
 
-    def full(path, data, mode=0o600):
+    def full(path, data):
         if path.name == "run.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data, mode)
+        return real(path, data)
 
     monkeypatch.setattr(batchify, "atomic_write", full)
     monkeypatch.chdir(tmp_path)
@@ -398,3 +398,20 @@ def test_crash_drill_with_lost_sidecars_bills_every_key_once(emu, articles, tmp_
     assert [x["id"] for x in rows] == input_ids(articles) and all(x["status"] == "ok" for x in rows)
     assert all(v == 1 for v in emu.stats()["creates_by_display_name"].values())
     assert_billed_once(emu, 60)
+
+
+def test_an_older_sidecar_goes_through_the_migration_hook(monkeypatch):
+    """A sidecar written by an older batchify is rewritten by MIGRATIONS step by step, then read as usual;
+    one with no migration path is refused by name."""
+    j = batchify.Job("b0001", 1, "dn", "requests/b0001.jsonl", 3, 30, 100)
+    d = j.to_dict()
+    d["schema_version"] = 0
+    d["lane_owner"] = d.pop("lane")  # how "version 0" spelled it
+
+    def v0_to_v1(old: dict) -> None:
+        old["lane"] = old.pop("lane_owner")
+
+    with pytest.raises(batchify.StateError, match="schema_version 0"):
+        batchify.Job.from_dict(dict(d))
+    monkeypatch.setitem(batchify.MIGRATIONS, ("job", 0), v0_to_v1)
+    assert batchify.Job.from_dict(dict(d)) == j
