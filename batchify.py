@@ -1018,40 +1018,119 @@ def validate_config(cfg: JobConfig, where: str, flags: Iterable[str] = ()) -> No
         builtin_catalog().merged(cfg.models, where)  # each [models.NAME] table checked here, naming the file
 
 
+def _waves_value(ctx: Any, param: Any, value: str | int) -> str | int:
+    """--waves: 'auto' or a whole number of waves (at least 1)."""
+    if value == "auto" or isinstance(value, int):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter("use 'auto' or a whole number of waves") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1")
+    return n
+
+
+def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
+    return value
+
+
+def _mode_value(ctx: Any, param: Any, value: str) -> str:
+    return "realtime" if value == "standard" else value  # standard is the tier's name; realtime the mode's old one
+
+
+def flag(default: Any, help: str, *decls: str, **click_kw: Any) -> Any:
+    """A RunOptions field that is also a flag of `run` (and of the REST API's options): RunOptions is the
+    option table, so a new option is one line here. `decls` default to --field-name; the default is shown
+    in --help unless it is None (then the help says what None means)."""
+    return field(default=default, metadata={"flag": (decls, help, click_kw)})
+
+
 @dataclass
 class RunOptions:
-    """How to run: everything a command-line flag can set, with the library's defaults."""
+    """How to run: everything a command-line flag can set, with the library's defaults. None means "not
+    given": the value is then decided where the context is known (the margin from the calibration, the poll
+    interval from the endpoint, RPM/TPM from the catalog)."""
 
-    name: str | None = None
-    id_field: str = "id"
-    text_field: str = "text"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    id_field: str = flag("id", "The field holding each record's unique id.")
+    text_field: str = flag("text", "The field holding each record's document text.")
+    name: str | None = flag(None, "Run name (default: the input file's stem).")
+    out: str | None = flag(
+        None,
+        "Results file [default: <input stem>.results.jsonl beside the input; <input stem>.<name>.results.jsonl for a --name "
+        "other than the stem]",
+        type=click.Path(dir_okay=False),
+    )
+    waves: str | int = flag("auto", "'auto' or a number of waves.", callback=_waves_value)
+    batch_size: int = flag(DEFAULT_BATCH_SIZE, "Requests per batch job at most.", type=click.IntRange(1))
+    tier: int = flag(1, "Your project's usage tier: picks the catalog's limits.", type=click.IntRange(1, 3))
+    enqueued_limit: int | None = flag(None, "Enqueued-token limit (overrides the tier table).", type=click.IntRange(1))
+    margin: float | None = flag(
+        None,
+        "Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
+        f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
+        type=click.FloatRange(0, 0.9),
+    )
+    barrier: bool = flag(False, "Strict waves: wait for a whole wave before the next.", is_flag=True)
+    max_active_jobs: int = flag(
+        DEFAULT_MAX_ACTIVE_JOBS, "Batch jobs pending or running at once (the API allows 100).", type=click.IntRange(1)
+    )
+    poll_interval: float | None = flag(
+        None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=click.FloatRange(0.05)
+    )
+    mode: str = flag(
+        "auto",
+        "auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
+        "price, minutes each); hybrid: batch jobs from the head of the queue and Flex lanes from its tail at once, "
+        "meeting in the middle (the same price, sooner); realtime/standard: every request at the standard price.",
+        type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
+        callback=_mode_value,
+    )
+    flex_lanes: int = flag(4, "Hybrid: batches drained through Flex at once, from the tail.", type=click.IntRange(1))
+    fallback_tier: str = flag(
+        "auto",
+        "What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
+        type=click.Choice(["auto", "flex", "standard"]),
+    )
+    fallback: bool = flag(True, "Real-time fallback in auto mode.", "--fallback/--no-fallback")
+    max_attempts: int = flag(
+        DEFAULT_MAX_ATTEMPTS, "Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).", type=click.IntRange(1)
+    )
+    rpm: int | None = flag(
+        None,
+        f"Real-time requests per minute. [default: the catalog's for the model and tier, else {DEFAULT_RPM:,}]",
+        type=click.IntRange(1),
+    )
+    tpm: int | None = flag(
+        None,
+        "Real-time input tokens per minute. [default: the catalog's, else none (429s slow the rate)]",
+        type=click.IntRange(1),
+    )
+    create_timeout: float = flag(
+        DEFAULT_CREATE_TIMEOUT,
+        "Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
+        type=click.FloatRange(0),
+    )
+    concurrency: int = flag(64, "Real-time/Flex requests in flight at most.", type=click.IntRange(1))
+    retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=click.FloatRange(0), hidden=True)
+    rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=click.FloatRange(0.1), hidden=True)
+    max_cost: float | None = flag(None, "Stop before spending more than this many USD (> 0).", type=float, callback=_positive_usd)
+    skip_invalid: bool = flag(False, "Set invalid records aside in <run>.rejected.jsonl and go on.", is_flag=True)
+    allow_private_urls: bool = flag(
+        False, "Fetch URLs that lead to loopback/private/link-local addresses too (off: refused).", is_flag=True
+    )
+    # library-only settings (no flag)
     max_file_bytes: int = MAX_FILE_BYTES
-    waves: str | int = "auto"
-    tier: int = 1
-    enqueued_limit: int | None = None
-    margin: float | None = None  # None: what the calibration warrants, or DEFAULT_MARGIN; see margin_for()
-    barrier: bool = False
-    poll_interval: float = DEFAULT_POLL_INTERVAL
     max_poll_interval: float = MAX_POLL_INTERVAL
-    max_active_jobs: int = DEFAULT_MAX_ACTIVE_JOBS
-    mode: str = "auto"  # auto | batch | flex | realtime (the standard tier; "standard" is an alias)
-    fallback_tier: str = "auto"  # what finishes what batch could not: flex | standard | auto (flex where the model has it)
-    flex_lanes: int = 4  # hybrid: batches drained through Flex at once, from the tail
-    fallback: bool = True
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    rpm: int | None = None  # None: the catalog's figure for the model and tier, else DEFAULT_RPM
-    tpm: int | None = None  # None: the catalog's figure, else no token bucket (429s teach the rate)
-    create_timeout: float = DEFAULT_CREATE_TIMEOUT  # creates refused (429) with nothing enqueued: give up after
-    retry_scale: float = 1.0  # multiplies every retry delay (tests and drills move faster; 1 in real use)
-    concurrency: int = 64
-    rate_window: float = 60.0
-    max_cost: float | None = None
-    skip_invalid: bool = False
     calibrate: bool = True
     fetch: bool = True  # fetch the pages of records that have a url and no text
-    allow_private_urls: bool = False  # fetch URLs that lead to loopback/private/link-local addresses too
-    out: str | None = None
+
+    @property
+    def poll(self) -> float:
+        """The base poll interval in seconds (the run's own once it started: run_file decides it)."""
+        return self.poll_interval if self.poll_interval is not None else DEFAULT_POLL_INTERVAL
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -3749,7 +3828,7 @@ class Engine:
         """Keep the next batches in admission order uploaded ahead of admission (the head of the queue is
         never left waiting): up to UPLOADS_IN_FLIGHT at once, the next started the moment one finishes
         or admission takes an uploaded file, not in rounds that wait for their slowest upload."""
-        backoff = self.opts.poll_interval
+        backoff = self.opts.poll
         running: dict[str, asyncio.Task[bool]] = {}
         async with asyncio.TaskGroup() as tg:
             while not stop.is_set():
@@ -3776,7 +3855,7 @@ class Engine:
                     await self._nap(backoff, stop)
                     backoff = min(backoff * 2, self.opts.max_poll_interval)
                 else:
-                    backoff = self.opts.poll_interval
+                    backoff = self.opts.poll
 
     async def _upload(self, job: Job) -> bool:
         if self.jobs[job.name].lane != "batch" or self.jobs[job.name].state not in UNSUBMITTED:
@@ -3818,7 +3897,7 @@ class Engine:
         """One retrieval, run beside the scheduler so that polls and admission never wait on a download."""
         try:
             if not await self.retrieve(job):
-                next_poll[job.name] = self.clock() + self.opts.poll_interval
+                next_poll[job.name] = self.clock() + self.opts.poll
         except Exception as e:  # handed to the scheduler, which raises it as itself
             self._failure = e
         finally:
@@ -3829,7 +3908,7 @@ class Engine:
         """The run loop: each pass applies the pure decisions (plan_admission, due_for_poll,
         due_for_retrieval, next_wake) to the jobs as they stand, then sleeps until the next one is due or
         something (an upload, a download, a Flex lane) wakes it. Every pass awaits: no busy loop."""
-        base = self.opts.poll_interval
+        base = self.opts.poll
         t = _Timers(create_backoff=base)
         while True:
             self._wake.clear()
@@ -3857,7 +3936,7 @@ class Engine:
 
     async def _admit(self, t: _Timers) -> None:
         """Create the jobs plan_admission picks, in order, stopping at the first the service refuses."""
-        base = self.opts.poll_interval
+        base = self.opts.poll
         for name in plan_admission(self.jobs.values(), self.limit, self.opts.max_active_jobs, self.opts.barrier):
             job = self.jobs[name]
             if job.lane != "batch" or job.state != S.UPLOADED:
@@ -3875,7 +3954,7 @@ class Engine:
         """Poll the due jobs at once and set each one's next poll; True when one of them left the enqueued set."""
         if not due:
             return False
-        base = self.opts.poll_interval
+        base = self.opts.poll
         before = {name: self.jobs[name].state for name in due}
         try:
             async with asyncio.TaskGroup() as tg:
@@ -4008,7 +4087,7 @@ class Engine:
         # A state change is saved at once; progress counts alone at most every 10 poll intervals (they
         # are for `status` only, and an fsync per job per poll adds up over 1,000 jobs).
         now = self.clock()
-        if moved or now - self._saved_at.get(job.name, -1e18) >= 10 * self.opts.poll_interval:
+        if moved or now - self._saved_at.get(job.name, -1e18) >= 10 * self.opts.poll:
             self.store.save_job(new)
             self._saved_at[job.name] = now
         return moved
@@ -4423,7 +4502,7 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
         live = [j for j in live if engine.jobs[j.name].state in REMOTE_LIVE]
         if not live:
             break
-        await engine.sleep(min(2.0, engine.opts.poll_interval) * (round_ + 1))
+        await engine.sleep(min(2.0, engine.opts.poll) * (round_ + 1))
     for j in engine._ordered():
         if j.cancelled_by_user and j.state in REMOTE_LIVE | {S.CANCELLED} and j.name not in cancelled:
             cancelled.append(j.name)
@@ -4736,12 +4815,13 @@ async def run_file(
     """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
     `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
     cfg = config or JobConfig()
-    opts = dataclasses.replace(options or RunOptions())  # the caller's options stay as they were
+    opts = options or RunOptions()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
-    opts.name = name
+    # A copy (the caller's options stay as they were), with what was not given decided from the context:
+    # an explicit --poll-interval is kept, against the local emulator too.
+    poll = opts.poll_interval if opts.poll_interval is not None else (1.0 if endpoint == "local" else DEFAULT_POLL_INTERVAL)
+    opts = dataclasses.replace(opts, name=name, poll_interval=poll)
     store = RunStore(state_dir, name)
-    if endpoint == "local" and opts.poll_interval == DEFAULT_POLL_INTERVAL:
-        opts.poll_interval = 1.0
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
     with RunLock(store.state_dir / ".locks" / name) as lock:
@@ -4825,11 +4905,9 @@ async def resume_run(
                 "or start a new run with --name."
             )
         endpoint = endpoint or run.endpoint
-        if poll_interval is not None or endpoint == "local":
-            run.options["poll_interval"] = poll_interval or 1.0
-        if max_cost is not None:
-            run.options["max_cost"] = max_cost
-        store.save_run(run)
+        given = {k: v for k, v in (("poll_interval", poll_interval), ("max_cost", max_cost)) if v is not None}
+        if given:  # what this resume was told overrides the run's own, from now on
+            store.save_run(dataclasses.replace(run, options={**run.options, **given}))
         scale = float(run.options.get("retry_scale", 1.0))
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
             await check_model_still_served(run, client)
@@ -5546,12 +5624,6 @@ def _state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
-    return value
-
-
 def _endpoint_url(ctx: Any, param: Any, value: str | None) -> str | None:
     if value is not None and value != "local" and not re.match(r"^https?://[^\s/:]+(:\d+)?(/\S*)?$", value):
         raise click.BadParameter(f"{value!r} is neither 'local' nor an http(s) URL such as http://127.0.0.1:8765")
@@ -5605,16 +5677,19 @@ def cli() -> None:
     """Run large LLM jobs through the Gemini Batch API at half price, without losing a result."""
 
 
-def _waves(value: str) -> str | int:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter("use 'auto' or a whole number of waves") from None
-    if n < 1:
-        raise click.BadParameter("must be at least 1")
-    return n
+RUN_FLAGS = tuple(f.name for f in dataclasses.fields(RunOptions) if "flag" in f.metadata)
+
+
+def run_option_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The click options of every RunOptions field that is a flag, in the table's order."""
+    for fl in reversed([x for x in dataclasses.fields(RunOptions) if "flag" in x.metadata]):
+        decls, help_, kw = fl.metadata["flag"]
+        kw = dict(kw)
+        if fl.default is not None:
+            kw.setdefault("default", fl.default)
+            kw.setdefault("show_default", not kw.get("is_flag") and not kw.get("hidden"))
+        f = click.option(*(decls or (f"--{fl.name.replace('_', '-')}",)), fl.name, help=help_, **kw)(f)
+    return f
 
 
 @cli.command()
@@ -5645,91 +5720,7 @@ def _waves(value: str) -> str | int:
 )
 @click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
 @click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")
-@click.option("--id-field", default="id", show_default=True, help="The field holding each record's unique id.")
-@click.option("--text-field", default="text", show_default=True, help="The field holding each record's document text.")
-@click.option("--name", help="Run name (default: the input file's stem).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Results file (default <input stem>.results.jsonl).")
-@click.option("--waves", default="auto", show_default=True, help="'auto' or a number of waves.")
-@click.option(
-    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Requests per batch job at most."
-)
-@click.option(
-    "--tier",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 3),
-    help="Your project's usage tier: picks the catalog's limits.",
-)
-@click.option("--enqueued-limit", type=click.IntRange(1), help="Enqueued-token limit (overrides the tier table).")
-@click.option(
-    "--margin",
-    type=click.FloatRange(0, 0.9),
-    help="Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
-    f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
-)
-@click.option("--barrier", is_flag=True, help="Strict waves: wait for a whole wave before the next.")
-@click.option(
-    "--max-active-jobs",
-    default=DEFAULT_MAX_ACTIVE_JOBS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Batch jobs pending or running at once (the API allows 100).",
-)
-@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default 30; 1 for local).")
-@click.option(
-    "--mode",
-    type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
-    default="auto",
-    show_default=True,
-    help="auto: batch, with a fallback for what batch could not finish; flex: every request through Flex (the batch "
-    "price, minutes each); hybrid: batch jobs from the head of the queue and Flex lanes from its tail at once, "
-    "meeting in the middle (the same price, sooner); realtime/standard: every request at the standard price.",
-)
-@click.option(
-    "--flex-lanes", default=4, show_default=True, type=click.IntRange(1), help="Hybrid: batches drained through Flex at once."
-)
-@click.option(
-    "--fallback-tier",
-    type=click.Choice(["auto", "flex", "standard"]),
-    default="auto",
-    show_default=True,
-    help="What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
-)
-@click.option("--fallback/--no-fallback", default=True, show_default=True, help="Real-time fallback in auto mode.")
-@click.option(
-    "--max-attempts",
-    default=DEFAULT_MAX_ATTEMPTS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).",
-)
-@click.option(
-    "--rpm",
-    type=click.IntRange(1),
-    help=f"Real-time requests per minute. Default: the catalog's for the model and tier, else {DEFAULT_RPM:,}.",
-)
-@click.option(
-    "--tpm",
-    type=click.IntRange(1),
-    help="Real-time input tokens per minute. Default: the catalog's, else none (429s slow the rate).",
-)
-@click.option(
-    "--create-timeout",
-    default=DEFAULT_CREATE_TIMEOUT,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
-)
-@click.option(
-    "--concurrency", default=64, show_default=True, type=click.IntRange(1), help="Real-time/Flex requests in flight at most."
-)
-@click.option("--retry-scale", default=1.0, hidden=True, type=click.FloatRange(0), help="Multiplies every retry delay (drills).")
-@click.option("--rate-window", default=60.0, hidden=True, type=click.FloatRange(0.1), help="Seconds per RPM/TPM window.")
-@click.option("--max-cost", type=float, callback=_positive_usd, help="Stop before spending more than this many USD (> 0).")
-@click.option("--skip-invalid", is_flag=True, help="Set invalid records aside in <run>.rejected.jsonl and go on.")
-@click.option(
-    "--allow-private-urls", is_flag=True, help="Fetch URLs that lead to loopback/private/link-local addresses too (off: refused)."
-)
+@run_option_flags
 @click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm the plan.")
 @click.option("--dry-run", is_flag=True, help="Write request files and print the plan; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
@@ -5747,37 +5738,12 @@ def run(
     thinking: str | None,
     thinking_budget: int | None,
     accept_truncated: bool | None,
-    id_field: str,
-    text_field: str,
-    name: str | None,
-    out: str | None,
-    waves: str,
-    batch_size: int,
-    tier: int,
-    enqueued_limit: int | None,
-    margin: float | None,
-    barrier: bool,
-    max_active_jobs: int,
-    poll_interval: float | None,
-    mode: str,
-    flex_lanes: int,
-    fallback_tier: str,
-    fallback: bool,
-    max_attempts: int,
-    rpm: int | None,
-    tpm: int | None,
-    create_timeout: float,
-    concurrency: int,
-    retry_scale: float,
-    rate_window: float,
-    max_cost: float | None,
-    skip_invalid: bool,
-    allow_private_urls: bool,
     yes: bool,
     dry_run: bool,
     as_json: bool,
     endpoint: str | None,
     state_dir: str,
+    **flags: Any,
 ) -> None:
     """Prepare, plan, submit, poll, retrieve and merge INPUT_FILE (JSONL or a JSON array)."""
     cfg = load_config(
@@ -5793,35 +5759,8 @@ def run(
         },
     )
     catalog = load_catalog(models_file)
-    _current_run[:] = [name or default_run_name(input_file)]
-    opts = RunOptions(
-        name=name,
-        id_field=id_field,
-        text_field=text_field,
-        batch_size=batch_size,
-        waves=_waves(waves),
-        tier=tier,
-        enqueued_limit=enqueued_limit,
-        margin=margin,
-        barrier=barrier,
-        max_active_jobs=max_active_jobs,
-        poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
-        mode="realtime" if mode == "standard" else mode,
-        fallback_tier=fallback_tier,
-        flex_lanes=flex_lanes,
-        fallback=fallback,
-        max_attempts=max_attempts,
-        rpm=rpm,
-        tpm=tpm,
-        create_timeout=create_timeout,
-        retry_scale=retry_scale,
-        concurrency=concurrency,
-        rate_window=rate_window,
-        max_cost=max_cost,
-        skip_invalid=skip_invalid,
-        allow_private_urls=allow_private_urls,
-        out=out,
-    )
+    opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
+    _current_run[:] = [opts.name or default_run_name(input_file)]
     interactive = not yes and sys.stdin.isatty() and not as_json
 
     def confirm(r: Run) -> bool:

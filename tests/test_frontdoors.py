@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sys
@@ -294,3 +295,31 @@ def test_rest_api_urls_and_cancel(api, emu, site):
     code, body = call(f"{api}/batch/cancel/slow", "POST")
     assert code == 200 and body["cancelled"] == ["b0001"]
     assert emu.stats()["cancels"] == 1
+
+
+def test_every_run_option_is_a_flag_and_a_new_one_needs_one_line():
+    """RunOptions is the option table: each field with a flag shows up in `run --help` with its help text,
+    and the `run` command builds RunOptions from them without a second listing."""
+    from click.testing import CliRunner
+
+    helptext = CliRunner().invoke(batchify.cli, ["run", "--help"], terminal_width=200).output
+    for name in batchify.RUN_FLAGS:
+        decls = batchify.RunOptions.__dataclass_fields__[name].metadata["flag"][0]
+        shown = decls[0].split("/")[0] if decls else f"--{name.replace('_', '-')}"
+        hidden = batchify.RunOptions.__dataclass_fields__[name].metadata["flag"][2].get("hidden")
+        assert (shown in helptext) != bool(hidden), name
+    assert {"batch_size", "mode", "max_cost", "poll_interval"} <= set(batchify.RUN_FLAGS)
+
+
+def test_run_file_leaves_the_callers_options_alone_and_keeps_an_explicit_poll_interval(tmp_path, articles):
+    opts = batchify.RunOptions(poll_interval=30.0, calibrate=False)
+    before = dataclasses.asdict(opts)
+    run, _ = asyncio.run(batchify.run_file(articles, options=opts, state_dir=tmp_path, endpoint="local", dry_run=True))
+    assert dataclasses.asdict(opts) == before
+    assert run.options["poll_interval"] == 30.0  # told 30 s against the local emulator: 30 s, not 1
+    run2, _ = asyncio.run(
+        batchify.run_file(
+            articles, options=batchify.RunOptions(name="b", calibrate=False), state_dir=tmp_path, endpoint="local", dry_run=True
+        )
+    )
+    assert run2.options["poll_interval"] == 1.0  # not given: 1 s for the local emulator
