@@ -5577,14 +5577,27 @@ def make_api(
         return entry
 
     @app.get("/batch/results/{run}", dependencies=[Depends(auth)])
-    async def results_route(run: str, summary: bool = False) -> dict[str, Any]:
+    async def results_route(run: str, summary: bool = False, partial: bool = False) -> Any:
+        """A finished run's results. An unfinished one answers 409 with its progress, unless `partial=true`:
+        then only the rows that have their answer already (from the sidecars), with the run's status."""
         known(run)
         if not RunStore(state_dir, run).exists():
             raise HTTPException(status_code=409, detail="the run is still being prepared")
         if summary:
             return analytics(state_dir, run)
         st = RunStore(state_dir, run).load_run().status
-        return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
+        if st in ("done", "cancelled"):
+            return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
+        if not partial:
+            progress = {
+                k: v for k, v in run_status(state_dir, run)["runs"][0].items() if k in ("status", "records", "jobs", "job_states")
+            }
+            return JSONResponse(
+                status_code=409,
+                content={"detail": "the run is not finished: poll /batch/status, or ask for ?partial=true", **progress},
+            )
+        rows = [r for r in iter_sidecar_results(state_dir, run) if r["source"] != "none"]
+        return {"run": run, "status": st, "partial": True, "results": rows}
 
     @app.get("/batch/jobs", dependencies=[Depends(auth)])
     async def jobs_route() -> dict[str, Any]:

@@ -292,6 +292,11 @@ def test_rest_api_urls_and_cancel(api, emu, site):
         if emu.stats()["creates"] >= 2:
             break
         time.sleep(0.05)
+    # an unfinished run's results: 409 with its progress, or only the rows answered so far
+    code, body = call(f"{api}/batch/results/slow")
+    assert code == 409 and "not finished" in body["detail"] and body["records"] == 1, body
+    code, body = call(f"{api}/batch/results/slow?partial=true")
+    assert code == 200 and body["partial"] is True and body["results"] == [], body
     code, body = call(f"{api}/batch/cancel/slow", "POST")
     assert code == 200 and body["cancelled"] == ["b0001"]
     assert emu.stats()["cancels"] == 1
