@@ -109,6 +109,7 @@ MAX_POLL_INTERVAL = 300.0
 DEFAULT_MAX_ACTIVE_JOBS = 100  # the Batch API's concurrent-job limit
 DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lowered by any 429)
 DEFAULT_MAX_ATTEMPTS = 3
+SPLIT_AFTER_REFUSALS = 4  # creates of one job refused (429) with nothing of the run enqueued before it is split
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
 POLL_REFUSALS = 3  # permanent (non-transient, non-404) answers to a job's get before the job counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
@@ -1236,14 +1237,17 @@ class JobState(StrEnum):
     EXPIRED = "EXPIRED"
     RESULTS_DOWNLOADED = "RESULTS_DOWNLOADED"
     FLEXED = "FLEXED"  # its requests went through a Flex lane (never created as a batch job); results in realtime.jsonl
+    SPLIT = "SPLIT"  # too big for the enqueued limit the service showed: its requests are in smaller jobs (its parts)
 
 
 S = JobState
 _REMOTE_OUTCOMES = frozenset({S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED}),
+    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED, S.SPLIT}),
     S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED, S.FAILED}),  # FAILED: upload refused N times
-    S.UPLOADED: frozenset({S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED}),  # FAILED: creates refused too long
+    S.UPLOADED: frozenset(
+        {S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED, S.SPLIT}
+    ),  # FAILED: creates refused too long
     S.SUBMITTING: _REMOTE_OUTCOMES | {S.UPLOADED},
     S.PENDING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
@@ -1253,10 +1257,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.EXPIRED: frozenset(),
     S.RESULTS_DOWNLOADED: frozenset(),
     S.FLEXED: frozenset(),
+    S.SPLIT: frozenset(),
 }
 ACTIVE_STATES = frozenset({S.SUBMITTING, S.PENDING, S.RUNNING})  # count against the enqueued limit
 REMOTE_LIVE = frozenset({S.PENDING, S.RUNNING})
-FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED, S.FLEXED})
+FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED, S.FLEXED, S.SPLIT})
 UNSUBMITTED = frozenset({S.CREATED, S.UPLOADING, S.UPLOADED})
 
 
@@ -1306,6 +1311,8 @@ class Job:
     cancelled_by_user: bool = False
     no_retry: bool = False  # failed in a way another attempt cannot mend (creates refused for too long)
     lane: str = "batch"  # batch | flex: who owns it, recorded before the Flex lane sends any of its requests
+    part: str = ""  # ".1", ".2", ".1.2", ...: a part of a split job (in its name and display name)
+    split_cap: int = 0  # SPLIT: the token cap its parts were cut to (repair makes missing parts with it)
     usage: dict[str, int] = field(default_factory=dict)
     ok: int = 0
     failed: int = 0
@@ -1583,6 +1590,12 @@ def build_request(cfg: JobConfig, prompt: str, gen_config: dict[str, Any]) -> di
     if gc:
         req["generationConfig"] = gc
     return req
+
+
+def request_chars(req: dict[str, Any]) -> int:
+    """The characters of text a request sends (contents and system instruction): what token estimates count."""
+    chars = sum(len(p.get("text", "")) for c in req["contents"] for p in c["parts"])
+    return chars + sum(len(p.get("text", "")) for p in (req.get("systemInstruction") or {}).get("parts", []))
 
 
 def estimate_tokens(chars: int, chars_per_token: float) -> int:
@@ -2803,8 +2816,8 @@ class RateLimiter:
 # ================================================================================================
 
 
-def display_name_for(run: str, run_id: str, index: int, attempt: int) -> str:
-    return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}"
+def display_name_for(run: str, run_id: str, index: int, attempt: int, part: str = "") -> str:
+    return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}{part}"
 
 
 async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None]:
@@ -3337,6 +3350,7 @@ class JobView:
     total: int
     tokens: int
     wave: int
+    first: bool = True  # its ids' first job (a batch or a part of one): its total counts toward the run's progress
 
 
 @dataclass
@@ -3443,6 +3457,7 @@ class Engine:
         self.limit = self.run.plan["effective_limit"]
         self.spec = run_model_spec(self.run)
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
+        self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, int] = {}
         self._poll_refusals: dict[str, int] = {}
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
@@ -3476,6 +3491,7 @@ class Engine:
                 j.request_count,
                 j.tokens,
                 j.wave,
+                j.retry_of is None and (j.start is not None or bool(j.part)),
             )
             for j in self._ordered()
         ]
@@ -3594,7 +3610,7 @@ class Engine:
             self._flexing.add(job.name)
             self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
             try:
-                await self.realtime(set(range(job.start or 0, job.end or 0)), "flex", [job.request_file])
+                await self.realtime(None, "flex", [job.request_file])  # the job's file holds exactly its requests
             finally:
                 self._flexing.discard(job.name)
             self._set(self.jobs[job.name], S.FLEXED)
@@ -3622,6 +3638,11 @@ class Engine:
         ]
         talked = any(j.state not in (S.CREATED, S.UPLOADING, S.UPLOADED) for j in self.jobs.values())
         repaired: list[str] = [f"{p}: unreadable, moved aside" for p in self.damaged]
+        for j in [j for j in self._ordered() if j.state == S.SPLIT]:  # a crash between SPLIT and its parts
+            before = len(self.jobs)
+            self._make_parts(j)
+            if len(self.jobs) > before:
+                repaired.append(f"{j.name}: split, {len(self.jobs) - before} of its parts were not made yet: made now")
         if missing or talked or self.damaged:
             repaired += await self._adopt_remote(ranges, missing)
         for j in self._ordered():
@@ -3738,7 +3759,7 @@ class Engine:
             nj = Job(
                 name=f"{base}-r{a}",
                 index=j.index,
-                display_name=display_name_for(self.run.name, self.run.run_id, j.index, a),
+                display_name=display_name_for(self.run.name, self.run.run_id, j.index, a, j.part),
                 request_file=j.request_file,
                 request_count=j.request_count,
                 tokens=j.tokens,
@@ -3746,6 +3767,7 @@ class Engine:
                 wave=j.wave,
                 attempt=a,
                 retry_of=j.name,
+                part=j.part,
                 timestamps={"CREATED": utcnow()},
             )
             self._log(f"{j.name} ended {j.state}: resubmitting its {j.request_count} request(s) as {nj.name}")
@@ -3936,6 +3958,7 @@ class Engine:
 
     async def _admit(self, t: _Timers) -> None:
         """Create the jobs plan_admission picks, in order, stopping at the first the service refuses."""
+        self._split_head()
         base = self.opts.poll
         for name in plan_admission(self.jobs.values(), self.limit, self.opts.max_active_jobs, self.opts.barrier):
             job = self.jobs[name]
@@ -4014,23 +4037,36 @@ class Engine:
             return True
         self.hook("after_create")
         self._refused_since = None
+        self._refusals.clear()
         self._set(job, rj.state, remote_job=rj.name)
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
         return True
 
     def _create_refused(self, job: Job, e: RemoteError) -> bool:
         """A create answered 429. With jobs of this run enqueued, that is the enqueued-token limit: wait for
-        one to finish. With none enqueued for longer than --create-timeout, waiting will not help (users
-        report persistent 429s under quota): every job not yet created fails, for the fallback to finish."""
+        one to finish. With none enqueued, the job alone does not fit: after SPLIT_AFTER_REFUSALS refusals in a
+        row it is split and the limit learned (_split). With none enqueued for longer than --create-timeout,
+        waiting will not help (users report persistent 429s under quota): every job not yet created fails, for
+        the fallback to finish."""
         now = self.clock()
         if any(x.state in ACTIVE_STATES for x in self.jobs.values()):
             self._refused_since = None
+            self._refusals.clear()
             self._log(f"{job.name}: create answered 429 RESOURCE_EXHAUSTED; waiting for capacity")
             return False
         if self._refused_since is None:
             self._refused_since = now
         waited = now - self._refused_since
+        refusals = self._refusals[job.name] = self._refusals.get(job.name, 0) + 1
         if waited < self.opts.create_timeout:
+            if refusals >= SPLIT_AFTER_REFUSALS and job.request_count > 1:
+                # Refused again and again with room for everything it holds: the real limit is below this job
+                # (a transient refusal passes within a few tries; the 30-minute give-up below still bounds it all).
+                self._split(
+                    job,
+                    f"a create of ~{job.tokens:,} tokens was refused (429) {refusals} times with nothing of this run enqueued",
+                )
+                return False
             self._log(f"{job.name}: create answered 429 with nothing of this run enqueued ({waited:.0f} s so far); trying again")
             return False
         reason = (
@@ -4044,6 +4080,87 @@ class Engine:
         self.run.realtime["create_refused"] = reason
         self.store.save_run(self.run)
         return True
+
+    def _split(self, job: Job, why: str) -> None:
+        """A job the service refused with nothing of this run enqueued is bigger than the account's real
+        enqueued-token limit (the one told, or the tier's, was too high): learn a lower limit (half the
+        refused size, never below its largest request), and cut the job into parts under it."""
+        largest = max((t for _line, t in self._request_sizes(job.request_file)), default=1)
+        learned = max(job.tokens // 2, largest)
+        if learned < self.limit:
+            self.limit = learned
+            self.run.plan["effective_limit"] = learned
+            self.run.plan["limit_learned"] = f"{learned:,} tokens: {why} ({utcnow()})"
+            self.store.save_run(self.run)
+            self._log(f"enqueued-token limit lowered to {learned:,}: {why}")
+        self._cut_into_parts(job)
+
+    def _split_head(self) -> None:
+        """The first job waiting for admission is bigger than the (learned) limit: cut it into parts that fit,
+        so admission goes on (only the head: the others are cut when they get there)."""
+        for j in self._ordered():
+            if j.state in UNSUBMITTED and j.lane == "batch":
+                if j.tokens > self.limit and j.request_count > 1 and j.state != S.UPLOADING:
+                    self._cut_into_parts(j)
+                return
+
+    def _request_sizes(self, rel: str) -> Iterator[tuple[bytes, int]]:
+        """(raw line, estimated tokens) of each request in a request file, in order (streamed)."""
+        cpt = self.run.chars_per_token
+        with open(self.store.dir / rel, "rb") as f:
+            for line in f:
+                if line.strip():
+                    tokens = estimate_tokens(request_chars(orjson.loads(line)["request"]), cpt)
+                    yield (line if line.endswith(b"\n") else line + b"\n"), tokens
+
+    def _cut_into_parts(self, job: Job) -> None:
+        """The job ends SPLIT first, recording the cap (the intent: nothing of it can be created any more);
+        then its parts are made. A crash in between is mended by repair(), which makes the missing parts
+        again: the cut is the same, so no request is ever in two jobs."""
+        job = self._set(job, S.SPLIT, split_cap=max(1, self.limit), error=f"split into parts of at most {self.limit:,} tokens")
+        parts = self._make_parts(job)
+        self._log(f"{job.name}: split into {len(parts)} jobs ({', '.join(parts)}), each under {job.split_cap:,} tokens")
+        self._wake.set()
+        self._demand.set()
+
+    def _make_parts(self, job: Job) -> list[str]:
+        """The parts of a SPLIT job, in order, each with its own request file, job and display name; parts
+        that exist already are kept as they are. Streams the job's request file twice (sizes, then lines)."""
+        sizes = [(len(line), t) for line, t in self._request_sizes(job.request_file)]
+        cutter = BatchCutter(len(sizes), job.split_cap, self.opts.max_file_bytes)
+        for k, (nbytes, t) in enumerate(sizes):
+            cutter.add(k, t, nbytes)
+        base, suffix = job.name.split("-")[0], (f"-r{job.attempt}" if job.attempt > 1 else "")
+        lines = self._request_sizes(job.request_file)
+        names = []
+        for k, plan in enumerate(cutter.finish(len(sizes)), 1):
+            name = f"{base}.{k}{suffix}"
+            names.append(name)
+            chunk = itertools.islice(lines, plan.count)
+            if name in self.jobs:
+                collections.deque(chunk, maxlen=0)
+                continue
+            rel = f"requests/{name}.jsonl"
+            with atomic_file(self.store.dir / rel) as f:
+                for line, _t in chunk:
+                    f.write(line)
+            part = f"{job.part}.{k}"
+            p = Job(
+                name=name,
+                index=job.index,
+                display_name=display_name_for(self.run.name, self.run.run_id, job.index, job.attempt, part),
+                request_file=rel,
+                request_count=plan.count,
+                tokens=plan.tokens,
+                bytes=plan.bytes,
+                wave=job.wave,
+                attempt=job.attempt,
+                part=part,
+                timestamps={"CREATED": utcnow()},
+            )
+            self.store.save_job(p)
+            self.jobs[name] = p
+        return names
 
     def _eta(self, job: Job) -> float | None:
         """Seconds until a running job should be done, from the progress its batchStats showed so far."""
@@ -4339,9 +4456,7 @@ class Engine:
                     n = int(obj["key"])
                     if only is None or n in only:
                         req = obj["request"]
-                        chars = sum(len(p.get("text", "")) for c in req["contents"] for p in c["parts"])
-                        chars += sum(len(p.get("text", "")) for p in (req.get("systemInstruction") or {}).get("parts", []))
-                        yield n, req, estimate_tokens(chars, cpt)
+                        yield n, req, estimate_tokens(request_chars(req), cpt)
 
     async def realtime(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
         """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap, at the
@@ -4732,6 +4847,8 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
                     "enqueued_limit",
                     "estimated_cost_usd",
                     "estimated_cost_realtime_usd",
+                    "effective_limit",
+                    "limit_learned",
                 )
             },
             "batch_usage": usage,
@@ -4742,7 +4859,7 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
             entry["job_list"] = [
                 {
                     "name": j.name,
-                    "wave": j.wave,
+                    "wave": j.wave + 1,  # numbered from 1, as the table and the progress bars show it
                     "state": str(j.state),
                     "requests": j.request_count,
                     "done": j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
@@ -4752,6 +4869,7 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
                     "failed": j.failed,
                     "tokens": j.tokens,
                     "remote_job": j.remote_job,
+                    "lane": j.lane,
                     "attempt": j.attempt,
                     "error": j.error,
                     "since": j.timestamps.get(str(j.state)),
@@ -5206,10 +5324,10 @@ class RichReporter:
             self.overall = p.add_task(f"[bold]{_esc(view.run)}[/] overall", total=max(1, view.records))
         done = 0
         for j in view.jobs:
-            final = j.state in ("RESULTS_DOWNLOADED", "FAILED", "CANCELLED", "EXPIRED")
-            if j.state == "RESULTS_DOWNLOADED":
-                done += j.total if "-r" not in j.name and not j.name.startswith("x") else 0
-            live = j.state in ("SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED")
+            final = j.state in FINAL_STATES
+            if j.state == S.RESULTS_DOWNLOADED and j.first:
+                done += j.total
+            live = j.state in ACTIVE_STATES | {S.SUCCEEDED}
             if live and j.name not in self.tasks:
                 self.tasks[j.name] = p.add_task("", total=max(1, j.total))
             if j.name in self.tasks:
@@ -5317,13 +5435,14 @@ def render_status(data: dict[str, Any], one: bool) -> None:
     if one:
         r = data["runs"][0]
         jt = Table(title=f"Jobs of {_esc(r['name'])}", title_justify="left")
-        for col in ("job", "wave", "state", "done", "ok/failed", "tokens", "since"):
+        for col in ("job", "wave", "lane", "state", "done", "ok/failed", "tokens", "since"):
             jt.add_column(col, no_wrap=True)
         jt.add_column("error", overflow="fold")  # remote job names: `status RUN --json`
         for j in r["job_list"]:
             jt.add_row(
                 j["name"],
-                str(j["wave"] + 1),
+                str(j["wave"]),
+                j["lane"],
                 j["state"].lower(),
                 f"{j['done']}/{j['requests']}",
                 f"{j['ok']}/{j['failed']}",
@@ -5332,6 +5451,8 @@ def render_status(data: dict[str, Any], one: bool) -> None:
                 _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
+        if r["plan"].get("limit_learned"):
+            c.print(f"[yellow]enqueued-token limit learned:[/] {_esc(r['plan']['limit_learned'])}", soft_wrap=True)
         if r["summary"]:
             s = r["summary"]
             c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")

@@ -113,3 +113,39 @@ def test_rolling_admission_overlaps_waves_and_barrier_does_not(tmp_path, barrier
         if what == "create":
             live = [n for n in fake.jobs if fake.jobs[n]["end"] > t and min(c for c, w, x in fake.calls if x == n) <= t]
             assert len(live) <= 2
+
+
+def test_a_batch_bigger_than_the_real_limit_is_split_and_the_limit_learned(tmp_path):
+    """Told a limit far above the account's, every batch is refused (429) with nothing of the run enqueued:
+    the refused batch is cut in halves (again, until the parts fit), the limit learned and kept in the plan
+    for `status`, and every request is created exactly once, never above the real limit."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 40, 20, poll_interval=5.0, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [10.0] * 40, limit=8)  # the fake counts a request as one token
+    s = run_engine(store, fake, clock)
+    assert s.ok == 40
+    texts = fake.batch_texts()
+    assert sorted(texts) == sorted(set(texts)) and len(texts) == 40, "every request in exactly one created job"
+    refused = [n for _t, what, n in fake.calls if what == "create-429"]
+    assert refused, "the real limit was met"
+    jobs = {j.name: j for j in store.load_jobs()}
+    assert jobs["b0001"].state == batchify.JobState.SPLIT and jobs["b0002"].state == batchify.JobState.SPLIT
+    parts = [j for j in jobs.values() if j.part]
+    assert all(j.request_count <= 8 for j in parts if j.state == batchify.JobState.RESULTS_DOWNLOADED)
+    assert len({j.display_name for j in jobs.values()}) == len(jobs)
+    run = store.load_run()
+    assert "refused" in run.plan["limit_learned"] and run.plan["effective_limit"] < 10**6
+    assert batchify.run_status(tmp_path / "st", "fake")["runs"][0]["plan"]["limit_learned"] == run.plan["limit_learned"]
+
+
+def test_a_crash_between_split_and_parts_makes_the_same_parts_on_resume(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=5.0, enqueued_limit=10**6, margin=0.0)
+    (job,) = store.load_jobs()
+    now = batchify.utcnow()
+    store.save_job(batchify.advance(job, batchify.JobState.SPLIT, now, split_cap=job.tokens // 3))  # and then the crash
+    fake = FakeGemini(clock, [10.0] * 10)
+    assert run_engine(store, fake, clock).ok == 20
+    texts = fake.batch_texts()
+    assert sorted(texts) == sorted(set(texts)) and len(texts) == 20
+    assert len([j for j in store.load_jobs() if j.part]) == len(fake.jobs) >= 3

@@ -182,3 +182,22 @@ def test_every_option_has_help():
         if isinstance(p, click.Option) and not p.hidden and not p.help
     ]
     assert not missing, missing
+
+
+# -- 3. a batch bigger than the real enqueued limit ---------------------------------------------------------
+def test_told_a_limit_too_high_the_batch_is_split_the_limit_learned_and_status_says_why(emu, articles, tmp_path):
+    """Told 10M where the account has 9,000 tokens: the one 26k-token batch is refused with nothing of the
+    run enqueued; batchify halves it until the parts fit, learns the limit, and `status` says why."""
+    emu.configure(enqueued_limit=9000)
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "batch", "--enqueued-limit", "10000000", out=out)
+    assert p.returncode == 0, p.stderr
+    assert [r["id"] for r in read_jsonl(out)] == input_ids(articles)
+    assert all(r["status"] == "ok" for r in read_jsonl(out))
+    s = emu.stats()
+    assert s["creates_refused_429"] >= 1 and s["peak_enqueued_tokens"] <= 9000
+    assert all(v == 1 for v in s["creates_by_display_name"].values())
+    st = run_cli(["status", "articles", "--state-dir", "st"], tmp_path)
+    assert "limit learned" in st.stdout and "refused" in st.stdout, st.stdout
+    js = json.loads(run_cli(["status", "articles", "--state-dir", "st", "--json"], tmp_path).stdout)["runs"][0]
+    assert js["job_states"]["SPLIT"] >= 1 and js["plan"]["effective_limit"] < 9000
