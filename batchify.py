@@ -1019,6 +1019,14 @@ def validate_config(cfg: JobConfig, where: str, flags: Iterable[str] = ()) -> No
         builtin_catalog().merged(cfg.models, where)  # each [models.NAME] table checked here, naming the file
 
 
+def default_poll_interval(given: float | None, endpoint: str | None) -> float:
+    """An explicit poll interval is kept (against the local emulator too); not given: 1 s for the local
+    emulator (its jobs take seconds), else DEFAULT_POLL_INTERVAL."""
+    if given is not None:
+        return given
+    return 1.0 if endpoint == "local" else DEFAULT_POLL_INTERVAL
+
+
 def _waves_value(ctx: Any, param: Any, value: str | int) -> str | int:
     """--waves: 'auto' or a whole number of waves (at least 1)."""
     if value == "auto" or isinstance(value, int):
@@ -3206,6 +3214,7 @@ async def prepare_run(
 
     path = Path(input_path)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
+    opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
     today = today or utcnow()[:10]
@@ -3966,6 +3975,9 @@ class Engine:
                 continue  # a Flex lane claimed it while an earlier create was awaited
             created = await self.submit(job)
             self._demand.set()
+            if self.jobs[name].state == S.SPLIT:  # its parts go next, at once: no back-off
+                t.create_after, t.create_backoff = 0.0, base
+                return
             if not created:
                 t.create_after = self.clock() + t.create_backoff
                 t.create_backoff = min(t.create_backoff * 2, self.opts.max_poll_interval)
@@ -4935,10 +4947,7 @@ async def run_file(
     cfg = config or JobConfig()
     opts = options or RunOptions()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
-    # A copy (the caller's options stay as they were), with what was not given decided from the context:
-    # an explicit --poll-interval is kept, against the local emulator too.
-    poll = opts.poll_interval if opts.poll_interval is not None else (1.0 if endpoint == "local" else DEFAULT_POLL_INTERVAL)
-    opts = dataclasses.replace(opts, name=name, poll_interval=poll)
+    opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
     store = RunStore(state_dir, name)
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
@@ -5023,6 +5032,7 @@ async def resume_run(
                 "or start a new run with --name."
             )
         endpoint = endpoint or run.endpoint
+        poll_interval = poll_interval or (None if run.options.get("poll_interval") else default_poll_interval(None, endpoint))
         given = {k: v for k, v in (("poll_interval", poll_interval), ("max_cost", max_cost)) if v is not None}
         if given:  # what this resume was told overrides the run's own, from now on
             store.save_run(dataclasses.replace(run, options={**run.options, **given}))

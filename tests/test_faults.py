@@ -158,6 +158,7 @@ def test_latency_on_generate(emu, articles, tmp_path):
     assert_complete(out, articles, source="realtime")
 
 
+@pytest.mark.slow
 def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
     emu.configure(job_seconds=4)
     p1 = spawn_cli(
@@ -196,7 +197,7 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
     rng = random.Random(1234)
     inp = tmp_path / "news.jsonl"
     inp.write_bytes(b"".join(json.dumps(make_articles.article(i, rng, 120)).encode() + b"\n" for i in range(200)))
-    emu.configure(job_seconds=1.5, enqueued_limit=9000, line_error_rate=0.05, seed=2)
+    emu.configure(job_seconds=0.6, enqueued_limit=9000, line_error_rate=0.05, seed=2)
     out = tmp_path / "o.jsonl"
     run_dir = tmp_path / "st" / "news"
     base = ["--endpoint", emu.url, "--state-dir", "st", "--poll-interval", "0.1"]
@@ -210,7 +211,7 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
         elif phase in ("prepare", "batch") and i < 14:
             # each batch-phase point once, in a random order, with random moments in time between
             todo = [p for p in batch_points if not any(k.startswith(p) for k in killed)]
-            moment = rng.uniform(0.9, 2.0) if (i % 3 == 2 or not todo) else f"{rng.choice(todo)}:{rng.randint(1, 3)}"
+            moment = rng.uniform(0.3, 1.0) if (i % 3 == 2 or not todo) else f"{rng.choice(todo)}:{rng.randint(1, 3)}"
         else:
             moment = "after_realtime:2" if not any("realtime" in k for k in killed) else f"merge:{rng.randint(1, 10)}"
         args = (

@@ -159,6 +159,7 @@ async def test_sync_wrappers_work_inside_a_running_loop(emu, articles, tmp_path)
         batchify.cancel_sync("nope", state_dir=tmp_path, endpoint=emu.url, api_key="k")
 
 
+@pytest.mark.slow
 def test_notebook_example_runs(tmp_path):
     import subprocess
 

@@ -376,6 +376,7 @@ def test_lost_sidecar_of_a_pending_job_adopts_it_instead_of_creating_another(emu
         assert (_jobs_dir(tmp_path) / "b0001.json.damaged").exists()
 
 
+@pytest.mark.slow
 def test_crash_drill_with_lost_sidecars_bills_every_key_once(emu, articles, tmp_path):
     """Kills at several steps, a sidecar deleted or truncated after each, resume after each: each input billed once."""
     out = tmp_path / "o.jsonl"

@@ -191,6 +191,7 @@ def test_upload_refused_with_unsupported_mime_a_few_times_is_retried(emu, articl
     assert sorted(j["state"] for j in jobs) == ["RESULTS_DOWNLOADED"] * 3  # retried in the call, no job lost to it
 
 
+@pytest.mark.slow
 def test_upload_always_refused_fails_the_job_then_falls_back(emu, articles, tmp_path):
     emu.configure(upload_400_mime=10_000)
     t0 = time.monotonic()
@@ -287,6 +288,7 @@ def test_resume_after_creates_were_refused_tries_them_again(emu, articles, tmp_p
     assert emu.stats()["creates"] == 2
 
 
+@pytest.mark.slow
 def test_cancel_then_resume_downloads_a_job_that_had_finished(emu, articles, tmp_path):
     """The finished job's output is not readable during the cancel: resume downloads it, nothing is lost."""
     run_until_the_job_ended_remotely(emu, articles, tmp_path, tmp_path / "o.jsonl")
@@ -426,6 +428,7 @@ def test_hybrid_run_uses_both_lanes_and_pays_each_id_once(emu, articles, tmp_pat
     assert max(int(n[1:]) for n in flexed) == len(jobs) and s["creates"] > 0
 
 
+@pytest.mark.slow
 def test_hybrid_killed_and_resumed_never_hands_a_flex_batch_to_batch(emu, articles, tmp_path):
     emu.configure(job_seconds=3.0, flex_latency_min=0.2, flex_latency_max=0.4)
     out = tmp_path / "o.jsonl"

@@ -32,6 +32,7 @@ def status_of(tmp_path: Path, run: str = "articles") -> dict:
     return json.loads(p.stdout)["runs"][0]
 
 
+@pytest.mark.slow
 def test_readme_quick_start_twice_then_cancel_resume_cleanup(tmp_path):
     """The README's first command, twice in a row, then cancel/resume/cleanup: every paid result kept."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
@@ -56,6 +57,7 @@ def status_of_dir(tmp_path: Path, state: str) -> dict:
     return json.loads(run_cli(["status", "articles", "--json", "--state-dir", state], tmp_path).stdout)["runs"][0]
 
 
+@pytest.mark.slow
 def test_cleanup_refuses_while_a_finished_jobs_output_is_not_downloaded(emu, articles, tmp_path):
     run_until_the_job_ended_remotely(emu, articles, tmp_path, tmp_path / "o.jsonl")
     emu.configure(download_404=10**6)  # the output is not readable while we cancel and clean up
@@ -185,6 +187,7 @@ def test_every_option_has_help():
 
 
 # -- 3. a batch bigger than the real enqueued limit ---------------------------------------------------------
+@pytest.mark.slow
 def test_told_a_limit_too_high_the_batch_is_split_the_limit_learned_and_status_says_why(emu, articles, tmp_path):
     """Told 10M where the account has 9,000 tokens: the one 26k-token batch is refused with nothing of the
     run enqueued; batchify halves it until the parts fit, learns the limit, and `status` says why."""

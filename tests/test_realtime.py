@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import input_ids, read_jsonl, run_against, run_cli
 
 import batchify
@@ -19,11 +20,12 @@ def small_docs(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 async def test_realtime_1000_requests_hold_the_rpm_limit(emu, tmp_path):
-    # 600 requests per 5 s window (7,200 RPM) with 20 ms +- 10 ms latency: a scaled minute.
-    emu.configure(rpm=600, rate_window=5.0, latency_ms=20, latency_spread_ms=10)
+    # 600 requests per 2.5 s window (14,400 RPM) with 20 ms +- 10 ms latency: a scaled minute.
+    emu.configure(rpm=600, rate_window=2.5, latency_ms=20, latency_spread_ms=10)
     inp = small_docs(tmp_path / "docs.jsonl", 1000)
-    opts = batchify.RunOptions(mode="realtime", rpm=600, rate_window=5.0, concurrency=32)
+    opts = batchify.RunOptions(mode="realtime", rpm=600, rate_window=2.5, concurrency=32)
     _run, summary = await batchify.run_file(inp, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
     assert summary is not None and summary.ok == 1000 and summary.errors == 0
     assert summary.by_source == {"realtime": 1000} and summary.cost_realtime_usd > 0

@@ -49,6 +49,7 @@ def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
     assert human.returncode == 0 and "b0001" in human.stdout and "results_downloaded" in human.stdout  # a report: stdout
 
 
+@pytest.mark.slow
 def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
     """Rolling admission submits as soon as a batch fits: more than one wave is live at a time."""
     emu.configure(enqueued_limit=9000, job_seconds=0.4, job_seconds_max=1.6)
@@ -82,6 +83,7 @@ def test_dry_run_uploads_nothing(emu, articles, tmp_path):
     assert s["uploads"] == 0 and s["creates"] == 0 and s["count_tokens_calls"] > 0  # calibrated, nothing sent
 
 
+@pytest.mark.slow
 def test_quick_start_local_endpoint(tmp_path):
     t0 = time.monotonic()
     p = subprocess.run(
@@ -175,6 +177,7 @@ async def test_margin_follows_the_spread_the_calibration_measured(emu, articles,
     assert emu.stats()["peak_enqueued_tokens"] <= 9000
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
     emu.configure(job_seconds=3.0, enqueued_limit=12000)
     out = tmp_path / "o.jsonl"
