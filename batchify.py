@@ -3066,10 +3066,12 @@ def _prepare_pass(
     gc: dict[str, Any],
     context: int = CONTEXT_WINDOW,
     long_at: int | None = None,
+    write: bool = True,
 ) -> _Pass:
     """One streaming pass: validate each record, write request files and ids. Memory stays flat:
     ids are kept as 8-byte digests in an array; only ids whose digest repeats (`suspects`, known
-    after a first pass) are compared exactly, in a second pass that runs only when there are any."""
+    after a first pass) are compared exactly, in a second pass that runs only when there are any.
+    `write=False`: validate only (records, ids, the prompt template), writing no request file."""
     import array
     import shutil
 
@@ -3163,6 +3165,9 @@ def _prepare_pass(
                     problems.append(f"{path}:{rec.number}: {err}")
                 continue
             digests[digest & 63].append(digest)
+            if not write:
+                n += 1
+                continue
             if fetch_error is not None:  # the id keeps its place and gets an error line; nothing is sent
                 if fail_f is None:
                     fail_f = stack.enter_context(open_private(store.fetch_errors_path))
@@ -3191,6 +3196,19 @@ def _prepare_pass(
                     dupes.add(d)
                 seen_d.add(d)
     return _Pass(batches, n, n_problems, problems, sha.result(), dupes, unfetched, long_docs, long_tokens)
+
+
+def _refuse_invalid(store: RunStore, path: Path, p: _Pass) -> None:
+    """Bad records and no --skip-invalid: remove the half-made run and name every problem (file:line, fix)."""
+    import shutil
+
+    shutil.rmtree(store.dir, ignore_errors=True)
+    more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
+    raise InputError(
+        f"{path}: {p.n_problems} invalid record(s){more}; nothing was sent or uploaded. "
+        "Fix them, or pass --skip-invalid to set them aside.",
+        p.problems,
+    )
 
 
 async def prepare_run(
@@ -3240,6 +3258,30 @@ async def prepare_run(
         context = info.input_token_limit or context
         if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
             gc["maxOutputTokens"] = info.output_token_limit
+    if client is not None and opts.calibrate and not opts.skip_invalid:
+        # Calibration sends a sample of the documents to countTokens: validate every record first, so a file
+        # that is refused has sent nothing at all (sizes are checked in the pass below, with the calibration).
+        unbounded = 1 << 62
+        v = _prepare_pass(
+            store, path, cfg, opts, CHARS_PER_TOKEN_OFFLINE, unbounded, unbounded, set(), None, gc, unbounded, write=False
+        )
+        if v.duplicate_digests and not v.n_problems:
+            v = _prepare_pass(
+                store,
+                path,
+                cfg,
+                opts,
+                CHARS_PER_TOKEN_OFFLINE,
+                unbounded,
+                unbounded,
+                v.duplicate_digests,
+                None,
+                gc,
+                unbounded,
+                write=False,
+            )
+        if v.n_problems:
+            _refuse_invalid(store, path, v)
     sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
     cpt, warranted = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None)
     calibrated = warranted is not None
@@ -3261,13 +3303,7 @@ async def prepare_run(
             store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context, spec.long_context_threshold
         )
     if p.n_problems and not opts.skip_invalid:
-        shutil.rmtree(store.dir, ignore_errors=True)
-        more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
-        raise InputError(
-            f"{path}: {p.n_problems} invalid record(s){more}; nothing was uploaded. "
-            "Fix them, or pass --skip-invalid to set them aside.",
-            p.problems,
-        )
+        _refuse_invalid(store, path, p)
     if p.records == 0:
         shutil.rmtree(store.dir, ignore_errors=True)
         raise InputError(

@@ -30,6 +30,7 @@ def test_bad_record(emu, tmp_path, case, content, where, message):
     assert p.returncode == 2
     assert f"{inp}{where}" in p.stderr and message in p.stderr and "Fix:" in p.stderr
     assert emu.stats()["uploads"] == 0 and emu.stats()["creates"] == 0
+    assert emu.stats()["count_tokens_calls"] == 0, "no document text was sent (calibration waits for validation)"
     assert not (tmp_path / "st" / case / "run.json").exists()
     v = run_cli(["validate", str(inp)], tmp_path)  # the same checks alone
     assert v.returncode == 2 and message in v.stderr
