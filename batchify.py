@@ -2042,10 +2042,54 @@ def estimate_plan(
         "estimated_cost_usd": round(batch_cost * (1 - realtime_share) + rt_cost * realtime_share, 6),
         "estimated_cost_realtime_usd": round(rt_cost, 6),
         "realtime_share": realtime_share,
-        "estimated_time": f"{len(waves)} wave(s) x batch job time (minutes to hours; Google's target is 24 h)",
+        "estimated_time": f"{len(waves)} wave(s): at most ~{24 * len(waves)} h at Google's 24 h target per job; usually far "
+        "less (jobs often end within minutes to a few hours)",
         "wave_tokens": [sum(batches[i].tokens for i in w) for w in waves],
+        "jobs_per_wave": [len(w) for w in waves],
+        "batch_size_max": max((b.count for b in batches), default=0),
+        "prices_per_1m": {
+            svc: {
+                "input": round(cost_usd(spec, {"promptTokenCount": 1_000_000}, svc), 6),
+                "output": round(cost_usd(spec, {"candidatesTokenCount": 1_000_000}, svc), 6),
+            }
+            for svc in SERVICES
+        },
         "wave_of_batch": {str(i): wi for wi, w in enumerate(waves) for i in w},
     }
+
+
+FLEX_LATENCY_MIN = (1.0, 15.0)  # Google's Flex latency target, minutes (flex-inference page, 2026-09-23)
+
+
+def mode_estimates(
+    spec: ModelSpec, cfg: JobConfig, plan: dict[str, Any], records: int, limits: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Cost and time of the same run in each mode, from the plan and the real-time limits: batch (the
+    batch price, its waves of jobs), flex (the Flex price where the model has it; requests / RPM, or tokens
+    / TPM when that is slower, plus Flex's latency target), standard (2x), and hybrid (batch's price,
+    sooner than the faster of the two: Flex lanes drain the tail while batch jobs run)."""
+    usage = expected_usage(cfg, spec, plan["input_tokens"], records)
+    rpm = limits.get("rpm") or DEFAULT_RPM
+    tpm = limits.get("tpm")
+    minutes = max(records / rpm, plan["input_tokens"] / tpm if tpm else 0.0)
+    out: dict[str, dict[str, Any]] = {
+        "batch": {"cost_usd": round(cost_usd(spec, usage, "batch"), 6), "time": f"{plan['waves']} wave(s) of batch jobs"},
+        "standard": {
+            "cost_usd": round(cost_usd(spec, usage, "standard"), 6),
+            "time": f"~{max(1.0, minutes):,.0f} min at {rpm:,} RPM" + (f" / {tpm:,} TPM" if tpm else ""),
+        },
+    }
+    if spec.flex:
+        lo, hi = minutes + FLEX_LATENCY_MIN[0], minutes + FLEX_LATENCY_MIN[1]
+        out["flex"] = {
+            "cost_usd": round(cost_usd(spec, usage, "flex"), 6),
+            "time": f"~{lo:,.0f}-{hi:,.0f} min (the rate limits, plus Flex's 1-15 min latency), if Flex is not shedding",
+        }
+        out["hybrid"] = {
+            "cost_usd": out["batch"]["cost_usd"],
+            "time": f"sooner than the faster of batch and flex (at most ~{hi:,.0f} min)",
+        }
+    return out
 
 
 def response_text(response: dict[str, Any], accept_truncated: bool = False) -> tuple[str | None, str | None]:
@@ -2828,22 +2872,22 @@ def display_name_for(run: str, run_id: str, index: int, attempt: int, part: str 
     return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}{part}"
 
 
-async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None]:
+async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None, str | None]:
     """Characters per token, measured with countTokens on the prompts of documents sampled from across
     the input (a file sorted by language or source would mislead a sample of its head), in
     CALIBRATION_CALLS calls, and the margin that measurement's spread warrants (estimate_margin).
-    The offline constant and None when the service cannot be asked."""
+    The offline constant, None and why, when the service cannot be asked."""
     if client is None or not prompts:
-        return CHARS_PER_TOKEN_OFFLINE, None
+        return CHARS_PER_TOKEN_OFFLINE, None, ("no records to sample" if client is not None else None)
     groups = [prompts[i::CALIBRATION_CALLS] for i in range(min(CALIBRATION_CALLS, len(prompts)))]
     try:
         counts = await asyncio.gather(*(client.count_tokens(model, g) for g in groups))
     except AuthError:
         raise
-    except RemoteError:
-        return CHARS_PER_TOKEN_OFFLINE, None
+    except RemoteError as e:
+        return CHARS_PER_TOKEN_OFFLINE, None, f"countTokens could not be reached ({e})"
     samples = [(sum(map(len, g)), c) for g, c in zip(groups, counts, strict=True)]
-    return calibrate_chars_per_token(samples), estimate_margin(samples)
+    return calibrate_chars_per_token(samples), estimate_margin(samples), None
 
 
 def sample_prompts(path: Path, cfg: JobConfig, id_field: str, text_field: str) -> list[str]:
@@ -3283,7 +3327,9 @@ async def prepare_run(
         if v.n_problems:
             _refuse_invalid(store, path, v)
     sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
-    cpt, warranted = (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None)
+    cpt, warranted, offline_why = (
+        (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None, None)
+    )
     calibrated = warranted is not None
     margin = margin_for(opts.margin, warranted)
     eff = effective_limit(limit, margin)
@@ -3332,8 +3378,21 @@ async def prepare_run(
     )
     plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
     plan["warnings"] = [
-        w for w in (lifecycle_warning(spec, today), spec.price_note and f"price change ahead: {spec.price_note}") if w
+        w
+        for w in (
+            lifecycle_warning(spec, today),
+            spec.price_note and f"price change ahead: {spec.price_note}",
+            offline_why
+            and f"{offline_why}: token counts are the offline guess ({CHARS_PER_TOKEN_OFFLINE} characters a token) with a "
+            f"{margin:.0%} margin kept free of the enqueued limit",
+            isinstance(opts.waves, int)
+            and opts.waves != len(waves)
+            and f"--waves {opts.waves} cannot be honoured: {len(batches)} batch(es) under a {eff:,}-token limit make "
+            f"{len(waves)} wave(s)",
+        )
+        if w
     ]
+    plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
     plan["margin"] = margin
     plan["batch_token_cap"] = cap
     run_id = secrets.token_hex(3)
@@ -5267,8 +5326,17 @@ def render_plan(run: Run, out: Any = None) -> None:
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
         ("mode", run.options.get("mode")),
         ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
-        ("batches", f"{p['batches']:,}"),
-        ("waves", f"{p['waves']:,}"),
+        (
+            "batches",
+            f"{p['batches']:,}" + (f" of up to {p['batch_size_max']:,} requests" if p.get("batch_size_max") else ""),
+        ),
+        ("waves", f"{p['waves']:,}" + (f" (jobs per wave: {_short_list(p['jobs_per_wave'])})" if p.get("jobs_per_wave") else "")),
+        (
+            "per request (est.)",
+            f"{p['input_tokens'] // max(1, run.records):,} tokens in; "
+            f"{p.get('expected_output_tokens', 0) // max(1, run.records):,} answer + "
+            f"{p.get('expected_thinking_tokens', 0) // max(1, run.records):,} thinking tokens out assumed",
+        ),
         (
             "input tokens (est.)",
             f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
@@ -5281,22 +5349,32 @@ def render_plan(run: Run, out: Any = None) -> None:
             + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else ""),
         ),
         (
-            "tokens assumed out",
-            f"{p.get('expected_output_tokens', 0):,} answer + {p.get('expected_thinking_tokens', 0):,} thinking",
-        ),
-        (
             "estimated cost",
             f"${p['estimated_cost_usd']:.4f}"
             + (" batch price" if p.get("realtime_share", 0) == 0 else f" ({p['realtime_share']:.0%} real time)"),
         ),
         ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
+        *(
+            [
+                (
+                    "prices used (USD / 1M)",
+                    "; ".join(f"{k} {v['input']:g} in, {v['output']:g} out" for k, v in p["prices_per_1m"].items()),
+                )
+            ]
+            if "prices_per_1m" in p
+            else []
+        ),
+        *([(f"mode {k}", f"${v['cost_usd']:.4f}, {v['time']}") for k, v in p["modes"].items()] if "modes" in p else []),
         ("estimated time", p["estimated_time"]),
         ("results file", run.out),
     ]
     if "realtime_limits" in p:
         lim = p["realtime_limits"]
         tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
-        rows.insert(-3, ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
+        rows.insert(
+            [k for k, _v in rows].index("same in real time"),
+            ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"),
+        )
     for k, v in rows:
         t.add_row(k, _esc(v))
     (out or console()).print(t)
@@ -5304,6 +5382,10 @@ def render_plan(run: Run, out: Any = None) -> None:
         (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
     if run.endpoint == "local":
         (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+
+
+def _short_list(xs: list[int]) -> str:
+    return ", ".join(map(str, xs)) if len(xs) <= 8 else ", ".join(map(str, xs[:6])) + f", ... ({len(xs)} waves)"
 
 
 def render_models(catalog: Catalog, today: str) -> None:
@@ -6383,6 +6465,7 @@ class EmulatorConfig:
     download_403: int = 0  # output download answered 403
     download_404: int = 0  # output download answered 404 (SUCCEEDED before the output is readable)
     list_429: int = 0  # batches.list answered 429 (seen in a client's CI log)
+    count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
     # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
     # a request is shed with 503 at this rate, or whenever more than flex_capacity are in flight.
@@ -6967,6 +7050,8 @@ class Emulator:
         if method == "countTokens":
             self._check_model(model, method)
             self.stats["count_tokens_calls"] += 1
+            if self._fault("count_tokens_503"):
+                raise _EmuError(503, "UNAVAILABLE", "The service is currently unavailable.")
             if "generateContentRequest" in body:
                 body = body["generateContentRequest"]
             n = self._tokens(body, contents_only=True)

@@ -24,6 +24,8 @@ from conftest import (
     wait_for,
 )
 
+import batchify
+
 FAST = ["--poll-interval", "0.2", "--yes"]
 
 
@@ -204,3 +206,29 @@ def test_told_a_limit_too_high_the_batch_is_split_the_limit_learned_and_status_s
     assert "limit learned" in st.stdout and "refused" in st.stdout, st.stdout
     js = json.loads(run_cli(["status", "articles", "--state-dir", "st", "--json"], tmp_path).stdout)["runs"][0]
     assert js["job_states"]["SPLIT"] >= 1 and js["plan"]["effective_limit"] < 9000
+
+
+# -- 8. the plan explains its numbers ---------------------------------------------------------------------
+def test_the_plan_explains_its_numbers(emu, articles, tmp_path):
+    emu.configure(count_tokens_503=10**6)  # countTokens unreachable: the offline guess, and a warning saying so
+    p = run_against(emu, articles, tmp_path, "--dry-run", "--waves", "5", "--batch-size", "25")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for words in (
+        "per request (est.)",
+        "tokens in",
+        "answer",
+        "prices used (USD / 1M)",
+        "jobs per wave",
+        "mode flex",
+        "mode hybrid",
+    ):
+        assert words in out, words
+    assert emu.url in out  # the endpoint actually used
+    assert "countTokens could not be reached" in out and "offline guess" in out
+    assert "--waves 5 cannot be honoured" in out
+    plan = json.loads(run_against(emu, articles, tmp_path, "--dry-run", "--json", "--name", "j").stdout)["plan"]
+    spec = batchify.builtin_catalog().spec(batchify.DEFAULT_MODEL, "2026-12-01")
+    assert plan["prices_per_1m"]["batch"]["input"] == pytest.approx(spec.input_price * spec.batch_discount)
+    assert plan["jobs_per_wave"] == [1] and set(plan["modes"]) == {"batch", "flex", "standard", "hybrid"}
+    assert plan["modes"]["flex"]["cost_usd"] == pytest.approx(plan["modes"]["batch"]["cost_usd"])
