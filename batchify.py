@@ -72,17 +72,19 @@ import time
 import tomllib
 import urllib.parse
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import click
 import orjson
 
 __version__ = "0.1.0"
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # ================================================================================================
 # 1. Config and constants
@@ -5061,7 +5063,8 @@ async def run_file(
             if confirm is not None and run.status == "prepared" and not confirm(run):
                 raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
             async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
-                return run, await Engine(store, client, reporter, hook=hook).execute()
+                with _progress(reporter) as shown:
+                    return run, await Engine(store, client, shown, hook=hook).execute()
         async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
             run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
             if dry_run:
@@ -5069,7 +5072,8 @@ async def run_file(
             if confirm is not None and not confirm(run):
                 raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
             assert client is not None
-            summary = await Engine(store, client, reporter, hook=hook).execute()
+            with _progress(reporter) as shown:
+                summary = await Engine(store, client, shown, hook=hook).execute()
             return run, summary
 
 
@@ -5134,7 +5138,8 @@ async def resume_run(
         scale = float(run.options.get("retry_scale", 1.0))
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
             await check_model_still_served(run, client)
-            return await Engine(store, client, reporter, hook=hook).execute()
+            with _progress(reporter) as shown:
+                return await Engine(store, client, shown, hook=hook).execute()
 
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
@@ -5202,36 +5207,6 @@ def results(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Result
 
 
 # Thin sync wrappers over the async API, safe in notebooks (where an event loop already runs).
-def run_file_sync(*args: Any, **kwargs: Any) -> tuple[Run, Summary | None]:
-    return run_sync(run_file(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def prepare_sync(*args: Any, **kwargs: Any) -> Run:
-    return run_sync(prepare(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def submit_sync(*args: Any, **kwargs: Any) -> Summary:
-    return run_sync(submit(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def resume_sync(*args: Any, **kwargs: Any) -> Summary:
-    return run_sync(resume_run(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def cancel_sync(*args: Any, **kwargs: Any) -> list[str]:
-    return run_sync(cancel(*args, **kwargs))  # type: ignore[no-any-return]
-
-
-def cleanup_sync(
-    name: str,
-    state_dir: str | Path = DEFAULT_STATE_DIR,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    local: bool = False,
-) -> dict[str, int]:
-    return run_sync(cleanup(name, state_dir, endpoint, api_key, local))  # type: ignore[no-any-return]
-
-
 async def cleanup(
     name: str,
     state_dir: str | Path = DEFAULT_STATE_DIR,
@@ -5239,6 +5214,8 @@ async def cleanup(
     api_key: str | None = None,
     local: bool = False,
 ) -> dict[str, int]:
+    """Delete a finished run's remote files and jobs (refused while a finished job's output is not downloaded);
+    `local=True` also removes its folder. Counts of what was deleted."""
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
@@ -5250,12 +5227,55 @@ async def cleanup(
 async def cancel(
     name: str, state_dir: str | Path = DEFAULT_STATE_DIR, endpoint: str | None = None, api_key: str | None = None
 ) -> list[str]:
+    """Cancel a run's live batch jobs (what already finished is kept, and downloaded by `resume`); the names
+    of the jobs cancelled."""
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
         async with open_client(endpoint or run.endpoint, api_key) as client:
             return await cancel_run(store, client)
+
+
+def _sync(fn: Callable[P, Coroutine[Any, Any, T]], name: str) -> Callable[P, T]:
+    """The synchronous twin of a library coroutine: the same signature and docstring (help() shows them),
+    run with run_sync (so it also works where an event loop already runs: Jupyter, IPython)."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return cast(T, run_sync(fn(*args, **kwargs)))
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{fn.__doc__ or ''}\n\n(The synchronous form of `{fn.__name__}`.)"
+    return call
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (IPython with a ZMQ shell)."""
+    shell = sys.modules.get("IPython")
+    try:
+        return shell is not None and type(shell.get_ipython()).__name__ == "ZMQInteractiveShell"
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _progress(reporter: Reporter | None) -> Iterator[Reporter | None]:
+    """The caller's reporter; none given, in a Jupyter kernel: rich progress bars in the notebook (a run takes
+    hours: silence looks like a hang). Pass reporter=NullReporter() for none."""
+    if reporter is None and in_notebook():
+        with RichReporter() as r:
+            yield r
+    else:
+        yield reporter
+
+
+run_file_sync = _sync(run_file, "run_file_sync")
+prepare_sync = _sync(prepare, "prepare_sync")
+submit_sync = _sync(submit, "submit_sync")
+resume_sync = _sync(resume_run, "resume_sync")
+cancel_sync = _sync(cancel, "cancel_sync")
+cleanup_sync = _sync(cleanup, "cleanup_sync")
 
 
 def validate_file(

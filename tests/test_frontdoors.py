@@ -329,3 +329,32 @@ def test_run_file_leaves_the_callers_options_alone_and_keeps_an_explicit_poll_in
         )
     )
     assert run2.options["poll_interval"] == 1.0  # not given: 1 s for the local emulator
+
+
+def test_sync_functions_carry_the_async_signatures_and_docstrings():
+    import inspect
+
+    for sync, coro in (
+        (batchify.run_file_sync, batchify.run_file),
+        (batchify.prepare_sync, batchify.prepare),
+        (batchify.submit_sync, batchify.submit),
+        (batchify.resume_sync, batchify.resume_run),
+        (batchify.cancel_sync, batchify.cancel),
+        (batchify.cleanup_sync, batchify.cleanup),
+    ):
+        assert inspect.signature(sync) == inspect.signature(coro), sync.__name__
+        assert coro.__doc__ and coro.__doc__ in (sync.__doc__ or ""), sync.__name__
+        assert sync.__name__.endswith("_sync")
+
+
+def test_a_notebook_shows_progress_by_default_and_can_turn_it_off(emu, articles, tmp_path, monkeypatch, capsys):
+    """In a Jupyter kernel a run takes hours: with no reporter given the library shows rich progress there."""
+    monkeypatch.setattr(batchify, "in_notebook", lambda: True)
+    opts = batchify.RunOptions(poll_interval=0.2, calibrate=False)
+    batchify.run_file_sync(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
+    assert "created batches/" in capsys.readouterr().err
+    opts = batchify.RunOptions(poll_interval=0.2, calibrate=False, name="quiet")
+    batchify.run_file_sync(
+        articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k", reporter=batchify.NullReporter()
+    )
+    assert "created batches/" not in capsys.readouterr().err
