@@ -1632,14 +1632,15 @@ def should_cut(
 
 @dataclass(frozen=True)
 class BatchPlan:
-    start: int
+    start: int  # the ordinals [start, end) it covers (failed fetches included: they have no request)
     end: int
     tokens: int
     bytes: int
+    requests: int | None = None  # the requests in it; None: one per ordinal
 
     @property
     def count(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.requests is None else self.requests
 
 
 class BatchCutter:
@@ -1660,7 +1661,7 @@ class BatchCutter:
         at this ordinal)."""
         new = self.count == 0
         if should_cut(self.count, self.tokens, self.nbytes, tokens, nbytes, self.batch_size, self.token_cap, self.max_bytes):
-            self.batches.append(BatchPlan(self.start, ordinal, self.tokens, self.nbytes))
+            self.batches.append(BatchPlan(self.start, ordinal, self.tokens, self.nbytes, self.count))
             self.start, self.count, self.tokens, self.nbytes = ordinal, 0, 0, 0
             new = True
         self.count += 1
@@ -1672,12 +1673,12 @@ class BatchCutter:
         """Close the last batch at `end` (the number of ordinals): trailing request-less ordinals join it; with
         no request at all, one range of them (no job is made for it)."""
         if self.count:
-            self.batches.append(BatchPlan(self.start, end, self.tokens, self.nbytes))
+            self.batches.append(BatchPlan(self.start, end, self.tokens, self.nbytes, self.count))
         elif self.batches and self.batches[-1].end < end:
             last = self.batches[-1]
-            self.batches[-1] = BatchPlan(last.start, end, last.tokens, last.bytes)
+            self.batches[-1] = BatchPlan(last.start, end, last.tokens, last.bytes, last.count)
         elif not self.batches and end:
-            self.batches.append(BatchPlan(0, end, 0, 0))
+            self.batches.append(BatchPlan(0, end, 0, 0, 0))
         self.count = 0
         return self.batches
 
@@ -3048,7 +3049,8 @@ async def fetch_urls(
         text = await asyncio.to_thread(trafilatura.extract, html)
         if not text or not text.strip():
             return {"url": url, "error": "no main text found on the page"}
-        return {"url": url, "text": text}
+        title = page_title(html)
+        return {"url": url, "text": text, **({"title": title} if title else {})}
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     with open_private(store.fetch_cache_path, "ab") as f:
@@ -3068,6 +3070,17 @@ async def fetch_urls(
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
     return counts
+
+
+def page_title(html: str) -> str | None:
+    """The text of a page's <title>, whitespace collapsed and entities decoded (None when there is none)."""
+    import html as html_lib
+
+    m = re.search(r"<title[^>]*>(.*?)</title\s*>", html[:200_000], re.IGNORECASE | re.DOTALL)
+    if not m:
+        return None
+    title = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", "", m.group(1))).split())
+    return title[:500] or None
 
 
 def public_address(ip: str) -> bool:
@@ -3166,6 +3179,8 @@ def _prepare_pass(
                     got = {"text": "(to fetch)"}
                 if "text" in got:
                     rec.obj[opts.text_field] = got["text"]
+                    if got.get("title") and not rec.obj.get("title"):  # the page's <title> fills {title}
+                        rec.obj["title"] = got["title"]
                 else:
                     fetch_error = f"fetching {rec.obj['url']} failed: {got['error']}"
                     rec.obj[opts.text_field] = "(not fetched)"  # checked as usual; no request is made for it
@@ -3798,7 +3813,7 @@ class Engine:
                     index=i,
                     display_name=display_name_for(self.run.name, self.run.run_id, i, 1),
                     request_file=f"requests/b{i:04d}.jsonl",
-                    request_count=end - start,
+                    request_count=(self.store.dir / f"requests/b{i:04d}.jsonl").read_bytes().count(b"\n"),
                     tokens=tokens,
                     bytes=nbytes,
                     wave=int(self.run.plan.get("wave_of_batch", {}).get(str(i - 1), 0)),
@@ -4458,7 +4473,9 @@ class Engine:
                 yield n, best, raw
 
     def unresolved(self) -> set[int]:
-        return {n for n, r, _raw in self.resolve() if r is None or r["status"] != "ok"}
+        """Ordinals with no good result that a request can still mend (a page that could not be fetched has no
+        request: its error line is final)."""
+        return {n for n, r, _raw in self.resolve() if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}
 
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order."""

@@ -117,6 +117,31 @@ def test_url_input_fetches_extracts_and_caches(emu, site, tmp_path):
     assert "Home | World" not in text and len(text) > 500
 
 
+def test_url_input_fills_title_from_the_page_and_logs_what_is_sent(emu, site, tmp_path):
+    """{title} in the prompt comes from the page's <title> when the record has none; the log counts the
+    requests actually sent, and failed fetches are not reported as work for the real-time fallback."""
+    inp = tmp_path / "urls.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in url_records(site)))
+    p = run_against(
+        emu,
+        inp,
+        tmp_path,
+        "--yes",
+        "--poll-interval",
+        "0.2",
+        "--allow-private-urls",
+        "--prompt-template",
+        "TITLE: {title}\n\n{text}",
+    )
+    assert p.returncode == 1, p.stderr  # the three pages that could not be fetched end in error
+    req = json.loads((tmp_path / "st/urls/requests/b0001.jsonl").read_text().splitlines()[0])["request"]
+    first = req["contents"][0]["parts"][0]["text"]
+    assert first.startswith("TITLE: ") and "<title>" not in site.pages["/news/0"].split("<title>")[1][:0]
+    assert first.splitlines()[0] == "TITLE: " + site.pages["/news/0"].split("<title>")[1].split("</title>")[0]
+    assert "(6 requests" in p.stderr  # six pages fetched, six requests in the job
+    assert "fallback" not in p.stderr, p.stderr
+
+
 def test_all_urls_failing_still_gives_one_line_each(emu, site, tmp_path):
     inp = tmp_path / "dead.jsonl"
     inp.write_text(json.dumps({"id": 1, "url": f"{site.url}/gone"}) + "\n")
