@@ -1099,7 +1099,12 @@ class RunOptions:
         type=click.Choice(["auto", "batch", "hybrid", "flex", "realtime", "standard"]),
         callback=_mode_value,
     )
-    flex_lanes: int = flag(4, "Hybrid: batches drained through Flex at once, from the tail.", type=click.IntRange(1))
+    flex_lanes: int = flag(
+        0,
+        "Hybrid: at most this many batches drained through Flex at once (0: as many as keep the Flex pipe full, "
+        "sized from the latency measured).",
+        type=click.IntRange(0),
+    )
     fallback_tier: str = flag(
         "auto",
         "What finishes what batch could not: flex (the batch price) where the model has it, else standard (2x).",
@@ -1855,6 +1860,28 @@ def next_wake(
     if any(j.state in UNSUBMITTED for j in jobs):
         waits.append(now if freed else max(create_after, now + base))
     return max(now, min(waits, default=now + base))
+
+
+def flex_in_flight(rate_per_s: float, latency_s: float, floor: int, ceiling: int) -> int:
+    """Requests to keep in flight (Little's law: in flight = arrival rate x time in the system), with a quarter
+    more for the latency's spread: the rate the RPM/TPM limits allow, times the latency measured (Flex:
+    minutes, so thousands in flight). Within [floor, ceiling] (the ceiling: the open-file limit's share)."""
+    return max(floor, min(ceiling, math.ceil(rate_per_s * latency_s * 1.25)))
+
+
+def hybrid_admits(unstarted_tokens: int, flex_tokens_per_s: float, durations: list[float], created: int) -> bool:
+    """Hybrid: may batch create another job, or should the Flex lanes take what nobody has started?
+
+    Until a job has finished, batch fills the enqueued limit (the first fill: batch capacity is free, and the
+    price is the same). Afterwards a new job is worth it only while Flex alone would need much longer than a
+    batch job takes to drain what is left: longer than 1.5x the longest job seen so far, and only once half the
+    jobs created have finished (the first to finish are the short ones: their durations alone would promise
+    too much). Else the job would end after Flex could have done its requests, and the run would wait for it."""
+    if not durations:
+        return True
+    if flex_tokens_per_s <= 0 or 2 * len(durations) < created:
+        return False
+    return unstarted_tokens / flex_tokens_per_s > 1.5 * max(durations)
 
 
 def next_poll_interval(current: float, changed: bool, base: float, maximum: float) -> float:
@@ -2866,6 +2893,62 @@ class RateLimiter:
         self.factor = min(1.0, self.factor + 0.005)
 
 
+class Gate:
+    """A semaphore whose capacity can change while it is held (Flex sizes its requests in flight from the
+    latency it measures: Little's law). Waiters are served in order; `room` is set whenever a slot is free
+    and nobody waits (a caller that tops the pipe up waits on it)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self.used = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.room = asyncio.Event()
+        self.room.set()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.used < self.capacity and not self._waiters:
+            self.used += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut  # the slot is handed over by release()/resize(): `used` already counts it
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self.release()
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)
+                raise
+        self._update_room()
+
+    def release(self) -> None:
+        self.used -= 1
+        self._hand_over()
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.used < self.capacity:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += 1
+                fut.set_result(None)
+        self._update_room()
+
+    def _update_room(self) -> None:
+        if self.used < self.capacity and not self._waiters:
+            self.room.set()
+        else:
+            self.room.clear()
+
+
 # ================================================================================================
 # 7. Prepare: sample and calibrate, fetch URLs, validate, build request files, plan
 # ================================================================================================
@@ -3484,6 +3567,7 @@ class RealtimeView:
     rpm: float = 0.0
     tpm: float = 0.0
     cost_usd: float = 0.0
+    in_flight: int = 0
 
 
 @dataclass
@@ -3582,6 +3666,10 @@ class Engine:
         self._download_failures: dict[str, int] = {}
         self._poll_refusals: dict[str, int] = {}
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
+        self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
+        self._flex_wake = asyncio.Event()  # a batch became claimable (an upload ended, admission passed it by)
+        self._created_at: dict[str, float] = {}  # engine clock at each create of this process
+        self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
 
     @property
     def client(self) -> Backend:
@@ -3697,45 +3785,69 @@ class Engine:
         return summary
 
     def _claim_for_flex(self) -> Job | None:
-        """The next batch for a Flex lane: one this lane owned already and did not finish (a resume), else the
+        """The next batch for the Flex lanes: one they owned already and did not finish (a resume), else the
         last one batch has not started (the tail; batch admits from the head). Claimed on disk before any of
         its requests is sent, so resume never hands a batch Flex started to batch, nor the other way round.
         No await between the check and the claim: the scheduler and the uploader cannot take it meanwhile."""
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
             return mine[0]
-        free = [j for j in self._ordered() if j.lane == "batch" and j.state in (S.CREATED, S.UPLOADED) and j.attempt == 1]
-        if len(free) < 2 and any(j.state in ACTIVE_STATES for j in self.jobs.values()):
-            return None  # the last batch or so: batch is about to take it (the lanes meet in the middle)
+        free = [j for j in self._ordered() if j.lane == "batch" and j.state in (S.CREATED, S.UPLOADED)]
         if not free:
             return None
         j = free[-1]
         self._set(j, j.state, lane="flex")
         return self.jobs[j.name]
 
+    def _batch_work_left(self) -> bool:
+        """Batches nobody has started yet (neither created as a batch job nor claimed by Flex)."""
+        return any(j.lane == "batch" and j.state in UNSUBMITTED for j in self.jobs.values())
+
     async def hybrid_phase(self) -> None:
-        """Batch from the head of the queue and Flex lanes from its tail, at once; an error of either is raised
-        as itself (not wrapped in an ExceptionGroup)."""
+        """Batch from the head of the queue and the Flex lanes from its tail, at once; an error of either is
+        raised as itself (not wrapped in an ExceptionGroup)."""
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.batch_phase())
-                for _ in range(self.opts.flex_lanes):
-                    tg.create_task(self.flex_lane())
+                tg.create_task(self.flex_lanes())
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
 
-    async def flex_lane(self) -> None:
-        """Drain whole not-yet-submitted batches from the tail through Flex, request by request, until batch and
-        Flex meet in the middle; each finished batch ends FLEXED (its results are in realtime.jsonl)."""
-        while (job := self._claim_for_flex()) is not None:
-            self._flexing.add(job.name)
-            self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
-            try:
-                await self.realtime(None, "flex", [job.request_file])  # the job's file holds exactly its requests
-            finally:
-                self._flexing.discard(job.name)
-            self._set(self.jobs[job.name], S.FLEXED)
-            self._wake.set()
+    async def flex_lanes(self) -> None:
+        """Drain whole not-yet-started batches from the tail through Flex, request by request, keeping the
+        Flex gate full: another batch is claimed whenever the gate has a free slot and no request waits for
+        one (so the lanes take no more of the queue than they can have in flight), until batch and Flex meet
+        in the middle. Each drained batch ends FLEXED (its results are in realtime.jsonl)."""
+        gate = self._sender("flex").gate
+        running: set[asyncio.Task[None]] = set()
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                while gate.room.is_set() and (not self.opts.flex_lanes or len(running) < self.opts.flex_lanes):
+                    job = self._claim_for_flex()
+                    if job is None:
+                        break
+                    running.add(tg.create_task(self._drain(job)))
+                    await asyncio.sleep(0)  # let the new lane take its slots before the gate is looked at again
+                if not running and not self._batch_work_left():
+                    return
+                waiters = [*running, asyncio.ensure_future(gate.room.wait()), asyncio.ensure_future(self._flex_wake.wait())]
+                try:
+                    await asyncio.wait(waiters, timeout=max(0.05, self.opts.poll), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters[len(running) :]:
+                        w.cancel()
+                self._flex_wake.clear()
+                running = {t for t in running if not t.done()}
+
+    async def _drain(self, job: Job) -> None:
+        self._flexing.add(job.name)
+        self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
+        try:
+            await self.realtime(None, "flex", [job.request_file])  # the job's file holds exactly its requests
+        finally:
+            self._flexing.discard(job.name)
+        self._set(self.jobs[job.name], S.FLEXED)
+        self._wake.set()
 
     def _fallback_tier(self) -> str:
         """Flex (the batch price) where the model offers it, unless told otherwise; else standard (2x)."""
@@ -4020,6 +4132,7 @@ class Engine:
         self._set(self.jobs[job.name], S.UPLOADED, remote_file=f.name)
         self.hook("after_upload")
         self._wake.set()  # the scheduler may admit it now
+        self._flex_wake.set()
         return True
 
     async def _nap(self, delay: float, event: asyncio.Event) -> None:
@@ -4085,6 +4198,9 @@ class Engine:
             job = self.jobs[name]
             if job.lane != "batch" or job.state != S.UPLOADED:
                 continue  # a Flex lane claimed it while an earlier create was awaited
+            if self.opts.mode == "hybrid" and not self._hybrid_admits():
+                self._flex_wake.set()  # the rest is Flex's
+                return
             created = await self.submit(job)
             self._demand.set()
             if self.jobs[name].state == S.SPLIT:  # its parts go next, at once: no back-off
@@ -4096,6 +4212,11 @@ class Engine:
                 return
             t.create_backoff = base
             t.next_poll[name] = self.clock() + base
+
+    def _hybrid_admits(self) -> bool:
+        flex = self._sender("flex")
+        unstarted = sum(j.tokens for j in self.jobs.values() if j.lane == "batch" and j.state in UNSUBMITTED)
+        return hybrid_admits(unstarted, flex.rate_per_s() * flex.tokens_per_request, self._durations, len(self._created_at))
 
     async def _poll_due(self, due: list[str], t: _Timers) -> bool:
         """Poll the due jobs at once and set each one's next poll; True when one of them left the enqueued set."""
@@ -4112,6 +4233,8 @@ class Engine:
         for name in due:
             now_state = self.jobs[name].state
             freed = freed or (before[name] in ACTIVE_STATES and now_state not in ACTIVE_STATES)
+            if before[name] in REMOTE_LIVE and now_state not in REMOTE_LIVE and name in self._created_at:
+                self._durations.append(self.clock() - self._created_at[name])  # how long a batch job takes, here
             t.interval[name] = next_poll_interval(
                 t.interval.get(name, base), tasks[name].result(), base, self.opts.max_poll_interval
             )
@@ -4160,6 +4283,7 @@ class Engine:
             self._set(job, S.FAILED, error=str(e))
             return True
         self.hook("after_create")
+        self._created_at[job.name] = self.clock()
         self._refused_since = None
         self._refusals.clear()
         self._set(job, rj.state, remote_job=rj.name)
@@ -4585,13 +4709,12 @@ class Engine:
                         yield n, req, estimate_tokens(request_chars(req), cpt)
 
     async def realtime(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
-        """Send requests through generateContent under RPM/TPM leaky buckets and a concurrency cap, at the
-        standard tier or through Flex (`serviceTier: flex`, the batch price, minutes of latency, requests shed
-        with 503 or 429 under load: retried with back-off, and the rate lowered, AIMD, until it recovers).
+        """Send requests through generateContent: at the standard tier, or through Flex (`serviceTier: flex`,
+        the batch price, minutes of latency, requests shed with 503 or 429 under load). Every caller of one
+        tier shares its RequestSender: one pair of RPM/TPM buckets, one in-flight gate, one progress view.
 
         Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
         """
-        source = "flex" if tier == "flex" else "realtime"
         service = "flex" if tier == "flex" else "standard"
         done = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
@@ -4603,117 +4726,166 @@ class Engine:
                 tokens += t
                 if t > long_at:
                     long_docs, long_tokens = long_docs + 1, long_tokens + t
-        view = self.rt_view = RealtimeView(total=count)
+        sender = self._sender(tier)
+        self.rt_view = sender.view
         if not count:
             return
         if self.opts.max_cost is not None:
             est = cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, count, (long_docs, long_tokens)), service)
-            spent = self._batch_spent()
+            spent = self._batch_spent() + sum(x.view.cost_usd for x in self._senders.values())
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
                     f"{tier} for {count} request(s) would cost about ${est:.4f} ({service} price), "
                     f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
                 )
-        window = self.opts.rate_window
-        limits = realtime_limits(self.spec, self.opts.tier, self.opts.rpm, self.opts.tpm)
-        rpm_l = RateLimiter(limits["rpm"] * 0.99 / window, 1.0, self.clock, self.sleep)
-        tpm = limits["tpm"]
-        tpm_l = RateLimiter(tpm * 0.95 / window, max(1.0, tpm * 0.01), self.clock, self.sleep) if tpm else None
-        rt_policy = RetryPolicy(attempts=self.opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
-        throttled_policy = dataclasses.replace(rt_policy, attempts=self.opts.max_attempts * 4)
-        sem = asyncio.Semaphore(self.opts.concurrency)
-        recent: collections.deque[tuple[float, int]] = collections.deque()
-        queue: asyncio.Queue[tuple[int, dict[str, Any], int] | None] = asyncio.Queue(maxsize=self.opts.concurrency * 2)
-        finished = asyncio.Event()
+        sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
-        out = open_private(self.store.realtime_path, "ab")
-
-        async def producer() -> None:
-            for item in self._requests(only, files):
-                if item[0] not in done:
-                    await queue.put(item)
-            for _ in range(self.opts.concurrency):
-                await queue.put(None)
-
-        async def one(n: int, req: dict[str, Any], t: int) -> dict[str, Any]:
-            attempt = 0
-            started = self.clock()
-            while True:
-                attempt += 1
-                await rpm_l.acquire(1)
-                if tpm_l is not None:
-                    await tpm_l.acquire(t)
-                try:
-                    async with sem:
-                        resp = await self.client.generate(self.cfg.model, req, flex=tier == "flex")
-                except AuthError:
-                    raise
-                except RemoteError as e:
-                    shed = e.code == 429 or (tier == "flex" and e.code == 503)  # Flex sheds with 503 at capacity
-                    policy = throttled_policy if shed else rt_policy
-                    delay = retry_delay(e, attempt, policy, self.clock() - started, random.random())
-                    if delay is None:
-                        return result_record(n, None, str(e), source)
-                    delay *= self.opts.retry_scale
-                    view.retries += 1
-                    if shed:  # the rate is too high (or Flex is full): every request slows down, not just this one
-                        view.throttled += 1
-                        rpm_l.slow_down()
-                        rpm_l.pause(delay)
-                    else:
-                        await self.sleep(delay)
-                    continue
-                rpm_l.recover()
-                return self._line_result(n, {"response": resp}, source)
-
-        spent = self._batch_spent()
-        capped = False
-
-        async def worker() -> None:
-            nonlocal capped
-            while (item := await queue.get()) is not None:
-                n, req, t = item
-                if self.opts.max_cost is not None and spent + view.cost_usd >= self.opts.max_cost:
-                    capped = True  # leave the rest unsent; resume with a higher --max-cost sends it
-                    continue
-                r = await one(n, req, t)
-                out.write(orjson.dumps(r, option=NL))
-                out.flush()
-                view.done += 1
-                view.errors += r["status"] != "ok"
-                u = r.get("usage") or {}
-                view.cost_usd += request_cost(self.spec, u, service)
-                recent.append((self.clock(), u.get("promptTokenCount", t)))
-                self.hook("after_realtime")
-
-        async def ticker() -> None:
-            while not finished.is_set():
-                now = self.clock()
-                while recent and recent[0][0] < now - window:
-                    recent.popleft()
-                view.rpm = len(recent) * 60.0 / window
-                view.tpm = sum(t for _, t in recent) * 60.0 / window
-                self._report()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(finished.wait(), 0.5)
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(ticker())
-                tg.create_task(producer())
-                workers = [tg.create_task(worker()) for _ in range(self.opts.concurrency)]
-                await asyncio.gather(*workers)
-                finished.set()
-        finally:
-            finished.set()
-            out.close()
+        with open_private(self.store.realtime_path, "ab") as out:
+            await sender.send_all((item for item in self._requests(only, files) if item[0] not in done), out)
         self._report()
-        if capped:
+        if sender.capped:
+            v = sender.view
             raise CostCapError(
-                f"stopped at --max-cost ${self.opts.max_cost:.4f}: {view.done} of {view.total} real-time request(s) "
-                f"sent (${view.cost_usd:.4f}). Every result so far is saved; `batchify resume {self.run.name} "
+                f"stopped at --max-cost ${self.opts.max_cost or 0:.4f}: {v.done} of {v.total} real-time request(s) "
+                f"sent (${v.cost_usd:.4f}). Every result so far is saved; `batchify resume {self.run.name} "
                 "--max-cost N` with a higher cap sends the rest."
             )
+
+    def _sender(self, tier: str) -> RequestSender:
+        if tier not in self._senders:
+            self._senders[tier] = RequestSender(self, tier)
+        return self._senders[tier]
+
+
+class RequestSender:
+    """Sends requests through generateContent at one tier for one engine: the RPM/TPM buckets (GCRA), an
+    in-flight gate, the retry policy (a shed or throttled request slows every request down: AIMD), and the
+    progress view. For Flex the gate is sized by Little's law from the latency measured (requests take
+    minutes, so the pipe holds thousands), never above the open-file limit's share; for the standard tier it
+    is --concurrency. Requests stream from their files: memory is bounded by the gate, not by the run."""
+
+    def __init__(self, engine: Engine, tier: str):
+        self.engine, self.tier = engine, tier
+        self.flex = tier == "flex"
+        self.source = "flex" if self.flex else "realtime"
+        self.service = "flex" if self.flex else "standard"
+        opts = engine.opts
+        self.window = opts.rate_window
+        limits = realtime_limits(engine.spec, opts.tier, opts.rpm, opts.tpm)
+        self.rpm, self.tpm = limits["rpm"], limits["tpm"]
+        self.rpm_l = RateLimiter(self.rpm * 0.99 / self.window, 1.0, engine.clock, engine.sleep)
+        self.tpm_l = (
+            RateLimiter(self.tpm * 0.95 / self.window, max(1.0, self.tpm * 0.01), engine.clock, engine.sleep)
+            if self.tpm
+            else None
+        )
+        self.policy = RetryPolicy(attempts=opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
+        self.throttled_policy = dataclasses.replace(self.policy, attempts=opts.max_attempts * 4)
+        self.ceiling = max(opts.concurrency, in_flight_ceiling())
+        self.latency = FLEX_LATENCY_MIN[1] * 60 / 2 if self.flex else 1.0  # seconds; measured from the first answer on
+        self.tokens_per_request = max(1.0, engine.run.plan.get("input_tokens", 0) / max(1, engine.run.records))
+        self.gate = Gate(self._target() if self.flex else opts.concurrency)
+        self.view = RealtimeView()
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.recent_tokens = 0
+        self.capped = False
+        self._reported = 0.0
+
+    def rate_per_s(self) -> float:
+        """Requests per second the limits allow (RPM, or TPM over the tokens a request takes, if lower)."""
+        per_s = self.rpm_l.rate
+        if self.tpm_l is not None:
+            per_s = min(per_s, self.tpm_l.rate / self.tokens_per_request)
+        return per_s
+
+    def _target(self) -> int:
+        return flex_in_flight(self.rate_per_s(), self.latency, self.engine.opts.concurrency, self.ceiling)
+
+    async def send_all(self, items: Iterable[tuple[int, dict[str, Any], int]], out: Any) -> None:
+        """Send every item (ordinal, request, tokens), each as soon as the gate has a slot; returns when all
+        are answered (or given up on). Stops taking new ones at --max-cost."""
+        cap = self.engine.opts.max_cost
+        spent = self.engine._batch_spent()
+        async with asyncio.TaskGroup() as tg:
+            for n, req, t in items:
+                if cap is not None and spent + sum(x.view.cost_usd for x in self.engine._senders.values()) >= cap:
+                    self.capped = True  # the rest stays unsent; resume with a higher --max-cost sends it
+                    break
+                await self.gate.acquire()
+                tg.create_task(self._send(n, req, t, out))
+
+    async def _send(self, n: int, req: dict[str, Any], t: int, out: Any) -> None:
+        try:
+            r = await self._one(n, req, t)
+        finally:
+            self.gate.release()
+        out.write(orjson.dumps(r, option=NL))
+        out.flush()
+        v = self.view
+        v.done += 1
+        v.errors += r["status"] != "ok"
+        u = r.get("usage") or {}
+        v.cost_usd += request_cost(self.engine.spec, u, self.service)
+        now = self.engine.clock()
+        self.recent.append((now, u.get("promptTokenCount", t)))
+        self.recent_tokens += self.recent[-1][1]
+        while self.recent and self.recent[0][0] < now - self.window:
+            self.recent_tokens -= self.recent.popleft()[1]
+        v.rpm = len(self.recent) * 60.0 / self.window
+        v.tpm = self.recent_tokens * 60.0 / self.window
+        v.in_flight = self.gate.used
+        self.engine.hook("after_realtime")
+        if now - self._reported >= 0.5:
+            self._reported = now
+            self.engine._report()
+
+    async def _one(self, n: int, req: dict[str, Any], t: int) -> dict[str, Any]:
+        attempt = 0
+        started = self.engine.clock()
+        while True:
+            attempt += 1
+            await self.rpm_l.acquire(1)
+            if self.tpm_l is not None:
+                await self.tpm_l.acquire(t)
+            sent = self.engine.clock()
+            try:
+                resp = await self.engine.client.generate(self.engine.cfg.model, req, flex=self.flex)
+            except AuthError:
+                raise
+            except RemoteError as e:
+                shed = e.code == 429 or (self.flex and e.code == 503)  # Flex sheds with 503 at capacity
+                policy = self.throttled_policy if shed else self.policy
+                delay = retry_delay(e, attempt, policy, self.engine.clock() - started, random.random())
+                if delay is None:
+                    return result_record(n, None, str(e), self.source)
+                delay *= self.engine.opts.retry_scale
+                self.view.retries += 1
+                if shed:  # the rate is too high (or Flex is full): every request slows down, not just this one
+                    self.view.throttled += 1
+                    self.rpm_l.slow_down()
+                    self.rpm_l.pause(delay)
+                else:
+                    await self.engine.sleep(delay)
+                continue
+            self.rpm_l.recover()
+            if self.flex:  # Little's law: the gate follows the latency measured (a moving average)
+                self.latency = 0.9 * self.latency + 0.1 * max(0.0, self.engine.clock() - sent)
+                self.gate.resize(self._target())
+            return self.engine._line_result(n, {"response": resp}, self.source)
+
+
+def in_flight_ceiling(reserve: int = 256) -> int:
+    """Requests in flight at most: each is a socket (HTTP/1.1 through aiohttp), so the open-file limit minus a
+    reserve for the run's own files, and never above 20,000."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1_000
+    if soft == getattr(__import__("resource"), "RLIM_INFINITY", -1):
+        return 20_000
+    return max(64, min(20_000, soft - reserve))
 
 
 async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) -> list[str]:
@@ -6541,7 +6713,8 @@ class Emulator:
         self.blobs: dict[str, bytes] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
-        self.gen_window: list[tuple[float, int]] = []
+        self.gen_window: collections.deque[tuple[float, int]] = collections.deque()  # (arrival, tokens) in the window
+        self.gen_tokens = 0  # tokens in gen_window
         self.stats: dict[str, Any] = {
             "requests": 0,
             "uploads": 0,
@@ -6575,6 +6748,7 @@ class Emulator:
         self.stats["thinking_seen"] = {}  # "model thinkingLevel=LOW" -> requests answered with it
         self.stats.update({"flex_calls": 0, "flex_shed": 0, "flex_in_flight": 0, "flex_peak_in_flight": 0, "standard_calls": 0})
         self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
+        self.stats["billed_usd"] = {}  # service (batch, flex, standard) -> USD the answers would cost
         self.stats["models_get"] = 0
 
     # -- server ------------------------------------------------------------------------------------
@@ -7005,7 +7179,7 @@ class Emulator:
                 )
         return b
 
-    def _answer(self, req: dict[str, Any], model: str, salt: Any = "") -> dict[str, Any]:
+    def _answer(self, req: dict[str, Any], model: str, salt: Any = "", service: str = "batch") -> dict[str, Any]:
         """A deterministic response that follows the requested schema, labelled as the emulator's. Thinking
         shares maxOutputTokens with the answer: past it, the answer is cut (finishReason MAX_TOKENS). A system
         instruction of cache_min_tokens or more seen before is reported as cached (implicit caching)."""
@@ -7057,6 +7231,9 @@ class Emulator:
         parts = [{"text": answer}] if answer else []
         digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
         self.stats["billed"][digest] = self.stats["billed"].get(digest, 0) + 1
+        if spec is not None:  # what the service would bill for it, at the tier that answered
+            usd = self.stats["billed_usd"]
+            usd[service] = usd.get(service, 0.0) + cost_usd(spec, {k: v for k, v in usage.items() if isinstance(v, int)}, service)
         return {
             "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}],
             "usageMetadata": usage,
@@ -7112,11 +7289,13 @@ class Emulator:
         return await self._standard(req, model)
 
     async def _flex(self, req: dict[str, Any], model: str) -> Any:
-        """Flex: the general rate limits apply, then latency of minutes, and shedding (503) at capacity."""
+        """Flex: the general rate limits apply when the request arrives, then shedding (503) at capacity or at
+        the shed rate, then a latency of (simulated) minutes."""
         spec = self._spec(model)
         if spec is None or not spec.flex:
             raise _EmuError(400, "INVALID_ARGUMENT", f"Flex inference is not supported for models/{model}.")
         self.stats["flex_calls"] += 1
+        self._admit_rate(req)
         over = self.cfg.flex_capacity is not None and self.stats["flex_in_flight"] >= self.cfg.flex_capacity
         if over or (self.cfg.flex_shed_rate and self.rng.random() < self.cfg.flex_shed_rate):
             self.stats["flex_shed"] += 1
@@ -7127,21 +7306,24 @@ class Emulator:
             lo, hi = self.cfg.flex_latency_min, max(self.cfg.flex_latency_min, self.cfg.flex_latency_max)
             if hi > 0:
                 await asyncio.sleep(self._dur(lo + (hi - lo) * self.rng.random()))
-            return await self._standard(req, model)
+            self.stats["generate_calls"] += 1
+            self.stats["last_generate_at"] = self.now()
+            return self._ok(self._answer(req, model, service="flex"))
         finally:
             self.stats["flex_in_flight"] -= 1
 
-    async def _standard(self, req: dict[str, Any], model: str) -> Any:
-        self.stats["generate_calls"] += 1
+    def _admit_rate(self, req: dict[str, Any]) -> None:
+        """The RPM/TPM limits of generateContent (both tiers), per rate_window, checked as a request arrives:
+        429 with RetryInfo when it would pass them. Counts the busiest window seen (requests and tokens)."""
         tokens = self._tokens(req)
         now = self.now()
         w = self.cfg.rate_window
-        self.gen_window = [(t, k) for t, k in self.gen_window if t > now - w]
-        used_req = len(self.gen_window)
-        used_tok = sum(k for _, k in self.gen_window)
-        if (self.cfg.rpm and used_req + 1 > self.cfg.rpm) or (self.cfg.tpm and used_tok + tokens > self.cfg.tpm):
+        win = self.gen_window
+        while win and win[0][0] <= now - w:
+            self.gen_tokens -= win.popleft()[1]
+        if (self.cfg.rpm and len(win) + 1 > self.cfg.rpm) or (self.cfg.tpm and self.gen_tokens + tokens > self.cfg.tpm):
             self.stats["generate_429"] += 1
-            wait = max(1, math.ceil(self.gen_window[0][0] + w - now)) if self.gen_window else 1
+            wait = max(1, math.ceil(win[0][0] + w - now)) if win else 1
             raise _EmuError(
                 429,
                 "RESOURCE_EXHAUSTED",
@@ -7159,15 +7341,20 @@ class Emulator:
                     {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait}s"},
                 ],
             )
-        self.gen_window.append((now, tokens))
+        win.append((now, tokens))
+        self.gen_tokens += tokens
         self.stats.setdefault("first_generate_at", now)
-        self.stats["last_generate_at"] = now
-        self.stats["max_generate_in_window"] = max(self.stats["max_generate_in_window"], len(self.gen_window))
-        self.stats["max_generate_tokens_in_window"] = max(self.stats["max_generate_tokens_in_window"], used_tok + tokens)
+        self.stats["max_generate_in_window"] = max(self.stats["max_generate_in_window"], len(win))
+        self.stats["max_generate_tokens_in_window"] = max(self.stats["max_generate_tokens_in_window"], self.gen_tokens)
+
+    async def _standard(self, req: dict[str, Any], model: str) -> Any:
+        self.stats["generate_calls"] += 1
+        self._admit_rate(req)
+        self.stats["last_generate_at"] = self.now()
         if self.cfg.latency_ms or self.cfg.latency_spread_ms:
             delay = max(0.0, self.rng.gauss(self.cfg.latency_ms, self.cfg.latency_spread_ms)) / 1000
             await asyncio.sleep(delay)
-        return self._ok(self._answer(req, model))
+        return self._ok(self._answer(req, model, service="standard"))
 
     # -- batches ---------------------------------------------------------------------------------------
     def _active_tokens(self, model: str) -> tuple[int, int]:
