@@ -2886,8 +2886,8 @@ class RateLimiter:
     def pause(self, seconds: float) -> None:
         self.tat = max(self.tat, self.clock() + seconds)
 
-    def slow_down(self) -> None:
-        self.factor = max(0.25, self.factor * 0.8)
+    def slow_down(self, by: float = 0.8) -> None:
+        self.factor = max(0.25, self.factor * by)
 
     def recover(self) -> None:
         self.factor = min(1.0, self.factor + 0.005)
@@ -3568,6 +3568,8 @@ class RealtimeView:
     tpm: float = 0.0
     cost_usd: float = 0.0
     in_flight: int = 0
+    shed: int = 0
+    lane: str = "real time"  # "flex" or "real time" (the standard tier)
 
 
 @dataclass
@@ -3818,16 +3820,21 @@ class Engine:
         Flex gate full: another batch is claimed whenever the gate has a free slot and no request waits for
         one (so the lanes take no more of the queue than they can have in flight), until batch and Flex meet
         in the middle. Each drained batch ends FLEXED (its results are in realtime.jsonl)."""
-        gate = self._sender("flex").gate
+        sender = self._sender("flex")
+        gate = sender.gate
         running: set[asyncio.Task[None]] = set()
         async with asyncio.TaskGroup() as tg:
             while True:
-                while gate.room.is_set() and (not self.opts.flex_lanes or len(running) < self.opts.flex_lanes):
+                while (
+                    gate.room.is_set()
+                    and sender.backlog_seconds() < 2 * self.opts.poll
+                    and (not self.opts.flex_lanes or len(running) < self.opts.flex_lanes)
+                ):
                     job = self._claim_for_flex()
                     if job is None:
                         break
                     running.add(tg.create_task(self._drain(job)))
-                    await asyncio.sleep(0)  # let the new lane take its slots before the gate is looked at again
+                    await asyncio.sleep(0.01)  # let the new lane queue its requests before the backlog is looked at again
                 if not running and not self._batch_work_left():
                     return
                 waiters = [*running, asyncio.ensure_future(gate.room.wait()), asyncio.ensure_future(self._flex_wake.wait())]
@@ -4652,7 +4659,7 @@ class Engine:
                 by_source[source] = by_source.get(source, 0) + 1
                 usage = r.get("usage")
                 if usage:
-                    (usages_r if source == "realtime" else usages_f if source == "flex" else usages_b).append(usage)
+                    (usages_r if source in ("standard", "realtime") else usages_f if source == "flex" else usages_b).append(usage)
                 if n & 15 == 0:
                     hook("merge")
                     if n & 4095 == 0:  # usage is summed in bulk, a few thousand at a time
@@ -4767,7 +4774,7 @@ class RequestSender:
     def __init__(self, engine: Engine, tier: str):
         self.engine, self.tier = engine, tier
         self.flex = tier == "flex"
-        self.source = "flex" if self.flex else "realtime"
+        self.source = "flex" if self.flex else "standard"  # results say which tier (and price) answered
         self.service = "flex" if self.flex else "standard"
         opts = engine.opts
         self.window = opts.rate_window
@@ -4785,11 +4792,13 @@ class RequestSender:
         self.latency = FLEX_LATENCY_MIN[1] * 60 / 2 if self.flex else 1.0  # seconds; measured from the first answer on
         self.tokens_per_request = max(1.0, engine.run.plan.get("input_tokens", 0) / max(1, engine.run.records))
         self.gate = Gate(self._target() if self.flex else opts.concurrency)
-        self.view = RealtimeView()
+        self.view = RealtimeView(lane="flex" if self.flex else "real time")
         self.recent: collections.deque[tuple[float, int]] = collections.deque()
         self.recent_tokens = 0
         self.capped = False
         self._reported = 0.0
+        self.queued = 0  # requests holding a gate slot but waiting for the RPM/TPM buckets
+        self.latency_max = 0.0
 
     def rate_per_s(self) -> float:
         """Requests per second the limits allow (RPM, or TPM over the tokens a request takes, if lower)."""
@@ -4800,6 +4809,11 @@ class RequestSender:
 
     def _target(self) -> int:
         return flex_in_flight(self.rate_per_s(), self.latency, self.engine.opts.concurrency, self.ceiling)
+
+    def backlog_seconds(self) -> float:
+        """How long the requests already queued at the RPM/TPM buckets keep them busy: the Flex lanes claim
+        another batch when this runs low (the pipe stays full, and no more of the queue is taken than that)."""
+        return self.queued / max(1e-9, self.rate_per_s())
 
     async def send_all(self, items: Iterable[tuple[int, dict[str, Any], int]], out: Any) -> None:
         """Send every item (ordinal, request, tokens), each as soon as the gate has a slot; returns when all
@@ -4844,32 +4858,44 @@ class RequestSender:
         started = self.engine.clock()
         while True:
             attempt += 1
-            await self.rpm_l.acquire(1)
-            if self.tpm_l is not None:
-                await self.tpm_l.acquire(t)
+            self.queued += 1
+            try:
+                await self.rpm_l.acquire(1)
+                if self.tpm_l is not None:
+                    await self.tpm_l.acquire(t)
+            finally:
+                self.queued -= 1
             sent = self.engine.clock()
             try:
                 resp = await self.engine.client.generate(self.engine.cfg.model, req, flex=self.flex)
             except AuthError:
                 raise
             except RemoteError as e:
-                shed = e.code == 429 or (self.flex and e.code == 503)  # Flex sheds with 503 at capacity
-                policy = self.throttled_policy if shed else self.policy
+                throttled = e.code == 429  # over the rate limit: the whole window is full
+                shed = self.flex and e.code == 503  # Flex sheds with 503 at capacity (and now and then)
+                policy = self.throttled_policy if throttled or shed else self.policy
                 delay = retry_delay(e, attempt, policy, self.engine.clock() - started, random.random())
                 if delay is None:
                     return result_record(n, None, str(e), self.source)
                 delay *= self.engine.opts.retry_scale
                 self.view.retries += 1
-                if shed:  # the rate is too high (or Flex is full): every request slows down, not just this one
+                if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8)
                     self.view.throttled += 1
                     self.rpm_l.slow_down()
                     self.rpm_l.pause(delay)
-                else:
-                    await self.engine.sleep(delay)
+                    continue
+                if shed:  # this request backs off; the rate drops a little (x0.95), so that only sustained
+                    self.view.shed += 1  # shedding slows the lanes down (each answer adds 0.005 back)
+                    self.rpm_l.slow_down(0.95)
+                await self.engine.sleep(delay)
                 continue
             self.rpm_l.recover()
-            if self.flex:  # Little's law: the gate follows the latency measured (a moving average)
-                self.latency = 0.9 * self.latency + 0.1 * max(0.0, self.engine.clock() - sent)
+            if self.flex:  # Little's law: the gate follows the latency measured
+                # the longest seen, not an average: the first answers back are the quick ones, and a gate sized
+                # for them would leave the buckets idle while the slow ones are still out
+                took = max(0.0, self.engine.clock() - sent)
+                self.latency_max = max(self.latency_max, took)
+                self.latency = self.latency_max
                 self.gate.resize(self._target())
             return self.engine._line_result(n, {"response": resp}, self.source)
 
@@ -5043,7 +5069,7 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
     for r in iter_results(state_dir, name):
         total += 1
         sources[r.source] = sources.get(r.source, 0) + 1
-        bucket = r.source if r.source in ("realtime", "flex") else "batch"
+        bucket = "realtime" if r.source in ("realtime", "standard") else "flex" if r.source == "flex" else "batch"
         add_usage(usage[bucket], r.usage)
         long_usage(usage[bucket], [r.usage], spec.long_context_threshold)
         if not r.ok:
@@ -5683,7 +5709,8 @@ class RichReporter:
                 completed=r.done,
                 total=max(1, r.total),
                 description=(
-                    f"  real time {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
+                    f"  {r.lane} {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  in flight {r.in_flight:,}  shed {r.shed}  "
+                    f"errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
                 ),
             )
         p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
@@ -7323,7 +7350,7 @@ class Emulator:
             self.gen_tokens -= win.popleft()[1]
         if (self.cfg.rpm and len(win) + 1 > self.cfg.rpm) or (self.cfg.tpm and self.gen_tokens + tokens > self.cfg.tpm):
             self.stats["generate_429"] += 1
-            wait = max(1, math.ceil(win[0][0] + w - now)) if win else 1
+            wait = round(max(0.001, win[0][0] + w - now), 3) if win else 1.0  # fractional, as Google sends it ("57.238747106s")
             raise _EmuError(
                 429,
                 "RESOURCE_EXHAUSTED",
@@ -7338,7 +7365,7 @@ class Emulator:
                             }
                         ],
                     },
-                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait}s"},
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"},
                 ],
             )
         win.append((now, tokens))

@@ -39,6 +39,9 @@ class FakeGemini:
         self.create_yields = 0
         self.generate_seconds = 1.0
         self.generated: list[str] = []  # the text of every request answered by generateContent
+        self.generate_calls = 0
+        self.shed: set[int] = set()  # generateContent calls (1-based) answered 503
+        self.observe: Any = None  # called at each generateContent call (a test reads the engine's state)
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -98,6 +101,11 @@ class FakeGemini:
     async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
         text = request["contents"][0]["parts"][0]["text"]
         self._log("flex" if flex else "generate", text)
+        self.generate_calls += 1
+        if self.observe is not None:
+            self.observe()
+        if self.generate_calls in self.shed:  # Flex at capacity: 503, as the real service sheds
+            raise batchify.RemoteError("generate: 503 UNAVAILABLE (fake Flex shed)", code=503)
         await self.clock.sleep(self.generate_seconds)
         self.generated.append(text)
         return {

@@ -155,7 +155,7 @@ def test_latency_on_generate(emu, articles, tmp_path):
     emu.configure(latency_ms=40, latency_spread_ms=20)
     p, out = run_articles(emu, articles, tmp_path, "--mode", "realtime")
     assert p.returncode == 0, p.stderr
-    assert_complete(out, articles, source="realtime")
+    assert_complete(out, articles, source="standard")
 
 
 @pytest.mark.slow

@@ -28,13 +28,13 @@ async def test_realtime_1000_requests_hold_the_rpm_limit(emu, tmp_path):
     opts = batchify.RunOptions(mode="realtime", rpm=600, rate_window=2.5, concurrency=32)
     _run, summary = await batchify.run_file(inp, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
     assert summary is not None and summary.ok == 1000 and summary.errors == 0
-    assert summary.by_source == {"realtime": 1000} and summary.cost_realtime_usd > 0
+    assert summary.by_source == {"standard": 1000} and summary.cost_realtime_usd > 0
     s = emu.stats()
     assert s["generate_429"] == 0, "batchify exceeded the limit"
     assert s["max_generate_in_window"] <= 600
     assert s["generate_calls"] == 1000 and s["creates"] == 0
     rows = read_jsonl(tmp_path / "docs.results.jsonl")
-    assert [r["id"] for r in rows] == input_ids(inp) and all(r["source"] == "realtime" for r in rows)
+    assert [r["id"] for r in rows] == input_ids(inp) and all(r["source"] == "standard" for r in rows)
 
 
 async def test_realtime_recovers_from_429_with_retry_delay(emu, tmp_path):
