@@ -3368,12 +3368,10 @@ async def prepare_run(
 ) -> Run:
     """Validate the input, write the request files, ids and job sidecars, and plan the waves.
 
-    Streams record by record in flat memory; nothing remote is touched except a few countTokens
-    calls for calibration. On bad input (and no skip_invalid) the run folder is removed and
-    InputError names every problem (file:line and the fix).
+    Streams record by record in flat memory; nothing remote is touched except models.get and a few
+    countTokens calls for calibration (after every record is validated). On bad input (and no skip_invalid)
+    the run folder is removed and InputError names every problem (file:line and the fix).
     """
-    import shutil
-
     path = Path(input_path)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
@@ -3383,8 +3381,100 @@ async def prepare_run(
     catalog = catalog or builtin_catalog()
     if cfg.models:
         catalog = catalog.merged(cfg.models, "the job config")
-    spec = resolve_model(catalog, cfg.model, today)  # unknown or retired: exit 2, before anything is sent
-    gc = generation_config(cfg, spec)  # a thinking setting the model refuses: exit 2 here
+    spec, gc, limit = _model_and_limit(cfg, opts, catalog, today)
+    context = spec.input_token_limit or CONTEXT_WINDOW
+    if client is not None:  # the service confirms the model (a 404: retired or unknown there) and its limits
+        info = await client.get_model(cfg.model, replacement=spec.replacement)
+        context = info.input_token_limit or context
+        if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
+            gc["maxOutputTokens"] = info.output_token_limit
+    if client is not None and opts.calibrate and not opts.skip_invalid:
+        _validate_only(store, path, cfg, opts, gc)  # calibration sends documents: nothing before validation
+    sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
+    cpt, warranted, offline_why = (
+        (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None, None)
+    )
+    margin = margin_for(opts.margin, warranted)
+    eff = effective_limit(limit, margin)
+    si_chars = len(cfg.system_instruction or "")
+    per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
+    cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
+    p = await _passes(store, path, cfg, opts, (cpt, eff, cap, context), spec, gc, hook)
+    limits = {"limit": limit, "eff": eff, "cap": cap, "context": context, "margin": margin}
+    plan = _full_plan(cfg, opts, spec, catalog, p, gc, limits, today, offline_why)
+    run_id = secrets.token_hex(3)
+    if opts.mode not in ("realtime", "flex"):
+        _save_first_jobs(store, run_id, p.batches, plan["wave_of_batch"])
+    run = Run(
+        name=store.name,
+        run_id=run_id,
+        input_path=str(path.resolve()),
+        input_sha256=p.sha256,
+        input_format="json" if str(path).endswith(".json") else "jsonl",
+        config=cfg.to_dict(),
+        options=opts.to_dict(),
+        endpoint=endpoint,
+        records=p.records,
+        rejected=p.n_problems,
+        chars_per_token=cpt,
+        calibrated=warranted is not None,
+        plan=plan,
+        out=str(Path(opts.out or default_out(path, store.name)).resolve()),
+        created_at=utcnow(),
+    )
+    store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
+    return run
+
+
+def _full_plan(
+    cfg: JobConfig,
+    opts: RunOptions,
+    spec: ModelSpec,
+    catalog: Catalog,
+    p: _Pass,
+    gc: dict[str, Any],
+    limits: dict[str, Any],
+    today: str,
+    offline_why: str | None,
+) -> dict[str, Any]:
+    """The run's plan as recorded in run.json: waves, estimates (estimate_plan), the figures it was made with
+    (model spec, catalog date, generation config, limits and their sources), warnings, and each mode's cost."""
+    limit, eff, cap, context, margin = (limits[k] for k in ("limit", "eff", "cap", "context", "margin"))
+    waves = plan_waves([b.tokens for b in p.batches], eff, opts.waves)
+    plan = estimate_plan(
+        cfg, spec, p.batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0, (p.long_docs, p.long_tokens)
+    )
+    if opts.mode == "flex":  # every request through Flex: the flex price
+        usage = expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens))
+        plan["estimated_cost_usd"] = round(cost_usd(spec, usage, "flex"), 6)
+    plan.update(
+        batch_ranges=[[b.start, b.end, b.tokens, b.bytes] for b in p.batches],
+        model_spec=spec.to_dict(),  # the figures this run plans and bills with, whatever the catalog says later
+        catalog_as_of=catalog.as_of,
+        generation_config={k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")},
+        context_limit=context,
+        enqueued_limit_source=(
+            "--enqueued-limit"
+            if opts.enqueued_limit
+            else "not used (--mode realtime)"
+            if opts.mode in ("realtime", "flex")
+            else catalog.source(spec, "enqueued_tokens")
+        ),
+        realtime_limits=realtime_limits(spec, opts.tier, opts.rpm, opts.tpm),
+        margin=margin,
+        batch_token_cap=cap,
+    )
+    plan["warnings"] = _plan_warnings(spec, today, opts, offline_why, margin, len(p.batches), len(waves), eff)
+    plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
+    return plan
+
+
+def _model_and_limit(cfg: JobConfig, opts: RunOptions, catalog: Catalog, today: str) -> tuple[ModelSpec, dict[str, Any], int]:
+    """The model's figures and rules, the generation config it accepts, and the enqueued-token limit to plan
+    under: exit 2 (before anything is sent) for an unknown or retired model, a thinking setting it refuses,
+    or a Flex mode on a model without Flex."""
+    spec = resolve_model(catalog, cfg.model, today)
+    gc = generation_config(cfg, spec)
     if opts.mode in ("flex", "hybrid") and not spec.flex:
         having = ", ".join(
             m for m in catalog.models if catalog.models[m].get("flex") and catalog.models[m].get("status") != "retired"
@@ -3396,149 +3486,117 @@ async def prepare_run(
         limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or 10**15  # no batch: nothing to fit under
     else:
         limit = enqueued_limit_for(spec, opts.tier, opts.enqueued_limit, catalog.source(spec, "enqueued_tokens"))
-    context = spec.input_token_limit or CONTEXT_WINDOW
-    if client is not None:  # the service confirms the model (a 404: retired or unknown there) and its limits
-        info = await client.get_model(cfg.model, replacement=spec.replacement)
-        context = info.input_token_limit or context
-        if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
-            gc["maxOutputTokens"] = info.output_token_limit
-    if client is not None and opts.calibrate and not opts.skip_invalid:
-        # Calibration sends a sample of the documents to countTokens: validate every record first, so a file
-        # that is refused has sent nothing at all (sizes are checked in the pass below, with the calibration).
-        unbounded = 1 << 62
-        v = _prepare_pass(
-            store, path, cfg, opts, CHARS_PER_TOKEN_OFFLINE, unbounded, unbounded, set(), None, gc, unbounded, write=False
-        )
-        if v.duplicate_digests and not v.n_problems:
-            v = _prepare_pass(
-                store,
-                path,
-                cfg,
-                opts,
-                CHARS_PER_TOKEN_OFFLINE,
-                unbounded,
-                unbounded,
-                v.duplicate_digests,
-                None,
-                gc,
-                unbounded,
-                write=False,
-            )
-        if v.n_problems:
-            _refuse_invalid(store, path, v)
-    sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
-    cpt, warranted, offline_why = (
-        (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None, None)
+    return spec, gc, limit
+
+
+def _validate_only(store: RunStore, path: Path, cfg: JobConfig, opts: RunOptions, gc: dict[str, Any]) -> None:
+    """Every record checked (a pass that writes nothing), so that a file refused has sent nothing at all;
+    sizes against the limits are checked in the real pass, with the calibrated token estimate."""
+    unbounded = 1 << 62
+    v = _prepare_pass(
+        store, path, cfg, opts, CHARS_PER_TOKEN_OFFLINE, unbounded, unbounded, set(), None, gc, unbounded, write=False
     )
-    calibrated = warranted is not None
-    margin = margin_for(opts.margin, warranted)
-    eff = effective_limit(limit, margin)
-    si_chars = len(cfg.system_instruction or "")
-    per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
-    cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
-    p = _prepare_pass(store, path, cfg, opts, cpt, eff, cap, set(), hook, gc, context, spec.long_context_threshold)
-    if p.unfetched and opts.fetch:  # records with a url and no text: fetch their pages, then once more
-        await fetch_urls(path, store, opts.text_field, allow_private=opts.allow_private_urls)
-        p = _prepare_pass(
-            store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context, spec.long_context_threshold
+    if v.duplicate_digests and not v.n_problems:
+        v = _prepare_pass(
+            store,
+            path,
+            cfg,
+            opts,
+            CHARS_PER_TOKEN_OFFLINE,
+            unbounded,
+            unbounded,
+            v.duplicate_digests,
+            None,
+            gc,
+            unbounded,
+            write=False,
         )
+    if v.n_problems:
+        _refuse_invalid(store, path, v)
+
+
+async def _passes(
+    store: RunStore,
+    path: Path,
+    cfg: JobConfig,
+    opts: RunOptions,
+    sizes: tuple[float, int, int, int],
+    spec: ModelSpec,
+    gc: dict[str, Any],
+    hook: Callable[[str], None] | None,
+) -> _Pass:
+    """The streaming pass that writes the request files, once more after fetching the pages of records that
+    have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
+    cpt, eff, cap, context = sizes
+    long_at = spec.long_context_threshold
+
+    def once(suspects: set[int]) -> _Pass:
+        return _prepare_pass(store, path, cfg, opts, cpt, eff, cap, suspects, hook, gc, context, long_at)
+
+    p = once(set())
+    if p.unfetched and opts.fetch:
+        await fetch_urls(path, store, opts.text_field, allow_private=opts.allow_private_urls)
+        p = once(p.duplicate_digests)
         if p.unfetched:  # every URL gets an entry (text or error); a gap means the fetch was cut short
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
-        p = _prepare_pass(
-            store, path, cfg, opts, cpt, eff, cap, p.duplicate_digests, hook, gc, context, spec.long_context_threshold
-        )
+        p = once(p.duplicate_digests)
     if p.n_problems and not opts.skip_invalid:
         _refuse_invalid(store, path, p)
     if p.records == 0:
+        import shutil
+
         shutil.rmtree(store.dir, ignore_errors=True)
         raise InputError(
             f"{path}: no valid records. Fix: give one JSON object per line with '{opts.id_field}' and '{opts.text_field}'."
         )
-    batches = p.batches
-    waves = plan_waves([b.tokens for b in batches], eff, opts.waves)
-    plan = estimate_plan(
-        cfg, spec, batches, waves, limit, eff, p.records, 1.0 if opts.mode == "realtime" else 0.0, (p.long_docs, p.long_tokens)
+    return p
+
+
+def _plan_warnings(
+    spec: ModelSpec, today: str, opts: RunOptions, offline_why: str | None, margin: float, batches: int, waves: int, eff: int
+) -> list[str]:
+    """What the plan must say out loud: the model's lifecycle, a price change ahead, an offline token guess
+    (and why), a --waves N that cannot be honoured."""
+    found = (
+        lifecycle_warning(spec, today),
+        spec.price_note and f"price change ahead: {spec.price_note}",
+        offline_why
+        and f"{offline_why}: token counts are the offline guess ({CHARS_PER_TOKEN_OFFLINE} characters a token) with a "
+        f"{margin:.0%} margin kept free of the enqueued limit",
+        isinstance(opts.waves, int)
+        and opts.waves != waves
+        and f"--waves {opts.waves} cannot be honoured: {batches} batch(es) under a {eff:,}-token limit make {waves} wave(s)",
     )
-    if opts.mode == "flex":  # every request through Flex: the flex price
-        plan["estimated_cost_usd"] = round(
-            cost_usd(spec, expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens)), "flex"), 6
-        )
-    plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in batches]
-    plan["model_spec"] = spec.to_dict()  # the figures this run plans and bills with, whatever the catalog says later
-    plan["catalog_as_of"] = catalog.as_of
-    plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
-    plan["context_limit"] = context
-    plan["enqueued_limit_source"] = (
-        "--enqueued-limit"
-        if opts.enqueued_limit
-        else "not used (--mode realtime)"
-        if opts.mode in ("realtime", "flex")
-        else catalog.source(spec, "enqueued_tokens")
-    )
-    plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
-    plan["warnings"] = [
-        w
-        for w in (
-            lifecycle_warning(spec, today),
-            spec.price_note and f"price change ahead: {spec.price_note}",
-            offline_why
-            and f"{offline_why}: token counts are the offline guess ({CHARS_PER_TOKEN_OFFLINE} characters a token) with a "
-            f"{margin:.0%} margin kept free of the enqueued limit",
-            isinstance(opts.waves, int)
-            and opts.waves != len(waves)
-            and f"--waves {opts.waves} cannot be honoured: {len(batches)} batch(es) under a {eff:,}-token limit make "
-            f"{len(waves)} wave(s)",
-        )
-        if w
-    ]
-    plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
-    plan["margin"] = margin
-    plan["batch_token_cap"] = cap
-    run_id = secrets.token_hex(3)
-    name = store.name
-    if opts.mode not in ("realtime", "flex"):
-        for i, b in enumerate(batches, 1):
-            if not b.bytes:
-                continue  # only fetch failures: nothing to send
+    return [w for w in found if w]
+
+
+def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wave_of: dict[str, int]) -> None:
+    """One job sidecar per batch that holds requests (a range of failed fetches only has none)."""
+    for i, b in enumerate(batches, 1):
+        if b.bytes:
             store.save_job(
                 Job(
                     name=f"b{i:04d}",
                     index=i,
-                    display_name=display_name_for(name, run_id, i, 1),
+                    display_name=display_name_for(store.name, run_id, i, 1),
                     request_file=f"requests/b{i:04d}.jsonl",
                     request_count=b.count,
                     tokens=b.tokens,
                     bytes=b.bytes,
-                    wave=plan["wave_of_batch"][str(i - 1)],
+                    wave=wave_of[str(i - 1)],
                     start=b.start,
                     end=b.end,
                     timestamps={"CREATED": utcnow()},
                 )
             )
-    # Each run owns its output: the default is named after the input, plus the run's name when that is not the
-    # input's own (a second run of the same input under --name never overwrites the first one's results).
-    own = f"{path.stem}.results.jsonl" if store.name == default_run_name(path) else f"{path.stem}.{store.name}.results.jsonl"
-    out = opts.out or str(path.with_name(own))
-    run = Run(
-        name=name,
-        run_id=run_id,
-        input_path=str(path.resolve()),
-        input_sha256=p.sha256,
-        input_format="json" if str(path).endswith(".json") else "jsonl",
-        config=cfg.to_dict(),
-        options=opts.to_dict(),
-        endpoint=endpoint,
-        records=p.records,
-        rejected=p.n_problems,
-        chars_per_token=cpt,
-        calibrated=calibrated,
-        plan=plan,
-        out=str(Path(out).resolve()),
-        created_at=utcnow(),
-    )
-    store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
-    return run
+
+
+def default_out(path: Path, run_name: str) -> str:
+    """Each run owns its output: named after the input, plus the run's name when that is not the input's own
+    (a second run of the same input under --name never overwrites the first one's results)."""
+    own = f"{path.stem}.results.jsonl" if run_name == default_run_name(path) else f"{path.stem}.{run_name}.results.jsonl"
+    return str(path.with_name(own))
 
 
 # ================================================================================================
