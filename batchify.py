@@ -1111,6 +1111,11 @@ class RunOptions:
         type=click.Choice(["auto", "flex", "standard"]),
     )
     fallback: bool = flag(True, "Real-time fallback in auto mode.", "--fallback/--no-fallback")
+    allow_standard: bool = flag(
+        False,
+        "Let the fallback use the standard tier (2x the batch price) where the model has no Flex tier (within --max-cost).",
+        is_flag=True,
+    )
     max_attempts: int = flag(
         DEFAULT_MAX_ATTEMPTS, "Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).", type=click.IntRange(1)
     )
@@ -3828,7 +3833,7 @@ class Engine:
             except BatchRefusedError as e:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
                     raise
-                self._log(f"batch refused for good ({e}); finishing through {self._fallback_tier()}")
+                self._log(f"batch refused for good ({e}); finishing through the {self._fallback_tier()} tier")
                 self.run.realtime["batch_refused"] = str(e)
                 self.store.save_run(self.run)
             refused = self.run.realtime.get("create_refused")
@@ -3837,8 +3842,14 @@ class Engine:
                 raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
             if self.opts.mode in ("auto", "hybrid") and self.opts.fallback:
                 todo = self.unresolved()
-                if todo:
-                    tier = self._fallback_tier()
+                tier = self._fallback_tier()
+                if todo and tier == "none":
+                    self._log(
+                        f"{len(todo)} request(s) not done by batch, and {self.spec.name} has no Flex tier: the standard tier "
+                        "costs 2x the batch price, so it is used only with --allow-standard (or --fallback-tier standard); "
+                        f"`batchify resume {self.run.name} --allow-standard` sends them"
+                    )
+                elif todo:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
                     await self.realtime(todo, tier)
         summary = self.merge()
@@ -3915,10 +3926,11 @@ class Engine:
         self._wake.set()
 
     def _fallback_tier(self) -> str:
-        """Flex (the batch price) where the model offers it, unless told otherwise; else standard (2x)."""
+        """Flex (the batch price) where the model offers it, unless told otherwise; the standard tier (2x) only
+        when asked for (--allow-standard or --fallback-tier standard), else "none"."""
         tier = self.opts.fallback_tier
         if tier == "auto":
-            return "flex" if self.spec.flex else "standard"
+            return "flex" if self.spec.flex else ("standard" if self.opts.allow_standard else "none")
         return tier
 
     # -- batch -----------------------------------------------------------------------------------
@@ -5391,8 +5403,10 @@ async def resume_run(
     poll_interval: float | None = None,
     emulator_config: EmulatorConfig | None = None,
     max_cost: float | None = None,
+    allow_standard: bool | None = None,
 ) -> Summary:
-    """Continue an unfinished run from its sidecars alone (the input is checked against its hash)."""
+    """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
+    `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on."""
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
@@ -5405,7 +5419,11 @@ async def resume_run(
             )
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if run.options.get("poll_interval") else default_poll_interval(None, endpoint))
-        given = {k: v for k, v in (("poll_interval", poll_interval), ("max_cost", max_cost)) if v is not None}
+        given = {
+            k: v
+            for k, v in (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
+            if v is not None
+        }
         if given:  # what this resume was told overrides the run's own, from now on
             store.save_run(dataclasses.replace(run, options={**run.options, **given}))
         scale = float(run.options.get("retry_scale", 1.0))
@@ -6419,11 +6437,18 @@ def _pick_run(state_dir: str, run_name: str | None) -> str | None:
 @click.argument("run_name", required=False)
 @click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
+@click.option("--allow-standard", is_flag=True, default=None, help="From now on, let the fallback use the standard tier (2x).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as JSON on stdout.")
 @_endpoint_option
 @_state_dir_option
 def resume(
-    run_name: str | None, poll_interval: float | None, max_cost: float | None, as_json: bool, endpoint: str | None, state_dir: str
+    run_name: str | None,
+    poll_interval: float | None,
+    max_cost: float | None,
+    allow_standard: bool | None,
+    as_json: bool,
+    endpoint: str | None,
+    state_dir: str,
 ) -> None:
     """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
     name = _pick_run(state_dir, run_name)
@@ -6433,7 +6458,17 @@ def resume(
     _current_run[:] = [name]
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         summary = asyncio.run(
-            resume_run(name, state_dir, endpoint, _api_key(), reporter, _crash_hook(), poll_interval, max_cost=max_cost)
+            resume_run(
+                name,
+                state_dir,
+                endpoint,
+                _api_key(),
+                reporter,
+                _crash_hook(),
+                poll_interval,
+                max_cost=max_cost,
+                allow_standard=allow_standard,
+            )
         )
     _finish(summary, as_json, state_dir)
 

@@ -448,3 +448,22 @@ def test_hybrid_killed_and_resumed_never_hands_a_flex_batch_to_batch(emu, articl
     assert not claimed & set(s["creates_by_display_name"])  # a batch Flex had started never went to batch
     assert_created_once(s)
     assert len(s["billed"]) == 60 and sum(s["billed"].values()) - 60 <= 64  # at most the requests in flight at the kill
+
+
+def test_the_standard_tier_2x_is_used_only_when_allowed(emu, articles, tmp_path):
+    """A model without Flex: what batch could not do is not sent at 2x unless asked (--allow-standard, here
+    given to resume); then it is, and every id ends ok."""
+    f = tmp_path / "m.toml"
+    f.write_text(
+        '[models."acme-1"]\ninput_price = 1.0\noutput_price = 2.0\nflex = false\nenqueued_tokens = { tier1 = 3000000 }\n'
+    )
+    emu.configure(models=batchify.read_models_file(f), fail_jobs=10)
+    p, out = run(emu, articles, tmp_path, "--model", "acme-1", "--models", str(f), "--max-attempts", "1")
+    assert p.returncode == 1, p.stderr
+    assert "--allow-standard" in p.stderr and emu.stats()["standard_calls"] == 0
+    assert all(r["status"] == "error" for r in read_jsonl(out))
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--allow-standard", "--poll-interval", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = assert_every_id_once(out, articles)
+    assert all(x["status"] == "ok" and x["source"] == "standard" for x in rows)
+    assert emu.stats()["standard_calls"] == 60
