@@ -1874,6 +1874,18 @@ def flex_in_flight(rate_per_s: float, latency_s: float, floor: int, ceiling: int
     return max(floor, min(ceiling, math.ceil(rate_per_s * latency_s * 1.25)))
 
 
+def lanes_for(mode: str, flex: bool, waves: int) -> str:
+    """What carries a run's batches: "hybrid" (batch jobs from the head, Flex lanes from the tail, meeting in
+    the middle) when asked for, and in auto mode where the model offers Flex and the enqueued limit makes more
+    than one wave (the later waves would wait for batch capacity; Flex, at the same price, does not wait for
+    it); "batch" otherwise; "none" when every request goes through generateContent (flex, realtime modes)."""
+    if mode in ("flex", "realtime"):
+        return "none"
+    if mode == "hybrid" or (mode == "auto" and flex and waves > 1):
+        return "hybrid"
+    return "batch"
+
+
 def hybrid_admits(unstarted_tokens: int, flex_tokens_per_s: float, durations: list[float], created: int) -> bool:
     """Hybrid: may batch create another job, or should the Flex lanes take what nobody has started?
 
@@ -3470,6 +3482,7 @@ def _full_plan(
         batch_token_cap=cap,
     )
     plan["warnings"] = _plan_warnings(spec, today, opts, offline_why, margin, len(p.batches), len(waves), eff)
+    plan["lanes"] = lanes_for(opts.mode, bool(spec.flex), len(waves))
     plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
     return plan
 
@@ -3824,7 +3837,7 @@ class Engine:
         else:
             await self.repair()
             try:
-                if self.opts.mode == "hybrid":
+                if self.lanes == "hybrid":
                     await self.hybrid_phase()
                 else:
                     await self.batch_phase()
@@ -4275,7 +4288,7 @@ class Engine:
             job = self.jobs[name]
             if job.lane != "batch" or job.state != S.UPLOADED:
                 continue  # a Flex lane claimed it while an earlier create was awaited
-            if self.opts.mode == "hybrid" and not self._hybrid_admits():
+            if self.lanes == "hybrid" and not self._hybrid_admits():
                 self._flex_wake.set()  # the rest is Flex's
                 return
             created = await self.submit(job)
@@ -4289,6 +4302,11 @@ class Engine:
                 return
             t.create_backoff = base
             t.next_poll[name] = self.clock() + base
+
+    @property
+    def lanes(self) -> str:
+        """batch or hybrid (decided at prepare: lanes_for); runs prepared before it was recorded: from the mode."""
+        return str(self.run.plan.get("lanes") or ("hybrid" if self.opts.mode == "hybrid" else "batch"))
 
     def _hybrid_admits(self) -> bool:
         flex = self._sender("flex")
@@ -5635,7 +5653,15 @@ def render_plan(run: Run, out: Any = None) -> None:
         ("endpoint", run.endpoint or "Gemini API"),
         ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
-        ("mode", run.options.get("mode")),
+        (
+            "mode",
+            str(run.options.get("mode"))
+            + (
+                " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
+                if run.options.get("mode") == "auto" and p.get("lanes") == "hybrid"
+                else ""
+            ),
+        ),
         ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
         (
             "batches",

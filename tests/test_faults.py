@@ -117,7 +117,7 @@ def test_concurrent_job_limit(emu, articles, tmp_path):
 def test_enqueued_limit_smaller_than_we_think(emu, articles, tmp_path):
     """The account's real limit is below the table's: 429s, waiting, and still no job twice."""
     emu.configure(enqueued_limit=8000)
-    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "10", "--enqueued-limit", "16000")
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "10", "--enqueued-limit", "16000", "--mode", "batch")
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     s = emu.stats()

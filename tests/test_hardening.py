@@ -381,7 +381,7 @@ def test_crash_drill_with_lost_sidecars_bills_every_key_once(emu, articles, tmp_
     """Kills at several steps, a sidecar deleted or truncated after each, resume after each: each input billed once."""
     out = tmp_path / "o.jsonl"
     emu.configure(job_seconds=1.0)
-    args = [*FAST, "--batch-size", "10", "--enqueued-limit", "12000"]
+    args = [*FAST, "--batch-size", "10", "--enqueued-limit", "12000", "--mode", "batch"]
     p = run_against(emu, articles, tmp_path, *args, out=out, BATCHIFY_CRASH_AT="after_create:2")
     assert p.returncode != 0
     for n, (point, damage) in enumerate([("after_poll:3", "delete"), ("after_download", "truncate"), ("after_create", "delete")]):

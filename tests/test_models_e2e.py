@@ -467,3 +467,19 @@ def test_the_standard_tier_2x_is_used_only_when_allowed(emu, articles, tmp_path)
     rows = assert_every_id_once(out, articles)
     assert all(x["status"] == "ok" and x["source"] == "standard" for x in rows)
     assert emu.stats()["standard_calls"] == 60
+
+
+def test_auto_is_hybrid_when_the_limit_makes_waves_and_batch_when_it_does_not(emu, articles, tmp_path):
+    emu.configure(enqueued_limit=9000, job_seconds=1.0)
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, "--enqueued-limit", "9000", "--batch-size", "6", out=out)
+    assert p.returncode == 0, p.stderr
+    run = json.loads((tmp_path / "st/articles/run.json").read_text())
+    assert run["options"]["mode"] == "auto" and run["plan"]["lanes"] == "hybrid" and run["plan"]["waves"] > 1
+    rows = assert_every_id_once(out, articles)
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["source"] for r in rows} <= {"batch", "flex"} and "flex" in {r["source"] for r in rows}
+    s = emu.stats()
+    assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}, "every request answered (and billed) once"
+    one = run_against(emu, articles, tmp_path, *FAST, "--name", "one", "--dry-run", "--json")
+    assert json.loads(one.stdout)["plan"]["lanes"] == "batch"  # one wave: batch alone

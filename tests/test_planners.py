@@ -593,3 +593,19 @@ def test_batch_cutter_gives_request_less_ordinals_to_the_batch_before():
     assert got == [(0, 3, 20), (3, 7, 20), (7, 9, 10)]
     assert [(p.start, p.end) for p in b.BatchCutter(2, 100, 1000).finish(3)] == [(0, 3)]  # no request at all
     assert b.BatchCutter(2, 100, 1000).finish(0) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "flex", "waves", "expected"),
+    [
+        ("auto", True, 1, "batch"),  # one wave: everything is enqueued at once, batch alone
+        ("auto", True, 3, "hybrid"),  # later waves would wait for capacity Flex does not need
+        ("auto", False, 3, "batch"),  # no Flex tier
+        ("batch", True, 3, "batch"),
+        ("hybrid", True, 1, "hybrid"),
+        ("flex", True, 3, "none"),
+        ("realtime", True, 3, "none"),
+    ],
+)
+def test_lanes_for(mode, flex, waves, expected):
+    assert b.lanes_for(mode, flex, waves) == expected

@@ -23,7 +23,7 @@ from conftest import (
 
 import batchify
 
-FAST = ["--poll-interval", "0.2", "--yes"]
+FAST = ["--poll-interval", "0.2", "--yes", "--mode", "batch"]  # batch mechanics (auto turns hybrid with waves)
 
 
 def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
