@@ -1196,6 +1196,15 @@ class InputError(BatchifyError):
         self.problems = problems or []
 
 
+class InvalidRecords(InputError):
+    """Records that fail validation; `checked` is the message for a check alone (`validate`: nothing was
+    going to be sent, and --skip-invalid does not apply)."""
+
+    def __init__(self, message: str, problems: list[str], checked: str):
+        super().__init__(message, problems)
+        self.checked = checked
+
+
 class ConfigError(InputError):
     pass
 
@@ -3365,10 +3374,11 @@ def _refuse_invalid(store: RunStore, path: Path, p: _Pass) -> None:
 
     shutil.rmtree(store.dir, ignore_errors=True)
     more = f" (and {p.n_problems - len(p.problems)} more)" if p.n_problems > len(p.problems) else ""
-    raise InputError(
+    raise InvalidRecords(
         f"{path}: {p.n_problems} invalid record(s){more}; nothing was sent or uploaded. "
         "Fix them, or pass --skip-invalid to set them aside.",
         p.problems,
+        f"{path}: {p.n_problems} invalid record(s){more}. Fix each line named below.",
     )
 
 
@@ -5602,8 +5612,11 @@ def validate_file(
     opts = RunOptions(
         id_field=id_field, text_field=text_field, tier=tier, enqueued_limit=enqueued_limit, calibrate=False, fetch=False
     )
-    with tempfile.TemporaryDirectory() as d:
-        run = asyncio.run(prepare_run(RunStore(d, "validate"), path, cfg, opts))
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            run = run_sync(prepare_run(RunStore(d, "validate"), path, cfg, opts))  # works under a running loop too
+    except InvalidRecords as e:
+        raise InputError(e.checked, e.problems) from None
     return {"file": str(path), "records": run.records, "input_tokens": run.plan["input_tokens"], "valid": True}
 
 
@@ -6476,7 +6489,10 @@ def resume(
     endpoint: str | None,
     state_dir: str,
 ) -> None:
-    """Pick up an unfinished run after a crash, Ctrl-C or reboot."""
+    """Pick up an unfinished run after a crash, Ctrl-C or reboot.
+
+    Without RUN_NAME: the one unfinished run in --state-dir; with several, it asks for a name (exit 2); with
+    none, it says so and exits 0."""
     name = _pick_run(state_dir, run_name)
     if name is None:
         report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
@@ -6502,7 +6518,9 @@ def resume(
 @cli.command(name="list")
 @_state_dir_option
 def list_cmd(state_dir: str) -> None:
-    """One line per run: name, status, records."""
+    """One line per run: name, status, records, results file (tab-separated; a header on a terminal)."""
+    if sys.stdout.isatty():
+        click.echo("run\tstatus\trecords\tresults file")
     for n in list_runs(state_dir):
         try:
             r = RunStore(state_dir, n).load_run()

@@ -34,6 +34,7 @@ def test_bad_record(emu, tmp_path, case, content, where, message):
     assert not (tmp_path / "st" / case / "run.json").exists()
     v = run_cli(["validate", str(inp)], tmp_path)  # the same checks alone
     assert v.returncode == 2 and message in v.stderr
+    assert "upload" not in v.stderr and "--skip-invalid" not in v.stderr  # neither applies to a check alone
 
 
 def test_non_utf8_bytes(emu, tmp_path):
