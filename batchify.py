@@ -52,7 +52,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import hashlib
 import ipaddress
@@ -2425,6 +2424,10 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self, what: str) -> None:
+        try:
+            import fcntl  # POSIX only: imported here so that `import batchify` works everywhere
+        except ImportError:
+            raise UsageError("running a batch needs a POSIX system (Linux, macOS, WSL): the run lock uses fcntl") from None
         private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -2444,6 +2447,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            import fcntl
+
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -383,3 +383,18 @@ def test_a_notebook_shows_progress_by_default_and_can_turn_it_off(emu, articles,
         articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k", reporter=batchify.NullReporter()
     )
     assert "created batches/" not in capsys.readouterr().err
+
+
+def test_import_batchify_works_without_fcntl(tmp_path):
+    """On a system without fcntl (Windows), `import batchify` works; only running a batch needs the POSIX lock,
+    and says so."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['fcntl'] = None; sys.path.insert(0, sys.argv[1]); import batchify\n"
+        "try:\n    batchify.RunLock(__import__('pathlib').Path(sys.argv[2])).acquire('x')\n"
+        "except batchify.UsageError as e:\n    print('refused:', e)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "refused: running a batch needs a POSIX system" in p.stdout
