@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -80,8 +81,10 @@ def one_mode(a: argparse.Namespace, inp: Path, state: Path, mode: str, rpm: int,
             fallback_tier="flex",
         )
         t0 = time.monotonic()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         run, summary = asyncio.run(batchify.run_file(inp, options=opts, state_dir=state, endpoint=url, api_key="k"))
         wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
         s = stats(url)
     assert summary is not None
     starts = [x for x in (s.get("first_create_at"), s.get("first_generate_at")) if x is not None]
@@ -105,6 +108,8 @@ def one_mode(a: argparse.Namespace, inp: Path, state: Path, mode: str, rpm: int,
         "flex_peak_in_flight": s.get("flex_peak_in_flight", 0),
         "peak_enqueued": s.get("peak_enqueued_tokens", 0),
         "plan": run.plan,
+        "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+        "peak_rss_mb": ru1.ru_maxrss / 1024,
     }
 
 
@@ -148,7 +153,9 @@ def main() -> None:
                 f"{r['errors']}, sources {r['by_source']}; answered {r['answered']:,}, paid twice {r['paid_twice']}; "
                 f"busiest window {r['max_rpm_window']:,} requests / {r['max_tpm_window']:,} tokens (limits {rpm:,} / "
                 f"{tpm:,}), 429s {r['generate_429']}, Flex shed {r['flex_shed']}, peak in flight "
-                f"{r['flex_peak_in_flight']:,}, peak enqueued {r['peak_enqueued']:,}"
+                f"{r['flex_peak_in_flight']:,}, peak enqueued {r['peak_enqueued']:,}; batchify's CPU "
+                f"{r['cpu_s']:.0f} s ({1000 * r['cpu_s'] / max(1, r['answered']):.1f} ms a request, prepare and merge "
+                f"included), this process's peak RSS so far {r['peak_rss_mb']:.0f} MB"
             )
     plan = next(iter(results.values()))["plan"]
     tokens = plan["input_tokens"]
