@@ -3914,9 +3914,10 @@ class Engine:
 
     async def flex_lanes(self) -> None:
         """Drain whole not-yet-started batches from the tail through Flex, request by request, keeping the
-        Flex gate full: another batch is claimed whenever the gate has a free slot and no request waits for
-        one (so the lanes take no more of the queue than they can have in flight), until batch and Flex meet
-        in the middle. Each drained batch ends FLEXED (its results are in realtime.jsonl)."""
+        pipe full: another batch is claimed whenever the gate has a free slot, nobody waits for one, and the
+        RPM/TPM buckets have less than two poll intervals of work queued (so the lanes take no more of the
+        queue than they can send), until batch and Flex meet in the middle. Each drained batch ends FLEXED
+        (its results are in realtime.jsonl)."""
         sender = self._sender("flex")
         gate = sender.gate
         running: set[asyncio.Task[None]] = set()
@@ -3931,7 +3932,8 @@ class Engine:
                     if job is None:
                         break
                     running.add(tg.create_task(self._drain(job)))
-                    await asyncio.sleep(0.01)  # let the new lane queue its requests before the backlog is looked at again
+                    for _ in range(3):  # the lane hands its requests to the gate, they queue at the buckets:
+                        await asyncio.sleep(0)  # only then is the backlog worth looking at again
                 if not running and not self._batch_work_left():
                     return
                 waiters = [*running, asyncio.ensure_future(gate.room.wait()), asyncio.ensure_future(self._flex_wake.wait())]
