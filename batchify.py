@@ -5014,7 +5014,7 @@ def in_flight_ceiling(reserve: int = 256) -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, ValueError, OSError):
         return 1_000
-    if soft == getattr(__import__("resource"), "RLIM_INFINITY", -1):
+    if soft == resource.RLIM_INFINITY:
         return 20_000
     return max(64, min(20_000, soft - reserve))
 
@@ -6697,9 +6697,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _raise_open_file_limit() -> None:
+    """Flex keeps thousands of requests in flight, a socket each: lift this process's soft open-file limit to
+    its hard one (at most 65,536), so in_flight_ceiling() has room. A CLI start-up step: the library leaves the
+    process's limits to its host."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
         signal.signal(signal.SIGTERM, _on_sigterm)
+    _raise_open_file_limit()
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort

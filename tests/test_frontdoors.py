@@ -398,3 +398,24 @@ def test_import_batchify_works_without_fcntl(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "refused: running a batch needs a POSIX system" in p.stdout
+
+
+def test_the_cli_lifts_the_open_file_limit_for_flex_sockets():
+    """Flex keeps thousands of requests in flight, a socket each: main() lifts the soft limit to the hard one
+    (at most 65,536), and the in-flight ceiling follows it."""
+    import subprocess
+
+    code = (
+        "import resource, sys; sys.path.insert(0, sys.argv[1]); import batchify\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))\n"
+        "low = batchify.in_flight_ceiling()\n"
+        "batchify.main(['--version'])\n"
+        "print(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard, batchify.in_flight_ceiling())\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    low, soft, hard, high = (int(x) for x in p.stdout.split()[-4:])
+    assert low == 256  # 512 less the reserve
+    expected = 65_536 if hard == -1 else min(hard, 65_536)  # RLIM_INFINITY is -1 on Linux
+    assert soft == max(512, expected) and high == max(64, min(20_000, soft - 256))
