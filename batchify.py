@@ -2113,7 +2113,7 @@ def estimate_plan(
     }
 
 
-FLEX_LATENCY_MIN = (1.0, 15.0)  # Google's Flex latency target, minutes (flex-inference page, 2026-09-23)
+FLEX_LATENCY_MINUTES = (1.0, 15.0)  # Google's Flex latency target, minutes (flex-inference page, 2026-09-23)
 
 
 def mode_estimates(
@@ -2135,7 +2135,7 @@ def mode_estimates(
         },
     }
     if spec.flex:
-        lo, hi = minutes + FLEX_LATENCY_MIN[0], minutes + FLEX_LATENCY_MIN[1]
+        lo, hi = minutes + FLEX_LATENCY_MINUTES[0], minutes + FLEX_LATENCY_MINUTES[1]
         out["flex"] = {
             "cost_usd": round(cost_usd(spec, usage, "flex"), 6),
             "time": f"~{lo:,.0f}-{hi:,.0f} min (the rate limits, plus Flex's 1-15 min latency), if Flex is not shedding",
@@ -3760,6 +3760,7 @@ class Engine:
         self._poll_refusals: dict[str, int] = {}
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
+        self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
         self._flex_wake = asyncio.Event()  # a batch became claimable (an upload ended, admission passed it by)
         self._created_at: dict[str, float] = {}  # engine clock at each create of this process
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
@@ -4828,7 +4829,7 @@ class Engine:
         Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
         """
         service = "flex" if tier == "flex" else "standard"
-        done = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
+        done = self._answered()
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
         count = tokens = long_docs = long_tokens = 0
         long_at = self.spec.long_context_threshold or 1 << 62
@@ -4863,6 +4864,14 @@ class Engine:
                 "--max-cost N` with a higher cap sends the rest."
             )
 
+    def _answered(self) -> set[int]:
+        """Ordinals already answered through generateContent (realtime.jsonl): read from disk once per engine,
+        then kept up to date by the senders as they write (a hybrid run drains many batches: one read, not one
+        per batch)."""
+        if self._answered_ids is None:
+            self._answered_ids = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
+        return self._answered_ids
+
     def _sender(self, tier: str) -> RequestSender:
         if tier not in self._senders:
             self._senders[tier] = RequestSender(self, tier)
@@ -4894,7 +4903,7 @@ class RequestSender:
         self.policy = RetryPolicy(attempts=opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
         self.throttled_policy = dataclasses.replace(self.policy, attempts=opts.max_attempts * 4)
         self.ceiling = max(opts.concurrency, in_flight_ceiling())
-        self.latency = FLEX_LATENCY_MIN[1] * 60 / 2 if self.flex else 1.0  # seconds; measured from the first answer on
+        self.latency = FLEX_LATENCY_MINUTES[1] * 60 / 2 if self.flex else 1.0  # seconds; measured from the first answer on
         self.tokens_per_request = max(1.0, engine.run.plan.get("input_tokens", 0) / max(1, engine.run.records))
         self.gate = Gate(self._target() if self.flex else opts.concurrency)
         self.view = RealtimeView(lane="flex" if self.flex else "real time")
@@ -4940,6 +4949,7 @@ class RequestSender:
             self.gate.release()
         out.write(orjson.dumps(r, option=NL))
         out.flush()
+        self.engine._answered().add(n)
         v = self.view
         v.done += 1
         v.errors += r["status"] != "ok"
