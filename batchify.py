@@ -54,6 +54,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import inspect
 import ipaddress
 import itertools
 import math
@@ -69,6 +70,7 @@ import sys
 import threading
 import time
 import tomllib
+import types
 import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -6021,71 +6023,26 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def make_api(
-    state_dir: str | Path,
-    token: str,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    config: JobConfig | None = None,
-    options: RunOptions | None = None,
-    docs: bool = False,
-    max_body: int = REST_MAX_BODY,
-) -> Any:
-    """A FastAPI app over the engine. Every route needs `Authorization: Bearer <token>`: it spends money.
-    `docs`: serve /docs and /openapi.json (without a token: they show the API's shape, never data; off by
-    default, and /docs loads Swagger UI from a CDN). Bodies over `max_body` bytes answer 413.
+class RestError(Exception):
+    """An HTTP answer a REST handler gives instead of a result; make_api turns it into JSON."""
 
-    Long work (fetching, batch jobs) runs in tasks this app owns and awaits at shutdown; status is pollable.
-    """
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None):
+        super().__init__(str(detail))
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+@functools.cache
+def _rest_imports() -> Any:
+    """The REST API's one guarded import (FastAPI is the optional extra "api"), with its request models.
+    Loaded on first use, so the CLI does not pay for FastAPI or pydantic at start."""
     try:
-        from fastapi import Depends, FastAPI, HTTPException
-        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+        import fastapi
+        import fastapi.exceptions
+        import fastapi.responses
+        import fastapi.security
         from pydantic import BaseModel, Field
     except ImportError:
         raise UsageError('the REST API needs FastAPI and uvicorn. Fix: pip install -e ".[api]"') from None
-    if not token:
-        raise UsageError("the REST API spends money, so it needs a token. Fix: set BATCHIFY_API_TOKEN.")
-
-    tasks: dict[str, asyncio.Task[Any]] = {}
-    failures: dict[str, str] = {}
-    claimed: set[str] = set()  # names taken by a request in this process (checked and added with no await between)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        yield
-        for t in tasks.values():
-            t.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-
-    app = FastAPI(
-        title="batchify",
-        version=__version__,
-        lifespan=lifespan,
-        description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
-        docs_url="/docs" if docs else None,
-        redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
-    )
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Any, exc: RequestValidationError) -> Any:
-        # What was wrong, never the body itself echoed back (a 22 MB body made a 22 MB error).
-        errs = [
-            {"loc": list(e.get("loc", ()))[:6], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
-            for e in exc.errors()[:20]
-        ]
-        return JSONResponse(status_code=422, content={"detail": errs, "errors": len(exc.errors())})
-
-    app.add_middleware(_BodyLimit, limit=max_body)
-    bearer = HTTPBearer(auto_error=False)
-
-    def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(
-                status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
 
     class SubmitUrls(BaseModel):
         urls: list[str] = Field(min_length=1, max_length=1_000_000)
@@ -6101,141 +6058,241 @@ def make_api(
         status: str
         message: str
 
-    def new_name(given: str | None) -> str:
+    return types.SimpleNamespace(
+        fastapi=fastapi,
+        security=fastapi.security,
+        RequestValidationError=fastapi.exceptions.RequestValidationError,
+        JSONResponse=fastapi.responses.JSONResponse,
+        SubmitUrls=SubmitUrls,
+        SubmitContents=SubmitContents,
+        Submitted=Submitted,
+    )
+
+
+class RestApi:
+    """The REST API's handlers and the work they started: plain methods over the library API, raising
+    RestError; make_api wires them to routes. Long work (fetching, batch jobs) runs in tasks this object
+    owns; `shutdown` cancels and awaits them."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        endpoint: str | None,
+        api_key: str | None,
+        config: JobConfig | None,
+        options: RunOptions | None,
+    ):
+        self.state_dir, self.endpoint, self.api_key = state_dir, endpoint, api_key
+        self.config, self.options = config, options
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
+        self.failures: dict[str, str] = {}
+        self.claimed: set[str] = set()  # names taken by a request here (checked and added with no await between)
+
+    async def shutdown(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    def _store(self, name: str) -> RunStore:
+        return RunStore(self.state_dir, name)
+
+    def _new_name(self, given: str | None) -> str:
         name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        if name in claimed or RunStore(state_dir, name).exists() or name in tasks:
-            raise HTTPException(status_code=409, detail=f"a run named {name!r} exists already (or is being prepared)")
-        claimed.add(name)
+        if name in self.claimed or self._store(name).exists() or name in self.tasks:
+            raise RestError(409, f"a run named {name!r} exists already (or is being prepared)")
+        self.claimed.add(name)
         return name
 
-    def start(name: str, work: Awaitable[Any]) -> None:
+    def _start(self, name: str, work: Awaitable[Any]) -> None:
         async def guarded() -> None:
             try:
                 await work
             except BatchifyError as e:
-                failures[name] = str(e)
+                self.failures[name] = str(e)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # kept for status: the server goes on
-                failures[name] = f"{type(e).__name__}: {e}"
+                self.failures[name] = f"{type(e).__name__}: {e}"
 
-        tasks[name] = asyncio.ensure_future(guarded())
+        self.tasks[name] = asyncio.ensure_future(guarded())
 
-    async def prepare_and_submit(name: str, records: list[Any]) -> None:
-        await prepare(records, name, config, options, state_dir, endpoint, api_key)
-        await submit(name, state_dir, endpoint, api_key)
+    def _known(self, name: str) -> None:
+        if not re.match(RUN_NAME_RE, name) or not (self._store(name).exists() or name in self.tasks):
+            raise RestError(404, f"no run named {name!r}")
 
-    def input_error(e: InputError, name: str) -> HTTPException:
+    def _input_error(self, e: InputError, name: str) -> RestError:
         """The engine's message in the API's terms: no server path, no CLI flag."""
-        where = str(Path(state_dir) / "inputs" / f"{name}.jsonl")
+        where = str(Path(self.state_dir) / "inputs" / f"{name}.jsonl")
 
         def say(text: str) -> str:
             return text.replace(where, "request body").replace("--skip-invalid", "the server's skip_invalid option")
 
-        return HTTPException(status_code=422, detail={"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
+        return RestError(422, {"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
 
-    async def submit_urls(body: SubmitUrls) -> Submitted:
-        bad = [u for u in body.urls if not re.match(r"^https?://[^\s/]+", u)]
+    async def _prepare(self, name: str, records: list[Any]) -> Run:
+        return await prepare(records, name, self.config, self.options, self.state_dir, self.endpoint, self.api_key)
+
+    async def _submit(self, name: str) -> None:
+        await submit(name, self.state_dir, self.endpoint, self.api_key)
+
+    async def submit_urls(self, urls: list[str], batch_name: str | None) -> dict[str, str]:
+        bad = [u for u in urls if not re.match(r"^https?://[^\s/]+", u)]
         if bad:
-            raise HTTPException(status_code=422, detail={"message": "only http(s) URLs", "problems": bad[:20]})
-        name = new_name(body.batch_name)
-        start(name, prepare_and_submit(name, list(body.urls)))
-        return Submitted(
-            job_id=name,
-            batch_name=name,
-            status="submitted",
-            message=f"{len(body.urls)} URL(s) accepted: fetching, then batch. Poll /batch/status/{name}.",
-        )
+            raise RestError(422, {"message": "only http(s) URLs", "problems": bad[:20]})
+        name = self._new_name(batch_name)
 
-    async def submit_contents(body: SubmitContents) -> Submitted:
-        name = new_name(body.batch_name)
+        async def fetch_then_batch() -> None:
+            await self._prepare(name, list(urls))
+            await self._submit(name)
+
+        self._start(name, fetch_then_batch())
+        message = f"{len(urls)} URL(s) accepted: fetching, then batch. Poll /batch/status/{name}."
+        return {"job_id": name, "batch_name": name, "status": "submitted", "message": message}
+
+    async def submit_contents(self, contents: list[dict[str, Any]], batch_name: str | None) -> dict[str, str]:
+        name = self._new_name(batch_name)
         try:  # validation and planning are CPU work: off the event loop, so other clients are not stalled
-            run = await asyncio.to_thread(
-                asyncio.run, prepare(body.contents, name, config, options, state_dir, endpoint, api_key)
-            )
+            run = await asyncio.to_thread(asyncio.run, self._prepare(name, contents))
         except InputError as e:
-            claimed.discard(name)
-            raise input_error(e, name) from None
+            self.claimed.discard(name)
+            raise self._input_error(e, name) from None
         except (UsageError, LockedError) as e:  # another process holds or made the name
-            claimed.discard(name)
-            raise HTTPException(status_code=409, detail=str(e)) from None
-        start(name, submit(name, state_dir, endpoint, api_key))
-        return Submitted(
-            job_id=name,
-            batch_name=name,
-            status="submitted",
-            message=f"{run.records} record(s) in {run.plan['batches']} batch(es), "
-            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}.",
+            self.claimed.discard(name)
+            raise RestError(409, str(e)) from None
+        self._start(name, self._submit(name))
+        message = (
+            f"{run.records} record(s) in {run.plan['batches']} batch(es), "
+            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}."
         )
+        return {"job_id": name, "batch_name": name, "status": "submitted", "message": message}
 
-    # This module uses postponed annotations, so FastAPI cannot resolve these function-local models by
-    # name: hand it the classes themselves, then register the routes.
-    auth.__annotations__["creds"] = HTTPAuthorizationCredentials | None
-    for fn, model in ((submit_urls, SubmitUrls), (submit_contents, SubmitContents)):
-        fn.__annotations__.update(body=model, **{"return": Submitted})
-    app.add_api_route("/batch/submit", submit_urls, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)])
-    app.add_api_route(
-        "/batch/submit-contents", submit_contents, methods=["POST"], response_model=Submitted, dependencies=[Depends(auth)]
-    )
-
-    def known(name: str) -> None:
-        if not re.match(RUN_NAME_RE, name) or not (RunStore(state_dir, name).exists() or name in tasks):
-            raise HTTPException(status_code=404, detail=f"no run named {name!r}")
-
-    @app.get("/batch/status/{run}", dependencies=[Depends(auth)])
-    async def status_route(run: str) -> dict[str, Any]:
-        known(run)
-        task = tasks.get(run)
-        if not RunStore(state_dir, run).exists():
-            return {"name": run, "status": "failed" if run in failures else "preparing", "error": failures.get(run)}
-        entry: dict[str, Any] = run_status(state_dir, run)["runs"][0]
+    async def status(self, run: str) -> dict[str, Any]:
+        self._known(run)
+        task = self.tasks.get(run)
+        if not self._store(run).exists():
+            failed = run in self.failures
+            return {"name": run, "status": "failed" if failed else "preparing", "error": self.failures.get(run)}
+        entry: dict[str, Any] = run_status(self.state_dir, run)["runs"][0]
         entry["working"] = task is not None and not task.done()
-        entry["error"] = failures.get(run)
+        entry["error"] = self.failures.get(run)
         return entry
 
-    @app.get("/batch/results/{run}", dependencies=[Depends(auth)])
-    async def results_route(run: str, summary: bool = False, partial: bool = False) -> Any:
+    async def results(self, run: str, summary: bool = False, partial: bool = False) -> dict[str, Any]:
         """A finished run's results. An unfinished one answers 409 with its progress, unless `partial=true`:
         then only the rows that have their answer already (from the sidecars), with the run's status."""
-        known(run)
-        if not RunStore(state_dir, run).exists():
-            raise HTTPException(status_code=409, detail="the run is still being prepared")
+        self._known(run)
+        if not self._store(run).exists():
+            raise RestError(409, "the run is still being prepared")
         if summary:
-            return analytics(state_dir, run)
-        st = RunStore(state_dir, run).load_run().status
+            return analytics(self.state_dir, run)
+        st = self._store(run).load_run().status
         if st in ("done", "cancelled"):
-            return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(state_dir, run)]}
+            return {"run": run, "status": st, "results": [r.to_dict() for r in iter_results(self.state_dir, run)]}
         if not partial:
-            progress = {
-                k: v for k, v in run_status(state_dir, run)["runs"][0].items() if k in ("status", "records", "jobs", "job_states")
-            }
-            return JSONResponse(
-                status_code=409,
-                content={"detail": "the run is not finished: poll /batch/status, or ask for ?partial=true", **progress},
-            )
-        rows = [r for r in iter_sidecar_results(state_dir, run) if r["source"] != "none"]
+            entry = run_status(self.state_dir, run)["runs"][0]
+            progress = {k: v for k, v in entry.items() if k in ("status", "records", "jobs", "job_states")}
+            raise RestError(409, {"detail": "the run is not finished: poll /batch/status, or ask for ?partial=true", **progress})
+        rows = [r for r in iter_sidecar_results(self.state_dir, run) if r["source"] != "none"]
         return {"run": run, "status": st, "partial": True, "results": rows}
 
-    @app.get("/batch/jobs", dependencies=[Depends(auth)])
-    async def jobs_route() -> dict[str, Any]:
-        data = run_status(state_dir)
-        return {
-            "runs": [{k: r[k] for k in ("name", "status", "records", "jobs", "job_states", "updated_at")} for r in data["runs"]]
-        }
+    async def jobs(self) -> dict[str, Any]:
+        keys = ("name", "status", "records", "jobs", "job_states", "updated_at")
+        return {"runs": [{k: r[k] for k in keys} for r in run_status(self.state_dir)["runs"]]}
 
-    @app.post("/batch/cancel/{run}", dependencies=[Depends(auth)])
-    async def cancel_route(run: str) -> dict[str, Any]:
-        known(run)
-        task = tasks.get(run)
+    async def cancel(self, run: str) -> dict[str, Any]:
+        self._known(run)
+        task = self.tasks.get(run)
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if not RunStore(state_dir, run).exists():
+        if not self._store(run).exists():
             return {"run": run, "cancelled": [], "status": "cancelled"}
-        names = await cancel(run, state_dir, endpoint, api_key)
+        names = await cancel(run, self.state_dir, self.endpoint, self.api_key)
         return {"run": run, "cancelled": names, "status": "cancelled"}
 
+
+def _typed_route(handler: Callable[..., Awaitable[Any]], model: Any, returns: Any) -> Callable[..., Awaitable[Any]]:
+    """A route taking one JSON body of `model` and calling `handler(**fields)`. FastAPI learns the body's type
+    from the signature, which it must see as classes: this module's postponed annotations are strings."""
+
+    async def route(body: Any) -> Any:
+        return await handler(**dict(body))
+
+    route.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model)], return_annotation=returns
+    )
+    return route
+
+
+def make_api(
+    state_dir: str | Path,
+    token: str,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    config: JobConfig | None = None,
+    options: RunOptions | None = None,
+    docs: bool = False,
+    max_body: int = REST_MAX_BODY,
+) -> Any:
+    """A FastAPI app over the engine (the handlers: RestApi). Every route needs `Authorization: Bearer
+    <token>`: it spends money. `docs`: serve /docs and /openapi.json (without a token: they show the API's
+    shape, never data; off by default, and /docs loads Swagger UI from a CDN). Bodies over `max_body` bytes
+    answer 413. Long work runs in tasks the app owns and awaits at shutdown; status is pollable."""
+    fa = _rest_imports()
+    if not token:
+        raise UsageError("the REST API spends money, so it needs a token. Fix: set BATCHIFY_API_TOKEN.")
+    api = RestApi(state_dir, endpoint, api_key, config, options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        await api.shutdown()
+
+    app = fa.fastapi.FastAPI(
+        title="batchify",
+        version=__version__,
+        lifespan=lifespan,
+        description="Run large LLM jobs through the Gemini Batch API. All routes need a bearer token.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_exception_handler(fa.RequestValidationError, _invalid_body)
+    app.add_exception_handler(RestError, _rest_error)
+    app.add_middleware(_BodyLimit, limit=max_body)
+    bearer = fa.security.HTTPBearer(auto_error=False)
+
+    async def auth(request: Any) -> None:
+        creds = await bearer(request)
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise RestError(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+
+    auth.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=fa.fastapi.Request)]
+    )
+    guarded = {"dependencies": [fa.fastapi.Depends(auth)]}
+    body = {"methods": ["POST"], "response_model": fa.Submitted, **guarded}
+    app.add_api_route("/batch/submit", _typed_route(api.submit_urls, fa.SubmitUrls, fa.Submitted), **body)
+    app.add_api_route("/batch/submit-contents", _typed_route(api.submit_contents, fa.SubmitContents, fa.Submitted), **body)
+    app.add_api_route("/batch/status/{run}", api.status, methods=["GET"], **guarded)
+    app.add_api_route("/batch/results/{run}", api.results, methods=["GET"], **guarded)
+    app.add_api_route("/batch/jobs", api.jobs, methods=["GET"], **guarded)
+    app.add_api_route("/batch/cancel/{run}", api.cancel, methods=["POST"], **guarded)
     return app
+
+
+async def _invalid_body(request: Any, exc: Any) -> Any:
+    """A 422 saying what was wrong, never the body itself echoed back (a 22 MB body made a 22 MB error)."""
+    errs = [
+        {"loc": list(e.get("loc", ()))[:6], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")} for e in exc.errors()[:20]
+    ]
+    return _rest_imports().JSONResponse(status_code=422, content={"detail": errs, "errors": len(exc.errors())})
+
+
+async def _rest_error(request: Any, exc: Any) -> Any:
+    """RestError -> its JSON answer ({"detail": ...}, or the detail dict itself when it carries "detail")."""
+    content = exc.detail if isinstance(exc.detail, dict) and "detail" in exc.detail else {"detail": exc.detail}
+    return _rest_imports().JSONResponse(status_code=exc.status, content=content, headers=exc.headers)
 
 
 # ================================================================================================

@@ -293,7 +293,9 @@ def test_rest_api_requires_token_and_validates(api):
     assert code == 422
     assert call(f"{api}/batch/status/nope")[0] == 404
     with urllib.request.urlopen(f"{api}/openapi.json") as r:
-        paths = json.loads(r.read())["paths"]
+        spec = json.loads(r.read())
+    paths = spec["paths"]
+    assert {"SubmitUrls", "SubmitContents", "Submitted"} <= set(spec["components"]["schemas"])  # typed bodies
     assert {
         "/batch/submit",
         "/batch/submit-contents",
