@@ -3066,6 +3066,17 @@ def load_fetch_cache(path: Path) -> dict[str, dict[str, str]]:
 FETCH_MAX_BYTES = 5_000_000
 
 
+def urls_to_fetch(path: Path, text_field: str, cache: dict[str, dict[str, str]]) -> list[str]:
+    """The distinct urls of valid records that have no text and no answer in the fetch cache, in input order."""
+    todo: dict[str, None] = {}
+    for rec in read_input(path):
+        if rec.error is None and needs_fetch(rec.obj, text_field):
+            url = rec.obj["url"]
+            if url not in cache:
+                todo[url] = None
+    return list(todo)
+
+
 async def fetch_urls(
     path: Path,
     store: RunStore,
@@ -3076,22 +3087,11 @@ async def fetch_urls(
     max_redirects: int = 5,
     allow_private: bool = False,
 ) -> dict[str, int]:
-    """Fetch the pages of records that have a url and no text, and extract their main text.
-
-    Bounded concurrency, a timeout, a size cap, at most max_redirects redirects, http/https only.
-    Loopback, private, link-local, multicast and reserved targets are refused (after DNS resolution and
-    after each redirect) unless allow_private: a URL in a request must not reach the machine's own network.
+    """Fetch the pages of records that have a url and no text, and extract their main text (PageFetcher).
     Each outcome (text or error) is appended to the run's fetched.jsonl as it arrives, so a prepare
     that is interrupted and run again fetches only what is missing."""
     cache = load_fetch_cache(store.fetch_cache_path)
-    todo: list[str] = []
-    seen: set[str] = set()
-    for rec in read_input(path):
-        if rec.error is None and needs_fetch(rec.obj, text_field):
-            url = rec.obj["url"]
-            if url not in cache and url not in seen:
-                seen.add(url)
-                todo.append(url)
+    todo = urls_to_fetch(path, text_field, cache)
     if not todo:
         return {"fetched": 0, "cached": len(cache)}
     try:
@@ -3101,15 +3101,105 @@ async def fetch_urls(
             f"{path}: {len(todo)} record(s) have a url and no text, and fetching them needs trafilatura. "
             'Fix: pip install -e ".[urls]" (or give each record its text).'
         ) from None
+    private_dir(store.dir)
+    counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
+    fetcher = PageFetcher(trafilatura.extract, concurrency, max_bytes, max_redirects, allow_private)
+    with open_private(store.fetch_cache_path, "ab") as f:
+        async for r in fetcher.fetch_all(todo, timeout_s):
+            f.write(orjson.dumps(r, option=NL))
+            f.flush()
+            counts["fetched" if "text" in r else "failed"] += 1
+    return counts
+
+
+class PageFetcher:
+    """Fetches pages and extracts their main text: bounded concurrency, a size cap, at most max_redirects
+    redirects (followed by hand, each target checked), http/https only. Loopback, private, link-local,
+    multicast and reserved targets are refused (after DNS resolution and after each redirect) unless
+    allow_private: a URL in a request must not reach the machine's own network."""
+
+    def __init__(
+        self, extract: Callable[[str], str | None], concurrency: int, max_bytes: int, max_redirects: int, allow_private: bool
+    ):
+        self.extract, self.max_bytes, self.max_redirects = extract, max_bytes, max_redirects
+        self.allow_private = allow_private
+        self.sem = asyncio.Semaphore(concurrency)
+
+    async def fetch_all(self, urls: list[str], timeout_s: float) -> Any:
+        """Yield {"url", "text"[, "title"]} or {"url", "error"} for each url, as they complete."""
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(resolver=_public_only_resolver(self.allow_private))
+        headers = {"User-Agent": f"batchify/{__version__}"}
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector) as session:
+            tasks = [asyncio.ensure_future(self.one(session, u)) for u in urls]
+            try:
+                for fut in asyncio.as_completed(tasks):
+                    yield await fut
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def refused(self, target: str) -> str | None:
+        """Why a URL's literal host may not be fetched (None: it may)."""
+        host = (urllib.parse.urlsplit(target).hostname or "").strip("[]")
+        if self.allow_private or not host:
+            return None
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return "refused: a local name" if host == "localhost" or host.endswith((".localhost", ".local")) else None
+        if public_address(str(literal)):
+            return None
+        return f"refused: {host} is a private or local address (see --allow-private-urls)"
+
+    async def one(self, session: Any, url: str) -> dict[str, str]:
+        import aiohttp
+
+        if not re.match(r"^https?://", url, re.I):
+            return {"url": url, "error": "only http and https URLs are fetched"}
+        try:
+            async with self.sem:
+                html, error = await self.get_html(session, url)
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeError, ValueError) as e:
+            return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}
+        if html is None:
+            return {"url": url, "error": error or "no page"}
+        text = await asyncio.to_thread(self.extract, html)
+        if not text or not text.strip():
+            return {"url": url, "error": "no main text found on the page"}
+        title = page_title(html)
+        return {"url": url, "text": text, **({"title": title} if title else {})}
+
+    async def get_html(self, session: Any, url: str) -> tuple[str | None, str | None]:
+        """(the page's html, None) or (None, why not), following redirects by hand."""
+        target = url
+        for _hop in range(self.max_redirects + 1):
+            why = self.refused(target)
+            if why:
+                return None, why
+            async with session.get(target, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                    target = urllib.parse.urljoin(target, resp.headers["Location"])
+                    if not re.match(r"^https?://", target, re.I):
+                        return None, "redirected to a URL that is not http(s)"
+                    continue
+                if resp.status != 200:
+                    return None, f"HTTP {resp.status}"
+                body = await resp.content.read(self.max_bytes + 1)
+                if len(body) > self.max_bytes:
+                    return None, f"page larger than {self.max_bytes:,} bytes"
+                return body.decode(resp.charset or "utf-8", "replace"), None
+        return None, f"more than {self.max_redirects} redirects"
+
+
+def _public_only_resolver(allow_private: bool) -> Any:
+    """An aiohttp resolver that refuses names leading to an address of the machine's own networks."""
     import aiohttp
 
-    private_dir(store.dir)
-    sem = asyncio.Semaphore(concurrency)
-    counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
-
     class PublicOnly(aiohttp.abc.AbstractResolver):
-        """Resolves names, refusing any that lead to an address of the machine's own networks."""
-
         def __init__(self) -> None:
             self.inner = aiohttp.ThreadedResolver()
 
@@ -3123,69 +3213,7 @@ async def fetch_urls(
         async def close(self) -> None:
             await self.inner.close()
 
-    def refused(target: str) -> str | None:
-        host = (urllib.parse.urlsplit(target).hostname or "").strip("[]")
-        if allow_private or not host:
-            return None
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            return "refused: a local name" if host == "localhost" or host.endswith((".localhost", ".local")) else None
-        return (
-            None if public_address(str(literal)) else f"refused: {host} is a private or local address (see --allow-private-urls)"
-        )
-
-    async def one(session: Any, url: str) -> dict[str, str]:
-        if not re.match(r"^https?://", url, re.I):
-            return {"url": url, "error": "only http and https URLs are fetched"}
-        target = url
-        try:
-            async with sem:
-                for _hop in range(max_redirects + 1):  # redirects followed by hand: each target checked
-                    why = refused(target)
-                    if why:
-                        return {"url": url, "error": why}
-                    async with session.get(target, allow_redirects=False) as resp:
-                        if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                            target = urllib.parse.urljoin(target, resp.headers["Location"])
-                            if not re.match(r"^https?://", target, re.I):
-                                return {"url": url, "error": "redirected to a URL that is not http(s)"}
-                            continue
-                        if resp.status != 200:
-                            return {"url": url, "error": f"HTTP {resp.status}"}
-                        body = await resp.content.read(max_bytes + 1)
-                        if len(body) > max_bytes:
-                            return {"url": url, "error": f"page larger than {max_bytes:,} bytes"}
-                        html = body.decode(resp.charset or "utf-8", "replace")
-                        break
-                else:
-                    return {"url": url, "error": f"more than {max_redirects} redirects"}
-        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeError, ValueError) as e:
-            return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}
-        text = await asyncio.to_thread(trafilatura.extract, html)
-        if not text or not text.strip():
-            return {"url": url, "error": "no main text found on the page"}
-        title = page_title(html)
-        return {"url": url, "text": text, **({"title": title} if title else {})}
-
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    with open_private(store.fetch_cache_path, "ab") as f:
-        connector = aiohttp.TCPConnector(resolver=PublicOnly())
-        async with aiohttp.ClientSession(
-            timeout=timeout, headers={"User-Agent": f"batchify/{__version__}"}, connector=connector
-        ) as session:
-            tasks = [asyncio.ensure_future(one(session, u)) for u in todo]
-            try:
-                for fut in asyncio.as_completed(tasks):
-                    r = await fut
-                    f.write(orjson.dumps(r, option=NL))
-                    f.flush()
-                    counts["fetched" if "text" in r else "failed"] += 1
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-    return counts
+    return PublicOnly()
 
 
 def page_title(html: str) -> str | None:
