@@ -472,8 +472,8 @@ def _tiers(value: Any, where: str, key: str) -> dict[int, int]:
 
 
 def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelSpec:
-    """A catalog entry (TOML table) -> ModelSpec, checked key by key; price changes dated on or before
-    `today` (YYYY-MM-DD) applied."""
+    """A catalog entry (TOML table) -> ModelSpec, checked key by key (_spec_value), then as a whole
+    (_check_spec); price changes dated on or before `today` (YYYY-MM-DD) applied (_price_changes)."""
     entry = f"{where} [models.{name!r}]"
     unknown = sorted(set(raw) - _SPEC_KEYS)
     if unknown:
@@ -485,41 +485,50 @@ def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelS
             "from https://ai.google.dev/gemini-api/docs/pricing."
         )
     kw: dict[str, Any] = {"name": name, "klass": raw.get("class", "other"), "status": raw.get("status", "stable")}
-    for k, v in raw.items():
-        if k in ("class", "status", "price_changes"):
-            continue
-        if k in ("enqueued_tokens", "rpm", "tpm"):
-            kw[k] = _tiers(v, entry, k)
-        elif k in _PRICE_KEYS or k in ("batch_discount", "flex_discount", "temperature"):
-            if type(v) not in (int, float) or not (0 <= v < 1e6) or v != v:
-                raise ConfigError(f"{entry}: '{k}' must be a number >= 0.")
-            kw[k] = float(v)
-        elif k in (
-            "long_context_threshold",
-            "input_token_limit",
-            "output_token_limit",
-            "thinking_budget_min",
-            "thinking_budget_max",
-        ):
-            if type(v) is not int or v < 0:
-                raise ConfigError(f"{entry}: '{k}' must be a whole number >= 0.")
-            kw[k] = v
-        elif k in ("batch", "flex", "thinking_budget_zero", "thinking_dynamic", "legacy_budget"):
-            if type(v) is not bool:
-                raise ConfigError(f"{entry}: '{k}' must be true or false.")
-            kw[k] = v
-        elif k == "thinking_levels":
-            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-                raise ConfigError(f"{entry}: 'thinking_levels' must be a list of level names, lowest first.")
-            kw[k] = tuple(x.lower() for x in v)
-        elif k == "sources":
-            if not isinstance(v, dict):
-                raise ConfigError(f"{entry}: 'sources' must be a table of figure = source.")
-            kw[k] = {str(a): str(b) for a, b in v.items()}
-        else:
-            if not isinstance(v, str):
-                raise ConfigError(f"{entry}: '{k}' must be a string.")
-            kw[k] = v.lower() if k in ("thinking", "thinking_default") else v
+    kw.update({k: _spec_value(entry, k, v) for k, v in raw.items() if k not in ("class", "status", "price_changes")})
+    _check_spec(entry, kw)
+    prices, ahead = _price_changes(entry, raw.get("price_changes", []), today)
+    kw.update(prices)
+    if ahead:
+        kw["price_note"] = ahead
+    return ModelSpec(**kw)
+
+
+_SPEC_WHOLE = ("long_context_threshold", "input_token_limit", "output_token_limit", "thinking_budget_min", "thinking_budget_max")
+_SPEC_FLAGS = ("batch", "flex", "thinking_budget_zero", "thinking_dynamic", "legacy_budget")
+
+
+def _spec_value(entry: str, k: str, v: Any) -> Any:
+    """One catalog key's value, checked and converted (ConfigError naming the entry and the key)."""
+    if k in ("enqueued_tokens", "rpm", "tpm"):
+        return _tiers(v, entry, k)
+    if k in _PRICE_KEYS or k in ("batch_discount", "flex_discount", "temperature"):
+        if type(v) not in (int, float) or not (0 <= v < 1e6) or v != v:
+            raise ConfigError(f"{entry}: '{k}' must be a number >= 0.")
+        return float(v)
+    if k in _SPEC_WHOLE:
+        if type(v) is not int or v < 0:
+            raise ConfigError(f"{entry}: '{k}' must be a whole number >= 0.")
+        return v
+    if k in _SPEC_FLAGS:
+        if type(v) is not bool:
+            raise ConfigError(f"{entry}: '{k}' must be true or false.")
+        return v
+    if k == "thinking_levels":
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise ConfigError(f"{entry}: 'thinking_levels' must be a list of level names, lowest first.")
+        return tuple(x.lower() for x in v)
+    if k == "sources":
+        if not isinstance(v, dict):
+            raise ConfigError(f"{entry}: 'sources' must be a table of figure = source.")
+        return {str(a): str(b) for a, b in v.items()}
+    if not isinstance(v, str):
+        raise ConfigError(f"{entry}: '{k}' must be a string.")
+    return v.lower() if k in ("thinking", "thinking_default") else v
+
+
+def _check_spec(entry: str, kw: dict[str, Any]) -> None:
+    """The rules between a catalog entry's keys: status, discounts, thinking style and its figures, dates."""
     if kw["status"] not in MODEL_STATUSES:
         raise ConfigError(f"{entry}: 'status' must be one of {', '.join(MODEL_STATUSES)}.")
     for k in ("batch_discount", "flex_discount"):
@@ -544,9 +553,13 @@ def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelS
     for k in ("released", "shutdown"):
         if k in kw and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", kw[k]):
             raise ConfigError(f"{entry}: '{k}' must be a date YYYY-MM-DD.")
-    changes = raw.get("price_changes", [])
+
+
+def _price_changes(entry: str, changes: Any, today: str) -> tuple[dict[str, float], str]:
+    """(the prices in force `today` from dated changes, a note on the changes still ahead)."""
     if not isinstance(changes, list):
         raise ConfigError(f"{entry}: 'price_changes' must be a list of {{ from = \"YYYY-MM-DD\", input_price = ... }}.")
+    now: dict[str, float] = {}
     ahead = []
     for ch in sorted(changes, key=lambda c: str(c.get("from", "")) if isinstance(c, dict) else ""):
         if (
@@ -557,12 +570,10 @@ def model_spec(name: str, raw: dict[str, Any], where: str, today: str) -> ModelS
             raise ConfigError(f'{entry}: each price change is {{ from = "YYYY-MM-DD", <price keys> = USD }}.')
         prices = {k: float(v) for k, v in ch.items() if k != "from"}
         if ch["from"] <= today:
-            kw.update(prices)
+            now.update(prices)
         else:
             ahead.append(f"from {ch['from']}: " + ", ".join(f"{k} {v:g}" for k, v in prices.items()))
-    if ahead:
-        kw["price_note"] = "; ".join(ahead)
-    return ModelSpec(**kw)
+    return now, "; ".join(ahead)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ learns the limit from the emulator's 429 refusals. Both runs get the same jobs: 
 the batches (to fill L exactly), the learned run gets that batch size, and the script checks that both
 plans list the same batches. Two poll settings:
 
-  short    jobs of --job-seconds, polled every second (what a user of short jobs would pass; also the
+  short    jobs of --job-seconds, polled every --short-poll seconds (1: what a user of short jobs would pass; also the
            default for --endpoint local);
   default  the default 30 s poll interval (max 300 s) against jobs of --job-seconds, time-scaled 10x so
            that a run takes seconds (figures in simulated seconds).
@@ -55,14 +55,14 @@ SETTINGS = [Setting("short", 1.0, 1.0), Setting("default", 10.0, batchify.DEFAUL
 class LogReporter:
     """Prints the engine's log lines with the seconds since the run started (--log)."""
 
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
+    def __init__(self, scale: float) -> None:
+        self.t0, self.scale = time.monotonic(), scale
 
     def update(self, view: object) -> None:
         pass
 
     def log(self, message: str) -> None:
-        print(f"    {time.monotonic() - self.t0:7.2f}  {message}", flush=True)
+        print(f"    {(time.monotonic() - self.t0) * self.scale:7.2f}  {message}", flush=True)
 
 
 def write_input(path: Path, n: int, words: int) -> None:
@@ -96,12 +96,13 @@ def dry_plan(url: str, inp: Path, state: Path, opts: batchify.RunOptions) -> dic
 def one_run(a: argparse.Namespace, s: Setting, inp: Path, limit: int, told: int, batch_size: int, tag: str) -> dict:
     """One isolated run (its own emulator and temp folder); the figures in simulated seconds."""
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d, emulator_process(
-        "--job-seconds", str(a.job_seconds), "--time-scale", str(s.scale), "--enqueued-limit", str(limit), "--seed", "1"
+        "--job-seconds", str(a.job_seconds), "--time-scale", str(s.scale), "--enqueued-limit", str(limit), "--seed", "1",
+        *a.emulator.split(),
     ) as url:
         run_inp = Path(d) / "in.jsonl"
         run_inp.write_bytes(inp.read_bytes())
         opts = options(s, told, batch_size, tag, a.mode)
-        reporter = LogReporter() if a.log else batchify.NullReporter()
+        reporter = LogReporter(s.scale) if a.log else batchify.NullReporter()
         if a.log:
             print(f"  -- {s.label} {tag}", flush=True)
         t0 = time.monotonic()
@@ -152,8 +153,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=[s.label for s in SETTINGS])
     ap.add_argument("--mode", default="batch", help="batchify's --mode (auto would run hybrid when told the limit)")
-    ap.add_argument("--log", action="store_true", help="print the engine's log lines, timed")
+    ap.add_argument("--short-poll", type=float, default=1.0, help="the short setting's poll interval, seconds")
+    ap.add_argument("--emulator", default="", help="more emulator flags, e.g. '--job-seconds-max 5 --pending-fraction 0.9'")
+    ap.add_argument("--log", action="store_true", help="print the engine's log lines, timed (simulated seconds)")
     a = ap.parse_args()
+    SETTINGS[0].poll = a.short_poll
     settings = [s for s in SETTINGS if a.only in (None, s.label)]
     results: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d:
