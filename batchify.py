@@ -3751,6 +3751,73 @@ def summary_of(run: Run) -> Summary:
     return Summary(**{k: v for k, v in run.summary.items() if k in names})
 
 
+NO_RESULT: dict[str, Any] = {
+    "status": "error",
+    "result": None,
+    "usage": None,
+    "source": "none",
+    "error": "no result (run not finished)",
+}
+
+
+def merged_line(id_line: bytes, r: dict[str, Any], raw: bytes | None) -> bytes:
+    """One line of the merged results file. ids.jsonl holds each id already JSON-encoded, and a primary
+    results line (`raw`) already holds the encoded result: splice the bytes rather than decode and encode
+    them again."""
+    if raw is not None:
+        return b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :]
+    rest = {
+        "status": r["status"],
+        "result": r.get("result"),
+        "error": r.get("error"),
+        "source": r.get("source") or "batch",
+        "usage": r.get("usage"),
+    }
+    return b'{"id":' + id_line.rstrip(b"\r\n") + b"," + orjson.dumps(rest)[1:] + b"\n"
+
+
+class MergeTally:
+    """What a merge counts while it writes: ok and error rows, rows per source, error kinds, and usage per
+    price lane (batch, flex, standard), summed in bulk a few thousand rows at a time (sum_usage)."""
+
+    def __init__(self, long_at: int | None):
+        self.long_at = long_at
+        self.ok = self.err = 0
+        self.by_source: dict[str, int] = {}
+        self.kinds: dict[str, int] = {}
+        self.usage: dict[str, dict[str, int]] = {"batch": {}, "flex": {}, "standard": {}}
+        self.pending: dict[str, list[dict[str, Any]]] = {"batch": [], "flex": [], "standard": []}
+
+    def add(self, r: dict[str, Any]) -> None:
+        source: str = r.get("source") or "batch"
+        if r["status"] == "ok":
+            self.ok += 1
+        else:
+            self.err += 1
+            kind = error_kind(r.get("error"))
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        usage = r.get("usage")
+        if usage:
+            lane = "standard" if source in ("standard", "realtime") else "flex" if source == "flex" else "batch"
+            self.pending[lane].append(usage)
+
+    def sum_usage(self) -> None:
+        for lane, usages in self.pending.items():
+            add_usages(self.usage[lane], usages, self.long_at)
+            usages.clear()
+
+    def summary(self, name: str, out: str, records: int, status: str, spec: ModelSpec) -> Summary:
+        total = dict(self.usage["batch"])
+        add_usage(total, self.usage["standard"])
+        add_usage(total, self.usage["flex"])
+        cost = {lane: round(cost_usd(spec, self.usage[lane], lane), 6) for lane in self.usage}
+        return Summary(
+            name, out, records, self.ok, self.err, self.by_source, self.kinds, total,
+            cost["batch"], cost["standard"], status, cost["flex"],
+        )  # fmt: skip
+
+
 @dataclass
 class _Timers:
     """The run loop's bookkeeping between passes: when each job is next polled, its backed-off interval,
@@ -4756,90 +4823,24 @@ class Engine:
         return {n for n, r, _raw in self.resolve() if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}
 
     def merge(self) -> Summary:
-        """Write the results file: exactly one line per input id, in input order."""
+        """Write the results file: exactly one line per input id, in input order (see merged_line)."""
         out = Path(self.run.out)
-        ok = err = 0
-        by_source: dict[str, int] = {}
-        kinds: dict[str, int] = {}
-        usage_b: dict[str, int] = {}
-        usage_r: dict[str, int] = {}
-        usages_b: list[dict[str, Any]] = []
-        usages_r: list[dict[str, Any]] = []
-        usages_f: list[dict[str, Any]] = []
-        usage_f: dict[str, int] = {}
-        missing: dict[str, Any] = {
-            "status": "error",
-            "result": None,
-            "usage": None,
-            "source": "none",
-            "error": "no result (run not finished)",
-        }
-        dumps = orjson.dumps
+        tally = MergeTally(self.spec.long_context_threshold)
         hook = self.hook
-        long_at = self.spec.long_context_threshold
         with open(self.store.ids_path, "rb") as ids, atomic_file(out, unique=False) as f:
-            write = f.write
+            write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
-                if r is None:
-                    r = missing
-                # ids.jsonl holds each id already JSON-encoded, and a primary results line already holds the
-                # encoded result: splice the bytes rather than decode and encode them again
-                if raw is not None:
-                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
-                else:
-                    rest = {
-                        "status": r["status"],
-                        "result": r.get("result"),
-                        "error": r.get("error"),
-                        "source": r.get("source") or "batch",
-                        "usage": r.get("usage"),
-                    }
-                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + dumps(rest)[1:] + b"\n")
-                status: str = r["status"]
-                source: str = r.get("source") or "batch"
-                if status == "ok":
-                    ok += 1
-                else:
-                    err += 1
-                    kind = error_kind(r.get("error"))
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                by_source[source] = by_source.get(source, 0) + 1
-                usage = r.get("usage")
-                if usage:
-                    (usages_r if source in ("standard", "realtime") else usages_f if source == "flex" else usages_b).append(usage)
+                r = r or NO_RESULT
+                write(merged_line(id_line, r, raw))
+                add(r)
                 if n & 15 == 0:
                     hook("merge")
-                    if n & 4095 == 0:  # usage is summed in bulk, a few thousand at a time
-                        add_usages(usage_b, usages_b, long_at)
-                        add_usages(usage_r, usages_r, long_at)
-                        add_usages(usage_f, usages_f, long_at)
-                        usages_b.clear()
-                        usages_r.clear()
-                        usages_f.clear()
-            add_usages(usage_b, usages_b, long_at)
-            add_usages(usage_r, usages_r, long_at)
-            add_usages(usage_f, usages_f, long_at)
-        cost_b = cost_usd(self.spec, usage_b, "batch")
-        cost_r = cost_usd(self.spec, usage_r, "standard")
-        total_usage = dict(usage_b)
-        add_usage(total_usage, usage_r)
-        add_usage(total_usage, usage_f)
-        finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and ok + err == self.run.records
+                    if n & 4095 == 0:
+                        tally.sum_usage()
+        tally.sum_usage()
+        finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and tally.ok + tally.err == self.run.records
         status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "interrupted")
-        summary = Summary(
-            self.run.name,
-            str(out),
-            self.run.records,
-            ok,
-            err,
-            by_source,
-            kinds,
-            total_usage,
-            round(cost_b, 6),
-            round(cost_r, 6),
-            status,
-            round(cost_usd(self.spec, usage_f, "flex"), 6),
-        )
+        summary = tally.summary(self.run.name, str(out), self.run.records, status, self.spec)
         self.run.summary = summary.to_dict()
         st = out.stat()
         self.run.summary["out_stat"] = [st.st_size, st.st_mtime_ns]  # how `results` knows the file is still this run's
