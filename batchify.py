@@ -3776,6 +3776,9 @@ def merged_line(id_line: bytes, r: dict[str, Any], raw: bytes | None) -> bytes:
     return b'{"id":' + id_line.rstrip(b"\r\n") + b"," + orjson.dumps(rest)[1:] + b"\n"
 
 
+_PRICE_LANE = {"standard": "standard", "realtime": "standard", "flex": "flex"}  # a result's source -> its price
+
+
 class MergeTally:
     """What a merge counts while it writes: ok and error rows, rows per source, error kinds, and usage per
     price lane (batch, flex, standard), summed in bulk a few thousand rows at a time (sum_usage)."""
@@ -3788,7 +3791,7 @@ class MergeTally:
         self.usage: dict[str, dict[str, int]] = {"batch": {}, "flex": {}, "standard": {}}
         self.pending: dict[str, list[dict[str, Any]]] = {"batch": [], "flex": [], "standard": []}
 
-    def add(self, r: dict[str, Any]) -> None:
+    def add(self, r: dict[str, Any]) -> None:  # once per row: kept lean
         source: str = r.get("source") or "batch"
         if r["status"] == "ok":
             self.ok += 1
@@ -3796,11 +3799,11 @@ class MergeTally:
             self.err += 1
             kind = error_kind(r.get("error"))
             self.kinds[kind] = self.kinds.get(kind, 0) + 1
-        self.by_source[source] = self.by_source.get(source, 0) + 1
+        by_source = self.by_source
+        by_source[source] = by_source.get(source, 0) + 1
         usage = r.get("usage")
         if usage:
-            lane = "standard" if source in ("standard", "realtime") else "flex" if source == "flex" else "batch"
-            self.pending[lane].append(usage)
+            self.pending[_PRICE_LANE.get(source, "batch")].append(usage)
 
     def sum_usage(self) -> None:
         for lane, usages in self.pending.items():
