@@ -1265,6 +1265,21 @@ class AuthError(RemoteError):
 # ================================================================================================
 
 
+class Hook(StrEnum):
+    """The points where the engine calls its hook (tests and the crash drills: BATCHIFY_CRASH_AT=point[:n]).
+    Each is a moment a crash must be survivable from."""
+
+    PREPARE = "prepare"  # a request file written and closed by prepare
+    BEFORE_UPLOAD = "before_upload"  # UPLOADING recorded, the upload not yet started
+    AFTER_UPLOAD = "after_upload"  # uploaded, UPLOADED recorded
+    AFTER_INTENT = "after_intent"  # SUBMITTING recorded, batches.create not yet called
+    AFTER_CREATE = "after_create"  # batches.create answered, the answer not yet recorded (still SUBMITTING)
+    AFTER_POLL = "after_poll"  # batches.get answered, the answer not yet recorded
+    AFTER_DOWNLOAD = "after_download"  # a job's results downloaded, not yet written nor recorded
+    AFTER_REALTIME = "after_realtime"  # a real-time / Flex answer appended
+    MERGE = "merge"  # every 16th line written by merge
+
+
 class JobState(StrEnum):
     CREATED = "CREATED"  # request file written
     UPLOADING = "UPLOADING"  # intent to upload recorded
@@ -1281,29 +1296,34 @@ class JobState(StrEnum):
     SPLIT = "SPLIT"  # too big for the enqueued limit the service showed: its requests are in smaller jobs (its parts)
 
 
-S = JobState
-_REMOTE_OUTCOMES = frozenset({S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
+_REMOTE_OUTCOMES = frozenset(
+    {JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+)
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.CREATED: frozenset({S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED, S.SPLIT}),
-    S.UPLOADING: frozenset({S.UPLOADED, S.CREATED, S.CANCELLED, S.FAILED}),  # FAILED: upload refused N times
-    S.UPLOADED: frozenset(
-        {S.SUBMITTING, S.UPLOADING, S.CANCELLED, S.FAILED, S.FLEXED, S.SPLIT}
+    JobState.CREATED: frozenset({JobState.UPLOADING, JobState.CANCELLED, JobState.FAILED, JobState.FLEXED, JobState.SPLIT}),
+    JobState.UPLOADING: frozenset(
+        {JobState.UPLOADED, JobState.CREATED, JobState.CANCELLED, JobState.FAILED}
+    ),  # FAILED: upload refused N times
+    JobState.UPLOADED: frozenset(
+        {JobState.SUBMITTING, JobState.UPLOADING, JobState.CANCELLED, JobState.FAILED, JobState.FLEXED, JobState.SPLIT}
     ),  # FAILED: creates refused too long
-    S.SUBMITTING: _REMOTE_OUTCOMES | {S.UPLOADED},
-    S.PENDING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED}),
-    S.SUCCEEDED: frozenset({S.RESULTS_DOWNLOADED, S.FAILED}),  # FAILED: output not downloadable N times
-    S.FAILED: frozenset(),
-    S.CANCELLED: frozenset(),
-    S.EXPIRED: frozenset(),
-    S.RESULTS_DOWNLOADED: frozenset(),
-    S.FLEXED: frozenset(),
-    S.SPLIT: frozenset(),
+    JobState.SUBMITTING: _REMOTE_OUTCOMES | {JobState.UPLOADED},
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
+    JobState.SUCCEEDED: frozenset({JobState.RESULTS_DOWNLOADED, JobState.FAILED}),  # FAILED: output not downloadable N times
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+    JobState.EXPIRED: frozenset(),
+    JobState.RESULTS_DOWNLOADED: frozenset(),
+    JobState.FLEXED: frozenset(),
+    JobState.SPLIT: frozenset(),
 }
-ACTIVE_STATES = frozenset({S.SUBMITTING, S.PENDING, S.RUNNING})  # count against the enqueued limit
-REMOTE_LIVE = frozenset({S.PENDING, S.RUNNING})
-FINAL_STATES = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED, S.RESULTS_DOWNLOADED, S.FLEXED, S.SPLIT})
-UNSUBMITTED = frozenset({S.CREATED, S.UPLOADING, S.UPLOADED})
+ACTIVE_STATES = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING})  # count against the enqueued limit
+REMOTE_LIVE = frozenset({JobState.PENDING, JobState.RUNNING})
+FINAL_STATES = frozenset(
+    {JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.RESULTS_DOWNLOADED, JobState.FLEXED, JobState.SPLIT}
+)
+UNSUBMITTED = frozenset({JobState.CREATED, JobState.UPLOADING, JobState.UPLOADED})
 
 
 def parse_remote_state(value: str) -> JobState:
@@ -1322,7 +1342,7 @@ def parse_remote_state(value: str) -> JobState:
         "UNSPECIFIED": "PENDING",
     }
     v = aliases.get(v, v)
-    if v in (S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED):
+    if v in (JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED):
         return JobState(v)
     raise StateError(f"unknown remote batch state {value!r}")
 
@@ -1343,7 +1363,7 @@ class Job:
     end: int | None = None
     attempt: int = 1
     retry_of: str | None = None
-    state: JobState = S.CREATED
+    state: JobState = JobState.CREATED
     remote_file: str | None = None
     remote_job: str | None = None
     output_file: str | None = None
@@ -1806,7 +1826,7 @@ def jobs_to_retry(jobs: Iterable[Job], max_attempts: int, run_cancelled: bool) -
         (
             j
             for j in jobs
-            if j.state in (S.FAILED, S.EXPIRED)
+            if j.state in (JobState.FAILED, JobState.EXPIRED)
             and not j.cancelled_by_user
             and not j.no_retry
             and j.name not in retried
@@ -1833,7 +1853,7 @@ def plan_admission(jobs: Iterable[Job], limit: int, max_jobs: int, barrier: bool
             continue
         if barrier and first_open_wave < j.wave:
             break
-        if not admit(live_tokens, live_jobs, j.tokens, limit, max_jobs) or j.state != S.UPLOADED:
+        if not admit(live_tokens, live_jobs, j.tokens, limit, max_jobs) or j.state != JobState.UPLOADED:
             break
         out.append(j.name)
         live_tokens += j.tokens
@@ -1848,7 +1868,7 @@ def due_for_poll(jobs: Iterable[Job], next_poll: dict[str, float], timed: set[st
     return [
         j.name
         for j in sorted(jobs, key=lambda j: (j.index, j.attempt))
-        if (j.state in REMOTE_LIVE or (j.state == S.SUCCEEDED and not j.output_file))
+        if (j.state in REMOTE_LIVE or (j.state == JobState.SUCCEEDED and not j.output_file))
         and next_poll.get(j.name, 0.0) <= now + (0.0 if j.name in timed else 0.2 * base)
     ]
 
@@ -1861,7 +1881,7 @@ def due_for_retrieval(
     return [
         j.name
         for j in sorted(jobs, key=lambda j: (j.index, j.attempt))
-        if j.state == S.SUCCEEDED
+        if j.state == JobState.SUCCEEDED
         and j.output_file
         and (j.name in polled or next_poll.get(j.name, 0.0) <= now)
         and j.name not in retrieving
@@ -1882,7 +1902,9 @@ def next_wake(
     (admit into the room it made at once), else the create back-off or one base interval. At least `now`."""
     jobs = list(jobs)
     state = {j.name: j.state for j in jobs}
-    waits = [t for name, t in next_poll.items() if state.get(name) in REMOTE_LIVE | {S.SUCCEEDED} and name not in retrieving]
+    waits = [
+        t for name, t in next_poll.items() if state.get(name) in REMOTE_LIVE | {JobState.SUCCEEDED} and name not in retrieving
+    ]
     if any(j.state in UNSUBMITTED for j in jobs):
         waits.append(now if freed else max(create_after, now + base))
     return max(now, min(waits, default=now + base))
@@ -2829,7 +2851,7 @@ class GeminiClient:
 
     async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
         # Tried once: create is not idempotent, and a retried create after a lost answer makes a second
-        # job. The engine looks the job up by display name instead (Engine.submit).
+        # job. The engine looks the job up by display name instead (Engine.create_job).
         cfg = self._types.CreateBatchJobConfig(display_name=display_name)
         j = await self._call("create batch", lambda: self.aio.batches.create(model=model, src=src, config=cfg), ONCE)  # type: ignore[arg-type]
         return RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state)))
@@ -3276,7 +3298,7 @@ def _prepare_pass(
     eff: int,
     cap: int,
     suspects: set[int],
-    hook: Callable[[str], None] | None,
+    hook: Callable[[Hook], None] | None,
     gc: dict[str, Any],
     context: int = CONTEXT_WINDOW,
     long_at: int | None = None,
@@ -3322,7 +3344,7 @@ def _prepare_pass(
                 cur_f.close()
                 cur_f = None
                 if hook is not None:
-                    hook("prepare")
+                    hook(Hook.PREPARE)
 
         stack.callback(close_file)
         for rec in read_input(path):
@@ -3435,7 +3457,7 @@ async def prepare_run(
     opts: RunOptions,
     client: GeminiClient | None = None,
     endpoint: str | None = None,
-    hook: Callable[[str], None] | None = None,
+    hook: Callable[[Hook], None] | None = None,
     catalog: Catalog | None = None,
     today: str | None = None,
 ) -> Run:
@@ -3597,7 +3619,7 @@ async def _passes(
     sizes: tuple[float, int, int, int],
     spec: ModelSpec,
     gc: dict[str, Any],
-    hook: Callable[[str], None] | None,
+    hook: Callable[[Hook], None] | None,
 ) -> _Pass:
     """The streaming pass that writes the request files, once more after fetching the pages of records that
     have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
@@ -3843,7 +3865,7 @@ class Engine:
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-        hook: Callable[[str], None] | None = None,
+        hook: Callable[[Hook], None] | None = None,
     ):
         self.store = store
         self._client = client
@@ -3883,7 +3905,7 @@ class Engine:
         return self._client
 
     # -- helpers -------------------------------------------------------------------------------
-    def _set(self, job: Job, state: JobState, **changes: Any) -> Job:
+    def _advance(self, job: Job, state: JobState, **changes: Any) -> Job:
         """Advance a job from its current record (never from a caller's stale copy: a Flex lane may have
         claimed it meanwhile) and persist it."""
         new = advance(self.jobs.get(job.name, job), state, utcnow(), **changes)
@@ -3900,7 +3922,7 @@ class Engine:
                 j.name,
                 str(j.state),
                 j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
-                if j.state != S.RESULTS_DOWNLOADED
+                if j.state != JobState.RESULTS_DOWNLOADED
                 else j.request_count,
                 j.request_count,
                 j.tokens,
@@ -3925,14 +3947,14 @@ class Engine:
         if self.run.status == "cancelled":
             # Cancel stops what still runs and keeps what is done: jobs that finished (or finish while being
             # cancelled) are downloaded; nothing is created or retried.
-            if any(j.state in REMOTE_LIVE or j.state == S.SUCCEEDED for j in self.jobs.values()):
+            if any(j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED for j in self.jobs.values()):
                 await self.batch_phase()
             return self.merge()
         if self.run.realtime.get("create_refused") and not (self.opts.mode == "auto" and self.opts.fallback):
             # The last try stopped (exit 3) after creates were refused: this resume tries those batches again.
             del self.run.realtime["create_refused"]
             for j in list(self.jobs.values()):
-                if j.no_retry and j.state == S.FAILED:
+                if j.no_retry and j.state == JobState.FAILED:
                     self.jobs[j.name] = dataclasses.replace(j, no_retry=False)
                     self.store.save_job(self.jobs[j.name])
         self.run.status = "running"
@@ -3960,7 +3982,7 @@ class Engine:
                 f"${self.opts.max_cost:.4f}; nothing was submitted."
             )
         if self.opts.mode in ("realtime", "flex"):
-            await self.realtime(None, "flex" if self.opts.mode == "flex" else "standard")
+            await self.send_requests(None, "flex" if self.opts.mode == "flex" else "standard")
         else:
             await self.repair()
             try:
@@ -3991,7 +4013,7 @@ class Engine:
                     )
                 elif todo:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
-                    await self.realtime(todo, tier)
+                    await self.send_requests(todo, tier)
         summary = self.merge()
         return summary
 
@@ -4003,11 +4025,11 @@ class Engine:
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
             return mine[0]
-        free = [j for j in self._ordered() if j.lane == "batch" and j.state in (S.CREATED, S.UPLOADED)]
+        free = [j for j in self._ordered() if j.lane == "batch" and j.state in (JobState.CREATED, JobState.UPLOADED)]
         if not free:
             return None
         j = free[-1]
-        self._set(j, j.state, lane="flex")
+        self._advance(j, j.state, lane="flex")
         return self.jobs[j.name]
 
     def _batch_work_left(self) -> bool:
@@ -4061,10 +4083,10 @@ class Engine:
         self._flexing.add(job.name)
         self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
         try:
-            await self.realtime(None, "flex", [job.request_file])  # the job's file holds exactly its requests
+            await self.send_requests(None, "flex", [job.request_file])  # the job's file holds exactly its requests
         finally:
             self._flexing.discard(job.name)
-        self._set(self.jobs[job.name], S.FLEXED)
+        self._advance(self.jobs[job.name], JobState.FLEXED)
         self._wake.set()
 
     def _fallback_tier(self) -> str:
@@ -4088,9 +4110,9 @@ class Engine:
             for i, (_s, _e, _t, nbytes) in enumerate(ranges, 1)
             if nbytes and i not in indices and (self.store.dir / f"requests/b{i:04d}.jsonl").exists()
         ]
-        talked = any(j.state not in (S.CREATED, S.UPLOADING, S.UPLOADED) for j in self.jobs.values())
+        talked = any(j.state not in (JobState.CREATED, JobState.UPLOADING, JobState.UPLOADED) for j in self.jobs.values())
         repaired: list[str] = [f"{p}: unreadable, moved aside" for p in self.damaged]
-        for j in [j for j in self._ordered() if j.state == S.SPLIT]:  # a crash between SPLIT and its parts
+        for j in [j for j in self._ordered() if j.state == JobState.SPLIT]:  # a crash between SPLIT and its parts
             before = len(self.jobs)
             self._make_parts(j)
             if len(self.jobs) > before:
@@ -4098,14 +4120,14 @@ class Engine:
         if missing or talked or self.damaged:
             repaired += await self._adopt_remote(ranges, missing)
         for j in self._ordered():
-            if j.state == S.RESULTS_DOWNLOADED and not self.store.result_path(j).exists():
+            if j.state == JobState.RESULTS_DOWNLOADED and not self.store.result_path(j).exists():
                 try:
                     data = await self.client.download(j.output_file or "")
                 except RemoteError as e:
                     repaired.append(f"{j.name}: results file gone and the output is not downloadable ({e}): its ids go again")
                     continue
                 ok, failed, usage = await asyncio.to_thread(self._record_results, j, data)
-                self._set(j, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+                self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
                 repaired.append(f"{j.name}: results file gone: downloaded {j.output_file} again")
         if repaired:
             for line in repaired:
@@ -4186,7 +4208,7 @@ class Engine:
 
     async def reconcile(self) -> None:
         """A job left in SUBMITTING may or may not exist remotely: find it by display name."""
-        stuck = [j for j in self._ordered() if j.state == S.SUBMITTING]
+        stuck = [j for j in self._ordered() if j.state == JobState.SUBMITTING]
         if not stuck:
             return
         try:
@@ -4200,9 +4222,9 @@ class Engine:
             r = remote.get(j.display_name)
             if r is not None:
                 self._log(f"{j.name}: found remote job {r.name} created before the interruption")
-                self._set(j, r.state, remote_job=r.name)
+                self._advance(j, r.state, remote_job=r.name)
             else:
-                self._set(j, S.UPLOADED)
+                self._advance(j, JobState.UPLOADED)
 
     def _spawn_retries(self) -> None:
         for j in jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"):
@@ -4239,7 +4261,7 @@ class Engine:
         latest: dict[int, Job] = {}
         for j in self._ordered():  # attempts in order: the last one of each batch wins
             latest[j.index] = j
-        ended = {idx for idx, j in latest.items() if j.state in (S.FAILED, S.EXPIRED, S.CANCELLED)}
+        ended = {idx for idx, j in latest.items() if j.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)}
         spent = [(s, e) for idx, s, e in self._ranges() if idx in ended]
         todo = {n for n in self.unresolved() if not any(s <= n < e for s, e in spent)}
         if not todo:
@@ -4310,7 +4332,7 @@ class Engine:
                 for j in window:
                     if len(running) >= UPLOADS_IN_FLIGHT:
                         break
-                    if j.state != S.UPLOADED and j.name not in running:
+                    if j.state != JobState.UPLOADED and j.name not in running:
                         running[j.name] = tg.create_task(self._upload(j))
                 self._demand.clear()  # no await since the window was read: no demand is missed
                 if not running:
@@ -4326,7 +4348,7 @@ class Engine:
                 for name in [n for n, t in running.items() if t.done()]:
                     failed = not running.pop(name).result() or failed
                 if failed:
-                    await self._nap(backoff, stop)
+                    await self._sleep_until(backoff, stop)
                     backoff = min(backoff * 2, self.opts.max_poll_interval)
                 else:
                     backoff = self.opts.poll
@@ -4334,27 +4356,29 @@ class Engine:
     async def _upload(self, job: Job) -> bool:
         if self.jobs[job.name].lane != "batch" or self.jobs[job.name].state not in UNSUBMITTED:
             return True  # a Flex lane took it meanwhile (or it was given up on)
-        job = self._set(self.jobs[job.name], S.UPLOADING)  # the intent: a crash from here re-uploads (the orphan file expires)
-        self.hook("before_upload")
+        job = self._advance(
+            self.jobs[job.name], JobState.UPLOADING
+        )  # the intent: a crash from here re-uploads (the orphan file expires)
+        self.hook(Hook.BEFORE_UPLOAD)
         try:
             f = await self.client.upload(self.store.request_path(job), job.display_name)
         except AuthError:
             raise
         except RemoteError as e:  # the seam already tried as often as the retry policy allows
             self._log(f"{job.name}: upload refused ({e}); the job failed")
-            if self.jobs[job.name].state == S.UPLOADING:
-                self._set(self.jobs[job.name], S.FAILED, error=f"upload refused: {e}")
+            if self.jobs[job.name].state == JobState.UPLOADING:
+                self._advance(self.jobs[job.name], JobState.FAILED, error=f"upload refused: {e}")
             self._wake.set()
             return True
-        if self.jobs[job.name].state != S.UPLOADING:  # given up on while uploading (creates refused too long)
+        if self.jobs[job.name].state != JobState.UPLOADING:  # given up on while uploading (creates refused too long)
             return True
-        self._set(self.jobs[job.name], S.UPLOADED, remote_file=f.name)
-        self.hook("after_upload")
+        self._advance(self.jobs[job.name], JobState.UPLOADED, remote_file=f.name)
+        self.hook(Hook.AFTER_UPLOAD)
         self._wake.set()  # the scheduler may admit it now
         self._flex_wake.set()
         return True
 
-    async def _nap(self, delay: float, event: asyncio.Event) -> None:
+    async def _sleep_until(self, delay: float, event: asyncio.Event) -> None:
         """Sleep (through the injected sleep) until the delay passes or the event is set; always yields."""
         if event.is_set() or delay <= 0:
             await asyncio.sleep(0)
@@ -4387,7 +4411,7 @@ class Engine:
         t = _Timers(create_backoff=base)
         while True:
             self._wake.clear()
-            if any(j.state == S.SUBMITTING for j in self.jobs.values()):
+            if any(j.state == JobState.SUBMITTING for j in self.jobs.values()):
                 await self.reconcile()  # a create whose answer was lost, not yet found: look again (never fatal)
             self._spawn_retries()
             self._demand.set()
@@ -4407,7 +4431,7 @@ class Engine:
                 t.create_after, t.create_backoff = 0.0, base
             now = self.clock()
             wake = next_wake(self.jobs.values(), t.next_poll, self._retrieving, now, base, t.create_after, freed)
-            await self._nap(wake - now, self._wake)
+            await self._sleep_until(wake - now, self._wake)
 
     async def _admit(self, t: _Timers) -> None:
         """Create the jobs plan_admission picks, in order, stopping at the first the service refuses."""
@@ -4415,14 +4439,14 @@ class Engine:
         base = self.opts.poll
         for name in plan_admission(self.jobs.values(), self.limit, self.opts.max_active_jobs, self.opts.barrier):
             job = self.jobs[name]
-            if job.lane != "batch" or job.state != S.UPLOADED:
+            if job.lane != "batch" or job.state != JobState.UPLOADED:
                 continue  # a Flex lane claimed it while an earlier create was awaited
             if self.lanes == "hybrid" and not self._hybrid_admits():
                 self._flex_wake.set()  # the rest is Flex's
                 return
-            created = await self.submit(job)
+            created = await self.create_job(job)
             self._demand.set()
-            if self.jobs[name].state == S.SPLIT:  # its parts go next, at once: no back-off
+            if self.jobs[name].state == JobState.SPLIT:  # its parts go next, at once: no back-off
                 t.create_after, t.create_backoff = 0.0, base
                 return
             if not created:
@@ -4473,25 +4497,25 @@ class Engine:
     def _retry_pending(self) -> bool:
         return bool(jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"))
 
-    async def submit(self, job: Job) -> bool:
+    async def create_job(self, job: Job) -> bool:
         """Create the batch job of one uploaded file. False when the service said "not now"."""
         job = self.jobs[job.name]
-        if job.lane != "batch" or job.state != S.UPLOADED:
+        if job.lane != "batch" or job.state != JobState.UPLOADED:
             return False  # a Flex lane claimed it since it was chosen: never both (no id paid twice)
-        job = self._set(job, S.SUBMITTING)  # the intent, on disk before the call
-        self.hook("after_intent")
+        job = self._advance(job, JobState.SUBMITTING)  # the intent, on disk before the call
+        self.hook(Hook.AFTER_INTENT)
         try:
             rj = await self.client.create_batch(self.cfg.model, job.remote_file or "", job.display_name)
         except BatchRefusedError:
-            self._set(job, S.UPLOADED)
+            self._advance(job, JobState.UPLOADED)
             raise
         except RemoteError as e:
             if e.code == 429:
-                self._set(job, S.UPLOADED)
+                self._advance(job, JobState.UPLOADED)
                 return self._create_refused(job, e)
             if e.code in (400, 403) and "file" in str(e).lower():
                 self._log(f"{job.name}: the uploaded file is gone ({e}); uploading again")
-                self._set(self._set(job, S.UPLOADED), S.UPLOADING)
+                self._advance(self._advance(job, JobState.UPLOADED), JobState.UPLOADING)
                 return False
             if e.transient:
                 # The create may have gone through before the error: look before trying again.
@@ -4500,17 +4524,17 @@ class Engine:
                 except RemoteError:
                     return False  # still SUBMITTING: reconciled on the next pass or resume
                 if found is None:
-                    self._set(job, S.UPLOADED)
+                    self._advance(job, JobState.UPLOADED)
                     return False
-                self._set(job, found.state, remote_job=found.name)
+                self._advance(job, found.state, remote_job=found.name)
                 return True
-            self._set(job, S.FAILED, error=str(e))
+            self._advance(job, JobState.FAILED, error=str(e))
             return True
-        self.hook("after_create")
+        self.hook(Hook.AFTER_CREATE)
         self._created_at[job.name] = self.clock()
         self._refused_since = None
         self._refusals.clear()
-        self._set(job, rj.state, remote_job=rj.name)
+        self._advance(job, rj.state, remote_job=rj.name)
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
         return True
 
@@ -4548,7 +4572,7 @@ class Engine:
         self._log(reason)
         for j in self._ordered():
             if j.state in UNSUBMITTED and j.lane == "batch":
-                self._set(j, S.FAILED, error=reason, no_retry=True)
+                self._advance(j, JobState.FAILED, error=reason, no_retry=True)
         self.run.realtime["create_refused"] = reason
         self.store.save_run(self.run)
         return True
@@ -4572,7 +4596,7 @@ class Engine:
         so admission goes on (only the head: the others are cut when they get there)."""
         for j in self._ordered():
             if j.state in UNSUBMITTED and j.lane == "batch":
-                if j.tokens > self.limit and j.request_count > 1 and j.state != S.UPLOADING:
+                if j.tokens > self.limit and j.request_count > 1 and j.state != JobState.UPLOADING:
                     self._cut_into_parts(j)
                 return
 
@@ -4589,7 +4613,9 @@ class Engine:
         """The job ends SPLIT first, recording the cap (the intent: nothing of it can be created any more);
         then its parts are made. A crash in between is mended by repair(), which makes the missing parts
         again: the cut is the same, so no request is ever in two jobs."""
-        job = self._set(job, S.SPLIT, split_cap=max(1, self.limit), error=f"split into parts of at most {self.limit:,} tokens")
+        job = self._advance(
+            job, JobState.SPLIT, split_cap=max(1, self.limit), error=f"split into parts of at most {self.limit:,} tokens"
+        )
         parts = self._make_parts(job)
         self._log(f"{job.name}: split into {len(parts)} jobs ({', '.join(parts)}), each under {job.split_cap:,} tokens")
         self._wake.set()
@@ -4636,7 +4662,7 @@ class Engine:
 
     def _eta(self, job: Job) -> float | None:
         """Seconds until a running job should be done, from the progress its batchStats showed so far."""
-        if job.state != S.RUNNING or not job.stats:
+        if job.state != JobState.RUNNING or not job.stats:
             self._progress.pop(job.name, None)
             return None
         done = job.stats.get("successfulRequestCount", 0) + job.stats.get("failedRequestCount", 0)
@@ -4649,17 +4675,17 @@ class Engine:
         are saved, but a job that is merely progressing keeps backing off, see poll_delay)."""
         try:
             rj = await self.client.get_batch(job.remote_job or "")
-            self.hook("after_poll")
+            self.hook(Hook.AFTER_POLL)
         except AuthError:
             raise
         except RemoteError as e:
             if e.code == 404:
-                self._set(job, S.FAILED, error="the remote job is gone (404)")
+                self._advance(job, JobState.FAILED, error="the remote job is gone (404)")
                 return True
             if not e.transient:  # 400/403 on a get: not worth polling forever
                 n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
                 if n >= POLL_REFUSALS:
-                    self._set(job, S.FAILED, error=f"polling refused {n} times: {e}")
+                    self._advance(job, JobState.FAILED, error=f"polling refused {n} times: {e}")
                     return True
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
@@ -4667,7 +4693,7 @@ class Engine:
         moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
-        if rj.state != job.state and rj.state in (S.FAILED, S.EXPIRED, S.CANCELLED):
+        if rj.state != job.state and rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
             self._log(f"{job.name}: {rj.state} {rj.error or ''}".rstrip())
         new = advance(
             job, rj.state, utcnow(), stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error
@@ -4693,13 +4719,13 @@ class Engine:
                 self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
                 return False
             self._log(f"{job.name}: output not downloadable ({e}); the job failed and its requests go again")
-            self._set(job, S.FAILED, error=f"output {job.output_file} not downloadable after {n} rounds of tries: {e}")
+            self._advance(job, JobState.FAILED, error=f"output {job.output_file} not downloadable after {n} rounds of tries: {e}")
             return True
-        self.hook("after_download")
+        self.hook(Hook.AFTER_DOWNLOAD)
         # Parsing, schema checks and the fsync'ed write run in a worker thread: the event loop stays free
         # for polls and admission (a 1,000-line output is ~0.3 s of work).
         ok, failed, usage = await asyncio.to_thread(self._record_results, job, data)
-        self._set(job, S.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+        self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
         return True
 
     def _record_results(self, job: Job, data: bytes) -> tuple[int, int, dict[str, int]]:
@@ -4751,7 +4777,7 @@ class Engine:
         """Results from retry jobs and the real-time path (small: only what batch left undone)."""
         out: dict[int, dict[str, Any]] = {}
         for j in self._ordered():
-            if (j.retry_of or j.start is None) and j.state == S.RESULTS_DOWNLOADED:
+            if (j.retry_of or j.start is None) and j.state == JobState.RESULTS_DOWNLOADED:
                 for n, r, _raw in self._results_lines(self.store.result_path(j)):
                     out[n] = merge_choice(out.get(n), r)
         for path in (self.store.realtime_path, self.store.fetch_errors_path):
@@ -4793,10 +4819,10 @@ class Engine:
         for idx, s, e in self._ranges():
             j = primary.get(idx)
             lines: Iterator[tuple[int, dict[str, Any], bytes | None]] = iter(())
-            if j is not None and j.state == S.RESULTS_DOWNLOADED:
+            if j is not None and j.state == JobState.RESULTS_DOWNLOADED:
                 lines = self._results_lines(self.store.result_path(j))
             ahead: dict[int, tuple[int, dict[str, Any], bytes | None]] = {}
-            ended = j is not None and j.state in (S.FAILED, S.EXPIRED, S.CANCELLED)
+            ended = j is not None and j.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
             for n in range(s, e):
                 best: dict[str, Any] | None = None
                 raw: bytes | None = None
@@ -4837,7 +4863,7 @@ class Engine:
                 write(merged_line(id_line, r, raw))
                 add(r)
                 if n & 15 == 0:
-                    hook("merge")
+                    hook(Hook.MERGE)
                     if n & 4095 == 0:
                         tally.sum_usage()
         tally.sum_usage()
@@ -4866,7 +4892,7 @@ class Engine:
                         req = obj["request"]
                         yield n, req, estimate_tokens(request_chars(req), cpt)
 
-    async def realtime(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
+    async def send_requests(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
         """Send requests through generateContent: at the standard tier, or through Flex (`serviceTier: flex`,
         the batch price, minutes of latency, requests shed with 503 or 429 under load). Every caller of one
         tier shares its RequestSender: one pair of RPM/TPM buckets, one in-flight gate, one progress view.
@@ -5008,7 +5034,7 @@ class RequestSender:
         v.rpm = len(self.recent) * 60.0 / self.window
         v.tpm = self.recent_tokens * 60.0 / self.window
         v.in_flight = self.gate.used
-        self.engine.hook("after_realtime")
+        self.engine.hook(Hook.AFTER_REALTIME)
         if now - self._reported >= 0.5:
             self._reported = now
             self.engine._report()
@@ -5091,9 +5117,9 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
         if j.state in REMOTE_LIVE and j.remote_job:
             with contextlib.suppress(RemoteError):
                 await client.cancel_batch(j.remote_job)
-            live.append(engine._set(j, j.state, cancelled_by_user=True))
+            live.append(engine._advance(j, j.state, cancelled_by_user=True))
         elif j.state in UNSUBMITTED:
-            engine._set(j, S.CANCELLED, cancelled_by_user=True)
+            engine._advance(j, JobState.CANCELLED, cancelled_by_user=True)
             cancelled.append(j.name)
     for round_ in range(settle_polls):  # the service takes a moment to cancel (CANCELLING reads as RUNNING)
         for j in live:
@@ -5103,9 +5129,9 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
             break
         await engine.sleep(min(2.0, engine.opts.poll) * (round_ + 1))
     for j in engine._ordered():
-        if j.cancelled_by_user and j.state in REMOTE_LIVE | {S.CANCELLED} and j.name not in cancelled:
+        if j.cancelled_by_user and j.state in REMOTE_LIVE | {JobState.CANCELLED} and j.name not in cancelled:
             cancelled.append(j.name)
-        elif j.state == S.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
+        elif j.state == JobState.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
             await engine.retrieve(j)
     return cancelled
 
@@ -5118,7 +5144,7 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
 
     run = store.load_run()
     out = Path(run.out)
-    pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == S.SUCCEEDED]
+    pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED]
     if pending:
         raise UsageError(
             f"run {store.name!r}: job(s) {', '.join(pending)} finished (or are still ending) at the service and their "
@@ -5347,7 +5373,7 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
                     "state": str(j.state),
                     "requests": j.request_count,
                     "done": j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
-                    if j.state != S.RESULTS_DOWNLOADED
+                    if j.state != JobState.RESULTS_DOWNLOADED
                     else j.request_count,
                     "ok": j.ok,
                     "failed": j.failed,
@@ -5410,7 +5436,7 @@ async def run_file(
     reporter: Reporter | None = None,
     confirm: Callable[[Run], bool] | None = None,
     dry_run: bool = False,
-    hook: Callable[[str], None] | None = None,
+    hook: Callable[[Hook], None] | None = None,
     emulator_config: EmulatorConfig | None = None,
     catalog: Catalog | None = None,
 ) -> tuple[Run, Summary | None]:
@@ -5489,7 +5515,7 @@ async def resume_run(
     endpoint: str | None = None,
     api_key: str | None = None,
     reporter: Reporter | None = None,
-    hook: Callable[[str], None] | None = None,
+    hook: Callable[[Hook], None] | None = None,
     poll_interval: float | None = None,
     emulator_config: EmulatorConfig | None = None,
     max_cost: float | None = None,
@@ -5865,9 +5891,9 @@ class RichReporter:
         done = 0
         for j in view.jobs:
             final = j.state in FINAL_STATES
-            if j.state == S.RESULTS_DOWNLOADED and j.first:
+            if j.state == JobState.RESULTS_DOWNLOADED and j.first:
                 done += j.total
-            live = j.state in ACTIVE_STATES | {S.SUCCEEDED}
+            live = j.state in ACTIVE_STATES | {JobState.SUCCEEDED}
             if live and j.name not in self.tasks:
                 self.tasks[j.name] = p.add_task("", total=max(1, j.total))
             if j.name in self.tasks:
@@ -6378,7 +6404,7 @@ def _api_key() -> str | None:
     return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
 
 
-def _crash_hook() -> Callable[[str], None] | None:
+def _crash_hook() -> Callable[[Hook], None] | None:
     """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
     spec = os.environ.get("BATCHIFY_CRASH_AT")
     if not spec:
@@ -6387,7 +6413,10 @@ def _crash_hook() -> Callable[[str], None] | None:
     target = int(nth or 1)
     seen = {"n": 0}
 
-    def hook(p: str) -> None:
+    if point not in set(Hook):
+        raise UsageError(f"BATCHIFY_CRASH_AT={spec!r}: no such point. Fix: one of {', '.join(Hook)}[:n].")
+
+    def hook(p: Hook) -> None:
         if p == point:
             seen["n"] += 1
             if seen["n"] >= target:

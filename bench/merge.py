@@ -96,12 +96,12 @@ def build(state: Path, docs: int) -> None:
                     + b"\n"
                 )
         for st in (
-            batchify.S.UPLOADING,
-            batchify.S.UPLOADED,
-            batchify.S.SUBMITTING,
-            batchify.S.PENDING,
-            batchify.S.SUCCEEDED,
-            batchify.S.RESULTS_DOWNLOADED,
+            batchify.JobState.UPLOADING,
+            batchify.JobState.UPLOADED,
+            batchify.JobState.SUBMITTING,
+            batchify.JobState.PENDING,
+            batchify.JobState.SUCCEEDED,
+            batchify.JobState.RESULTS_DOWNLOADED,
         ):
             job = batchify.advance(job, st, batchify.utcnow())
         store.save_job(job)

@@ -95,10 +95,20 @@ def dry_plan(url: str, inp: Path, state: Path, opts: batchify.RunOptions) -> dic
 
 def one_run(a: argparse.Namespace, s: Setting, inp: Path, limit: int, told: int, batch_size: int, tag: str) -> dict:
     """One isolated run (its own emulator and temp folder); the figures in simulated seconds."""
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d, emulator_process(
-        "--job-seconds", str(a.job_seconds), "--time-scale", str(s.scale), "--enqueued-limit", str(limit), "--seed", "1",
-        *a.emulator.split(),
-    ) as url:
+    with (
+        tempfile.TemporaryDirectory(dir=ROOT / "bench") as d,
+        emulator_process(
+            "--job-seconds",
+            str(a.job_seconds),
+            "--time-scale",
+            str(s.scale),
+            "--enqueued-limit",
+            str(limit),
+            "--seed",
+            "1",
+            *a.emulator.split(),
+        ) as url,
+    ):
         run_inp = Path(d) / "in.jsonl"
         run_inp.write_bytes(inp.read_bytes())
         opts = options(s, told, batch_size, tag, a.mode)
@@ -182,11 +192,16 @@ def main() -> None:
         told, learned = results[(s.label, "told")], results[(s.label, "learned")]
         if told[0]["batches"] != learned[0]["batches"]:
             print(f"WARNING ({s.label}): the two runs planned different batches; the comparison is not job for job")
-    print(f"medians of {a.repeats} (seconds {'simulated; ' if any(s.scale != 1 for s in settings) else ''}short: real = simulated):")
+    print(
+        f"medians of {a.repeats} (seconds {'simulated; ' if any(s.scale != 1 for s in settings) else ''}short: real = simulated):"
+    )
     ratios = []
     for s in settings:
         rows = {k: results[(s.label, k)] for k in ("told", "learned")}
-        med = {k: {f: statistics.median(r[f] for r in v) for f in ("makespan", "wall", "refused", "jobs", "gets", "seen_lag")} for k, v in rows.items()}
+        med = {
+            k: {f: statistics.median(r[f] for r in v) for f in ("makespan", "wall", "refused", "jobs", "gets", "seen_lag")}
+            for k, v in rows.items()
+        }
         poll = f"poll {s.poll:g} s" + (f", time-scaled {s.scale:g}x" if s.scale != 1 else "")
         for k, m in med.items():
             print(

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import batchify
 
-S = batchify.S
+S = batchify.JobState
 TO_DOWNLOADED = (S.UPLOADING, S.UPLOADED, S.SUBMITTING, S.PENDING, S.SUCCEEDED, S.RESULTS_DOWNLOADED)
 FIELDS = ("status", "result", "error", "source", "usage")
 
