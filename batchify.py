@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 import click
 import orjson
@@ -91,7 +91,7 @@ T = TypeVar("T")
 # 1. Config and constants
 # ================================================================================================
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MODEL = "gemini-3-flash-preview"  # default_model(builtin_catalog()), checked by a test
 DEFAULT_STATE_DIR = "batch_jobs"
 DEFAULT_BATCH_SIZE = 1_000
@@ -795,22 +795,22 @@ def enqueued_limit_for(spec: ModelSpec, tier: int, override: int | None, where: 
     )
 
 
-def realtime_limits(spec: ModelSpec, tier: int, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+def realtime_limits(spec: ModelSpec, tier: int, rpm: int | None, tpm: int | None) -> RealtimeLimits:
     """Requests and tokens per minute for the real-time path and where each figure came from."""
-    out: dict[str, Any] = {}
     if rpm:
-        out["rpm"], out["rpm_source"] = rpm, "--rpm"
+        rpm_, rpm_source = rpm, "--rpm"
     elif tier in spec.rpm:
-        out["rpm"], out["rpm_source"] = spec.rpm[tier], f"catalog, tier {tier} ({spec.sources.get('rpm', 'user-given')})"
+        rpm_, rpm_source = spec.rpm[tier], f"catalog, tier {tier} ({spec.sources.get('rpm', 'user-given')})"
     else:
-        out["rpm"], out["rpm_source"] = DEFAULT_RPM, "not published by Google: batchify's 2,000, lowered by any 429"
+        rpm_, rpm_source = DEFAULT_RPM, "not published by Google: batchify's 2,000, lowered by any 429"
+    tpm_: int | None
     if tpm:
-        out["tpm"], out["tpm_source"] = tpm, "--tpm"
+        tpm_, tpm_source = tpm, "--tpm"
     elif tier in spec.tpm:
-        out["tpm"], out["tpm_source"] = spec.tpm[tier], f"catalog, tier {tier} ({spec.sources.get('tpm', 'user-given')})"
+        tpm_, tpm_source = spec.tpm[tier], f"catalog, tier {tier} ({spec.sources.get('tpm', 'user-given')})"
     else:
-        out["tpm"], out["tpm_source"] = None, "not published by Google: no token bucket; 429s slow the rate"
-    return out
+        tpm_, tpm_source = None, "not published by Google: no token bucket; 429s slow the rate"
+    return RealtimeLimits(rpm=rpm_, rpm_source=rpm_source, tpm=tpm_, tpm_source=tpm_source)
 
 
 # -- thinking and the generation config a model accepts ----------------------------------------------
@@ -1396,7 +1396,15 @@ class Job:
 # The migration hook: (kind, version) -> a function that rewrites a sidecar of that version, in place, into
 # the next version's form (and sets its schema_version). Version 1 is the first, so there is none yet; a
 # change to Job or Run that old sidecars do not satisfy adds one here and bumps SCHEMA_VERSION.
-MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {}
+def _run_v1_to_v2(d: dict[str, Any]) -> None:
+    """v2: run.json's "realtime" (flags about batch creates, never about real time) is named "notes"."""
+    d["notes"] = d.pop("realtime", None) or {}
+
+
+MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {
+    ("run", 1): _run_v1_to_v2,
+    ("job", 1): lambda d: None,  # v2 changed run.json only
+}
 
 
 def check_schema_version(d: dict[str, Any], kind: str) -> None:
@@ -1445,6 +1453,66 @@ def advance(job: Job, new: JobState, now: str, **changes: Any) -> Job:
     return dataclasses.replace(job, state=new, timestamps=ts, **changes)
 
 
+class RealtimeLimits(TypedDict):
+    """Requests and tokens per minute for the Flex / standard lanes, and where each figure came from."""
+
+    rpm: int
+    rpm_source: str
+    tpm: int | None
+    tpm_source: str
+
+
+class ModeEstimate(TypedDict):
+    cost_usd: float
+    time: str
+
+
+class Plan(TypedDict, total=False):
+    """run.json's "plan": written by prepare (estimate_plan, then _full_plan), read by the engine, status and
+    the renderers. Only effective_limit and limit_learned change after prepare (a limit learned from 429s)."""
+
+    model: str
+    records: int
+    batches: int
+    waves: int
+    input_tokens: int
+    expected_output_tokens: int
+    expected_thinking_tokens: int
+    enqueued_limit: int
+    effective_limit: int  # the limit planned to (after the margin; lowered when one is learned)
+    estimated_cost_usd: float
+    estimated_cost_realtime_usd: float
+    realtime_share: float
+    estimated_time: str
+    wave_tokens: list[int]
+    jobs_per_wave: list[int]
+    batch_size_max: int
+    prices_per_1m: dict[str, dict[str, float]]  # service -> {"input", "output"} USD per 1M tokens
+    wave_of_batch: dict[str, int]  # batch number (as a string: JSON keys) -> its wave, 0-based
+    batch_ranges: list[list[int]]  # per batch: [first ordinal, end ordinal, tokens, bytes]
+    model_spec: dict[str, Any]  # the figures this run plans and bills with, whatever the catalog says later
+    catalog_as_of: str
+    generation_config: dict[str, Any]
+    context_limit: int
+    enqueued_limit_source: str
+    realtime_limits: RealtimeLimits
+    margin: float
+    batch_token_cap: int
+    warnings: list[str]
+    lanes: str  # batch | flex | standard | hybrid (lanes_for)
+    modes: dict[str, ModeEstimate]
+    limit_learned: str
+
+
+class RunNotes(TypedDict, total=False):
+    """run.json's "notes": what the engine learned about the run that must survive a restart."""
+
+    create_refused: str  # why batch creates are being refused (429s with nothing enqueued)
+    batch_refused: str  # the service refused the batch API for this key/model: the fallback took over
+    line_retry_done: bool  # the one round of re-sending per-line errors happened
+    repairs: list[str]  # what resume rebuilt from the service, with when
+
+
 @dataclass
 class Run:
     """One run: its input, job definition, options and plan; persisted as run.json."""
@@ -1461,11 +1529,11 @@ class Run:
     rejected: int
     chars_per_token: float
     calibrated: bool
-    plan: dict[str, Any]
+    plan: Plan
     out: str
     created_at: str
     status: str = "prepared"  # prepared | running | done | cancelled
-    realtime: dict[str, Any] = field(default_factory=dict)
+    notes: RunNotes = field(default_factory=lambda: RunNotes())
     summary: dict[str, Any] = field(default_factory=dict)
     updated_at: str = ""
 
@@ -2114,12 +2182,12 @@ def estimate_plan(
     records: int,
     realtime_share: float = 0.0,
     long: tuple[int, int] = (0, 0),
-) -> dict[str, Any]:
+) -> Plan:
     tokens = sum(b.tokens for b in batches)
     usage = expected_usage(cfg, spec, tokens, records, long)
     batch_cost = cost_usd(spec, usage, "batch")
     rt_cost = cost_usd(spec, usage, "standard")
-    return {
+    return {  # a Plan
         "model": spec.name,
         "records": records,
         "batches": len(batches),
@@ -2151,9 +2219,7 @@ def estimate_plan(
 FLEX_LATENCY_MINUTES = (1.0, 15.0)  # Google's Flex latency target, minutes (flex-inference page, 2026-09-23)
 
 
-def mode_estimates(
-    spec: ModelSpec, cfg: JobConfig, plan: dict[str, Any], records: int, limits: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
+def mode_estimates(spec: ModelSpec, cfg: JobConfig, plan: Plan, records: int, limits: RealtimeLimits) -> dict[str, ModeEstimate]:
     """Cost and time of the same run in each mode, from the plan and the real-time limits: batch (the
     batch price, its waves of jobs), flex (the Flex price where the model has it; requests / RPM, or tokens
     / TPM when that is slower, plus Flex's latency target), standard (2x), and hybrid (batch's price,
@@ -2162,7 +2228,7 @@ def mode_estimates(
     rpm = limits.get("rpm") or DEFAULT_RPM
     tpm = limits.get("tpm")
     minutes = max(records / rpm, plan["input_tokens"] / tpm if tpm else 0.0)
-    out: dict[str, dict[str, Any]] = {
+    out: dict[str, ModeEstimate] = {
         "batch": {"cost_usd": round(cost_usd(spec, usage, "batch"), 6), "time": f"{plan['waves']} wave(s) of batch jobs"},
         "standard": {
             "cost_usd": round(cost_usd(spec, usage, "standard"), 6),
@@ -3531,7 +3597,7 @@ def _full_plan(
     limits: dict[str, Any],
     today: str,
     offline_why: str | None,
-) -> dict[str, Any]:
+) -> Plan:
     """The run's plan as recorded in run.json: waves, estimates (estimate_plan), the figures it was made with
     (model spec, catalog date, generation config, limits and their sources), warnings, and each mode's cost."""
     limit, eff, cap, context, margin = (limits[k] for k in ("limit", "eff", "cap", "context", "margin"))
@@ -3542,23 +3608,21 @@ def _full_plan(
     if opts.mode == "flex":  # every request through Flex: the flex price
         usage = expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens))
         plan["estimated_cost_usd"] = round(cost_usd(spec, usage, "flex"), 6)
-    plan.update(
-        batch_ranges=[[b.start, b.end, b.tokens, b.bytes] for b in p.batches],
-        model_spec=spec.to_dict(),  # the figures this run plans and bills with, whatever the catalog says later
-        catalog_as_of=catalog.as_of,
-        generation_config={k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")},
-        context_limit=context,
-        enqueued_limit_source=(
-            "--enqueued-limit"
-            if opts.enqueued_limit
-            else "not used (--mode realtime)"
-            if opts.mode in ("realtime", "flex")
-            else catalog.source(spec, "enqueued_tokens")
-        ),
-        realtime_limits=realtime_limits(spec, opts.tier, opts.rpm, opts.tpm),
-        margin=margin,
-        batch_token_cap=cap,
+    plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in p.batches]
+    plan["model_spec"] = spec.to_dict()
+    plan["catalog_as_of"] = catalog.as_of
+    plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
+    plan["context_limit"] = context
+    plan["enqueued_limit_source"] = (
+        "--enqueued-limit"
+        if opts.enqueued_limit
+        else "not used (--mode realtime)"
+        if opts.mode in ("realtime", "flex")
+        else catalog.source(spec, "enqueued_tokens")
     )
+    plan["realtime_limits"] = realtime_limits(spec, opts.tier, opts.rpm, opts.tpm)
+    plan["margin"] = margin
+    plan["batch_token_cap"] = cap
     plan["warnings"] = _plan_warnings(spec, today, opts, offline_why, margin, len(p.batches), len(waves), eff)
     plan["lanes"] = lanes_for(opts.mode, bool(spec.flex), len(waves))
     plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
@@ -3950,9 +4014,9 @@ class Engine:
             if any(j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED for j in self.jobs.values()):
                 await self.batch_phase()
             return self.merge()
-        if self.run.realtime.get("create_refused") and not (self.opts.mode == "auto" and self.opts.fallback):
+        if self.run.notes.get("create_refused") and not (self.opts.mode == "auto" and self.opts.fallback):
             # The last try stopped (exit 3) after creates were refused: this resume tries those batches again.
-            del self.run.realtime["create_refused"]
+            del self.run.notes["create_refused"]
             for j in list(self.jobs.values()):
                 if j.no_retry and j.state == JobState.FAILED:
                     self.jobs[j.name] = dataclasses.replace(j, no_retry=False)
@@ -3996,9 +4060,9 @@ class Engine:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
                     raise
                 self._log(f"batch refused for good ({e}); finishing through the {self._fallback_tier()} tier")
-                self.run.realtime["batch_refused"] = str(e)
+                self.run.notes["batch_refused"] = str(e)
                 self.store.save_run(self.run)
-            refused = self.run.realtime.get("create_refused")
+            refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
                 self.merge()
                 raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
@@ -4132,7 +4196,7 @@ class Engine:
         if repaired:
             for line in repaired:
                 self._log(f"repair: {line}")
-            self.run.realtime.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in repaired)
+            self.run.notes.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in repaired)
             self.store.save_run(self.run)
 
     async def _adopt_remote(self, ranges: list[Any], missing: list[int]) -> list[str]:
@@ -4254,9 +4318,9 @@ class Engine:
         --max-attempts (attempts mean what the flag says)."""
         if (self.opts.mode == "auto" and self.opts.fallback) or self.opts.max_attempts < 2:
             return False
-        if self.run.realtime.get("line_retry_done"):
+        if self.run.notes.get("line_retry_done"):
             return False
-        self.run.realtime["line_retry_done"] = True
+        self.run.notes["line_retry_done"] = True
         self.store.save_run(self.run)
         latest: dict[int, Job] = {}
         for j in self._ordered():  # attempts in order: the last one of each batch wins
@@ -4573,7 +4637,7 @@ class Engine:
         for j in self._ordered():
             if j.state in UNSUBMITTED and j.lane == "batch":
                 self._advance(j, JobState.FAILED, error=reason, no_retry=True)
-        self.run.realtime["create_refused"] = reason
+        self.run.notes["create_refused"] = reason
         self.store.save_run(self.run)
         return True
 
@@ -5342,7 +5406,7 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
             "records": run.records,
             "rejected": run.rejected,
             "model": run.config.get("model"),
-            "mode": run.options.get("mode"),
+            "mode": run.run_options.mode,
             "created_at": run.created_at,
             "updated_at": run.updated_at,
             "out": run.out,
@@ -5503,7 +5567,8 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     changed = [k for k, v in cfg.to_dict().items() if old.get(k) != v]
     if changed:
         diffs.append("config (" + ", ".join(changed) + ")")
-    changed = [k for k in PLAN_OPTIONS if run.options.get(k) != getattr(opts, k)]
+    was = run.run_options
+    changed = [k for k in PLAN_OPTIONS if getattr(was, k) != getattr(opts, k)]
     if changed:
         diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
     return diffs
@@ -5534,15 +5599,17 @@ async def resume_run(
                 "or start a new run with --name."
             )
         endpoint = endpoint or run.endpoint
-        poll_interval = poll_interval or (None if run.options.get("poll_interval") else default_poll_interval(None, endpoint))
-        given = {
-            k: v
-            for k, v in (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
-            if v is not None
-        }
-        if given:  # what this resume was told overrides the run's own, from now on
-            store.save_run(dataclasses.replace(run, options={**run.options, **given}))
-        scale = float(run.options.get("retry_scale", 1.0))
+        was = run.run_options
+        poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
+        now = dataclasses.replace(  # what this resume was told overrides the run's own, from now on
+            was,
+            poll_interval=was.poll_interval if poll_interval is None else poll_interval,
+            max_cost=was.max_cost if max_cost is None else max_cost,
+            allow_standard=was.allow_standard if allow_standard is None else allow_standard,
+        )
+        if now != was:
+            store.save_run(dataclasses.replace(run, options=now.to_dict()))
+        scale = was.retry_scale
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
             await check_model_still_served(run, client)
             with _progress(reporter) as shown:
@@ -5756,10 +5823,10 @@ def render_plan(run: Run, out: Any = None) -> None:
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
         (
             "mode",
-            str(run.options.get("mode"))
+            str(run.run_options.mode)
             + (
                 " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
-                if run.options.get("mode") == "auto" and p.get("lanes") == "hybrid"
+                if run.run_options.mode == "auto" and p.get("lanes") == "hybrid"
                 else ""
             ),
         ),

@@ -416,3 +416,22 @@ def test_an_older_sidecar_goes_through_the_migration_hook(monkeypatch):
         batchify.Job.from_dict(dict(d))
     monkeypatch.setitem(batchify.MIGRATIONS, ("job", 0), v0_to_v1)
     assert batchify.Job.from_dict(dict(d)) == j
+
+
+def test_a_version_1_run_json_keeps_its_notes(tmp_path):
+    """schema 2 renamed run.json's "realtime" (flags about batch creates) to "notes": a run written by
+    batchify 1.x keeps what it learned (a refused create must not be forgotten on resume)."""
+    store = batchify.RunStore(tmp_path, "old")
+    run = batchify.Run(
+        "old", "rid", "in.jsonl", "0" * 64, "jsonl", {}, {}, None, 1, 0, 4.0, False, {"batches": 1}, "o.jsonl", "now"
+    )
+    d = run.to_dict()
+    d["schema_version"] = 1
+    d["realtime"] = d.pop("notes") | {"create_refused": "429 x4", "line_retry_done": True}
+    store.dir.mkdir(parents=True)
+    (store.dir / "run.json").write_bytes(json.dumps(d).encode())
+    back = store.load_run()
+    assert back.notes == {"create_refused": "429 x4", "line_retry_done": True}
+    store.save_run(back)
+    on_disk = json.loads((store.dir / "run.json").read_bytes())
+    assert on_disk["schema_version"] == batchify.SCHEMA_VERSION and "realtime" not in on_disk
