@@ -5394,64 +5394,69 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
                 raise
             runs.append({"name": nm, "status": "broken", "error": str(e)})  # the others are still listed
             continue
-        counts: dict[str, int] = {}
-        for j in jobs:
-            counts[str(j.state)] = counts.get(str(j.state), 0) + 1
-        usage: dict[str, int] = {}
-        for j in jobs:
-            add_usage(usage, j.usage)
-        entry: dict[str, Any] = {
-            "name": run.name,
-            "status": run.status,
-            "records": run.records,
-            "rejected": run.rejected,
-            "model": run.config.get("model"),
-            "mode": run.run_options.mode,
-            "created_at": run.created_at,
-            "updated_at": run.updated_at,
-            "out": run.out,
-            "jobs": len(jobs),
-            "job_states": counts,
-            "plan": {
-                k: run.plan.get(k)
-                for k in (
-                    "batches",
-                    "waves",
-                    "input_tokens",
-                    "enqueued_limit",
-                    "estimated_cost_usd",
-                    "estimated_cost_realtime_usd",
-                    "effective_limit",
-                    "limit_learned",
-                )
-            },
-            "batch_usage": usage,
-            "batch_cost_usd": round(cost_usd(run_model_spec(run), usage, "batch"), 6),
-            "summary": run.summary,
-        }
+        entry = run_entry(run, jobs)
         if name:
-            entry["job_list"] = [
-                {
-                    "name": j.name,
-                    "wave": j.wave + 1,  # numbered from 1, as the table and the progress bars show it
-                    "state": str(j.state),
-                    "requests": j.request_count,
-                    "done": j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
-                    if j.state != JobState.RESULTS_DOWNLOADED
-                    else j.request_count,
-                    "ok": j.ok,
-                    "failed": j.failed,
-                    "tokens": j.tokens,
-                    "remote_job": j.remote_job,
-                    "lane": j.lane,
-                    "attempt": j.attempt,
-                    "error": j.error,
-                    "since": j.timestamps.get(str(j.state)),
-                }
-                for j in jobs
-            ]
+            entry["job_list"] = [job_entry(j) for j in jobs]
         runs.append(entry)
     return {"state_dir": str(state_dir), "runs": runs}
+
+
+STATUS_PLAN_KEYS = (
+    "batches",
+    "waves",
+    "input_tokens",
+    "enqueued_limit",
+    "estimated_cost_usd",
+    "estimated_cost_realtime_usd",
+    "effective_limit",
+    "limit_learned",
+)
+
+
+def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
+    """One run in `status`: its progress by job state, its plan's headline figures, its batch usage and cost."""
+    counts: dict[str, int] = {}
+    usage: dict[str, int] = {}
+    for j in jobs:
+        counts[str(j.state)] = counts.get(str(j.state), 0) + 1
+        add_usage(usage, j.usage)
+    return {
+        "name": run.name,
+        "status": run.status,
+        "records": run.records,
+        "rejected": run.rejected,
+        "model": run.config.get("model"),
+        "mode": run.run_options.mode,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+        "out": run.out,
+        "jobs": len(jobs),
+        "job_states": counts,
+        "plan": {k: run.plan.get(k) for k in STATUS_PLAN_KEYS},
+        "batch_usage": usage,
+        "batch_cost_usd": round(cost_usd(run_model_spec(run), usage, "batch"), 6),
+        "summary": run.summary,
+    }
+
+
+def job_entry(j: Job) -> dict[str, Any]:
+    """One job in `status RUN`: waves numbered from 1, as the table and the progress bars show them."""
+    done = j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
+    return {
+        "name": j.name,
+        "wave": j.wave + 1,
+        "state": str(j.state),
+        "requests": j.request_count,
+        "done": done if j.state != JobState.RESULTS_DOWNLOADED else j.request_count,
+        "ok": j.ok,
+        "failed": j.failed,
+        "tokens": j.tokens,
+        "remote_job": j.remote_job,
+        "lane": j.lane,
+        "attempt": j.attempt,
+        "error": j.error,
+        "since": j.timestamps.get(str(j.state)),
+    }
 
 
 # ================================================================================================
@@ -5813,80 +5818,75 @@ def render_plan(run: Run, out: Any = None) -> None:
     """The plan as a table: on stderr before the confirm prompt, on stdout (`out`) for a dry run."""
     from rich.table import Table
 
-    p = run.plan
     t = Table(title=f"Plan for run {_esc(run.name)}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
+    for k, v in plan_rows(run):
+        t.add_row(k, _esc(v))
+    (out or console()).print(t)
+    for w in run.plan.get("warnings") or []:
+        (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
+    if run.endpoint == "local":
+        (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+
+
+def plan_rows(run: Run) -> list[tuple[str, str]]:
+    """The plan table's rows, in words: what runs, how big, at what limit, for what money and time."""
+    p = run.plan
+    n = max(1, run.records)
+    mode = run.run_options.mode
+    hybrid = " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
+    per_wave = f" (jobs per wave: {_short_list(p['jobs_per_wave'])})" if p.get("jobs_per_wave") else ""
     rows = [
         ("endpoint", run.endpoint or "Gemini API"),
         ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
-        (
-            "mode",
-            str(run.run_options.mode)
-            + (
-                " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
-                if run.run_options.mode == "auto" and p.get("lanes") == "hybrid"
-                else ""
-            ),
-        ),
+        ("mode", str(mode) + (hybrid if mode == "auto" and p.get("lanes") == "hybrid" else "")),
         ("records", f"{run.records:,}" + (f" ({run.rejected} rejected)" if run.rejected else "")),
-        (
-            "batches",
-            f"{p['batches']:,}" + (f" of up to {p['batch_size_max']:,} requests" if p.get("batch_size_max") else ""),
-        ),
-        ("waves", f"{p['waves']:,}" + (f" (jobs per wave: {_short_list(p['jobs_per_wave'])})" if p.get("jobs_per_wave") else "")),
+        ("batches", f"{p['batches']:,}" + (f" of up to {p['batch_size_max']:,} requests" if p.get("batch_size_max") else "")),
+        ("waves", f"{p['waves']:,}{per_wave}"),
         (
             "per request (est.)",
-            f"{p['input_tokens'] // max(1, run.records):,} tokens in; "
-            f"{p.get('expected_output_tokens', 0) // max(1, run.records):,} answer + "
-            f"{p.get('expected_thinking_tokens', 0) // max(1, run.records):,} thinking tokens out assumed",
+            f"{p['input_tokens'] // n:,} tokens in; {p.get('expected_output_tokens', 0) // n:,} answer + "
+            f"{p.get('expected_thinking_tokens', 0) // n:,} thinking tokens out assumed",
         ),
         (
             "input tokens (est.)",
             f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
             f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
         ),
-        (
-            "enqueued limit",
-            f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
-            + (f", margin {p['margin']:.1%})" if "margin" in p else ")")
-            + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else ""),
-        ),
-        (
-            "estimated cost",
-            f"${p['estimated_cost_usd']:.4f}"
-            + (" batch price" if p.get("realtime_share", 0) == 0 else f" ({p['realtime_share']:.0%} real time)"),
-        ),
-        ("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"),
-        *(
-            [
-                (
-                    "prices used (USD / 1M)",
-                    "; ".join(f"{k} {v['input']:g} in, {v['output']:g} out" for k, v in p["prices_per_1m"].items()),
-                )
-            ]
-            if "prices_per_1m" in p
-            else []
-        ),
-        *([(f"mode {k}", f"${v['cost_usd']:.4f}, {v['time']}") for k, v in p["modes"].items()] if "modes" in p else []),
+        ("enqueued limit", _limit_words(p)),
+        *_cost_rows(p),
         ("estimated time", p["estimated_time"]),
         ("results file", run.out),
+    ]
+    return rows
+
+
+def _limit_words(p: Plan) -> str:
+    return (
+        f"{p['enqueued_limit']:,} (planning to {p['effective_limit']:,}"
+        + (f", margin {p['margin']:.1%})" if "margin" in p else ")")
+        + (f"; from {p['enqueued_limit_source']}" if "enqueued_limit_source" in p else "")
+    )
+
+
+def _cost_rows(p: Plan) -> list[tuple[str, str]]:
+    """The plan's money rows: the estimate, the same in real time, the limits and prices used, each mode."""
+    share = p.get("realtime_share", 0)
+    rows = [
+        ("estimated cost", f"${p['estimated_cost_usd']:.4f}" + (" batch price" if share == 0 else f" ({share:.0%} real time)")),
     ]
     if "realtime_limits" in p:
         lim = p["realtime_limits"]
         tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
-        rows.insert(
-            [k for k, _v in rows].index("same in real time"),
-            ("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"),
-        )
-    for k, v in rows:
-        t.add_row(k, _esc(v))
-    (out or console()).print(t)
-    for w in p.get("warnings") or []:
-        (out or console()).print(f"[yellow]warning:[/] {_esc(w)}", soft_wrap=True)
-    if run.endpoint == "local":
-        (out or console()).print(f"[yellow]{_esc(EMULATOR_LABEL)}[/]")
+        rows.append(("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
+    rows.append(("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"))
+    if "prices_per_1m" in p:
+        prices = "; ".join(f"{k} {v['input']:g} in, {v['output']:g} out" for k, v in p["prices_per_1m"].items())
+        rows.append(("prices used (USD / 1M)", prices))
+    rows += [(f"mode {k}", f"${v['cost_usd']:.4f}, {v['time']}") for k, v in p.get("modes", {}).items()]
+    return rows
 
 
 def _short_list(xs: list[int]) -> str:
