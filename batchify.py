@@ -2878,6 +2878,15 @@ class GeminiClient:
             await self.aio.aclose()
 
 
+# -- Vertex AI batch prediction over Cloud Storage (--backend vertex) -------------------------------
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """gs://bucket/some/object -> ("bucket", "some/object")."""
+    if not uri.startswith("gs://") or not uri[5:].split("/", 1)[0]:
+        raise UsageError(f"{uri!r} is not a Cloud Storage URI. Fix: give gs://BUCKET[/PREFIX].")
+    bucket, _, name = uri[5:].partition("/")
+    return bucket, name
+
+
 # -- rate limiting for real-time calls ------------------------------------------------------------
 class RateLimiter:
     """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
@@ -6877,6 +6886,13 @@ class EmulatorConfig:
     flex_latency_max: float = 0.0
     flex_shed_rate: float = 0.0
     flex_capacity: int | None = None
+    # Vertex AI batchPredictionJobs (--backend vertex): jobs read their input from, and write their output to,
+    # this Cloud Storage endpoint (a storage emulator's URL, e.g. gcp-storage-emulator); None: the Vertex
+    # routes answer 400 (the emulator never reaches the real Cloud Storage). The fault knobs above apply
+    # where Vertex has the same fault: fail_jobs, expire_jobs, line_error_rate, create_429, forbid_batch,
+    # unavailable_*, list_429.
+    gcs_endpoint: str | None = None
+    vertex_shuffle_window: int = 4_096  # output lines are shuffled within windows this long (Vertex keeps no order)
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -6945,6 +6961,8 @@ class Emulator:
         self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
         self.stats["billed_usd"] = {}  # service (batch, flex, standard) -> USD the answers would cost
         self.stats["models_get"] = 0
+        self.vjobs: dict[str, dict[str, Any]] = {}  # Vertex batchPredictionJobs by numeric id (see "Vertex AI" below)
+        self.stats.update({"vertex_creates": 0, "vertex_creates_by_display_name": {}, "vertex_gets": 0, "vertex_lists": 0})
 
     # -- server ------------------------------------------------------------------------------------
     def app(self) -> Any:
@@ -6994,6 +7012,7 @@ class Emulator:
             ("DELETE", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_delete),
             ("POST", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+):cancel$", self._h_batch_cancel),
             ("GET", rf"^/(?P<ver>{_VER})/batches$", self._h_batch_list),
+            *self._vertex_routes(),
         ]
         try:
             for m, pattern, handler in routes:
@@ -7003,7 +7022,7 @@ class Emulator:
                         self.stats["requests"] += 1
                         chunk = "upload_id" in request.query
                         if not chunk:
-                            key = request.headers.get("x-goog-api-key") or request.query.get("key")
+                            key = request.headers.get("x-goog-api-key") or request.query.get("key") or self._vx_token(request)
                             if self.cfg.reject_key is not None and key == self.cfg.reject_key:
                                 raise _EmuError(
                                     400,
@@ -7833,6 +7852,373 @@ class Emulator:
         del self.jobs[id]
         self.stats["deletes"] += 1
         return self._ok({})
+
+    # -- Vertex AI batch prediction (batchPredictionJobs over Cloud Storage) ----------------------------
+    # The REST surface google-genai uses in Vertex mode (docs/VERTEX_NOTES.md A1-A2): jobs under
+    # /v1beta1/projects/P/locations/L/batchPredictionJobs; the input is one JSONL object in Cloud Storage,
+    # lines {"request": GenerateContentRequest}; the output is <outputUriPrefix>/prediction-model-<ts>/
+    # predictions.jsonl, lines {"status", "processed_time", "request", "response"} in no particular order
+    # (status "" on success, an error text otherwise, with no response), named by outputInfo.gcsOutputDirectory.
+    # Jobs move through PENDING, RUNNING and an end state on the same time scale as the Developer API's batches,
+    # and their answers come from the same generator (_answer). Cloud Storage is reached through
+    # google-cloud-storage pointed at cfg.gcs_endpoint, in worker threads (the client is synchronous).
+    _VX_JOBS = r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/batchPredictionJobs"
+    VERTEX_MAX_REQUESTS = 200_000  # requests per job (batch-inference page, docs/VERTEX_NOTES.md A3)
+    VERTEX_MAX_INPUT_BYTES = 1024**3  # one input file of at most 1 GB (same page)
+
+    def _vertex_routes(self) -> list[tuple[str, str, Callable[..., Awaitable[Any]]]]:
+        jobs, models = self._VX_JOBS, r"publishers/google/models/(?P<model>[^/:]+)"
+        return [
+            ("POST", rf"^/(?P<ver>{_VER})/{jobs}$", self._h_vx_create),
+            ("GET", rf"^/(?P<ver>{_VER})/{jobs}$", self._h_vx_list),
+            ("GET", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+)$", self._h_vx_get),
+            ("DELETE", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+)$", self._h_vx_delete),
+            ("POST", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+):cancel$", self._h_vx_cancel),
+            ("GET", rf"^/(?P<ver>{_VER})/{models}$", self._h_vx_model_get),
+            ("POST", rf"^/(?P<ver>{_VER})/projects/[^/]+/locations/[^/]+/{models}:(?P<method>\w+)$", self._h_vx_model),
+        ]
+
+    @staticmethod
+    def _vx_token(request: Any) -> str | None:
+        """Vertex calls carry an OAuth token (Authorization: Bearer), not an API key: any token is accepted."""
+        if "/publishers/" not in request.path and "/batchPredictionJobs" not in request.path:
+            return None
+        auth = str(request.headers.get("Authorization", ""))
+        if not auth.startswith("Bearer "):
+            return None
+        return auth.removeprefix("Bearer ").strip() or None
+
+    def _gcs(self) -> Any:
+        """The emulator's own Cloud Storage client (anonymous, at cfg.gcs_endpoint), made on first use."""
+        if not self.cfg.gcs_endpoint:
+            raise _EmuError(400, "FAILED_PRECONDITION", "The emulator has no Cloud Storage (set EmulatorConfig.gcs_endpoint).")
+        client = getattr(self, "_gcs_client", None)
+        if client is None or getattr(self, "_gcs_for", None) != self.cfg.gcs_endpoint:
+            from google.api_core.client_options import ClientOptions
+            from google.cloud import storage
+
+            client = storage.Client(
+                project="batchify-emulator",
+                client_options=ClientOptions(api_endpoint=self.cfg.gcs_endpoint),
+                use_auth_w_custom_endpoint=False,  # anonymous: no credentials are looked up
+            )
+            self._gcs_client, self._gcs_for = client, self.cfg.gcs_endpoint
+        return client
+
+    def _vx_blob(self, uri: str) -> Any:
+        bucket, name = split_gs_uri(uri)
+        return self._gcs().bucket(bucket).blob(name)
+
+    def _vx_scan(self, uri: str) -> tuple[int, int]:
+        """(lines, tokens) of one input object, read as a stream (worker thread); 400 when it cannot be read."""
+        from google.api_core import exceptions as gexc
+
+        blob = self._vx_blob(uri)
+        n = tokens = 0
+        try:
+            blob.reload()
+            if (blob.size or 0) > self.VERTEX_MAX_INPUT_BYTES:
+                raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} is larger than 1 GB.")
+            with blob.open("r", encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    n += 1
+                    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                        req = orjson.loads(line).get("request")
+                        tokens += self._tokens(req) if isinstance(req, dict) else 0
+        except gexc.GoogleAPICallError as e:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} does not exist or cannot be read ({e.code}).") from e
+        return n, tokens
+
+    def _vx_now_iso(self) -> str:
+        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+    async def _h_vx_create(self, request: Any, ver: str, project: str, location: str) -> Any:
+        body = await self._json(request)
+        bad = set(body) - {"model", "inputConfig", "outputConfig", "displayName", "labels"}
+        if bad:
+            raise _EmuError(400, "INVALID_ARGUMENT", f'Invalid JSON payload received. Unknown name "{sorted(bad)[0]}".')
+        model = str(body.get("model") or "")
+        if not model.startswith("publishers/google/models/"):
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Model {model!r} is not a publisher model (publishers/google/models/...).")
+        m = model.removeprefix("publishers/google/models/")
+        spec = self._spec(m)
+        if spec is None or spec.batch is False:
+            raise _EmuError(404, "NOT_FOUND", f"Publisher Model `{model}` not found or does not support batch prediction.")
+        ic, oc = body.get("inputConfig") or {}, body.get("outputConfig") or {}
+        uris = (ic.get("gcsSource") or {}).get("uris") or []
+        prefix = (oc.get("gcsDestination") or {}).get("outputUriPrefix") or ""
+        if ic.get("instancesFormat") != "jsonl" or not uris or not all(str(u).startswith("gs://") for u in uris):
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", "inputConfig: instancesFormat jsonl with gcsSource.uris (gs://...) is emulated."
+            )
+        if oc.get("predictionsFormat") != "jsonl" or not prefix.startswith("gs://"):
+            raise _EmuError(400, "INVALID_ARGUMENT", "outputConfig: predictionsFormat jsonl with gcsDestination.outputUriPrefix.")
+        if self.cfg.forbid_batch:
+            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
+        if self._fault("create_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
+        n = tokens = 0
+        for uri in uris:
+            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
+            n, tokens = n + a, tokens + b
+        if not n:
+            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
+        if n > self.VERTEX_MAX_REQUESTS:
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {self.VERTEX_MAX_REQUESTS:,}."
+            )
+        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
+        fate = "succeed"
+        if self.created <= self.cfg.fail_jobs:
+            fate = "fail"
+        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
+            fate = "expire"
+        jid = str(self.rng.randrange(10**17, 10**18))
+        lo = self.cfg.job_seconds
+        hi = self.cfg.job_seconds_max or lo
+        t = time.time()
+        dn = body.get("displayName")
+        j = self.vjobs[jid] = {
+            "id": jid,
+            "name": f"projects/{project}/locations/{location}/batchPredictionJobs/{jid}",
+            "project": project,
+            "location": location,
+            "model": m,
+            "display_name": dn,
+            "input": ic,
+            "output_config": oc,
+            "uris": [str(u) for u in uris],
+            "prefix": prefix.rstrip("/"),
+            "lines": n,
+            "tokens": tokens,
+            "t0": self.now(),
+            "duration": self._dur(lo + (hi - lo) * self.duration_rng.random()),
+            "fate": fate,
+            "state": "PENDING",
+            "create_time": t,
+            "update_time": t,
+            "start_time": None,
+            "end_time": None,
+            "output_dir": None,
+            "writing": None,
+            "error": None,
+            "ok": 0,
+            "failed": 0,
+        }
+        self.stats["vertex_creates"] += 1
+        by = self.stats["vertex_creates_by_display_name"]
+        by[dn or "(none)"] = by.get(dn or "(none)", 0) + 1
+        if fate != "expire":
+            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
+        return self._ok(self._vx_resource(j))
+
+    def _vx_refresh(self, j: dict[str, Any]) -> None:
+        """Move a job on by the clock; at its end, a job that succeeds writes its output first (in a worker
+        thread) and reads SUCCEEDED only once the output is in the bucket."""
+        if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            return
+        el = self.now() - j["t0"]
+        new = j["state"]
+        if j["fate"] == "expire":
+            if el >= self._dur(self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds):
+                new = "EXPIRED"
+        elif el >= j["duration"] and j["fate"] == "fail":
+            new = "FAILED"
+        elif el >= j["duration"] * self.cfg.pending_fraction:
+            new = "RUNNING"
+        if el >= j["duration"] and j["fate"] == "succeed" and j["writing"] is None:
+            j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j))
+        if new != j["state"]:
+            self._vx_move(j, new)
+
+    def _vx_move(self, j: dict[str, Any], new: str) -> None:
+        j["state"] = new
+        j["update_time"] = time.time()
+        if new == "RUNNING":
+            j["start_time"] = j["update_time"]
+        if new in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            j["end_time"] = j["update_time"]
+            j["error"] = j["error"] or {
+                "FAILED": {"code": 13, "message": "Batch prediction job failed (emulated)."},
+                "CANCELLED": {"code": 1, "message": "CANCELED"},
+                "EXPIRED": {"code": 4, "message": "Batch prediction job expired: not started within 72 hours (emulated)."},
+            }.get(new)
+
+    async def _vx_write_output(self, j: dict[str, Any]) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out_dir = f"{j['prefix']}/prediction-model-{stamp}"
+        try:
+            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl")
+        except Exception as e:  # the bucket went away, or refused the write: the job fails, as on the service
+            j["error"] = {"code": 13, "message": f"Failed to write the output to {out_dir}: {type(e).__name__}: {e}"[:300]}
+            if j["state"] in ("PENDING", "RUNNING"):
+                self._vx_move(j, "FAILED")
+            return
+        j["ok"], j["failed"], j["output_dir"] = ok, failed, out_dir
+        if j["state"] in ("PENDING", "RUNNING"):  # a cancel that came first wins (the rows written stay)
+            self._vx_move(j, "SUCCEEDED")
+
+    def _vx_produce(self, j: dict[str, Any], out_uri: str) -> tuple[int, int]:
+        """Stream the input objects, answer every line, write the output lines shuffled (worker thread)."""
+        rng = random.Random(f"{self.cfg.seed}:{j['id']}")
+        ok = failed = 0
+        window: list[bytes] = []
+        with self._vx_blob(out_uri).open("wb", chunk_size=8 * 1024 * 1024, content_type="application/jsonl") as out:
+
+            def flush() -> None:
+                rng.shuffle(window)
+                out.write(b"".join(window))
+                window.clear()
+
+            i = 0
+            for uri in j["uris"]:
+                with self._vx_blob(uri).open("r", encoding="utf-8") as f:
+                    for raw in f:
+                        if not raw.strip():
+                            continue
+                        line, good = self._vx_line(j, i, raw)
+                        ok, failed, i = ok + good, failed + (not good), i + 1
+                        window.append(orjson.dumps(line) + b"\n")
+                        if len(window) >= max(1, self.cfg.vertex_shuffle_window):
+                            flush()
+            flush()
+        return ok, failed
+
+    def _vx_line(self, j: dict[str, Any], i: int, raw: str) -> tuple[dict[str, Any], bool]:
+        """One output line: the request echoed as given, status "" and the response, or status an error text.
+        Google publishes no schema for `status` on a failed row (docs/VERTEX_NOTES.md A1): a message here."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        req = obj.get("request") if isinstance(obj, dict) else None
+        head: dict[str, Any] = {"status": "", "processed_time": self._vx_now_iso(), "request": req if req is not None else obj}
+        try:
+            if req is None:
+                raise _EmuError(400, "INVALID_ARGUMENT", 'Invalid instance: expected a JSON object with a "request" field.')
+            norm = self._check_request(req, "request")
+            if self.cfg.line_error_rate and (_mix(j["id"], i, self.cfg.seed) % 10_000) / 10_000 < self.cfg.line_error_rate:
+                raise _EmuError(500, "INTERNAL", "Internal error encountered. (emulated line error)")
+            head["response"] = self._answer(norm, j["model"])
+            return head, True
+        except _EmuError as e:
+            head["status"] = f"{e.status}: {e.message}" if e.status else e.message
+            return head, False
+
+    def _vx_resource(self, j: dict[str, Any]) -> dict[str, Any]:
+        """The BatchPredictionJob resource, as the REST API returns it (int64 counts as strings)."""
+        self._vx_refresh(j)
+        n, state = j["lines"], j["state"]
+        if state == "RUNNING":
+            span = max(1e-9, j["duration"] * (1 - self.cfg.pending_fraction))
+            done = min(n, int(n * max(0.0, (self.now() - j["t0"] - j["duration"] * self.cfg.pending_fraction) / span)))
+            ok, failed = done, 0
+        elif state == "SUCCEEDED":
+            ok, failed = j["ok"], j["failed"]
+        else:
+            ok = failed = 0
+        res: dict[str, Any] = {
+            "name": j["name"],
+            "model": f"publishers/google/models/{j['model']}",
+            "inputConfig": j["input"],
+            "outputConfig": j["output_config"],
+            "state": f"JOB_STATE_{state}",
+            "createTime": _rfc3339(j["create_time"]),
+            "updateTime": _rfc3339(j["update_time"]),
+            "completionStats": {"successfulCount": str(ok), "failedCount": str(failed), "incompleteCount": str(n - ok - failed)},
+        }
+        if j["display_name"] is not None:
+            res["displayName"] = j["display_name"]
+        if j["start_time"] is not None:
+            res["startTime"] = _rfc3339(j["start_time"])
+        if j["end_time"] is not None:
+            res["endTime"] = _rfc3339(j["end_time"])
+        if j["output_dir"] is not None:
+            res["outputInfo"] = {"gcsOutputDirectory": j["output_dir"]}
+        if j["error"] is not None:
+            res["error"] = j["error"]
+        return res
+
+    def _vx_job(self, project: str, location: str, id: str) -> dict[str, Any]:
+        j = self.vjobs.get(id)
+        if j is None or (j["project"], j["location"]) != (project, location):
+            raise _EmuError(404, "NOT_FOUND", f'The BatchPredictionJob "{id}" does not exist.')
+        return j
+
+    async def _h_vx_get(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        self.stats["vertex_gets"] += 1
+        return self._ok(self._vx_resource(self._vx_job(project, location, id)))
+
+    async def _h_vx_list(self, request: Any, ver: str, project: str, location: str) -> Any:
+        self.stats["vertex_lists"] += 1
+        if self._fault("list_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for aiplatform.googleapis.com/read_requests (emulated).")
+        keep = self._vx_filter(str(request.query.get("filter", "")))
+        items = [
+            self._vx_resource(j) for j in self.vjobs.values() if (j["project"], j["location"]) == (project, location) and keep(j)
+        ]
+        return self._page(request, items, "batchPredictionJobs", 100)
+
+    @staticmethod
+    def _vx_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+        """The part of the AIP-160 filter grammar the SDK's tests use: terms joined by AND, each
+        display_name / state with =, != or : (":" with a trailing * is a prefix match). Else 400."""
+        terms = []
+        for term in filter(None, (t.strip() for t in re.split(r"\s+AND\s+", text.strip()))):
+            m = re.fullmatch(r'(display_name|displayName|state)\s*(=|!=|:)\s*"?([^"]*)"?', term)
+            if not m:
+                raise _EmuError(400, "INVALID_ARGUMENT", f"Unsupported filter (emulated grammar): {term!r}")
+            terms.append((m.group(1), m.group(2), m.group(3)))
+
+        def keep(j: dict[str, Any]) -> bool:
+            for fld, op, value in terms:
+                have = f"JOB_STATE_{j['state']}" if fld == "state" else str(j["display_name"] or "")
+                hit = have.startswith(value[:-1]) if op == ":" and value.endswith("*") else have == value
+                if hit == (op == "!="):
+                    return False
+            return True
+
+        return keep
+
+    async def _h_vx_cancel(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        j = self._vx_job(project, location, id)
+        self._vx_refresh(j)
+        if j["state"] not in ("PENDING", "RUNNING"):
+            raise _EmuError(400, "FAILED_PRECONDITION", f"Cannot cancel a BatchPredictionJob in state JOB_STATE_{j['state']}.")
+        self._vx_move(j, "CANCELLED")
+        self.stats["cancels"] += 1
+        return self._ok({})
+
+    async def _h_vx_delete(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        j = self._vx_job(project, location, id)
+        self._vx_refresh(j)
+        if j["state"] in ("PENDING", "RUNNING"):
+            raise _EmuError(400, "FAILED_PRECONDITION", "The BatchPredictionJob is running: cancel it before deleting it.")
+        del self.vjobs[id]
+        self.stats["deletes"] += 1
+        return self._ok(
+            {
+                "name": f"projects/{project}/locations/{location}/operations/{self.rng.randrange(10**17, 10**18)}",
+                "metadata": {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeleteOperationMetadata"},
+                "done": True,
+                "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
+            }
+        )
+
+    async def _h_vx_model_get(self, request: Any, ver: str, model: str) -> Any:
+        self.stats["models_get"] += 1
+        m = self._check_model(model, "get")
+        return self._ok(
+            {"name": f"publishers/google/models/{m}", "versionId": "001", "displayName": m, "description": EMULATOR_LABEL}
+        )
+
+    async def _h_vx_model(self, request: Any, ver: str, model: str, method: str) -> Any:
+        """countTokens and generateContent on a publisher model: the Developer API's handlers (same bodies)."""
+        if method not in ("countTokens", "generateContent"):
+            raise _EmuError(501, "UNIMPLEMENTED", f"{method} is not emulated on Vertex.")
+        return await self._h_model(request, ver, model, method)
 
 
 class EmulatorThread:
