@@ -2879,12 +2879,309 @@ class GeminiClient:
 
 
 # -- Vertex AI batch prediction over Cloud Storage (--backend vertex) -------------------------------
+# Vertex reads a job's requests from one JSONL object in Cloud Storage, lines {"request": ...} with no
+# place for a key of our own, and writes its answers, in no particular order, as lines {"status",
+# "processed_time", "request", "response"} that echo the request whole (docs/VERTEX_NOTES.md A1). So the
+# key rides inside the request, as the label VERTEX_KEY_LABEL (what LiteLLM and Bifrost do): label values
+# are lowercase [a-z0-9_-], at most 63 characters. The engine's keys are line ordinals ("0", "1234"), which
+# are label values as they are; any other key is written "x-" + the hex of its UTF-8 (so at most 30
+# bytes), and a key that is label-safe but starts with "x-" is hex-encoded too, so the encoding is
+# reversible with no lookup table. Whether Vertex also echoes a top-level "key" is unpublished: not relied on.
+VERTEX_KEY_LABEL = "batchify_key"
+_LABEL_SAFE = re.compile(r"[a-z0-9_-]{1,63}")
+_GRPC_CODES = {
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+}
+
+
+def encode_label_key(key: str) -> str:
+    """A batch line's key as a GCP label value (reversible: decode_label_key)."""
+    if _LABEL_SAFE.fullmatch(key) and not key.startswith("x-"):
+        return key
+    encoded = "x-" + key.encode().hex()
+    if len(encoded) > 63:
+        raise UsageError(f"key {key[:40]!r} is too long to ride in a Vertex label (at most 30 bytes when not [a-z0-9_-]).")
+    return encoded
+
+
+def decode_label_key(value: str) -> str:
+    return bytes.fromhex(value[2:]).decode() if value.startswith("x-") else value
+
+
 def split_gs_uri(uri: str) -> tuple[str, str]:
     """gs://bucket/some/object -> ("bucket", "some/object")."""
     if not uri.startswith("gs://") or not uri[5:].split("/", 1)[0]:
         raise UsageError(f"{uri!r} is not a Cloud Storage URI. Fix: give gs://BUCKET[/PREFIX].")
     bucket, _, name = uri[5:].partition("/")
     return bucket, name
+
+
+def vertex_request_line(line: bytes) -> bytes:
+    """A Developer-API batch line {"key": k, "request": {...}} -> a Vertex input line {"request": {...}}
+    with k in request.labels[VERTEX_KEY_LABEL] (the request's own labels are kept)."""
+    obj = orjson.loads(line)
+    req = dict(obj["request"])
+    req["labels"] = {**(req.get("labels") or {}), VERTEX_KEY_LABEL: encode_label_key(str(obj["key"]))}
+    return orjson.dumps({"request": req}) + b"\n"
+
+
+def vertex_result_line(line: bytes | str) -> bytes | None:
+    """A Vertex output line -> the Developer API's result line the engine merges: {"key": k, "response": ...}
+    or {"key": k, "error": {"code", "message"}} (the row's `status` text: Google publishes no schema for it,
+    so its code is read from a leading gRPC status name when there is one, else 2 UNKNOWN). None for a line
+    with no key label: output order is not the input's, so a line without its key cannot be placed."""
+    obj = orjson.loads(line)
+    req = obj.get("request") if isinstance(obj, dict) else None
+    label = ((req.get("labels") or {}) if isinstance(req, dict) else {}).get(VERTEX_KEY_LABEL)
+    if not isinstance(label, str) or not label:
+        return None
+    out: dict[str, Any] = {"key": decode_label_key(label)}
+    status = obj.get("status")
+    if status:
+        text = str(status) if not isinstance(status, dict) else str(status.get("message", status))
+        m = re.match(r"([A-Z_]+)\b", text)
+        out["error"] = {"code": _GRPC_CODES.get(m.group(1) if m else "", 2), "message": text}
+    elif isinstance(obj.get("response"), dict):
+        out["response"] = obj["response"]  # blocked prompts come as a response without candidates: parse_answer says so
+    else:
+        out["error"] = {"code": 2, "message": "the Vertex output line has neither a status nor a response"}
+    return orjson.dumps(out) + b"\n"
+
+
+def _loopback_url(url: str | None) -> bool:
+    host = urllib.parse.urlsplit(url or "").hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class VertexClient(GeminiClient):
+    """The Backend over Vertex AI batch prediction: google-genai in Vertex mode for the jobs, and
+    google-cloud-storage for the staging bucket. Request files are streamed to
+    <bucket>/batchify/<run>/requests/<display name>.jsonl (keys moved into labels: vertex_request_line), each
+    job writes under <bucket>/batchify/<run>/output/<display name>/, and download() turns the job's output
+    objects back into the Developer API's result lines, so the engine is the same for both backends.
+
+    Every call goes through GeminiClient._call (one RetryPolicy); Cloud Storage calls, which are synchronous,
+    run in worker threads. Credentials: Application Default Credentials, except against a loopback
+    base_url (an emulator), which gets a static token and never the user's. storage_endpoint: a Cloud
+    Storage emulator's URL (anonymous); else the client's own rules (STORAGE_EMULATOR_HOST, then ADC)."""
+
+    def __init__(
+        self,
+        project: str,
+        location: str,
+        bucket: str,
+        base_url: str | None = None,
+        storage_endpoint: str | None = None,
+        credentials: Any = None,
+        timeout_s: float = 120.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        retry_scale: float = 1.0,
+    ):
+        try:
+            from google.api_core.client_options import ClientOptions
+            from google.cloud import storage
+        except ImportError:
+            raise UsageError('--backend vertex needs google-cloud-storage. Fix: pip install -e ".[vertex]"') from None
+        from google import genai
+        from google.genai import types
+
+        if not project or not location:
+            raise UsageError("--backend vertex needs --project and --location (e.g. --location us-central1, or global).")
+        self._types = types
+        self.key_source = "Application Default Credentials"
+        self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
+        self.retry_scale = retry_scale
+        self.project, self.location = project, location
+        self.bucket_name, root = split_gs_uri(bucket.rstrip("/"))
+        self.root = f"{root.strip('/')}/batchify" if root.strip("/") else "batchify"
+        if credentials is None and _loopback_url(base_url):
+            import google.oauth2.credentials
+
+            credentials = google.oauth2.credentials.Credentials(token="batchify-local")  # type: ignore[no-untyped-call]  # never the user's token
+        once = types.HttpRetryOptions(attempts=1)
+        opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000), retry_options=once)  # v1beta1
+        self._client = genai.Client(vertexai=True, project=project, location=location, credentials=credentials, http_options=opts)
+        self.aio = self._client.aio
+        if storage_endpoint:
+            self._storage = storage.Client(
+                project=project, client_options=ClientOptions(api_endpoint=storage_endpoint), use_auth_w_custom_endpoint=False
+            )
+        else:
+            self._storage = storage.Client(project=project)
+        self._bucket = self._storage.bucket(self.bucket_name)
+
+    def _wrap(self, e: BaseException, what: str) -> RemoteError:
+        """GeminiClient's rules, plus Cloud Storage's and google-auth's exceptions, and Vertex's own hints."""
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+        from google.genai import errors
+
+        fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+        if isinstance(e, auth_exc.GoogleAuthError):
+            return AuthError(f"{what}: no usable {self.key_source} ({type(e).__name__}: {e}). Fix: {fix}.", code=401)
+        code = 0
+        if isinstance(e, gexc.GoogleAPICallError):
+            code, text = int(e.code or 0), str(e.message or e)
+        elif isinstance(getattr(getattr(e, "response", None), "status_code", None), int):  # resumable-media's errors
+            code, text = int(e.response.status_code), str(e)  # type: ignore[attr-defined]
+        elif isinstance(e, errors.APIError):
+            code, text = int(e.code or 0), str(e.message or "")
+            if what == "create batch" and code in (403, 404):
+                return BatchRefusedError(
+                    f"{what}: {code} {e.status or ''} {text}. Fix: enable the Vertex AI API and billing in project "
+                    f"{self.project!r}, let the caller create batch prediction jobs (roles/aiplatform.user), and check "
+                    f"that the model serves batch in {self.location!r}; or run with --backend gemini.",
+                    code=code,
+                    status=e.status or "",
+                )
+            if code != 401:
+                return super()._wrap(e, what)
+        else:
+            return super()._wrap(e, what)
+        if code in (401, 403) and what != "create batch":
+            return AuthError(
+                f"{what}: {code} {text[:200]}. Fix: {fix}, and give it access to gs://{self.bucket_name}.", code=code
+            )
+        return RemoteError(f"{what}: {code} {text}".strip(), code=code)
+
+    def _run_dir(self, path: Path) -> str:
+        return path.parent.parent.name if path.parent.name == "requests" else path.parent.name
+
+    def _put_requests(self, path: Path, obj: str) -> int:
+        """Stream one request file to the bucket, line by line converted (worker thread); bytes written."""
+        written = 0
+        buf = bytearray()
+        blob = self._bucket.blob(obj)
+        with open(path, "rb") as src, blob.open("wb", chunk_size=8 * 1024 * 1024, content_type="application/jsonl") as dst:
+            for line in src:
+                if line.strip():
+                    buf += vertex_request_line(line)
+                if len(buf) >= 1 << 20:
+                    dst.write(bytes(buf))
+                    written += len(buf)
+                    buf.clear()
+            dst.write(bytes(buf))
+            written += len(buf)
+        return written
+
+    async def upload(self, path: Path, display_name: str) -> RemoteFile:
+        obj = f"{self.root}/{self._run_dir(path)}/requests/{display_name}.jsonl"
+        size = await self._call("upload", lambda: asyncio.to_thread(self._put_requests, path, obj))
+        return RemoteFile(name=f"gs://{self.bucket_name}/{obj}", size_bytes=int(size), state="ACTIVE")
+
+    def output_prefix(self, src: str, display_name: str) -> str:
+        """Where a job writes: <run folder>/output/<display name> beside <run folder>/requests/, else
+        <bucket>/batchify/output/<display name> for an input from elsewhere."""
+        head = src.rsplit("/", 1)[0]
+        if head.startswith(f"gs://{self.bucket_name}/{self.root}/") and head.endswith("/requests"):
+            return f"{head.removesuffix('/requests')}/output/{display_name}"
+        return f"gs://{self.bucket_name}/{self.root}/output/{display_name}"
+
+    def _remote_job(self, j: Any) -> RemoteJob:
+        cs = j.completion_stats
+        stats: dict[str, int] = {}
+        if cs is not None:
+            ok, failed, left = (int(x or 0) for x in (cs.successful_count, cs.failed_count, cs.incomplete_count))
+            stats = {
+                k: v
+                for k, v in (
+                    ("requestCount", ok + failed + left),
+                    ("successfulRequestCount", ok),
+                    ("failedRequestCount", failed),
+                    ("pendingRequestCount", left),
+                )
+                if v
+            }
+        out = j.output_info.gcs_output_directory if j.output_info is not None else None
+        err = j.error
+        return RemoteJob(
+            name=j.name or "",
+            display_name=j.display_name,
+            state=parse_remote_state(str(j.state or "JOB_STATE_PENDING")),
+            output_file=out or None,
+            stats=stats,
+            error=f"{err.message or ''} (code {err.code})" if err is not None and (err.message or err.code) else None,
+        )
+
+    async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
+        if not isinstance(src, str):
+            raise UsageError("Vertex batch prediction takes its requests from Cloud Storage only (no inline requests).")
+        cfg = self._types.CreateBatchJobConfig(display_name=display_name, dest=self.output_prefix(src, display_name))
+        m = model.removeprefix("models/")
+        j = await self._call("create batch", lambda: self.aio.batches.create(model=m, src=src, config=cfg), ONCE)
+        return self._remote_job(j)
+
+    async def get_batch(self, name: str) -> RemoteJob:
+        return self._remote_job(await self._call("get batch", lambda: self.aio.batches.get(name=name)))
+
+    def _output_objects(self, directory: str) -> list[Any]:
+        bucket, prefix = split_gs_uri(directory.rstrip("/"))
+        blobs = self._storage.list_blobs(bucket, prefix=prefix + "/")
+        return sorted((b for b in blobs if b.name.endswith(".jsonl")), key=lambda b: b.name)
+
+    def _read_output(self, directory: str) -> bytes:
+        """Every *.jsonl object under a job's output directory (Vertex may write more than one), read in text
+        mode (a BlobReader iterated in binary reads one byte a call: docs/VERTEX_NOTES.md B2), as result lines."""
+        blobs = self._output_objects(directory)
+        if not blobs:
+            from google.api_core import exceptions as gexc
+
+            raise gexc.NotFound(f"no *.jsonl output under {directory} (yet)")  # type: ignore[no-untyped-call]
+        out = bytearray()
+        for blob in blobs:
+            with blob.open("r", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        converted = vertex_result_line(line)
+                        if converted is not None:
+                            out += converted
+        return bytes(out)
+
+    async def download(self, name: str) -> bytes:
+        return bytes(await self._call("download", lambda: asyncio.to_thread(self._read_output, name), DOWNLOAD_POLICY))
+
+    def _delete_objects(self, name: str) -> int:
+        """One staged object (…jsonl), or every object under an output directory; already gone is fine."""
+        from google.api_core import exceptions as gexc
+
+        bucket, obj = split_gs_uri(name.rstrip("/"))
+        blobs = [self._storage.bucket(bucket).blob(obj)] if obj.endswith(".jsonl") else self._output_objects(name)
+        for b in blobs:
+            with contextlib.suppress(gexc.NotFound):
+                b.delete()
+        return len(blobs)
+
+    async def delete_file(self, name: str) -> None:
+        await self._call("delete file", lambda: asyncio.to_thread(self._delete_objects, name))
+
+    async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
+        """One real-time call on the publisher model (standard tier). Flex through Vertex is not wired yet."""
+        if flex:
+            raise RemoteError(
+                "generate: Flex is not available with --backend vertex yet (use --fallback-tier standard)", code=400
+            )
+        path = f"publishers/google/models/{model.removeprefix('models/')}:generateContent"
+        resp = await self._call("generate", lambda: self.aio._api_client.async_request("post", path, dict(request)), ONCE)
+        return dict(orjson.loads(resp.body or "{}"))
+
+    async def close(self) -> None:
+        await super().close()
+        with contextlib.suppress(Exception):
+            self._storage.close()
 
 
 # -- rate limiting for real-time calls ------------------------------------------------------------
