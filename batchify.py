@@ -1141,6 +1141,15 @@ class RunOptions:
     allow_private_urls: bool = flag(
         False, "Fetch URLs that lead to loopback/private/link-local addresses too (off: refused).", is_flag=True
     )
+    backend: str = flag(
+        "gemini",
+        "gemini: the Gemini Developer API's Batch API (an API key); vertex: Vertex AI batch prediction in your Google "
+        "Cloud project, through Cloud Storage (--project, --location, --bucket; Application Default Credentials).",
+        type=click.Choice(["gemini", "vertex"]),
+    )
+    project: str | None = flag(None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].")
+    location: str | None = flag(None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].")
+    bucket: str | None = flag(None, "Vertex: gs://BUCKET[/PREFIX], batchify's staging area (request files and job outputs).")
     # library-only settings (no flag)
     max_file_bytes: int = MAX_FILE_BYTES
     max_poll_interval: float = MAX_POLL_INTERVAL
@@ -2992,8 +3001,7 @@ class VertexClient(GeminiClient):
         retry_scale: float = 1.0,
     ):
         try:
-            from google.api_core.client_options import ClientOptions
-            from google.cloud import storage
+            from google.cloud import storage  # noqa: F401  (made on first use: _storage)
         except ImportError:
             raise UsageError('--backend vertex needs google-cloud-storage. Fix: pip install -e ".[vertex]"') from None
         from google import genai
@@ -3016,13 +3024,32 @@ class VertexClient(GeminiClient):
         opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000), retry_options=once)  # v1beta1
         self._client = genai.Client(vertexai=True, project=project, location=location, credentials=credentials, http_options=opts)
         self.aio = self._client.aio
-        if storage_endpoint:
-            self._storage = storage.Client(
-                project=project, client_options=ClientOptions(api_endpoint=storage_endpoint), use_auth_w_custom_endpoint=False
-            )
-        else:
-            self._storage = storage.Client(project=project)
-        self._bucket = self._storage.bucket(self.bucket_name)
+        self._storage_endpoint = storage_endpoint
+        self._storage_client: Any = None
+        self._storage_lock = threading.Lock()
+
+    @property
+    def _storage(self) -> Any:
+        """The Cloud Storage client, made on first use (in a worker thread: finding ADC may take a moment, and
+        a dry run never needs it); its errors (no credentials) reach _wrap like any call's."""
+        with self._storage_lock:
+            if self._storage_client is None:
+                from google.api_core.client_options import ClientOptions
+                from google.cloud import storage
+
+                if self._storage_endpoint:
+                    self._storage_client = storage.Client(
+                        project=self.project,
+                        client_options=ClientOptions(api_endpoint=self._storage_endpoint),
+                        use_auth_w_custom_endpoint=False,
+                    )
+                else:
+                    self._storage_client = storage.Client(project=self.project)
+            return self._storage_client
+
+    @property
+    def _bucket(self) -> Any:
+        return self._storage.bucket(self.bucket_name)
 
     def _wrap(self, e: BaseException, what: str) -> RemoteError:
         """GeminiClient's rules, plus Cloud Storage's and google-auth's exceptions, and Vertex's own hints."""
@@ -3180,8 +3207,9 @@ class VertexClient(GeminiClient):
 
     async def close(self) -> None:
         await super().close()
-        with contextlib.suppress(Exception):
-            self._storage.close()
+        if self._storage_client is not None:
+            with contextlib.suppress(Exception):
+                self._storage_client.close()
 
 
 # -- rate limiting for real-time calls ------------------------------------------------------------
@@ -5637,8 +5665,14 @@ async def open_client(
     emulator_config: EmulatorConfig | None = None,
     need: bool = True,
     retry_scale: float = 1.0,
+    options: RunOptions | dict[str, Any] | None = None,
 ) -> Any:
-    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
+    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop.
+    `options` (a run's): with backend "vertex", a VertexClient (open_vertex_client)."""
+    if vertex_settings(options) is not None:
+        async with open_vertex_client(endpoint, options, emulator_config, retry_scale) as vx:
+            yield vx
+        return
     emu = None
     base_url = endpoint
     if endpoint == "local":
@@ -5653,6 +5687,56 @@ async def open_client(
         yield None
         return
     client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
+    try:
+        yield client
+    finally:
+        await client.close()
+        if emu is not None:
+            await emu.stop()
+
+
+def vertex_settings(options: RunOptions | dict[str, Any] | None) -> tuple[str, str, str] | None:
+    """(project, location, bucket) of a run on --backend vertex, None for the Gemini API; a UsageError naming
+    what is missing. project and location fall back to GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION."""
+    o = options.to_dict() if isinstance(options, RunOptions) else dict(options or {})
+    if o.get("backend", "gemini") != "vertex":
+        return None
+    project = o.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""
+    location = o.get("location") or os.environ.get("GOOGLE_CLOUD_LOCATION") or ""
+    bucket = o.get("bucket") or ""
+    missing = [n for n, v in (("--project", project), ("--location", location), ("--bucket", bucket)) if not v]
+    if missing:
+        raise UsageError(
+            f"--backend vertex needs {', '.join(missing)} (e.g. --project my-proj --location us-central1 --bucket gs://my-bucket)."
+        )
+    split_gs_uri(bucket)
+    return project, location, bucket
+
+
+@contextlib.asynccontextmanager
+async def open_vertex_client(
+    endpoint: str | None,
+    options: RunOptions | dict[str, Any] | None,
+    emulator_config: EmulatorConfig | None = None,
+    retry_scale: float = 1.0,
+) -> Any:
+    """Yield a VertexClient. endpoint: a URL for the Vertex API (an emulator); "local" starts the emulator in
+    this event loop, its jobs reading and writing the Cloud Storage emulator named by STORAGE_EMULATOR_HOST
+    (which the client's google-cloud-storage then uses as well)."""
+    settings = vertex_settings(options)
+    assert settings is not None
+    emu = None
+    base_url = endpoint
+    if endpoint == "local":
+        gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+        if not gcs:
+            raise UsageError(
+                "--endpoint local with --backend vertex needs a Cloud Storage emulator. Fix: start one (e.g. "
+                "`gcp-storage-emulator start --in-memory --port 9023`) and set STORAGE_EMULATOR_HOST=http://127.0.0.1:9023."
+            )
+        emu = Emulator(dataclasses.replace(emulator_config or EmulatorConfig(), gcs_endpoint=gcs))
+        base_url = await emu.start()
+    client = VertexClient(*settings, base_url=base_url, retry_scale=retry_scale)
     try:
         yield client
     finally:
@@ -5698,10 +5782,14 @@ async def run_file(
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
                 raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
-            async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
+            async with open_client(
+                endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale, options=run.options
+            ) as client:
                 with _progress(reporter) as shown:
                     return run, await Engine(store, client, shown, hook=hook).execute()
-        async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
+        async with open_client(
+            endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale, options=opts
+        ) as client:
             run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
             if dry_run:
                 return run, None
@@ -5778,7 +5866,7 @@ async def resume_run(
         if given:  # what this resume was told overrides the run's own, from now on
             store.save_run(dataclasses.replace(run, options={**run.options, **given}))
         scale = float(run.options.get("retry_scale", 1.0))
-        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
+        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
             await check_model_still_served(run, client)
             with _progress(reporter) as shown:
                 return await Engine(store, client, shown, hook=hook).execute()
@@ -5824,7 +5912,7 @@ async def prepare(
         if in_memory:
             write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
         try:
-            async with open_client(endpoint, api_key, need=False) as client:
+            async with open_client(endpoint, api_key, need=False, options=opts) as client:
                 return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
         except BaseException:
             if in_memory:  # a refused payload is not kept on disk
@@ -5862,7 +5950,7 @@ async def cleanup(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
             return await cleanup_run(store, client, local)
 
 
@@ -5875,7 +5963,7 @@ async def cancel(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
             return await cancel_run(store, client)
 
 
