@@ -3182,11 +3182,20 @@ class VertexClient(GeminiClient):
         return bytes(await self._call("download", lambda: asyncio.to_thread(self._read_output, name), DOWNLOAD_POLICY))
 
     def _delete_objects(self, name: str) -> int:
-        """One staged object (…jsonl), or every object under an output directory; already gone is fine."""
+        """One staged object (…jsonl), or every object under a job's output directory (its predictions and
+        anything else the job wrote there); already gone is fine. Directories are deleted only inside
+        batchify's staging area: a prefix elsewhere is not batchify's to empty."""
         from google.api_core import exceptions as gexc
 
         bucket, obj = split_gs_uri(name.rstrip("/"))
-        blobs = [self._storage.bucket(bucket).blob(obj)] if obj.endswith(".jsonl") else self._output_objects(name)
+        if obj.endswith(".jsonl"):
+            blobs = [self._storage.bucket(bucket).blob(obj)]
+        elif bucket == self.bucket_name and obj.startswith(f"{self.root}/"):
+            blobs = list(self._storage.list_blobs(bucket, prefix=obj + "/"))
+        else:
+            raise RemoteError(
+                f"{name} is outside batchify's staging area gs://{self.bucket_name}/{self.root}/: left as it is", 400
+            )
         for b in blobs:
             with contextlib.suppress(gexc.NotFound):
                 b.delete()
@@ -7069,6 +7078,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @click.option(
     "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
 )
+@click.option("--gcs-endpoint", help="Vertex batchPredictionJobs read and write this Cloud Storage emulator (a URL).")
 def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> None:
     """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
     cfg = EmulatorConfig(**knobs, models=read_models_file(models_file) if models_file else None)

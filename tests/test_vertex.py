@@ -234,6 +234,10 @@ async def test_round_trip_keys_survive_shuffled_output(
             n = int(r["key"]) - 1000
             assert f"document {n}:" in r["response"]["candidates"][0]["content"]["parts"][0]["text"], "answer of its own request"
         assert [j.name for j in await c.list_batches()] == [rj.name]
+        answer = await c.generate("gemini-2.5-flash", request(7))  # real time, on the publisher model
+        assert "document 7:" in answer["candidates"][0]["content"]["parts"][0]["text"]
+        with pytest.raises(batchify.RemoteError, match="Flex"):
+            await c.generate("gemini-2.5-flash", request(7), flex=True)
     finally:
         await c.close()
 
@@ -359,30 +363,41 @@ def test_cli_run_on_vertex_every_id_once_in_order(
     assert p.returncode == 0, p.stderr[-3000:]
     assert [(r["id"], r["result"]) for r in rows] == [(r["id"], r["result"]) for r in read_jsonl(gemini_out)]
     assert len({json.dumps(r["result"], sort_keys=True) for r in rows}) > 20, "answers differ from one article to the next"
+    # cleanup: the run's jobs, staged requests and outputs are gone from the service and the bucket
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/news/")) == []
+    assert vemu.thread.call(lambda: len(vemu.emulator.vjobs)) == 0
 
 
 async def test_download_reads_every_jsonl_object_of_the_output_directory(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str
 ) -> None:
     """Vertex may write more than one output file (docs/VERTEX_NOTES.md A1): every *.jsonl under the directory
-    counts, anything else (and a sibling directory sharing the name's prefix) does not."""
+    counts, anything else (and a sibling directory sharing the name's prefix) does not. delete_file empties the
+    directory, inside the staging area only."""
     b = gcs.bucket(bucket)
 
     def row(k: str) -> str:
         return json.dumps({"status": "", "processed_time": "t", "request": {"labels": {"batchify_key": k}}, "response": {"k": k}})
 
-    b.blob("o/prediction-model-1/predictions.jsonl").upload_from_string(row("0") + "\n" + row("1") + "\n")
-    b.blob("o/prediction-model-1/predictions_2.jsonl").upload_from_string(row("2") + "\n")
-    b.blob("o/prediction-model-1/errors_stats.txt").upload_from_string("not results")
-    b.blob("o/prediction-model-10/predictions.jsonl").upload_from_string(row("9") + "\n")
+    out = "batchify/r/output/dn/prediction-model-1"
+    b.blob(f"{out}/predictions.jsonl").upload_from_string(row("0") + "\n" + row("1") + "\n")
+    b.blob(f"{out}/predictions_2.jsonl").upload_from_string(row("2") + "\n")
+    b.blob(f"{out}/errors_stats.txt").upload_from_string("not results")
+    b.blob(f"{out}0/predictions.jsonl").upload_from_string(row("9") + "\n")
+    b.blob("elsewhere/prediction-model-1/predictions.jsonl").upload_from_string(row("8") + "\n")
     c = vclient(vemu, gcs_url, bucket)
     try:
-        rows = [json.loads(x) for x in (await c.download(f"gs://{bucket}/o/prediction-model-1")).splitlines()]
+        rows = [json.loads(x) for x in (await c.download(f"gs://{bucket}/{out}")).splitlines()]
         assert sorted(r["key"] for r in rows) == ["0", "1", "2"]
-        await c.delete_file(f"gs://{bucket}/o/prediction-model-1")
+        assert [r["response"] for r in sorted(rows, key=lambda r: r["key"])] == [{"k": "0"}, {"k": "1"}, {"k": "2"}]
+        await c.delete_file(f"gs://{bucket}/{out}")
+        with pytest.raises(batchify.RemoteError):
+            await c.delete_file(f"gs://{bucket}/elsewhere/prediction-model-1")
         assert [x.name for x in gcs.list_blobs(bucket)] == [
-            "o/prediction-model-1/errors_stats.txt",
-            "o/prediction-model-10/predictions.jsonl",
+            f"{out}0/predictions.jsonl",
+            "elsewhere/prediction-model-1/predictions.jsonl",
         ]
     finally:
         await c.close()
