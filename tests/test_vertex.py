@@ -401,3 +401,39 @@ async def test_download_reads_every_jsonl_object_of_the_output_directory(
         ]
     finally:
         await c.close()
+
+
+def test_sigkill_and_resume_on_vertex_creates_nothing_twice(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    """Killed right after a create (the job exists, the sidecar does not know it) and again after a poll: `resume`
+    takes the backend from the run's own options, finds the job by display name, and finishes the run."""
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates"}) + "\n" for i in range(120)))
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    args += [
+        "--endpoint",
+        vemu.url,
+        "--state-dir",
+        "st",
+        "--yes",
+        "--mode",
+        "batch",
+        "--batch-size",
+        "40",
+        "--poll-interval",
+        "0.1",
+    ]
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli([*args, "--out", str(out)], tmp_path, BATCHIFY_CRASH_AT="after_create:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 2
+    resume = ["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"]
+    p = run_cli(resume, tmp_path, BATCHIFY_CRASH_AT="after_poll:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    p = run_cli(resume, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == [f"a{i}" for i in range(120)]
+    assert all(r["status"] == "ok" for r in read_jsonl(out))
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
+    assert stats["creates"] == 0
