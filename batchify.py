@@ -3058,6 +3058,8 @@ class VertexClient(GeminiClient):
         from google.genai import errors
 
         fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+        if isinstance(e, UsageError):  # a key too long for a label: not worth a retry
+            return RemoteError(f"{what}: {e}", code=400)
         if isinstance(e, auth_exc.GoogleAuthError):
             return AuthError(f"{what}: no usable {self.key_source} ({type(e).__name__}: {e}). Fix: {fix}.", code=401)
         code = 0

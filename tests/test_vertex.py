@@ -437,3 +437,14 @@ def test_sigkill_and_resume_on_vertex_creates_nothing_twice(vemu: Emu, gcs_url: 
     stats = vemu.stats()
     assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
     assert stats["creates"] == 0
+
+
+async def test_a_key_no_label_can_carry_fails_the_upload_once(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    path = write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", ["Ä" * 40])
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        with pytest.raises(batchify.RemoteError, match="too long to ride in a Vertex label") as e:
+            await c.upload(path, "dn-k")
+        assert e.value.code == 400 and "after" not in str(e.value), "not retried"
+    finally:
+        await c.close()
