@@ -1154,6 +1154,15 @@ class RunOptions:
     allow_private_urls: bool = flag(
         False, "Fetch URLs that lead to loopback/private/link-local addresses too (off: refused).", is_flag=True
     )
+    backend: str = flag(
+        "gemini",
+        "gemini: the Gemini Developer API's Batch API (an API key); vertex: Vertex AI batch prediction in your Google "
+        "Cloud project, through Cloud Storage (--project, --location, --bucket; Application Default Credentials).",
+        type=click.Choice(["gemini", "vertex"]),
+    )
+    project: str | None = flag(None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].")
+    location: str | None = flag(None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].")
+    bucket: str | None = flag(None, "Vertex: gs://BUCKET[/PREFIX], batchify's staging area (request files and job outputs).")
     # library-only settings (no flag)
     max_file_bytes: int = MAX_FILE_BYTES
     max_poll_interval: float = MAX_POLL_INTERVAL
@@ -2977,6 +2986,342 @@ class GeminiClient:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.aio.aclose()
+
+
+# -- Vertex AI batch prediction over Cloud Storage (--backend vertex) -------------------------------
+# Vertex reads a job's requests from one JSONL object in Cloud Storage, lines {"request": ...} with no
+# place for a key of our own, and writes its answers, in no particular order, as lines {"status",
+# "processed_time", "request", "response"} that echo the request whole (docs/VERTEX_NOTES.md A1). So the
+# key rides inside the request, as the label VERTEX_KEY_LABEL (what LiteLLM and Bifrost do): label values
+# are lowercase [a-z0-9_-], at most 63 characters. The engine's keys are line ordinals ("0", "1234"), which
+# are label values as they are; any other key is written "x-" + the hex of its UTF-8 (so at most 30
+# bytes), and a key that is label-safe but starts with "x-" is hex-encoded too, so the encoding is
+# reversible with no lookup table. Whether Vertex also echoes a top-level "key" is unpublished: not relied on.
+VERTEX_KEY_LABEL = "batchify_key"
+_LABEL_SAFE = re.compile(r"[a-z0-9_-]{1,63}")
+_GRPC_CODES = {
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+}
+
+
+def encode_label_key(key: str) -> str:
+    """A batch line's key as a GCP label value (reversible: decode_label_key)."""
+    if _LABEL_SAFE.fullmatch(key) and not key.startswith("x-"):
+        return key
+    encoded = "x-" + key.encode().hex()
+    if len(encoded) > 63:
+        raise UsageError(f"key {key[:40]!r} is too long to ride in a Vertex label (at most 30 bytes when not [a-z0-9_-]).")
+    return encoded
+
+
+def decode_label_key(value: str) -> str:
+    return bytes.fromhex(value[2:]).decode() if value.startswith("x-") else value
+
+
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """gs://bucket/some/object -> ("bucket", "some/object")."""
+    if not uri.startswith("gs://") or not uri[5:].split("/", 1)[0]:
+        raise UsageError(f"{uri!r} is not a Cloud Storage URI. Fix: give gs://BUCKET[/PREFIX].")
+    bucket, _, name = uri[5:].partition("/")
+    return bucket, name
+
+
+def vertex_request_line(line: bytes) -> bytes:
+    """A Developer-API batch line {"key": k, "request": {...}} -> a Vertex input line {"request": {...}}
+    with k in request.labels[VERTEX_KEY_LABEL] (the request's own labels are kept)."""
+    obj = orjson.loads(line)
+    req = dict(obj["request"])
+    req["labels"] = {**(req.get("labels") or {}), VERTEX_KEY_LABEL: encode_label_key(str(obj["key"]))}
+    return orjson.dumps({"request": req}) + b"\n"
+
+
+def vertex_result_line(line: bytes | str) -> bytes | None:
+    """A Vertex output line -> the Developer API's result line the engine merges: {"key": k, "response": ...}
+    or {"key": k, "error": {"code", "message"}} (the row's `status` text: Google publishes no schema for it,
+    so its code is read from a leading gRPC status name when there is one, else 2 UNKNOWN). None for a line
+    with no key label: output order is not the input's, so a line without its key cannot be placed."""
+    obj = orjson.loads(line)
+    req = obj.get("request") if isinstance(obj, dict) else None
+    label = ((req.get("labels") or {}) if isinstance(req, dict) else {}).get(VERTEX_KEY_LABEL)
+    if not isinstance(label, str) or not label:
+        return None
+    out: dict[str, Any] = {"key": decode_label_key(label)}
+    status = obj.get("status")
+    if status:
+        text = str(status) if not isinstance(status, dict) else str(status.get("message", status))
+        m = re.match(r"([A-Z_]+)\b", text)
+        out["error"] = {"code": _GRPC_CODES.get(m.group(1) if m else "", 2), "message": text}
+    elif isinstance(obj.get("response"), dict):
+        out["response"] = obj["response"]  # blocked prompts come as a response without candidates: parse_answer says so
+    else:
+        out["error"] = {"code": 2, "message": "the Vertex output line has neither a status nor a response"}
+    return orjson.dumps(out) + b"\n"
+
+
+def _loopback_url(url: str | None) -> bool:
+    host = urllib.parse.urlsplit(url or "").hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class VertexClient(GeminiClient):
+    """The Backend over Vertex AI batch prediction: google-genai in Vertex mode for the jobs, and
+    google-cloud-storage for the staging bucket. Request files are streamed to
+    <bucket>/batchify/<run>/requests/<display name>.jsonl (keys moved into labels: vertex_request_line), each
+    job writes under <bucket>/batchify/<run>/output/<display name>/, and download() turns the job's output
+    objects back into the Developer API's result lines, so the engine is the same for both backends.
+
+    Every call goes through GeminiClient._call (one RetryPolicy); Cloud Storage calls, which are synchronous,
+    run in worker threads. Credentials: Application Default Credentials, except against a loopback
+    base_url (an emulator), which gets a static token and never the user's. storage_endpoint: a Cloud
+    Storage emulator's URL (anonymous); else the client's own rules (STORAGE_EMULATOR_HOST, then ADC)."""
+
+    def __init__(
+        self,
+        project: str,
+        location: str,
+        bucket: str,
+        base_url: str | None = None,
+        storage_endpoint: str | None = None,
+        credentials: Any = None,
+        timeout_s: float = 120.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        retry_scale: float = 1.0,
+    ):
+        try:
+            from google.cloud import storage  # noqa: F401  (made on first use: _storage)
+        except ImportError:
+            raise UsageError('--backend vertex needs google-cloud-storage. Fix: pip install -e ".[vertex]"') from None
+        from google import genai
+        from google.genai import types
+
+        if not project or not location:
+            raise UsageError("--backend vertex needs --project and --location (e.g. --location us-central1, or global).")
+        self._types = types
+        self.key_source = "Application Default Credentials"
+        self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
+        self.retry_scale = retry_scale
+        self.project, self.location = project, location
+        self.bucket_name, root = split_gs_uri(bucket.rstrip("/"))
+        self.root = f"{root.strip('/')}/batchify" if root.strip("/") else "batchify"
+        if credentials is None and _loopback_url(base_url):
+            import google.oauth2.credentials
+
+            credentials = google.oauth2.credentials.Credentials(token="batchify-local")  # type: ignore[no-untyped-call]  # never the user's token
+        once = types.HttpRetryOptions(attempts=1)
+        opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000), retry_options=once)  # v1beta1
+        self._client = genai.Client(vertexai=True, project=project, location=location, credentials=credentials, http_options=opts)
+        self.aio = self._client.aio
+        self._storage_endpoint = storage_endpoint
+        self._storage_client: Any = None
+        self._storage_lock = threading.Lock()
+
+    @property
+    def _storage(self) -> Any:
+        """The Cloud Storage client, made on first use (in a worker thread: finding ADC may take a moment, and
+        a dry run never needs it); its errors (no credentials) reach _wrap like any call's."""
+        with self._storage_lock:
+            if self._storage_client is None:
+                from google.api_core.client_options import ClientOptions
+                from google.cloud import storage
+
+                if self._storage_endpoint:
+                    self._storage_client = storage.Client(
+                        project=self.project,
+                        client_options=ClientOptions(api_endpoint=self._storage_endpoint),
+                        use_auth_w_custom_endpoint=False,
+                    )
+                else:
+                    self._storage_client = storage.Client(project=self.project)
+            return self._storage_client
+
+    @property
+    def _bucket(self) -> Any:
+        return self._storage.bucket(self.bucket_name)
+
+    def _wrap(self, e: BaseException, what: str) -> RemoteError:
+        """GeminiClient's rules, plus Cloud Storage's and google-auth's exceptions, and Vertex's own hints."""
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+        from google.genai import errors
+
+        fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+        if isinstance(e, UsageError):  # a key too long for a label: not worth a retry
+            return RemoteError(f"{what}: {e}", code=400)
+        if isinstance(e, auth_exc.GoogleAuthError):
+            return AuthError(f"{what}: no usable {self.key_source} ({type(e).__name__}: {e}). Fix: {fix}.", code=401)
+        code = 0
+        if isinstance(e, gexc.GoogleAPICallError):
+            code, text = int(e.code or 0), str(e.message or e)
+        elif isinstance(getattr(getattr(e, "response", None), "status_code", None), int):  # resumable-media's errors
+            code, text = int(e.response.status_code), str(e)  # type: ignore[attr-defined]
+        elif isinstance(e, errors.APIError):
+            code, text = int(e.code or 0), str(e.message or "")
+            if what == "create batch" and code in (403, 404):
+                return BatchRefusedError(
+                    f"{what}: {code} {e.status or ''} {text}. Fix: enable the Vertex AI API and billing in project "
+                    f"{self.project!r}, let the caller create batch prediction jobs (roles/aiplatform.user), and check "
+                    f"that the model serves batch in {self.location!r}; or run with --backend gemini.",
+                    code=code,
+                    status=e.status or "",
+                )
+            if code != 401:
+                return super()._wrap(e, what)
+        else:
+            return super()._wrap(e, what)
+        if code in (401, 403) and what != "create batch":
+            return AuthError(
+                f"{what}: {code} {text[:200]}. Fix: {fix}, and give it access to gs://{self.bucket_name}.", code=code
+            )
+        return RemoteError(f"{what}: {code} {text}".strip(), code=code)
+
+    def _run_dir(self, path: Path) -> str:
+        return path.parent.parent.name if path.parent.name == "requests" else path.parent.name
+
+    def _put_requests(self, path: Path, obj: str) -> int:
+        """Stream one request file to the bucket, line by line converted (worker thread); bytes written."""
+        written = 0
+        buf = bytearray()
+        blob = self._bucket.blob(obj)
+        with open(path, "rb") as src, blob.open("wb", chunk_size=8 * 1024 * 1024, content_type="application/jsonl") as dst:
+            for line in src:
+                if line.strip():
+                    buf += vertex_request_line(line)
+                if len(buf) >= 1 << 20:
+                    dst.write(bytes(buf))
+                    written += len(buf)
+                    buf.clear()
+            dst.write(bytes(buf))
+            written += len(buf)
+        return written
+
+    async def upload(self, path: Path, display_name: str) -> RemoteFile:
+        obj = f"{self.root}/{self._run_dir(path)}/requests/{display_name}.jsonl"
+        size = await self._call("upload", lambda: asyncio.to_thread(self._put_requests, path, obj))
+        return RemoteFile(name=f"gs://{self.bucket_name}/{obj}", size_bytes=int(size), state="ACTIVE")
+
+    def output_prefix(self, src: str, display_name: str) -> str:
+        """Where a job writes: <run folder>/output/<display name> beside <run folder>/requests/, else
+        <bucket>/batchify/output/<display name> for an input from elsewhere."""
+        head = src.rsplit("/", 1)[0]
+        if head.startswith(f"gs://{self.bucket_name}/{self.root}/") and head.endswith("/requests"):
+            return f"{head.removesuffix('/requests')}/output/{display_name}"
+        return f"gs://{self.bucket_name}/{self.root}/output/{display_name}"
+
+    def _remote_job(self, j: Any) -> RemoteJob:
+        cs = j.completion_stats
+        stats: dict[str, int] = {}
+        if cs is not None:
+            ok, failed, left = (int(x or 0) for x in (cs.successful_count, cs.failed_count, cs.incomplete_count))
+            stats = {
+                k: v
+                for k, v in (
+                    ("requestCount", ok + failed + left),
+                    ("successfulRequestCount", ok),
+                    ("failedRequestCount", failed),
+                    ("pendingRequestCount", left),
+                )
+                if v
+            }
+        out = j.output_info.gcs_output_directory if j.output_info is not None else None
+        err = j.error
+        return RemoteJob(
+            name=j.name or "",
+            display_name=j.display_name,
+            state=parse_remote_state(str(j.state or "JOB_STATE_PENDING")),
+            output_file=out or None,
+            stats=stats,
+            error=f"{err.message or ''} (code {err.code})" if err is not None and (err.message or err.code) else None,
+        )
+
+    async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
+        if not isinstance(src, str):
+            raise UsageError("Vertex batch prediction takes its requests from Cloud Storage only (no inline requests).")
+        cfg = self._types.CreateBatchJobConfig(display_name=display_name, dest=self.output_prefix(src, display_name))
+        m = model.removeprefix("models/")
+        j = await self._call("create batch", lambda: self.aio.batches.create(model=m, src=src, config=cfg), ONCE)
+        return self._remote_job(j)
+
+    async def get_batch(self, name: str) -> RemoteJob:
+        return self._remote_job(await self._call("get batch", lambda: self.aio.batches.get(name=name)))
+
+    def _output_objects(self, directory: str) -> list[Any]:
+        bucket, prefix = split_gs_uri(directory.rstrip("/"))
+        blobs = self._storage.list_blobs(bucket, prefix=prefix + "/")
+        return sorted((b for b in blobs if b.name.endswith(".jsonl")), key=lambda b: b.name)
+
+    def _read_output(self, directory: str) -> bytes:
+        """Every *.jsonl object under a job's output directory (Vertex may write more than one), read in text
+        mode (a BlobReader iterated in binary reads one byte a call: docs/VERTEX_NOTES.md B2), as result lines."""
+        blobs = self._output_objects(directory)
+        if not blobs:
+            from google.api_core import exceptions as gexc
+
+            raise gexc.NotFound(f"no *.jsonl output under {directory} (yet)")  # type: ignore[no-untyped-call]
+        out = bytearray()
+        for blob in blobs:
+            with blob.open("r", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        converted = vertex_result_line(line)
+                        if converted is not None:
+                            out += converted
+        return bytes(out)
+
+    async def download(self, name: str) -> bytes:
+        return bytes(await self._call("download", lambda: asyncio.to_thread(self._read_output, name), DOWNLOAD_POLICY))
+
+    def _delete_objects(self, name: str) -> int:
+        """One staged object (…jsonl), or every object under a job's output directory (its predictions and
+        anything else the job wrote there); already gone is fine. Directories are deleted only inside
+        batchify's staging area: a prefix elsewhere is not batchify's to empty."""
+        from google.api_core import exceptions as gexc
+
+        bucket, obj = split_gs_uri(name.rstrip("/"))
+        if obj.endswith(".jsonl"):
+            blobs = [self._storage.bucket(bucket).blob(obj)]
+        elif bucket == self.bucket_name and obj.startswith(f"{self.root}/"):
+            blobs = list(self._storage.list_blobs(bucket, prefix=obj + "/"))
+        else:
+            raise RemoteError(
+                f"{name} is outside batchify's staging area gs://{self.bucket_name}/{self.root}/: left as it is", 400
+            )
+        for b in blobs:
+            with contextlib.suppress(gexc.NotFound):
+                b.delete()
+        return len(blobs)
+
+    async def delete_file(self, name: str) -> None:
+        await self._call("delete file", lambda: asyncio.to_thread(self._delete_objects, name))
+
+    async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
+        """One real-time call on the publisher model (standard tier). Flex through Vertex is not wired yet."""
+        if flex:
+            raise RemoteError(
+                "generate: Flex is not available with --backend vertex yet (use --fallback-tier standard)", code=400
+            )
+        path = f"publishers/google/models/{model.removeprefix('models/')}:generateContent"
+        resp = await self._call("generate", lambda: self.aio._api_client.async_request("post", path, dict(request)), ONCE)
+        return dict(orjson.loads(resp.body or "{}"))
+
+    async def close(self) -> None:
+        await super().close()
+        if self._storage_client is not None:
+            with contextlib.suppress(Exception):
+                self._storage_client.close()
 
 
 # -- rate limiting for real-time calls ------------------------------------------------------------
@@ -5471,8 +5816,14 @@ async def open_client(
     emulator_config: EmulatorConfig | None = None,
     need: bool = True,
     retry_scale: float = 1.0,
+    options: RunOptions | dict[str, Any] | None = None,
 ) -> Any:
-    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop."""
+    """Yield a client (None when no key and none is needed). "local" starts the emulator in this event loop.
+    `options` (a run's): with backend "vertex", a VertexClient (open_vertex_client)."""
+    if vertex_settings(options) is not None:
+        async with open_vertex_client(endpoint, options, emulator_config, retry_scale) as vx:
+            yield vx
+        return
     emu = None
     base_url = endpoint
     if endpoint == "local":
@@ -5487,6 +5838,56 @@ async def open_client(
         yield None
         return
     client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
+    try:
+        yield client
+    finally:
+        await client.close()
+        if emu is not None:
+            await emu.stop()
+
+
+def vertex_settings(options: RunOptions | dict[str, Any] | None) -> tuple[str, str, str] | None:
+    """(project, location, bucket) of a run on --backend vertex, None for the Gemini API; a UsageError naming
+    what is missing. project and location fall back to GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION."""
+    o = options.to_dict() if isinstance(options, RunOptions) else dict(options or {})
+    if o.get("backend", "gemini") != "vertex":
+        return None
+    project = o.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""
+    location = o.get("location") or os.environ.get("GOOGLE_CLOUD_LOCATION") or ""
+    bucket = o.get("bucket") or ""
+    missing = [n for n, v in (("--project", project), ("--location", location), ("--bucket", bucket)) if not v]
+    if missing:
+        raise UsageError(
+            f"--backend vertex needs {', '.join(missing)} (e.g. --project my-proj --location us-central1 --bucket gs://my-bucket)."
+        )
+    split_gs_uri(bucket)
+    return project, location, bucket
+
+
+@contextlib.asynccontextmanager
+async def open_vertex_client(
+    endpoint: str | None,
+    options: RunOptions | dict[str, Any] | None,
+    emulator_config: EmulatorConfig | None = None,
+    retry_scale: float = 1.0,
+) -> Any:
+    """Yield a VertexClient. endpoint: a URL for the Vertex API (an emulator); "local" starts the emulator in
+    this event loop, its jobs reading and writing the Cloud Storage emulator named by STORAGE_EMULATOR_HOST
+    (which the client's google-cloud-storage then uses as well)."""
+    settings = vertex_settings(options)
+    assert settings is not None
+    emu = None
+    base_url = endpoint
+    if endpoint == "local":
+        gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+        if not gcs:
+            raise UsageError(
+                "--endpoint local with --backend vertex needs a Cloud Storage emulator. Fix: start one (e.g. "
+                "`gcp-storage-emulator start --in-memory --port 9023`) and set STORAGE_EMULATOR_HOST=http://127.0.0.1:9023."
+            )
+        emu = Emulator(dataclasses.replace(emulator_config or EmulatorConfig(), gcs_endpoint=gcs))
+        base_url = await emu.start()
+    client = VertexClient(*settings, base_url=base_url, retry_scale=retry_scale)
     try:
         yield client
     finally:
@@ -5532,10 +5933,14 @@ async def run_file(
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
                 raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
-            async with open_client(endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale) as client:
+            async with open_client(
+                endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale, options=run.options
+            ) as client:
                 with _progress(reporter) as shown:
                     return run, await Engine(store, client, shown, hook=hook).execute()
-        async with open_client(endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale) as client:
+        async with open_client(
+            endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale, options=opts
+        ) as client:
             run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
             if dry_run:
                 return run, None
@@ -5615,7 +6020,7 @@ async def resume_run(
         if now != was:
             store.save_run(dataclasses.replace(run, options=now.to_dict()))
         scale = was.retry_scale
-        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale) as client:
+        async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
             await check_model_still_served(run, client)
             with _progress(reporter) as shown:
                 return await Engine(store, client, shown, hook=hook).execute()
@@ -5661,7 +6066,7 @@ async def prepare(
         if in_memory:
             write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
         try:
-            async with open_client(endpoint, api_key, need=False) as client:
+            async with open_client(endpoint, api_key, need=False, options=opts) as client:
                 return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
         except BaseException:
             if in_memory:  # a refused payload is not kept on disk
@@ -5699,7 +6104,7 @@ async def cleanup(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
             return await cleanup_run(store, client, local)
 
 
@@ -5712,7 +6117,7 @@ async def cancel(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
             return await cancel_run(store, client)
 
 
@@ -6871,6 +7276,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @click.option(
     "--models", "models_file", type=click.Path(dir_okay=False), help='[models."NAME"] tables to serve beside the catalog.'
 )
+@click.option("--gcs-endpoint", help="Vertex batchPredictionJobs read and write this Cloud Storage emulator (a URL).")
 def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> None:
     """Serve the local Gemini API emulator (synthetic answers, fault injection) until Ctrl-C."""
     cfg = EmulatorConfig(**knobs, models=read_models_file(models_file) if models_file else None)
@@ -7073,6 +7479,13 @@ class EmulatorConfig:
     flex_latency_max: float = 0.0
     flex_shed_rate: float = 0.0
     flex_capacity: int | None = None
+    # Vertex AI batchPredictionJobs (--backend vertex): jobs read their input from, and write their output to,
+    # this Cloud Storage endpoint (a storage emulator's URL, e.g. gcp-storage-emulator); None: the Vertex
+    # routes answer 400 (the emulator never reaches the real Cloud Storage). The fault knobs above apply
+    # where Vertex has the same fault: fail_jobs, expire_jobs, line_error_rate, create_429, forbid_batch,
+    # unavailable_*, list_429.
+    gcs_endpoint: str | None = None
+    vertex_shuffle_window: int = 4_096  # output lines are shuffled within windows this long (Vertex keeps no order)
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -7141,6 +7554,8 @@ class Emulator:
         self.stats["billed"] = {}  # digest of a request's contents -> times it was answered (and billed)
         self.stats["billed_usd"] = {}  # service (batch, flex, standard) -> USD the answers would cost
         self.stats["models_get"] = 0
+        self.vjobs: dict[str, dict[str, Any]] = {}  # Vertex batchPredictionJobs by numeric id (see "Vertex AI" below)
+        self.stats.update({"vertex_creates": 0, "vertex_creates_by_display_name": {}, "vertex_gets": 0, "vertex_lists": 0})
 
     # -- server ------------------------------------------------------------------------------------
     def app(self) -> Any:
@@ -7190,6 +7605,7 @@ class Emulator:
             ("DELETE", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+)$", self._h_batch_delete),
             ("POST", rf"^/(?P<ver>{_VER})/batches/(?P<id>[^/:]+):cancel$", self._h_batch_cancel),
             ("GET", rf"^/(?P<ver>{_VER})/batches$", self._h_batch_list),
+            *self._vertex_routes(),
         ]
         try:
             for m, pattern, handler in routes:
@@ -7199,7 +7615,7 @@ class Emulator:
                         self.stats["requests"] += 1
                         chunk = "upload_id" in request.query
                         if not chunk:
-                            key = request.headers.get("x-goog-api-key") or request.query.get("key")
+                            key = request.headers.get("x-goog-api-key") or request.query.get("key") or self._vx_token(request)
                             if self.cfg.reject_key is not None and key == self.cfg.reject_key:
                                 raise _EmuError(
                                     400,
@@ -8029,6 +8445,373 @@ class Emulator:
         del self.jobs[id]
         self.stats["deletes"] += 1
         return self._ok({})
+
+    # -- Vertex AI batch prediction (batchPredictionJobs over Cloud Storage) ----------------------------
+    # The REST surface google-genai uses in Vertex mode (docs/VERTEX_NOTES.md A1-A2): jobs under
+    # /v1beta1/projects/P/locations/L/batchPredictionJobs; the input is one JSONL object in Cloud Storage,
+    # lines {"request": GenerateContentRequest}; the output is <outputUriPrefix>/prediction-model-<ts>/
+    # predictions.jsonl, lines {"status", "processed_time", "request", "response"} in no particular order
+    # (status "" on success, an error text otherwise, with no response), named by outputInfo.gcsOutputDirectory.
+    # Jobs move through PENDING, RUNNING and an end state on the same time scale as the Developer API's batches,
+    # and their answers come from the same generator (_answer). Cloud Storage is reached through
+    # google-cloud-storage pointed at cfg.gcs_endpoint, in worker threads (the client is synchronous).
+    _VX_JOBS = r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/batchPredictionJobs"
+    VERTEX_MAX_REQUESTS = 200_000  # requests per job (batch-inference page, docs/VERTEX_NOTES.md A3)
+    VERTEX_MAX_INPUT_BYTES = 1024**3  # one input file of at most 1 GB (same page)
+
+    def _vertex_routes(self) -> list[tuple[str, str, Callable[..., Awaitable[Any]]]]:
+        jobs, models = self._VX_JOBS, r"publishers/google/models/(?P<model>[^/:]+)"
+        return [
+            ("POST", rf"^/(?P<ver>{_VER})/{jobs}$", self._h_vx_create),
+            ("GET", rf"^/(?P<ver>{_VER})/{jobs}$", self._h_vx_list),
+            ("GET", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+)$", self._h_vx_get),
+            ("DELETE", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+)$", self._h_vx_delete),
+            ("POST", rf"^/(?P<ver>{_VER})/{jobs}/(?P<id>\d+):cancel$", self._h_vx_cancel),
+            ("GET", rf"^/(?P<ver>{_VER})/{models}$", self._h_vx_model_get),
+            ("POST", rf"^/(?P<ver>{_VER})/projects/[^/]+/locations/[^/]+/{models}:(?P<method>\w+)$", self._h_vx_model),
+        ]
+
+    @staticmethod
+    def _vx_token(request: Any) -> str | None:
+        """Vertex calls carry an OAuth token (Authorization: Bearer), not an API key: any token is accepted."""
+        if "/publishers/" not in request.path and "/batchPredictionJobs" not in request.path:
+            return None
+        auth = str(request.headers.get("Authorization", ""))
+        if not auth.startswith("Bearer "):
+            return None
+        return auth.removeprefix("Bearer ").strip() or None
+
+    def _gcs(self) -> Any:
+        """The emulator's own Cloud Storage client (anonymous, at cfg.gcs_endpoint), made on first use."""
+        if not self.cfg.gcs_endpoint:
+            raise _EmuError(400, "FAILED_PRECONDITION", "The emulator has no Cloud Storage (set EmulatorConfig.gcs_endpoint).")
+        client = getattr(self, "_gcs_client", None)
+        if client is None or getattr(self, "_gcs_for", None) != self.cfg.gcs_endpoint:
+            from google.api_core.client_options import ClientOptions
+            from google.cloud import storage
+
+            client = storage.Client(
+                project="batchify-emulator",
+                client_options=ClientOptions(api_endpoint=self.cfg.gcs_endpoint),
+                use_auth_w_custom_endpoint=False,  # anonymous: no credentials are looked up
+            )
+            self._gcs_client, self._gcs_for = client, self.cfg.gcs_endpoint
+        return client
+
+    def _vx_blob(self, uri: str) -> Any:
+        bucket, name = split_gs_uri(uri)
+        return self._gcs().bucket(bucket).blob(name)
+
+    def _vx_scan(self, uri: str) -> tuple[int, int]:
+        """(lines, tokens) of one input object, read as a stream (worker thread); 400 when it cannot be read."""
+        from google.api_core import exceptions as gexc
+
+        blob = self._vx_blob(uri)
+        n = tokens = 0
+        try:
+            blob.reload()
+            if (blob.size or 0) > self.VERTEX_MAX_INPUT_BYTES:
+                raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} is larger than 1 GB.")
+            with blob.open("r", encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    n += 1
+                    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                        req = orjson.loads(line).get("request")
+                        tokens += self._tokens(req) if isinstance(req, dict) else 0
+        except gexc.GoogleAPICallError as e:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} does not exist or cannot be read ({e.code}).") from e
+        return n, tokens
+
+    def _vx_now_iso(self) -> str:
+        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+    async def _h_vx_create(self, request: Any, ver: str, project: str, location: str) -> Any:
+        body = await self._json(request)
+        bad = set(body) - {"model", "inputConfig", "outputConfig", "displayName", "labels"}
+        if bad:
+            raise _EmuError(400, "INVALID_ARGUMENT", f'Invalid JSON payload received. Unknown name "{sorted(bad)[0]}".')
+        model = str(body.get("model") or "")
+        if not model.startswith("publishers/google/models/"):
+            raise _EmuError(400, "INVALID_ARGUMENT", f"Model {model!r} is not a publisher model (publishers/google/models/...).")
+        m = model.removeprefix("publishers/google/models/")
+        spec = self._spec(m)
+        if spec is None or spec.batch is False:
+            raise _EmuError(404, "NOT_FOUND", f"Publisher Model `{model}` not found or does not support batch prediction.")
+        ic, oc = body.get("inputConfig") or {}, body.get("outputConfig") or {}
+        uris = (ic.get("gcsSource") or {}).get("uris") or []
+        prefix = (oc.get("gcsDestination") or {}).get("outputUriPrefix") or ""
+        if ic.get("instancesFormat") != "jsonl" or not uris or not all(str(u).startswith("gs://") for u in uris):
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", "inputConfig: instancesFormat jsonl with gcsSource.uris (gs://...) is emulated."
+            )
+        if oc.get("predictionsFormat") != "jsonl" or not prefix.startswith("gs://"):
+            raise _EmuError(400, "INVALID_ARGUMENT", "outputConfig: predictionsFormat jsonl with gcsDestination.outputUriPrefix.")
+        if self.cfg.forbid_batch:
+            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
+        if self._fault("create_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
+        n = tokens = 0
+        for uri in uris:
+            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
+            n, tokens = n + a, tokens + b
+        if not n:
+            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
+        if n > self.VERTEX_MAX_REQUESTS:
+            raise _EmuError(
+                400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {self.VERTEX_MAX_REQUESTS:,}."
+            )
+        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
+        fate = "succeed"
+        if self.created <= self.cfg.fail_jobs:
+            fate = "fail"
+        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
+            fate = "expire"
+        jid = str(self.rng.randrange(10**17, 10**18))
+        lo = self.cfg.job_seconds
+        hi = self.cfg.job_seconds_max or lo
+        t = time.time()
+        dn = body.get("displayName")
+        j = self.vjobs[jid] = {
+            "id": jid,
+            "name": f"projects/{project}/locations/{location}/batchPredictionJobs/{jid}",
+            "project": project,
+            "location": location,
+            "model": m,
+            "display_name": dn,
+            "input": ic,
+            "output_config": oc,
+            "uris": [str(u) for u in uris],
+            "prefix": prefix.rstrip("/"),
+            "lines": n,
+            "tokens": tokens,
+            "t0": self.now(),
+            "duration": self._dur(lo + (hi - lo) * self.duration_rng.random()),
+            "fate": fate,
+            "state": "PENDING",
+            "create_time": t,
+            "update_time": t,
+            "start_time": None,
+            "end_time": None,
+            "output_dir": None,
+            "writing": None,
+            "error": None,
+            "ok": 0,
+            "failed": 0,
+        }
+        self.stats["vertex_creates"] += 1
+        by = self.stats["vertex_creates_by_display_name"]
+        by[dn or "(none)"] = by.get(dn or "(none)", 0) + 1
+        if fate != "expire":
+            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
+        return self._ok(self._vx_resource(j))
+
+    def _vx_refresh(self, j: dict[str, Any]) -> None:
+        """Move a job on by the clock; at its end, a job that succeeds writes its output first (in a worker
+        thread) and reads SUCCEEDED only once the output is in the bucket."""
+        if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            return
+        el = self.now() - j["t0"]
+        new = j["state"]
+        if j["fate"] == "expire":
+            if el >= self._dur(self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds):
+                new = "EXPIRED"
+        elif el >= j["duration"] and j["fate"] == "fail":
+            new = "FAILED"
+        elif el >= j["duration"] * self.cfg.pending_fraction:
+            new = "RUNNING"
+        if el >= j["duration"] and j["fate"] == "succeed" and j["writing"] is None:
+            j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j))
+        if new != j["state"]:
+            self._vx_move(j, new)
+
+    def _vx_move(self, j: dict[str, Any], new: str) -> None:
+        j["state"] = new
+        j["update_time"] = time.time()
+        if new == "RUNNING":
+            j["start_time"] = j["update_time"]
+        if new in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
+            j["end_time"] = j["update_time"]
+            j["error"] = j["error"] or {
+                "FAILED": {"code": 13, "message": "Batch prediction job failed (emulated)."},
+                "CANCELLED": {"code": 1, "message": "CANCELED"},
+                "EXPIRED": {"code": 4, "message": "Batch prediction job expired: not started within 72 hours (emulated)."},
+            }.get(new)
+
+    async def _vx_write_output(self, j: dict[str, Any]) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out_dir = f"{j['prefix']}/prediction-model-{stamp}"
+        try:
+            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl")
+        except Exception as e:  # the bucket went away, or refused the write: the job fails, as on the service
+            j["error"] = {"code": 13, "message": f"Failed to write the output to {out_dir}: {type(e).__name__}: {e}"[:300]}
+            if j["state"] in ("PENDING", "RUNNING"):
+                self._vx_move(j, "FAILED")
+            return
+        j["ok"], j["failed"], j["output_dir"] = ok, failed, out_dir
+        if j["state"] in ("PENDING", "RUNNING"):  # a cancel that came first wins (the rows written stay)
+            self._vx_move(j, "SUCCEEDED")
+
+    def _vx_produce(self, j: dict[str, Any], out_uri: str) -> tuple[int, int]:
+        """Stream the input objects, answer every line, write the output lines shuffled (worker thread)."""
+        rng = random.Random(f"{self.cfg.seed}:{j['id']}")
+        ok = failed = 0
+        window: list[bytes] = []
+        with self._vx_blob(out_uri).open("wb", chunk_size=8 * 1024 * 1024, content_type="application/jsonl") as out:
+
+            def flush() -> None:
+                rng.shuffle(window)
+                out.write(b"".join(window))
+                window.clear()
+
+            i = 0
+            for uri in j["uris"]:
+                with self._vx_blob(uri).open("r", encoding="utf-8") as f:
+                    for raw in f:
+                        if not raw.strip():
+                            continue
+                        line, good = self._vx_line(j, i, raw)
+                        ok, failed, i = ok + good, failed + (not good), i + 1
+                        window.append(orjson.dumps(line) + b"\n")
+                        if len(window) >= max(1, self.cfg.vertex_shuffle_window):
+                            flush()
+            flush()
+        return ok, failed
+
+    def _vx_line(self, j: dict[str, Any], i: int, raw: str) -> tuple[dict[str, Any], bool]:
+        """One output line: the request echoed as given, status "" and the response, or status an error text.
+        Google publishes no schema for `status` on a failed row (docs/VERTEX_NOTES.md A1): a message here."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        req = obj.get("request") if isinstance(obj, dict) else None
+        head: dict[str, Any] = {"status": "", "processed_time": self._vx_now_iso(), "request": req if req is not None else obj}
+        try:
+            if req is None:
+                raise _EmuError(400, "INVALID_ARGUMENT", 'Invalid instance: expected a JSON object with a "request" field.')
+            norm = self._check_request(req, "request")
+            if self.cfg.line_error_rate and (_mix(j["id"], i, self.cfg.seed) % 10_000) / 10_000 < self.cfg.line_error_rate:
+                raise _EmuError(500, "INTERNAL", "Internal error encountered. (emulated line error)")
+            head["response"] = self._answer(norm, j["model"])
+            return head, True
+        except _EmuError as e:
+            head["status"] = f"{e.status}: {e.message}" if e.status else e.message
+            return head, False
+
+    def _vx_resource(self, j: dict[str, Any]) -> dict[str, Any]:
+        """The BatchPredictionJob resource, as the REST API returns it (int64 counts as strings)."""
+        self._vx_refresh(j)
+        n, state = j["lines"], j["state"]
+        if state == "RUNNING":
+            span = max(1e-9, j["duration"] * (1 - self.cfg.pending_fraction))
+            done = min(n, int(n * max(0.0, (self.now() - j["t0"] - j["duration"] * self.cfg.pending_fraction) / span)))
+            ok, failed = done, 0
+        elif state == "SUCCEEDED":
+            ok, failed = j["ok"], j["failed"]
+        else:
+            ok = failed = 0
+        res: dict[str, Any] = {
+            "name": j["name"],
+            "model": f"publishers/google/models/{j['model']}",
+            "inputConfig": j["input"],
+            "outputConfig": j["output_config"],
+            "state": f"JOB_STATE_{state}",
+            "createTime": _rfc3339(j["create_time"]),
+            "updateTime": _rfc3339(j["update_time"]),
+            "completionStats": {"successfulCount": str(ok), "failedCount": str(failed), "incompleteCount": str(n - ok - failed)},
+        }
+        if j["display_name"] is not None:
+            res["displayName"] = j["display_name"]
+        if j["start_time"] is not None:
+            res["startTime"] = _rfc3339(j["start_time"])
+        if j["end_time"] is not None:
+            res["endTime"] = _rfc3339(j["end_time"])
+        if j["output_dir"] is not None:
+            res["outputInfo"] = {"gcsOutputDirectory": j["output_dir"]}
+        if j["error"] is not None:
+            res["error"] = j["error"]
+        return res
+
+    def _vx_job(self, project: str, location: str, id: str) -> dict[str, Any]:
+        j = self.vjobs.get(id)
+        if j is None or (j["project"], j["location"]) != (project, location):
+            raise _EmuError(404, "NOT_FOUND", f'The BatchPredictionJob "{id}" does not exist.')
+        return j
+
+    async def _h_vx_get(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        self.stats["vertex_gets"] += 1
+        return self._ok(self._vx_resource(self._vx_job(project, location, id)))
+
+    async def _h_vx_list(self, request: Any, ver: str, project: str, location: str) -> Any:
+        self.stats["vertex_lists"] += 1
+        if self._fault("list_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for aiplatform.googleapis.com/read_requests (emulated).")
+        keep = self._vx_filter(str(request.query.get("filter", "")))
+        items = [
+            self._vx_resource(j) for j in self.vjobs.values() if (j["project"], j["location"]) == (project, location) and keep(j)
+        ]
+        return self._page(request, items, "batchPredictionJobs", 100)
+
+    @staticmethod
+    def _vx_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+        """The part of the AIP-160 filter grammar the SDK's tests use: terms joined by AND, each
+        display_name / state with =, != or : (":" with a trailing * is a prefix match). Else 400."""
+        terms = []
+        for term in filter(None, (t.strip() for t in re.split(r"\s+AND\s+", text.strip()))):
+            m = re.fullmatch(r'(display_name|displayName|state)\s*(=|!=|:)\s*"?([^"]*)"?', term)
+            if not m:
+                raise _EmuError(400, "INVALID_ARGUMENT", f"Unsupported filter (emulated grammar): {term!r}")
+            terms.append((m.group(1), m.group(2), m.group(3)))
+
+        def keep(j: dict[str, Any]) -> bool:
+            for fld, op, value in terms:
+                have = f"JOB_STATE_{j['state']}" if fld == "state" else str(j["display_name"] or "")
+                hit = have.startswith(value[:-1]) if op == ":" and value.endswith("*") else have == value
+                if hit == (op == "!="):
+                    return False
+            return True
+
+        return keep
+
+    async def _h_vx_cancel(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        j = self._vx_job(project, location, id)
+        self._vx_refresh(j)
+        if j["state"] not in ("PENDING", "RUNNING"):
+            raise _EmuError(400, "FAILED_PRECONDITION", f"Cannot cancel a BatchPredictionJob in state JOB_STATE_{j['state']}.")
+        self._vx_move(j, "CANCELLED")
+        self.stats["cancels"] += 1
+        return self._ok({})
+
+    async def _h_vx_delete(self, request: Any, ver: str, project: str, location: str, id: str) -> Any:
+        j = self._vx_job(project, location, id)
+        self._vx_refresh(j)
+        if j["state"] in ("PENDING", "RUNNING"):
+            raise _EmuError(400, "FAILED_PRECONDITION", "The BatchPredictionJob is running: cancel it before deleting it.")
+        del self.vjobs[id]
+        self.stats["deletes"] += 1
+        return self._ok(
+            {
+                "name": f"projects/{project}/locations/{location}/operations/{self.rng.randrange(10**17, 10**18)}",
+                "metadata": {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeleteOperationMetadata"},
+                "done": True,
+                "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
+            }
+        )
+
+    async def _h_vx_model_get(self, request: Any, ver: str, model: str) -> Any:
+        self.stats["models_get"] += 1
+        m = self._check_model(model, "get")
+        return self._ok(
+            {"name": f"publishers/google/models/{m}", "versionId": "001", "displayName": m, "description": EMULATOR_LABEL}
+        )
+
+    async def _h_vx_model(self, request: Any, ver: str, model: str, method: str) -> Any:
+        """countTokens and generateContent on a publisher model: the Developer API's handlers (same bodies)."""
+        if method not in ("countTokens", "generateContent"):
+            raise _EmuError(501, "UNIMPLEMENTED", f"{method} is not emulated on Vertex.")
+        return await self._h_model(request, ver, model, method)
 
 
 class EmulatorThread:

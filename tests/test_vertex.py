@@ -1,0 +1,450 @@
+"""--backend vertex: Vertex AI batch prediction over Cloud Storage, on loopback only.
+
+Cloud Storage is a real HTTP storage emulator (gcp-storage-emulator, in-memory, in this process) reached through
+the real google-cloud-storage client; Vertex is batchify's emulator (its batchPredictionJobs routes read and write
+that storage emulator), driven through the unmodified google-genai SDK in Vertex mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import google.oauth2.credentials
+import pytest
+from conftest import ROOT, Emu, read_jsonl, run_cli
+from google import genai
+from google.api_core.client_options import ClientOptions
+from google.cloud import storage
+from google.genai import errors, types
+
+import batchify
+
+PROJECT, LOCATION = "test-proj", "us-central1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gcs_url() -> Iterator[str]:
+    """A gcp-storage-emulator (in memory) on a free loopback port, for this module."""
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_url: str) -> storage.Client:
+    return storage.Client(project="test", client_options=ClientOptions(api_endpoint=gcs_url), use_auth_w_custom_endpoint=False)
+
+
+@pytest.fixture
+def bucket(gcs: storage.Client) -> str:
+    name = f"bkt-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def vemu(gcs_url: str) -> Iterator[Emu]:
+    cfg = batchify.EmulatorConfig(job_seconds=0.3, pending_fraction=0.3, gcs_endpoint=gcs_url)
+    with batchify.EmulatorThread(cfg) as t:
+        yield Emu(t)
+
+
+def sdk(url: str) -> genai.Client:
+    """The unmodified SDK in Vertex mode: project and location (both needed with a custom base URL) and a static
+    OAuth token (AnonymousCredentials cannot be refreshed: docs/VERTEX_NOTES.md A2)."""
+    return genai.Client(
+        vertexai=True,
+        project=PROJECT,
+        location=LOCATION,
+        credentials=google.oauth2.credentials.Credentials(token="test-token"),
+        http_options=types.HttpOptions(base_url=url),
+    )
+
+
+def vclient(emu: Emu, gcs_url: str, bucket: str) -> batchify.VertexClient:
+    return batchify.VertexClient(
+        PROJECT, LOCATION, f"gs://{bucket}", base_url=emu.url, storage_endpoint=gcs_url, retry_scale=0.01
+    )
+
+
+def request(i: int, **extra: Any) -> dict[str, Any]:
+    return {"contents": [{"role": "user", "parts": [{"text": f"document {i}: markets and weather"}]}], **extra}
+
+
+def write_requests(path: Path, keys: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(json.dumps({"key": k, "request": request(i)}).encode() + b"\n" for i, k in enumerate(keys)))
+    return path
+
+
+async def until_final(c: batchify.VertexClient, name: str, timeout: float = 20.0) -> batchify.RemoteJob:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        j = await c.get_batch(name)
+        if j.state in (batchify.JobState.SUCCEEDED, batchify.JobState.FAILED, batchify.JobState.CANCELLED, batchify.JobState.EXPIRED):
+            return j
+        await asyncio.sleep(0.05)
+    raise AssertionError("the job did not end")
+
+
+# -- the SDK against the emulator's Vertex routes --------------------------------------------------------------
+
+
+def test_sdk_vertex_batch_lifecycle(vemu: Emu, gcs: storage.Client, bucket: str) -> None:
+    lines = [{"request": {**request(i), "labels": {"batchify_key": str(i)}}} for i in range(30)]
+    lines[7] = {"request": {"contents": [], "labels": {"batchify_key": "7"}}}  # no contents: a row error
+    gcs.bucket(bucket).blob("in/x.jsonl").upload_from_string("".join(json.dumps(x) + "\n" for x in lines))
+    c = sdk(vemu.url)
+    job = c.batches.create(
+        model="gemini-2.5-flash",
+        src=f"gs://{bucket}/in/x.jsonl",
+        config=types.CreateBatchJobConfig(dest=f"gs://{bucket}/out/run1", display_name="batchify-run1"),
+    )
+    assert job.name.startswith(f"projects/{PROJECT}/locations/{LOCATION}/batchPredictionJobs/")
+    assert job.name.rsplit("/", 1)[1].isdigit()
+    assert job.state == types.JobState.JOB_STATE_PENDING and job.display_name == "batchify-run1"
+    assert job.model == "publishers/google/models/gemini-2.5-flash"
+    assert job.src.gcs_uri == [f"gs://{bucket}/in/x.jsonl"]
+    import time
+
+    end = time.time() + 20
+    while (job := c.batches.get(name=job.name)).state != types.JobState.JOB_STATE_SUCCEEDED:
+        assert time.time() < end and job.state in (types.JobState.JOB_STATE_PENDING, types.JobState.JOB_STATE_RUNNING)
+        time.sleep(0.05)
+    assert job.completion_stats.successful_count == 29 and job.completion_stats.failed_count == 1
+    assert job.completion_stats.incomplete_count == 0
+    out_dir = job.output_info.gcs_output_directory
+    assert out_dir.startswith(f"gs://{bucket}/out/run1/prediction-model-")
+    blobs = list(gcs.list_blobs(bucket, prefix=out_dir.split("/", 3)[3] + "/"))
+    assert [b.name.rsplit("/", 1)[1] for b in blobs] == ["predictions.jsonl"]
+    rows = [json.loads(x) for x in blobs[0].download_as_text().splitlines()]
+    assert len(rows) == 30
+    assert [r["request"]["labels"]["batchify_key"] for r in rows] != [str(i) for i in range(30)], "output order is shuffled"
+    by_key = {r["request"]["labels"]["batchify_key"]: r for r in rows}
+    assert set(by_key) == {str(i) for i in range(30)}
+    ok = by_key["3"]
+    assert list(ok)[:3] == ["status", "processed_time", "request"] and ok["status"] == ""
+    assert ok["request"] == lines[3]["request"], "the request is echoed as it was sent"
+    assert ok["response"]["candidates"][0]["content"]["parts"][0]["text"]
+    assert ok["response"]["usageMetadata"]["promptTokenCount"] > 0
+    assert by_key["7"]["status"] and "response" not in by_key["7"]
+    # list: paging and the filter the SDK passes through
+    for k in range(2):
+        c.batches.create(
+            model="gemini-2.5-flash",
+            src=f"gs://{bucket}/in/x.jsonl",
+            config=types.CreateBatchJobConfig(dest=f"gs://{bucket}/out/other{k}", display_name=f"other-{k}"),
+        )
+    names = [j.display_name for j in c.batches.list(config={"page_size": 1})]
+    assert sorted(names) == ["batchify-run1", "other-0", "other-1"]
+    assert [j.display_name for j in c.batches.list(config={"filter": 'display_name:"batchify-*"'})] == ["batchify-run1"]
+    # cancel a live job, delete a finished one
+    live = next(j for j in c.batches.list() if j.display_name == "other-0")
+    c.batches.cancel(name=live.name)
+    assert c.batches.get(name=live.name).state == types.JobState.JOB_STATE_CANCELLED
+    c.batches.delete(name=job.name)
+    with pytest.raises(errors.ClientError) as e:
+        c.batches.get(name=job.name)
+    assert e.value.code == 404
+    assert vemu.stats()["vertex_creates"] == 3
+
+
+def test_sdk_vertex_create_refusals(vemu: Emu, bucket: str) -> None:
+    c = sdk(vemu.url)
+    cfg = types.CreateBatchJobConfig(dest=f"gs://{bucket}/out/r", display_name="r")
+    with pytest.raises(errors.ClientError) as e:  # the input object is not there
+        c.batches.create(model="gemini-2.5-flash", src=f"gs://{bucket}/nope.jsonl", config=cfg)
+    assert e.value.code == 400 and "does not exist" in str(e.value)
+    with pytest.raises(errors.ClientError) as e:
+        c.batches.create(model="no-such-model", src=f"gs://{bucket}/nope.jsonl", config=cfg)
+    assert e.value.code == 404
+    vemu.configure(forbid_batch=True)
+    with pytest.raises(errors.ClientError) as e:
+        c.batches.create(model="gemini-2.5-flash", src=f"gs://{bucket}/nope.jsonl", config=cfg)
+    assert e.value.code == 403
+
+
+# -- VertexClient: the Backend the engine drives ---------------------------------------------------------------
+
+
+def test_label_key_encoding_is_reversible() -> None:
+    for key in ["0", "1234", "abc_d-e", "Art-000001", "x-1", "é", "a b", "x" * 63]:
+        enc = batchify.encode_label_key(key)
+        assert batchify._LABEL_SAFE.fullmatch(enc), enc
+        assert batchify.decode_label_key(enc) == key
+    assert batchify.encode_label_key("1234") == "1234"  # the engine's keys (ordinals) ride as they are
+    with pytest.raises(batchify.UsageError):
+        batchify.encode_label_key("Ä" * 40)
+    line = json.dumps({"key": "Q9", "request": request(0, labels={"team": "news"})}).encode()
+    out = json.loads(batchify.vertex_request_line(line))
+    assert set(out) == {"request"} and out["request"]["labels"] == {"team": "news", "batchify_key": "x-5139"}
+    assert out["request"]["contents"] == request(0)["contents"]
+
+
+async def test_round_trip_keys_survive_shuffled_output(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    keys = [str(n) for n in range(1000, 1300)]
+    path = write_requests(tmp_path / "st" / "myrun" / "requests" / "b0001.jsonl", keys)
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        f = await c.upload(path, "batchify-myrun-abc123-b0001-a1")
+        assert f.name == f"gs://{bucket}/batchify/myrun/requests/batchify-myrun-abc123-b0001-a1.jsonl"
+        staged = gcs.bucket(bucket).blob(f.name.split("/", 3)[3]).download_as_text().splitlines()
+        assert [json.loads(x)["request"]["labels"]["batchify_key"] for x in staged] == keys
+        assert f.size_bytes == sum(len(x) + 1 for x in staged)
+        rj = await c.create_batch("gemini-2.5-flash", f.name, "batchify-myrun-abc123-b0001-a1")
+        assert rj.state == batchify.JobState.PENDING and rj.stats.get("requestCount") == 300
+        done = await until_final(c, rj.name)
+        assert done.state == batchify.JobState.SUCCEEDED, done
+        assert done.stats == {"requestCount": 300, "successfulRequestCount": 300}
+        assert done.output_file and done.output_file.startswith(
+            f"gs://{bucket}/batchify/myrun/output/batchify-myrun-abc123-b0001-a1/prediction-model-"
+        )
+        raw = []
+        for b in gcs.list_blobs(bucket, prefix=done.output_file.split("/", 3)[3] + "/"):
+            raw += [json.loads(x)["request"]["labels"]["batchify_key"] for x in b.download_as_text().splitlines()]
+        assert sorted(raw) == keys and raw != keys, "the service's order is not the input's"
+        rows = [json.loads(x) for x in (await c.download(done.output_file)).splitlines()]
+        assert sorted(r["key"] for r in rows) == keys
+        for r in rows:
+            assert set(r) == {"key", "response"}
+            n = int(r["key"]) - 1000
+            assert f"document {n}:" in r["response"]["candidates"][0]["content"]["parts"][0]["text"], "answer of its own request"
+        assert [j.name for j in await c.list_batches()] == [rj.name]
+        answer = await c.generate("gemini-2.5-flash", request(7))  # real time, on the publisher model
+        assert "document 7:" in answer["candidates"][0]["content"]["parts"][0]["text"]
+        with pytest.raises(batchify.RemoteError, match="Flex"):
+            await c.generate("gemini-2.5-flash", request(7), flex=True)
+    finally:
+        await c.close()
+
+
+async def test_line_errors_surface_as_error_lines(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    vemu.configure(line_error_rate=0.2, seed=3)
+    keys = [str(n) for n in range(200)]
+    path = write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", keys)
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        f = await c.upload(path, "dn-1")
+        done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-1")).name)
+        rows = [json.loads(x) for x in (await c.download(done.output_file or "")).splitlines()]
+        errs = [r for r in rows if "error" in r]
+        assert sorted(r["key"] for r in rows) == sorted(keys)
+        assert 10 < len(errs) < 80 and len(errs) == done.stats["failedRequestCount"]
+        assert all(set(r) == {"key", "error"} and r["error"]["code"] == 13 for r in errs)
+        assert all("emulated line error" in r["error"]["message"] for r in errs)
+    finally:
+        await c.close()
+
+
+def test_result_line_conversion() -> None:
+    ok = {"status": "", "processed_time": "t", "request": {"labels": {"batchify_key": "x-41"}}, "response": {"candidates": []}}
+    assert json.loads(batchify.vertex_result_line(json.dumps(ok)) or b"") == {"key": "A", "response": {"candidates": []}}
+    bad = {"status": "Bad request: 400", "processed_time": "t", "request": {"labels": {"batchify_key": "5"}}}
+    assert json.loads(batchify.vertex_result_line(json.dumps(bad)) or b"") == {
+        "key": "5",
+        "error": {"code": 2, "message": "Bad request: 400"},
+    }
+    assert batchify.vertex_result_line(json.dumps({"status": "", "request": {}, "response": {}})) is None  # no key: not placed
+
+
+async def test_cancel_delete_and_cleanup_of_staged_objects(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(job_seconds=30)
+    path = write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", ["0", "1"])
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        f = await c.upload(path, "dn-c")
+        rj = await c.create_batch("gemini-2.5-flash", f.name, "dn-c")
+        with pytest.raises(batchify.RemoteError) as e:  # a live job cannot be deleted
+            await c.delete_batch(rj.name)
+        assert e.value.code == 400
+        await c.cancel_batch(rj.name)
+        got = await c.get_batch(rj.name)
+        assert got.state == batchify.JobState.CANCELLED and got.error and "code 1" in got.error
+        await c.delete_batch(rj.name)
+        with pytest.raises(batchify.RemoteError) as e:
+            await c.get_batch(rj.name)
+        assert e.value.code == 404
+        await c.delete_file(f.name)
+        await c.delete_file(f.name)  # already gone is fine
+        assert list(gcs.list_blobs(bucket)) == []
+    finally:
+        await c.close()
+
+
+async def test_failed_job_and_transient_errors(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    vemu.configure(fail_jobs=1, unavailable_burst=2)  # the first two calls answer 503: retried by the policy
+    path = write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", ["0"])
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        f = await c.upload(path, "dn-f")
+        with pytest.raises(batchify.RemoteError) as e:  # create is tried once: the engine looks the job up instead
+            await c.create_batch("gemini-2.5-flash", f.name, "dn-f")
+        assert e.value.code == 503
+        assert await c.list_batches() == []  # the 2nd 503 is retried away
+        done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-f")).name)
+        assert done.state == batchify.JobState.FAILED and done.output_file is None and "code 13" in (done.error or "")
+        with pytest.raises(batchify.RemoteError) as e:
+            await c.download(f"gs://{bucket}/batchify/r/output/dn-f/prediction-model-x")
+        assert e.value.code == 404
+    finally:
+        await c.close()
+
+
+# -- the engine end to end, through the CLI ---------------------------------------------------------------------
+
+
+def test_cli_run_on_vertex_every_id_once_in_order(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_articles
+
+    rng = random.Random(16)
+    inp = tmp_path / "news.jsonl"
+    inp.write_bytes(b"".join(json.dumps(make_articles.article(i, rng, 120)).encode() + b"\n" for i in range(200)))
+    out = tmp_path / "news.results.jsonl"
+    vemu.configure(seed=5)
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    args += [
+        "--endpoint",
+        vemu.url,
+        "--state-dir",
+        "st",
+        "--yes",
+        "--mode",
+        "batch",
+        "--batch-size",
+        "60",
+        "--poll-interval",
+        "0.1",
+    ]
+    p = run_cli([*args, "--out", str(out)], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [json.loads(x)["id"] for x in inp.read_text().splitlines()]
+    assert all(r["status"] == "ok" and r["source"] == "batch" for r in rows), [r for r in rows if r["status"] != "ok"][:2]
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 4 and stats["creates"] == 0, "4 Vertex jobs, no Developer-API batch"
+    assert all(v == 1 for v in stats["vertex_creates_by_display_name"].values())
+    staged = [b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/requests/")]
+    assert len(staged) == 4 and all(n.endswith("-a1.jsonl") for n in staged)
+    assert len({b.name.split("/")[4] for b in gcs.list_blobs(bucket, prefix="batchify/news/output/")}) == 4
+    # Each id got the answer to its own request: the same run on the Developer API (same emulator, same answer
+    # generator, answers in input order) gives the same result per id.
+    gemini_out = tmp_path / "gemini.results.jsonl"
+    gemini = ["run", str(inp), "--endpoint", vemu.url, "--state-dir", "st2", "--yes", "--mode", "batch", "--batch-size", "60"]
+    p = run_cli([*gemini, "--poll-interval", "0.1", "--out", str(gemini_out)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [(r["id"], r["result"]) for r in rows] == [(r["id"], r["result"]) for r in read_jsonl(gemini_out)]
+    assert len({json.dumps(r["result"], sort_keys=True) for r in rows}) > 20, "answers differ from one article to the next"
+    # cleanup: the run's jobs, staged requests and outputs are gone from the service and the bucket
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/news/")) == []
+    assert vemu.thread.call(lambda: len(vemu.emulator.vjobs)) == 0
+
+
+async def test_download_reads_every_jsonl_object_of_the_output_directory(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str
+) -> None:
+    """Vertex may write more than one output file (docs/VERTEX_NOTES.md A1): every *.jsonl under the directory
+    counts, anything else (and a sibling directory sharing the name's prefix) does not. delete_file empties the
+    directory, inside the staging area only."""
+    b = gcs.bucket(bucket)
+
+    def row(k: str) -> str:
+        return json.dumps({"status": "", "processed_time": "t", "request": {"labels": {"batchify_key": k}}, "response": {"k": k}})
+
+    out = "batchify/r/output/dn/prediction-model-1"
+    b.blob(f"{out}/predictions.jsonl").upload_from_string(row("0") + "\n" + row("1") + "\n")
+    b.blob(f"{out}/predictions_2.jsonl").upload_from_string(row("2") + "\n")
+    b.blob(f"{out}/errors_stats.txt").upload_from_string("not results")
+    b.blob(f"{out}0/predictions.jsonl").upload_from_string(row("9") + "\n")
+    b.blob("elsewhere/prediction-model-1/predictions.jsonl").upload_from_string(row("8") + "\n")
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        rows = [json.loads(x) for x in (await c.download(f"gs://{bucket}/{out}")).splitlines()]
+        assert sorted(r["key"] for r in rows) == ["0", "1", "2"]
+        assert [r["response"] for r in sorted(rows, key=lambda r: r["key"])] == [{"k": "0"}, {"k": "1"}, {"k": "2"}]
+        await c.delete_file(f"gs://{bucket}/{out}")
+        with pytest.raises(batchify.RemoteError):
+            await c.delete_file(f"gs://{bucket}/elsewhere/prediction-model-1")
+        assert [x.name for x in gcs.list_blobs(bucket)] == [
+            f"{out}0/predictions.jsonl",
+            "elsewhere/prediction-model-1/predictions.jsonl",
+        ]
+    finally:
+        await c.close()
+
+
+def test_sigkill_and_resume_on_vertex_creates_nothing_twice(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    """Killed right after a create (the job exists, the sidecar does not know it) and again after a poll: `resume`
+    takes the backend from the run's own options, finds the job by display name, and finishes the run."""
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates"}) + "\n" for i in range(120)))
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    args += [
+        "--endpoint",
+        vemu.url,
+        "--state-dir",
+        "st",
+        "--yes",
+        "--mode",
+        "batch",
+        "--batch-size",
+        "40",
+        "--poll-interval",
+        "0.1",
+    ]
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli([*args, "--out", str(out)], tmp_path, BATCHIFY_CRASH_AT="after_create:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 2
+    resume = ["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"]
+    p = run_cli(resume, tmp_path, BATCHIFY_CRASH_AT="after_poll:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    p = run_cli(resume, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == [f"a{i}" for i in range(120)]
+    assert all(r["status"] == "ok" for r in read_jsonl(out))
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
+    assert stats["creates"] == 0
+
+
+async def test_a_key_no_label_can_carry_fails_the_upload_once(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    path = write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", ["Ä" * 40])
+    c = vclient(vemu, gcs_url, bucket)
+    try:
+        with pytest.raises(batchify.RemoteError, match="too long to ride in a Vertex label") as e:
+            await c.upload(path, "dn-k")
+        assert e.value.code == 400 and "after" not in str(e.value), "not retried"
+    finally:
+        await c.close()
