@@ -4547,48 +4547,13 @@ class Engine:
     async def _adopt_remote(self, ranges: list[Any], missing: list[int]) -> list[str]:
         """Jobs of this run that the service has and the sidecars do not: adopt them; batches in `missing`
         that the service has never seen: recreate them, to be sent."""
-        prefix = f"batchify-{self.run.name[:40]}-{self.run.run_id}-"
-        try:
-            remote = [r for r in await self.client.list_batches() if (r.display_name or "").startswith(prefix)]
-        except AuthError:
-            raise
-        except RemoteError as e:
-            if not missing:
-                self._log(f"could not list batches to check the sidecars ({e}); going on with them as they are")
-                return []
-            raise RemoteError(
-                f"{len(missing)} job sidecar(s) are missing and the service cannot be asked ({e}); resume again later"
-            ) from e
-        known = {j.display_name for j in self.jobs.values()}
-        found: dict[int, list[tuple[int, RemoteJob]]] = {}
-        for r in remote:
-            m = re.search(r"-b(\d{4,})-a(\d+)$", r.display_name or "")
-            if m and r.display_name not in known:
-                found.setdefault(int(m.group(1)), []).append((int(m.group(2)), r))
+        found = await self._unknown_remote_jobs(len(missing))
         notes = []
         for i in sorted(set(missing) | set(found)):
             chain = sorted(found.get(i, []), key=lambda x: x[0])
-            if i <= len(ranges):
-                start, end, tokens, nbytes = ranges[i - 1]
-                base = Job(
-                    name=f"b{i:04d}",
-                    index=i,
-                    display_name=display_name_for(self.run.name, self.run.run_id, i, 1),
-                    request_file=f"requests/b{i:04d}.jsonl",
-                    request_count=(self.store.dir / f"requests/b{i:04d}.jsonl").read_bytes().count(b"\n"),
-                    tokens=tokens,
-                    bytes=nbytes,
-                    wave=int(self.run.plan.get("wave_of_batch", {}).get(str(i - 1), 0)),
-                    start=start,
-                    end=end,
-                    timestamps={"CREATED": utcnow()},
-                )
-            else:  # the one extra try of per-line errors: its request file says how many
-                rel = f"requests/retry-{i:04d}.jsonl"
-                if not (self.store.dir / rel).exists():
-                    continue
-                lines = (self.store.dir / rel).read_bytes().count(b"\n")
-                base = Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
+            base = self._first_job_of(i, ranges)
+            if base is None:
+                continue
             if not chain and i in missing:
                 self.store.save_job(base)
                 self.jobs[base.name] = base
@@ -4614,6 +4579,53 @@ class Engine:
                 prev = name
                 notes.append(f"{name}: sidecar missing; adopted {r.name} ({r.state}) from the service")
         return notes
+
+    async def _unknown_remote_jobs(self, missing: int) -> dict[int, list[tuple[int, RemoteJob]]]:
+        """This run's jobs at the service that no sidecar knows, by batch number: [(attempt, job)]. With
+        `missing` sidecars, a failure to ask is an error (else it is logged and nothing is found)."""
+        prefix = f"batchify-{self.run.name[:40]}-{self.run.run_id}-"
+        try:
+            remote = [r for r in await self.client.list_batches() if (r.display_name or "").startswith(prefix)]
+        except AuthError:
+            raise
+        except RemoteError as e:
+            if not missing:
+                self._log(f"could not list batches to check the sidecars ({e}); going on with them as they are")
+                return {}
+            raise RemoteError(
+                f"{missing} job sidecar(s) are missing and the service cannot be asked ({e}); resume again later"
+            ) from e
+        known = {j.display_name for j in self.jobs.values()}
+        found: dict[int, list[tuple[int, RemoteJob]]] = {}
+        for r in remote:
+            m = re.search(r"-b(\d{4,})-a(\d+)$", r.display_name or "")
+            if m and r.display_name not in known:
+                found.setdefault(int(m.group(1)), []).append((int(m.group(2)), r))
+        return found
+
+    def _first_job_of(self, i: int, ranges: list[Any]) -> Job | None:
+        """Batch i's first job as prepare made it (from the plan and its request file); None for a retry
+        file that is gone."""
+        if i <= len(ranges):
+            start, end, tokens, nbytes = ranges[i - 1]
+            return Job(
+                name=f"b{i:04d}",
+                index=i,
+                display_name=display_name_for(self.run.name, self.run.run_id, i, 1),
+                request_file=f"requests/b{i:04d}.jsonl",
+                request_count=(self.store.dir / f"requests/b{i:04d}.jsonl").read_bytes().count(b"\n"),
+                tokens=tokens,
+                bytes=nbytes,
+                wave=int(self.run.plan.get("wave_of_batch", {}).get(str(i - 1), 0)),
+                start=start,
+                end=end,
+                timestamps={"CREATED": utcnow()},
+            )
+        rel = f"requests/retry-{i:04d}.jsonl"  # the one extra try of per-line errors: its file says how many
+        if not (self.store.dir / rel).exists():
+            return None
+        lines = (self.store.dir / rel).read_bytes().count(b"\n")
+        return Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
 
     async def reconcile(self) -> None:
         """A job left in SUBMITTING may or may not exist remotely: find it by display name."""
