@@ -2614,57 +2614,58 @@ def read_input(path: Path) -> Iterator[InputRecord]:
     with f:
         head = f.read(4096)
         f.seek(0)
-        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) > 1 and head.count(b"\x00") > len(head) // 4):
-            raise InputError(
-                f"{path}: the file is UTF-16 (or another wide encoding); batchify expects UTF-8 JSONL. "
-                f"Fix: convert it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > input.jsonl`."
-            )
-        if not head.strip(b"\xef\xbb\xbf \t\r\n"):
-            raise InputError(f"{path}: the file is empty. Fix: give one JSON object per line.")
-        first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0].strip()
-        if first == b"{":
-            raise InputError(
-                f"{path}: the file starts with a JSON object spread over several lines (pretty-printed); batchify "
-                "expects JSONL (one complete object per line) or a JSON array of objects. "
-                "Fix: e.g. `jq -c . file > input.jsonl` (one object per line)."
-            )
-        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            data = f.read()
+        if _input_shape(path, head) == "array":
             try:
-                items = orjson.loads(data.removeprefix(b"\xef\xbb\xbf"))
+                items = orjson.loads(f.read().removeprefix(b"\xef\xbb\xbf"))
             except orjson.JSONDecodeError as e:
                 raise InputError(f"{path}: not valid JSON ({e}). Fix: give a JSON array of objects, or JSONL.") from e
             for i, obj in enumerate(items, 1):
                 yield InputRecord("item", i, obj)
             return
-        for lineno, line in enumerate(f, 1):
-            if lineno == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
-            if line.isspace() or not line:
-                continue
-            try:
-                obj = orjson.loads(line)  # surrounding white space (CRLF too) is valid JSON
-            except orjson.JSONDecodeError as e:
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as ue:
-                    yield InputRecord(
-                        "line",
-                        lineno,
-                        None,
-                        f"bytes that are not UTF-8 at column {ue.start + 1}. Fix: re-encode the file as UTF-8",
-                        line.strip(),
-                    )
-                    continue
-                yield InputRecord(
-                    "line",
-                    lineno,
-                    None,
-                    f"malformed JSON ({e.msg} at column {e.colno}). Fix: one complete JSON object per line",
-                    line.strip(),
-                )
-                continue
-            yield InputRecord("line", lineno, obj, None, line)
+        yield from jsonl_records(f)
+
+
+def _input_shape(path: Path, head: bytes) -> str:
+    """ "array" or "jsonl" from a file's first 4 KB, or InputError for what batchify cannot read (UTF-16,
+    an empty file, pretty-printed JSON), with the fix."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) > 1 and head.count(b"\x00") > len(head) // 4):
+        raise InputError(
+            f"{path}: the file is UTF-16 (or another wide encoding); batchify expects UTF-8 JSONL. "
+            f"Fix: convert it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > input.jsonl`."
+        )
+    body = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not body:
+        raise InputError(f"{path}: the file is empty. Fix: give one JSON object per line.")
+    if body.split(b"\n", 1)[0].strip() == b"{":
+        raise InputError(
+            f"{path}: the file starts with a JSON object spread over several lines (pretty-printed); batchify "
+            "expects JSONL (one complete object per line) or a JSON array of objects. "
+            "Fix: e.g. `jq -c . file > input.jsonl` (one object per line)."
+        )
+    return "array" if body.startswith(b"[") else "jsonl"
+
+
+def jsonl_records(lines: Iterable[bytes]) -> Iterator[InputRecord]:
+    """The records of JSONL lines (1-based line numbers; a BOM on the first line and blank lines skipped)."""
+    for lineno, line in enumerate(lines, 1):
+        if lineno == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if line.isspace() or not line:
+            continue
+        try:
+            obj = orjson.loads(line)  # surrounding white space (CRLF too) is valid JSON
+        except orjson.JSONDecodeError as e:
+            yield InputRecord("line", lineno, None, _why_unreadable(line, e), line.strip())
+            continue
+        yield InputRecord("line", lineno, obj, None, line)
+
+
+def _why_unreadable(line: bytes, e: orjson.JSONDecodeError) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as ue:
+        return f"bytes that are not UTF-8 at column {ue.start + 1}. Fix: re-encode the file as UTF-8"
+    return f"malformed JSON ({e.msg} at column {e.colno}). Fix: one complete JSON object per line"
 
 
 def file_sha256(path: Path) -> str:
@@ -3888,26 +3889,14 @@ async def prepare_run(
     if cfg.models:
         catalog = catalog.merged(cfg.models, "the job config")
     spec, gc, limit = _model_and_limit(cfg, opts, catalog, today)
-    context = spec.input_token_limit or CONTEXT_WINDOW
-    if client is not None:  # the service confirms the model (a 404: retired or unknown there) and its limits
-        info = await client.get_model(cfg.model, replacement=spec.replacement)
-        context = info.input_token_limit or context
-        if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
-            gc["maxOutputTokens"] = info.output_token_limit
+    context = await _context_window(client, cfg, spec, gc)
     if client is not None and opts.calibrate and not opts.skip_invalid:
         _validate_only(store, path, cfg, opts, gc)  # calibration sends documents: nothing before validation
-    sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
-    cpt, warranted, offline_why = (
-        (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None, None)
-    )
-    margin = margin_for(opts.margin, warranted)
-    eff = effective_limit(limit, margin)
-    si_chars = len(cfg.system_instruction or "")
-    per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
-    cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
-    p = await _passes(store, path, cfg, opts, (cpt, eff, cap, context), spec, gc, hook)
-    limits = {"limit": limit, "eff": eff, "cap": cap, "context": context, "margin": margin}
-    plan = _full_plan(cfg, opts, spec, catalog, p, gc, limits, today, offline_why)
+    z = await _sizing(client, path, cfg, opts, limit)
+    p = await _passes(store, path, cfg, opts, (z.cpt, z.eff, z.cap, context), spec, gc, hook)
+    limits = {"limit": limit, "eff": z.eff, "cap": z.cap, "context": context, "margin": z.margin}
+    plan = _full_plan(cfg, opts, spec, catalog, p, gc, limits, today, z.offline_why)
+    cpt, warranted = z.cpt, z.warranted
     run_id = secrets.token_hex(3)
     if opts.mode not in ("realtime", "flex"):
         _save_first_jobs(store, run_id, p.batches, plan["wave_of_batch"])
@@ -3930,6 +3919,43 @@ async def prepare_run(
     )
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
     return run
+
+
+async def _context_window(client: GeminiClient | None, cfg: JobConfig, spec: ModelSpec, gc: dict[str, Any]) -> int:
+    """The model's input token limit. With a client, the service confirms the model (a 404: retired or
+    unknown there) and its limits, and maxOutputTokens in `gc` is lowered to the model's if above it."""
+    context = spec.input_token_limit or CONTEXT_WINDOW
+    if client is not None:
+        info = await client.get_model(cfg.model, replacement=spec.replacement)
+        context = info.input_token_limit or context
+        if info.output_token_limit and gc.get("maxOutputTokens", 0) > info.output_token_limit:
+            gc["maxOutputTokens"] = info.output_token_limit
+    return context
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    cpt: float  # characters per token
+    warranted: float | None  # how far calibration trusts cpt (None: offline estimate)
+    offline_why: str | None  # why calibration was offline
+    margin: float  # share of the enqueued limit kept free
+    eff: int  # the limit planned to
+    cap: int  # tokens a batch may hold
+
+
+async def _sizing(client: GeminiClient | None, path: Path, cfg: JobConfig, opts: RunOptions, limit: int) -> _Sizing:
+    """Calibrate characters per token on a sample (countTokens, or the offline figure), then the margin,
+    the limit to plan to and the batch token cap that follow from it."""
+    sample = sample_prompts(path, cfg, opts.id_field, opts.text_field)
+    cpt, warranted, offline_why = (
+        (await calibrate(client, cfg.model, sample)) if opts.calibrate else (CHARS_PER_TOKEN_OFFLINE, None, None)
+    )
+    margin = margin_for(opts.margin, warranted)
+    eff = effective_limit(limit, margin)
+    si_chars = len(cfg.system_instruction or "")
+    per_doc = sum(len(p) + si_chars for p in sample) / len(sample) / cpt if sample else 0.0
+    cap = batch_token_cap(eff, opts.batch_size, per_doc, opts.max_active_jobs)
+    return _Sizing(cpt, warranted, offline_why, margin, eff, cap)
 
 
 def _full_plan(
@@ -6989,18 +7015,16 @@ def run(
     **flags: Any,
 ) -> None:
     """Prepare, plan, submit, poll, retrieve and merge INPUT_FILE (JSONL or a JSON array)."""
-    cfg = load_config(
-        config_path,
-        {
-            "model": model,
-            "system_instruction": system_instruction,
-            "prompt_template": prompt_template,
-            "temperature": temperature,
-            "max_output_tokens": max_output_tokens,
-            "thinking": thinking if thinking is not None else thinking_budget,
-            "accept_truncated": accept_truncated,
-        },
-    )
+    given = {
+        "model": model,
+        "system_instruction": system_instruction,
+        "prompt_template": prompt_template,
+        "temperature": temperature,
+        "max_output_tokens": max_output_tokens,
+        "thinking": thinking if thinking is not None else thinking_budget,
+        "accept_truncated": accept_truncated,
+    }
+    cfg = load_config(config_path, given)
     catalog = load_catalog(models_file)
     opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
     _current_run[:] = [opts.name or default_run_name(input_file)]
@@ -7011,33 +7035,28 @@ def run(
         return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
 
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
-        r, summary = asyncio.run(
-            run_file(
-                input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
-            )
+        work = run_file(
+            input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
         )
+        r, summary = asyncio.run(work)
     if dry_run:
-        if as_json:
-            _emit_json(
-                {
-                    "run": r.name,
-                    "state_dir": state_dir,
-                    "plan": r.plan,
-                    "records": r.records,
-                    "rejected": r.rejected,
-                    "chars_per_token": r.chars_per_token,
-                }
-            )
-        else:
-            render_plan(r, report())
-            report().print(
-                f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded. "
-                f"To submit: the same command without --dry-run, or `batchify resume {_esc(r.name)}`.",
-                soft_wrap=True,
-            )
+        _render_dry_run(r, as_json, state_dir)
         return
     assert summary is not None
     _finish(summary, as_json, state_dir)
+
+
+def _render_dry_run(r: Run, as_json: bool, state_dir: str) -> None:
+    if as_json:
+        keys = {"plan": r.plan, "records": r.records, "rejected": r.rejected, "chars_per_token": r.chars_per_token}
+        _emit_json({"run": r.name, "state_dir": state_dir, **keys})
+        return
+    render_plan(r, report())
+    report().print(
+        f"dry run: request files in {_esc(Path(state_dir) / r.name / 'requests')}; nothing uploaded. "
+        f"To submit: the same command without --dry-run, or `batchify resume {_esc(r.name)}`.",
+        soft_wrap=True,
+    )
 
 
 def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
