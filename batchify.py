@@ -3716,101 +3716,32 @@ def _prepare_pass(
     long_at: int | None = None,
     write: bool = True,
 ) -> _Pass:
-    """One streaming pass: validate each record, write request files and ids. Memory stays flat:
-    ids are kept as 8-byte digests in an array; only ids whose digest repeats (`suspects`, known
-    after a first pass) are compared exactly, in a second pass that runs only when there are any.
-    `write=False`: validate only (records, ids, the prompt template), writing no request file."""
+    """One streaming pass: validate each record (RecordChecker), write request files and ids (PassWriter).
+    Memory stays flat: ids are kept as 8-byte digests in an array; only ids whose digest repeats
+    (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
+    there are any. `write=False`: validate only (records, ids, the prompt template), no request file."""
     import array
-    import shutil
 
-    for leftover in ("requests", "jobs", "results"):  # a prepare that never finished: nothing was uploaded
-        shutil.rmtree(store.dir / leftover, ignore_errors=True)
-    for leftover_file in (store.ids_path, store.rejected_path, store.fetch_errors_path, store.realtime_path):
-        leftover_file.unlink(missing_ok=True)
-    fetched = load_fetch_cache(store.fetch_cache_path)
-    fields = template_fields(cfg.prompt_template)
-    si_chars = len(cfg.system_instruction or "")
-    long_threshold = long_at or 1 << 62
-    long_docs = long_tokens = 0
+    _clear_unfinished_prepare(store)
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256, path)
     hashing.shutdown(wait=False)
+    checker = RecordChecker(store, cfg, opts, cpt, eff, context, suspects)
+    check = checker.check
     digests = [array.array("Q") for _ in range(64)]  # 64 buckets by the digest's low bits
-    first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
     problems: list[str] = []
-    n_problems = unfetched = 0
+    n_problems = n = 0
+    long_threshold = long_at or 1 << 62
+    long_docs = long_tokens = 0
     cutter = BatchCutter(opts.batch_size, cap, opts.max_file_bytes)
-    req_dir = store.dir / "requests"
-    private_dir(req_dir)
-    n = 0
-    with contextlib.ExitStack() as stack:
-        ids_f = stack.enter_context(open_private(store.ids_path))
-        rej_f: Any = None
-        cur_f: Any = None
-        fail_f: Any = None
-
-        def close_file() -> None:
-            nonlocal cur_f
-            if cur_f is not None:
-                cur_f.close()
-                cur_f = None
-                if hook is not None:
-                    hook(Hook.PREPARE)
-
-        stack.callback(close_file)
+    with PassWriter(store, hook) as out:
         for rec in read_input(path):
-            fetch_error = None
-            if rec.error is None and needs_fetch(rec.obj, opts.text_field):
-                got = fetched.get(rec.obj["url"])
-                if got is None:
-                    unfetched += 1  # fetched after this pass (which is then made again), or left for `run`
-                    got = {"text": "(to fetch)"}
-                if "text" in got:
-                    rec.obj[opts.text_field] = got["text"]
-                    if got.get("title") and not rec.obj.get("title"):  # the page's <title> fills {title}
-                        rec.obj["title"] = got["title"]
-                else:
-                    fetch_error = f"fetching {rec.obj['url']} failed: {got['error']}"
-                    rec.obj[opts.text_field] = "(not fetched)"  # checked as usual; no request is made for it
-            err = rec.error or check_record(rec.obj, opts.id_field, opts.text_field, fields)
-            prompt = ""
-            t = 0
-            rid: Any = None
-            digest = 0
-            if err is None:
-                rid = rec.obj[opts.id_field]
-                digest = id_digest(rid)
-                if digest in suspects:
-                    key = orjson.dumps(rid)
-                    if key in first_seen:
-                        err = f"duplicate id {key.decode()[:60]} (first at {first_seen[key]}). Fix: make ids unique"
-                    else:
-                        first_seen[key] = rec.where
-            if err is None:
-                try:
-                    prompt = render_prompt(cfg.prompt_template, rec.obj, opts.text_field)
-                except (KeyError, IndexError, ValueError) as e:
-                    err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
-            if err is None:
-                t = math.ceil((len(prompt) + si_chars) / cpt) or 1  # estimate_tokens(), inlined: hot loop
-                if t > context:
-                    err = (
-                        f"document of about {t:,} tokens is longer than the model's context window "
-                        f"(input limit {context:,} tokens). Fix: split or truncate it"
-                    )
-                elif t > eff:
-                    err = (
-                        f"document of about {t:,} tokens exceeds the enqueued-token limit ({eff:,} after margin) "
-                        "by itself. Fix: raise --enqueued-limit/--tier or shorten it"
-                    )
+            err, fetch_error, prompt, t, rid, digest = check(rec)
             if err is not None:
                 n_problems += 1
                 if opts.skip_invalid:
-                    if rej_f is None:
-                        rej_f = stack.enter_context(open_private(store.rejected_path))
-                    raw = rec.obj if rec.error is None else rec.raw.decode("utf-8", "replace")
-                    rej_f.write(orjson.dumps({"where": rec.where, "reason": err, "record": raw}, option=NL))
+                    out.reject(rec, err)
                 elif len(problems) < 20:
                     problems.append(f"{path}:{rec.number}: {err}")
                 continue
@@ -3819,33 +3750,151 @@ def _prepare_pass(
                 n += 1
                 continue
             if fetch_error is not None:  # the id keeps its place and gets an error line; nothing is sent
-                if fail_f is None:
-                    fail_f = stack.enter_context(open_private(store.fetch_errors_path))
-                fail_f.write(orjson.dumps(result_record(n, None, fetch_error, "fetch"), option=NL))
-                ids_f.write(orjson.dumps(rid, option=NL))
+                out.fetch_failed(n, rid, fetch_error)
                 n += 1
                 continue
             line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
-            if cutter.add(n, t, len(line)):  # this request starts a new batch: a new request file
-                close_file()
-                cur_f = open_private(req_dir / f"b{len(cutter.batches) + 1:04d}.jsonl")
-            cur_f.write(line)
+            out.request(line, rid, cutter.add(n, t, len(line)), len(cutter.batches))
             if t > long_threshold:
                 long_docs += 1
                 long_tokens += t
-            ids_f.write(orjson.dumps(rid, option=NL))
             n += 1
-        close_file()
         batches = cutter.finish(n)
+    dupes = set() if suspects else _repeated_digests(digests)
+    return _Pass(batches, n, n_problems, problems, sha.result(), dupes, checker.unfetched, long_docs, long_tokens)
+
+
+def _clear_unfinished_prepare(store: RunStore) -> None:
+    """Remove what a prepare that never finished wrote (nothing of it was uploaded)."""
+    import shutil
+
+    for leftover in ("requests", "jobs", "results"):
+        shutil.rmtree(store.dir / leftover, ignore_errors=True)
+    for leftover_file in (store.ids_path, store.rejected_path, store.fetch_errors_path, store.realtime_path):
+        leftover_file.unlink(missing_ok=True)
+
+
+def _repeated_digests(digests: list[Any]) -> set[int]:
+    """Digests seen more than once, one bucket's set at a time (~1/64 of the ids in memory at once)."""
     dupes: set[int] = set()
-    if not suspects:
-        for bucket in digests:  # one bucket's set at a time: ~1/64 of the ids in memory at once
-            seen_d: set[int] = set()
-            for d in bucket:
-                if d in seen_d:
-                    dupes.add(d)
-                seen_d.add(d)
-    return _Pass(batches, n, n_problems, problems, sha.result(), dupes, unfetched, long_docs, long_tokens)
+    for bucket in digests:
+        seen: set[int] = set()
+        for d in bucket:
+            if d in seen:
+                dupes.add(d)
+            seen.add(d)
+    return dupes
+
+
+class RecordChecker:
+    """Checks one input record for a prepare pass: fills a fetched page's text (or notes the fetch error),
+    the record's fields and id (exact duplicate check for `suspects` digests), the prompt template, and its
+    token estimate against the context window and the enqueued limit. The hot loop calls `check` per record."""
+
+    def __init__(self, store: RunStore, cfg: JobConfig, opts: RunOptions, cpt: float, eff: int, context: int, suspects: set[int]):
+        self.fetched = load_fetch_cache(store.fetch_cache_path)
+        self.fields = template_fields(cfg.prompt_template)
+        self.template, self.id_field, self.text_field = cfg.prompt_template, opts.id_field, opts.text_field
+        self.si_chars = len(cfg.system_instruction or "")
+        self.cpt, self.eff, self.context, self.suspects = cpt, eff, context, suspects
+        self.first_seen: dict[bytes, str] = {}  # exact ids, for suspects only
+        self.unfetched = 0  # pages to fetch after this pass (which is then made again), or left for `run`
+
+    def _fill_fetched(self, obj: dict[str, Any]) -> str | None:
+        """Put a fetched page's text (and <title>) in the record; the fetch error, if it failed."""
+        got = self.fetched.get(obj["url"])
+        if got is None:
+            self.unfetched += 1
+            got = {"text": "(to fetch)"}
+        if "text" in got:
+            obj[self.text_field] = got["text"]
+            if got.get("title") and not obj.get("title"):  # the page's <title> fills {title}
+                obj["title"] = got["title"]
+            return None
+        obj[self.text_field] = "(not fetched)"  # checked as usual; no request is made for it
+        return f"fetching {obj['url']} failed: {got['error']}"
+
+    def check(self, rec: InputRecord) -> tuple[str | None, str | None, str, int, Any, int]:
+        """(error, fetch error, prompt, estimated tokens, id, id digest) for one record."""
+        fetch_error = None
+        if rec.error is None and needs_fetch(rec.obj, self.text_field):
+            fetch_error = self._fill_fetched(rec.obj)
+        err = rec.error or check_record(rec.obj, self.id_field, self.text_field, self.fields)
+        if err is not None:
+            return err, fetch_error, "", 0, None, 0
+        rid = rec.obj[self.id_field]
+        digest = id_digest(rid)
+        if digest in self.suspects:
+            key = orjson.dumps(rid)
+            if key in self.first_seen:
+                err = f"duplicate id {key.decode()[:60]} (first at {self.first_seen[key]}). Fix: make ids unique"
+                return err, fetch_error, "", 0, rid, digest
+            self.first_seen[key] = rec.where
+        try:
+            prompt = render_prompt(self.template, rec.obj, self.text_field)
+        except (KeyError, IndexError, ValueError) as e:
+            err = f"the prompt template cannot be filled ({e}). Fix: add the field or change the template"
+            return err, fetch_error, "", 0, rid, digest
+        t = math.ceil((len(prompt) + self.si_chars) / self.cpt) or 1  # estimate_tokens(), inlined: hot loop
+        if t > self.context:
+            err = (
+                f"document of about {t:,} tokens is longer than the model's context window "
+                f"(input limit {self.context:,} tokens). Fix: split or truncate it"
+            )
+        elif t > self.eff:
+            err = (
+                f"document of about {t:,} tokens exceeds the enqueued-token limit ({self.eff:,} after margin) "
+                "by itself. Fix: raise --enqueued-limit/--tier or shorten it"
+            )
+        return err, fetch_error, prompt, t, rid, digest
+
+
+class PassWriter:
+    """The files a prepare pass writes: ids.jsonl (one line per kept record), the request files (a new one
+    at each batch cut; the hook runs as each is closed), rejected.jsonl and fetch errors (opened on first use)."""
+
+    def __init__(self, store: RunStore, hook: Callable[[Hook], None] | None):
+        self.store, self.hook = store, hook
+        self.req_dir = store.dir / "requests"
+        self.stack = contextlib.ExitStack()
+        self.rej_f: Any = None
+        self.fail_f: Any = None
+        self.cur_f: Any = None
+
+    def __enter__(self) -> PassWriter:
+        private_dir(self.req_dir)
+        self.ids_f = self.stack.enter_context(open_private(self.store.ids_path))
+        self.stack.callback(self.close_file)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
+
+    def close_file(self) -> None:
+        if self.cur_f is not None:
+            self.cur_f.close()
+            self.cur_f = None
+            if self.hook is not None:
+                self.hook(Hook.PREPARE)
+
+    def request(self, line: bytes, rid: Any, new_batch: bool, batch_number: int) -> None:
+        if new_batch:  # this request starts a new batch: a new request file
+            self.close_file()
+            self.cur_f = open_private(self.req_dir / f"b{batch_number + 1:04d}.jsonl")
+        self.cur_f.write(line)
+        self.ids_f.write(orjson.dumps(rid, option=NL))
+
+    def reject(self, rec: InputRecord, err: str) -> None:
+        if self.rej_f is None:
+            self.rej_f = self.stack.enter_context(open_private(self.store.rejected_path))
+        raw = rec.obj if rec.error is None else rec.raw.decode("utf-8", "replace")
+        self.rej_f.write(orjson.dumps({"where": rec.where, "reason": err, "record": raw}, option=NL))
+
+    def fetch_failed(self, n: int, rid: Any, error: str) -> None:
+        if self.fail_f is None:
+            self.fail_f = self.stack.enter_context(open_private(self.store.fetch_errors_path))
+        self.fail_f.write(orjson.dumps(result_record(n, None, error, "fetch"), option=NL))
+        self.ids_f.write(orjson.dumps(rid, option=NL))
 
 
 def _refuse_invalid(store: RunStore, path: Path, p: _Pass) -> None:
