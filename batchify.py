@@ -7622,6 +7622,7 @@ class Emulator:
             "label": EMULATOR_LABEL,
         }
         self.created = 0
+        self.spent: dict[str, int] = {}  # "first N calls" fault knobs: how many of N have fired (see _fault)
         self._runner: Any = None
         self.url = ""
         self.seen_prefixes: set[tuple[str, str]] = set()
@@ -7719,18 +7720,24 @@ class Emulator:
                 body["error"]["details"] = e.details
             return web.json_response(body, status=e.code)
 
+    def configure(self, **kw: Any) -> None:
+        """Change settings (ValueError for an unknown one); a "first N calls" knob given again starts over."""
+        self.cfg.update(**kw)
+        for k in kw:
+            self.spent.pop(k, None)
+
     def _fault(self, knob: str) -> bool:
-        """A "first N calls" fault knob: True (and one fewer left, counted in stats as faults_<knob>) while any are left."""
-        left = getattr(self.cfg, knob)
-        if left <= 0:
+        """A "first N calls" fault knob: True while fewer than N (the setting) have fired, counted in stats as
+        faults_<knob>. The setting itself is never changed: the config stays what was configured."""
+        if self.spent.get(knob, 0) >= getattr(self.cfg, knob):
             return False
-        setattr(self.cfg, knob, left - 1)
+        self.spent[knob] = self.spent.get(knob, 0) + 1
         self.stats[f"faults_{knob}"] = self.stats.get(f"faults_{knob}", 0) + 1
         return True
 
     def _maybe_503(self) -> None:
-        if self.cfg.unavailable_burst > 0:
-            self.cfg.unavailable_burst -= 1
+        if self._fault("unavailable_burst"):
+            pass
         elif not (self.cfg.unavailable_rate and self.rng.random() < self.cfg.unavailable_rate):
             return
         self.stats["injected_503"] += 1
@@ -7760,7 +7767,7 @@ class Emulator:
 
     async def _h_config(self, request: Any) -> Any:
         try:
-            self.cfg.update(**(await self._json(request)))
+            self.configure(**(await self._json(request)))
         except (ValueError, TypeError) as e:
             raise _EmuError(400, "INVALID_ARGUMENT", str(e)) from e
         return self._ok(dataclasses.asdict(self.cfg))
@@ -7913,8 +7920,7 @@ class Emulator:
         ):
             if self._fault(knob):
                 raise _EmuError(code, status, message)
-        if self.cfg.drop_downloads > 0:
-            self.cfg.drop_downloads -= 1
+        if self._fault("drop_downloads"):
             self.stats["downloads_dropped"] += 1
             resp = web.StreamResponse(status=200)
             resp.content_length = len(data)
@@ -8271,6 +8277,20 @@ class Emulator:
                 400, "INVALID_ARGUMENT", 'Invalid JSON payload received. Expected {"batch": {inputConfig, displayName}}.'
             )
         ic = batch.get("inputConfig") or {}
+        lines, tokens = self._batch_input(ic)
+        active = self._admit_batch(model, tokens)
+        job = self._new_job(model, batch.get("displayName"), ic, lines, tokens)
+        self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
+        if job["fate"] != "expire":
+            # The service has a job's output ready when its state flips; states here move lazily (on the
+            # next look), so flip it, and write its output, at its end time rather than inside the get
+            # that happens to look next (which would bill that get for the answers' generation).
+            with contextlib.suppress(RuntimeError):  # no running loop: stays lazy
+                asyncio.get_running_loop().call_later(job["duration"] + 0.001, self._refresh, job)
+        return self._ok(self._operation(job))
+
+    def _batch_input(self, ic: dict[str, Any]) -> tuple[list[tuple[Any, Any]], int]:
+        """A batch's (metadata, request) lines and its tokens, from an uploaded file or inlined requests."""
         lines: list[tuple[Any, Any]] = []
         if "fileName" in ic:
             lines = list(self._file_lines(self._get_file(ic["fileName"])["resource"]["name"].split("/")[1]))
@@ -8282,29 +8302,33 @@ class Emulator:
         if not lines:
             raise _EmuError(400, "INVALID_ARGUMENT", "The batch has no requests.")
         if "fileName" in ic:
-            tokens = self.files[ic["fileName"].removeprefix("files/")]["tokens"]
-        else:
-            tokens = sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
+            return lines, self.files[ic["fileName"].removeprefix("files/")]["tokens"]
+        return lines, sum(self._tokens(r) if isinstance(r, dict) else 0 for _, r in lines)
+
+    def _admit_batch(self, model: str, tokens: int) -> int:
+        """Refuse a create (429 RESOURCE_EXHAUSTED, as the service words it) over the model's enqueued-token
+        limit, over the active-job cap, or while create_429 faults are left; else the tokens already active."""
         active, njobs = self._active_tokens(model)
-        if self.cfg.create_429 > 0 or active + tokens > self._limit(model) or njobs >= self.cfg.max_active_jobs:
-            self.cfg.create_429 = max(0, self.cfg.create_429 - 1)
-            self.stats["creates_refused_429"] += 1
-            what = f"enqueued tokens {active + tokens} > {self._limit(model)}"
-            if active + tokens <= self._limit(model) and njobs < self.cfg.max_active_jobs:
-                what = "batch quota (emulated create_429 fault: refused whatever the load)"
-            elif njobs >= self.cfg.max_active_jobs and active + tokens <= self._limit(model):
-                what = f"{njobs} batch jobs pending or running (at most {self.cfg.max_active_jobs})"
-            raise _EmuError(
-                429,
-                "RESOURCE_EXHAUSTED",
-                f"You exceeded your current quota: {what} for this model (emulated).",
-                [
-                    {
-                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                        "violations": [{"quotaId": "BatchEnqueuedTokensPerModel"}],
-                    }
-                ],
-            )
+        limit = self._limit(model)
+        forced = self._fault("create_429")
+        if not forced and active + tokens <= limit and njobs < self.cfg.max_active_jobs:
+            return active
+        self.stats["creates_refused_429"] += 1
+        what = f"enqueued tokens {active + tokens} > {limit}"
+        if forced:
+            what = "batch quota (emulated create_429 fault: refused whatever the load)"
+        elif njobs >= self.cfg.max_active_jobs and active + tokens <= limit:
+            what = f"{njobs} batch jobs pending or running (at most {self.cfg.max_active_jobs})"
+        quota = {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{"quotaId": "BatchEnqueuedTokensPerModel"}],
+        }
+        raise _EmuError(429, "RESOURCE_EXHAUSTED", f"You exceeded your current quota: {what} for this model (emulated).", [quota])
+
+    def _new_job(
+        self, model: str, dn: str | None, ic: dict[str, Any], lines: list[tuple[Any, Any]], tokens: int
+    ) -> dict[str, Any]:
+        """Record a created batch job: its fate (the fail_jobs / expire_jobs faults), its simulated duration."""
         self.created += 1
         fate = "succeed"
         if self.created <= self.cfg.fail_jobs:
@@ -8316,7 +8340,6 @@ class Emulator:
         hi = self.cfg.job_seconds_max or lo
         dur = self._dur(lo + (hi - lo) * self.duration_rng.random())
         t = time.time()
-        dn = batch.get("displayName")
         self.stats.setdefault("first_create_at", self.now())
         self.jobs[jid] = {
             "id": jid,
@@ -8339,16 +8362,9 @@ class Emulator:
         self.stats["creates"] += 1
         key = dn or "(none)"
         self.stats["creates_by_display_name"][key] = self.stats["creates_by_display_name"].get(key, 0) + 1
-        self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
         self.stats.setdefault("job_seconds", []).append(round(dur, 4))
         self.stats.setdefault("created_after", []).append(round(self.now() - self.stats["first_create_at"], 4))
-        if fate != "expire":
-            # The service has a job's output ready when its state flips; states here move lazily (on the
-            # next look), so flip it, and write its output, at its end time rather than inside the get
-            # that happens to look next (which would bill that get for the answers' generation).
-            with contextlib.suppress(RuntimeError):  # no running loop: stays lazy
-                asyncio.get_running_loop().call_later(dur + 0.001, self._refresh, self.jobs[jid])
-        return self._ok(self._operation(self.jobs[jid]))
+        return self.jobs[jid]
 
     def _refresh_all(self) -> None:
         for j in self.jobs.values():

@@ -136,7 +136,6 @@ def one_run(a: argparse.Namespace, s: Setting, inp: Path, limit: int, told: int,
         "seen_lag": statistics.mean(seen) * s.scale,
         "peak": st["peak_enqueued_tokens"],
         "batches": [r[:2] for r in run.plan["batch_ranges"]],
-        "waves": run.plan.get("waves"),
     }
 
 

@@ -47,7 +47,7 @@ class Emu:
             return json.loads(r.read())
 
     def configure(self, **kw: Any) -> None:
-        self.thread.call(lambda: self.emulator.cfg.update(**kw))
+        self.thread.call(lambda: self.emulator.configure(**kw))
 
 
 @pytest.fixture
