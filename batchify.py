@@ -46,6 +46,7 @@ Contents (sections are marked with banner comments, in the order data flows)
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import concurrent.futures
@@ -3720,8 +3721,6 @@ def _prepare_pass(
     Memory stays flat: ids are kept as 8-byte digests in an array; only ids whose digest repeats
     (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
     there are any. `write=False`: validate only (records, ids, the prompt template), no request file."""
-    import array
-
     _clear_unfinished_prepare(store)
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
@@ -8076,18 +8075,8 @@ class Emulator:
         """A deterministic response that follows the requested schema, labelled as the emulator's. Thinking
         shares maxOutputTokens with the answer: past it, the answer is cut (finishReason MAX_TOKENS). A system
         instruction of cache_min_tokens or more seen before is reported as cached (implicit caching)."""
-        choice = self._check_thinking(req, model)
         spec = self._spec(model)
-        tc = (req.get("generationConfig") or {}).get("thinkingConfig") or {}
-        wire = ",".join(f"{_camel(k)}={v}" for k, v in sorted(tc.items())) if isinstance(tc, dict) and tc else "none"
-        key = f"{model} {wire}"
-        self.stats["thinking_seen"][key] = self.stats["thinking_seen"].get(key, 0) + 1
-        if choice is None and spec is not None and spec.thinking != "none":
-            choice = spec.thinking_default or ("dynamic" if spec.thinking == "budget" else "medium")
-        if isinstance(choice, int):
-            thoughts = EMULATED_THOUGHTS["dynamic"] if choice < 0 else min(choice, EMULATED_THOUGHTS["medium"])
-        else:
-            thoughts = EMULATED_THOUGHTS.get(choice or "minimal", 0)
+        thoughts = self._thoughts(req, model, spec)
         text = " ".join(p.get("text", "") for c in req["contents"] for p in c.get("parts", []) if isinstance(p, dict))
         gc = req.get("generationConfig") or {}
         schema = gc.get("responseJsonSchema") or gc.get("responseSchema")
@@ -8111,14 +8100,7 @@ class Emulator:
             "totalTokenCount": prompt_tokens + out_tokens + thoughts,
             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
         }
-        si = req.get("systemInstruction") or {}
-        si_tokens = self._tokens({"systemInstruction": si}) if isinstance(si, dict) else 0
-        if si_tokens >= self.cfg.cache_min_tokens:
-            prefix = (model, hashlib.blake2b(orjson.dumps(si), digest_size=16).hexdigest())
-            if prefix in self.seen_prefixes:
-                usage["cachedContentTokenCount"] = si_tokens
-                usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": si_tokens}]
-            self.seen_prefixes.add(prefix)
+        self._implicit_cache(req, model, usage)
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
         parts = [{"text": answer}] if answer else []
@@ -8133,6 +8115,31 @@ class Emulator:
             "modelVersion": f"{model} (batchify-emulator)",
             "responseId": f"emu-{seed % 10**12:012d}",
         }
+
+    def _thoughts(self, req: dict[str, Any], model: str, spec: ModelSpec | None) -> int:
+        """Thinking tokens this request spends (synthetic, by level or budget), after checking the thinking
+        config the model accepts; the config seen is counted in stats["thinking_seen"]."""
+        choice = self._check_thinking(req, model)
+        tc = (req.get("generationConfig") or {}).get("thinkingConfig") or {}
+        wire = ",".join(f"{_camel(k)}={v}" for k, v in sorted(tc.items())) if isinstance(tc, dict) and tc else "none"
+        key = f"{model} {wire}"
+        self.stats["thinking_seen"][key] = self.stats["thinking_seen"].get(key, 0) + 1
+        if choice is None and spec is not None and spec.thinking != "none":
+            choice = spec.thinking_default or ("dynamic" if spec.thinking == "budget" else "medium")
+        if isinstance(choice, int):
+            return EMULATED_THOUGHTS["dynamic"] if choice < 0 else min(choice, EMULATED_THOUGHTS["medium"])
+        return EMULATED_THOUGHTS.get(choice or "minimal", 0)
+
+    def _implicit_cache(self, req: dict[str, Any], model: str, usage: dict[str, Any]) -> None:
+        """A system instruction of cache_min_tokens or more seen before is reported as cached."""
+        si = req.get("systemInstruction") or {}
+        si_tokens = self._tokens({"systemInstruction": si}) if isinstance(si, dict) else 0
+        if si_tokens >= self.cfg.cache_min_tokens:
+            prefix = (model, hashlib.blake2b(orjson.dumps(si), digest_size=16).hexdigest())
+            if prefix in self.seen_prefixes:
+                usage["cachedContentTokenCount"] = si_tokens
+                usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": si_tokens}]
+            self.seen_prefixes.add(prefix)
 
     def _fake(self, schema: dict[str, Any], seed: int, words: list[str]) -> Any:
         t = schema.get("type", "object" if "properties" in schema else "string")
