@@ -6190,7 +6190,7 @@ async def cleanup(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale) as client:
             return await cleanup_run(store, client, local)
 
 
@@ -6203,7 +6203,7 @@ async def cancel(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key, options=run.options) as client:
+        async with open_client(endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale) as client:
             return await cancel_run(store, client)
 
 

@@ -156,6 +156,7 @@ def wait_for(pred: Any, timeout: float = 60.0) -> None:
 def spawn_batch_run(emu: Any, inp: Path, cwd: Path, out: Path, poll: str = "30") -> subprocess.Popen[str]:
     """`batchify run INPUT --mode batch` in the background against this test's emulator (to interrupt or race it)."""
     args = ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", poll]
+    args += ["--retry-scale", "0.1"]
     return spawn_cli([*args, "--out", str(out)], cwd)
 
 
