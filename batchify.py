@@ -2040,16 +2040,21 @@ def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) 
     return max(0.0, (total - d1) * (t1 - t0) / (d1 - d0 - 1))
 
 
-def poll_delay(interval: float, eta: float | None, base: float) -> float:
+def poll_delay(interval: float, eta: float | None, base: float, room_wanted: bool = False) -> float:
     """When to poll a job next: after its backed-off interval; or, when its progress says it will be
     done before the poll after that one could happen, just after that moment. Never sooner than
     `base`: at most one get per job per base interval.
+
+    With no progress to go by while a batch waits for room (`room_wanted`: admission held it back), every
+    base interval: the end of a live job is the only way the engine learns that room was made, and a
+    back-off would leave that room idle (told the true limit, the run was slower than one that had to
+    learn it, whose refused creates, retried on their own back-off, find the room without a poll).
 
     An end more than three base intervals off gets one look two intervals before it first: the rate
     the counts allow is taken at its slowest, which errs late in proportion to the time left, so a
     fresh count close to the end pins the end down (one more get, the end seen seconds sooner)."""
     if eta is None:
-        return interval
+        return base if room_wanted else interval
     done_at = eta + 0.05 * base
     if done_at >= interval + base:
         return interval
@@ -4973,6 +4978,7 @@ class Engine:
         except ExceptionGroup as eg:  # a poll's own error (a refused key): raised as itself
             raise eg.exceptions[0] from None
         freed = False
+        room_wanted = any(j.state == JobState.UPLOADED and j.lane == "batch" for j in self.jobs.values())
         for name in due:
             now_state = self.jobs[name].state
             freed = freed or (before[name] in ACTIVE_STATES and now_state not in ACTIVE_STATES)
@@ -4981,7 +4987,7 @@ class Engine:
             t.interval[name] = next_poll_interval(
                 t.interval.get(name, base), tasks[name].result(), base, self.opts.max_poll_interval
             )
-            delay = poll_delay(t.interval[name], self._eta(self.jobs[name]), base)
+            delay = poll_delay(t.interval[name], self._eta(self.jobs[name]), base, room_wanted)
             t.next_poll[name] = self.clock() + delay
             if delay != t.interval[name]:
                 t.timed.add(name)

@@ -153,6 +153,11 @@ def wait_for(pred: Any, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def a_create_recorded(run_dir: Path) -> bool:
+    """True once a job sidecar of the run records a remote job (its create answered and saved)."""
+    return any('"remote_job": "' in f.read_text() for f in (run_dir / "jobs").glob("*.json") if f.stat().st_size)
+
+
 def spawn_batch_run(emu: Any, inp: Path, cwd: Path, out: Path, poll: str = "30") -> subprocess.Popen[str]:
     """`batchify run INPUT --mode batch` in the background against this test's emulator (to interrupt or race it)."""
     args = ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", poll]

@@ -42,6 +42,7 @@ class FakeGemini:
         self.generate_calls = 0
         self.shed: set[int] = set()  # generateContent calls (1-based) answered 503
         self.observe: Any = None  # called at each generateContent call (a test reads the engine's state)
+        self.progress = False  # report batchStats that grow evenly over a job's duration
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -73,11 +74,17 @@ class FakeGemini:
     def _state(self, name: str) -> batchify.RemoteJob:
         j = self.jobs[name]
         done = self.clock.now() >= j["end"]
+        stats = {}
+        if self.progress:
+            start = j["end"] - self.durations[int(name.split("/")[1])]
+            share = min(1.0, (self.clock.now() - start) / (j["end"] - start))
+            stats = {"requestCount": j["tokens"], "successfulRequestCount": int(j["tokens"] * share)}
         return batchify.RemoteJob(
             name,
             j["dn"],
             batchify.JobState.SUCCEEDED if done else batchify.JobState.RUNNING,
             output_file=f"files/out-{name.split('/')[1]}" if done else None,
+            stats=stats,
         )
 
     async def get_batch(self, name: str) -> batchify.RemoteJob:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -28,6 +29,27 @@ def run_engine(store: batchify.RunStore, fake: FakeGemini, clock: FakeClock) -> 
         return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep).execute()
 
     return asyncio.run(go())
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_polls_back_off_yet_see_the_end_promptly(tmp_path, progress):
+    """At most one get per job per base interval; far fewer than one per base interval over a long job (the
+    interval backs off); yet, with progress counts to go by, each end is seen within a base interval of
+    happening (polls are timed to the end the counts predict). Without counts the back-off costs latency,
+    bounded by the longest interval."""
+    base, longest = 2.0, 20.0
+    clock = FakeClock()
+    store = prepared(tmp_path, 300, 100, poll_interval=base, max_poll_interval=longest)
+    fake = FakeGemini(clock, [41.0, 97.0, 153.0])
+    fake.progress = progress
+    assert run_engine(store, fake, clock).ok == 300
+    for name in fake.jobs:
+        gets = [t for t, what, n in fake.calls if what == "get" and n == name]
+        assert min(b - a for a, b in itertools.pairwise(gets)) >= base  # never two gets within a base interval
+        span = fake.end_of(name) - gets[0]
+        assert len(gets) <= span / base / 2, (name, len(gets), span)  # backed off: under half of every-interval
+        seen = min(t for t in gets if t >= fake.end_of(name)) - fake.end_of(name)
+        assert seen <= (1.5 * base if progress else longest), (name, seen)
 
 
 @pytest.mark.parametrize("poll", [2.0, 30.0])
@@ -63,6 +85,28 @@ def test_admission_never_passes_the_limit_and_fills_it_again_when_a_job_ends(tmp
     second_end = fake.end_of("batches/1")
     seen = min(t for t, what, n in fake.calls if what == "get" and n == "batches/1" and t >= second_end)
     assert creates[2][0] == seen
+
+
+@pytest.mark.parametrize("duration", [3.0, 7.0])
+def test_told_the_true_limit_a_run_is_no_slower_than_learning_it_from_429s(tmp_path, duration):
+    """Issue 13: told the account's real enqueued-token limit, a run ends no later than one told far more,
+    which finds the limit through refused creates. The fake shows no progress counts (no end to time a poll
+    by), and its nine jobs of `duration` base intervals make three waves under the limit."""
+    ends = {}
+    for told in (True, False):
+        clock = FakeClock()
+        (tmp_path / str(told)).mkdir()
+        store = prepared(tmp_path / str(told), 90, 10, poll_interval=1.0, enqueued_limit=10**6, margin=0.0)
+        if told:
+            run = store.load_run()
+            run.plan["effective_limit"] = 3 * max(r[2] for r in run.plan["batch_ranges"])
+            store.save_run(run)
+        fake = FakeGemini(clock, [duration] * 9, limit=30)  # the fake counts a request as one token: 3 jobs at once
+        assert run_engine(store, fake, clock).ok == 90
+        refused = [n for _t, what, n in fake.calls if what == "create-429"]
+        assert bool(refused) is not told  # told: never above the limit; learned: it met the limit
+        ends[told] = max(t for t, what, _n in fake.calls if what == "download")
+    assert ends[True] <= ends[False], ends
 
 
 @pytest.mark.parametrize("yields", [0, 1, 3, 10])

@@ -8,12 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import (
     ROOT,
+    a_create_recorded,
     cli_env,
     input_ids,
     read_jsonl,
@@ -122,8 +122,7 @@ def test_ctrl_c_and_sigterm_leave_an_interrupted_run_named_in_the_message(emu, a
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         name = f"stop-{code}"
         p = spawn_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--name", name, *FAST], tmp_path)
-        wait_for(lambda n=name: any(k.startswith(f"batchify-{n}-") for k in emu.stats()["creates_by_display_name"]))
-        time.sleep(0.3)
+        wait_for(lambda n=name: a_create_recorded(tmp_path / "st" / n))
         p.send_signal(sig)
         _, err = p.communicate(timeout=30)
         assert p.returncode == code, err

@@ -3,8 +3,6 @@ stays put, and a finished job still noticed promptly (its progress tells when to
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 import batchify
@@ -13,24 +11,6 @@ import batchify
 @pytest.fixture
 def emu_config() -> batchify.EmulatorConfig:
     return batchify.EmulatorConfig(job_seconds=4.0, pending_fraction=0.1)
-
-
-def test_polls_back_off_yet_see_the_end_promptly(emu, articles, tmp_path):
-    base, maximum = 0.2, 1.0
-    opts = batchify.RunOptions(batch_size=20, poll_interval=base, max_poll_interval=maximum)
-    _run, summary = asyncio.run(
-        batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k")
-    )
-    assert summary is not None and summary.ok == 60
-    s = emu.stats()
-    gets = s["gets_by_job"]
-    assert len(gets) == 3
-    # One get per job per base interval at most (jobs due within 20% of a base interval ride along).
-    assert s["min_get_gap"] >= 0.8 * base - 0.01, s["min_get_gap"]
-    # Polling every base interval would take ~20 gets per 4 s job; backing off takes far fewer.
-    assert max(gets.values()) <= 12, gets
-    # Yet each end is seen within about a base interval of happening.
-    assert max(s["job_end_seen_after"]) <= 1.5 * base, s["job_end_seen_after"]
 
 
 @pytest.mark.parametrize(
@@ -62,3 +42,17 @@ def test_progress_eta(first, last, total, eta):
 )
 def test_poll_delay(interval, eta, base, delay):
     assert batchify.poll_delay(interval, eta, base) == pytest.approx(delay)
+
+
+@pytest.mark.parametrize(
+    ("interval", "eta", "room_wanted", "delay"),
+    [
+        (300, None, True, 30),  # no progress to go by, a batch waits for room: every base interval
+        (45, None, True, 30),
+        (300, None, False, 300),  # nothing waits: the backed-off interval, as before
+        (300, 80, True, 81.5),  # progress to go by: timed to the end, as before
+        (300, 500, True, 300),  # ... which is after the next poll plus one more: keep to the interval
+    ],
+)
+def test_poll_delay_while_a_batch_waits_for_room(interval, eta, room_wanted, delay):
+    assert batchify.poll_delay(interval, eta, 30, room_wanted) == pytest.approx(delay)

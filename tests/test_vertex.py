@@ -103,7 +103,12 @@ async def until_final(c: batchify.VertexClient, name: str, timeout: float = 20.0
     end = loop.time() + timeout
     while loop.time() < end:
         j = await c.get_batch(name)
-        if j.state in (batchify.JobState.SUCCEEDED, batchify.JobState.FAILED, batchify.JobState.CANCELLED, batchify.JobState.EXPIRED):
+        if j.state in (
+            batchify.JobState.SUCCEEDED,
+            batchify.JobState.FAILED,
+            batchify.JobState.CANCELLED,
+            batchify.JobState.EXPIRED,
+        ):
             return j
         await asyncio.sleep(0.05)
     raise AssertionError("the job did not end")
