@@ -3352,6 +3352,7 @@ class RateLimiter:
         self.clock = clock
         self.sleep = sleep
         self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
+        self.last_cut = -math.inf
         self._lock = asyncio.Lock()
 
     @property
@@ -3370,7 +3371,14 @@ class RateLimiter:
     def pause(self, seconds: float) -> None:
         self.tat = max(self.tat, self.clock() + seconds)
 
-    def slow_down(self, by: float = 0.8) -> None:
+    def slow_down(self, by: float = 0.8, once_per: float = 0.0) -> None:
+        """Lower the rate (never below a quarter). `once_per`: not again within that many seconds of the
+        last cut: one burst of 429s (every request in flight into the same full window) is one signal, and
+        cutting once per refusal would collapse the rate to the floor for a single overshoot."""
+        now = self.clock()
+        if once_per and now - self.last_cut < once_per:
+            return
+        self.last_cut = now
         self.factor = max(0.25, self.factor * by)
 
     def recover(self) -> None:
@@ -4558,11 +4566,18 @@ class Engine:
                         await asyncio.sleep(0)  # only then is the backlog worth looking at again
                 if not running and not self._batch_work_left():
                     return
-                waiters = [*running, asyncio.ensure_future(gate.room.wait()), asyncio.ensure_future(self._flex_wake.wait())]
+                # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
+                # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is
+                # none: a room that is already there would wake this loop at once, forever).
+                wakers = [asyncio.ensure_future(self._flex_wake.wait())]
+                if not gate.room.is_set():
+                    wakers.append(asyncio.ensure_future(gate.room.wait()))
                 try:
-                    await asyncio.wait(waiters, timeout=max(0.05, self.opts.poll), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        [*running, *wakers], timeout=max(0.05, self.opts.poll), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
-                    for w in waiters[len(running) :]:
+                    for w in wakers:
                         w.cancel()
                 self._flex_wake.clear()
                 running = {t for t in running if not t.done()}
@@ -5486,6 +5501,9 @@ class RequestSender:
         self.queued = 0  # requests holding a gate slot but waiting for the RPM/TPM buckets
         self.latency_max = 0.0
 
+    def _buckets(self) -> list[RateLimiter]:
+        return [self.rpm_l] if self.tpm_l is None else [self.rpm_l, self.tpm_l]
+
     def rate_per_s(self) -> float:
         """Requests per second the limits allow (RPM, or TPM over the tokens a request takes, if lower)."""
         per_s = self.rpm_l.rate
@@ -5552,6 +5570,8 @@ class RequestSender:
                     await self.tpm_l.acquire(t)
             finally:
                 self.queued -= 1
+                if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
+                    self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
             sent = self.engine.clock()
             try:
                 resp = await self.engine.client.generate(self.engine.cfg.model, req, flex=self.flex)
@@ -5566,17 +5586,20 @@ class RequestSender:
                     return result_record(n, None, str(e), self.source)
                 delay *= self.engine.opts.retry_scale
                 self.view.retries += 1
-                if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8)
+                if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8, once a window)
                     self.view.throttled += 1
-                    self.rpm_l.slow_down()
+                    for bucket in self._buckets():  # both: TPM is the binding one when requests are large
+                        bucket.slow_down(0.8, once_per=self.window)
                     self.rpm_l.pause(delay)
                     continue
                 if shed:  # this request backs off; the rate drops a little (x0.95), so that only sustained
                     self.view.shed += 1  # shedding slows the lanes down (each answer adds 0.005 back)
-                    self.rpm_l.slow_down(0.95)
+                    for bucket in self._buckets():
+                        bucket.slow_down(0.95)
                 await self.engine.sleep(delay)
                 continue
-            self.rpm_l.recover()
+            for bucket in self._buckets():
+                bucket.recover()
             if self.flex:  # Little's law: the gate follows the latency measured
                 # the longest seen, not an average: the first answers back are the quick ones, and a gate sized
                 # for them would leave the buckets idle while the slow ones are still out
@@ -6196,7 +6219,9 @@ async def cleanup(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale) as client:
+        async with open_client(
+            endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
+        ) as client:
             return await cleanup_run(store, client, local)
 
 
@@ -6209,7 +6234,9 @@ async def cancel(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
-        async with open_client(endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale) as client:
+        async with open_client(
+            endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
+        ) as client:
             return await cancel_run(store, client)
 
 

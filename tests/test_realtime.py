@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -114,3 +115,26 @@ def test_realtime_resume_never_resends(emu, tmp_path):
     assert emu.stats()["generate_calls"] - sent_before == 80 - on_disk
     rows = read_jsonl(tmp_path / "docs.results.jsonl")
     assert len(rows) == 80 and all(r["status"] == "ok" for r in rows)
+
+
+def test_the_flex_lanes_sleep_while_the_buckets_hold_a_backlog(emu, articles, tmp_path, monkeypatch):
+    """No busy loop: while the RPM bucket holds more than two poll intervals of queued requests, the Flex
+    lanes wait until the sender says it ran low, instead of spinning on a gate that has room (that loop
+    cost a whole core). Counted, not timed: the lanes' looks at the backlog stay in proportion to the
+    requests sent (the spinning loop made thousands a second)."""
+    emu.configure(job_seconds=3, flex_latency_min=0.5, flex_latency_max=0.5, rpm=600)
+    looks = 0
+    backlog = batchify.RequestSender.backlog_seconds
+
+    def counted(self: batchify.RequestSender) -> float:
+        nonlocal looks
+        looks += 1
+        return backlog(self)
+
+    monkeypatch.setattr(batchify.RequestSender, "backlog_seconds", counted)
+    opts = batchify.RunOptions(
+        mode="hybrid", batch_size=10, poll_interval=0.2, rpm=600, flex_lanes=0, calibrate=False, enqueued_limit=6_000
+    )
+    _run, s = asyncio.run(batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k"))
+    assert s is not None and s.ok == 60 and s.by_source.get("flex", 0) >= 30, s
+    assert looks <= 4 * 60, looks
