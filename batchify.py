@@ -5592,10 +5592,9 @@ class RequestSender:
                         bucket.slow_down(0.8, once_per=self.window)
                     self.rpm_l.pause(delay)
                     continue
-                if shed:  # this request backs off; the rate drops a little (x0.95), so that only sustained
-                    self.view.shed += 1  # shedding slows the lanes down (each answer adds 0.005 back)
-                    for bucket in self._buckets():
-                        bucket.slow_down(0.95)
+                if shed:  # this request backs off; the request rate drops a little (x0.95, each answer adds
+                    self.view.shed += 1  # 0.005 back): a shed now and then changes nothing, sustained shedding
+                    self.rpm_l.slow_down(0.95)  # takes the RPM bucket below the TPM one and slows the lanes down
                 await self.engine.sleep(delay)
                 continue
             for bucket in self._buckets():
