@@ -3978,7 +3978,8 @@ def _model_and_limit(cfg: JobConfig, opts: RunOptions, catalog: Catalog, today: 
     """The model's figures and rules, the generation config it accepts, and the enqueued-token limit to plan
     under: exit 2 (before anything is sent) for an unknown or retired model, a thinking setting it refuses,
     or a Flex mode on a model without Flex."""
-    spec = resolve_model(catalog, cfg.model, today)
+    check_backend_mode(opts)
+    spec = backend_spec(resolve_model(catalog, cfg.model, today), opts)
     gc = generation_config(cfg, spec)
     if opts.mode in ("flex", "hybrid") and not spec.flex:
         having = ", ".join(
@@ -4503,7 +4504,8 @@ class Engine:
         when asked for (--allow-standard or --fallback-tier standard), else "none"."""
         tier = self.opts.fallback_tier
         if tier == "auto":
-            return "flex" if self.spec.flex else ("standard" if self.opts.allow_standard else "none")
+            flex = self.spec.flex and self.opts.backend != "vertex"  # no Flex on Vertex (runs planned before it said so)
+            return "flex" if flex else ("standard" if self.opts.allow_standard else "none")
         return tier
 
     # -- batch -----------------------------------------------------------------------------------
@@ -5772,6 +5774,7 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
         "rejected": run.rejected,
         "model": run.config.get("model"),
         "mode": run.run_options.mode,
+        "backend": backend_words(run),
         "created_at": run.created_at,
         "updated_at": run.updated_at,
         "out": run.out,
@@ -5896,6 +5899,65 @@ async def open_vertex_client(
             await emu.stop()
 
 
+# -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
+VERTEX_NO_FLEX = (
+    "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
+    "(with --allow-standard for a standard-tier fallback at 2x the batch price), or --backend gemini."
+)
+
+
+def check_backend_mode(opts: RunOptions) -> None:
+    """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
+    that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
+    if opts.backend != "vertex":
+        return
+    if opts.mode in ("flex", "hybrid"):
+        raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
+    if opts.fallback_tier == "flex":
+        raise UsageError(f"--fallback-tier flex with --backend vertex: {VERTEX_NO_FLEX}")
+
+
+def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
+    """The model's figures as the run's backend serves it: on Vertex, no Flex tier (so auto mode never plans
+    hybrid lanes and the fallback never picks Flex: lanes_for, Engine._fallback_tier read the spec)."""
+    if opts.backend != "vertex":
+        return spec
+    sources = {**spec.sources, "flex": "none on Vertex AI (a Gemini Developer API tier)"}
+    return dataclasses.replace(spec, flex=False, flex_discount=None, flex_cached_input_price=None, sources=sources)
+
+
+def pin_backend(opts: RunOptions) -> RunOptions:
+    """A Vertex run's project, location and bucket as resolved now (flags, else GOOGLE_CLOUD_PROJECT /
+    GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
+    bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
+    cannot run exits 2 here, before a client or a run folder is made."""
+    check_backend_mode(opts)
+    settings = vertex_settings(opts)
+    if settings is None:
+        return opts
+    project, location, bucket = settings
+    return dataclasses.replace(opts, project=project, location=location, bucket=bucket.rstrip("/"))
+
+
+def backend_differences(was: RunOptions, now: RunOptions) -> list[str]:
+    """The backend options that differ between an existing run and the same `run` again: the backend (a run
+    made before --backend existed reads as gemini), else, on Vertex, the project, location and bucket."""
+    if was.backend != now.backend:
+        return ["backend"]
+    if now.backend != "vertex":
+        return []
+    return [k for k in ("project", "location", "bucket") if (getattr(was, k) or "") != (getattr(now, k) or "")]
+
+
+def backend_words(run: Run) -> str:
+    """Where a run's batches go, in words (the plan's and status's "endpoint")."""
+    o = run.run_options
+    if o.backend != "vertex":
+        return run.endpoint or "Gemini API"
+    at = f" at {run.endpoint}" if run.endpoint else ""
+    return f"Vertex AI ({o.project or '?'}, {o.location or '?'}, {o.bucket or '?'}){at}"
+
+
 async def run_file(
     input_path: str | Path,
     config: JobConfig | None = None,
@@ -5916,6 +5978,7 @@ async def run_file(
     opts = options or RunOptions()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
+    opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
     store = RunStore(state_dir, name)
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
@@ -5978,7 +6041,7 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     if changed:
         diffs.append("config (" + ", ".join(changed) + ")")
     was = run.run_options
-    changed = [k for k in PLAN_OPTIONS if getattr(was, k) != getattr(opts, k)]
+    changed = [k for k in PLAN_OPTIONS if getattr(was, k) != getattr(opts, k)] + backend_differences(was, opts)
     if changed:
         diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
     return diffs
@@ -6243,7 +6306,7 @@ def plan_rows(run: Run) -> list[tuple[str, str]]:
     hybrid = " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
     per_wave = f" (jobs per wave: {_short_list(p['jobs_per_wave'])})" if p.get("jobs_per_wave") else ""
     rows = [
-        ("endpoint", run.endpoint or "Gemini API"),
+        ("endpoint", backend_words(run)),
         ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
         ("mode", str(mode) + (hybrid if mode == "auto" and p.get("lanes") == "hybrid" else "")),
@@ -6490,6 +6553,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
                 _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
+        c.print(f"endpoint: {_esc(r.get('backend') or 'Gemini API')}")
         if r["plan"].get("limit_learned"):
             c.print(f"[yellow]enqueued-token limit learned:[/] {_esc(r['plan']['limit_learned'])}", soft_wrap=True)
         if r["summary"]:

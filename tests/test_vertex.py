@@ -7,6 +7,7 @@ that storage emulator), driven through the unmodified google-genai SDK in Vertex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -103,7 +104,12 @@ async def until_final(c: batchify.VertexClient, name: str, timeout: float = 20.0
     end = loop.time() + timeout
     while loop.time() < end:
         j = await c.get_batch(name)
-        if j.state in (batchify.JobState.SUCCEEDED, batchify.JobState.FAILED, batchify.JobState.CANCELLED, batchify.JobState.EXPIRED):
+        if j.state in (
+            batchify.JobState.SUCCEEDED,
+            batchify.JobState.FAILED,
+            batchify.JobState.CANCELLED,
+            batchify.JobState.EXPIRED,
+        ):
             return j
         await asyncio.sleep(0.05)
     raise AssertionError("the job did not end")
@@ -448,3 +454,90 @@ async def test_a_key_no_label_can_carry_fails_the_upload_once(vemu: Emu, gcs_url
         assert e.value.code == 400 and "after" not in str(e.value), "not retried"
     finally:
         await c.close()
+
+
+# -- the backend is part of the run: a switch is said out loud, Flex is never planned on Vertex -----------------
+
+
+def _vertex_opts(bucket: str, **kw: Any) -> batchify.RunOptions:
+    base: dict[str, Any] = {
+        "name": "news",
+        "backend": "vertex",
+        "project": PROJECT,
+        "location": LOCATION,
+        "bucket": f"gs://{bucket}",
+    }
+    return batchify.RunOptions(**{**base, **kw})
+
+
+async def _dry(emu: Emu, inp: Path, state: Path, opts: batchify.RunOptions) -> batchify.Run:
+    run, _ = await batchify.run_file(inp, options=opts, state_dir=state, endpoint=emu.url, api_key="k", dry_run=True)
+    return run
+
+
+def _news(tmp_path: Path, n: int = 40) -> Path:
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates " * 20}) + "\n" for i in range(n)))
+    return inp
+
+
+async def test_a_backend_switch_is_an_option_change(
+    vemu: Emu, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inp, st = _news(tmp_path), tmp_path / "st"
+    run = await _dry(vemu, inp, st, batchify.RunOptions(name="news"))
+    assert batchify.plan_rows(run)[0] == ("endpoint", vemu.url)
+    # a run made before the backend flags existed: no backend keys in its options; it reads as gemini
+    store = batchify.RunStore(st, "news")
+    d = json.loads(store.run_path.read_text())
+    for k in ("backend", "project", "location", "bucket"):
+        del d["options"][k]
+    store.run_path.write_text(json.dumps(d))
+    assert (await _dry(vemu, inp, st, batchify.RunOptions(name="news"))).run_options.backend == "gemini"
+    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+        await _dry(vemu, inp, st, _vertex_opts(bucket))
+    # a Vertex run: its project (here from the environment), location and bucket are kept and compared
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
+    vx = _vertex_opts(bucket, name="vx", project=None)
+    run = await _dry(vemu, inp, st, vx)
+    assert (run.run_options.project, run.run_options.bucket) == (PROJECT, f"gs://{bucket}")
+    await _dry(vemu, inp, st, dataclasses.replace(vx, bucket=f"gs://{bucket}/"))  # the same bucket
+    for change, flag in ((dict(location="europe-west4"), "--location"), (dict(bucket="gs://other"), "--bucket")):
+        with pytest.raises(batchify.UsageError, match=f"different options \\({flag}\\)"):
+            await _dry(vemu, inp, st, dataclasses.replace(vx, **change))
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "another-proj")  # the environment changed: so did the project
+    with pytest.raises(batchify.UsageError, match=r"different options \(--project\)"):
+        await _dry(vemu, inp, st, vx)
+    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+        await _dry(vemu, inp, st, batchify.RunOptions(name="vx"))
+
+
+async def test_plan_and_status_name_vertex_and_auto_mode_never_plans_flex(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp, st = _news(tmp_path, 60), tmp_path / "st"
+    small = {"batch_size": 10, "enqueued_limit": 3_000}  # several waves: auto mode on gemini would plan hybrid lanes
+    gem = await _dry(vemu, inp, st, batchify.RunOptions(name="gem", **small))
+    assert gem.plan["waves"] > 1 and gem.plan["lanes"] == "hybrid" and "flex" in gem.plan["modes"]
+    run = await _dry(vemu, inp, st, _vertex_opts(bucket, **small))
+    words = f"Vertex AI ({PROJECT}, {LOCATION}, gs://{bucket}) at {vemu.url}"
+    assert dict(batchify.plan_rows(run))["endpoint"] == words
+    assert batchify.run_status(st, "news")["runs"][0]["backend"] == words
+    assert run.plan["waves"] > 1 and run.plan["lanes"] == "batch"
+    assert set(run.plan["modes"]) == {"batch", "standard"} and run.plan["model_spec"]["flex"] is False
+    engine = batchify.Engine(batchify.RunStore(st, "news"), None)
+    assert engine.lanes == "batch" and engine._fallback_tier() == "none"
+    engine.opts = dataclasses.replace(engine.opts, allow_standard=True)
+    assert engine._fallback_tier() == "standard"
+    engine.spec = dataclasses.replace(engine.spec, flex=True)  # planned before Vertex said it has no Flex
+    assert engine._fallback_tier() == "standard"
+
+
+async def test_flex_modes_on_vertex_exit_2_before_anything_is_sent(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp = _news(tmp_path)
+    for kw in ({"mode": "hybrid"}, {"fallback_tier": "flex"}):
+        with pytest.raises(batchify.UsageError, match="Developer API tier only"):
+            await _dry(vemu, inp, tmp_path / "st", _vertex_opts(bucket, **kw))
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    p = run_cli([*args, "--mode", "flex", "--yes", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--mode flex with --backend vertex" in p.stderr and "Vertex AI has no Flex" in p.stderr
+    assert vemu.stats()["vertex_creates"] == 0 and not (tmp_path / "st" / "news").exists()
