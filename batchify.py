@@ -3969,6 +3969,7 @@ def _full_plan(
     plan["margin"] = margin
     plan["batch_token_cap"] = cap
     plan["warnings"] = _plan_warnings(spec, today, opts, offline_why, margin, len(p.batches), len(waves), eff)
+    plan["warnings"] += vertex_warnings(spec, opts)
     plan["lanes"] = lanes_for(opts.mode, bool(spec.flex), len(waves))
     plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
     return plan
@@ -3988,8 +3989,8 @@ def _model_and_limit(cfg: JobConfig, opts: RunOptions, catalog: Catalog, today: 
         raise UsageError(
             f"model {spec.name!r} has no Flex tier (model catalog). Fix: --mode batch or standard, or a model with Flex: {having}."
         )
-    if opts.mode in ("realtime", "flex"):
-        limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or 10**15  # no batch: nothing to fit under
+    if opts.mode in ("realtime", "flex") or opts.backend == "vertex":  # Vertex: no enqueued-token limit (backend_spec)
+        limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or VERTEX_NO_TOKEN_LIMIT  # nothing to fit under
     else:
         limit = enqueued_limit_for(spec, opts.tier, opts.enqueued_limit, catalog.source(spec, "enqueued_tokens"))
     return spec, gc, limit
@@ -4035,6 +4036,7 @@ async def _passes(
     have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
     cpt, eff, cap, context = sizes
     long_at = spec.long_context_threshold
+    opts = backend_job_caps(opts)  # Vertex's per-job limits bind the cutter too
 
     def once(suspects: set[int]) -> _Pass:
         return _prepare_pass(store, path, cfg, opts, cpt, eff, cap, suspects, hook, gc, context, long_at)
@@ -5899,6 +5901,41 @@ async def open_vertex_client(
             await emu.stop()
 
 
+# -- Vertex AI's own figures for Gemini batch prediction (docs/VERTEX_NOTES.md A3; pages read 2026-12-01) -----
+# Data, like the model catalog: each figure with the page it came from. None: Google publishes no figure (the
+# plan says so, and the flag that sets it is named), never a guess.
+VERTEX_SOURCES = {
+    "batch_inference": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/capabilities/batch-inference "
+    "(formerly cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini; no date on the page; read 2026-12-01)",
+    "batch_gemini": "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini "
+    "(zh-CN copy 'last updated 2025-09-03'; read 2026-12-01)",
+    "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
+    "superseded; read 2026-12-01)",
+    "models_list": "GoogleCloudPlatform/generative-ai's batch-prediction guide, as rendered at "
+    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction (read 2026-12-01); Google's own list "
+    "is collapsed in the stored copies of the batch_inference page",
+    "pricing": "https://cloud.google.com/vertex-ai/generative-ai/pricing is not in the stored copies: per-model Vertex prices "
+    "unpublished here; third parties (deploybase.ai, 2025-04-17) list the Developer API's paid prices for 2.5 Flash/Pro",
+}
+VERTEX_LIMITS: dict[str, Any] = {
+    "requests_per_job": 200_000,  # batch_inference: at most 200,000 requests in one batch job
+    "input_bytes_per_job": 1_000_000_000,  # batch_inference: an input file of at most 1 GB (read as 10^9, the smaller)
+    "concurrent_jobs": None,  # batch_inference: "no predefined quota" (a shared pool); batch_gemini_old said 8, queued beyond
+    "queue_hours": 72,  # batch_inference: a job waits in the queue up to 72 h, then expires
+    "run_hours": 24,  # batch_inference: most jobs end within 24 h of starting; after 24 h the rest is cancelled (paid as done)
+    "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
+}
+VERTEX_BATCH_MODELS = (
+    "gemini-3.1-pro-preview",
+    "gemini-3-flash-preview",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.0-flash",
+)
+VERTEX_LINE_OVERHEAD = 32  # bytes a Vertex request line may have over the Developer API's (the key moves into labels: 20)
+VERTEX_NO_TOKEN_LIMIT = 10**15  # Vertex has no enqueued-token limit: admission is by jobs at once (--max-active-jobs)
+
+
 # -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
 VERTEX_NO_FLEX = (
     "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
@@ -5922,8 +5959,68 @@ def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
     hybrid lanes and the fallback never picks Flex: lanes_for, Engine._fallback_tier read the spec)."""
     if opts.backend != "vertex":
         return spec
-    sources = {**spec.sources, "flex": "none on Vertex AI (a Gemini Developer API tier)"}
-    return dataclasses.replace(spec, flex=False, flex_discount=None, flex_cached_input_price=None, sources=sources)
+    listed = spec.name in VERTEX_BATCH_MODELS
+    sources = {
+        **spec.sources,
+        "flex": "none on Vertex AI (a Gemini Developer API tier)",
+        "enqueued_tokens": "none on Vertex AI: admission by jobs at once (--max-active-jobs)",
+        "batch": VERTEX_SOURCES["models_list"] if listed else "not confirmed on a Vertex AI page",
+        "prices": f"the catalog's standard prices (Vertex's own per model: {VERTEX_SOURCES['pricing']}); batch at "
+        f"{VERTEX_LIMITS['batch_discount']:.0%} ({VERTEX_SOURCES['batch_gemini']})",
+    }
+    return dataclasses.replace(
+        spec,
+        flex=False,
+        flex_discount=None,
+        flex_cached_input_price=None,
+        enqueued_tokens={},
+        batch=True if listed else None,
+        batch_discount=VERTEX_LIMITS["batch_discount"],
+        sources=sources,
+    )
+
+
+def backend_job_caps(opts: RunOptions) -> RunOptions:
+    """The options the batch cutter works with: on Vertex, --batch-size and the bytes a request file may hold
+    within Vertex's per-job limits (requests, input bytes less the label each line carries on the way)."""
+    if opts.backend != "vertex":
+        return opts
+    n = min(opts.batch_size, VERTEX_LIMITS["requests_per_job"])
+    room = VERTEX_LIMITS["input_bytes_per_job"] - n * VERTEX_LINE_OVERHEAD
+    return dataclasses.replace(opts, batch_size=n, max_file_bytes=min(opts.max_file_bytes, room))
+
+
+def vertex_warnings(spec: ModelSpec, opts: RunOptions) -> list[str]:
+    """What a Vertex plan must say out loud: a model no Vertex page confirms for batch."""
+    if opts.backend != "vertex" or spec.name in VERTEX_BATCH_MODELS:
+        return []
+    return [
+        f"{spec.name} is not on the list of Gemini models that serve batch on Vertex AI ({', '.join(VERTEX_BATCH_MODELS)}; "
+        f"{VERTEX_SOURCES['models_list']}): a create may be refused (404/400). Check the model's Vertex page."
+    ]
+
+
+def admission_rows(run: Run) -> list[tuple[str, str]]:
+    """The plan's limit rows: the enqueued-token limit (Gemini API), or Vertex's jobs at once and job caps."""
+    p = run.plan
+    if run.run_options.backend != "vertex":
+        return [("enqueued limit", _limit_words(p))]
+    jobs = run.run_options.max_active_jobs
+    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if run.run_options.enqueued_limit else ""
+    rounds = -(-p["batches"] // jobs)
+    return [
+        (
+            "admission",
+            f"{own}at most {jobs:,} job(s) at once (--max-active-jobs; {rounds:,} round(s)): Vertex AI has no enqueued-token "
+            f'limit, and Google publishes no concurrent-job quota for Gemini batch ("no predefined quota", a shared pool; '
+            f"jobs queue up to {VERTEX_LIMITS['queue_hours']} h, then expire)",
+        ),
+        (
+            "job caps",
+            f"{VERTEX_LIMITS['requests_per_job']:,} requests and {VERTEX_LIMITS['input_bytes_per_job']:,} bytes a job "
+            f"({VERTEX_SOURCES['batch_inference']})",
+        ),
+    ]
 
 
 def pin_backend(opts: RunOptions) -> RunOptions:
@@ -6323,7 +6420,7 @@ def plan_rows(run: Run) -> list[tuple[str, str]]:
             f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
             f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
         ),
-        ("enqueued limit", _limit_words(p)),
+        *admission_rows(run),
         *_cost_rows(p),
         ("estimated time", p["estimated_time"]),
         ("results file", run.out),
@@ -8520,8 +8617,6 @@ class Emulator:
     # and their answers come from the same generator (_answer). Cloud Storage is reached through
     # google-cloud-storage pointed at cfg.gcs_endpoint, in worker threads (the client is synchronous).
     _VX_JOBS = r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/batchPredictionJobs"
-    VERTEX_MAX_REQUESTS = 200_000  # requests per job (batch-inference page, docs/VERTEX_NOTES.md A3)
-    VERTEX_MAX_INPUT_BYTES = 1024**3  # one input file of at most 1 GB (same page)
 
     def _vertex_routes(self) -> list[tuple[str, str, Callable[..., Awaitable[Any]]]]:
         jobs, models = self._VX_JOBS, r"publishers/google/models/(?P<model>[^/:]+)"
@@ -8574,7 +8669,7 @@ class Emulator:
         n = tokens = 0
         try:
             blob.reload()
-            if (blob.size or 0) > self.VERTEX_MAX_INPUT_BYTES:
+            if (blob.size or 0) > VERTEX_LIMITS["input_bytes_per_job"]:  # the per-job limits batchify plans with
                 raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} is larger than 1 GB.")
             with blob.open("r", encoding="utf-8") as f:
                 for line in f:
@@ -8593,6 +8688,36 @@ class Emulator:
 
     async def _h_vx_create(self, request: Any, ver: str, project: str, location: str) -> Any:
         body = await self._json(request)
+        m, ic, oc, uris, prefix = self._vx_check_create(body)
+        if self.cfg.forbid_batch:
+            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
+        if self._fault("create_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
+        n = tokens = 0
+        for uri in uris:
+            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
+            n, tokens = n + a, tokens + b
+        if not n:
+            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
+        most = VERTEX_LIMITS["requests_per_job"]
+        if n > most:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {most:,}.")
+        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
+        fate = "succeed"
+        if self.created <= self.cfg.fail_jobs:
+            fate = "fail"
+        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
+            fate = "expire"
+        j = self._vx_new_job(project, location, body.get("displayName"), m, ic, oc, uris, prefix, n, tokens, fate)
+        self.stats["vertex_creates"] += 1
+        by = self.stats["vertex_creates_by_display_name"]
+        by[j["display_name"] or "(none)"] = by.get(j["display_name"] or "(none)", 0) + 1
+        if fate != "expire":
+            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
+        return self._ok(self._vx_resource(j))
+
+    def _vx_check_create(self, body: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any], list[Any], str]:
+        """A create's body as the service checks it: (model id, inputConfig, outputConfig, input URIs, output prefix)."""
         bad = set(body) - {"model", "inputConfig", "outputConfig", "displayName", "labels"}
         if bad:
             raise _EmuError(400, "INVALID_ARGUMENT", f'Invalid JSON payload received. Unknown name "{sorted(bad)[0]}".')
@@ -8612,31 +8737,27 @@ class Emulator:
             )
         if oc.get("predictionsFormat") != "jsonl" or not prefix.startswith("gs://"):
             raise _EmuError(400, "INVALID_ARGUMENT", "outputConfig: predictionsFormat jsonl with gcsDestination.outputUriPrefix.")
-        if self.cfg.forbid_batch:
-            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
-        if self._fault("create_429"):
-            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
-        n = tokens = 0
-        for uri in uris:
-            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
-            n, tokens = n + a, tokens + b
-        if not n:
-            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
-        if n > self.VERTEX_MAX_REQUESTS:
-            raise _EmuError(
-                400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {self.VERTEX_MAX_REQUESTS:,}."
-            )
-        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
-        fate = "succeed"
-        if self.created <= self.cfg.fail_jobs:
-            fate = "fail"
-        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
-            fate = "expire"
+        return m, ic, oc, uris, prefix
+
+    def _vx_new_job(
+        self,
+        project: str,
+        location: str,
+        dn: str | None,
+        m: str,
+        ic: dict[str, Any],
+        oc: dict[str, Any],
+        uris: list[Any],
+        prefix: str,
+        n: int,
+        tokens: int,
+        fate: str,
+    ) -> dict[str, Any]:
+        """A new job's record (PENDING, its duration drawn), kept in self.vjobs."""
         jid = str(self.rng.randrange(10**17, 10**18))
         lo = self.cfg.job_seconds
         hi = self.cfg.job_seconds_max or lo
         t = time.time()
-        dn = body.get("displayName")
         j = self.vjobs[jid] = {
             "id": jid,
             "name": f"projects/{project}/locations/{location}/batchPredictionJobs/{jid}",
@@ -8664,12 +8785,7 @@ class Emulator:
             "ok": 0,
             "failed": 0,
         }
-        self.stats["vertex_creates"] += 1
-        by = self.stats["vertex_creates_by_display_name"]
-        by[dn or "(none)"] = by.get(dn or "(none)", 0) + 1
-        if fate != "expire":
-            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
-        return self._ok(self._vx_resource(j))
+        return j
 
     def _vx_refresh(self, j: dict[str, Any]) -> None:
         """Move a job on by the clock; at its end, a job that succeeds writes its output first (in a worker

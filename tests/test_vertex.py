@@ -541,3 +541,54 @@ async def test_flex_modes_on_vertex_exit_2_before_anything_is_sent(vemu: Emu, bu
     assert p.returncode == 2, p.stderr[-2000:]
     assert "--mode flex with --backend vertex" in p.stderr and "Vertex AI has no Flex" in p.stderr
     assert vemu.stats()["vertex_creates"] == 0 and not (tmp_path / "st" / "news").exists()
+
+
+# -- Vertex's own limits: job caps in the cutter, admission by jobs at once, never the enqueued-token table ------
+
+
+async def test_vertex_job_caps_cut_the_batches_and_the_service_takes_them(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Vertex's per-job limits made small (the emulator enforces the same table), a vertex run is cut at
+    them, whatever --batch-size says, and every job is taken; a gemini run of the same input is not cut."""
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "requests_per_job", 7)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 40), tmp_path / "st"
+    gem = await _dry(vemu, inp, st, batchify.RunOptions(name="gem"))
+    assert gem.plan["batches"] == 1
+    one = gem.plan["batch_ranges"][0][3] // 40  # bytes of one request line
+    run = await _dry(vemu, inp, st, _vertex_opts(bucket, name="n7"))
+    assert [e - s for s, e, _t, _b in run.plan["batch_ranges"]] == [7, 7, 7, 7, 7, 5]
+    # 5 lines fit the bytes, but not with the label each one gains on the way to Vertex: 4 a job
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "input_bytes_per_job", 5 * one + 4 * batchify.VERTEX_LINE_OVERHEAD)
+    opts = _vertex_opts(bucket, mode="batch", poll_interval=0.05, retry_scale=0.01, out=str(tmp_path / "out.jsonl"))
+    run = await _dry(vemu, inp, st, opts)
+    sizes = [(e - s, b) for s, e, _t, b in run.plan["batch_ranges"]]
+    assert max(n for n, _ in sizes) == 4 and sum(n for n, _ in sizes) == 40, sizes  # the bytes cap binds first
+    assert all(b + n * batchify.VERTEX_LINE_OVERHEAD <= batchify.VERTEX_LIMITS["input_bytes_per_job"] for n, b in sizes)
+    _, summary = await batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url)  # submits the prepared run
+    assert summary is not None and summary.ok == 40
+    assert vemu.stats()["vertex_creates"] == len(sizes)
+
+
+async def test_vertex_admission_is_by_jobs_not_the_enqueued_token_table(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp, st = _news(tmp_path), tmp_path / "st"
+    model = next(
+        m
+        for m, s in batchify.builtin_catalog().models.items()
+        if not s.get("enqueued_tokens") and s.get("status") != "retired" and m not in batchify.VERTEX_BATCH_MODELS
+    )
+    cfg = batchify.JobConfig(model=model)
+    with pytest.raises(batchify.UsageError, match="publishes no batch enqueued-token limit"):
+        await batchify.run_file(inp, cfg, batchify.RunOptions(name="gem"), st, endpoint=vemu.url, api_key="k", dry_run=True)
+    run, _ = await batchify.run_file(inp, cfg, _vertex_opts(bucket, max_active_jobs=3), st, endpoint=vemu.url, dry_run=True)
+    assert run.plan["enqueued_limit"] == batchify.VERTEX_NO_TOKEN_LIMIT and run.plan["waves"] == 1
+    assert run.plan["enqueued_limit_source"].startswith("none on Vertex AI")
+    rows = dict(batchify.plan_rows(run))
+    assert "enqueued limit" not in rows
+    assert "at most 3 job(s) at once (--max-active-jobs" in rows["admission"] and "no predefined quota" in rows["admission"]
+    assert "200,000 requests and 1,000,000,000 bytes a job" in rows["job caps"]
+    assert any("not on the list of Gemini models that serve batch on Vertex AI" in w for w in run.plan["warnings"])
+    listed = await _dry(vemu, inp, st, _vertex_opts(bucket, name="listed"))  # the default model is on Vertex's list
+    assert not listed.plan["warnings"] and listed.plan["model_spec"]["batch"] is True
+    assert listed.plan["enqueued_limit"] == batchify.VERTEX_NO_TOKEN_LIMIT, "not the Developer API's tier figure"
