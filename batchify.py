@@ -55,6 +55,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import io
 import ipaddress
 import itertools
 import math
@@ -77,7 +78,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 import click
@@ -2418,7 +2419,8 @@ def check_run_name(name: str) -> str:
 
 def default_run_name(path: str | Path) -> str:
     """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-._")[:64].replace("..", ".")
+    stem = gs_stem(str(path)) if str(path).startswith("gs://") else Path(path).stem
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".")
     return name or "run"
 
 
@@ -2587,6 +2589,9 @@ class InputRecord:
 
 def check_input_file(path: Path) -> None:
     """InputError unless `path` is a regular file batchify can read more than once."""
+    if isinstance(path, GsInput):  # objects in Cloud Storage: there must be at least one
+        path.listing()
+        return
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -2608,7 +2613,7 @@ def read_input(path: Path) -> Iterator[InputRecord]:
     """
     check_input_file(path)
     try:
-        f = open(path, "rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
+        f = path.open("rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror}).") from e
     with f:
@@ -2668,6 +2673,8 @@ def read_input(path: Path) -> Iterator[InputRecord]:
 
 
 def file_sha256(path: Path) -> str:
+    if isinstance(path, GsInput):  # objects in Cloud Storage: the hash of their listing (GsInput)
+        return path.fingerprint()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -2706,6 +2713,181 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                     yield orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue  # a torn last line after a crash: that request is simply not done
+
+
+# -- gs:// input (--backend vertex): the input read as a stream from Cloud Storage, never whole ------------
+GS_READ_CHUNK = 8 * 1024 * 1024  # bytes a ranged GET fetches when reading on from the start
+GS_SEEK_CHUNK = 256 * 1024  # ... and after a seek elsewhere (calibration reads a line at 64 offsets)
+
+
+def gs_stem(uri: str) -> str:
+    """A run name's stem for gs://bucket/prefix/*.jsonl: the last path segment with no wildcard in it."""
+    parts = [p for p in uri.removeprefix("gs://").split("/") if p and not any(c in p for c in "*?[")]
+    return Path(parts[-1]).stem if parts else "run"
+
+
+class _GsConcat(io.RawIOBase):
+    """The bytes of several Cloud Storage objects, one after another, as one seekable raw stream. Each object
+    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions)."""
+
+    def __init__(self, blobs: list[Any], sizes: list[int]):
+        self.blobs, self.sizes = blobs, sizes
+        self.pos, self.idx, self.chunk = 0, 0, GS_READ_CHUNK
+        self.reader: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        total = sum(self.sizes)
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: total + offset}[whence]
+        target = max(0, min(total, target))
+        if target != self.pos:
+            self._close_reader()
+            self.pos, self.chunk = target, (GS_READ_CHUNK if target == 0 else GS_SEEK_CHUNK)
+        return self.pos
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            if self.reader is None:  # open the object this position falls in, at its offset
+                start = 0
+                for idx, size in enumerate(self.sizes):
+                    if self.pos < start + size:
+                        self.idx = idx
+                        break
+                    start += size
+                else:
+                    return 0
+                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk)
+                if self.pos > start:
+                    self.reader.seek(self.pos - start)
+            data = self.reader.read(len(b))
+            if data:
+                b[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            self._close_reader()  # this object is done: the next one
+            if self.idx + 1 >= len(self.blobs):
+                return 0
+            self.pos = sum(self.sizes[: self.idx + 1])
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
+
+
+class GsInput(PosixPath):
+    """An input given as gs://BUCKET/PATH.jsonl, gs://BUCKET/PREFIX/ (its *.jsonl objects) or a glob
+    (gs://BUCKET/PREFIX/*.jsonl), in object-name order. A Path, so that the input's readers take it as they
+    are: open() streams the objects (_GsConcat), stat() gives their total size, str() the URI, resolve() itself.
+    Its hash (file_sha256) is of the objects' listing (name, generation, size, crc32c): Cloud Storage gives an
+    object a new generation whenever it is written, so a changed input reads as changed without a second pass.
+    The Cloud Storage client follows its own rules (STORAGE_EMULATOR_HOST, then ADC)."""
+
+    uri: str
+    project: str | None
+
+    def __new__(cls, uri: str, project: str | None = None) -> GsInput:
+        return super().__new__(cls, uri)  # the path "gs:/..." (as Path() reads it)
+
+    def __init__(self, uri: str, project: str | None = None) -> None:
+        if sys.version_info >= (3, 12):
+            super().__init__(uri)
+        self.uri, self.project = uri, project
+        self._listing: list[tuple[str, int | None, int, str | None]] | None = None
+        self._storage: Any = None
+        split_gs_uri(uri)
+
+    def __str__(self) -> str:
+        return getattr(self, "uri", None) or super().__str__()
+
+    def __repr__(self) -> str:
+        return f"GsInput({str(self)!r})"
+
+    def __fspath__(self) -> str:
+        raise TypeError(f"{self} is in Cloud Storage: it has no local path")
+
+    @property
+    def stem(self) -> str:
+        return gs_stem(str(self))
+
+    def resolve(self, strict: bool = False) -> GsInput:
+        return self
+
+    def with_name(self, name: str) -> Path:  # type: ignore[override]
+        """Files named after the input (the default results file) go to the working directory."""
+        return Path.cwd() / name
+
+    def listing(self) -> list[tuple[str, int | None, int, str | None]]:
+        """The input's objects as (name, generation, size, crc32c), listed once, sorted by name (a snapshot:
+        the client's Blob objects change their properties as they are read); InputError when there are none."""
+        if self._listing is None:
+            bucket, name = split_gs_uri(self.uri)
+            client = self._client()
+            if any(c in name for c in "*?["):
+                found = list(client.list_blobs(bucket, match_glob=name))
+            elif name and not name.endswith("/"):
+                one = client.bucket(bucket).get_blob(name)
+                found = [one] if one is not None else []
+            else:
+                found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            self._listing = sorted((b.name, b.generation, int(b.size or 0), b.crc32c) for b in found)
+        if not self._listing:
+            raise InputError(f"{self}: no such object (nothing matches). Fix: check the gs:// URI.")
+        return list(self._listing)
+
+    def _client(self) -> Any:
+        from google.cloud import storage
+
+        if self._storage is None:
+            self._storage = storage.Client(project=self.project)
+        return self._storage
+
+    def blobs(self) -> list[Any]:
+        """Fresh Blob objects for reading, each at the generation listed."""
+        bucket = self._client().bucket(split_gs_uri(self.uri)[0])
+        return [bucket.blob(n, generation=g) for n, g, _size, _crc in self.listing()]
+
+    def exists(self, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return bool(self.listing())
+        except InputError:
+            return False
+
+    def stat(self, *args: Any, **kwargs: Any) -> os.stat_result:
+        return os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, sum(x[2] for x in self.listing()), 0, 0, 0))
+
+    def open(self, mode: str = "rb", buffering: int = -1, *args: Any, **kwargs: Any) -> Any:
+        if mode != "rb":
+            raise UsageError(f"{self}: the input in Cloud Storage is read only")
+        sizes = [x[2] for x in self.listing()]
+        return io.BufferedReader(_GsConcat(self.blobs(), sizes), buffer_size=buffering if buffering > 0 else 1 << 20)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
+
+
+def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
+    """The run's input as a Path: a local file, or a GsInput for a gs:// URI (with --backend vertex only: the
+    Developer API takes its requests from files uploaded from this machine)."""
+    if isinstance(path, GsInput):
+        return path
+    if not str(path).startswith("gs://"):
+        return Path(path)
+    if opts is not None and opts.backend != "vertex":
+        raise UsageError(f"{path}: input from Cloud Storage needs --backend vertex (with --project, --location, --bucket).")
+    return GsInput(str(path), opts.project if opts is not None else None)
 
 
 # ================================================================================================
@@ -3471,7 +3653,7 @@ def calibration_sample(path: Path, n: int) -> Iterator[Any]:
     (n seeks, not a pass over the file). A JSON array file: its first n items. Bad lines are skipped."""
     try:
         size = path.stat().st_size
-        f = open(path, "rb")
+        f = path.open("rb")
     except OSError:
         return
     with f:
@@ -3878,7 +4060,7 @@ async def prepare_run(
     countTokens calls for calibration (after every record is validated). On bad input (and no skip_invalid)
     the run folder is removed and InputError names every problem (file:line and the fix).
     """
-    path = Path(input_path)
+    path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
@@ -6083,7 +6265,7 @@ async def run_file(
         lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
             run = store.load_run()
-            diffs = run_differences(run, Path(input_path), cfg, opts)
+            diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
             if diffs:
                 raise UsageError(
                     f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
@@ -6162,7 +6344,7 @@ async def resume_run(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
         run = store.load_run()
-        inp = Path(run.input_path)
+        inp = input_location(run.input_path, run.run_options)
         if inp.exists() and file_sha256(inp) != run.input_sha256:
             raise UsageError(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "

@@ -592,3 +592,67 @@ async def test_vertex_admission_is_by_jobs_not_the_enqueued_token_table(vemu: Em
     listed = await _dry(vemu, inp, st, _vertex_opts(bucket, name="listed"))  # the default model is on Vertex's list
     assert not listed.plan["warnings"] and listed.plan["model_spec"]["batch"] is True
     assert listed.plan["enqueued_limit"] == batchify.VERTEX_NO_TOKEN_LIMIT, "not the Developer API's tier figure"
+
+
+# -- gs:// input: read as a stream from the bucket, in object-name order ------------------------------------------
+
+
+def test_cli_run_from_a_gs_prefix_every_id_once_in_order(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    rows = [{"id": f"n{i}", "text": f"article {i} on markets " * (1 + i % 7)} for i in range(300)]
+    b = gcs.bucket(bucket)
+    for k, (lo, hi) in enumerate(((0, 120), (120, 121), (121, 300))):  # object-name order is input order
+        b.blob(f"corpus/news/part-{k:03d}.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows[lo:hi]))
+    b.blob("corpus/news/README.txt").upload_from_string("not input")
+    src = f"gs://{bucket}/corpus/news/*.jsonl"
+    args = ["run", src, "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    args += ["--endpoint", vemu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--batch-size", "100"]
+    args += ["--poll-interval", "0.1"]
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "news.results.jsonl"  # named after the prefix, in the working directory
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [r["id"] for r in rows] and all(r["status"] == "ok" for r in got)
+    run = json.loads((tmp_path / "st" / "news" / "run.json").read_text())
+    assert run["input_path"] == src and run["records"] == 300
+    assert not list((tmp_path / "st").rglob("part-*")), "the input is never copied to local disk"
+    assert vemu.stats()["vertex_creates"] == 3
+    # the same command again: the same run (nothing sent); after an object is rewritten, the input differs
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0 and vemu.stats()["vertex_creates"] == 3, p.stderr[-2000:]
+    same_size = json.dumps({"id": "n120", "text": rows[120]["text"].upper()}) + "\n"  # a change the size does not show
+    b.blob("corpus/news/part-001.jsonl").upload_from_string(same_size)
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 2 and "input file (path or content)" in p.stderr, p.stderr[-2000:]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 2 and "changed since run 'news' was prepared" in p.stderr, p.stderr[-2000:]
+
+
+def test_gs_input_needs_vertex_and_an_object(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    p = run_cli(["run", f"gs://{bucket}/x.jsonl", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 2 and "needs --backend vertex" in p.stderr, p.stderr[-2000:]
+    args = ["run", f"gs://{bucket}/none/*.jsonl", "--backend", "vertex", "--project", PROJECT, "--location", LOCATION]
+    p = run_cli([*args, "--bucket", f"gs://{bucket}", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 2 and "nothing matches" in p.stderr, p.stderr[-2000:]
+
+
+def test_gs_reader_streams_across_objects_and_seeks(
+    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    rng = random.Random(3)
+    lines = [json.dumps({"id": i, "text": "y" * rng.randint(0, 5000)}).encode() + b"\n" for i in range(2000)]
+    for k, (lo, hi) in enumerate(((0, 700), (700, 700), (700, 701), (701, 2000))):  # an empty object too
+        gcs.bucket(bucket).blob(f"in/p{k}.jsonl").upload_from_string(b"".join(lines[lo:hi]))
+    g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
+    data = b"".join(lines)
+    assert g.stat().st_size == len(data)
+    with g.open("rb") as f:
+        assert f.read() == data
+        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(data) - 10, len(data)):
+            f.seek(off)
+            assert f.read(40) == data[off : off + 40], off
+    assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
+    assert len(list(batchify.calibration_sample(g, 64))) == 64
