@@ -56,6 +56,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import io
 import ipaddress
 import itertools
 import math
@@ -78,7 +79,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 import click
@@ -2424,7 +2425,8 @@ def check_run_name(name: str) -> str:
 
 def default_run_name(path: str | Path) -> str:
     """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-._")[:64].replace("..", ".")
+    stem = gs_stem(str(path)) if str(path).startswith("gs://") else Path(path).stem
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".")
     return name or "run"
 
 
@@ -2593,6 +2595,9 @@ class InputRecord:
 
 def check_input_file(path: Path) -> None:
     """InputError unless `path` is a regular file batchify can read more than once."""
+    if isinstance(path, GsInput):  # objects in Cloud Storage: there must be at least one
+        path.listing()
+        return
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -2614,7 +2619,7 @@ def read_input(path: Path) -> Iterator[InputRecord]:
     """
     check_input_file(path)
     try:
-        f = open(path, "rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
+        f = path.open("rb", buffering=1 << 20)  # lines of ~10 KB: a small buffer splits each one
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror}).") from e
     with f:
@@ -2675,6 +2680,8 @@ def _why_unreadable(line: bytes, e: orjson.JSONDecodeError) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    if isinstance(path, GsInput):  # objects in Cloud Storage: the hash of their listing (GsInput)
+        return path.fingerprint()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -2713,6 +2720,181 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                     yield orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue  # a torn last line after a crash: that request is simply not done
+
+
+# -- gs:// input (--backend vertex): the input read as a stream from Cloud Storage, never whole ------------
+GS_READ_CHUNK = 8 * 1024 * 1024  # bytes a ranged GET fetches when reading on from the start
+GS_SEEK_CHUNK = 256 * 1024  # ... and after a seek elsewhere (calibration reads a line at 64 offsets)
+
+
+def gs_stem(uri: str) -> str:
+    """A run name's stem for gs://bucket/prefix/*.jsonl: the last path segment with no wildcard in it."""
+    parts = [p for p in uri.removeprefix("gs://").split("/") if p and not any(c in p for c in "*?[")]
+    return Path(parts[-1]).stem if parts else "run"
+
+
+class _GsConcat(io.RawIOBase):
+    """The bytes of several Cloud Storage objects, one after another, as one seekable raw stream. Each object
+    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions)."""
+
+    def __init__(self, blobs: list[Any], sizes: list[int]):
+        self.blobs, self.sizes = blobs, sizes
+        self.pos, self.idx, self.chunk = 0, 0, GS_READ_CHUNK
+        self.reader: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        total = sum(self.sizes)
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: total + offset}[whence]
+        target = max(0, min(total, target))
+        if target != self.pos:
+            self._close_reader()
+            self.pos, self.chunk = target, (GS_READ_CHUNK if target == 0 else GS_SEEK_CHUNK)
+        return self.pos
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            if self.reader is None:  # open the object this position falls in, at its offset
+                start = 0
+                for idx, size in enumerate(self.sizes):
+                    if self.pos < start + size:
+                        self.idx = idx
+                        break
+                    start += size
+                else:
+                    return 0
+                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk)
+                if self.pos > start:
+                    self.reader.seek(self.pos - start)
+            data = self.reader.read(len(b))
+            if data:
+                b[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            self._close_reader()  # this object is done: the next one
+            if self.idx + 1 >= len(self.blobs):
+                return 0
+            self.pos = sum(self.sizes[: self.idx + 1])
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
+
+
+class GsInput(PosixPath):
+    """An input given as gs://BUCKET/PATH.jsonl, gs://BUCKET/PREFIX/ (its *.jsonl objects) or a glob
+    (gs://BUCKET/PREFIX/*.jsonl), in object-name order. A Path, so that the input's readers take it as they
+    are: open() streams the objects (_GsConcat), stat() gives their total size, str() the URI, resolve() itself.
+    Its hash (file_sha256) is of the objects' listing (name, generation, size, crc32c): Cloud Storage gives an
+    object a new generation whenever it is written, so a changed input reads as changed without a second pass.
+    The Cloud Storage client follows its own rules (STORAGE_EMULATOR_HOST, then ADC)."""
+
+    uri: str
+    project: str | None
+
+    def __new__(cls, uri: str, project: str | None = None) -> GsInput:
+        return super().__new__(cls, uri)  # the path "gs:/..." (as Path() reads it)
+
+    def __init__(self, uri: str, project: str | None = None) -> None:
+        if sys.version_info >= (3, 12):
+            super().__init__(uri)
+        self.uri, self.project = uri, project
+        self._listing: list[tuple[str, int | None, int, str | None]] | None = None
+        self._storage: Any = None
+        split_gs_uri(uri)
+
+    def __str__(self) -> str:
+        return getattr(self, "uri", None) or super().__str__()
+
+    def __repr__(self) -> str:
+        return f"GsInput({str(self)!r})"
+
+    def __fspath__(self) -> str:
+        raise TypeError(f"{self} is in Cloud Storage: it has no local path")
+
+    @property
+    def stem(self) -> str:
+        return gs_stem(str(self))
+
+    def resolve(self, strict: bool = False) -> GsInput:
+        return self
+
+    def with_name(self, name: str) -> Path:  # type: ignore[override]
+        """Files named after the input (the default results file) go to the working directory."""
+        return Path.cwd() / name
+
+    def listing(self) -> list[tuple[str, int | None, int, str | None]]:
+        """The input's objects as (name, generation, size, crc32c), listed once, sorted by name (a snapshot:
+        the client's Blob objects change their properties as they are read); InputError when there are none."""
+        if self._listing is None:
+            bucket, name = split_gs_uri(self.uri)
+            client = self._client()
+            if any(c in name for c in "*?["):
+                found = list(client.list_blobs(bucket, match_glob=name))
+            elif name and not name.endswith("/"):
+                one = client.bucket(bucket).get_blob(name)
+                found = [one] if one is not None else []
+            else:
+                found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            self._listing = sorted((b.name, b.generation, int(b.size or 0), b.crc32c) for b in found)
+        if not self._listing:
+            raise InputError(f"{self}: no such object (nothing matches). Fix: check the gs:// URI.")
+        return list(self._listing)
+
+    def _client(self) -> Any:
+        from google.cloud import storage
+
+        if self._storage is None:
+            self._storage = storage.Client(project=self.project)
+        return self._storage
+
+    def blobs(self) -> list[Any]:
+        """Fresh Blob objects for reading, each at the generation listed."""
+        bucket = self._client().bucket(split_gs_uri(self.uri)[0])
+        return [bucket.blob(n, generation=g) for n, g, _size, _crc in self.listing()]
+
+    def exists(self, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return bool(self.listing())
+        except InputError:
+            return False
+
+    def stat(self, *args: Any, **kwargs: Any) -> os.stat_result:
+        return os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, sum(x[2] for x in self.listing()), 0, 0, 0))
+
+    def open(self, mode: str = "rb", buffering: int = -1, *args: Any, **kwargs: Any) -> Any:
+        if mode != "rb":
+            raise UsageError(f"{self}: the input in Cloud Storage is read only")
+        sizes = [x[2] for x in self.listing()]
+        return io.BufferedReader(_GsConcat(self.blobs(), sizes), buffer_size=buffering if buffering > 0 else 1 << 20)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
+
+
+def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
+    """The run's input as a Path: a local file, or a GsInput for a gs:// URI (with --backend vertex only: the
+    Developer API takes its requests from files uploaded from this machine)."""
+    if isinstance(path, GsInput):
+        return path
+    if not str(path).startswith("gs://"):
+        return Path(path)
+    if opts is not None and opts.backend != "vertex":
+        raise UsageError(f"{path}: input from Cloud Storage needs --backend vertex (with --project, --location, --bucket).")
+    return GsInput(str(path), opts.project if opts is not None else None)
 
 
 # ================================================================================================
@@ -3486,7 +3668,7 @@ def calibration_sample(path: Path, n: int) -> Iterator[Any]:
     (n seeks, not a pass over the file). A JSON array file: its first n items. Bad lines are skipped."""
     try:
         size = path.stat().st_size
-        f = open(path, "rb")
+        f = path.open("rb")
     except OSError:
         return
     with f:
@@ -3940,7 +4122,7 @@ async def prepare_run(
     countTokens calls for calibration (after every record is validated). On bad input (and no skip_invalid)
     the run folder is removed and InputError names every problem (file:line and the fix).
     """
-    path = Path(input_path)
+    path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
@@ -4056,6 +4238,7 @@ def _full_plan(
     plan["margin"] = margin
     plan["batch_token_cap"] = cap
     plan["warnings"] = _plan_warnings(spec, today, opts, offline_why, margin, len(p.batches), len(waves), eff)
+    plan["warnings"] += vertex_warnings(spec, opts)
     plan["lanes"] = lanes_for(opts.mode, bool(spec.flex), len(waves))
     plan["modes"] = mode_estimates(spec, cfg, plan, p.records, plan["realtime_limits"])
     return plan
@@ -4065,7 +4248,8 @@ def _model_and_limit(cfg: JobConfig, opts: RunOptions, catalog: Catalog, today: 
     """The model's figures and rules, the generation config it accepts, and the enqueued-token limit to plan
     under: exit 2 (before anything is sent) for an unknown or retired model, a thinking setting it refuses,
     or a Flex mode on a model without Flex."""
-    spec = resolve_model(catalog, cfg.model, today)
+    check_backend_mode(opts)
+    spec = backend_spec(resolve_model(catalog, cfg.model, today), opts)
     gc = generation_config(cfg, spec)
     if opts.mode in ("flex", "hybrid") and not spec.flex:
         having = ", ".join(
@@ -4074,8 +4258,8 @@ def _model_and_limit(cfg: JobConfig, opts: RunOptions, catalog: Catalog, today: 
         raise UsageError(
             f"model {spec.name!r} has no Flex tier (model catalog). Fix: --mode batch or standard, or a model with Flex: {having}."
         )
-    if opts.mode in ("realtime", "flex"):
-        limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or 10**15  # no batch: nothing to fit under
+    if opts.mode in ("realtime", "flex") or opts.backend == "vertex":  # Vertex: no enqueued-token limit (backend_spec)
+        limit = opts.enqueued_limit or spec.enqueued_tokens.get(opts.tier) or VERTEX_NO_TOKEN_LIMIT  # nothing to fit under
     else:
         limit = enqueued_limit_for(spec, opts.tier, opts.enqueued_limit, catalog.source(spec, "enqueued_tokens"))
     return spec, gc, limit
@@ -4121,6 +4305,7 @@ async def _passes(
     have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
     cpt, eff, cap, context = sizes
     long_at = spec.long_context_threshold
+    opts = backend_job_caps(opts)  # Vertex's per-job limits bind the cutter too
 
     def once(suspects: set[int]) -> _Pass:
         return _prepare_pass(store, path, cfg, opts, cpt, eff, cap, suspects, hook, gc, context, long_at)
@@ -4597,7 +4782,8 @@ class Engine:
         when asked for (--allow-standard or --fallback-tier standard), else "none"."""
         tier = self.opts.fallback_tier
         if tier == "auto":
-            return "flex" if self.spec.flex else ("standard" if self.opts.allow_standard else "none")
+            flex = self.spec.flex and self.opts.backend != "vertex"  # no Flex on Vertex (runs planned before it said so)
+            return "flex" if flex else ("standard" if self.opts.allow_standard else "none")
         return tier
 
     # -- batch -----------------------------------------------------------------------------------
@@ -5886,6 +6072,7 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
         "rejected": run.rejected,
         "model": run.config.get("model"),
         "mode": run.run_options.mode,
+        "backend": backend_words(run),
         "created_at": run.created_at,
         "updated_at": run.updated_at,
         "out": run.out,
@@ -6010,6 +6197,160 @@ async def open_vertex_client(
             await emu.stop()
 
 
+# -- Vertex AI's own figures for Gemini batch prediction (docs/VERTEX_NOTES.md A3; pages read 2026-12-01) -----
+# Data, like the model catalog: each figure with the page it came from. None: Google publishes no figure (the
+# plan says so, and the flag that sets it is named), never a guess.
+VERTEX_SOURCES = {
+    "batch_inference": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/capabilities/batch-inference "
+    "(formerly cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini; no date on the page; read 2026-12-01)",
+    "batch_gemini": "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini "
+    "(zh-CN copy 'last updated 2025-09-03'; read 2026-12-01)",
+    "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
+    "superseded; read 2026-12-01)",
+    "models_list": "GoogleCloudPlatform/generative-ai's batch-prediction guide, as rendered at "
+    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction (read 2026-12-01); Google's own list "
+    "is collapsed in the stored copies of the batch_inference page",
+    "pricing": "https://cloud.google.com/vertex-ai/generative-ai/pricing is not in the stored copies: per-model Vertex prices "
+    "unpublished here; third parties (deploybase.ai, 2025-04-17) list the Developer API's paid prices for 2.5 Flash/Pro",
+}
+VERTEX_LIMITS: dict[str, Any] = {
+    "requests_per_job": 200_000,  # batch_inference: at most 200,000 requests in one batch job
+    "input_bytes_per_job": 1_000_000_000,  # batch_inference: an input file of at most 1 GB (read as 10^9, the smaller)
+    "concurrent_jobs": None,  # batch_inference: "no predefined quota" (a shared pool); batch_gemini_old said 8, queued beyond
+    "queue_hours": 72,  # batch_inference: a job waits in the queue up to 72 h, then expires
+    "run_hours": 24,  # batch_inference: most jobs end within 24 h of starting; after 24 h the rest is cancelled (paid as done)
+    "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
+}
+VERTEX_BATCH_MODELS = (
+    "gemini-3.1-pro-preview",
+    "gemini-3-flash-preview",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.0-flash",
+)
+VERTEX_LINE_OVERHEAD = 32  # bytes a Vertex request line may have over the Developer API's (the key moves into labels: 20)
+VERTEX_NO_TOKEN_LIMIT = 10**15  # Vertex has no enqueued-token limit: admission is by jobs at once (--max-active-jobs)
+
+
+# -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
+VERTEX_NO_FLEX = (
+    "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
+    "(with --allow-standard for a standard-tier fallback at 2x the batch price), or --backend gemini."
+)
+
+
+def check_backend_mode(opts: RunOptions) -> None:
+    """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
+    that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
+    if opts.backend != "vertex":
+        return
+    if opts.mode in ("flex", "hybrid"):
+        raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
+    if opts.fallback_tier == "flex":
+        raise UsageError(f"--fallback-tier flex with --backend vertex: {VERTEX_NO_FLEX}")
+
+
+def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
+    """The model's figures as the run's backend serves it: on Vertex, no Flex tier (so auto mode never plans
+    hybrid lanes and the fallback never picks Flex: lanes_for, Engine._fallback_tier read the spec)."""
+    if opts.backend != "vertex":
+        return spec
+    listed = spec.name in VERTEX_BATCH_MODELS
+    sources = {
+        **spec.sources,
+        "flex": "none on Vertex AI (a Gemini Developer API tier)",
+        "enqueued_tokens": "none on Vertex AI: admission by jobs at once (--max-active-jobs)",
+        "batch": VERTEX_SOURCES["models_list"] if listed else "not confirmed on a Vertex AI page",
+        "prices": f"the catalog's standard prices (Vertex's own per model: {VERTEX_SOURCES['pricing']}); batch at "
+        f"{VERTEX_LIMITS['batch_discount']:.0%} ({VERTEX_SOURCES['batch_gemini']})",
+    }
+    return dataclasses.replace(
+        spec,
+        flex=False,
+        flex_discount=None,
+        flex_cached_input_price=None,
+        enqueued_tokens={},
+        batch=True if listed else None,
+        batch_discount=VERTEX_LIMITS["batch_discount"],
+        sources=sources,
+    )
+
+
+def backend_job_caps(opts: RunOptions) -> RunOptions:
+    """The options the batch cutter works with: on Vertex, --batch-size and the bytes a request file may hold
+    within Vertex's per-job limits (requests, input bytes less the label each line carries on the way)."""
+    if opts.backend != "vertex":
+        return opts
+    n = min(opts.batch_size, VERTEX_LIMITS["requests_per_job"])
+    room = VERTEX_LIMITS["input_bytes_per_job"] - n * VERTEX_LINE_OVERHEAD
+    return dataclasses.replace(opts, batch_size=n, max_file_bytes=min(opts.max_file_bytes, room))
+
+
+def vertex_warnings(spec: ModelSpec, opts: RunOptions) -> list[str]:
+    """What a Vertex plan must say out loud: a model no Vertex page confirms for batch."""
+    if opts.backend != "vertex" or spec.name in VERTEX_BATCH_MODELS:
+        return []
+    return [
+        f"{spec.name} is not on the list of Gemini models that serve batch on Vertex AI ({', '.join(VERTEX_BATCH_MODELS)}; "
+        f"{VERTEX_SOURCES['models_list']}): a create may be refused (404/400). Check the model's Vertex page."
+    ]
+
+
+def admission_rows(run: Run) -> list[tuple[str, str]]:
+    """The plan's limit rows: the enqueued-token limit (Gemini API), or Vertex's jobs at once and job caps."""
+    p = run.plan
+    if run.run_options.backend != "vertex":
+        return [("enqueued limit", _limit_words(p))]
+    jobs = run.run_options.max_active_jobs
+    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if run.run_options.enqueued_limit else ""
+    rounds = -(-p["batches"] // jobs)
+    return [
+        (
+            "admission",
+            f"{own}at most {jobs:,} job(s) at once (--max-active-jobs; {rounds:,} round(s)): Vertex AI has no enqueued-token "
+            f'limit, and Google publishes no concurrent-job quota for Gemini batch ("no predefined quota", a shared pool; '
+            f"jobs queue up to {VERTEX_LIMITS['queue_hours']} h, then expire)",
+        ),
+        (
+            "job caps",
+            f"{VERTEX_LIMITS['requests_per_job']:,} requests and {VERTEX_LIMITS['input_bytes_per_job']:,} bytes a job "
+            f"({VERTEX_SOURCES['batch_inference']})",
+        ),
+    ]
+
+
+def pin_backend(opts: RunOptions) -> RunOptions:
+    """A Vertex run's project, location and bucket as resolved now (flags, else GOOGLE_CLOUD_PROJECT /
+    GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
+    bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
+    cannot run exits 2 here, before a client or a run folder is made."""
+    check_backend_mode(opts)
+    settings = vertex_settings(opts)
+    if settings is None:
+        return opts
+    project, location, bucket = settings
+    return dataclasses.replace(opts, project=project, location=location, bucket=bucket.rstrip("/"))
+
+
+def backend_differences(was: RunOptions, now: RunOptions) -> list[str]:
+    """The backend options that differ between an existing run and the same `run` again: the backend (a run
+    made before --backend existed reads as gemini), else, on Vertex, the project, location and bucket."""
+    if was.backend != now.backend:
+        return ["backend"]
+    if now.backend != "vertex":
+        return []
+    return [k for k in ("project", "location", "bucket") if (getattr(was, k) or "") != (getattr(now, k) or "")]
+
+
+def backend_words(run: Run) -> str:
+    """Where a run's batches go, in words (the plan's and status's "endpoint")."""
+    o = run.run_options
+    if o.backend != "vertex":
+        return run.endpoint or "Gemini API"
+    at = f" at {run.endpoint}" if run.endpoint else ""
+    return f"Vertex AI ({o.project or '?'}, {o.location or '?'}, {o.bucket or '?'}){at}"
+
+
 async def run_file(
     input_path: str | Path,
     config: JobConfig | None = None,
@@ -6030,6 +6371,7 @@ async def run_file(
     opts = options or RunOptions()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
+    opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
     store = RunStore(state_dir, name)
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
@@ -6037,7 +6379,7 @@ async def run_file(
         lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
             run = store.load_run()
-            diffs = run_differences(run, Path(input_path), cfg, opts)
+            diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
             if diffs:
                 raise UsageError(
                     f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
@@ -6092,7 +6434,7 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     if changed:
         diffs.append("config (" + ", ".join(changed) + ")")
     was = run.run_options
-    changed = [k for k in PLAN_OPTIONS if getattr(was, k) != getattr(opts, k)]
+    changed = [k for k in PLAN_OPTIONS if getattr(was, k) != getattr(opts, k)] + backend_differences(was, opts)
     if changed:
         diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
     return diffs
@@ -6116,7 +6458,7 @@ async def resume_run(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
         run = store.load_run()
-        inp = Path(run.input_path)
+        inp = input_location(run.input_path, run.run_options)
         if inp.exists() and file_sha256(inp) != run.input_sha256:
             raise UsageError(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
@@ -6361,7 +6703,7 @@ def plan_rows(run: Run) -> list[tuple[str, str]]:
     hybrid = " (hybrid: more than one wave, so Flex lanes take the tail at the same price)"
     per_wave = f" (jobs per wave: {_short_list(p['jobs_per_wave'])})" if p.get("jobs_per_wave") else ""
     rows = [
-        ("endpoint", run.endpoint or "Gemini API"),
+        ("endpoint", backend_words(run)),
         ("model", p["model"] + (f" (catalog as of {p['catalog_as_of']})" if "catalog_as_of" in p else "")),
         ("generation", ", ".join(f"{k} {v}" for k, v in (p.get("generation_config") or {}).items()) or "model defaults"),
         ("mode", str(mode) + (hybrid if mode == "auto" and p.get("lanes") == "hybrid" else "")),
@@ -6378,7 +6720,7 @@ def plan_rows(run: Run) -> list[tuple[str, str]]:
             f"{p['input_tokens']:,} ({run.chars_per_token:.2f} chars/token, "
             f"{'calibrated with countTokens' if run.calibrated else 'offline estimate'})",
         ),
-        ("enqueued limit", _limit_words(p)),
+        *admission_rows(run),
         *_cost_rows(p),
         ("estimated time", p["estimated_time"]),
         ("results file", run.out),
@@ -6608,6 +6950,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
                 _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
+        c.print(f"endpoint: {_esc(r.get('backend') or 'Gemini API')}")
         if r["plan"].get("limit_learned"):
             c.print(f"[yellow]enqueued-token limit learned:[/] {_esc(r['plan']['limit_learned'])}", soft_wrap=True)
         if r["summary"]:
@@ -8591,8 +8934,6 @@ class Emulator:
     # and their answers come from the same generator (_answer). Cloud Storage is reached through
     # google-cloud-storage pointed at cfg.gcs_endpoint, in worker threads (the client is synchronous).
     _VX_JOBS = r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/batchPredictionJobs"
-    VERTEX_MAX_REQUESTS = 200_000  # requests per job (batch-inference page, docs/VERTEX_NOTES.md A3)
-    VERTEX_MAX_INPUT_BYTES = 1024**3  # one input file of at most 1 GB (same page)
 
     def _vertex_routes(self) -> list[tuple[str, str, Callable[..., Awaitable[Any]]]]:
         jobs, models = self._VX_JOBS, r"publishers/google/models/(?P<model>[^/:]+)"
@@ -8645,7 +8986,7 @@ class Emulator:
         n = tokens = 0
         try:
             blob.reload()
-            if (blob.size or 0) > self.VERTEX_MAX_INPUT_BYTES:
+            if (blob.size or 0) > VERTEX_LIMITS["input_bytes_per_job"]:  # the per-job limits batchify plans with
                 raise _EmuError(400, "INVALID_ARGUMENT", f"The input file {uri} is larger than 1 GB.")
             with blob.open("r", encoding="utf-8") as f:
                 for line in f:
@@ -8664,6 +9005,36 @@ class Emulator:
 
     async def _h_vx_create(self, request: Any, ver: str, project: str, location: str) -> Any:
         body = await self._json(request)
+        m, ic, oc, uris, prefix = self._vx_check_create(body)
+        if self.cfg.forbid_batch:
+            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
+        if self._fault("create_429"):
+            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
+        n = tokens = 0
+        for uri in uris:
+            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
+            n, tokens = n + a, tokens + b
+        if not n:
+            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
+        most = VERTEX_LIMITS["requests_per_job"]
+        if n > most:
+            raise _EmuError(400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {most:,}.")
+        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
+        fate = "succeed"
+        if self.created <= self.cfg.fail_jobs:
+            fate = "fail"
+        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
+            fate = "expire"
+        j = self._vx_new_job(project, location, body.get("displayName"), m, ic, oc, uris, prefix, n, tokens, fate)
+        self.stats["vertex_creates"] += 1
+        by = self.stats["vertex_creates_by_display_name"]
+        by[j["display_name"] or "(none)"] = by.get(j["display_name"] or "(none)", 0) + 1
+        if fate != "expire":
+            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
+        return self._ok(self._vx_resource(j))
+
+    def _vx_check_create(self, body: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any], list[Any], str]:
+        """A create's body as the service checks it: (model id, inputConfig, outputConfig, input URIs, output prefix)."""
         bad = set(body) - {"model", "inputConfig", "outputConfig", "displayName", "labels"}
         if bad:
             raise _EmuError(400, "INVALID_ARGUMENT", f'Invalid JSON payload received. Unknown name "{sorted(bad)[0]}".')
@@ -8683,31 +9054,27 @@ class Emulator:
             )
         if oc.get("predictionsFormat") != "jsonl" or not prefix.startswith("gs://"):
             raise _EmuError(400, "INVALID_ARGUMENT", "outputConfig: predictionsFormat jsonl with gcsDestination.outputUriPrefix.")
-        if self.cfg.forbid_batch:
-            raise _EmuError(403, "PERMISSION_DENIED", "Permission 'aiplatform.batchPredictionJobs.create' denied (emulated).")
-        if self._fault("create_429"):
-            raise _EmuError(429, "RESOURCE_EXHAUSTED", "Quota exceeded for batch prediction jobs (emulated create_429 fault).")
-        n = tokens = 0
-        for uri in uris:
-            a, b = await asyncio.to_thread(self._vx_scan, str(uri))
-            n, tokens = n + a, tokens + b
-        if not n:
-            raise _EmuError(400, "INVALID_ARGUMENT", "The batch prediction input has no requests.")
-        if n > self.VERTEX_MAX_REQUESTS:
-            raise _EmuError(
-                400, "INVALID_ARGUMENT", f"{n} requests: a batch prediction job takes at most {self.VERTEX_MAX_REQUESTS:,}."
-            )
-        self.created += 1  # one count with the Developer API's batches: fail_jobs / expire_jobs are "the first N jobs"
-        fate = "succeed"
-        if self.created <= self.cfg.fail_jobs:
-            fate = "fail"
-        elif self.created <= self.cfg.fail_jobs + self.cfg.expire_jobs:
-            fate = "expire"
+        return m, ic, oc, uris, prefix
+
+    def _vx_new_job(
+        self,
+        project: str,
+        location: str,
+        dn: str | None,
+        m: str,
+        ic: dict[str, Any],
+        oc: dict[str, Any],
+        uris: list[Any],
+        prefix: str,
+        n: int,
+        tokens: int,
+        fate: str,
+    ) -> dict[str, Any]:
+        """A new job's record (PENDING, its duration drawn), kept in self.vjobs."""
         jid = str(self.rng.randrange(10**17, 10**18))
         lo = self.cfg.job_seconds
         hi = self.cfg.job_seconds_max or lo
         t = time.time()
-        dn = body.get("displayName")
         j = self.vjobs[jid] = {
             "id": jid,
             "name": f"projects/{project}/locations/{location}/batchPredictionJobs/{jid}",
@@ -8735,12 +9102,7 @@ class Emulator:
             "ok": 0,
             "failed": 0,
         }
-        self.stats["vertex_creates"] += 1
-        by = self.stats["vertex_creates_by_display_name"]
-        by[dn or "(none)"] = by.get(dn or "(none)", 0) + 1
-        if fate != "expire":
-            asyncio.get_running_loop().call_later(j["duration"] + 0.001, self._vx_refresh, j)
-        return self._ok(self._vx_resource(j))
+        return j
 
     def _vx_refresh(self, j: dict[str, Any]) -> None:
         """Move a job on by the clock; at its end, a job that succeeds writes its output first (in a worker

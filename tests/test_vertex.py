@@ -7,6 +7,7 @@ that storage emulator), driven through the unmodified google-genai SDK in Vertex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -453,3 +454,205 @@ async def test_a_key_no_label_can_carry_fails_the_upload_once(vemu: Emu, gcs_url
         assert e.value.code == 400 and "after" not in str(e.value), "not retried"
     finally:
         await c.close()
+
+
+# -- the backend is part of the run: a switch is said out loud, Flex is never planned on Vertex -----------------
+
+
+def _vertex_opts(bucket: str, **kw: Any) -> batchify.RunOptions:
+    base: dict[str, Any] = {
+        "name": "news",
+        "backend": "vertex",
+        "project": PROJECT,
+        "location": LOCATION,
+        "bucket": f"gs://{bucket}",
+    }
+    return batchify.RunOptions(**{**base, **kw})
+
+
+async def _dry(emu: Emu, inp: Path, state: Path, opts: batchify.RunOptions) -> batchify.Run:
+    run, _ = await batchify.run_file(inp, options=opts, state_dir=state, endpoint=emu.url, api_key="k", dry_run=True)
+    return run
+
+
+def _news(tmp_path: Path, n: int = 40) -> Path:
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates " * 20}) + "\n" for i in range(n)))
+    return inp
+
+
+async def test_a_backend_switch_is_an_option_change(
+    vemu: Emu, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inp, st = _news(tmp_path), tmp_path / "st"
+    run = await _dry(vemu, inp, st, batchify.RunOptions(name="news"))
+    assert batchify.plan_rows(run)[0] == ("endpoint", vemu.url)
+    # a run made before the backend flags existed: no backend keys in its options; it reads as gemini
+    store = batchify.RunStore(st, "news")
+    d = json.loads(store.run_path.read_text())
+    for k in ("backend", "project", "location", "bucket"):
+        del d["options"][k]
+    store.run_path.write_text(json.dumps(d))
+    assert (await _dry(vemu, inp, st, batchify.RunOptions(name="news"))).run_options.backend == "gemini"
+    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+        await _dry(vemu, inp, st, _vertex_opts(bucket))
+    # a Vertex run: its project (here from the environment), location and bucket are kept and compared
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
+    vx = _vertex_opts(bucket, name="vx", project=None)
+    run = await _dry(vemu, inp, st, vx)
+    assert (run.run_options.project, run.run_options.bucket) == (PROJECT, f"gs://{bucket}")
+    await _dry(vemu, inp, st, dataclasses.replace(vx, bucket=f"gs://{bucket}/"))  # the same bucket
+    for change, flag in ((dict(location="europe-west4"), "--location"), (dict(bucket="gs://other"), "--bucket")):
+        with pytest.raises(batchify.UsageError, match=f"different options \\({flag}\\)"):
+            await _dry(vemu, inp, st, dataclasses.replace(vx, **change))
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "another-proj")  # the environment changed: so did the project
+    with pytest.raises(batchify.UsageError, match=r"different options \(--project\)"):
+        await _dry(vemu, inp, st, vx)
+    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+        await _dry(vemu, inp, st, batchify.RunOptions(name="vx"))
+
+
+async def test_plan_and_status_name_vertex_and_auto_mode_never_plans_flex(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp, st = _news(tmp_path, 60), tmp_path / "st"
+    small = {"batch_size": 10, "enqueued_limit": 3_000}  # several waves: auto mode on gemini would plan hybrid lanes
+    gem = await _dry(vemu, inp, st, batchify.RunOptions(name="gem", **small))
+    assert gem.plan["waves"] > 1 and gem.plan["lanes"] == "hybrid" and "flex" in gem.plan["modes"]
+    run = await _dry(vemu, inp, st, _vertex_opts(bucket, **small))
+    words = f"Vertex AI ({PROJECT}, {LOCATION}, gs://{bucket}) at {vemu.url}"
+    assert dict(batchify.plan_rows(run))["endpoint"] == words
+    assert batchify.run_status(st, "news")["runs"][0]["backend"] == words
+    assert run.plan["waves"] > 1 and run.plan["lanes"] == "batch"
+    assert set(run.plan["modes"]) == {"batch", "standard"} and run.plan["model_spec"]["flex"] is False
+    engine = batchify.Engine(batchify.RunStore(st, "news"), None)
+    assert engine.lanes == "batch" and engine._fallback_tier() == "none"
+    engine.opts = dataclasses.replace(engine.opts, allow_standard=True)
+    assert engine._fallback_tier() == "standard"
+    engine.spec = dataclasses.replace(engine.spec, flex=True)  # planned before Vertex said it has no Flex
+    assert engine._fallback_tier() == "standard"
+
+
+async def test_flex_modes_on_vertex_exit_2_before_anything_is_sent(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp = _news(tmp_path)
+    for kw in ({"mode": "hybrid"}, {"fallback_tier": "flex"}):
+        with pytest.raises(batchify.UsageError, match="Developer API tier only"):
+            await _dry(vemu, inp, tmp_path / "st", _vertex_opts(bucket, **kw))
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    p = run_cli([*args, "--mode", "flex", "--yes", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--mode flex with --backend vertex" in p.stderr and "Vertex AI has no Flex" in p.stderr
+    assert vemu.stats()["vertex_creates"] == 0 and not (tmp_path / "st" / "news").exists()
+
+
+# -- Vertex's own limits: job caps in the cutter, admission by jobs at once, never the enqueued-token table ------
+
+
+async def test_vertex_job_caps_cut_the_batches_and_the_service_takes_them(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Vertex's per-job limits made small (the emulator enforces the same table), a vertex run is cut at
+    them, whatever --batch-size says, and every job is taken; a gemini run of the same input is not cut."""
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "requests_per_job", 7)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 40), tmp_path / "st"
+    gem = await _dry(vemu, inp, st, batchify.RunOptions(name="gem"))
+    assert gem.plan["batches"] == 1
+    one = gem.plan["batch_ranges"][0][3] // 40  # bytes of one request line
+    run = await _dry(vemu, inp, st, _vertex_opts(bucket, name="n7"))
+    assert [e - s for s, e, _t, _b in run.plan["batch_ranges"]] == [7, 7, 7, 7, 7, 5]
+    # 5 lines fit the bytes, but not with the label each one gains on the way to Vertex: 4 a job
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "input_bytes_per_job", 5 * one + 4 * batchify.VERTEX_LINE_OVERHEAD)
+    opts = _vertex_opts(bucket, mode="batch", poll_interval=0.05, retry_scale=0.01, out=str(tmp_path / "out.jsonl"))
+    run = await _dry(vemu, inp, st, opts)
+    sizes = [(e - s, b) for s, e, _t, b in run.plan["batch_ranges"]]
+    assert max(n for n, _ in sizes) == 4 and sum(n for n, _ in sizes) == 40, sizes  # the bytes cap binds first
+    assert all(b + n * batchify.VERTEX_LINE_OVERHEAD <= batchify.VERTEX_LIMITS["input_bytes_per_job"] for n, b in sizes)
+    _, summary = await batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url)  # submits the prepared run
+    assert summary is not None and summary.ok == 40
+    assert vemu.stats()["vertex_creates"] == len(sizes)
+
+
+async def test_vertex_admission_is_by_jobs_not_the_enqueued_token_table(vemu: Emu, bucket: str, tmp_path: Path) -> None:
+    inp, st = _news(tmp_path), tmp_path / "st"
+    model = next(
+        m
+        for m, s in batchify.builtin_catalog().models.items()
+        if not s.get("enqueued_tokens") and s.get("status") != "retired" and m not in batchify.VERTEX_BATCH_MODELS
+    )
+    cfg = batchify.JobConfig(model=model)
+    with pytest.raises(batchify.UsageError, match="publishes no batch enqueued-token limit"):
+        await batchify.run_file(inp, cfg, batchify.RunOptions(name="gem"), st, endpoint=vemu.url, api_key="k", dry_run=True)
+    run, _ = await batchify.run_file(inp, cfg, _vertex_opts(bucket, max_active_jobs=3), st, endpoint=vemu.url, dry_run=True)
+    assert run.plan["enqueued_limit"] == batchify.VERTEX_NO_TOKEN_LIMIT and run.plan["waves"] == 1
+    assert run.plan["enqueued_limit_source"].startswith("none on Vertex AI")
+    rows = dict(batchify.plan_rows(run))
+    assert "enqueued limit" not in rows
+    assert "at most 3 job(s) at once (--max-active-jobs" in rows["admission"] and "no predefined quota" in rows["admission"]
+    assert "200,000 requests and 1,000,000,000 bytes a job" in rows["job caps"]
+    assert any("not on the list of Gemini models that serve batch on Vertex AI" in w for w in run.plan["warnings"])
+    listed = await _dry(vemu, inp, st, _vertex_opts(bucket, name="listed"))  # the default model is on Vertex's list
+    assert not listed.plan["warnings"] and listed.plan["model_spec"]["batch"] is True
+    assert listed.plan["enqueued_limit"] == batchify.VERTEX_NO_TOKEN_LIMIT, "not the Developer API's tier figure"
+
+
+# -- gs:// input: read as a stream from the bucket, in object-name order ------------------------------------------
+
+
+def test_cli_run_from_a_gs_prefix_every_id_once_in_order(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    rows = [{"id": f"n{i}", "text": f"article {i} on markets " * (1 + i % 7)} for i in range(300)]
+    b = gcs.bucket(bucket)
+    for k, (lo, hi) in enumerate(((0, 120), (120, 121), (121, 300))):  # object-name order is input order
+        b.blob(f"corpus/news/part-{k:03d}.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows[lo:hi]))
+    b.blob("corpus/news/README.txt").upload_from_string("not input")
+    src = f"gs://{bucket}/corpus/news/*.jsonl"
+    args = ["run", src, "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    args += ["--endpoint", vemu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--batch-size", "100"]
+    args += ["--poll-interval", "0.1"]
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "news.results.jsonl"  # named after the prefix, in the working directory
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [r["id"] for r in rows] and all(r["status"] == "ok" for r in got)
+    run = json.loads((tmp_path / "st" / "news" / "run.json").read_text())
+    assert run["input_path"] == src and run["records"] == 300
+    assert not list((tmp_path / "st").rglob("part-*")), "the input is never copied to local disk"
+    assert vemu.stats()["vertex_creates"] == 3
+    # the same command again: the same run (nothing sent); after an object is rewritten, the input differs
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0 and vemu.stats()["vertex_creates"] == 3, p.stderr[-2000:]
+    same_size = json.dumps({"id": "n120", "text": rows[120]["text"].upper()}) + "\n"  # a change the size does not show
+    b.blob("corpus/news/part-001.jsonl").upload_from_string(same_size)
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 2 and "input file (path or content)" in p.stderr, p.stderr[-2000:]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 2 and "changed since run 'news' was prepared" in p.stderr, p.stderr[-2000:]
+
+
+def test_gs_input_needs_vertex_and_an_object(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
+    p = run_cli(["run", f"gs://{bucket}/x.jsonl", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 2 and "needs --backend vertex" in p.stderr, p.stderr[-2000:]
+    args = ["run", f"gs://{bucket}/none/*.jsonl", "--backend", "vertex", "--project", PROJECT, "--location", LOCATION]
+    p = run_cli([*args, "--bucket", f"gs://{bucket}", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 2 and "nothing matches" in p.stderr, p.stderr[-2000:]
+
+
+def test_gs_reader_streams_across_objects_and_seeks(
+    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    rng = random.Random(3)
+    lines = [json.dumps({"id": i, "text": "y" * rng.randint(0, 5000)}).encode() + b"\n" for i in range(2000)]
+    for k, (lo, hi) in enumerate(((0, 700), (700, 700), (700, 701), (701, 2000))):  # an empty object too
+        gcs.bucket(bucket).blob(f"in/p{k}.jsonl").upload_from_string(b"".join(lines[lo:hi]))
+    g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
+    data = b"".join(lines)
+    assert g.stat().st_size == len(data)
+    with g.open("rb") as f:
+        assert f.read() == data
+        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(data) - 10, len(data)):
+            f.seek(off)
+            assert f.read(40) == data[off : off + 40], off
+    assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
+    assert len(list(batchify.calibration_sample(g, 64))) == 64
