@@ -160,10 +160,10 @@ def test_latency_on_generate(emu, articles, tmp_path):
 
 @pytest.mark.slow
 def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
-    emu.configure(job_seconds=4)
-    p1 = spawn_cli(
-        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--out", str(tmp_path / "o.jsonl"), *FAST], tmp_path
-    )
+    emu.configure(job_seconds=1)
+    # polling every 30 s, the first run holds the run (its lock) long after its job ended: no race with the clock
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--out", str(tmp_path / "o.jsonl"), "--yes"]
+    p1 = spawn_cli([*args, "--poll-interval", "30"], tmp_path)
     wait_for(lambda: emu.stats()["creates"] >= 1)
     p2 = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
     assert p2.returncode == 4
@@ -172,7 +172,7 @@ def test_second_resume_is_refused_while_one_runs(emu, articles, tmp_path):
     p1.communicate(timeout=30)
     emu.configure(job_seconds=0.5)
     # two resumes at once: exactly one works, the other is told who holds the run
-    a, b = (spawn_cli(["resume", "articles", "--state-dir", "st"], tmp_path) for _ in range(2))
+    a, b = (spawn_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path) for _ in range(2))
     ra, rb = a.wait(60), b.wait(60)
     assert sorted([ra, rb]) == [0, 4]
     assert_complete(tmp_path / "o.jsonl", articles)
