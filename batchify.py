@@ -7,7 +7,8 @@ file in input order. Every step is recorded first in JSON sidecars, so Ctrl-C, a
 loses nothing: ``resume`` finishes the run without creating any job twice. A rate-limited real-time
 path finishes what batch cannot (403/404 on create, failed or expired jobs, per-line errors), through Flex
 (Google's sheddable tier at the batch price) where the model offers it; `--mode hybrid` runs batch from the head
-of the queue and Flex lanes from its tail at once.
+of the queue and Flex lanes from its tail at once. `--backend vertex` runs the same jobs as Vertex AI batch
+prediction over Cloud Storage (gs:// input, request files and results in a bucket).
 
 Quick example::
 
@@ -24,24 +25,29 @@ Contents (sections are marked with banner comments, in the order data flows)
   1. Config and constants ....... the model catalog (TOML: prices, limits, thinking, lifecycle, sources) and
                                   its rules (resolve_model, thinking_choice, realtime_limits), JobConfig, RunOptions
   2. Errors ..................... BatchifyError and its exit codes
-  3. Data model, state machine .. JobState, TRANSITIONS, advance(), Job, Run
+  3. Data model, state machine .. Hook points, JobState, TRANSITIONS, advance(), Job, the typed Plan, Run,
+                                  schema_version and MIGRATIONS
   4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost,
-                                  admission and polling decisions
-  5. Persistence ................ one atomic writer, RunStore and its sidecars, run lock, input reading
+                                  admission, polling and retry decisions
+  5. Persistence ................ one atomic writer, RunStore and its sidecars, run lock, input reading (local
+                                  files and gs:// objects, streamed)
   6. Gemini seam ................ Backend protocol, RetryPolicy/retry_delay, GeminiClient (the only code that
-                                  imports google.genai), RateLimiter
-  7. Prepare .................... calibration, URL fetching, the streaming pass that writes request files
+                                  imports google.genai), VertexClient (Vertex AI batch prediction + Cloud
+                                  Storage), RateLimiter, Gate
+  7. Prepare .................... calibration, URL fetching (PageFetcher), the streaming pass (RecordChecker,
+                                  PassWriter, BatchCutter) that writes request files, the plan
   8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
-                                  cancel_run, cleanup_run
+                                  RequestSender (Flex / standard lanes); cancel_run, cleanup_run
   9. Queries .................... merged results, analytics, run status (no remote calls)
- 10. Library API ................ prepare, submit, run_file, resume, cancel, cleanup (async and *_sync)
+ 10. Library API ................ open_client, the Vertex backend's figures and rules, prepare, submit, run_file,
+                                  resume, cancel, cleanup (async and *_sync)
  11. Rendering .................. rich tables: reports on stdout, progress and logs on stderr
- 12. REST API ................... FastAPI app (optional extra "api") over the same library
+ 12. REST API ................... RestApi (handlers) and make_api (FastAPI, optional extra "api")
  13. CLI ........................ click commands: run, status, resume, list, results, cancel, models, serve, ...
  14. main() ..................... the one place errors become exit codes
- 15. Emulator ................... a local Gemini API server with fault injection (aiohttp.web); last, because
-                                  nothing above depends on it: it is here so tests and `--endpoint local` need
-                                  nothing but this file
+ 15. Emulator ................... a local Gemini API server (Developer API and Vertex batch routes) with fault
+                                  injection (aiohttp.web); last, because nothing above depends on it: it is
+                                  here so tests and `--endpoint local` need nothing but this file
 """
 
 from __future__ import annotations
