@@ -8624,6 +8624,9 @@ class Emulator:
             )
         win.append((now, tokens))
         self.gen_tokens += tokens
+        per_window = self.stats.setdefault("generate_tokens_by_window", {})  # tokens admitted, per rate window
+        k = str(int((now - self.stats.get("first_generate_at", now)) // w))  # JSON keys are strings
+        per_window[k] = per_window.get(k, 0) + tokens
         self.stats.setdefault("first_generate_at", now)
         self.stats["max_generate_in_window"] = max(self.stats["max_generate_in_window"], len(win))
         self.stats["max_generate_tokens_in_window"] = max(self.stats["max_generate_tokens_in_window"], self.gen_tokens)

@@ -107,6 +107,7 @@ def one_mode(a: argparse.Namespace, inp: Path, state: Path, mode: str, rpm: int,
         "flex_shed": s.get("flex_shed", 0),
         "flex_peak_in_flight": s.get("flex_peak_in_flight", 0),
         "peak_enqueued": s.get("peak_enqueued_tokens", 0),
+        "tokens_by_window": {int(k): v for k, v in (s.get("generate_tokens_by_window") or {}).items()},
         "plan": run.plan,
         "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
         "peak_rss_mb": ru1.ru_maxrss / 1024,
@@ -157,6 +158,13 @@ def main() -> None:
                 f"{r['cpu_s']:.0f} s ({1000 * r['cpu_s'] / max(1, r['answered']):.1f} ms a request, prepare and merge "
                 f"included), this process's peak RSS so far {r['peak_rss_mb']:.0f} MB"
             )
+            per = r["tokens_by_window"]
+            if per:  # how full the TPM limit was kept while real-time requests were being sent
+                full = [per.get(k, 0) / tpm for k in range(max(per) + 1)]
+                print(
+                    f"        TPM use per simulated minute while sending ({len(full)} min): mean {sum(full) / len(full):.0%}; "
+                    + " ".join(f"{x:.0%}" for x in full)
+                )
     plan = next(iter(results.values()))["plan"]
     tokens = plan["input_tokens"]
     bound = tokens / (tpm + a.limit / ((JOB_LO + JOB_HI) / 2)) + (FLEX_LO + FLEX_HI) / 2
