@@ -1253,6 +1253,10 @@ class RemoteError(BatchifyError):
         self.status = status
         self.retry_delay = retry_delay
 
+    # A create's 400/403: does it say the uploaded input is gone (upload it again) or not (final)? None: the
+    # backend does not say, and the engine reads the words (the Developer API names the File).
+    input_gone: bool | None = None
+
     @property
     def transient(self) -> bool:
         """Worth trying again: network errors (code 0), 408, 429, 5xx, and the 400 "Unsupported MIME type"
@@ -3368,14 +3372,24 @@ class VertexClient(GeminiClient):
                     status=e.status or "",
                 )
             if code != 401:
-                return super()._wrap(e, what)
+                return self._create_400(super()._wrap(e, what), what)
         else:
             return super()._wrap(e, what)
         if code in (401, 403) and what != "create batch":
             return AuthError(
                 f"{what}: {code} {text[:200]}. Fix: {fix}, and give it access to gs://{self.bucket_name}.", code=code
             )
-        return RemoteError(f"{what}: {code} {text}".strip(), code=code)
+        return self._create_400(RemoteError(f"{what}: {code} {text}".strip(), code=code), what)
+
+    @staticmethod
+    def _create_400(err: RemoteError, what: str) -> RemoteError:
+        """A create answered 400 is final (over a per-job limit, a bad request: FAILED with the service's words),
+        unless it says the staged input object is missing, which a new upload mends. Vertex names its input
+        "file" in both ("The input file ... is larger than 1 GB"), so the engine's reading of the words for the
+        Developer API would upload again forever: the client says which it is."""
+        if what == "create batch" and err.code == 400:
+            err.input_gone = bool(re.search(r"does not exist|not found|no such object|cannot be read", str(err), re.I))
+        return err
 
     def _run_dir(self, path: Path) -> str:
         return path.parent.parent.name if path.parent.name == "requests" else path.parent.name
@@ -5215,7 +5229,7 @@ class Engine:
             if e.code == 429:
                 self._advance(job, JobState.UPLOADED)
                 return self._create_refused(job, e)
-            if e.code in (400, 403) and "file" in str(e).lower():
+            if e.code in (400, 403) and (e.input_gone if e.input_gone is not None else "file" in str(e).lower()):
                 self._log(f"{job.name}: the uploaded file is gone ({e}); uploading again")
                 self._advance(self._advance(job, JobState.UPLOADED), JobState.UPLOADING)
                 return False

@@ -656,3 +656,41 @@ def test_gs_reader_streams_across_objects_and_seeks(
             assert f.read(40) == data[off : off + 40], off
     assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
     assert len(list(batchify.calibration_sample(g, 64))) == 64
+
+
+# -- a create the service refuses with 400 is final: FAILED with the service's words, never retried in a loop -----
+
+
+@pytest.mark.parametrize("over", ["bytes", "requests"])
+async def test_a_create_refused_with_400_fails_the_job_and_the_run_ends(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over: str
+) -> None:
+    """Planned under Vertex's per-job limits, then the service's limits shrink (a quota changed between plan and
+    submit): every create answers 400. Each attempt ends FAILED with the message (--max-attempts as on the
+    Developer API), the fallback answers the ids, and the run ends well within its timeout."""
+    inp, st = _news(tmp_path, 12), tmp_path / "st"
+    opts = _vertex_opts(bucket, poll_interval=0.05, retry_scale=0.01, max_attempts=2, allow_standard=True)
+    opts = dataclasses.replace(opts, out=str(tmp_path / "out.jsonl"))
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    run = await _dry(vemu, inp, st, opts)
+    assert run.plan["batches"] == 1
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "input_bytes_per_job" if over == "bytes" else "requests_per_job", 5)
+    _, summary = await asyncio.wait_for(batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url), 60)
+    assert summary is not None and summary.ok == 12
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [(j.state, j.attempt) for j in jobs] == [(batchify.JobState.FAILED, 1), (batchify.JobState.FAILED, 2)]
+    word = "larger than" if over == "bytes" else "at most"
+    assert all(j.error and "400" in j.error and word in j.error for j in jobs), [j.error for j in jobs]
+    assert vemu.stats()["vertex_creates"] == 0
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(12)] and {r["source"] for r in rows} == {"standard"}
+
+
+def test_only_a_missing_input_object_is_uploaded_again() -> None:
+    def said(text: str, what: str = "create batch", code: int = 400) -> bool | None:
+        return batchify.VertexClient._create_400(batchify.RemoteError(f"{what}: {code} {text}", code), what).input_gone
+
+    assert said("The input file gs://b/x.jsonl does not exist or cannot be read (404).") is True
+    assert said("The input file gs://b/x.jsonl is larger than 1 GB.") is False
+    assert said("300000 requests: a batch prediction job takes at most 200,000.") is False
+    assert said("The input file gs://b/x.jsonl is larger than 1 GB.", what="get batch") is None  # not a create
