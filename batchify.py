@@ -1162,8 +1162,12 @@ class RunOptions:
         "Cloud project, through Cloud Storage (--project, --location, --bucket; Application Default Credentials).",
         type=click.Choice(["gemini", "vertex"]),
     )
-    project: str | None = flag(None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].")
-    location: str | None = flag(None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].")
+    project: str | None = flag(
+        None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].", envvar="GOOGLE_CLOUD_PROJECT"
+    )
+    location: str | None = flag(
+        None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].", envvar="GOOGLE_CLOUD_LOCATION"
+    )
     bucket: str | None = flag(None, "Vertex: gs://BUCKET[/PREFIX], batchify's staging area (request files and job outputs).")
     # library-only settings (no flag)
     max_file_bytes: int = MAX_FILE_BYTES
@@ -6163,12 +6167,12 @@ async def open_client(
 
 def vertex_settings(options: RunOptions | dict[str, Any] | None) -> tuple[str, str, str] | None:
     """(project, location, bucket) of a run on --backend vertex, None for the Gemini API; a UsageError naming
-    what is missing. project and location fall back to GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION."""
+    what is missing. Only the options count (the CLI's flags take GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION)."""
     o = options.to_dict() if isinstance(options, RunOptions) else dict(options or {})
     if o.get("backend", "gemini") != "vertex":
         return None
-    project = o.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""
-    location = o.get("location") or os.environ.get("GOOGLE_CLOUD_LOCATION") or ""
+    project = o.get("project") or ""
+    location = o.get("location") or ""
     bucket = o.get("bucket") or ""
     missing = [n for n, v in (("--project", project), ("--location", location), ("--bucket", bucket)) if not v]
     if missing:
@@ -6187,14 +6191,14 @@ async def open_vertex_client(
     retry_scale: float = 1.0,
 ) -> Any:
     """Yield a VertexClient. endpoint: a URL for the Vertex API (an emulator); "local" starts the emulator in
-    this event loop, its jobs reading and writing the Cloud Storage emulator named by STORAGE_EMULATOR_HOST
-    (which the client's google-cloud-storage then uses as well)."""
+    this event loop, its jobs reading and writing the Cloud Storage emulator at emulator_config.gcs_endpoint
+    (the CLI's STORAGE_EMULATOR_HOST, which the client's google-cloud-storage then uses as well)."""
     settings = vertex_settings(options)
     assert settings is not None
     emu = None
     base_url = endpoint
     if endpoint == "local":
-        gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+        gcs = emulator_config.gcs_endpoint if emulator_config is not None else None
         if not gcs:
             raise UsageError(
                 "--endpoint local with --backend vertex needs a Cloud Storage emulator. Fix: start one (e.g. "
@@ -6334,7 +6338,7 @@ def admission_rows(run: Run) -> list[tuple[str, str]]:
 
 
 def pin_backend(opts: RunOptions) -> RunOptions:
-    """A Vertex run's project, location and bucket as resolved now (flags, else GOOGLE_CLOUD_PROJECT /
+    """A Vertex run's project, location and bucket as given now (the CLI's flags, else GOOGLE_CLOUD_PROJECT /
     GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
     bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
     cannot run exits 2 here, before a client or a run folder is made."""
@@ -7351,6 +7355,13 @@ def _api_key() -> str | None:
     return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
 
 
+def _gcs_emulator() -> EmulatorConfig | None:
+    """--endpoint local on --backend vertex: the built-in emulator's jobs use the Cloud Storage emulator named by
+    STORAGE_EMULATOR_HOST (as google-cloud-storage itself does)."""
+    gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+    return EmulatorConfig(gcs_endpoint=gcs) if gcs else None
+
+
 def _crash_hook() -> Callable[[Hook], None] | None:
     """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
     spec = os.environ.get("BATCHIFY_CRASH_AT")
@@ -7473,7 +7484,18 @@ def run(
 
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         work = run_file(
-            input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
+            input_file,
+            cfg,
+            opts,
+            state_dir,
+            endpoint,
+            _api_key(),
+            reporter,
+            confirm,
+            dry_run,
+            _crash_hook(),
+            _gcs_emulator(),
+            catalog,
         )
         r, summary = asyncio.run(work)
     if dry_run:
@@ -7594,6 +7616,7 @@ def resume(
                 reporter,
                 _crash_hook(),
                 poll_interval,
+                _gcs_emulator(),
                 max_cost=max_cost,
                 allow_standard=allow_standard,
             )

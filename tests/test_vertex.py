@@ -481,9 +481,7 @@ def _news(tmp_path: Path, n: int = 40) -> Path:
     return inp
 
 
-async def test_a_backend_switch_is_an_option_change(
-    vemu: Emu, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_backend_switch_is_an_option_change(vemu: Emu, bucket: str, tmp_path: Path) -> None:
     inp, st = _news(tmp_path), tmp_path / "st"
     run = await _dry(vemu, inp, st, batchify.RunOptions(name="news"))
     assert batchify.plan_rows(run)[0] == ("endpoint", vemu.url)
@@ -496,18 +494,16 @@ async def test_a_backend_switch_is_an_option_change(
     assert (await _dry(vemu, inp, st, batchify.RunOptions(name="news"))).run_options.backend == "gemini"
     with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
         await _dry(vemu, inp, st, _vertex_opts(bucket))
-    # a Vertex run: its project (here from the environment), location and bucket are kept and compared
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
-    vx = _vertex_opts(bucket, name="vx", project=None)
+    # a Vertex run: its project, location and bucket are kept and compared
+    vx = _vertex_opts(bucket, name="vx")
     run = await _dry(vemu, inp, st, vx)
     assert (run.run_options.project, run.run_options.bucket) == (PROJECT, f"gs://{bucket}")
     await _dry(vemu, inp, st, dataclasses.replace(vx, bucket=f"gs://{bucket}/"))  # the same bucket
     for change, flag in ((dict(location="europe-west4"), "--location"), (dict(bucket="gs://other"), "--bucket")):
         with pytest.raises(batchify.UsageError, match=f"different options \\({flag}\\)"):
             await _dry(vemu, inp, st, dataclasses.replace(vx, **change))
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "another-proj")  # the environment changed: so did the project
     with pytest.raises(batchify.UsageError, match=r"different options \(--project\)"):
-        await _dry(vemu, inp, st, vx)
+        await _dry(vemu, inp, st, dataclasses.replace(vx, project="another-proj"))
     with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
         await _dry(vemu, inp, st, batchify.RunOptions(name="vx"))
 
@@ -694,3 +690,27 @@ def test_only_a_missing_input_object_is_uploaded_again() -> None:
     assert said("The input file gs://b/x.jsonl is larger than 1 GB.") is False
     assert said("300000 requests: a batch prediction job takes at most 200,000.") is False
     assert said("The input file gs://b/x.jsonl is larger than 1 GB.", what="get batch") is None  # not a create
+
+
+def test_the_cli_takes_project_and_location_from_the_environment_the_library_does_not(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)  # the library never reads it
+    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", LOCATION)
+    inp, opts = _news(tmp_path), _vertex_opts(bucket, project=None, location=None)
+    with pytest.raises(batchify.UsageError, match="needs --project, --location"):
+        batchify.run_sync(_dry(vemu, inp, tmp_path / "st", opts))
+    env = {"GOOGLE_CLOUD_PROJECT": "env-proj", "GOOGLE_CLOUD_LOCATION": "europe-west4", "STORAGE_EMULATOR_HOST": gcs_url}
+    args = ["run", str(inp), "--backend", "vertex", "--bucket", f"gs://{bucket}", "--state-dir", "st", "--yes"]
+    p = run_cli([*args, "--endpoint", vemu.url, "--dry-run"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    o = json.loads((tmp_path / "st" / "news" / "run.json").read_text())["options"]
+    assert (o["project"], o["location"]) == ("env-proj", "europe-west4")
+    p = run_cli([*args, "--project", "flag-proj", "--name", "n2", "--endpoint", vemu.url, "--dry-run"], tmp_path, **env)
+    assert (
+        p.returncode == 0 and json.loads((tmp_path / "st" / "n2" / "run.json").read_text())["options"]["project"] == "flag-proj"
+    )
+    # --endpoint local: the built-in emulator's jobs use the storage emulator the CLI found in STORAGE_EMULATOR_HOST
+    p = run_cli([*args, "--name", "n3", "--endpoint", "local", "--mode", "batch", "--poll-interval", "0.1"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(read_jsonl(tmp_path / "news.n3.results.jsonl")) == 40
