@@ -2721,7 +2721,7 @@ def repair_jsonl_tail(path: Path) -> None:
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for line in f:
             if line.strip():
                 try:
@@ -2903,6 +2903,87 @@ def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
     if opts is not None and opts.backend != "vertex":
         raise UsageError(f"{path}: input from Cloud Storage needs --backend vertex (with --project, --location, --bucket).")
     return GsInput(str(path), opts.project if opts is not None else None)
+
+
+# -- gs:// results (--out gs://BUCKET/PATH.jsonl, --backend vertex): the merged output streamed to Cloud Storage -----
+GS_WRITE_CHUNK = 32 * 1024 * 1024  # bytes a resumable upload sends at once (a multiple of 256 KiB; fewer round trips)
+
+
+def out_uri(out: str) -> str:
+    """The results file as a run keeps it: a local path made absolute, a gs:// URI as given."""
+    return out if out.startswith("gs://") else str(Path(out).resolve())
+
+
+def out_location(out: str, project: str | None = None) -> Path:
+    """A run's results file as a Path: a local one, or a GsOutput for gs://."""
+    return GsOutput(out, project) if out.startswith("gs://") else Path(out)
+
+
+def results_writer(out: Path) -> Any:
+    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage."""
+    return out.atomic_writer() if isinstance(out, GsOutput) else atomic_file(out, unique=False)
+
+
+class _GsLines:
+    """A binary writer that hands a BlobWriter 1 MiB at a time (the merge writes one short line per call)."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.buf = raw, bytearray()
+
+    def write(self, b: bytes) -> int:
+        self.buf += b
+        if len(self.buf) >= 1 << 20:
+            self.flush()
+        return len(b)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.raw.write(bytes(self.buf))
+            self.buf.clear()
+
+
+class GsOutput(GsInput):
+    """A results file in Cloud Storage, gs://BUCKET/NAME: read like a one-object GsInput (open() streams it);
+    stat()'s st_mtime_ns is the object's generation (a rewrite changes it, as a local file's mtime changes), so
+    `results` tells this run's output from someone else's. atomic_writer() is atomic_file's counterpart."""
+
+    def __init__(self, uri: str, project: str | None = None) -> None:
+        super().__init__(uri, project)
+        if not split_gs_uri(uri)[1] or uri.endswith("/") or any(c in uri for c in "*?["):
+            raise UsageError(f"--out {uri}: results go to one object. Fix: --out gs://BUCKET/PATH/results.jsonl.")
+
+    def __repr__(self) -> str:
+        return f"GsOutput({str(self)!r})"
+
+    def stat(self, *args: Any, **kwargs: Any) -> os.stat_result:
+        _name, generation, size, _crc = self.listing()[0]
+        return os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, size, 0, 0, 0), {"st_mtime_ns": int(generation or 0)})
+
+    @contextlib.contextmanager
+    def atomic_writer(self) -> Iterator[Any]:
+        """Yield a binary writer streaming to a temporary object beside the output (resumable upload, GS_WRITE_CHUNK
+        in memory at most); on success the temporary object is copied over the output (a server-side rewrite: a
+        reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
+        atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
+        from google.api_core import exceptions as gexc
+
+        bucket_name, name = split_gs_uri(self.uri)
+        bucket = self._client().bucket(bucket_name)
+        tmp = bucket.blob(f"{name}.batchify-tmp")
+        try:
+            with tmp.open("wb", chunk_size=GS_WRITE_CHUNK, content_type="application/jsonl", ignore_flush=True) as raw:
+                w = _GsLines(raw)
+                yield w
+                w.flush()
+            final, token = bucket.blob(name), None
+            while True:
+                token, _done, _total = final.rewrite(tmp, token=token)
+                if token is None:
+                    break
+        finally:
+            self._listing = None
+            with contextlib.suppress(gexc.NotFound):
+                tmp.delete()
 
 
 # ================================================================================================
@@ -4175,7 +4256,7 @@ async def prepare_run(
         chars_per_token=cpt,
         calibrated=warranted is not None,
         plan=plan,
-        out=str(Path(opts.out or default_out(path, store.name)).resolve()),
+        out=out_uri(opts.out or default_out(path, store.name)),
         created_at=utcnow(),
     )
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
@@ -5573,10 +5654,10 @@ class Engine:
 
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order (see merged_line)."""
-        out = Path(self.run.out)
+        out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold)
         hook = self.hook
-        with open(self.store.ids_path, "rb") as ids, atomic_file(out, unique=False) as f:
+        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 r = r or NO_RESULT
@@ -5870,7 +5951,7 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
     import shutil
 
     run = store.load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED]
     if pending:
         raise UsageError(
@@ -5882,7 +5963,7 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
             f"Fix: `batchify resume {store.name}` first."
         )
-    lines = sum(1 for _ in open(out, "rb"))
+    lines = sum(1 for _ in out.open("rb"))
     if lines != run.records:
         raise UsageError(
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
@@ -5947,7 +6028,7 @@ def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str,
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
     """A run's merged results in input order, as Result objects (streamed from the results file)."""
     run = RunStore(state_dir, name).load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     if not out.exists():
         merge_run(state_dir, name)
     for d in iter_jsonl(out):
@@ -6261,6 +6342,10 @@ def check_backend_mode(opts: RunOptions) -> None:
     """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
     that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
     if opts.backend != "vertex":
+        if (opts.out or "").startswith("gs://"):
+            raise UsageError(
+                f"--out {opts.out}: results in Cloud Storage need --backend vertex (--project, --location, --bucket)."
+            )
         return
     if opts.mode in ("flex", "hybrid"):
         raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
@@ -7656,7 +7741,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             render_analytics(data)
         return
     run = RunStore(state_dir, run_name).load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     if not out.exists():
         merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
     else:
@@ -7669,7 +7754,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             for r in iter_sidecar_results(state_dir, run_name):
                 sys.stdout.buffer.write(orjson.dumps(r, option=NL))
             return
-    with open(out, "rb") as f:
+    with out.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
 

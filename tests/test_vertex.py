@@ -714,3 +714,45 @@ def test_the_cli_takes_project_and_location_from_the_environment_the_library_doe
     p = run_cli([*args, "--name", "n3", "--endpoint", "local", "--mode", "batch", "--poll-interval", "0.1"], tmp_path, **env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(read_jsonl(tmp_path / "news.n3.results.jsonl")) == 40
+
+
+# -- --out gs://: the merged results streamed to the bucket, atomically, and read back from there ------------------
+
+
+def _vx_args(inp: Any, bucket: str, url: str, *more: str) -> list[str]:
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    return [*args, "--endpoint", url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", "0.1", *more]
+
+
+def test_out_gs_streams_the_merged_results_to_the_bucket(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)  # the library's own reads (results) find the storage emulator
+    inp = _news(tmp_path, 120)
+    out = f"gs://{bucket}/results/news.jsonl"
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "40", "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    blob = gcs.bucket(bucket).get_blob("results/news.jsonl")
+    rows = [json.loads(x) for x in blob.download_as_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(120)] and all(r["status"] == "ok" for r in rows)
+    assert [b.name for b in gcs.list_blobs(bucket, prefix="results/")] == ["results/news.jsonl"], "no temporary object left"
+    assert not list(tmp_path.glob("*.results.jsonl")) and not (tmp_path / "gs:").exists(), "nothing written locally"
+    run = json.loads((tmp_path / "st" / "news" / "run.json").read_text())
+    assert run["out"] == out and run["summary"]["out"] == out
+    listed = gcs.bucket(bucket).get_blob("results/news.jsonl")
+    assert run["summary"]["out_stat"] == [listed.size, listed.generation]
+    # `results` streams the object back; once something else rewrote it, the run's own results from its sidecars
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and p.stdout == blob.download_as_text(), p.stderr[-2000:]
+    assert [r.id for r in batchify.results("news", tmp_path / "st")] == [f"a{i}" for i in range(120)]
+    gcs.bucket(bucket).blob("results/news.jsonl").upload_from_string(blob.download_as_text())  # same bytes, new generation
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "changed since run news wrote it" in p.stderr, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(120)]
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)  # counts the object's lines
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [b.name for b in gcs.list_blobs(bucket)] == ["results/news.jsonl"], "cleanup leaves the results"
+    # results in Cloud Storage need the Vertex backend
+    p = run_cli(["run", str(inp), "--endpoint", vemu.url, "--yes", "--name", "g", "--out", out], tmp_path, **env)
+    assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
