@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import random
+import signal
 import socket
 import sys
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 
 import google.oauth2.credentials
 import pytest
-from conftest import ROOT, Emu, read_jsonl, run_cli
+from conftest import ROOT, Emu, a_create_recorded, read_jsonl, run_cli, spawn_cli, wait_for
 from google import genai
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
@@ -756,3 +757,77 @@ def test_out_gs_streams_the_merged_results_to_the_bucket(
     # results in Cloud Storage need the Vertex backend
     p = run_cli(["run", str(inp), "--endpoint", vemu.url, "--yes", "--name", "g", "--out", out], tmp_path, **env)
     assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
+
+
+# -- 2,000 articles end to end (issue 16's "Must show"): local file and gs:// prefix, results in the bucket and locally,
+# -- cancel, cleanup of the staging area ------------------------------------------------------------------------------
+
+
+def _articles(n: int) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_articles
+
+    rng = random.Random(2000)
+    return [make_articles.article(i, rng, 60) for i in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["local", "gs"])
+def test_2000_articles_end_to_end_then_cleanup_empties_the_staging_area(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, source: str
+) -> None:
+    """From a local file to --out gs://, and from a gs:// prefix (three objects) to a local file: every id once, in
+    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix."""
+    rows = _articles(2000)
+    lines = [json.dumps(r) + "\n" for r in rows]
+    if source == "local":
+        inp: Any = tmp_path / "news.jsonl"
+        inp.write_text("".join(lines))
+        out = f"gs://{bucket}/results/news.jsonl"
+    else:
+        for k, (lo, hi) in enumerate(((0, 700), (700, 1500), (1500, 2000))):
+            gcs.bucket(bucket).blob(f"corpus/news/part-{k}.jsonl").upload_from_string("".join(lines[lo:hi]))
+        inp, out = f"gs://{bucket}/corpus/news/", str(tmp_path / "news.results.jsonl")
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if source == "local":
+        got = [json.loads(x) for x in gcs.bucket(bucket).blob("results/news.jsonl").download_as_text().splitlines()]
+    else:
+        got = read_jsonl(Path(out))
+    assert [r["id"] for r in got] == [r["id"] for r in rows], "every id once, in input order"
+    assert all(r["status"] == "ok" for r in got)
+    assert len({json.dumps(r["result"], sort_keys=True) for r in got}) > 100, "each id has its own answer"
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 4 and set(stats["vertex_creates_by_display_name"].values()) == {1}
+    assert len(list(gcs.list_blobs(bucket, prefix="batchify/news/"))) >= 8, "4 request objects and 4 outputs staged"
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/")) == [], "the staging area is empty"
+    assert vemu.thread.call(lambda: len(vemu.emulator.vjobs)) == 0
+    kept = "results/news.jsonl" if source == "local" else "corpus/news/part-0.jsonl"
+    assert gcs.bucket(bucket).get_blob(kept) is not None, "cleanup deletes only what batchify staged"
+
+
+def test_cancel_on_vertex_cancels_the_jobs_at_the_service(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(job_seconds=60)
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(2000)))
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    out = tmp_path / "o.jsonl"
+    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", str(out)), tmp_path, **env)
+    try:
+        wait_for(lambda: vemu.stats()["vertex_creates"] == 4 and a_create_recorded(tmp_path / "st" / "news"))
+        wait_for(lambda: sum('"remote_job": "' in f.read_text() for f in (tmp_path / "st/news/jobs").glob("*.json")) == 4)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    c = run_cli(["cancel", "news", "--state-dir", "st"], tmp_path, **env)
+    assert c.returncode == 0 and "cancelled 4 job(s)" in c.stdout, c.stderr[-2000:]
+    states = vemu.thread.call(lambda: sorted(j["state"] for j in vemu.emulator.vjobs.values()))
+    assert states == ["CANCELLED"] * 4
+    st = json.loads(run_cli(["status", "news", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "cancelled" and st["job_states"] == {"CANCELLED": 4}
+    assert vemu.stats()["vertex_creates"] == 4
