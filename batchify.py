@@ -1168,8 +1168,12 @@ class RunOptions:
         "Cloud project, through Cloud Storage (--project, --location, --bucket; Application Default Credentials).",
         type=click.Choice(["gemini", "vertex"]),
     )
-    project: str | None = flag(None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].")
-    location: str | None = flag(None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].")
+    project: str | None = flag(
+        None, "Vertex: the Google Cloud project [default: env GOOGLE_CLOUD_PROJECT].", envvar="GOOGLE_CLOUD_PROJECT"
+    )
+    location: str | None = flag(
+        None, "Vertex: the region, or global [default: env GOOGLE_CLOUD_LOCATION].", envvar="GOOGLE_CLOUD_LOCATION"
+    )
     bucket: str | None = flag(None, "Vertex: gs://BUCKET[/PREFIX], batchify's staging area (request files and job outputs).")
     # library-only settings (no flag)
     max_file_bytes: int = MAX_FILE_BYTES
@@ -1258,6 +1262,10 @@ class RemoteError(BatchifyError):
         self.code = code
         self.status = status
         self.retry_delay = retry_delay
+
+    # A create's 400/403: does it say the uploaded input is gone (upload it again) or not (final)? None: the
+    # backend does not say, and the engine reads the words (the Developer API names the File).
+    input_gone: bool | None = None
 
     @property
     def transient(self) -> bool:
@@ -2719,7 +2727,7 @@ def repair_jsonl_tail(path: Path) -> None:
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for line in f:
             if line.strip():
                 try:
@@ -2901,6 +2909,87 @@ def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
     if opts is not None and opts.backend != "vertex":
         raise UsageError(f"{path}: input from Cloud Storage needs --backend vertex (with --project, --location, --bucket).")
     return GsInput(str(path), opts.project if opts is not None else None)
+
+
+# -- gs:// results (--out gs://BUCKET/PATH.jsonl, --backend vertex): the merged output streamed to Cloud Storage -----
+GS_WRITE_CHUNK = 32 * 1024 * 1024  # bytes a resumable upload sends at once (a multiple of 256 KiB; fewer round trips)
+
+
+def out_uri(out: str) -> str:
+    """The results file as a run keeps it: a local path made absolute, a gs:// URI as given."""
+    return out if out.startswith("gs://") else str(Path(out).resolve())
+
+
+def out_location(out: str, project: str | None = None) -> Path:
+    """A run's results file as a Path: a local one, or a GsOutput for gs://."""
+    return GsOutput(out, project) if out.startswith("gs://") else Path(out)
+
+
+def results_writer(out: Path) -> Any:
+    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage."""
+    return out.atomic_writer() if isinstance(out, GsOutput) else atomic_file(out, unique=False)
+
+
+class _GsLines:
+    """A binary writer that hands a BlobWriter 1 MiB at a time (the merge writes one short line per call)."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.buf = raw, bytearray()
+
+    def write(self, b: bytes) -> int:
+        self.buf += b
+        if len(self.buf) >= 1 << 20:
+            self.flush()
+        return len(b)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.raw.write(bytes(self.buf))
+            self.buf.clear()
+
+
+class GsOutput(GsInput):
+    """A results file in Cloud Storage, gs://BUCKET/NAME: read like a one-object GsInput (open() streams it);
+    stat()'s st_mtime_ns is the object's generation (a rewrite changes it, as a local file's mtime changes), so
+    `results` tells this run's output from someone else's. atomic_writer() is atomic_file's counterpart."""
+
+    def __init__(self, uri: str, project: str | None = None) -> None:
+        super().__init__(uri, project)
+        if not split_gs_uri(uri)[1] or uri.endswith("/") or any(c in uri for c in "*?["):
+            raise UsageError(f"--out {uri}: results go to one object. Fix: --out gs://BUCKET/PATH/results.jsonl.")
+
+    def __repr__(self) -> str:
+        return f"GsOutput({str(self)!r})"
+
+    def stat(self, *args: Any, **kwargs: Any) -> os.stat_result:
+        _name, generation, size, _crc = self.listing()[0]
+        return os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, size, 0, 0, 0), {"st_mtime_ns": int(generation or 0)})
+
+    @contextlib.contextmanager
+    def atomic_writer(self) -> Iterator[Any]:
+        """Yield a binary writer streaming to a temporary object beside the output (resumable upload, GS_WRITE_CHUNK
+        in memory at most); on success the temporary object is copied over the output (a server-side rewrite: a
+        reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
+        atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
+        from google.api_core import exceptions as gexc
+
+        bucket_name, name = split_gs_uri(self.uri)
+        bucket = self._client().bucket(bucket_name)
+        tmp = bucket.blob(f"{name}.batchify-tmp")
+        try:
+            with tmp.open("wb", chunk_size=GS_WRITE_CHUNK, content_type="application/jsonl", ignore_flush=True) as raw:
+                w = _GsLines(raw)
+                yield w
+                w.flush()
+            final, token = bucket.blob(name), None
+            while True:
+                token, _done, _total = final.rewrite(tmp, token=token)
+                if token is None:
+                    break
+        finally:
+            self._listing = None
+            with contextlib.suppress(gexc.NotFound):
+                tmp.delete()
 
 
 # ================================================================================================
@@ -3374,14 +3463,24 @@ class VertexClient(GeminiClient):
                     status=e.status or "",
                 )
             if code != 401:
-                return super()._wrap(e, what)
+                return self._create_400(super()._wrap(e, what), what)
         else:
             return super()._wrap(e, what)
         if code in (401, 403) and what != "create batch":
             return AuthError(
                 f"{what}: {code} {text[:200]}. Fix: {fix}, and give it access to gs://{self.bucket_name}.", code=code
             )
-        return RemoteError(f"{what}: {code} {text}".strip(), code=code)
+        return self._create_400(RemoteError(f"{what}: {code} {text}".strip(), code=code), what)
+
+    @staticmethod
+    def _create_400(err: RemoteError, what: str) -> RemoteError:
+        """A create answered 400 is final (over a per-job limit, a bad request: FAILED with the service's words),
+        unless it says the staged input object is missing, which a new upload mends. Vertex names its input
+        "file" in both ("The input file ... is larger than 1 GB"), so the engine's reading of the words for the
+        Developer API would upload again forever: the client says which it is."""
+        if what == "create batch" and err.code == 400:
+            err.input_gone = bool(re.search(r"does not exist|not found|no such object|cannot be read", str(err), re.I))
+        return err
 
     def _run_dir(self, path: Path) -> str:
         return path.parent.parent.name if path.parent.name == "requests" else path.parent.name
@@ -4163,7 +4262,7 @@ async def prepare_run(
         chars_per_token=cpt,
         calibrated=warranted is not None,
         plan=plan,
-        out=str(Path(opts.out or default_out(path, store.name)).resolve()),
+        out=out_uri(opts.out or default_out(path, store.name)),
         created_at=utcnow(),
     )
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
@@ -5221,7 +5320,7 @@ class Engine:
             if e.code == 429:
                 self._advance(job, JobState.UPLOADED)
                 return self._create_refused(job, e)
-            if e.code in (400, 403) and "file" in str(e).lower():
+            if e.code in (400, 403) and (e.input_gone if e.input_gone is not None else "file" in str(e).lower()):
                 self._log(f"{job.name}: the uploaded file is gone ({e}); uploading again")
                 self._advance(self._advance(job, JobState.UPLOADED), JobState.UPLOADING)
                 return False
@@ -5561,10 +5660,10 @@ class Engine:
 
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order (see merged_line)."""
-        out = Path(self.run.out)
+        out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold)
         hook = self.hook
-        with open(self.store.ids_path, "rb") as ids, atomic_file(out, unique=False) as f:
+        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 r = r or NO_RESULT
@@ -5858,7 +5957,7 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
     import shutil
 
     run = store.load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED]
     if pending:
         raise UsageError(
@@ -5870,7 +5969,7 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
             f"Fix: `batchify resume {store.name}` first."
         )
-    lines = sum(1 for _ in open(out, "rb"))
+    lines = sum(1 for _ in out.open("rb"))
     if lines != run.records:
         raise UsageError(
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
@@ -5935,7 +6034,7 @@ def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str,
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
     """A run's merged results in input order, as Result objects (streamed from the results file)."""
     run = RunStore(state_dir, name).load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     if not out.exists():
         merge_run(state_dir, name)
     for d in iter_jsonl(out):
@@ -6155,12 +6254,12 @@ async def open_client(
 
 def vertex_settings(options: RunOptions | dict[str, Any] | None) -> tuple[str, str, str] | None:
     """(project, location, bucket) of a run on --backend vertex, None for the Gemini API; a UsageError naming
-    what is missing. project and location fall back to GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION."""
+    what is missing. Only the options count (the CLI's flags take GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION)."""
     o = options.to_dict() if isinstance(options, RunOptions) else dict(options or {})
     if o.get("backend", "gemini") != "vertex":
         return None
-    project = o.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""
-    location = o.get("location") or os.environ.get("GOOGLE_CLOUD_LOCATION") or ""
+    project = o.get("project") or ""
+    location = o.get("location") or ""
     bucket = o.get("bucket") or ""
     missing = [n for n, v in (("--project", project), ("--location", location), ("--bucket", bucket)) if not v]
     if missing:
@@ -6179,14 +6278,14 @@ async def open_vertex_client(
     retry_scale: float = 1.0,
 ) -> Any:
     """Yield a VertexClient. endpoint: a URL for the Vertex API (an emulator); "local" starts the emulator in
-    this event loop, its jobs reading and writing the Cloud Storage emulator named by STORAGE_EMULATOR_HOST
-    (which the client's google-cloud-storage then uses as well)."""
+    this event loop, its jobs reading and writing the Cloud Storage emulator at emulator_config.gcs_endpoint
+    (the CLI's STORAGE_EMULATOR_HOST, which the client's google-cloud-storage then uses as well)."""
     settings = vertex_settings(options)
     assert settings is not None
     emu = None
     base_url = endpoint
     if endpoint == "local":
-        gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+        gcs = emulator_config.gcs_endpoint if emulator_config is not None else None
         if not gcs:
             raise UsageError(
                 "--endpoint local with --backend vertex needs a Cloud Storage emulator. Fix: start one (e.g. "
@@ -6249,6 +6348,10 @@ def check_backend_mode(opts: RunOptions) -> None:
     """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
     that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
     if opts.backend != "vertex":
+        if (opts.out or "").startswith("gs://"):
+            raise UsageError(
+                f"--out {opts.out}: results in Cloud Storage need --backend vertex (--project, --location, --bucket)."
+            )
         return
     if opts.mode in ("flex", "hybrid"):
         raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
@@ -6326,7 +6429,7 @@ def admission_rows(run: Run) -> list[tuple[str, str]]:
 
 
 def pin_backend(opts: RunOptions) -> RunOptions:
-    """A Vertex run's project, location and bucket as resolved now (flags, else GOOGLE_CLOUD_PROJECT /
+    """A Vertex run's project, location and bucket as given now (the CLI's flags, else GOOGLE_CLOUD_PROJECT /
     GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
     bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
     cannot run exits 2 here, before a client or a run folder is made."""
@@ -7343,6 +7446,13 @@ def _api_key() -> str | None:
     return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
 
 
+def _gcs_emulator() -> EmulatorConfig | None:
+    """--endpoint local on --backend vertex: the built-in emulator's jobs use the Cloud Storage emulator named by
+    STORAGE_EMULATOR_HOST (as google-cloud-storage itself does)."""
+    gcs = os.environ.get("STORAGE_EMULATOR_HOST")
+    return EmulatorConfig(gcs_endpoint=gcs) if gcs else None
+
+
 def _crash_hook() -> Callable[[Hook], None] | None:
     """BATCHIFY_CRASH_AT=point[:n] kills this process with SIGKILL at the n-th pass of a point (drills)."""
     spec = os.environ.get("BATCHIFY_CRASH_AT")
@@ -7465,7 +7575,18 @@ def run(
 
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         work = run_file(
-            input_file, cfg, opts, state_dir, endpoint, _api_key(), reporter, confirm, dry_run, _crash_hook(), catalog=catalog
+            input_file,
+            cfg,
+            opts,
+            state_dir,
+            endpoint,
+            _api_key(),
+            reporter,
+            confirm,
+            dry_run,
+            _crash_hook(),
+            _gcs_emulator(),
+            catalog,
         )
         r, summary = asyncio.run(work)
     if dry_run:
@@ -7586,6 +7707,7 @@ def resume(
                 reporter,
                 _crash_hook(),
                 poll_interval,
+                _gcs_emulator(),
                 max_cost=max_cost,
                 allow_standard=allow_standard,
             )
@@ -7625,7 +7747,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             render_analytics(data)
         return
     run = RunStore(state_dir, run_name).load_run()
-    out = Path(run.out)
+    out = out_location(run.out, run.run_options.project)
     if not out.exists():
         merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
     else:
@@ -7638,7 +7760,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             for r in iter_sidecar_results(state_dir, run_name):
                 sys.stdout.buffer.write(orjson.dumps(r, option=NL))
             return
-    with open(out, "rb") as f:
+    with out.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import random
+import signal
 import socket
 import sys
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 
 import google.oauth2.credentials
 import pytest
-from conftest import ROOT, Emu, read_jsonl, run_cli
+from conftest import ROOT, Emu, a_create_recorded, read_jsonl, run_cli, spawn_cli, wait_for
 from google import genai
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
@@ -481,9 +482,7 @@ def _news(tmp_path: Path, n: int = 40) -> Path:
     return inp
 
 
-async def test_a_backend_switch_is_an_option_change(
-    vemu: Emu, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_backend_switch_is_an_option_change(vemu: Emu, bucket: str, tmp_path: Path) -> None:
     inp, st = _news(tmp_path), tmp_path / "st"
     run = await _dry(vemu, inp, st, batchify.RunOptions(name="news"))
     assert batchify.plan_rows(run)[0] == ("endpoint", vemu.url)
@@ -496,18 +495,16 @@ async def test_a_backend_switch_is_an_option_change(
     assert (await _dry(vemu, inp, st, batchify.RunOptions(name="news"))).run_options.backend == "gemini"
     with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
         await _dry(vemu, inp, st, _vertex_opts(bucket))
-    # a Vertex run: its project (here from the environment), location and bucket are kept and compared
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
-    vx = _vertex_opts(bucket, name="vx", project=None)
+    # a Vertex run: its project, location and bucket are kept and compared
+    vx = _vertex_opts(bucket, name="vx")
     run = await _dry(vemu, inp, st, vx)
     assert (run.run_options.project, run.run_options.bucket) == (PROJECT, f"gs://{bucket}")
     await _dry(vemu, inp, st, dataclasses.replace(vx, bucket=f"gs://{bucket}/"))  # the same bucket
     for change, flag in ((dict(location="europe-west4"), "--location"), (dict(bucket="gs://other"), "--bucket")):
         with pytest.raises(batchify.UsageError, match=f"different options \\({flag}\\)"):
             await _dry(vemu, inp, st, dataclasses.replace(vx, **change))
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "another-proj")  # the environment changed: so did the project
     with pytest.raises(batchify.UsageError, match=r"different options \(--project\)"):
-        await _dry(vemu, inp, st, vx)
+        await _dry(vemu, inp, st, dataclasses.replace(vx, project="another-proj"))
     with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
         await _dry(vemu, inp, st, batchify.RunOptions(name="vx"))
 
@@ -656,3 +653,181 @@ def test_gs_reader_streams_across_objects_and_seeks(
             assert f.read(40) == data[off : off + 40], off
     assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
     assert len(list(batchify.calibration_sample(g, 64))) == 64
+
+
+# -- a create the service refuses with 400 is final: FAILED with the service's words, never retried in a loop -----
+
+
+@pytest.mark.parametrize("over", ["bytes", "requests"])
+async def test_a_create_refused_with_400_fails_the_job_and_the_run_ends(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over: str
+) -> None:
+    """Planned under Vertex's per-job limits, then the service's limits shrink (a quota changed between plan and
+    submit): every create answers 400. Each attempt ends FAILED with the message (--max-attempts as on the
+    Developer API), the fallback answers the ids, and the run ends well within its timeout."""
+    inp, st = _news(tmp_path, 12), tmp_path / "st"
+    opts = _vertex_opts(bucket, poll_interval=0.05, retry_scale=0.01, max_attempts=2, allow_standard=True)
+    opts = dataclasses.replace(opts, out=str(tmp_path / "out.jsonl"))
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    run = await _dry(vemu, inp, st, opts)
+    assert run.plan["batches"] == 1
+    monkeypatch.setitem(batchify.VERTEX_LIMITS, "input_bytes_per_job" if over == "bytes" else "requests_per_job", 5)
+    _, summary = await asyncio.wait_for(batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url), 60)
+    assert summary is not None and summary.ok == 12
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [(j.state, j.attempt) for j in jobs] == [(batchify.JobState.FAILED, 1), (batchify.JobState.FAILED, 2)]
+    word = "larger than" if over == "bytes" else "at most"
+    assert all(j.error and "400" in j.error and word in j.error for j in jobs), [j.error for j in jobs]
+    assert vemu.stats()["vertex_creates"] == 0
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(12)] and {r["source"] for r in rows} == {"standard"}
+
+
+def test_only_a_missing_input_object_is_uploaded_again() -> None:
+    def said(text: str, what: str = "create batch", code: int = 400) -> bool | None:
+        return batchify.VertexClient._create_400(batchify.RemoteError(f"{what}: {code} {text}", code), what).input_gone
+
+    assert said("The input file gs://b/x.jsonl does not exist or cannot be read (404).") is True
+    assert said("The input file gs://b/x.jsonl is larger than 1 GB.") is False
+    assert said("300000 requests: a batch prediction job takes at most 200,000.") is False
+    assert said("The input file gs://b/x.jsonl is larger than 1 GB.", what="get batch") is None  # not a create
+
+
+def test_the_cli_takes_project_and_location_from_the_environment_the_library_does_not(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)  # the library never reads it
+    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", LOCATION)
+    inp, opts = _news(tmp_path), _vertex_opts(bucket, project=None, location=None)
+    with pytest.raises(batchify.UsageError, match="needs --project, --location"):
+        batchify.run_sync(_dry(vemu, inp, tmp_path / "st", opts))
+    env = {"GOOGLE_CLOUD_PROJECT": "env-proj", "GOOGLE_CLOUD_LOCATION": "europe-west4", "STORAGE_EMULATOR_HOST": gcs_url}
+    args = ["run", str(inp), "--backend", "vertex", "--bucket", f"gs://{bucket}", "--state-dir", "st", "--yes"]
+    p = run_cli([*args, "--endpoint", vemu.url, "--dry-run"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    o = json.loads((tmp_path / "st" / "news" / "run.json").read_text())["options"]
+    assert (o["project"], o["location"]) == ("env-proj", "europe-west4")
+    p = run_cli([*args, "--project", "flag-proj", "--name", "n2", "--endpoint", vemu.url, "--dry-run"], tmp_path, **env)
+    assert (
+        p.returncode == 0 and json.loads((tmp_path / "st" / "n2" / "run.json").read_text())["options"]["project"] == "flag-proj"
+    )
+    # --endpoint local: the built-in emulator's jobs use the storage emulator the CLI found in STORAGE_EMULATOR_HOST
+    p = run_cli([*args, "--name", "n3", "--endpoint", "local", "--mode", "batch", "--poll-interval", "0.1"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(read_jsonl(tmp_path / "news.n3.results.jsonl")) == 40
+
+
+# -- --out gs://: the merged results streamed to the bucket, atomically, and read back from there ------------------
+
+
+def _vx_args(inp: Any, bucket: str, url: str, *more: str) -> list[str]:
+    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
+    return [*args, "--endpoint", url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", "0.1", *more]
+
+
+def test_out_gs_streams_the_merged_results_to_the_bucket(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)  # the library's own reads (results) find the storage emulator
+    inp = _news(tmp_path, 120)
+    out = f"gs://{bucket}/results/news.jsonl"
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "40", "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    blob = gcs.bucket(bucket).get_blob("results/news.jsonl")
+    rows = [json.loads(x) for x in blob.download_as_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(120)] and all(r["status"] == "ok" for r in rows)
+    assert [b.name for b in gcs.list_blobs(bucket, prefix="results/")] == ["results/news.jsonl"], "no temporary object left"
+    assert not list(tmp_path.glob("*.results.jsonl")) and not (tmp_path / "gs:").exists(), "nothing written locally"
+    run = json.loads((tmp_path / "st" / "news" / "run.json").read_text())
+    assert run["out"] == out and run["summary"]["out"] == out
+    listed = gcs.bucket(bucket).get_blob("results/news.jsonl")
+    assert run["summary"]["out_stat"] == [listed.size, listed.generation]
+    # `results` streams the object back; once something else rewrote it, the run's own results from its sidecars
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and p.stdout == blob.download_as_text(), p.stderr[-2000:]
+    assert [r.id for r in batchify.results("news", tmp_path / "st")] == [f"a{i}" for i in range(120)]
+    gcs.bucket(bucket).blob("results/news.jsonl").upload_from_string(blob.download_as_text())  # same bytes, new generation
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "changed since run news wrote it" in p.stderr, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(120)]
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)  # counts the object's lines
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [b.name for b in gcs.list_blobs(bucket)] == ["results/news.jsonl"], "cleanup leaves the results"
+    # results in Cloud Storage need the Vertex backend
+    p = run_cli(["run", str(inp), "--endpoint", vemu.url, "--yes", "--name", "g", "--out", out], tmp_path, **env)
+    assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
+
+
+# -- 2,000 articles end to end (issue 16's "Must show"): local file and gs:// prefix, results in the bucket and locally,
+# -- cancel, cleanup of the staging area ------------------------------------------------------------------------------
+
+
+def _articles(n: int) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_articles
+
+    rng = random.Random(2000)
+    return [make_articles.article(i, rng, 60) for i in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["local", "gs"])
+def test_2000_articles_end_to_end_then_cleanup_empties_the_staging_area(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, source: str
+) -> None:
+    """From a local file to --out gs://, and from a gs:// prefix (three objects) to a local file: every id once, in
+    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix."""
+    rows = _articles(2000)
+    lines = [json.dumps(r) + "\n" for r in rows]
+    if source == "local":
+        inp: Any = tmp_path / "news.jsonl"
+        inp.write_text("".join(lines))
+        out = f"gs://{bucket}/results/news.jsonl"
+    else:
+        for k, (lo, hi) in enumerate(((0, 700), (700, 1500), (1500, 2000))):
+            gcs.bucket(bucket).blob(f"corpus/news/part-{k}.jsonl").upload_from_string("".join(lines[lo:hi]))
+        inp, out = f"gs://{bucket}/corpus/news/", str(tmp_path / "news.results.jsonl")
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if source == "local":
+        got = [json.loads(x) for x in gcs.bucket(bucket).blob("results/news.jsonl").download_as_text().splitlines()]
+    else:
+        got = read_jsonl(Path(out))
+    assert [r["id"] for r in got] == [r["id"] for r in rows], "every id once, in input order"
+    assert all(r["status"] == "ok" for r in got)
+    assert len({json.dumps(r["result"], sort_keys=True) for r in got}) > 100, "each id has its own answer"
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 4 and set(stats["vertex_creates_by_display_name"].values()) == {1}
+    assert len(list(gcs.list_blobs(bucket, prefix="batchify/news/"))) >= 8, "4 request objects and 4 outputs staged"
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/")) == [], "the staging area is empty"
+    assert vemu.thread.call(lambda: len(vemu.emulator.vjobs)) == 0
+    kept = "results/news.jsonl" if source == "local" else "corpus/news/part-0.jsonl"
+    assert gcs.bucket(bucket).get_blob(kept) is not None, "cleanup deletes only what batchify staged"
+
+
+def test_cancel_on_vertex_cancels_the_jobs_at_the_service(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(job_seconds=60)
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(2000)))
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    out = tmp_path / "o.jsonl"
+    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", str(out)), tmp_path, **env)
+    try:
+        wait_for(lambda: vemu.stats()["vertex_creates"] == 4 and a_create_recorded(tmp_path / "st" / "news"))
+        wait_for(lambda: sum('"remote_job": "' in f.read_text() for f in (tmp_path / "st/news/jobs").glob("*.json")) == 4)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    c = run_cli(["cancel", "news", "--state-dir", "st"], tmp_path, **env)
+    assert c.returncode == 0 and "cancelled 4 job(s)" in c.stdout, c.stderr[-2000:]
+    states = vemu.thread.call(lambda: sorted(j["state"] for j in vemu.emulator.vjobs.values()))
+    assert states == ["CANCELLED"] * 4
+    st = json.loads(run_cli(["status", "news", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "cancelled" and st["job_states"] == {"CANCELLED": 4}
+    assert vemu.stats()["vertex_creates"] == 4

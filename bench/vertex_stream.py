@@ -1,0 +1,181 @@
+"""gs:// in, gs:// out on --backend vertex: batchify's whole run against one plain streaming copy of the same bytes.
+
+    python bench/vertex_stream.py [--scale 100000] [--full] [--batch-size 200000] [--keep]
+
+Articles of ~2 KB (--scale of them; --full: 1,000,000, 2 GB) are written to a Cloud Storage emulator
+(gcp-storage-emulator, in memory, its own process) as four objects under gs://bench/corpus/. Then, each in
+its own process:
+
+  floor     one plain streaming copy of the same bytes through the same client (google-cloud-storage): read
+            the four objects (a 1 MiB BufferedReader over blob.open("rb")) and write them to one object
+            (blob.open("wb"), 32 MiB chunks), which is what "stream the input to request objects and the
+            results back" costs at least, with no JSON work and no service in between;
+  batchify  `batchify run gs://bench/corpus/ --backend vertex --out gs://bench/results/news.jsonl --mode batch`
+            against batchify's emulator (Vertex routes; jobs of 0.2 s) on the same storage emulator.
+
+Printed: both times and their ratio (target <= 1.5x), batchify's peak RSS (target <= 300 MB, flat from 100k to
+1M) and the local disk its run used (state folder, target <= 50 MB), and the emulators' share: the storage
+emulator is single-threaded Python (one request at a time), and batchify's run also waits for the emulated
+service to read every request and write every answer, which the floor does not do. Both figures are printed
+so that neither hides the other. Ratios last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from _common import ROOT, free_port
+
+import batchify
+
+PROJECT, LOCATION, BUCKET = "bench-proj", "us-central1", "bench"
+
+FLOOR = r"""
+import io, json, resource, sys, time
+from google.api_core.client_options import ClientOptions
+from google.cloud import storage
+url, bucket = sys.argv[1:3]
+c = storage.Client(project="bench", client_options=ClientOptions(api_endpoint=url), use_auth_w_custom_endpoint=False)
+t0 = time.perf_counter()
+n = 0
+with c.bucket(bucket).blob("floor/copy.jsonl").open("wb", chunk_size=32 * 1024 * 1024) as out:
+    for b in sorted(c.list_blobs(bucket, prefix="corpus/"), key=lambda b: b.name):
+        with io.BufferedReader(b.open("rb"), buffer_size=1 << 20) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                out.write(chunk)
+                n += len(chunk)
+print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": n,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@contextlib.contextmanager
+def storage_emulator() -> Iterator[str]:
+    """gcp-storage-emulator in memory, in its own process, on a free loopback port."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    cmd = [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = gcs_client(url)
+        for _ in range(200):
+            with contextlib.suppress(Exception):
+                list(client.list_buckets())
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def gcs_client(url: str) -> object:
+    from google.api_core.client_options import ClientOptions
+    from google.cloud import storage
+
+    return storage.Client(project="bench", client_options=ClientOptions(api_endpoint=url), use_auth_w_custom_endpoint=False)
+
+
+def write_corpus(url: str, n: int) -> int:
+    """n articles of ~2 KB as four objects under gs://bench/corpus/; bytes written."""
+    client = gcs_client(url)
+    bucket = client.create_bucket(BUCKET)  # type: ignore[attr-defined]
+    words = "markets rates weather council election harbour festival inflation bridge energy".split()
+    total, per = 0, -(-n // 4)
+    for k in range(4):
+        with bucket.blob(f"corpus/part-{k}.jsonl").open("wb", chunk_size=32 * 1024 * 1024) as f:
+            buf = bytearray()
+            for i in range(k * per, min(n, (k + 1) * per)):
+                body = " ".join(words[(i * 7 + j) % len(words)] for j in range(300))[:1950]
+                buf += b'{"id":"a%d","text":"article %d: %s"}\n' % (i, i, body.encode())
+                if len(buf) >= 1 << 22:
+                    f.write(bytes(buf))
+                    total += len(buf)
+                    buf.clear()
+            f.write(bytes(buf))
+            total += len(buf)
+    return total
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_batchify(gcs: str, work: Path, batch_size: int) -> dict[str, float]:
+    """The CLI run in its own process (its own peak RSS, from wait4), against batchify's emulator in this one."""
+    cfg = batchify.EmulatorConfig(job_seconds=0.2, pending_fraction=0.3, gcs_endpoint=gcs)
+    with batchify.EmulatorThread(cfg) as emu:
+        args = [sys.executable, str(ROOT / "batchify.py"), "run", f"gs://{BUCKET}/corpus/", "--backend", "vertex"]
+        args += ["--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{BUCKET}/staging", "--endpoint", emu.url]
+        args += ["--out", f"gs://{BUCKET}/results/news.jsonl", "--mode", "batch", "--yes", "--poll-interval", "0.2"]
+        args += ["--batch-size", str(batch_size), "--state-dir", str(work / "st"), "--name", "news"]
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs, "GEMINI_API_KEY": "unused"}
+        t0 = time.perf_counter()
+        p = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _pid, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t0
+        err = p.stderr.read().decode() if p.stderr else ""
+        if status != 0:
+            raise SystemExit(f"batchify run failed ({status}): {err[-3000:]}")
+        creates = emu.emulator.stats["vertex_creates"]
+    return {"seconds": seconds, "maxrss_mb": usage.ru_maxrss / 1024, "disk_mb": du(work / "st") / 1e6, "jobs": creates}
+
+
+def check_output(gcs: str, n: int) -> None:
+    client = gcs_client(gcs)
+    blob = client.bucket(BUCKET).blob("results/news.jsonl")  # type: ignore[attr-defined]
+    expect = 0
+    with blob.open("r") as f:
+        for line in f:
+            assert line.startswith(f'{{"id":"a{expect}",'), line[:80]
+            expect += 1
+    assert expect == n, (expect, n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=100_000, help="articles (default 100,000)")
+    ap.add_argument("--full", action="store_true", help="1,000,000 articles (2 GB)")
+    ap.add_argument("--batch-size", type=int, default=200_000)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args()
+    n = 1_000_000 if a.full else a.scale
+    work = Path(tempfile.mkdtemp(prefix="vertex_stream-"))
+    try:
+        with storage_emulator() as gcs:
+            t0 = time.perf_counter()
+            size = write_corpus(gcs, n)
+            print(f"{n:,} articles, {size / 1e6:,.0f} MB in 4 objects (written in {time.perf_counter() - t0:.1f} s)", flush=True)
+            p = subprocess.run([sys.executable, "-c", FLOOR, gcs, BUCKET], capture_output=True, text=True, check=True)
+            import json
+
+            floor = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"floor: one streaming copy {floor['seconds']:.1f} s ({floor['bytes'] / 1e6 / floor['seconds']:.0f} MB/s)")
+            b = run_batchify(gcs, work, a.batch_size)
+            check_output(gcs, n)
+            print(
+                f"batchify: {b['seconds']:.1f} s, {b['jobs']:.0f} job(s), peak RSS {b['maxrss_mb']:.0f} MB, "
+                f"local disk {b['disk_mb']:.1f} MB; every id once, in input order, in gs://{BUCKET}/results/news.jsonl"
+            )
+        ratio = b["seconds"] / floor["seconds"]
+        print(f"ratio batchify/floor time: {ratio:.2f}x (target <= 1.5x; includes the emulated service's work)")
+        print(f"peak RSS: {b['maxrss_mb']:.0f} MB (target <= 300 MB); local disk: {b['disk_mb']:.1f} MB (target <= 50 MB)")
+    finally:
+        if a.keep:
+            print(f"work folder: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
