@@ -5667,7 +5667,10 @@ class Engine:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 r = r or NO_RESULT
-                write(merged_line(id_line, r, raw))
+                if raw is not None:  # merged_line's splice, inlined: nearly every row takes it
+                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
+                else:
+                    write(merged_line(id_line, r, raw))
                 add(r)
                 if n & 15 == 0:
                     hook(Hook.MERGE)
@@ -5790,7 +5793,22 @@ class RequestSender:
         self.capped = False
         self._reported = 0.0
         self.queued = 0  # requests holding a gate slot but waiting for the RPM/TPM buckets
+        self.window_counts = [engine.clock(), 0, 0]  # this rate window's start, attempts sent, attempts shed
         self.latency_max = 0.0
+
+    def _count_attempt(self, now: float) -> None:
+        w = self.window_counts
+        if now - w[0] >= self.window:
+            w[:] = [now, 0, 0]
+        w[1] += 1
+
+    def _shedding(self) -> bool:
+        """Count a shed attempt; True when sustained shedding (over 20% of at least 20 attempts this window)
+        says Flex is at capacity. Random sheds (Google's best effort: a few %) arrive minutes before the answers
+        that would restore a rate cut for each of them, so they must not cut it."""
+        w = self.window_counts
+        w[2] += 1
+        return w[1] >= 20 and w[2] > 0.2 * w[1]
 
     def _buckets(self) -> list[RateLimiter]:
         return [self.rpm_l] if self.tpm_l is None else [self.rpm_l, self.tpm_l]
@@ -5864,6 +5882,7 @@ class RequestSender:
                 if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
                     self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
             sent = self.engine.clock()
+            self._count_attempt(sent)
             try:
                 resp = await self.engine.client.generate(self.engine.cfg.model, req, flex=self.flex)
             except AuthError:
@@ -5883,9 +5902,11 @@ class RequestSender:
                         bucket.slow_down(0.8, once_per=self.window)
                     self.rpm_l.pause(delay)
                     continue
-                if shed:  # this request backs off; the request rate drops a little (x0.95, each answer adds
-                    self.view.shed += 1  # 0.005 back): a shed now and then changes nothing, sustained shedding
-                    self.rpm_l.slow_down(0.95)  # takes the RPM bucket below the TPM one and slows the lanes down
+                if shed:  # this request backs off; when over a fifth of this window's attempts were shed, the
+                    self.view.shed += 1  # rate drops too (AIMD, once a window): a shed now and then is not a signal
+                    if self._shedding():
+                        for bucket in self._buckets():
+                            bucket.slow_down(0.8, once_per=self.window)
                 await self.engine.sleep(delay)
                 continue
             for bucket in self._buckets():

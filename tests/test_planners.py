@@ -609,3 +609,23 @@ def test_batch_cutter_gives_request_less_ordinals_to_the_batch_before():
 )
 def test_lanes_for(mode, flex, waves, expected):
     assert b.lanes_for(mode, flex, waves) == expected
+
+
+def test_random_flex_sheds_do_not_cut_the_rate_sustained_shedding_does():
+    """A few % of Flex requests shed at random is Google's best effort, not a capacity signal: no cut. Over a
+    fifth of a window's attempts shed: the rate is cut, once a window."""
+    clock = [0.0]
+    sender = b.RequestSender.__new__(b.RequestSender)
+    sender.window = 60.0
+    sender.window_counts = [0.0, 0, 0]
+    for i in range(100):  # 5% shed
+        sender._count_attempt(clock[0])
+        if i % 20 == 0:
+            assert not sender._shedding()
+    sender.window_counts = [0.0, 0, 0]
+    verdicts = []
+    for i in range(100):  # 30% shed
+        sender._count_attempt(clock[0])
+        if i % 10 < 3:
+            verdicts.append(sender._shedding())
+    assert verdicts[-1] and not verdicts[0]  # not on the first few attempts of a window: too few to tell

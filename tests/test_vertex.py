@@ -337,20 +337,7 @@ def test_cli_run_on_vertex_every_id_once_in_order(
     inp.write_bytes(b"".join(json.dumps(make_articles.article(i, rng, 120)).encode() + b"\n" for i in range(200)))
     out = tmp_path / "news.results.jsonl"
     vemu.configure(seed=5)
-    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
-    args += [
-        "--endpoint",
-        vemu.url,
-        "--state-dir",
-        "st",
-        "--yes",
-        "--mode",
-        "batch",
-        "--batch-size",
-        "60",
-        "--poll-interval",
-        "0.1",
-    ]
+    args = _vx_args(inp, bucket, vemu.url, "--batch-size", "60")
     p = run_cli([*args, "--out", str(out)], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_jsonl(out)
@@ -416,20 +403,7 @@ def test_sigkill_and_resume_on_vertex_creates_nothing_twice(vemu: Emu, gcs_url: 
     inp = tmp_path / "news.jsonl"
     inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates"}) + "\n" for i in range(120)))
     out = tmp_path / "out.jsonl"
-    args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
-    args += [
-        "--endpoint",
-        vemu.url,
-        "--state-dir",
-        "st",
-        "--yes",
-        "--mode",
-        "batch",
-        "--batch-size",
-        "40",
-        "--poll-interval",
-        "0.1",
-    ]
+    args = _vx_args(inp, bucket, vemu.url, "--batch-size", "40")
     env = {"STORAGE_EMULATOR_HOST": gcs_url}
     p = run_cli([*args, "--out", str(out)], tmp_path, BATCHIFY_CRASH_AT="after_create:2", **env)
     assert p.returncode == -9, p.stderr[-2000:]
