@@ -8904,18 +8904,24 @@ class Emulator:
         for j in self.jobs.values():
             self._refresh(j)
 
+    def _timed_state(self, j: dict[str, Any], el: float, succeed_at_end: bool) -> str:
+        """A job's state by the clock alone, `el` seconds after its create: EXPIRED (its fate) after the expiry
+        time, FAILED (its fate) or SUCCEEDED (`succeed_at_end`: a Vertex job succeeds only once its output is
+        written) at its end, RUNNING after its pending share, else as it is."""
+        if j["fate"] == "expire":
+            after = self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds
+            return "EXPIRED" if el >= self._dur(after) else str(j["state"])
+        if el >= j["duration"] and (j["fate"] == "fail" or succeed_at_end):
+            return "FAILED" if j["fate"] == "fail" else "SUCCEEDED"
+        if el >= j["duration"] * self.cfg.pending_fraction:
+            return "RUNNING"
+        return str(j["state"])
+
     def _refresh(self, j: dict[str, Any]) -> None:
         if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
             return
         el = self.now() - j["t0"]
-        new = j["state"]
-        if j["fate"] == "expire":
-            if el >= self._dur(self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds):
-                new = "EXPIRED"
-        elif el >= j["duration"]:
-            new = "FAILED" if j["fate"] == "fail" else "SUCCEEDED"
-        elif el >= j["duration"] * self.cfg.pending_fraction:
-            new = "RUNNING"
+        new = self._timed_state(j, el, succeed_at_end=True)
         if new != j["state"]:
             j["state"] = new
             j["update_time"] = time.time()
@@ -9262,14 +9268,7 @@ class Emulator:
         if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"):
             return
         el = self.now() - j["t0"]
-        new = j["state"]
-        if j["fate"] == "expire":
-            if el >= self._dur(self.cfg.expire_seconds if self.cfg.expire_seconds is not None else 2 * self.cfg.job_seconds):
-                new = "EXPIRED"
-        elif el >= j["duration"] and j["fate"] == "fail":
-            new = "FAILED"
-        elif el >= j["duration"] * self.cfg.pending_fraction:
-            new = "RUNNING"
+        new = self._timed_state(j, el, succeed_at_end=False)
         if el >= j["duration"] and j["fate"] == "succeed" and j["writing"] is None:
             j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j))
         if new != j["state"]:
