@@ -6237,6 +6237,17 @@ def job_entry(j: Job) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
+async def _closing(client: GeminiClient, emu: Emulator | None) -> Any:
+    """Yield a client; close it, and stop the emulator started for it, however the block ends."""
+    try:
+        yield client
+    finally:
+        await client.close()
+        if emu is not None:
+            await emu.stop()
+
+
+@contextlib.asynccontextmanager
 async def open_client(
     endpoint: str | None,
     api_key: str | None,
@@ -6265,12 +6276,8 @@ async def open_client(
         yield None
         return
     client = GeminiClient(api_key, base_url if base_url and base_url != "local" else None, retry_scale=retry_scale)
-    try:
-        yield client
-    finally:
-        await client.close()
-        if emu is not None:
-            await emu.stop()
+    async with _closing(client, emu) as c:
+        yield c
 
 
 def vertex_settings(options: RunOptions | dict[str, Any] | None) -> tuple[str, str, str] | None:
@@ -6315,12 +6322,8 @@ async def open_vertex_client(
         emu = Emulator(dataclasses.replace(emulator_config or EmulatorConfig(), gcs_endpoint=gcs))
         base_url = await emu.start()
     client = VertexClient(*settings, base_url=base_url, retry_scale=retry_scale)
-    try:
-        yield client
-    finally:
-        await client.close()
-        if emu is not None:
-            await emu.stop()
+    async with _closing(client, emu) as c:
+        yield c
 
 
 # -- Vertex AI's own figures for Gemini batch prediction (docs/VERTEX_NOTES.md A3; pages read 2026-12-01) -----
