@@ -122,7 +122,7 @@ def test_the_flex_lanes_sleep_while_the_buckets_hold_a_backlog(emu, articles, tm
     lanes wait until the sender says it ran low, instead of spinning on a gate that has room (that loop
     cost a whole core). Counted, not timed: the lanes' looks at the backlog stay in proportion to the
     requests sent (the spinning loop made thousands a second)."""
-    emu.configure(job_seconds=3, flex_latency_min=0.5, flex_latency_max=0.5, rpm=600)
+    emu.configure(job_seconds=2, flex_latency_min=0.5, flex_latency_max=0.5, rpm=1200)
     looks = 0
     backlog = batchify.RequestSender.backlog_seconds
 
@@ -133,7 +133,7 @@ def test_the_flex_lanes_sleep_while_the_buckets_hold_a_backlog(emu, articles, tm
 
     monkeypatch.setattr(batchify.RequestSender, "backlog_seconds", counted)
     opts = batchify.RunOptions(
-        mode="hybrid", batch_size=10, poll_interval=0.2, rpm=600, flex_lanes=0, calibrate=False, enqueued_limit=6_000
+        mode="hybrid", batch_size=10, poll_interval=0.2, rpm=1200, flex_lanes=0, calibrate=False, enqueued_limit=6_000
     )
     _run, s = asyncio.run(batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k"))
     assert s is not None and s.ok == 60 and s.by_source.get("flex", 0) >= 30, s
