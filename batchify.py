@@ -3851,10 +3851,11 @@ async def fetch_urls(
     counts = {"fetched": 0, "failed": 0, "cached": len(cache)}
     fetcher = PageFetcher(trafilatura.extract, concurrency, max_bytes, max_redirects, allow_private)
     with open_private(store.fetch_cache_path, "ab") as f:
-        async for r in fetcher.fetch_all(todo, timeout_s):
-            f.write(orjson.dumps(r, option=NL))
-            f.flush()
-            counts["fetched" if "text" in r else "failed"] += 1
+        async with contextlib.aclosing(fetcher.fetch_all(todo, timeout_s)) as pages:  # a write error stops the fetches
+            async for r in pages:
+                f.write(orjson.dumps(r, option=NL))
+                f.flush()
+                counts["fetched" if "text" in r else "failed"] += 1
     return counts
 
 
@@ -3909,8 +3910,8 @@ class PageFetcher:
         try:
             async with self.sem:
                 html, error = await self.get_html(session, url)
-        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeError, ValueError) as e:
-            return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeError, ValueError, LookupError) as e:
+            return {"url": url, "error": f"{type(e).__name__}: {e}"[:200]}  # LookupError: an unknown charset
         if html is None:
             return {"url": url, "error": error or "no page"}
         text = await asyncio.to_thread(self.extract, html)
@@ -4697,6 +4698,8 @@ class Engine:
         new = advance(self.jobs.get(job.name, job), state, utcnow(), **changes)
         self.store.save_job(new)
         self.jobs[new.name] = new
+        if new.lane == "batch" and new.state in (JobState.CREATED, JobState.UPLOADED):
+            self._flex_wake.set()  # claimable by the Flex lanes (a refused create, a split part, a retry)
         return new
 
     def _ordered(self) -> list[Job]:
@@ -6606,8 +6609,9 @@ async def resume_run(
             max_cost=was.max_cost if max_cost is None else max_cost,
             allow_standard=was.allow_standard if allow_standard is None else allow_standard,
         )
-        if now != was:
-            store.save_run(dataclasses.replace(run, options=now.to_dict()))
+        if now != was:  # only what changed: keys this version does not know are kept as they are
+            changed = {k: v for k, v in now.to_dict().items() if v != was.to_dict().get(k)}
+            store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
             await check_model_still_served(run, client)
@@ -7397,14 +7401,18 @@ def make_api(
     app.add_middleware(_BodyLimit, limit=max_body)
     bearer = fa.security.HTTPBearer(auto_error=False)
 
-    async def auth(request: Any) -> None:
-        creds = await bearer(request)
+    async def auth(creds: Any) -> None:
         if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
             raise RestError(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
 
-    auth.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=fa.fastapi.Request)]
+    # the bearer scheme as a Security dependency: FastAPI checks it and the OpenAPI schema declares it
+    creds = inspect.Parameter(
+        "creds",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=fa.fastapi.Security(bearer),
+        annotation=fa.security.HTTPAuthorizationCredentials | None,
     )
+    auth.__signature__ = inspect.Signature([creds])  # type: ignore[attr-defined]
     guarded = {"dependencies": [fa.fastapi.Depends(auth)]}
     body = {"methods": ["POST"], "response_model": fa.Submitted, **guarded}
     app.add_api_route("/batch/submit", _typed_route(api.submit_urls, fa.SubmitUrls, fa.Submitted), **body)

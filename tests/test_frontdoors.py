@@ -296,6 +296,8 @@ def test_rest_api_requires_token_and_validates(api):
         spec = json.loads(r.read())
     paths = spec["paths"]
     assert {"SubmitUrls", "SubmitContents", "Submitted"} <= set(spec["components"]["schemas"])  # typed bodies
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"  # docs can send the token
+    assert all(op.get("security") == [{"HTTPBearer": []}] for route in spec["paths"].values() for op in route.values())
     assert {
         "/batch/submit",
         "/batch/submit-contents",
