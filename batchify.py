@@ -23,12 +23,13 @@ As a library::
 
 Contents (sections are marked with banner comments, in the order data flows)
   1. Config and constants ....... the model catalog (TOML: prices, limits, thinking, lifecycle, sources) and
-                                  its rules (resolve_model, thinking_choice, realtime_limits), JobConfig, RunOptions
+                                  its rules (resolve_model, thinking_choice, realtime_limits), JobConfig, RunOptions,
+                                  Vertex AI's own figures (VERTEX_LIMITS, VERTEX_SOURCES)
   2. Errors ..................... BatchifyError and its exit codes
   3. Data model, state machine .. Hook points, JobState, TRANSITIONS, advance(), Job, the typed Plan, Run,
                                   schema_version and MIGRATIONS
   4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost,
-                                  admission, polling and retry decisions
+                                  admission, polling and retry decisions; the Vertex backend's rules
   5. Persistence ................ one atomic writer, RunStore and its sidecars, run lock, input reading (local
                                   files and gs:// objects, streamed)
   6. Gemini seam ................ Backend protocol, RetryPolicy/retry_delay, GeminiClient (the only code that
@@ -39,8 +40,8 @@ Contents (sections are marked with banner comments, in the order data flows)
   8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
                                   RequestSender (Flex / standard lanes); cancel_run, cleanup_run
   9. Queries .................... merged results, analytics, run status (no remote calls)
- 10. Library API ................ open_client, the Vertex backend's figures and rules, prepare, submit, run_file,
-                                  resume, cancel, cleanup (async and *_sync)
+ 10. Library API ................ open_client, prepare, submit, run_file, resume, cancel, cleanup (async and
+                                  *_sync)
  11. Rendering .................. rich tables: reports on stdout, progress and logs on stderr
  12. REST API ................... RestApi (handlers) and make_api (FastAPI, optional extra "api")
  13. CLI ........................ click commands: run, status, resume, list, results, cancel, models, serve, ...
@@ -1193,6 +1194,41 @@ class RunOptions:
     def from_dict(cls, d: dict[str, Any]) -> RunOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# -- Vertex AI's own figures for Gemini batch prediction (docs/VERTEX_NOTES.md A3; pages read 2026-12-01) -----
+# Data, like the model catalog: each figure with the page it came from. None: Google publishes no figure (the
+# plan says so, and the flag that sets it is named), never a guess.
+VERTEX_SOURCES = {
+    "batch_inference": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/capabilities/batch-inference "
+    "(formerly cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini; no date on the page; read 2026-12-01)",
+    "batch_gemini": "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini "
+    "(zh-CN copy 'last updated 2025-09-03'; read 2026-12-01)",
+    "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
+    "superseded; read 2026-12-01)",
+    "models_list": "GoogleCloudPlatform/generative-ai's batch-prediction guide, as rendered at "
+    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction (read 2026-12-01); Google's own list "
+    "is collapsed in the stored copies of the batch_inference page",
+    "pricing": "https://cloud.google.com/vertex-ai/generative-ai/pricing is not in the stored copies: per-model Vertex prices "
+    "unpublished here; third parties (deploybase.ai, 2025-04-17) list the Developer API's paid prices for 2.5 Flash/Pro",
+}
+VERTEX_LIMITS: dict[str, Any] = {
+    "requests_per_job": 200_000,  # batch_inference: at most 200,000 requests in one batch job
+    "input_bytes_per_job": 1_000_000_000,  # batch_inference: an input file of at most 1 GB (read as 10^9, the smaller)
+    "concurrent_jobs": None,  # batch_inference: "no predefined quota" (a shared pool); batch_gemini_old said 8, queued beyond
+    "queue_hours": 72,  # batch_inference: a job waits in the queue up to 72 h, then expires
+    "run_hours": 24,  # batch_inference: most jobs end within 24 h of starting; after 24 h the rest is cancelled (paid as done)
+    "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
+}
+VERTEX_BATCH_MODELS = (
+    "gemini-3.1-pro-preview",
+    "gemini-3-flash-preview",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.0-flash",
+)
+VERTEX_LINE_OVERHEAD = 32  # bytes a Vertex request line may have over the Developer API's (the key moves into labels: 20)
+VERTEX_NO_TOKEN_LIMIT = 10**15  # Vertex has no enqueued-token limit: admission is by jobs at once (--max-active-jobs)
 
 
 # ================================================================================================
@@ -2349,6 +2385,129 @@ def merge_choice(current: dict[str, Any] | None, candidate: dict[str, Any]) -> d
     if current.get("status") == "ok":
         return current
     return candidate
+
+
+# -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
+VERTEX_NO_FLEX = (
+    "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
+    "(with --allow-standard for a standard-tier fallback at 2x the batch price), or --backend gemini."
+)
+
+
+def check_backend_mode(opts: RunOptions) -> None:
+    """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
+    that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
+    if opts.backend != "vertex":
+        if (opts.out or "").startswith("gs://"):
+            raise UsageError(
+                f"--out {opts.out}: results in Cloud Storage need --backend vertex (--project, --location, --bucket)."
+            )
+        return
+    if opts.mode in ("flex", "hybrid"):
+        raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
+    if opts.fallback_tier == "flex":
+        raise UsageError(f"--fallback-tier flex with --backend vertex: {VERTEX_NO_FLEX}")
+
+
+def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
+    """The model's figures as the run's backend serves it: on Vertex, no Flex tier (so auto mode never plans
+    hybrid lanes and the fallback never picks Flex: lanes_for, Engine._fallback_tier read the spec)."""
+    if opts.backend != "vertex":
+        return spec
+    listed = spec.name in VERTEX_BATCH_MODELS
+    sources = {
+        **spec.sources,
+        "flex": "none on Vertex AI (a Gemini Developer API tier)",
+        "enqueued_tokens": "none on Vertex AI: admission by jobs at once (--max-active-jobs)",
+        "batch": VERTEX_SOURCES["models_list"] if listed else "not confirmed on a Vertex AI page",
+        "prices": f"the catalog's standard prices (Vertex's own per model: {VERTEX_SOURCES['pricing']}); batch at "
+        f"{VERTEX_LIMITS['batch_discount']:.0%} ({VERTEX_SOURCES['batch_gemini']})",
+    }
+    return dataclasses.replace(
+        spec,
+        flex=False,
+        flex_discount=None,
+        flex_cached_input_price=None,
+        enqueued_tokens={},
+        batch=True if listed else None,
+        batch_discount=VERTEX_LIMITS["batch_discount"],
+        sources=sources,
+    )
+
+
+def backend_job_caps(opts: RunOptions) -> RunOptions:
+    """The options the batch cutter works with: on Vertex, --batch-size and the bytes a request file may hold
+    within Vertex's per-job limits (requests, input bytes less the label each line carries on the way)."""
+    if opts.backend != "vertex":
+        return opts
+    n = min(opts.batch_size, VERTEX_LIMITS["requests_per_job"])
+    room = VERTEX_LIMITS["input_bytes_per_job"] - n * VERTEX_LINE_OVERHEAD
+    return dataclasses.replace(opts, batch_size=n, max_file_bytes=min(opts.max_file_bytes, room))
+
+
+def vertex_warnings(spec: ModelSpec, opts: RunOptions) -> list[str]:
+    """What a Vertex plan must say out loud: a model no Vertex page confirms for batch."""
+    if opts.backend != "vertex" or spec.name in VERTEX_BATCH_MODELS:
+        return []
+    return [
+        f"{spec.name} is not on the list of Gemini models that serve batch on Vertex AI ({', '.join(VERTEX_BATCH_MODELS)}; "
+        f"{VERTEX_SOURCES['models_list']}): a create may be refused (404/400). Check the model's Vertex page."
+    ]
+
+
+def admission_rows(run: Run) -> list[tuple[str, str]]:
+    """The plan's limit rows: the enqueued-token limit (Gemini API), or Vertex's jobs at once and job caps."""
+    p = run.plan
+    if run.run_options.backend != "vertex":
+        return [("enqueued limit", _limit_words(p))]
+    jobs = run.run_options.max_active_jobs
+    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if run.run_options.enqueued_limit else ""
+    rounds = -(-p["batches"] // jobs)
+    return [
+        (
+            "admission",
+            f"{own}at most {jobs:,} job(s) at once (--max-active-jobs; {rounds:,} round(s)): Vertex AI has no enqueued-token "
+            f'limit, and Google publishes no concurrent-job quota for Gemini batch ("no predefined quota", a shared pool; '
+            f"jobs queue up to {VERTEX_LIMITS['queue_hours']} h, then expire)",
+        ),
+        (
+            "job caps",
+            f"{VERTEX_LIMITS['requests_per_job']:,} requests and {VERTEX_LIMITS['input_bytes_per_job']:,} bytes a job "
+            f"({VERTEX_SOURCES['batch_inference']})",
+        ),
+    ]
+
+
+def pin_backend(opts: RunOptions) -> RunOptions:
+    """A Vertex run's project, location and bucket as given now (the CLI's flags, else GOOGLE_CLOUD_PROJECT /
+    GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
+    bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
+    cannot run exits 2 here, before a client or a run folder is made."""
+    check_backend_mode(opts)
+    settings = vertex_settings(opts)
+    if settings is None:
+        return opts
+    project, location, bucket = settings
+    return dataclasses.replace(opts, project=project, location=location, bucket=bucket.rstrip("/"))
+
+
+def backend_differences(was: RunOptions, now: RunOptions) -> list[str]:
+    """The backend options that differ between an existing run and the same `run` again: the backend (a run
+    made before --backend existed reads as gemini), else, on Vertex, the project, location and bucket."""
+    if was.backend != now.backend:
+        return ["backend"]
+    if now.backend != "vertex":
+        return []
+    return [k for k in ("project", "location", "bucket") if (getattr(was, k) or "") != (getattr(now, k) or "")]
+
+
+def backend_words(run: Run) -> str:
+    """Where a run's batches go, in words (the plan's and status's "endpoint")."""
+    o = run.run_options
+    if o.backend != "vertex":
+        return run.endpoint or "Gemini API"
+    at = f" at {run.endpoint}" if run.endpoint else ""
+    return f"Vertex AI ({o.project or '?'}, {o.location or '?'}, {o.bucket or '?'}){at}"
 
 
 # ================================================================================================
@@ -6327,164 +6486,6 @@ async def open_vertex_client(
     client = VertexClient(*settings, base_url=base_url, retry_scale=retry_scale)
     async with _closing(client, emu) as c:
         yield c
-
-
-# -- Vertex AI's own figures for Gemini batch prediction (docs/VERTEX_NOTES.md A3; pages read 2026-12-01) -----
-# Data, like the model catalog: each figure with the page it came from. None: Google publishes no figure (the
-# plan says so, and the flag that sets it is named), never a guess.
-VERTEX_SOURCES = {
-    "batch_inference": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/capabilities/batch-inference "
-    "(formerly cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini; no date on the page; read 2026-12-01)",
-    "batch_gemini": "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini "
-    "(zh-CN copy 'last updated 2025-09-03'; read 2026-12-01)",
-    "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
-    "superseded; read 2026-12-01)",
-    "models_list": "GoogleCloudPlatform/generative-ai's batch-prediction guide, as rendered at "
-    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction (read 2026-12-01); Google's own list "
-    "is collapsed in the stored copies of the batch_inference page",
-    "pricing": "https://cloud.google.com/vertex-ai/generative-ai/pricing is not in the stored copies: per-model Vertex prices "
-    "unpublished here; third parties (deploybase.ai, 2025-04-17) list the Developer API's paid prices for 2.5 Flash/Pro",
-}
-VERTEX_LIMITS: dict[str, Any] = {
-    "requests_per_job": 200_000,  # batch_inference: at most 200,000 requests in one batch job
-    "input_bytes_per_job": 1_000_000_000,  # batch_inference: an input file of at most 1 GB (read as 10^9, the smaller)
-    "concurrent_jobs": None,  # batch_inference: "no predefined quota" (a shared pool); batch_gemini_old said 8, queued beyond
-    "queue_hours": 72,  # batch_inference: a job waits in the queue up to 72 h, then expires
-    "run_hours": 24,  # batch_inference: most jobs end within 24 h of starting; after 24 h the rest is cancelled (paid as done)
-    "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
-}
-VERTEX_BATCH_MODELS = (
-    "gemini-3.1-pro-preview",
-    "gemini-3-flash-preview",
-    "gemini-2.5-pro",
-    "gemini-2.5-flash",
-    "gemini-2.0-flash",
-)
-VERTEX_LINE_OVERHEAD = 32  # bytes a Vertex request line may have over the Developer API's (the key moves into labels: 20)
-VERTEX_NO_TOKEN_LIMIT = 10**15  # Vertex has no enqueued-token limit: admission is by jobs at once (--max-active-jobs)
-
-
-# -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
-VERTEX_NO_FLEX = (
-    "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
-    "(with --allow-standard for a standard-tier fallback at 2x the batch price), or --backend gemini."
-)
-
-
-def check_backend_mode(opts: RunOptions) -> None:
-    """Exit 2 (UsageError) before anything is sent for a mode the backend cannot run: on Vertex, every mode
-    that sends through Flex (--mode flex or hybrid, --fallback-tier flex)."""
-    if opts.backend != "vertex":
-        if (opts.out or "").startswith("gs://"):
-            raise UsageError(
-                f"--out {opts.out}: results in Cloud Storage need --backend vertex (--project, --location, --bucket)."
-            )
-        return
-    if opts.mode in ("flex", "hybrid"):
-        raise UsageError(f"--mode {opts.mode} with --backend vertex: {VERTEX_NO_FLEX}")
-    if opts.fallback_tier == "flex":
-        raise UsageError(f"--fallback-tier flex with --backend vertex: {VERTEX_NO_FLEX}")
-
-
-def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
-    """The model's figures as the run's backend serves it: on Vertex, no Flex tier (so auto mode never plans
-    hybrid lanes and the fallback never picks Flex: lanes_for, Engine._fallback_tier read the spec)."""
-    if opts.backend != "vertex":
-        return spec
-    listed = spec.name in VERTEX_BATCH_MODELS
-    sources = {
-        **spec.sources,
-        "flex": "none on Vertex AI (a Gemini Developer API tier)",
-        "enqueued_tokens": "none on Vertex AI: admission by jobs at once (--max-active-jobs)",
-        "batch": VERTEX_SOURCES["models_list"] if listed else "not confirmed on a Vertex AI page",
-        "prices": f"the catalog's standard prices (Vertex's own per model: {VERTEX_SOURCES['pricing']}); batch at "
-        f"{VERTEX_LIMITS['batch_discount']:.0%} ({VERTEX_SOURCES['batch_gemini']})",
-    }
-    return dataclasses.replace(
-        spec,
-        flex=False,
-        flex_discount=None,
-        flex_cached_input_price=None,
-        enqueued_tokens={},
-        batch=True if listed else None,
-        batch_discount=VERTEX_LIMITS["batch_discount"],
-        sources=sources,
-    )
-
-
-def backend_job_caps(opts: RunOptions) -> RunOptions:
-    """The options the batch cutter works with: on Vertex, --batch-size and the bytes a request file may hold
-    within Vertex's per-job limits (requests, input bytes less the label each line carries on the way)."""
-    if opts.backend != "vertex":
-        return opts
-    n = min(opts.batch_size, VERTEX_LIMITS["requests_per_job"])
-    room = VERTEX_LIMITS["input_bytes_per_job"] - n * VERTEX_LINE_OVERHEAD
-    return dataclasses.replace(opts, batch_size=n, max_file_bytes=min(opts.max_file_bytes, room))
-
-
-def vertex_warnings(spec: ModelSpec, opts: RunOptions) -> list[str]:
-    """What a Vertex plan must say out loud: a model no Vertex page confirms for batch."""
-    if opts.backend != "vertex" or spec.name in VERTEX_BATCH_MODELS:
-        return []
-    return [
-        f"{spec.name} is not on the list of Gemini models that serve batch on Vertex AI ({', '.join(VERTEX_BATCH_MODELS)}; "
-        f"{VERTEX_SOURCES['models_list']}): a create may be refused (404/400). Check the model's Vertex page."
-    ]
-
-
-def admission_rows(run: Run) -> list[tuple[str, str]]:
-    """The plan's limit rows: the enqueued-token limit (Gemini API), or Vertex's jobs at once and job caps."""
-    p = run.plan
-    if run.run_options.backend != "vertex":
-        return [("enqueued limit", _limit_words(p))]
-    jobs = run.run_options.max_active_jobs
-    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if run.run_options.enqueued_limit else ""
-    rounds = -(-p["batches"] // jobs)
-    return [
-        (
-            "admission",
-            f"{own}at most {jobs:,} job(s) at once (--max-active-jobs; {rounds:,} round(s)): Vertex AI has no enqueued-token "
-            f'limit, and Google publishes no concurrent-job quota for Gemini batch ("no predefined quota", a shared pool; '
-            f"jobs queue up to {VERTEX_LIMITS['queue_hours']} h, then expire)",
-        ),
-        (
-            "job caps",
-            f"{VERTEX_LIMITS['requests_per_job']:,} requests and {VERTEX_LIMITS['input_bytes_per_job']:,} bytes a job "
-            f"({VERTEX_SOURCES['batch_inference']})",
-        ),
-    ]
-
-
-def pin_backend(opts: RunOptions) -> RunOptions:
-    """A Vertex run's project, location and bucket as given now (the CLI's flags, else GOOGLE_CLOUD_PROJECT /
-    GOOGLE_CLOUD_LOCATION), kept in its options: a resume in another shell talks to the same project and
-    bucket, and the same `run` again with other ones is told so (backend_differences). A mode the backend
-    cannot run exits 2 here, before a client or a run folder is made."""
-    check_backend_mode(opts)
-    settings = vertex_settings(opts)
-    if settings is None:
-        return opts
-    project, location, bucket = settings
-    return dataclasses.replace(opts, project=project, location=location, bucket=bucket.rstrip("/"))
-
-
-def backend_differences(was: RunOptions, now: RunOptions) -> list[str]:
-    """The backend options that differ between an existing run and the same `run` again: the backend (a run
-    made before --backend existed reads as gemini), else, on Vertex, the project, location and bucket."""
-    if was.backend != now.backend:
-        return ["backend"]
-    if now.backend != "vertex":
-        return []
-    return [k for k in ("project", "location", "bucket") if (getattr(was, k) or "") != (getattr(now, k) or "")]
-
-
-def backend_words(run: Run) -> str:
-    """Where a run's batches go, in words (the plan's and status's "endpoint")."""
-    o = run.run_options
-    if o.backend != "vertex":
-        return run.endpoint or "Gemini API"
-    at = f" at {run.endpoint}" if run.endpoint else ""
-    return f"Vertex AI ({o.project or '?'}, {o.location or '?'}, {o.bucket or '?'}){at}"
 
 
 async def run_file(
