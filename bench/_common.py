@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,25 +23,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def emulator_process(*args: str) -> Iterator[str]:
-    """Start `batchify.py emulator` in its own process (so it does not share our GIL)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "batchify.py"), "emulator", "--port", str(port), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def serving(cmd: list[str], port: int, ready: Callable[[str], object]) -> Iterator[str]:
+    """Run a local server process; yield its URL once `ready(url)` stops raising (10 s at most); stop it after."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(url + "/_emulator/stats", timeout=1)
+            with contextlib.suppress(Exception):
+                ready(url)
                 break
             time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def emulator_process(*args: str) -> Iterator[str]:
+    """Start `batchify.py emulator` in its own process (so it does not share our GIL)."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "batchify.py"), "emulator", "--port", str(port), *args]
+    with serving(cmd, port, lambda url: urllib.request.urlopen(url + "/_emulator/stats", timeout=1)) as url:
+        yield url
 
 
 def child(code: str, *args: str) -> dict:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import ROOT, free_port
+from _common import ROOT, free_port, serving
 
 import batchify
 
@@ -64,19 +64,8 @@ def storage_emulator() -> Iterator[str]:
     port = free_port()
     exe = Path(sys.executable).with_name("gcp-storage-emulator")
     cmd = [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = gcs_client(url)
-        for _ in range(200):
-            with contextlib.suppress(Exception):
-                list(client.list_buckets())
-                break
-            time.sleep(0.05)
+    with serving(cmd, port, lambda url: list(gcs_client(url).list_buckets())) as url:  # type: ignore[attr-defined]
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def gcs_client(url: str) -> object:
