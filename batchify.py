@@ -2457,11 +2457,11 @@ def vertex_warnings(spec: ModelSpec, opts: RunOptions) -> list[str]:
 
 def admission_rows(run: Run) -> list[tuple[str, str]]:
     """The plan's limit rows: the enqueued-token limit (Gemini API), or Vertex's jobs at once and job caps."""
-    p = run.plan
-    if run.run_options.backend != "vertex":
+    p, o = run.plan, run.run_options
+    if o.backend != "vertex":
         return [("enqueued limit", _limit_words(p))]
-    jobs = run.run_options.max_active_jobs
-    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if run.run_options.enqueued_limit else ""
+    jobs = o.max_active_jobs
+    own = f"--enqueued-limit {p['enqueued_limit']:,} tokens, and " if o.enqueued_limit else ""
     rounds = -(-p["batches"] // jobs)
     return [
         (
@@ -4728,12 +4728,9 @@ NO_RESULT: dict[str, Any] = {
 }
 
 
-def merged_line(id_line: bytes, r: dict[str, Any], raw: bytes | None) -> bytes:
-    """One line of the merged results file. ids.jsonl holds each id already JSON-encoded, and a primary
-    results line (`raw`) already holds the encoded result: splice the bytes rather than decode and encode
-    them again."""
-    if raw is not None:
-        return b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :]
+def merged_line(id_line: bytes, r: dict[str, Any]) -> bytes:
+    """One line of the merged results file for a result that has no encoded line to splice (an override, an
+    error made here, no result yet); Engine.merge splices the rest's bytes itself (its hot path)."""
     rest = {
         "status": r["status"],
         "result": r.get("result"),
@@ -5821,7 +5818,7 @@ class Engine:
         return {n for n, r, _raw in self.resolve() if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}
 
     def merge(self) -> Summary:
-        """Write the results file: exactly one line per input id, in input order (see merged_line)."""
+        """Write the results file: exactly one line per input id, in input order."""
         out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold)
         hook = self.hook
@@ -5829,10 +5826,11 @@ class Engine:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
                 r = r or NO_RESULT
-                if raw is not None:  # merged_line's splice, inlined: nearly every row takes it
+                if raw is not None:  # ids.jsonl holds each id JSON-encoded and a primary results line the
+                    # encoded result: splice the bytes rather than decode and encode them again (nearly every row)
                     write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
                 else:
-                    write(merged_line(id_line, r, raw))
+                    write(merged_line(id_line, r))
                 add(r)
                 if n & 15 == 0:
                     hook(Hook.MERGE)
@@ -6595,23 +6593,18 @@ async def resume_run(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
         run = store.load_run()
-        inp = input_location(run.input_path, run.run_options)
+        was = run.run_options
+        inp = input_location(run.input_path, was)
         if inp.exists() and file_sha256(inp) != run.input_sha256:
             raise UsageError(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
                 "or start a new run with --name."
             )
         endpoint = endpoint or run.endpoint
-        was = run.run_options
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
-        now = dataclasses.replace(  # what this resume was told overrides the run's own, from now on
-            was,
-            poll_interval=was.poll_interval if poll_interval is None else poll_interval,
-            max_cost=was.max_cost if max_cost is None else max_cost,
-            allow_standard=was.allow_standard if allow_standard is None else allow_standard,
-        )
-        if now != was:  # only what changed: keys this version does not know are kept as they are
-            changed = {k: v for k, v in now.to_dict().items() if v != was.to_dict().get(k)}
+        told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
+        changed = {k: v for k, v in told if v is not None and v != getattr(was, k)}
+        if changed:  # what this resume was told overrides the run's own, from now on (other keys kept as they are)
             store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
