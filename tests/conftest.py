@@ -17,6 +17,7 @@ import pytest
 import batchify
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_CA = ROOT / "tests" / "tiny_ca.pem"
 STEERING = ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY")
 
 
@@ -32,6 +33,7 @@ def _no_steering_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cli_env(), which drops the same variables)."""
     for var in STEERING:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(TINY_CA))  # see tests/tiny_ca.pem: plain HTTP only, faster clients
 
 
 class Emu:
@@ -70,7 +72,7 @@ def articles(tmp_path: Path) -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHIFY_") and k not in STEERING}
-    env.update({"GEMINI_API_KEY": "test-key-123", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
+    env.update({"GEMINI_API_KEY": "test-key-123", "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "SSL_CERT_FILE": str(TINY_CA)})
     env.update(extra)
     return env
 
