@@ -346,8 +346,9 @@ def test_cli_run_on_vertex_every_id_once_in_order(
     stats = vemu.stats()
     assert stats["vertex_creates"] == 4 and stats["creates"] == 0, "4 Vertex jobs, no Developer-API batch"
     assert all(v == 1 for v in stats["vertex_creates_by_display_name"].values())
+    run_id = json.loads((tmp_path / "st" / "news" / "run.json").read_text())["run_id"]
     staged = [b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/requests/")]
-    assert len(staged) == 4 and all(n.endswith("-a1.jsonl") for n in staged)
+    assert staged == [f"batchify/news/requests/{run_id}-b{i:04d}.jsonl" for i in range(1, 5)], "written by prepare"
     assert len({b.name.split("/")[4] for b in gcs.list_blobs(bucket, prefix="batchify/news/output/")}) == 4
     # Each id got the answer to its own request: the same run on the Developer API (same emulator, same answer
     # generator, answers in input order) gives the same result per id.
