@@ -3789,6 +3789,23 @@ class VertexClient(GeminiClient):
 REQUESTS_MARKER = "requests.json"
 
 
+def save_requests_marker(store: RunStore, bucket: str, prefix: str) -> None:
+    d = {"kind": "requests", "schema_version": SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    save_json(store.dir / REQUESTS_MARKER, d)
+
+
+def load_requests_marker(store: RunStore) -> tuple[str, str] | None:
+    """(bucket, prefix) from the run folder's requests.json; None without one (the requests are in the folder)."""
+    path = store.dir / REQUESTS_MARKER
+    if not path.exists():
+        return None
+    d = load_json(path)
+    if d.get("kind") != "requests" or not isinstance(d.get("bucket"), str) or not isinstance(d.get("prefix"), str):
+        raise StateError(_sidecar_problem(path, StateError("not a requests sidecar (kind, bucket, prefix)")))
+    check_schema_version(d, "requests")
+    return d["bucket"], d["prefix"]
+
+
 def request_entry(line: bytes) -> tuple[str, dict[str, Any]]:
     """A request line of either form -> (key, request): the Developer API's {"key", "request"}, or Vertex's
     {"request"} with the key in request.labels[VERTEX_KEY_LABEL] (taken out again; other labels are kept)."""
@@ -3921,16 +3938,15 @@ class GsRequests:
             raise self.client._wrap(e, what) from e
 
     def begin(self) -> None:
-        save_json(self.store.dir / REQUESTS_MARKER, {"bucket": self.bucket, "prefix": self.prefix})  # before any object
+        save_requests_marker(self.store, self.bucket, self.prefix)  # before any object
 
     def clear(self) -> None:
         """Delete the objects an unfinished prepare wrote (those its requests.json names), then requests.json."""
-        marker = self.store.dir / REQUESTS_MARKER
-        if marker.exists():
-            was = load_json(marker)
+        was = load_requests_marker(self.store)
+        if was is not None:
             with self._errors("delete unfinished request objects"):
-                _delete_prefix(self.client._storage, str(was["bucket"]), str(was["prefix"]))
-            marker.unlink()
+                _delete_prefix(self.client._storage, *was)
+            (self.store.dir / REQUESTS_MARKER).unlink()
 
     def encode(self, line: bytes) -> bytes:
         return vertex_request_line(line)
@@ -4011,13 +4027,12 @@ def request_sink(store: RunStore, client: Any, run_id: str, dry_run: bool) -> Re
 
 def run_requests(store: RunStore, client: Backend | None) -> RequestFiles:
     """Where a prepared run's request files are (requests.json, else the run folder)."""
-    marker = store.dir / REQUESTS_MARKER
-    if not marker.exists():
+    at = load_requests_marker(store)
+    if at is None:
         return LocalRequests(store)
-    at = load_json(marker)
     if not isinstance(client, VertexClient):
-        raise UsageError(f"run {store.name!r} keeps its requests in gs://{at['bucket']}/: this step needs --backend vertex.")
-    return GsRequests(store, client, str(at["bucket"]), str(at["prefix"]))
+        raise UsageError(f"run {store.name!r} keeps its requests in gs://{at[0]}/: this step needs --backend vertex.")
+    return GsRequests(store, client, *at)
 
 
 # -- rate limiting for real-time calls ------------------------------------------------------------
@@ -4424,9 +4439,7 @@ def _prepare_pass(
     """One streaming pass: validate each record (RecordChecker), write request files and ids (PassWriter).
     Memory stays flat: ids are kept as 8-byte digests in an array; only ids whose digest repeats
     (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
-    there are any. `write=False`: validate only (records, ids, the prompt template), no request file.
-    `sink`: where the request files go (the run folder by default)."""
-    sink = (sink or LocalRequests(store)) if write else None
+    there are any. `write=False`, no `sink`: validate only (records, ids, the prompt template), no request file."""
     _clear_unfinished_prepare(store, sink)
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
@@ -4820,7 +4833,7 @@ async def _passes(
     spec: ModelSpec,
     gc: dict[str, Any],
     hook: Callable[[Hook], None] | None,
-    sink: RequestFiles | None = None,
+    sink: RequestFiles,
 ) -> _Pass:
     """The streaming pass that writes the request files (through `sink`), once more after fetching the pages of
     records that have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
@@ -4839,7 +4852,7 @@ async def _passes(
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
         p = once(p.duplicate_digests)
-    if sink is not None and ((p.n_problems and not opts.skip_invalid) or p.records == 0):
+    if (p.n_problems and not opts.skip_invalid) or p.records == 0:
         sink.clear()  # the run folder goes: so do the request objects it names
     if p.n_problems and not opts.skip_invalid:
         _refuse_invalid(store, path, p)
@@ -6901,7 +6914,8 @@ async def prepare(
     endpoint: str | None = None,
     api_key: str | None = None,
 ) -> Run:
-    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is uploaded.
+    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is sent (on
+    --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
     opts = dataclasses.replace(options or RunOptions())

@@ -832,7 +832,8 @@ async def test_prepare_streams_the_request_files_to_the_bucket_in_vertex_form(
     opts = _vertex_opts(bucket, batch_size=15, mode="batch", poll_interval=0.05, out=str(tmp_path / "out.jsonl"))
     run = await batchify.prepare(inp, options=opts, state_dir=st, endpoint=vemu.url)
     prefix = f"batchify/news/requests/{run.run_id}-"
-    assert json.loads((st / "news" / "requests.json").read_text()) == {"bucket": bucket, "prefix": prefix}
+    marker = json.loads((st / "news" / "requests.json").read_text())
+    assert marker == {"kind": "requests", "schema_version": batchify.SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
     _no_local_requests(st / "news")
     staged = _staged(gcs, bucket)
     assert list(staged) == [f"{prefix}b{i:04d}.jsonl" for i in (1, 2, 3)]
