@@ -935,4 +935,7 @@ async def test_the_real_time_fallback_reads_the_requests_back_from_the_bucket(
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in rows] == [f"a{i}" for i in range(12)] and {r["source"] for r in rows} == {"standard"}
     assert vemu.stats()["vertex_creates"] == 0 and vemu.stats()["generate_calls"] == 12
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [j.attempt for j in jobs] == [1, 2] and len({j.remote_file for j in jobs}) == 1, "the retry reuses the object"
+    assert (jobs[0].remote_file or "").startswith(f"gs://{bucket}/batchify/news/requests/")
     _no_local_requests(st / "news")
