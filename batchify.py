@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -1330,7 +1331,7 @@ class Hook(StrEnum):
     """The points where the engine calls its hook (tests and the crash drills: BATCHIFY_CRASH_AT=point[:n]).
     Each is a moment a crash must be survivable from."""
 
-    PREPARE = "prepare"  # a request file written and closed by prepare
+    PREPARE = "prepare"  # a request file written and closed by prepare (on Vertex: an object in the bucket)
     BEFORE_UPLOAD = "before_upload"  # UPLOADING recorded, the upload not yet started
     AFTER_UPLOAD = "after_upload"  # uploaded, UPLOADED recorded
     AFTER_INTENT = "after_intent"  # SUBMITTING recorded, batches.create not yet called
@@ -3777,6 +3778,263 @@ class VertexClient(GeminiClient):
                 self._storage_client.close()
 
 
+# -- where a run's request files live: the run folder, or the staging bucket (--backend vertex) -----------------
+# On the Gemini API (and a dry run on Vertex) prepare writes requests/bNNNN.jsonl in the run folder and the
+# backend uploads each file. On --backend vertex prepare writes each one straight to the staging bucket, in Vertex
+# form, as gs://BUCKET/<prefix>/batchify/<run>/requests/<run id>-bNNNN.jsonl (the run id keeps two runs of one
+# name in different state dirs apart): local disk stays flat whatever the input's size, and the object is the
+# job's input (nothing to upload; every attempt of a batch reuses it). The run folder's requests.json says which
+# (its absence: the run folder), and is written before the first object: the intent a crashed prepare is
+# cleaned up from. The engine works on request files only through a RequestFiles and request_entry().
+REQUESTS_MARKER = "requests.json"
+
+
+def save_requests_marker(store: RunStore, bucket: str, prefix: str) -> None:
+    d = {"kind": "requests", "schema_version": SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    save_json(store.dir / REQUESTS_MARKER, d)
+
+
+def load_requests_marker(store: RunStore) -> tuple[str, str] | None:
+    """(bucket, prefix) from the run folder's requests.json; None without one (the requests are in the folder)."""
+    path = store.dir / REQUESTS_MARKER
+    if not path.exists():
+        return None
+    d = load_json(path)
+    if d.get("kind") != "requests" or not isinstance(d.get("bucket"), str) or not isinstance(d.get("prefix"), str):
+        raise StateError(_sidecar_problem(path, StateError("not a requests sidecar (kind, bucket, prefix)")))
+    check_schema_version(d, "requests")
+    return d["bucket"], d["prefix"]
+
+
+def request_entry(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A request line of either form -> (key, request): the Developer API's {"key", "request"}, or Vertex's
+    {"request"} with the key in request.labels[VERTEX_KEY_LABEL] (taken out again; other labels are kept)."""
+    obj = orjson.loads(line)
+    req: dict[str, Any] = obj["request"]
+    if "key" in obj:
+        return str(obj["key"]), req
+    labels = dict(req.get("labels") or {})
+    key = decode_label_key(labels.pop(VERTEX_KEY_LABEL))
+    req = {k: v for k, v in req.items() if k != "labels"}
+    if labels:
+        req["labels"] = labels
+    return key, req
+
+
+class RequestFiles(Protocol):
+    """A run's request files, named by their path in the run folder ("requests/b0001.jsonl")."""
+
+    def begin(self) -> None: ...  # before prepare writes the first one
+    def clear(self) -> None: ...  # remove what an unfinished prepare wrote
+    def encode(self, line: bytes) -> bytes: ...  # a Developer-API line {"key", "request"} in the stored form
+    def open(self, rel: str, atomic: bool = False) -> Any: ...  # a binary writer (stored-form lines); a context manager
+    def exists(self, rel: str) -> bool: ...
+    def count(self, rel: str) -> int: ...
+    def lines(self, rel: str) -> Iterator[bytes]: ...  # the non-blank lines, as stored (request_entry reads them)
+    async def remote_file(self, client: Backend, job: Job) -> RemoteFile: ...  # the job's input at the service
+    def owns(self, name: str) -> bool: ...  # a remote file name that is one of these
+    async def delete_all(self) -> int: ...  # cleanup: the remote ones, once
+
+
+class LocalRequests:
+    """Request files in the run folder, uploaded by the backend (client.upload) when a job needs one."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+
+    def begin(self) -> None:
+        private_dir(self.store.dir / "requests")
+        (self.store.dir / REQUESTS_MARKER).unlink(missing_ok=True)  # the requests are here, not in a bucket
+
+    def clear(self) -> None:
+        (self.store.dir / REQUESTS_MARKER).unlink(missing_ok=True)  # the requests/ folder goes with the prepare's leftovers
+
+    def encode(self, line: bytes) -> bytes:
+        return line
+
+    def open(self, rel: str, atomic: bool = False) -> Any:
+        return atomic_file(self.store.dir / rel) if atomic else open_private(self.store.dir / rel)
+
+    def exists(self, rel: str) -> bool:
+        return (self.store.dir / rel).exists()
+
+    def count(self, rel: str) -> int:
+        return (self.store.dir / rel).read_bytes().count(b"\n")
+
+    def lines(self, rel: str) -> Iterator[bytes]:
+        with open(self.store.dir / rel, "rb") as f:
+            for line in f:
+                if line.strip():
+                    yield line
+
+    async def remote_file(self, client: Backend, job: Job) -> RemoteFile:
+        return await client.upload(self.store.request_path(job), job.display_name)
+
+    def owns(self, name: str) -> bool:
+        return False
+
+    async def delete_all(self) -> int:
+        return 0
+
+
+class _GsRequestWriter:
+    """One request object being written: 1 MiB writes into a resumable upload (GS_WRITE_CHUNK in memory at most).
+    close() finalizes it: the object appears whole or not at all. Leaving a `with` on an error abandons it."""
+
+    def __init__(self, raw: Any, wrap: Callable[[BaseException], RemoteError]):
+        self.raw, self.buf, self.wrap = raw, _GsLines(raw), wrap
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.buf.write(b)
+        except Exception as e:
+            raise self.wrap(e) from e
+
+    def close(self) -> None:
+        if self.raw.closed:
+            return
+        try:
+            self.buf.flush()
+            self.raw.close()
+        except Exception as e:
+            raise self.wrap(e) from e
+
+    def __enter__(self) -> _GsRequestWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.raw.terminate()
+
+
+class GsRequests:
+    """A Vertex run's request files as objects gs://<bucket>/<prefix><file name> (prefix: <root>/<run>/requests/
+    <run id>-), in Vertex form. Cloud Storage calls here are synchronous (prepare and the engine's readers are);
+    their errors come out as RemoteError (VertexClient._wrap)."""
+
+    def __init__(self, store: RunStore, client: VertexClient, bucket: str, prefix: str):
+        self.store, self.client, self.bucket, self.prefix = store, client, bucket, prefix
+
+    @classmethod
+    def for_prepare(cls, store: RunStore, client: VertexClient, run_id: str) -> GsRequests:
+        return cls(store, client, client.bucket_name, f"{client.root}/{store.name}/requests/{run_id}-")
+
+    def _blob(self, rel: str) -> Any:
+        return self.client._storage.bucket(self.bucket).blob(self.prefix + rel.rsplit("/", 1)[-1])
+
+    def uri(self, rel: str) -> str:
+        return f"gs://{self.bucket}/{self.prefix}{rel.rsplit('/', 1)[-1]}"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise self.client._wrap(e, what) from e
+
+    def begin(self) -> None:
+        save_requests_marker(self.store, self.bucket, self.prefix)  # before any object
+
+    def clear(self) -> None:
+        """Delete the objects an unfinished prepare wrote (those its requests.json names), then requests.json."""
+        was = load_requests_marker(self.store)
+        if was is not None:
+            with self._errors("delete unfinished request objects"):
+                _delete_prefix(self.client._storage, *was)
+            (self.store.dir / REQUESTS_MARKER).unlink()
+
+    def encode(self, line: bytes) -> bytes:
+        return vertex_request_line(line)
+
+    def open(self, rel: str, atomic: bool = False) -> Any:
+        with self._errors("write requests"):
+            raw = self._blob(rel).open("wb", chunk_size=GS_WRITE_CHUNK, content_type="application/jsonl", ignore_flush=True)
+        return _GsRequestWriter(raw, lambda e: self.client._wrap(e, f"write {self.uri(rel)}"))
+
+    def exists(self, rel: str) -> bool:
+        with self._errors("look up requests"):
+            return bool(self._blob(rel).exists())
+
+    def count(self, rel: str) -> int:
+        return sum(1 for _ in self.lines(rel))
+
+    def lines(self, rel: str) -> Iterator[bytes]:
+        """Streamed (GS_READ_CHUNK a GET, through a 1 MiB buffer: a BlobReader read line by line reads a byte a call)."""
+        with (
+            self._errors(f"read {self.uri(rel)}"),
+            io.BufferedReader(self._blob(rel).open("rb", chunk_size=GS_READ_CHUNK), 1 << 20) as f,
+        ):
+            for line in f:
+                if line.strip():
+                    yield line
+
+    def _size(self, rel: str) -> int:
+        blob = self._blob(rel)
+        blob.reload()
+        return int(blob.size or 0)
+
+    async def remote_file(self, client: Backend, job: Job) -> RemoteFile:
+        """The object prepare wrote is the job's input (no upload); it is gone: a 404, the job fails."""
+        size = await self.client._call("upload", lambda: asyncio.to_thread(self._size, job.request_file))
+        return RemoteFile(name=self.uri(job.request_file), size_bytes=int(size), state="ACTIVE")
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(f"gs://{self.bucket}/{self.prefix}")
+
+    async def delete_all(self) -> int:
+        storage = self.client._storage
+        return int(
+            await self.client._call(
+                "delete requests", lambda: asyncio.to_thread(_delete_prefix, storage, self.bucket, self.prefix)
+            )
+        )
+
+
+def _delete_prefix(storage: Any, bucket: str, prefix: str) -> int:
+    """Delete every object whose name starts with `prefix` (already gone is fine); how many there were."""
+    from google.api_core import exceptions as gexc
+
+    blobs = list(storage.list_blobs(bucket, prefix=prefix))
+    for b in blobs:
+        with contextlib.suppress(gexc.NotFound):
+            b.delete()
+    return len(blobs)
+
+
+def primary_request_files(ranges: list[Any], only: set[int] | None) -> list[str]:
+    """The request files prepare wrote (one per batch range), less those with none of the ordinals `only`: a
+    file holds the keys of its range alone, and in the bucket each one read is a download."""
+    wanted = sorted(only) if only is not None else None
+    names = []
+    for i, (start, end, *_rest) in enumerate(ranges, 1):
+        at = bisect.bisect_left(wanted, start) if wanted is not None else 0
+        if wanted is None or (at < len(wanted) and wanted[at] < end):
+            names.append(f"requests/b{i:04d}.jsonl")
+    return names
+
+
+def request_sink(store: RunStore, client: Any, run_id: str, dry_run: bool) -> RequestFiles:
+    """Where prepare writes a run's request files: the bucket on Vertex (not for a dry run: it touches no bucket)."""
+    if isinstance(client, VertexClient) and not dry_run:
+        return GsRequests.for_prepare(store, client, run_id)
+    return LocalRequests(store)
+
+
+def run_requests(store: RunStore, client: Backend | None) -> RequestFiles:
+    """Where a prepared run's request files are (requests.json, else the run folder)."""
+    at = load_requests_marker(store)
+    if at is None:
+        return LocalRequests(store)
+    if not isinstance(client, VertexClient):
+        raise UsageError(f"run {store.name!r} keeps its requests in gs://{at[0]}/: this step needs --backend vertex.")
+    return GsRequests(store, client, *at)
+
+
 # -- rate limiting for real-time calls ------------------------------------------------------------
 class RateLimiter:
     """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
@@ -4176,12 +4434,13 @@ def _prepare_pass(
     context: int = CONTEXT_WINDOW,
     long_at: int | None = None,
     write: bool = True,
+    sink: RequestFiles | None = None,
 ) -> _Pass:
     """One streaming pass: validate each record (RecordChecker), write request files and ids (PassWriter).
     Memory stays flat: ids are kept as 8-byte digests in an array; only ids whose digest repeats
     (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
-    there are any. `write=False`: validate only (records, ids, the prompt template), no request file."""
-    _clear_unfinished_prepare(store)
+    there are any. `write=False`, no `sink`: validate only (records, ids, the prompt template), no request file."""
+    _clear_unfinished_prepare(store, sink)
     # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256, path)
@@ -4194,7 +4453,7 @@ def _prepare_pass(
     long_threshold = long_at or 1 << 62
     long_docs = long_tokens = 0
     cutter = BatchCutter(opts.batch_size, cap, opts.max_file_bytes)
-    with PassWriter(store, hook) as out:
+    with PassWriter(store, hook, sink) as out:
         for rec in read_input(path):
             err, fetch_error, prompt, t, rid, digest = check(rec)
             if err is not None:
@@ -4223,10 +4482,13 @@ def _prepare_pass(
     return _Pass(batches, n, n_problems, problems, sha.result(), dupes, checker.unfetched, long_docs, long_tokens)
 
 
-def _clear_unfinished_prepare(store: RunStore) -> None:
-    """Remove what a prepare that never finished wrote (nothing of it was uploaded)."""
+def _clear_unfinished_prepare(store: RunStore, sink: RequestFiles | None = None) -> None:
+    """Remove what a prepare that never finished wrote (nothing of it was uploaded; request objects it streamed
+    to the bucket are deleted by the sink, from the requests.json it wrote before the first one)."""
     import shutil
 
+    if sink is not None:
+        sink.clear()
     for leftover in ("requests", "jobs", "results"):
         shutil.rmtree(store.dir / leftover, ignore_errors=True)
     for leftover_file in (store.ids_path, store.rejected_path, store.fetch_errors_path, store.realtime_path):
@@ -4310,18 +4572,19 @@ class RecordChecker:
 
 class PassWriter:
     """The files a prepare pass writes: ids.jsonl (one line per kept record), the request files (a new one
-    at each batch cut; the hook runs as each is closed), rejected.jsonl and fetch errors (opened on first use)."""
+    at each batch cut, through `sink`; the hook runs as each is closed), rejected.jsonl and fetch errors (opened
+    on first use). `sink` None: a pass that writes no request file (validation only)."""
 
-    def __init__(self, store: RunStore, hook: Callable[[Hook], None] | None):
-        self.store, self.hook = store, hook
-        self.req_dir = store.dir / "requests"
+    def __init__(self, store: RunStore, hook: Callable[[Hook], None] | None, sink: RequestFiles | None = None):
+        self.store, self.hook, self.sink = store, hook, sink
         self.stack = contextlib.ExitStack()
         self.rej_f: Any = None
         self.fail_f: Any = None
         self.cur_f: Any = None
 
     def __enter__(self) -> PassWriter:
-        private_dir(self.req_dir)
+        if self.sink is not None:
+            self.sink.begin()
         self.ids_f = self.stack.enter_context(open_private(self.store.ids_path))
         self.stack.callback(self.close_file)
         return self
@@ -4337,10 +4600,12 @@ class PassWriter:
                 self.hook(Hook.PREPARE)
 
     def request(self, line: bytes, rid: Any, new_batch: bool, batch_number: int) -> None:
+        sink = self.sink
+        assert sink is not None, "a validation pass writes no request"
         if new_batch:  # this request starts a new batch: a new request file
             self.close_file()
-            self.cur_f = open_private(self.req_dir / f"b{batch_number + 1:04d}.jsonl")
-        self.cur_f.write(line)
+            self.cur_f = sink.open(f"requests/b{batch_number + 1:04d}.jsonl")
+        self.cur_f.write(sink.encode(line))
         self.ids_f.write(orjson.dumps(rid, option=NL))
 
     def reject(self, rec: InputRecord, err: str) -> None:
@@ -4380,12 +4645,14 @@ async def prepare_run(
     hook: Callable[[Hook], None] | None = None,
     catalog: Catalog | None = None,
     today: str | None = None,
+    dry_run: bool = False,
 ) -> Run:
     """Validate the input, write the request files, ids and job sidecars, and plan the waves.
 
     Streams record by record in flat memory; nothing remote is touched except models.get and a few
     countTokens calls for calibration (after every record is validated). On bad input (and no skip_invalid)
-    the run folder is removed and InputError names every problem (file:line and the fix).
+    the run folder is removed and InputError names every problem (file:line and the fix). With a VertexClient the
+    request files are written to the staging bucket (request_sink), unless `dry_run`.
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
@@ -4401,11 +4668,12 @@ async def prepare_run(
     if client is not None and opts.calibrate and not opts.skip_invalid:
         _validate_only(store, path, cfg, opts, gc)  # calibration sends documents: nothing before validation
     z = await _sizing(client, path, cfg, opts, limit)
-    p = await _passes(store, path, cfg, opts, (z.cpt, z.eff, z.cap, context), spec, gc, hook)
+    run_id = secrets.token_hex(3)
+    sink = request_sink(store, client, run_id, dry_run)
+    p = await _passes(store, path, cfg, opts, (z.cpt, z.eff, z.cap, context), spec, gc, hook, sink)
     limits = {"limit": limit, "eff": z.eff, "cap": z.cap, "context": context, "margin": z.margin}
     plan = _full_plan(cfg, opts, spec, catalog, p, gc, limits, today, z.offline_why)
     cpt, warranted = z.cpt, z.warranted
-    run_id = secrets.token_hex(3)
     if opts.mode not in ("realtime", "flex"):
         _save_first_jobs(store, run_id, p.batches, plan["wave_of_batch"])
     run = Run(
@@ -4565,15 +4833,16 @@ async def _passes(
     spec: ModelSpec,
     gc: dict[str, Any],
     hook: Callable[[Hook], None] | None,
+    sink: RequestFiles,
 ) -> _Pass:
-    """The streaming pass that writes the request files, once more after fetching the pages of records that
-    have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
+    """The streaming pass that writes the request files (through `sink`), once more after fetching the pages of
+    records that have a url and no text, or to compare ids whose digests collided; refuses bad records or no records."""
     cpt, eff, cap, context = sizes
     long_at = spec.long_context_threshold
     opts = backend_job_caps(opts)  # Vertex's per-job limits bind the cutter too
 
     def once(suspects: set[int]) -> _Pass:
-        return _prepare_pass(store, path, cfg, opts, cpt, eff, cap, suspects, hook, gc, context, long_at)
+        return _prepare_pass(store, path, cfg, opts, cpt, eff, cap, suspects, hook, gc, context, long_at, sink=sink)
 
     p = once(set())
     if p.unfetched and opts.fetch:
@@ -4583,6 +4852,8 @@ async def _passes(
             raise BatchifyError(f"{path}: {p.unfetched} page(s) were not fetched; nothing was uploaded. Run again.")
     elif p.duplicate_digests:  # rare: once more, comparing just those ids exactly
         p = once(p.duplicate_digests)
+    if (p.n_problems and not opts.skip_invalid) or p.records == 0:
+        sink.clear()  # the run folder goes: so do the request objects it names
     if p.n_problems and not opts.skip_invalid:
         _refuse_invalid(store, path, p)
     if p.records == 0:
@@ -4840,12 +5111,20 @@ class Engine:
         self._flex_wake = asyncio.Event()  # a batch became claimable (an upload ended, admission passed it by)
         self._created_at: dict[str, float] = {}  # engine clock at each create of this process
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
+        self._request_files: RequestFiles | None = None
 
     @property
     def client(self) -> Backend:
         if self._client is None:
             raise UsageError("this step needs the API: give an endpoint and a key")
         return self._client
+
+    @property
+    def request_files(self) -> RequestFiles:
+        """The run's request files: in the run folder, or in the staging bucket (run_requests)."""
+        if self._request_files is None:
+            self._request_files = run_requests(self.store, self._client)
+        return self._request_files
 
     # -- helpers -------------------------------------------------------------------------------
     def _advance(self, job: Job, state: JobState, **changes: Any) -> Job:
@@ -5061,7 +5340,7 @@ class Engine:
         missing = [
             i
             for i, (_s, _e, _t, nbytes) in enumerate(ranges, 1)
-            if nbytes and i not in indices and (self.store.dir / f"requests/b{i:04d}.jsonl").exists()
+            if nbytes and i not in indices and self.request_files.exists(f"requests/b{i:04d}.jsonl")
         ]
         talked = any(j.state not in (JobState.CREATED, JobState.UPLOADING, JobState.UPLOADED) for j in self.jobs.values())
         repaired: list[str] = [f"{p}: unreadable, moved aside" for p in self.damaged]
@@ -5157,7 +5436,7 @@ class Engine:
                 index=i,
                 display_name=display_name_for(self.run.name, self.run.run_id, i, 1),
                 request_file=f"requests/b{i:04d}.jsonl",
-                request_count=(self.store.dir / f"requests/b{i:04d}.jsonl").read_bytes().count(b"\n"),
+                request_count=self.request_files.count(f"requests/b{i:04d}.jsonl"),
                 tokens=tokens,
                 bytes=nbytes,
                 wave=int(self.run.plan.get("wave_of_batch", {}).get(str(i - 1), 0)),
@@ -5166,9 +5445,9 @@ class Engine:
                 timestamps={"CREATED": utcnow()},
             )
         rel = f"requests/retry-{i:04d}.jsonl"  # the one extra try of per-line errors: its file says how many
-        if not (self.store.dir / rel).exists():
+        if not self.request_files.exists(rel):
             return None
-        lines = (self.store.dir / rel).read_bytes().count(b"\n")
+        lines = self.request_files.count(rel)
         return Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
 
     async def reconcile(self) -> None:
@@ -5234,10 +5513,10 @@ class Engine:
         idx = max(j.index for j in self.jobs.values()) + 1
         rel = f"requests/retry-{idx:04d}.jsonl"
         tokens = nbytes = 0
-        with open_private(self.store.dir / rel) as f:
+        with self.request_files.open(rel) as f:
             for n, req, t in self._requests(todo):
                 line = orjson.dumps({"key": str(n), "request": req}) + b"\n"
-                f.write(line)
+                f.write(self.request_files.encode(line))
                 tokens += t
                 nbytes += len(line)
         name = f"x{idx:04d}"
@@ -5326,7 +5605,7 @@ class Engine:
         )  # the intent: a crash from here re-uploads (the orphan file expires)
         self.hook(Hook.BEFORE_UPLOAD)
         try:
-            f = await self.client.upload(self.store.request_path(job), job.display_name)
+            f = await self.request_files.remote_file(self.client, job)  # on Vertex: the object prepare wrote
         except AuthError:
             raise
         except RemoteError as e:  # the seam already tried as often as the retry policy allows
@@ -5569,11 +5848,9 @@ class Engine:
     def _request_sizes(self, rel: str) -> Iterator[tuple[bytes, int]]:
         """(raw line, estimated tokens) of each request in a request file, in order (streamed)."""
         cpt = self.run.chars_per_token
-        with open(self.store.dir / rel, "rb") as f:
-            for line in f:
-                if line.strip():
-                    tokens = estimate_tokens(request_chars(orjson.loads(line)["request"]), cpt)
-                    yield (line if line.endswith(b"\n") else line + b"\n"), tokens
+        for line in self.request_files.lines(rel):
+            tokens = estimate_tokens(request_chars(request_entry(line)[1]), cpt)
+            yield (line if line.endswith(b"\n") else line + b"\n"), tokens
 
     def _cut_into_parts(self, job: Job) -> None:
         """The job ends SPLIT first, recording the cap (the intent: nothing of it can be created any more);
@@ -5605,7 +5882,7 @@ class Engine:
                 collections.deque(chunk, maxlen=0)
                 continue
             rel = f"requests/{name}.jsonl"
-            with atomic_file(self.store.dir / rel) as f:
+            with self.request_files.open(rel, atomic=True) as f:
                 for line, _t in chunk:
                     f.write(line)
             part = f"{job.part}.{k}"
@@ -5696,7 +5973,7 @@ class Engine:
 
     def _record_results(self, job: Job, data: bytes) -> tuple[int, int, dict[str, int]]:
         """Parse one job's output, write its per-line results (in request order); (ok, failed, usage)."""
-        keys = [int(orjson.loads(line)["key"]) for line in open(self.store.request_path(job), "rb") if line.strip()]
+        keys = [int(request_entry(line)[0]) for line in self.request_files.lines(job.request_file)]
         results: dict[int, dict[str, Any]] = {}
         usage: dict[str, int] = {}
         lines = [ln for ln in data.splitlines() if ln.strip()]
@@ -5850,17 +6127,15 @@ class Engine:
     # -- real time ---------------------------------------------------------------------------------
     def _requests(self, only: set[int] | None, files: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any], int]]:
         cpt = self.run.chars_per_token
-        names = files or [f"requests/b{i:04d}.jsonl" for i in range(1, len(self.run.plan["batch_ranges"]) + 1)]
+        names = files or primary_request_files(self.run.plan["batch_ranges"], only)
         for rel in names:
-            if not (self.store.dir / rel).exists():
+            if not self.request_files.exists(rel):
                 continue  # a range of fetch failures only
-            with open(self.store.dir / rel, "rb") as f:
-                for line in f:
-                    obj = orjson.loads(line)
-                    n = int(obj["key"])
-                    if only is None or n in only:
-                        req = obj["request"]
-                        yield n, req, estimate_tokens(request_chars(req), cpt)
+            for line in self.request_files.lines(rel):
+                key, req = request_entry(line)
+                n = int(key)
+                if only is None or n in only:
+                    yield n, req, estimate_tokens(request_chars(req), cpt)
 
     async def send_requests(self, only: set[int] | None, tier: str = "standard", files: list[str] | None = None) -> None:
         """Send requests through generateContent: at the standard tier, or through Flex (`serviceTier: flex`,
@@ -6157,15 +6432,20 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             "to merge again before cleaning up."
         )
     counts = {"jobs": 0, "files": 0}
+    requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
         if j.remote_job:
             with contextlib.suppress(RemoteError):  # already gone is fine
                 await client.delete_batch(j.remote_job)
                 counts["jobs"] += 1
         for f in {j.remote_file, j.output_file} - {None}:
+            if requests.owns(str(f)):
+                continue
             with contextlib.suppress(RemoteError):
                 await client.delete_file(str(f))
                 counts["files"] += 1
+    with contextlib.suppress(RemoteError):
+        counts["files"] += await requests.delete_all()
     run.summary = {**run.summary, "cleaned_at": utcnow()}
     store.save_run(run)
     if local:
@@ -6532,7 +6812,7 @@ async def run_file(
         async with open_client(
             endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale, options=opts
         ) as client:
-            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog)
+            run = await prepare_run(store, input_path, cfg, opts, client, endpoint, hook, catalog, dry_run=dry_run)
             if dry_run:
                 return run, None
             if confirm is not None and not confirm(run):
@@ -6634,7 +6914,8 @@ async def prepare(
     endpoint: str | None = None,
     api_key: str | None = None,
 ) -> Run:
-    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is uploaded.
+    """Validate and plan a run from a file, or from records (dicts) or URLs (strings); nothing is sent (on
+    --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
     opts = dataclasses.replace(options or RunOptions())

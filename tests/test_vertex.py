@@ -346,8 +346,9 @@ def test_cli_run_on_vertex_every_id_once_in_order(
     stats = vemu.stats()
     assert stats["vertex_creates"] == 4 and stats["creates"] == 0, "4 Vertex jobs, no Developer-API batch"
     assert all(v == 1 for v in stats["vertex_creates_by_display_name"].values())
+    run_id = json.loads((tmp_path / "st" / "news" / "run.json").read_text())["run_id"]
     staged = [b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/requests/")]
-    assert len(staged) == 4 and all(n.endswith("-a1.jsonl") for n in staged)
+    assert staged == [f"batchify/news/requests/{run_id}-b{i:04d}.jsonl" for i in range(1, 5)], "written by prepare"
     assert len({b.name.split("/")[4] for b in gcs.list_blobs(bucket, prefix="batchify/news/output/")}) == 4
     # Each id got the answer to its own request: the same run on the Developer API (same emulator, same answer
     # generator, answers in input order) gives the same result per id.
@@ -805,3 +806,136 @@ def test_cancel_on_vertex_cancels_the_jobs_at_the_service(
     st = json.loads(run_cli(["status", "news", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
     assert st["status"] == "cancelled" and st["job_states"] == {"CANCELLED": 4}
     assert vemu.stats()["vertex_creates"] == 4
+
+
+# -- request files streamed to the bucket by prepare (issue 16 C1): nothing of them on local disk -------------------
+
+
+def _staged(gcs: storage.Client, bucket: str, run: str = "news") -> dict[str, list[dict[str, Any]]]:
+    """The run's request objects: name -> its lines."""
+    blobs = gcs.list_blobs(bucket, prefix=f"batchify/{run}/requests/")
+    return {b.name: [json.loads(x) for x in b.download_as_text().splitlines()] for b in blobs}
+
+
+def _no_local_requests(run_dir: Path) -> None:
+    assert not list(run_dir.glob("requests/*")), "no request file in the run folder"
+
+
+async def test_prepare_streams_the_request_files_to_the_bucket_in_vertex_form(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare writes each request file as an object (Vertex form: the key in the label) and nothing locally but
+    requests.json, which names them; a dry run touches no bucket. Submitted, each object is its job's input (no
+    copy), a job sidecar lost meanwhile is rebuilt from its object, and cleanup deletes the objects."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 40), tmp_path / "st"
+    opts = _vertex_opts(bucket, batch_size=15, mode="batch", poll_interval=0.05, out=str(tmp_path / "out.jsonl"))
+    run = await batchify.prepare(inp, options=opts, state_dir=st, endpoint=vemu.url)
+    prefix = f"batchify/news/requests/{run.run_id}-"
+    marker = json.loads((st / "news" / "requests.json").read_text())
+    assert marker == {"kind": "requests", "schema_version": batchify.SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    _no_local_requests(st / "news")
+    staged = _staged(gcs, bucket)
+    assert list(staged) == [f"{prefix}b{i:04d}.jsonl" for i in (1, 2, 3)]
+    lines = [x for rows in staged.values() for x in rows]
+    assert all(set(x) == {"request"} for x in lines), "Vertex form: no top-level key"
+    assert [x["request"]["labels"] for x in lines] == [{"batchify_key": str(n)} for n in range(40)]
+    await _dry(vemu, inp, st, batchify.RunOptions(name="gem", batch_size=15))  # the same requests, locally
+    gem_lines = [json.loads(x) for i in (1, 2, 3) for x in (st / "gem" / f"requests/b{i:04d}.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in x["request"].items() if k != "labels"} for x in lines] == [x["request"] for x in gem_lines]
+    assert [batchify.request_entry(json.dumps(x).encode()) for x in lines] == [(x["key"], x["request"]) for x in gem_lines]
+    await _dry(vemu, inp, st, _vertex_opts(bucket, name="dry", batch_size=15))  # a dry run: local files, no object
+    assert len(list((st / "dry" / "requests").glob("*.jsonl"))) == 3 and not _staged(gcs, bucket, "dry")
+    (st / "news" / "jobs" / "b0002.json").unlink()  # lost: repair counts its requests in the object
+    summary = await batchify.submit("news", st, endpoint=vemu.url)
+    assert summary.ok == 40 and [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"a{i}" for i in range(40)]
+    repairs = json.loads((st / "news" / "run.json").read_text())["notes"]["repairs"]
+    assert any("b0002: sidecar missing and no job at the service: its 15 request(s)" in r for r in repairs), repairs
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [j.remote_file for j in jobs] == [f"gs://{bucket}/{prefix}b{i:04d}.jsonl" for i in (1, 2, 3)], "no copy"
+    _no_local_requests(st / "news")
+    counts = await batchify.cleanup("news", st, endpoint=vemu.url)
+    assert counts["jobs"] == 3 and counts["files"] == 6, counts  # 3 request objects, once each, and 3 outputs
+    assert list(gcs.list_blobs(bucket, prefix="batchify/news/")) == []
+
+
+def test_sigkill_while_prepare_streams_then_the_same_command_finishes(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """Killed as prepare closes its 2nd request object: no run yet, two objects named by requests.json. The same
+    command again deletes them, prepares anew and finishes: every id once, one job per batch."""
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "text": f"article {i} about rates"}) + "\n" for i in range(120)))
+    out = tmp_path / "out.jsonl"
+    args = [*_vx_args(inp, bucket, vemu.url, "--batch-size", "40"), "--out", str(out)]
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(args, tmp_path, BATCHIFY_CRASH_AT="prepare:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    run_dir = tmp_path / "st" / "news"
+    assert not (run_dir / "run.json").exists()
+    torn = list(_staged(gcs, bucket))
+    prefix = json.loads((run_dir / "requests.json").read_text())["prefix"]
+    assert torn == [f"{prefix}b0001.jsonl", f"{prefix}b0002.jsonl"]
+    _no_local_requests(run_dir)
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(120)] and all(r["status"] == "ok" for r in rows)
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert list(_staged(gcs, bucket)) == [f"batchify/news/requests/{run_id}-b{i:04d}.jsonl" for i in (1, 2, 3)]
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
+    _no_local_requests(run_dir)
+
+
+async def test_split_and_the_line_retry_write_their_request_objects_to_the_bucket(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create refused (429) again and again with nothing enqueued: the job is split, its parts cut from its request
+    object into objects of their own. Per-line errors then get one more try in a batch whose object is in the bucket."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    vemu.configure(create_429=batchify.SPLIT_AFTER_REFUSALS, line_error_rate=0.3, seed=5)
+    inp, st = _news(tmp_path, 30), tmp_path / "st"
+    opts = _vertex_opts(bucket, mode="batch", poll_interval=0.05, retry_scale=0.01, out=str(tmp_path / "out.jsonl"))
+    run, _summary = await asyncio.wait_for(batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url), 90)
+    jobs = {j.name: j for j in batchify.RunStore(st, "news").load_jobs()}
+    parts = sorted(n for n in jobs if n.startswith("b0001."))
+    assert jobs["b0001"].state == batchify.JobState.SPLIT and len(parts) >= 2, jobs
+    retry = jobs["x0002"]
+    assert retry.request_count == sum(jobs[n].failed for n in parts) > 0
+    staged = _staged(gcs, bucket)
+    prefix = f"batchify/news/requests/{run.run_id}-"
+    names = ["b0001", *parts, "retry-0002"]
+    assert sorted(staged) == sorted(f"{prefix}{n}.jsonl" for n in names)
+    keys = [[x["request"]["labels"]["batchify_key"] for x in staged[f"{prefix}{n}.jsonl"]] for n in parts]
+    assert [k for ks in keys for k in ks] == [str(n) for n in range(30)], "the parts hold the job's requests, in order"
+    assert len(staged[f"{prefix}retry-0002.jsonl"]) == retry.request_count
+    assert all(set(x) == {"request"} for rows in staged.values() for x in rows)
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(30)]
+    _no_local_requests(st / "news")
+
+
+async def test_the_real_time_fallback_reads_the_requests_back_from_the_bucket(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every create refused with 400 (the limits shrank after the plan): the fallback sends each request, read back
+    from its object (the key label taken out again), through generateContent."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 12), tmp_path / "st"
+    opts = _vertex_opts(bucket, poll_interval=0.05, retry_scale=0.01, max_attempts=2, allow_standard=True)
+    opts = dataclasses.replace(opts, out=str(tmp_path / "out.jsonl"))
+
+    def shrink(run: batchify.Run) -> bool:
+        monkeypatch.setitem(batchify.VERTEX_LIMITS, "requests_per_job", 5)
+        return True
+
+    _, summary = await asyncio.wait_for(batchify.run_file(inp, options=opts, state_dir=st, endpoint=vemu.url, confirm=shrink), 60)
+    assert summary is not None and summary.ok == 12
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(12)] and {r["source"] for r in rows} == {"standard"}
+    assert vemu.stats()["vertex_creates"] == 0 and vemu.stats()["generate_calls"] == 12
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [j.attempt for j in jobs] == [1, 2] and len({j.remote_file for j in jobs}) == 1, "the retry reuses the object"
+    assert (jobs[0].remote_file or "").startswith(f"gs://{bucket}/batchify/news/requests/")
+    _no_local_requests(st / "news")
