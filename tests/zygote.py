@@ -83,8 +83,12 @@ def serve(path: str, parent: int) -> None:
     google.genai.Client(api_key="warm-up", http_options={"base_url": "http://127.0.0.1:9"})  # builds its modules
     # What each child would otherwise do again on first use (a profile of the suite: ~30% of the children's CPU):
     # the SDK's pydantic models build their validators lazily, on first use (472 models, 0.4 s here once);
-    # httpx loads anyio's asyncio backend on its first request; batchify imports jsonschema to check a schema.
+    # httpx loads anyio's asyncio backend on its first request; batchify imports jsonschema to check a schema, and
+    # the Vertex backend's Cloud Storage client (none of it starts a thread: the fork stays safe).
     import anyio._backends._asyncio  # noqa: F401
+    import google.api_core.client_options  # noqa: F401
+    import google.cloud.storage  # noqa: F401
+    import google.oauth2.credentials  # noqa: F401
     import jsonschema  # noqa: F401
     import pydantic
 
