@@ -3244,6 +3244,7 @@ class GsOutput(GsInput):
 # -- results sidecars: files in the run folder, or objects in the staging bucket (--backend vertex) ----------------
 GS_RUN_READ_CHUNK = 1024 * 1024  # bytes a ranged GET fetches for each sorted run the K-way merge reads
 GS_RESULTS_WRITE_CHUNK = 8 * 1024 * 1024  # bytes a results object's resumable upload sends at once (256 KiB multiple)
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024  # result lines VertexClient.download hands the engine at once
 
 
 class LocalResults:
@@ -3931,7 +3932,7 @@ class VertexClient(GeminiClient):
     def _output_chunks(blobs: list[Any]) -> Generator[bytes]:
         """Every *.jsonl object under a job's output directory (Vertex may write more than one), streamed (ranged
         reads under a 1 MiB buffer: a BlobReader iterated as it is reads one byte a call, docs/VERTEX_NOTES.md B2),
-        as result lines (vertex_result_line) in chunks of about 1 MiB: never the whole output at once."""
+        as result lines (vertex_result_line) in chunks of about DOWNLOAD_CHUNK_BYTES: never the whole output at once."""
         raw = _GsConcat(blobs, [int(b.size or 0) for b in blobs])
         raw.chunk = GS_RUN_READ_CHUNK
         out = bytearray()
@@ -3940,7 +3941,7 @@ class VertexClient(GeminiClient):
                 converted = vertex_result_line(line) if line.strip() else None
                 if converted is not None:
                     out += converted
-                    if len(out) >= 1 << 20:
+                    if len(out) >= DOWNLOAD_CHUNK_BYTES:
                         yield bytes(out)
                         out.clear()
         if out:
@@ -5960,23 +5961,38 @@ class Engine:
     async def _fetch_results(self, job: Job) -> tuple[int, int, dict[str, int]]:
         """Stream one finished job's output into its results sidecar in request order; (ok, failed, usage).
         Parsing, schema checks and the writes run in worker threads (the event loop stays free for polls and
-        admission). The job's output is only read: a crash or an error before the sidecar is whole leaves the
-        job SUCCEEDED, to be retrieved again from the same output."""
+        admission), a chunk behind the download: the Developer API's one chunk is parsed and written in one go
+        after Hook.AFTER_DOWNLOAD, as before. The job's output is only read: a crash or an error before the
+        sidecar is whole leaves the job SUCCEEDED, to be retrieved again from the same output."""
         sink, name = self._results_sink(job)
-        keys = await asyncio.to_thread(self._job_keys, job)
-        sorter = ExternalSorter(sink, name, RESULT_RUN_BYTES if isinstance(sink, GsResults) else 1 << 62)
-        rec = ResultsRecorder(sorter, keys, self._line_result, self.spec.long_context_threshold)
+        run_bytes = RESULT_RUN_BYTES if isinstance(sink, GsResults) else 1 << 62
+        why = f"missing from the output of {job.remote_job}"
+        recorder: list[ResultsRecorder] = []
+
+        def step(chunk: bytes | None, last: bool) -> tuple[int, int, dict[str, int]]:
+            if not recorder:
+                keys = self._job_keys(job)
+                long_at = self.spec.long_context_threshold
+                recorder.append(ResultsRecorder(ExternalSorter(sink, name, run_bytes), keys, self._line_result, long_at))
+            if chunk:
+                recorder[0].add(chunk)
+            if not last:
+                return 0, 0, {}
+            return recorder[0].finish(lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
+
+        pending: bytes | None = None
         stream = self.client.download(job.output_file or "")
         try:
             async for chunk in stream:
-                await asyncio.to_thread(rec.add, chunk)
+                if pending is not None:
+                    await asyncio.to_thread(step, pending, False)
+                pending = chunk
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
         self.hook(Hook.AFTER_DOWNLOAD)
-        why = f"missing from the output of {job.remote_job}"
-        return await asyncio.to_thread(rec.finish, lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
+        return await asyncio.to_thread(step, pending, True)
 
     def _job_keys(self, job: Job) -> range | list[int]:
         """The ordinals a job was sent, in request order: a primary job's range less the fetch failures in it

@@ -939,6 +939,7 @@ async def test_a_crash_between_download_and_the_results_object_loses_nothing(
     replaces the runs, and creates nothing twice."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
     monkeypatch.setattr(batchify, "RESULT_RUN_BYTES", 4096)
+    monkeypatch.setattr(batchify, "DOWNLOAD_CHUNK_BYTES", 2048)  # several chunks a job: runs spilled before the crash
     inp, st_dir = _news(tmp_path, 120), tmp_path / "st"
     opts = dataclasses.replace(
         _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
