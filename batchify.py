@@ -5098,6 +5098,7 @@ class Engine:
         self._saved_at: dict[str, float] = {}
         self._progress: dict[str, tuple[float, int]] = {}  # first (clock, requests done) seen while RUNNING
         self._retrieving: set[str] = set()  # jobs whose results are being downloaded beside the scheduler
+        self._sorting = asyncio.Semaphore(1)  # one job's output sorted into the bucket at a time (memory: one run)
         self._failure: Exception | None = None
         self._wake = asyncio.Event()
         self._demand = asyncio.Event()
@@ -5966,8 +5967,9 @@ class Engine:
         """Stream one finished job's output into its results sidecar in request order; (ok, failed, usage).
         Parsing, schema checks and the writes run in worker threads (the event loop stays free for polls and
         admission), a chunk behind the download: the Developer API's one chunk is parsed and written in one go
-        after Hook.AFTER_DOWNLOAD, as before. The job's output is only read: a crash or an error before the
-        sidecar is whole leaves the job SUCCEEDED, to be retrieved again from the same output."""
+        after Hook.AFTER_DOWNLOAD, as before. Outputs sorted into the bucket go one job at a time (jobs that end
+        together would otherwise each hold a run). The job's output is only read: a crash or an error before
+        the sidecar is whole leaves the job SUCCEEDED, to be retrieved again from the same output."""
         sink, name = self._results_sink(job)
         run_bytes = RESULT_RUN_BYTES if isinstance(sink, GsResults) else 1 << 62
         why = f"missing from the output of {job.remote_job}"
@@ -5985,18 +5987,19 @@ class Engine:
             return recorder[0].finish(lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
 
         pending: bytes | None = None
-        stream = self.client.download(job.output_file or "")
-        try:
-            async for chunk in stream:
-                if pending is not None:
-                    await asyncio.to_thread(step, pending, False)
-                pending = chunk
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        self.hook(Hook.AFTER_DOWNLOAD)
-        return await asyncio.to_thread(step, pending, True)
+        async with self._sorting if isinstance(sink, GsResults) else contextlib.nullcontext():
+            stream = self.client.download(job.output_file or "")
+            try:
+                async for chunk in stream:
+                    if pending is not None:
+                        await asyncio.to_thread(step, pending, False)
+                    pending = chunk
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            self.hook(Hook.AFTER_DOWNLOAD)
+            return await asyncio.to_thread(step, pending, True)
 
     def _job_keys(self, job: Job) -> range | list[int]:
         """The ordinals a job was sent, in request order: a primary job's range less the fetch failures in it

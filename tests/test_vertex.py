@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -903,6 +904,24 @@ async def test_vertex_results_are_sorted_in_the_bucket_in_bounded_runs_never_on_
         real_put(self, name, data)
 
     monkeypatch.setattr(batchify.GsResults, "put", put)
+    active, most = [0], [0]  # jobs being sorted at once (each holds a run in memory): one at a time
+    real_init, real_finish = batchify.ResultsRecorder.__init__, batchify.ResultsRecorder.finish
+
+    def init(self: batchify.ResultsRecorder, *a: Any) -> None:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        real_init(self, *a)
+
+    def finish(self: batchify.ResultsRecorder, *a: Any) -> Any:
+        time.sleep(0.3)  # long enough for the other jobs' outputs to be ready meanwhile
+        try:
+            return real_finish(self, *a)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(batchify.ResultsRecorder, "__init__", init)
+    monkeypatch.setattr(batchify.ResultsRecorder, "finish", finish)
+    vemu.configure(job_seconds=0.5, pending_fraction=0.0)
     inp, st_dir = _news(tmp_path, 300), tmp_path / "st"
     opts = dataclasses.replace(
         _vertex_opts(bucket, batch_size=100, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
@@ -918,6 +937,7 @@ async def test_vertex_results_are_sorted_in_the_bucket_in_bounded_runs_never_on_
     assert [(j.ok, j.failed) for j in jobs] == [(100, 0)] * 3
     runs = [size for name, size in puts if ".run-" in name]
     assert len(runs) >= 3 * 2 and max(runs) <= 8192, runs
+    assert most[0] == 1, "one job's output sorted at a time"
     for j in jobs:  # each results object is in request order, one line per request
         text = gcs.bucket(bucket).blob(f"batchify/news/results/{j.display_name}.jsonl").download_as_text()
         assert [json.loads(x)["n"] for x in text.splitlines()] == list(range(j.start or 0, j.end or 0))
