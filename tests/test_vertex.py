@@ -1010,3 +1010,23 @@ def test_sigkill_after_download_on_vertex_then_resume_loses_nothing(
     assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
     assert len(_results_objects(gcs, bucket)) == 3
     assert not list((tmp_path / "st/news").glob("results/*.jsonl"))
+
+
+def test_a_primary_jobs_keys_are_its_range_less_its_fetch_failures_without_reading_its_requests(tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"d{i}", "text": f"article {i}"}) + "\n" for i in range(30)))
+    opts = batchify.RunOptions(calibrate=False, batch_size=10, out=str(tmp_path / "out.jsonl"))
+    store = batchify.RunStore(tmp_path / "st", "m")
+    asyncio.run(batchify.prepare_run(store, inp, batchify.JobConfig(), opts))
+    failed = [batchify.result_record(n, None, "404 (fetch)", "fetch") for n in (3, 12, 19)]
+    store.fetch_errors_path.write_text("".join(json.dumps(r) + "\n" for r in failed))
+    for p in (store.dir / "requests").glob("*.jsonl"):
+        p.unlink()  # never read for a primary job
+    engine = batchify.Engine(store, None)
+    jobs = sorted(store.load_jobs(), key=lambda j: j.index)
+    assert [list(engine._job_keys(j)) for j in jobs] == [
+        [n for n in range(10) if n != 3],
+        [n for n in range(10, 20) if n not in (12, 19)],
+        list(range(20, 30)),
+    ]
+    assert engine._job_keys(jobs[2]) == range(20, 30), "no list when nothing in the range failed"
