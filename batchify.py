@@ -3216,9 +3216,9 @@ class GsOutput(GsInput):
 
     @contextlib.contextmanager
     def atomic_writer(self) -> Iterator[Any]:
-        """Yield a binary writer streaming to a temporary object beside the output (resumable upload, GS_RESULTS_WRITE_CHUNK
-        in memory at most); on success the temporary object is copied over the output (a server-side rewrite: a
-        reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
+        """Yield a binary writer streaming to a temporary object beside the output (resumable upload,
+        GS_RESULTS_WRITE_CHUNK in memory at most); on success the temporary object is copied over the output (a
+        server-side rewrite: a reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
         atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
         from google.api_core import exceptions as gexc
 
