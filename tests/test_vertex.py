@@ -985,6 +985,45 @@ async def test_a_crash_between_download_and_the_results_object_loses_nothing(
     assert not list((st_dir / "news").glob("results/*.jsonl"))
 
 
+async def test_a_crash_after_the_results_object_before_the_state_is_recorded_retrieves_again(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other window: the results object is whole, RESULTS_DOWNLOADED not yet recorded. Resume retrieves the job
+    again from its output (still there: nothing is deleted before cleanup) and writes the same object again."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    monkeypatch.setattr(batchify, "RESULT_RUN_BYTES", 4096)
+    real_finish = batchify.ExternalSorter.finish
+    crashed: list[str] = []
+    dead = [True]  # until the resume: a dead process records nothing more (the engine lets retrievals end)
+
+    def finish(self: batchify.ExternalSorter, *a: Any) -> Any:
+        got = real_finish(self, *a)
+        if dead[0]:
+            crashed.append(self.name)
+            raise _Crash("after the results object")
+        return got
+
+    monkeypatch.setattr(batchify.ExternalSorter, "finish", finish)
+    inp, st_dir = _news(tmp_path, 120), tmp_path / "st"
+    opts = dataclasses.replace(
+        _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+    )
+    with pytest.raises(_Crash):
+        await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k")
+    assert f"batchify/news/results/{crashed[0]}.jsonl" in _results_objects(gcs, bucket)
+    first = gcs.bucket(bucket).blob(f"batchify/news/results/{crashed[0]}.jsonl").download_as_bytes()
+    jobs = {j.display_name: j for j in batchify.RunStore(st_dir, "news").load_jobs()}
+    assert all(jobs[name].state == batchify.JobState.SUCCEEDED for name in crashed)
+    dead[0] = False
+    summary = await batchify.resume_run("news", st_dir, endpoint=vemu.url, api_key="k")
+    assert summary.ok == 120
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == [f"a{i}" for i in range(120)]
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}
+    assert len(_results_objects(gcs, bucket)) == 3
+    assert gcs.bucket(bucket).blob(f"batchify/news/results/{crashed[0]}.jsonl").download_as_bytes() == first
+
+
 def test_sigkill_after_download_on_vertex_then_resume_loses_nothing(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
 ) -> None:
