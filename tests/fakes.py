@@ -5,6 +5,7 @@ tested against the emulator through the real SDK; this is for the engine's decis
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ class FakeGemini:
         self._log("list", "")
         return [self._state(n) for n in self.jobs]
 
-    async def download(self, name: str) -> bytes:
+    async def download(self, name: str) -> AsyncIterator[bytes]:
         self._log("download", name)
         job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
         out = bytearray()
@@ -103,7 +104,7 @@ class FakeGemini:
             key = orjson.loads(line)["key"]
             resp = {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
             out += orjson.dumps({"key": key, "response": resp}) + b"\n"
-        return bytes(out)
+        yield bytes(out)
 
     async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]:
         text = request["contents"][0]["parts"][0]["text"]

@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from google import genai
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
 from google.genai import errors, types
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchify
 
@@ -98,6 +101,11 @@ def write_requests(path: Path, keys: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(json.dumps({"key": k, "request": request(i)}).encode() + b"\n" for i, k in enumerate(keys)))
     return path
+
+
+async def downloaded(c: batchify.VertexClient, name: str) -> bytes:
+    """A job's result lines as one bytes (download streams them in chunks of whole lines)."""
+    return b"".join([chunk async for chunk in c.download(name)])
 
 
 async def until_final(c: batchify.VertexClient, name: str, timeout: float = 20.0) -> batchify.RemoteJob:
@@ -234,7 +242,7 @@ async def test_round_trip_keys_survive_shuffled_output(
         for b in gcs.list_blobs(bucket, prefix=done.output_file.split("/", 3)[3] + "/"):
             raw += [json.loads(x)["request"]["labels"]["batchify_key"] for x in b.download_as_text().splitlines()]
         assert sorted(raw) == keys and raw != keys, "the service's order is not the input's"
-        rows = [json.loads(x) for x in (await c.download(done.output_file)).splitlines()]
+        rows = [json.loads(x) for x in (await downloaded(c, done.output_file)).splitlines()]
         assert sorted(r["key"] for r in rows) == keys
         for r in rows:
             assert set(r) == {"key", "response"}
@@ -257,7 +265,7 @@ async def test_line_errors_surface_as_error_lines(vemu: Emu, gcs_url: str, bucke
     try:
         f = await c.upload(path, "dn-1")
         done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-1")).name)
-        rows = [json.loads(x) for x in (await c.download(done.output_file or "")).splitlines()]
+        rows = [json.loads(x) for x in (await downloaded(c, done.output_file or "")).splitlines()]
         errs = [r for r in rows if "error" in r]
         assert sorted(r["key"] for r in rows) == sorted(keys)
         assert 10 < len(errs) < 80 and len(errs) == done.stats["failedRequestCount"]
@@ -317,7 +325,7 @@ async def test_failed_job_and_transient_errors(vemu: Emu, gcs_url: str, bucket: 
         done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-f")).name)
         assert done.state == batchify.JobState.FAILED and done.output_file is None and "code 13" in (done.error or "")
         with pytest.raises(batchify.RemoteError) as e:
-            await c.download(f"gs://{bucket}/batchify/r/output/dn-f/prediction-model-x")
+            await downloaded(c, f"gs://{bucket}/batchify/r/output/dn-f/prediction-model-x")
         assert e.value.code == 404
     finally:
         await c.close()
@@ -384,7 +392,7 @@ async def test_download_reads_every_jsonl_object_of_the_output_directory(
     b.blob("elsewhere/prediction-model-1/predictions.jsonl").upload_from_string(row("8") + "\n")
     c = vclient(vemu, gcs_url, bucket)
     try:
-        rows = [json.loads(x) for x in (await c.download(f"gs://{bucket}/{out}")).splitlines()]
+        rows = [json.loads(x) for x in (await downloaded(c, f"gs://{bucket}/{out}")).splitlines()]
         assert sorted(r["key"] for r in rows) == ["0", "1", "2"]
         assert [r["response"] for r in sorted(rows, key=lambda r: r["key"])] == [{"k": "0"}, {"k": "1"}, {"k": "2"}]
         await c.delete_file(f"gs://{bucket}/{out}")
@@ -939,3 +947,259 @@ async def test_the_real_time_fallback_reads_the_requests_back_from_the_bucket(
     assert [j.attempt for j in jobs] == [1, 2] and len({j.remote_file for j in jobs}) == 1, "the retry reuses the object"
     assert (jobs[0].remote_file or "").startswith(f"gs://{bucket}/batchify/news/requests/")
     _no_local_requests(st / "news")
+
+
+# -- results streamed (docs/VERTEX_NOTES.md C2): a job's shuffled output sorted by ordinal in bounded runs in the
+# -- bucket, merged into one results object per job; nothing of it on local disk -------------------------------------
+
+
+class MemorySink:
+    """batchify.ResultsSink in memory: every put recorded (name, bytes) to check the runs' sizes."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts: list[tuple[str, int]] = []
+
+    def put(self, name: str, lines: Any) -> None:
+        data = b"".join(lines)
+        self.objects[name] = data
+        self.puts.append((name, len(data)))
+
+    def lines(self, name: str) -> Iterator[bytes]:
+        yield from self.objects[name].splitlines(keepends=True)
+
+    def exists(self, name: str) -> bool:
+        return name in self.objects
+
+    def drop_runs(self, name: str) -> None:
+        for k in [k for k in self.objects if k.startswith(f"{name}.run-")]:
+            del self.objects[k]
+
+
+def _line(n: int, ok: bool, tag: int) -> bytes:
+    r = batchify.result_record(n, {"t": tag} if ok else None, None if ok else f"bad {tag}", "batch")
+    return json.dumps(r, separators=(",", ":")).encode() + b"\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_shuffle_of_a_jobs_lines_sorts_back_to_request_order_in_bounded_runs(data: Any) -> None:
+    start = data.draw(st.integers(0, 10**6))
+    keys = range(start, start + data.draw(st.integers(0, 80)))
+    answered = [n for n in keys if data.draw(st.integers(0, 6))]  # a line missing from the output now and then
+    extra = data.draw(st.lists(st.integers(start - 5, start + 90), max_size=6))  # duplicates and strangers
+    lines = [(n, _line(n, data.draw(st.booleans()), i)) for i, n in enumerate(answered + extra)]
+    shuffled = data.draw(st.permutations(lines))
+    run_bytes = data.draw(st.integers(40, 3000))
+    sink = MemorySink()
+    sorter = batchify.ExternalSorter(sink, "b0001", run_bytes)
+    for n, line in shuffled:
+        sorter.add(n, line)
+    ok, failed = sorter.finish(keys, lambda n: _line(n, False, -1))
+    out = sink.objects["b0001"].splitlines(keepends=True)
+    assert [batchify.line_ordinal(x) for x in out] == list(keys), "every key once, ascending"
+    last = {n: line for n, line in shuffled}  # the last line of an ordinal wins, as a dict would keep it
+    assert out == [last.get(n, _line(n, False, -1)) for n in keys]
+    assert (ok, failed) == (sum(json.loads(x)["status"] == "ok" for x in out), sum(json.loads(x)["status"] != "ok" for x in out))
+    biggest = max((len(x) for _n, x in lines), default=0)
+    runs = [size for name, size in sink.puts if ".run-" in name]
+    assert all(size <= max(run_bytes, biggest) for size in runs), (runs, run_bytes)
+    assert sum(runs) in (0, sum(len(x) for _n, x in lines)), "a run per spill, together the whole output"
+    assert list(sink.objects) == ["b0001"], "the runs are gone once the result is written"
+
+
+def test_join_keys_table() -> None:
+    def join(pairs: list[tuple[int, str]], keys: list[int]) -> list[str]:
+        got = batchify.join_keys(iter([(n, x.encode()) for n, x in pairs]), keys, lambda n: f"missing {n}".encode())
+        return [x.decode() for x in got]
+
+    assert join([], [1, 2]) == ["missing 1", "missing 2"]
+    assert join([(1, "a"), (2, "b")], []) == []
+    assert join([(0, "z"), (1, "a"), (1, "a2"), (3, "c"), (9, "x")], [1, 2, 3]) == ["a2", "missing 2", "c"]
+
+
+def _results_objects(gcs: storage.Client, bucket: str) -> list[str]:
+    return sorted(b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/results/"))
+
+
+async def test_vertex_results_are_sorted_in_the_bucket_in_bounded_runs_never_on_local_disk(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shuffled output (the emulator shuffles as Vertex may), runs of at most 8 KB: every id once, in input order,
+    each with its own answer; the primary results are one object per job in the bucket, no file in results/."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    monkeypatch.setattr(batchify, "RESULT_RUN_BYTES", 8192)
+    puts: list[tuple[str, int]] = []
+    real_put = batchify.GsResults.put
+
+    def put(self: batchify.GsResults, name: str, lines: Any) -> None:
+        data = list(lines)
+        puts.append((name, sum(len(x) for x in data)))
+        real_put(self, name, data)
+
+    monkeypatch.setattr(batchify.GsResults, "put", put)
+    active, most = [0], [0]  # jobs being sorted at once (each holds a run in memory): one at a time
+    real_init, real_finish = batchify.ResultsRecorder.__init__, batchify.ResultsRecorder.finish
+
+    def init(self: batchify.ResultsRecorder, *a: Any) -> None:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        real_init(self, *a)
+
+    def finish(self: batchify.ResultsRecorder, *a: Any) -> Any:
+        time.sleep(0.3)  # long enough for the other jobs' outputs to be ready meanwhile
+        try:
+            return real_finish(self, *a)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(batchify.ResultsRecorder, "__init__", init)
+    monkeypatch.setattr(batchify.ResultsRecorder, "finish", finish)
+    vemu.configure(job_seconds=0.5, pending_fraction=0.0)
+    inp, st_dir = _news(tmp_path, 300), tmp_path / "st"
+    opts = dataclasses.replace(
+        _vertex_opts(bucket, batch_size=100, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+    )
+    _, summary = await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k")
+    assert summary is not None and summary.ok == 300
+    rows = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(300)]
+    assert all(r["source"] == "batch" and r["usage"]["promptTokenCount"] > 0 for r in rows)
+    assert not list((st_dir / "news").glob("results/*.jsonl")), "no local results sidecar of a primary job"
+    jobs = batchify.RunStore(st_dir, "news").load_jobs()
+    assert _results_objects(gcs, bucket) == sorted(f"batchify/news/results/{j.display_name}.jsonl" for j in jobs)
+    assert [(j.ok, j.failed) for j in jobs] == [(100, 0)] * 3
+    runs = [size for name, size in puts if ".run-" in name]
+    assert len(runs) >= 3 * 2 and max(runs) <= 8192, runs
+    assert most[0] == 1, "one job's output sorted at a time"
+    for j in jobs:  # each results object is in request order, one line per request
+        text = gcs.bucket(bucket).blob(f"batchify/news/results/{j.display_name}.jsonl").download_as_text()
+        assert [json.loads(x)["n"] for x in text.splitlines()] == list(range(j.start or 0, j.end or 0))
+    # the merge reads them back from the bucket (no network but Cloud Storage): the same file again
+    before = (tmp_path / "o.jsonl").read_bytes()
+    batchify.merge_run(st_dir, "news")
+    assert (tmp_path / "o.jsonl").read_bytes() == before
+
+
+class _Crash(Exception):
+    pass
+
+
+async def test_a_crash_between_download_and_the_results_object_loses_nothing(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after a job's output is read and its sorted runs are in the bucket, before the results object is
+    written: the job is still SUCCEEDED (its output untouched); resume retrieves it again from the same output,
+    replaces the runs, and creates nothing twice."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    monkeypatch.setattr(batchify, "RESULT_RUN_BYTES", 4096)
+    monkeypatch.setattr(batchify, "DOWNLOAD_CHUNK_BYTES", 2048)  # several chunks a job: runs spilled before the crash
+    inp, st_dir = _news(tmp_path, 120), tmp_path / "st"
+    opts = dataclasses.replace(
+        _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+    )
+
+    def crash(point: batchify.Hook) -> None:
+        if point == batchify.Hook.AFTER_DOWNLOAD:
+            raise _Crash(point)
+
+    with pytest.raises(_Crash):
+        await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k", hook=crash)
+    left = [n for n in (b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/results/")) if ".run-" in n]
+    assert left and not [n for n in _results_objects(gcs, bucket) if ".run-" not in n], "runs written, no result yet"
+    jobs = batchify.RunStore(st_dir, "news").load_jobs()
+    assert batchify.JobState.RESULTS_DOWNLOADED not in {j.state for j in jobs}
+    creates = vemu.stats()["vertex_creates"]
+    summary = await batchify.resume_run("news", st_dir, endpoint=vemu.url, api_key="k")
+    assert summary.ok == 120
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == [f"a{i}" for i in range(120)]
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == creates == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}
+    assert len(_results_objects(gcs, bucket)) == 3, "one results object per job, the runs removed"
+    assert not list((st_dir / "news").glob("results/*.jsonl"))
+
+
+async def test_a_crash_after_the_results_object_before_the_state_is_recorded_retrieves_again(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other window: the results object is whole, RESULTS_DOWNLOADED not yet recorded. Resume retrieves the job
+    again from its output (still there: nothing is deleted before cleanup) and writes the same object again."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    monkeypatch.setattr(batchify, "RESULT_RUN_BYTES", 4096)
+    real_finish = batchify.ExternalSorter.finish
+    crashed: list[str] = []
+    dead = [True]  # until the resume: a dead process records nothing more (the engine lets retrievals end)
+
+    def finish(self: batchify.ExternalSorter, *a: Any) -> Any:
+        got = real_finish(self, *a)
+        if dead[0]:
+            crashed.append(self.name)
+            raise _Crash("after the results object")
+        return got
+
+    monkeypatch.setattr(batchify.ExternalSorter, "finish", finish)
+    inp, st_dir = _news(tmp_path, 120), tmp_path / "st"
+    opts = dataclasses.replace(
+        _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+    )
+    with pytest.raises(_Crash):
+        await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k")
+    assert f"batchify/news/results/{crashed[0]}.jsonl" in _results_objects(gcs, bucket)
+    first = gcs.bucket(bucket).blob(f"batchify/news/results/{crashed[0]}.jsonl").download_as_bytes()
+    jobs = {j.display_name: j for j in batchify.RunStore(st_dir, "news").load_jobs()}
+    assert all(jobs[name].state == batchify.JobState.SUCCEEDED for name in crashed)
+    dead[0] = False
+    summary = await batchify.resume_run("news", st_dir, endpoint=vemu.url, api_key="k")
+    assert summary.ok == 120
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == [f"a{i}" for i in range(120)]
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}
+    assert len(_results_objects(gcs, bucket)) == 3
+    assert gcs.bucket(bucket).blob(f"batchify/news/results/{crashed[0]}.jsonl").download_as_bytes() == first
+
+
+def test_sigkill_after_download_on_vertex_then_resume_loses_nothing(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """SIGKILL after a job's output is streamed, before its results object exists (BATCHIFY_CRASH_AT): resume
+    retrieves it again; every id once, in order; nothing created twice; the results objects in the bucket."""
+    inp = _news(tmp_path, 120)
+    out = tmp_path / "out.jsonl"
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(
+        [*_vx_args(inp, bucket, vemu.url, "--batch-size", "40"), "--out", str(out)],
+        tmp_path,
+        BATCHIFY_CRASH_AT="after_download:2",
+        **env,
+    )
+    assert p.returncode == -9, p.stderr[-2000:]
+    states = [json.loads(f.read_text())["state"] for f in sorted((tmp_path / "st/news/jobs").glob("*.json"))]
+    assert states.count("RESULTS_DOWNLOADED") <= 1, states
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(120)] and all(r["status"] == "ok" for r in rows)
+    stats = vemu.stats()
+    assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
+    assert len(_results_objects(gcs, bucket)) == 3
+    assert not list((tmp_path / "st/news").glob("results/*.jsonl"))
+
+
+def test_a_primary_jobs_keys_are_its_range_less_its_fetch_failures_without_reading_its_requests(tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"d{i}", "text": f"article {i}"}) + "\n" for i in range(30)))
+    opts = batchify.RunOptions(calibrate=False, batch_size=10, out=str(tmp_path / "out.jsonl"))
+    store = batchify.RunStore(tmp_path / "st", "m")
+    asyncio.run(batchify.prepare_run(store, inp, batchify.JobConfig(), opts))
+    failed = [batchify.result_record(n, None, "404 (fetch)", "fetch") for n in (3, 12, 19)]
+    store.fetch_errors_path.write_text("".join(json.dumps(r) + "\n" for r in failed))
+    for p in (store.dir / "requests").glob("*.jsonl"):
+        p.unlink()  # never read for a primary job
+    engine = batchify.Engine(store, None)
+    jobs = sorted(store.load_jobs(), key=lambda j: j.index)
+    assert [list(engine._job_keys(j)) for j in jobs] == [
+        [n for n in range(10) if n != 3],
+        [n for n in range(10, 20) if n not in (12, 19)],
+        list(range(20, 30)),
+    ]
+    assert engine._job_keys(jobs[2]) == range(20, 30), "no list when nothing in the range failed"

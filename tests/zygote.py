@@ -86,9 +86,9 @@ def serve(path: str, parent: int) -> None:
     # httpx loads anyio's asyncio backend on its first request; batchify imports jsonschema to check a schema, and
     # the Vertex backend's Cloud Storage client (none of it starts a thread: the fork stays safe).
     import anyio._backends._asyncio  # noqa: F401
-    import google.api_core.client_options  # noqa: F401
-    import google.cloud.storage  # noqa: F401
-    import google.oauth2.credentials  # noqa: F401
+    import google.api_core.client_options
+    import google.cloud.storage
+    import google.oauth2.credentials
     import jsonschema  # noqa: F401
     import pydantic
 
