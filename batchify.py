@@ -3058,6 +3058,23 @@ class _GsConcat(io.RawIOBase):
         super().close()
 
 
+def gs_client(project: str | None) -> Any:
+    """A Cloud Storage client by the client library's own rules (STORAGE_EMULATOR_HOST, then Application Default
+    Credentials): gs:// input and output, and a Vertex run's results. No credentials is an AuthError naming the
+    fix (exit 3), not a traceback. (VertexClient makes its own, with its endpoint, and maps the same error.)"""
+    from google.auth import exceptions as auth_exc
+    from google.cloud import storage
+
+    try:
+        return storage.Client(project=project)
+    except auth_exc.DefaultCredentialsError as e:
+        raise AuthError(
+            f"Cloud Storage: no usable Application Default Credentials ({e}). "
+            "Fix: run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS).",
+            code=401,
+        ) from e
+
+
 class GsInput(PosixPath):
     """An input given as gs://BUCKET/PATH.jsonl, gs://BUCKET/PREFIX/ (its *.jsonl objects) or a glob
     (gs://BUCKET/PREFIX/*.jsonl), in object-name order. A Path, so that the input's readers take it as they
@@ -3119,10 +3136,8 @@ class GsInput(PosixPath):
         return list(self._listing)
 
     def _client(self) -> Any:
-        from google.cloud import storage
-
         if self._storage is None:
-            self._storage = storage.Client(project=self.project)
+            self._storage = gs_client(self.project)
         return self._storage
 
     def blobs(self) -> list[Any]:
@@ -3301,10 +3316,8 @@ class GsResults:
         self._storage: Any = None
 
     def _client(self) -> Any:
-        from google.cloud import storage
-
         if self._storage is None:
-            self._storage = storage.Client(project=self.project)
+            self._storage = gs_client(self.project)
         return self._storage
 
     def _bucket(self) -> Any:
