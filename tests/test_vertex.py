@@ -142,8 +142,6 @@ def test_sdk_vertex_batch_lifecycle(vemu: Emu, gcs: storage.Client, bucket: str)
     assert job.state == types.JobState.JOB_STATE_PENDING and job.display_name == "batchify-run1"
     assert job.model == "publishers/google/models/gemini-2.5-flash"
     assert job.src.gcs_uri == [f"gs://{bucket}/in/x.jsonl"]
-    import time
-
     end = time.time() + 20
     while (job := c.batches.get(name=job.name)).state != types.JobState.JOB_STATE_SUCCEEDED:
         assert time.time() < end and job.state in (types.JobState.JOB_STATE_PENDING, types.JobState.JOB_STATE_RUNNING)
@@ -1047,7 +1045,10 @@ async def test_vertex_results_are_sorted_in_the_bucket_in_bounded_runs_never_on_
         real_init(self, *a)
 
     def finish(self: batchify.ResultsRecorder, *a: Any) -> Any:
-        time.sleep(0.3)  # long enough for the other jobs' outputs to be ready meanwhile
+        # hold the first sort until every job has ended at the service (the others' outputs are ready to sort
+        # meanwhile) or a second sort has started (the gate is broken): a condition, not a timed wait
+        ended = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+        wait_for(lambda: active[0] > 1 or [j["state"] in ended for j in list(vemu.emulator.vjobs.values())] == [True] * 3)
         try:
             return real_finish(self, *a)
         finally:
