@@ -14,6 +14,7 @@ The test side (`ZygoteClient.spawn`) returns a `Child` with the parts of `subpro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -86,11 +87,13 @@ def serve(path: str, parent: int) -> None:
     # httpx loads anyio's asyncio backend on its first request; batchify imports jsonschema to check a schema, and
     # the Vertex backend's Cloud Storage client (none of it starts a thread: the fork stays safe).
     import anyio._backends._asyncio  # noqa: F401
-    import google.api_core.client_options
-    import google.cloud.storage
-    import google.oauth2.credentials
     import jsonschema  # noqa: F401
     import pydantic
+
+    with contextlib.suppress(ImportError):  # the [vertex] extra: google-cloud-storage
+        import google.api_core.client_options
+        import google.cloud.storage
+        import google.oauth2.credentials
 
     for model in vars(google.genai.types).values():
         if isinstance(model, type) and issubclass(model, pydantic.BaseModel):
