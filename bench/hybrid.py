@@ -1,6 +1,10 @@
 """Batch-only vs Flex-only vs hybrid: makespan and cost of the same run, on an emulator in simulated time.
 
-    python bench/hybrid.py [--docs 12000] [--scale 30] [--limit 10000000] [--batch-size 100] [--seed 11]
+    python bench/hybrid.py [--docs 12000] [--scale 30] [--limit 10000000] [--batch-size 100] [--seed 11] [--trace]
+
+--trace prints the Flex sender once a simulated minute (attempts, 429s, sheds, in flight / the gate, queued at
+the buckets, the TPM factor, the event loop's worst lag and the longest garbage collection): at a high scale a
+pause of batchify's process is many simulated seconds, which shows here as a dip in TPM use.
 
 12,000 articles of ~2,800 tokens (~34M tokens) on the catalog's default model, under a 10M enqueued-token
 limit (issue 15's figure; the catalog's own Tier 1 figure for the model is printed beside it). Batch jobs take
