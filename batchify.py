@@ -2041,6 +2041,15 @@ def next_wake(
     return max(now, min(waits, default=now + base))
 
 
+def flex_latency_estimate(longest_seen: float, minute: float = 60.0) -> float:
+    """The Flex latency (seconds) to size the pipe by: the longest answer seen, but never below the middle of
+    Google's 1-15 minute target until an answer took longer. The first answers back are the quick ones (two
+    minutes into a run nothing slower can have come back yet): a pipe sized by them holds the requests up at
+    the gate, not at the RPM/TPM limits, for the first minutes. A larger gate costs sockets only: the limits
+    pace. `minute`: seconds in a minute (a drill's shortened rate window stands for one)."""
+    return max(longest_seen, FLEX_LATENCY_MINUTES[1] / 2 * minute)
+
+
 def flex_in_flight(rate_per_s: float, latency_s: float, floor: int, ceiling: int) -> int:
     """Requests to keep in flight (Little's law: in flight = arrival rate x time in the system), with a quarter
     more for the latency's spread: the rate the RPM/TPM limits allow, times the latency measured (Flex:
@@ -4273,11 +4282,31 @@ def run_requests(store: RunStore, client: Backend | None) -> RequestFiles:
 
 
 # -- rate limiting for real-time calls ------------------------------------------------------------
+def window_room_at(
+    grants: Iterable[tuple[float, float]], total: float, amount: float, cap: float, window: float, now: float
+) -> float:
+    """When (at the earliest `now`) a grant of `amount` keeps every `window`-second window within `cap`: `grants`
+    are the (time, amount) granted less than `window` ago, oldest first, summing to `total`. Now if it fits;
+    else once enough of the oldest have left the window (a grant at t leaves it at t + window, as a server
+    counting a sliding window drops it). An amount over `cap` on its own: once every grant has left."""
+    need = total + amount - cap
+    last = now
+    for t, a in grants:
+        if need <= 1e-9:
+            break
+        need -= a
+        last = t + window
+    return max(now, last)
+
+
 class RateLimiter:
     """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
 
-    Callers queue FIFO; nobody spins. On a 429 `pause()` holds everyone for the server's retry
-    delay and `slow_down()` lowers the rate, which `recover()` raises again step by step.
+    With `window` and `cap`, it also keeps a ledger of what it granted in the last `window` seconds and never
+    lets that pass `cap` (a server counts its limit over a sliding window): then `burst` may be large, so
+    that time the caller lost (an event loop held up, a pause) is made up afterwards instead of lost, and
+    still no window goes over. Callers queue FIFO; nobody spins. On a 429 `pause()` holds everyone for the
+    server's retry delay and `slow_down()` lowers the rate, which `recover()` raises again step by step.
     """
 
     def __init__(
@@ -4286,6 +4315,8 @@ class RateLimiter:
         burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        window: float = 0.0,
+        cap: float = math.inf,
     ):
         self.base_rate = rate_per_s
         self.factor = 1.0
@@ -4295,22 +4326,48 @@ class RateLimiter:
         self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
         self.last_cut = -math.inf
         self._lock = asyncio.Lock()
+        self.window, self.cap = window, cap
+        self.ledger: collections.deque[tuple[float, float]] = collections.deque()  # (time, amount) granted
+        self.in_ledger = 0.0
 
     @property
     def rate(self) -> float:
         return self.base_rate * self.factor
 
-    async def acquire(self, amount: float = 1.0) -> None:
+    async def acquire(self, amount: float = 1.0) -> float:
+        """Wait until `amount` may go; returns the time it was granted at (for `give_back`)."""
         async with self._lock:
-            now = self.clock()
-            tolerance = max(0.0, (self.burst - amount) / self.rate)
-            start = max(now, self.tat - tolerance)
-            if start > now:
+            while True:
+                now = self.clock()
+                while self.ledger and self.ledger[0][0] + self.window <= now:  # as window_room_at reckons it
+                    self.in_ledger -= self.ledger.popleft()[1]
+                tolerance = max(0.0, (self.burst - amount) / self.rate)
+                start = max(now, self.tat - tolerance)
+                if self.window > 0:
+                    start = max(start, window_room_at(self.ledger, self.in_ledger, amount, self.cap, self.window, now))
+                if start <= now:
+                    break
                 await self.sleep(start - now)
-            self.tat = max(self.tat, start) + amount / self.rate
+            self.tat = max(self.tat, now) + amount / self.rate
+            if self.window > 0:
+                self.ledger.append((now, amount))
+                self.in_ledger += amount
+            return now
+
+    def give_back(self, granted: float, amount: float) -> None:
+        """A grant the server refused (a 429 is not counted against its limit) goes back: out of the ledger,
+        and its time back to the bucket. Only a ledger bucket gives back: the ledger still caps every window."""
+        if self.window <= 0:
+            return
+        with contextlib.suppress(ValueError):
+            self.ledger.remove((granted, amount))
+            self.in_ledger -= amount
+            self.tat -= amount / self.rate
 
     def pause(self, seconds: float) -> None:
-        self.tat = max(self.tat, self.clock() + seconds)
+        """Nothing goes for `seconds`, and then no burst: the time saved up to make up for is forfeit (the
+        server said its window is full: the ledger's view of it was too hopeful)."""
+        self.tat = max(self.tat, self.clock() + seconds + max(0.0, self.burst - 1.0) / self.rate)
 
     def slow_down(self, by: float = 0.8, once_per: float = 0.0) -> None:
         """Lower the rate (never below a quarter). `once_per`: not again within that many seconds of the
@@ -6528,7 +6585,8 @@ class Engine:
 
 
 class RequestSender:
-    """Sends requests through generateContent at one tier for one engine: the RPM/TPM buckets (GCRA), an
+    """Sends requests through generateContent at one tier for one engine: the RPM/TPM buckets (GCRA; the TPM
+    one keeps a ledger of its last window: time lost is made up, a refused attempt given back), an
     in-flight gate, the retry policy (a shed or throttled request slows every request down: AIMD), and the
     progress view. For Flex the gate is sized by Little's law from the latency measured (requests take
     minutes, so the pipe holds thousands), never above the open-file limit's share; for the standard tier it
@@ -6544,15 +6602,17 @@ class RequestSender:
         limits = realtime_limits(engine.spec, opts.tier, opts.rpm, opts.tpm)
         self.rpm, self.tpm = limits["rpm"], limits["tpm"]
         self.rpm_l = RateLimiter(self.rpm * 0.99 / self.window, 1.0, engine.clock, engine.sleep)
-        self.tpm_l = (
-            RateLimiter(self.tpm * 0.95 / self.window, max(1.0, self.tpm * 0.01), engine.clock, engine.sleep)
+        self.tpm_l = (  # paced at 97%; time lost (a held-up loop) made up by up to a tenth of the limit, never
+            RateLimiter(  # over 98% of it in any window: TPM binds when requests are large
+                self.tpm * 0.97 / self.window, self.tpm * 0.1, engine.clock, engine.sleep, self.window, self.tpm * 0.98
+            )
             if self.tpm
             else None
         )
         self.policy = RetryPolicy(attempts=opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
         self.throttled_policy = dataclasses.replace(self.policy, attempts=opts.max_attempts * 4)
         self.ceiling = max(opts.concurrency, in_flight_ceiling())
-        self.latency = FLEX_LATENCY_MINUTES[1] * 60 / 2 if self.flex else 1.0  # seconds; measured from the first answer on
+        self.latency = flex_latency_estimate(0.0, self.window) if self.flex else 1.0  # seconds; then as measured
         self.tokens_per_request = max(1.0, engine.run.plan.get("input_tokens", 0) / max(1, engine.run.records))
         self.gate = Gate(self._target() if self.flex else opts.concurrency)
         self.view = RealtimeView(lane="flex" if self.flex else "real time")
@@ -6643,8 +6703,7 @@ class RequestSender:
             self.queued += 1
             try:
                 await self.rpm_l.acquire(1)
-                if self.tpm_l is not None:
-                    await self.tpm_l.acquire(t)
+                granted = await self.tpm_l.acquire(t) if self.tpm_l is not None else 0.0
             finally:
                 self.queued -= 1
                 if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
@@ -6666,9 +6725,11 @@ class RequestSender:
                 self.view.retries += 1
                 if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8, once a window)
                     self.view.throttled += 1
+                    if self.tpm_l is not None:  # the server did not count the refused attempt: neither do we
+                        self.tpm_l.give_back(granted, t)
                     for bucket in self._buckets():  # both: TPM is the binding one when requests are large
                         bucket.slow_down(0.8, once_per=self.window)
-                    self.rpm_l.pause(delay)
+                        bucket.pause(delay)
                     continue
                 if shed:  # this request backs off; when over a fifth of this window's attempts were shed, the
                     self.view.shed += 1  # rate drops too (AIMD, once a window): a shed now and then is not a signal
@@ -6679,12 +6740,12 @@ class RequestSender:
                 continue
             for bucket in self._buckets():
                 bucket.recover()
-            if self.flex:  # Little's law: the gate follows the latency measured
-                # the longest seen, not an average: the first answers back are the quick ones, and a gate sized
-                # for them would leave the buckets idle while the slow ones are still out
+            if self.flex:  # Little's law: the gate follows the latency measured (the longest seen, not an
+                # average, and never below the target's middle: the first answers back are the quick ones, and a
+                # gate sized for them would leave the buckets idle while the slow ones are still out)
                 took = max(0.0, self.engine.clock() - sent)
                 self.latency_max = max(self.latency_max, took)
-                self.latency = self.latency_max
+                self.latency = flex_latency_estimate(self.latency_max, self.window)
                 self.gate.resize(self._target())
             return self.engine._line_result(n, {"response": resp}, self.source)
 

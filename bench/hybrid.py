@@ -1,6 +1,10 @@
 """Batch-only vs Flex-only vs hybrid: makespan and cost of the same run, on an emulator in simulated time.
 
-    python bench/hybrid.py [--docs 12000] [--scale 30] [--limit 10000000] [--batch-size 100] [--seed 11]
+    python bench/hybrid.py [--docs 12000] [--scale 30] [--limit 10000000] [--batch-size 100] [--seed 11] [--trace]
+
+--trace prints the Flex sender once a simulated minute (attempts, 429s, sheds, in flight / the gate, queued at
+the buckets, the TPM factor, the event loop's worst lag and the longest garbage collection): at a high scale a
+pause of batchify's process is many simulated seconds, which shows here as a dip in TPM use.
 
 12,000 articles of ~2,800 tokens (~34M tokens) on the catalog's default model, under a 10M enqueued-token
 limit (issue 15's figure; the catalog's own Tier 1 figure for the model is printed beside it). Batch jobs take
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import resource
 import sys
@@ -38,6 +43,68 @@ JOB_LO, JOB_HI = 10.0, 40.0  # batch job duration, simulated minutes
 FLEX_LO, FLEX_HI = 1.0, 15.0  # Flex latency, simulated minutes (Google's target)
 SHED = 0.05
 STAND_IN = "gemini-2.5-flash"  # the last Flash model with published Tier 1 RPM/TPM
+
+
+async def traced(coro: Any, window: float) -> Any:
+    """Run `coro` while sampling the Flex sender once a simulated minute (--trace): attempts sent, 429s, sheds,
+    requests in flight / the gate's size, queued at the buckets, the TPM bucket's factor, the event loop's
+    worst lag (CPU starvation shows here). Diagnostics only: wraps RequestSender, changes nothing."""
+    senders: list[Any] = []
+    init = batchify.RequestSender.__init__
+
+    def spy(self: Any, engine: Any, tier: str) -> None:
+        init(self, engine, tier)
+        senders.append(self)
+        self.trace_sent = 0
+        count = self._count_attempt
+
+        def counting(now: float) -> None:
+            self.trace_sent += 1
+            count(now)
+
+        self._count_attempt = counting
+
+    batchify.RequestSender.__init__ = spy  # type: ignore[method-assign]
+    gc_pause = [0.0, 0.0]  # the longest garbage collection this minute, its start
+
+    def gc_timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_pause[1] = time.monotonic()
+        else:
+            gc_pause[0] = max(gc_pause[0], time.monotonic() - gc_pause[1])
+
+    gc.callbacks.append(gc_timer)
+    task = asyncio.ensure_future(coro)
+    rows: list[str] = []
+    last = [0, 0, 0]
+    minute = 0
+    try:
+        while not task.done():
+            lag = 0.0
+            t_end = time.monotonic() + window
+            while time.monotonic() < t_end and not task.done():
+                t = time.monotonic()
+                await asyncio.sleep(0.02)
+                lag = max(lag, time.monotonic() - t - 0.02)
+            s = next((x for x in senders if x.flex), None)
+            if s is None:
+                continue
+            v = s.view
+            now = [s.trace_sent, v.throttled, v.shed]
+            d = [x - y for x, y in zip(now, last, strict=True)]
+            last = now
+            f = s.tpm_l.factor if s.tpm_l else 1.0
+            rows.append(
+                f"  min {minute:3d}: sent {d[0]:4d} 429 {d[1]:3d} shed {d[2]:3d} in flight {s.gate.used:5d}/{s.gate.capacity:5d} "
+                f"queued {s.queued:4d} tpm factor {f:.2f} loop lag {lag * 1000:4.0f} ms, longest gc {gc_pause[0] * 1000:4.0f} ms"
+            )
+            minute += 1
+            gc_pause[0] = 0.0
+        return await task
+    finally:
+        batchify.RequestSender.__init__ = init  # type: ignore[method-assign]
+        gc.callbacks.remove(gc_timer)
+        print("\n".join(rows))
 
 
 def one_mode(a: argparse.Namespace, inp: Path, state: Path, mode: str, rpm: int, tpm: int) -> dict[str, Any]:
@@ -82,7 +149,8 @@ def one_mode(a: argparse.Namespace, inp: Path, state: Path, mode: str, rpm: int,
         )
         t0 = time.monotonic()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        run, summary = asyncio.run(batchify.run_file(inp, options=opts, state_dir=state, endpoint=url, api_key="k"))
+        coro = batchify.run_file(inp, options=opts, state_dir=state, endpoint=url, api_key="k")
+        run, summary = asyncio.run(traced(coro, window) if a.trace else coro)
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         s = stats(url)
@@ -123,6 +191,7 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=1650)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--modes", default="batch,flex,hybrid")
+    ap.add_argument("--trace", action="store_true", help="print the Flex sender's state each simulated minute")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "examples"))
     import make_articles

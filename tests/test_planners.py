@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import statistics
 
 import pytest
@@ -486,6 +487,102 @@ async def test_limiter_never_exceeds_window_and_sustains_rate(limit, window):
         assert i - j + 1 <= limit
     achieved = len(times) / (times[-1] - times[0]) * window
     assert achieved >= 0.97 * limit
+
+
+@pytest.mark.parametrize(
+    ("grants", "total", "amount", "expected"),
+    [
+        ([], 0, 10, 100.0),  # empty: now
+        ([(50.0, 40)], 40, 60, 100.0),  # fits exactly
+        ([(50.0, 40)], 40, 61, 110.0),  # over by one: when the grant at 50 leaves (50 + 60)
+        ([(45.0, 30), (50.0, 30), (90.0, 30)], 90, 40, 105.0),  # one must leave: the oldest, at 105
+        ([(45.0, 30), (50.0, 30), (90.0, 30)], 90, 41, 110.0),  # two must leave: the second at 110
+        ([(45.0, 30), (50.0, 30), (90.0, 30)], 90, 10, 100.0),
+        ([(45.0, 30), (90.0, 30)], 60, 150, 150.0),  # over the cap on its own: once every grant has left
+        ([(30.0, 100)], 100, 1, 100.0),  # a grant that left at 90 (30 + 60) but was not dropped yet: never before now
+    ],
+)
+def test_window_room_at(grants, total, amount, expected):
+    assert b.window_room_at(grants, total, amount, 100, 60.0, 100.0) == expected
+
+
+def _busiest_window(grants, window):
+    busiest, j, inside = 0.0, 0, 0.0
+    for t, a in grants:
+        inside += a
+        while grants[j][0] + window <= t:
+            inside -= grants[j][1]
+            j += 1
+        busiest = max(busiest, inside)
+    return busiest
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_limiter_makes_up_time_a_held_up_loop_lost_and_no_window_passes_the_cap(seed):
+    """The TPM bucket as a Flex sender builds it: paced at 97% of the limit, up to a tenth of it made up at once
+    after the event loop was held up, never over 98% in any sliding window. A bucket without the ledger
+    loses every held-up second (the old one, 95% and a 1% burst: 90% of the limit here)."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    window, limit = 60.0, 1_000_000
+    lim = b.RateLimiter(limit * 0.97 / window, limit * 0.1, clock, clock.sleep, window, limit * 0.98)
+    grants = []
+    for i in range(4000):
+        if i % 300 == 150:
+            clock.t += rng.uniform(2.0, 5.0)  # the loop held up for seconds, about once a minute
+        amount = rng.randint(2000, 3600)
+        await lim.acquire(amount)
+        grants.append((clock.t, amount))
+    assert _busiest_window(grants, window) <= limit * 0.98
+    sent = sum(a for _t, a in grants[:-1])
+    assert sent / (grants[-1][0] - grants[0][0]) * window >= 0.96 * limit
+
+
+async def test_limiter_gives_back_a_grant_the_server_refused():
+    """A 429 is not counted by the server: the ledger forgets the refused attempt, so its retry does not wait
+    for room the server never used (the old bucket made every retry pay twice)."""
+    clock = FakeClock()
+    lim = b.RateLimiter(100 / 60.0, 100, clock, clock.sleep, 60.0, 100)
+    granted = [await lim.acquire(30) for _ in range(3)]
+    assert clock.t == 0.0 and lim.in_ledger == 90
+    lim.give_back(granted[1], 30)
+    assert lim.in_ledger == 60
+    await lim.acquire(40)  # fits now: 60 + 40 <= 100, and the bucket's time came back too
+    assert clock.t == 0.0
+    lim.give_back(123.0, 30)  # never granted: nothing changes
+    assert lim.in_ledger == 100
+    await lim.acquire(30)  # the window is full: waits for the first grant to leave it
+    assert clock.t == 60.0
+
+
+async def test_a_pause_forfeits_the_time_saved_up():
+    """After a 429 the bucket waits out the server's delay, then paces without the burst it had saved up (a
+    burst into a window the server says is full would only be refused again, and each refusal given back)."""
+    clock = FakeClock()
+    lim = b.RateLimiter(1.0, 10.0, clock, clock.sleep, 60.0, 100)
+    clock.t = 100.0  # idle: ten units of time saved up
+    for _ in range(5):
+        await lim.acquire(1)
+    assert clock.t == 100.0  # the saved-up burst
+    lim.pause(2.0)
+    grants = [await lim.acquire(1) for _ in range(3)]
+    assert grants[0] >= 102.0
+    assert grants[2] - grants[0] == pytest.approx(2.0)  # one a second: no burst
+
+
+@pytest.mark.parametrize(
+    ("longest_seen", "expected"),
+    [
+        (0.0, 450.0),  # no answer yet: the middle of Google's 1-15 min target
+        (70.0, 450.0),  # the first answers are the quick ones: not a reason for a pipe sized for 70 s
+        (449.0, 450.0),
+        (600.0, 600.0),  # an answer took longer: the pipe follows it
+        (900.0, 900.0),
+    ],
+)
+def test_flex_latency_estimate(longest_seen, expected):
+    assert b.flex_latency_estimate(longest_seen) == expected
+    assert b.flex_latency_estimate(longest_seen / 10, 6.0) == expected / 10  # a drill's minute of 6 s
 
 
 async def test_limiter_pause_and_slowdown():
