@@ -29,12 +29,15 @@ Contents (sections are marked with banner comments, in the order data flows)
   3. Data model, state machine .. Hook points, JobState, TRANSITIONS, advance(), Job, the typed Plan, Run,
                                   schema_version and MIGRATIONS
   4. Pure planners .............. record validation, prompts, generation config, tokens, batches, waves, cost,
-                                  admission, polling and retry decisions; the Vertex backend's rules
+                                  admission, polling and retry decisions; a job's results put in order
+                                  (ExternalSorter: bounded sorted runs, merged); the Vertex backend's rules
   5. Persistence ................ one atomic writer, RunStore and its sidecars, run lock, input reading (local
-                                  files and gs:// objects, streamed)
+                                  files and gs:// objects, streamed), results sidecars (local, or GsResults in
+                                  the bucket)
   6. Gemini seam ................ Backend protocol, RetryPolicy/retry_delay, GeminiClient (the only code that
                                   imports google.genai), VertexClient (Vertex AI batch prediction + Cloud
-                                  Storage), RateLimiter, Gate
+                                  Storage), request files (LocalRequests, or GsRequests in the bucket),
+                                  RateLimiter (GCRA, with a window ledger), Gate
   7. Prepare .................... calibration, URL fetching (PageFetcher), the streaming pass (RecordChecker,
                                   PassWriter, BatchCutter) that writes request files, the plan
   8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
