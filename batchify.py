@@ -84,7 +84,7 @@ import tomllib
 import types
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -2086,8 +2086,13 @@ def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) 
 
     Counts are whole requests, so each observation may be up to one request behind: the slowest rate
     they allow is used, which makes the answer late rather than early (an early poll finds the job
-    still running and costs a whole base interval)."""
+    still running and costs a whole base interval).
+
+    Every request counted done: 0.0 (the end is due: the service is writing the output), even at the first
+    look, when there is no rate yet (a short job found done at once would otherwise back off while it ends)."""
     (t0, d0), (t1, d1) = first, last
+    if total > 0 and d1 >= total:
+        return 0.0
     if total <= 0 or d1 - d0 <= 1 or t1 <= t0:
         return None
     return max(0.0, (total - d1) * (t1 - t0) / (d1 - d0 - 1))
@@ -2361,18 +2366,105 @@ def parse_answer(
     return value, None
 
 
-_VALIDATORS: dict[str, Any] = {}
+_VALIDATORS: dict[str, tuple[Callable[[Any], bool] | None, list[Any]]] = {}
 
 
 def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
-    import jsonschema
-
+    """What is wrong with `value` under `schema` (jsonschema, Draft 2020-12), or None. A schema within the
+    common subset fast_schema_check knows is checked by it first: a value it passes is valid, anything else
+    (and any other schema) is jsonschema's to judge, so every message is jsonschema's own."""
     key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
-    v = _VALIDATORS.get(key)
-    if v is None:
-        v = _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
-    err = next(iter(v.iter_errors(value)), None)
+    got = _VALIDATORS.get(key)
+    if got is None:
+        got = _VALIDATORS[key] = (fast_schema_check(schema), [])
+    fast, slow = got
+    if fast is not None and fast(value):
+        return None
+    if not slow:
+        import jsonschema
+
+        slow.append(jsonschema.Draft202012Validator(schema))
+    err = next(iter(slow[0].iter_errors(value)), None)
     return None if err is None else f"{'/'.join(map(str, err.absolute_path)) or '(root)'}: {err.message}"[:200]
+
+
+_FAST_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "object": (dict,),
+    "array": (list,),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "integer": (int,),  # 1.0 is an integer to jsonschema too: not passed here, so jsonschema decides
+    "number": (int, float),
+}
+_FAST_SCALARS = (str, int, float, bool, type(None))
+_FAST_KEYWORDS = frozenset(
+    {"type", "enum", "properties", "required", "additionalProperties", "items", "minItems", "maxItems"}
+    | {"description", "title", "$comment", "examples", "default", "propertyOrdering"}  # annotations: no check
+)
+
+
+def fast_schema_check(schema: Any) -> Callable[[Any], bool] | None:
+    """A quick check for a schema within a common subset (type, enum of scalars, properties, required,
+    additionalProperties, items, minItems, maxItems; annotations), True only for a value jsonschema finds
+    valid (False: not sure, ask jsonschema); None for a schema outside the subset. Values are orjson's: exact
+    built-in types (a bool is no integer)."""
+    if type(schema) is bool:
+        return (lambda v: True) if schema else (lambda v: False)
+    if not isinstance(schema, dict) or not set(schema) <= _FAST_KEYWORDS:
+        return None
+    checks: list[Callable[[Any], bool]] = []
+    if "type" in schema:
+        names = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in _FAST_TYPES for n in names):
+            return None
+        kinds = tuple(k for n in names for k in _FAST_TYPES[n])
+        checks.append(lambda v: type(v) in kinds)
+    if "enum" in schema:
+        members = schema["enum"]
+        if not isinstance(members, list) or not all(type(m) in _FAST_SCALARS for m in members):
+            return None
+        allowed = {(type(m), m) for m in members}
+        checks.append(lambda v: type(v) in _FAST_SCALARS and (type(v), v) in allowed)
+    for part in (_fast_object_check(schema), _fast_array_check(schema)):
+        if part is None:
+            return None
+        checks.append(part)
+    return lambda v: all(c(v) for c in checks)
+
+
+def _fast_object_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
+    """properties, required and additionalProperties (they check objects only); None: outside the subset."""
+    props, required = schema.get("properties", {}), schema.get("required", [])
+    extra = fast_schema_check(schema.get("additionalProperties", True))
+    if not isinstance(props, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        return None
+    sub = {k: fast_schema_check(x) for k, x in props.items()}
+    if extra is None or any(c is None for c in sub.values()):
+        return None
+    checks = cast(dict[str, Callable[[Any], bool]], sub)
+
+    def ok(v: Any) -> bool:
+        if type(v) is not dict:
+            return True
+        return all(r in v for r in required) and all(checks.get(k, extra)(x) for k, x in v.items())
+
+    return ok
+
+
+def _fast_array_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
+    """items (one schema for every item), minItems, maxItems (they check arrays only); None: outside the subset."""
+    item = fast_schema_check(schema.get("items", True))
+    least, most = schema.get("minItems", 0), schema.get("maxItems")
+    if item is None or type(least) is not int or (most is not None and type(most) is not int):
+        return None
+
+    def ok(v: Any) -> bool:
+        if type(v) is not list:
+            return True
+        return least <= len(v) and (most is None or len(v) <= most) and all(item(x) for x in v)
+
+    return ok
 
 
 def error_kind(error: Any) -> str:
@@ -3685,13 +3777,16 @@ def split_gs_uri(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-def vertex_request_line(line: bytes) -> bytes:
+def vertex_request_line(line: bytes, entry: tuple[str, dict[str, Any]] | None = None) -> bytes:
     """A Developer-API batch line {"key": k, "request": {...}} -> a Vertex input line {"request": {...}}
-    with k in request.labels[VERTEX_KEY_LABEL] (the request's own labels are kept)."""
-    obj = orjson.loads(line)
-    req = dict(obj["request"])
-    req["labels"] = {**(req.get("labels") or {}), VERTEX_KEY_LABEL: encode_label_key(str(obj["key"]))}
-    return orjson.dumps({"request": req}) + b"\n"
+    with k in request.labels[VERTEX_KEY_LABEL] (the request's own labels are kept). `entry`: the line's
+    (key, request) when the caller has them (prepare), so that the line is not parsed back."""
+    if entry is None:
+        obj = orjson.loads(line)
+        entry = str(obj["key"]), obj["request"]
+    key, req = entry[0], dict(entry[1])
+    req["labels"] = {**(req.get("labels") or {}), VERTEX_KEY_LABEL: encode_label_key(key)}
+    return orjson.dumps({"request": req}, option=NL)
 
 
 def vertex_result_line(line: bytes | str) -> bytes | None:
@@ -4050,7 +4145,8 @@ class RequestFiles(Protocol):
 
     def begin(self) -> None: ...  # before prepare writes the first one
     def clear(self) -> None: ...  # remove what an unfinished prepare wrote
-    def encode(self, line: bytes) -> bytes: ...  # a Developer-API line {"key", "request"} in the stored form
+    # a Developer-API line {"key", "request"} in the stored form (entry: its key and request, when at hand)
+    def encode(self, line: bytes, entry: tuple[str, dict[str, Any]] | None = None) -> bytes: ...
     def open(self, rel: str, atomic: bool = False) -> Any: ...  # a binary writer (stored-form lines); a context manager
     def exists(self, rel: str) -> bool: ...
     def count(self, rel: str) -> int: ...
@@ -4073,7 +4169,7 @@ class LocalRequests:
     def clear(self) -> None:
         (self.store.dir / REQUESTS_MARKER).unlink(missing_ok=True)  # the requests/ folder goes with the prepare's leftovers
 
-    def encode(self, line: bytes) -> bytes:
+    def encode(self, line: bytes, entry: tuple[str, dict[str, Any]] | None = None) -> bytes:
         return line
 
     def open(self, rel: str, atomic: bool = False) -> Any:
@@ -4172,8 +4268,8 @@ class GsRequests:
                 _delete_prefix(self.client._storage, *was)
             (self.store.dir / REQUESTS_MARKER).unlink()
 
-    def encode(self, line: bytes) -> bytes:
-        return vertex_request_line(line)
+    def encode(self, line: bytes, entry: tuple[str, dict[str, Any]] | None = None) -> bytes:
+        return vertex_request_line(line, entry)
 
     def open(self, rel: str, atomic: bool = False) -> Any:
         with self._errors("write requests"):
@@ -4695,8 +4791,9 @@ def _prepare_pass(
                 out.fetch_failed(n, rid, fetch_error)
                 n += 1
                 continue
-            line = orjson.dumps({"key": str(n), "request": build_request(cfg, prompt, gc)}, option=NL)
-            out.request(line, rid, cutter.add(n, t, len(line)), len(cutter.batches))
+            key, req = str(n), build_request(cfg, prompt, gc)
+            line = orjson.dumps({"key": key, "request": req}, option=NL)
+            out.request(line, rid, cutter.add(n, t, len(line)), len(cutter.batches), (key, req))
             if t > long_threshold:
                 long_docs += 1
                 long_tokens += t
@@ -4823,13 +4920,14 @@ class PassWriter:
             if self.hook is not None:
                 self.hook(Hook.PREPARE)
 
-    def request(self, line: bytes, rid: Any, new_batch: bool, batch_number: int) -> None:
+    def request(self, line: bytes, rid: Any, new_batch: bool, batch_number: int, entry: tuple[str, dict[str, Any]]) -> None:
+        """One request line (entry: its key and request, as the line encodes them) and its id."""
         sink = self.sink
         assert sink is not None, "a validation pass writes no request"
         if new_batch:  # this request starts a new batch: a new request file
             self.close_file()
             self.cur_f = sink.open(f"requests/b{batch_number + 1:04d}.jsonl")
-        self.cur_f.write(sink.encode(line))
+        self.cur_f.write(sink.encode(line, entry))
         self.ids_f.write(orjson.dumps(rid, option=NL))
 
     def reject(self, rec: InputRecord, err: str) -> None:
@@ -6368,8 +6466,9 @@ class Engine:
             ours = type(n) is int and tuple(r) == RESULT_KEYS and line.startswith(b'{"n":') and line.endswith(b"\n")
             yield n, r, line if ours else None
 
-    def resolve(self) -> Iterator[tuple[int, dict[str, Any] | None, bytes | None]]:
-        """Every ordinal in input order with its best result so far (None: no result yet).
+    def resolve(self, skip: Collection[int] = ()) -> Iterator[tuple[int, dict[str, Any] | None, bytes | None]]:
+        """Every ordinal in input order with its best result so far (None: no result yet); the ranges of the
+        batches numbered in `skip` are left out.
 
         The third item is the primary results line the result came from, unchanged (None when the
         result came from elsewhere or was re-decided): merge splices it instead of re-encoding.
@@ -6380,6 +6479,8 @@ class Engine:
         overrides = self._overrides()
         primary = {j.index: j for j in self.jobs.values() if j.attempt == 1 and j.start is not None}
         for idx, s, e in self._ranges():
+            if idx in skip:
+                continue
             j = primary.get(idx)
             lines: Iterator[tuple[int, dict[str, Any], bytes | None]] = iter(())
             if j is not None and j.state == JobState.RESULTS_DOWNLOADED:
@@ -6411,8 +6512,15 @@ class Engine:
 
     def unresolved(self) -> set[int]:
         """Ordinals with no good result that a request can still mend (a page that could not be fetched has no
-        request: its error line is final)."""
-        return {n for n, r, _raw in self.resolve() if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}
+        request: its error line is final). A batch whose first attempt answered every request ok has none (an
+        ok result is kept whatever else comes for it: merge_choice), so its results are not read back."""
+        whole = {
+            j.index
+            for j in self.jobs.values()
+            if j.attempt == 1 and j.start is not None and j.state == JobState.RESULTS_DOWNLOADED
+            if j.failed == 0 and j.ok == j.request_count
+        }
+        return {n for n, r, _raw in self.resolve(whole) if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}
 
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order."""
