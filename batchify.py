@@ -2490,7 +2490,7 @@ class ResultsSink(Protocol):
     GsResults (objects in the staging bucket). put() is atomic: the name holds all of the lines or none."""
 
     def put(self, name: str, lines: Iterable[bytes]) -> None: ...
-    def lines(self, name: str) -> Iterator[bytes]: ...
+    def lines(self, name: str, run: bool = False) -> Iterator[bytes]: ...  # run: one of the sorted runs
     def exists(self, name: str) -> bool: ...
     def drop_runs(self, name: str) -> None: ...
 
@@ -2548,7 +2548,7 @@ class ExternalSorter:
         if self.runs and self.buf:
             self._spill()
         if self.runs:
-            readers = [((line_ordinal(x), x) for x in self.sink.lines(r)) for r in self.runs]
+            readers = [((line_ordinal(x), x) for x in self.sink.lines(r, run=True)) for r in self.runs]
             pairs: Iterator[tuple[int, bytes]] = heapq.merge(*readers, key=_first)
         else:
             self.buf.sort(key=_first)
@@ -3083,6 +3083,16 @@ GS_READ_CHUNK = 8 * 1024 * 1024  # bytes a ranged GET fetches when reading on fr
 GS_SEEK_CHUNK = 256 * 1024  # ... and after a seek elsewhere (calibration reads a line at 64 offsets)
 
 
+@functools.cache
+def gs_read_kwargs() -> dict[str, Any]:
+    """blob.open("rb") options for the ranged reads: each GET's body read in one call (single_shot_download,
+    google-cloud-storage 3.2+) rather than 8 KiB at a time in Python (measured on the storage emulator, 100 MB
+    in 8 MiB GETs: 0.53 s -> 0.24 s, the client's CPU 0.46 s -> 0.17 s); {} where the client lacks it."""
+    from google.cloud.storage import fileio
+
+    return {"single_shot_download": True} if "single_shot_download" in getattr(fileio, "VALID_DOWNLOAD_KWARGS", ()) else {}
+
+
 def gs_stem(uri: str) -> str:
     """A run name's stem for gs://bucket/prefix/*.jsonl: the last path segment with no wildcard in it."""
     parts = [p for p in uri.removeprefix("gs://").split("/") if p and not any(c in p for c in "*?[")]
@@ -3132,7 +3142,7 @@ class _GsConcat(io.RawIOBase):
                     start += size
                 else:
                     return 0
-                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk)
+                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk, **gs_read_kwargs())
                 if self.pos > start:
                     self.reader.seek(self.pos - start)
             data = self.reader.read(len(b))
@@ -3356,7 +3366,7 @@ class LocalResults:
             for line in lines:
                 f.write(line)
 
-    def lines(self, name: str) -> Iterator[bytes]:
+    def lines(self, name: str, run: bool = False) -> Iterator[bytes]:
         with open(self.path(name), "rb") as f:
             yield from f
 
@@ -3426,13 +3436,15 @@ class GsResults:
                     w.write(line)
                 w.flush()
 
-    def lines(self, name: str) -> Iterator[bytes]:
+    def lines(self, name: str, run: bool = False) -> Iterator[bytes]:
+        """An object's lines, streamed: GS_READ_CHUNK a GET, GS_RUN_READ_CHUNK for a sorted run (the K-way merge
+        holds a reader per run)."""
         with self._remote(f"read {self.uri(name)}"):
             blob = self._bucket().get_blob(f"{self.prefix}/{name}.jsonl")
             if blob is None:
                 raise RemoteError(f"read {self.uri(name)}: no such object", code=404)
             raw = _GsConcat([blob], [int(blob.size or 0)])
-            raw.chunk = GS_RUN_READ_CHUNK
+            raw.chunk = GS_RUN_READ_CHUNK if run else GS_READ_CHUNK
             with io.BufferedReader(raw, buffer_size=GS_RUN_READ_CHUNK) as f:
                 yield from f
 
@@ -4029,10 +4041,10 @@ class VertexClient(GeminiClient):
     @staticmethod
     def _output_chunks(blobs: list[Any]) -> Generator[bytes]:
         """Every *.jsonl object under a job's output directory (Vertex may write more than one), streamed (ranged
-        reads under a 1 MiB buffer: a BlobReader iterated as it is reads one byte a call, docs/VERTEX_NOTES.md B2),
-        as result lines (vertex_result_line) in chunks of about DOWNLOAD_CHUNK_BYTES: never the whole output at once."""
+        reads of GS_READ_CHUNK under a 1 MiB buffer: a BlobReader iterated as it is reads one byte a call,
+        docs/VERTEX_NOTES.md B2), as result lines (vertex_result_line) in chunks of about DOWNLOAD_CHUNK_BYTES:
+        never the whole output at once."""
         raw = _GsConcat(blobs, [int(b.size or 0) for b in blobs])
-        raw.chunk = GS_RUN_READ_CHUNK
         out = bytearray()
         with io.BufferedReader(raw, buffer_size=GS_RUN_READ_CHUNK) as f:
             for line in f:
@@ -4287,7 +4299,7 @@ class GsRequests:
         """Streamed (GS_READ_CHUNK a GET, through a 1 MiB buffer: a BlobReader read line by line reads a byte a call)."""
         with (
             self._errors(f"read {self.uri(rel)}"),
-            io.BufferedReader(self._blob(rel).open("rb", chunk_size=GS_READ_CHUNK), 1 << 20) as f,
+            io.BufferedReader(self._blob(rel).open("rb", chunk_size=GS_READ_CHUNK, **gs_read_kwargs()), 1 << 20) as f,
         ):
             for line in f:
                 if line.strip():

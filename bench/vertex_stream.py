@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -118,7 +119,11 @@ def run_batchify(gcs: str, gcs_pid: int, work: Path, batch_size: int) -> dict[st
         gcs_cpu0, own0 = cpu_seconds(gcs_pid), resource.getrusage(resource.RUSAGE_SELF)
         t0, wall0 = time.perf_counter(), time.time()
         p = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rss: list[tuple[float, float]] = []
+        sampler = threading.Thread(target=sample_rss, args=(p.pid, rss), daemon=True)
+        sampler.start()
         _pid, status, usage = os.wait4(p.pid, 0)
+        sampler.join()
         seconds, wall1 = time.perf_counter() - t0, time.time()
         own1 = resource.getrusage(resource.RUSAGE_SELF)
         err = p.stderr.read().decode() if p.stderr else ""
@@ -140,7 +145,22 @@ def run_batchify(gcs: str, gcs_pid: int, work: Path, batch_size: int) -> dict[st
             "batchify's emulator": own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime,
         },
         "vjobs": vjobs,
+        "rss": rss,
     }
+
+
+def sample_rss(pid: int, out: list[tuple[float, float]]) -> None:
+    """(time, resident MB) of a process every 0.1 s until it is gone (or a zombie: its memory is freed)."""
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        kb = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:")), None)
+        if kb is None:
+            return
+        out.append((time.time(), kb / 1024))
+        time.sleep(0.1)
 
 
 def _epoch(ts: str) -> float:
@@ -178,6 +198,9 @@ def breakdown(work: Path, b: dict[str, Any]) -> dict[str, float]:
         ph["retrieval"].append((ts["SUCCEEDED"], ts["RESULTS_DOWNLOADED"]))
         done = max(done, ts["RESULTS_DOWNLOADED"])
     out = {"total": w1 - w0, "prepare": prepared - w0, **{k: _union(v) for k, v in ph.items()}, "after": w1 - done}
+    peak = {"prepare": [(w0, prepared)], "retrieval": ph["retrieval"], "after": [(done, w1)]}
+    for k, spans in peak.items():
+        out[f"rss_{k}"] = max((mb for t, mb in b["rss"] if any(a <= t <= z for a, z in spans)), default=0.0)
     out["service"] = _union(ph["create"] + ph["job"])
     out["own"] = out["total"] - out["service"]
     return out
@@ -185,13 +208,13 @@ def breakdown(work: Path, b: dict[str, Any]) -> dict[str, float]:
 
 def print_breakdown(d: dict[str, float], cpu: dict[str, float]) -> None:
     rows = [
-        ("prepare: read the input, write the request objects (and start-up)", d["prepare"]),
+        (f"prepare: read the input, write the request objects (and start-up); RSS up to {d['rss_prepare']:.0f} MB", d["prepare"]),
         ("submit: the upload look-up, scheduling, up to each create", d["submit"]),
         ("service: create (the emulator reads every request to count it)", d["create"]),
         ("service: the job (0.2 s emulated), then it answers every line and writes its output", d["job"]),
         ("poll lag: output whole -> batchify sees SUCCEEDED", d["lag"]),
-        ("retrieval: download, sort in runs, the results object", d["retrieval"]),
-        ("after retrieval: error check, merge -> gs:// output, exit", d["after"]),
+        (f"retrieval: download, sort in runs, the results object; RSS up to {d['rss_retrieval']:.0f} MB", d["retrieval"]),
+        (f"after retrieval: error check, merge -> gs:// output, exit; RSS up to {d['rss_after']:.0f} MB", d["after"]),
     ]
     print(f"where batchify's {d['total']:.1f} s went (wall time; spans of several jobs counted once):")
     for what, s in rows:
