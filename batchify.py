@@ -2410,7 +2410,7 @@ def fast_schema_check(schema: Any) -> Callable[[Any], bool] | None:
     valid (False: not sure, ask jsonschema); None for a schema outside the subset. Values are orjson's: exact
     built-in types (a bool is no integer)."""
     if type(schema) is bool:
-        return (lambda v: True) if schema else (lambda v: False)
+        return _fast_any if schema else (lambda v: False)
     if not isinstance(schema, dict) or not set(schema) <= _FAST_KEYWORDS:
         return None
     checks: list[Callable[[Any], bool]] = []
@@ -2429,8 +2429,22 @@ def fast_schema_check(schema: Any) -> Callable[[Any], bool] | None:
     for part in (_fast_object_check(schema), _fast_array_check(schema)):
         if part is None:
             return None
-        checks.append(part)
-    return lambda v: all(c(v) for c in checks)
+        if part is not _fast_any:
+            checks.append(part)
+    if len(checks) <= 1:
+        return checks[0] if checks else _fast_any
+
+    def every(v: Any) -> bool:
+        for c in checks:
+            if not c(v):
+                return False
+        return True
+
+    return every
+
+
+def _fast_any(v: Any) -> bool:
+    return True
 
 
 def _fast_object_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
@@ -2443,11 +2457,20 @@ def _fast_object_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
     if extra is None or any(c is None for c in sub.values()):
         return None
     checks = cast(dict[str, Callable[[Any], bool]], sub)
+    if not checks and not required and extra is _fast_any:
+        return _fast_any
 
-    def ok(v: Any) -> bool:
+    def ok(v: Any) -> bool:  # once per answer (and per nested object): plain loops, no generators
         if type(v) is not dict:
             return True
-        return all(r in v for r in required) and all(checks.get(k, extra)(x) for k, x in v.items())
+        for r in required:
+            if r not in v:
+                return False
+        get = checks.get
+        for k, x in v.items():
+            if not get(k, extra)(x):
+                return False
+        return True
 
     return ok
 
@@ -2459,10 +2482,18 @@ def _fast_array_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
     if item is None or type(least) is not int or (most is not None and type(most) is not int):
         return None
 
+    if item is _fast_any and least == 0 and most is None:
+        return _fast_any
+
     def ok(v: Any) -> bool:
         if type(v) is not list:
             return True
-        return least <= len(v) and (most is None or len(v) <= most) and all(item(x) for x in v)
+        if len(v) < least or (most is not None and len(v) > most):
+            return False
+        for x in v:
+            if not item(x):
+                return False
+        return True
 
     return ok
 
@@ -5353,8 +5384,9 @@ class MergeTally:
     """What a merge counts while it writes: ok and error rows, rows per source, error kinds, and usage per
     price lane (batch, flex, standard), summed in bulk a few thousand rows at a time (sum_usage)."""
 
-    def __init__(self, long_at: int | None):
+    def __init__(self, long_at: int | None, fields: Iterable[str] = ()):
         self.long_at = long_at
+        self.fields: dict[str, dict[str, int]] = {k: {} for k in fields}  # schema_categoricals: value -> rows
         self.ok = self.err = 0
         self.by_source: dict[str, int] = {}
         self.kinds: dict[str, int] = {}
@@ -5365,6 +5397,8 @@ class MergeTally:
         source: str = r.get("source") or "batch"
         if r["status"] == "ok":
             self.ok += 1
+            if self.fields and isinstance(r.get("result"), dict):
+                self._count_fields(r["result"])
         else:
             self.err += 1
             kind = error_kind(r.get("error"))
@@ -5374,6 +5408,14 @@ class MergeTally:
         usage = r.get("usage")
         if usage:
             self.pending[_PRICE_LANE.get(source, "batch")].append(usage)
+
+    def _count_fields(self, result: dict[str, Any]) -> None:
+        """The schema's enum and boolean fields of one ok result, counted as analytics() counts them."""
+        for k, counts in self.fields.items():
+            v = result.get(k)
+            for item in v if isinstance(v, list) else [v]:
+                label = json_label(item)
+                counts[label] = counts.get(label, 0) + 1
 
     def sum_usage(self) -> None:
         for lane, usages in self.pending.items():
@@ -6537,7 +6579,7 @@ class Engine:
     def merge(self) -> Summary:
         """Write the results file: exactly one line per input id, in input order."""
         out = out_location(self.run.out, self.opts.project)
-        tally = MergeTally(self.spec.long_context_threshold)
+        tally = MergeTally(self.spec.long_context_threshold, schema_categoricals(self.cfg.schema))
         hook = self.hook
         with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
@@ -6560,6 +6602,7 @@ class Engine:
         self.run.summary = summary.to_dict()
         st = out.stat()
         self.run.summary["out_stat"] = [st.st_size, st.st_mtime_ns]  # how `results` knows the file is still this run's
+        self.run.summary["fields"] = tally.fields  # the closing analytics, with no second read of the results file
         self.run.status = status
         self.store.save_run(self.run)
         return summary
@@ -7006,6 +7049,16 @@ def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
             "total": round(cost_b + cost_r + cost_f, 6),
         },
     }
+
+
+def closing_analytics(state_dir: str | Path, summary: Summary) -> dict[str, Any]:
+    """What a run's closing report shows (fields and error kinds), as its merge counted them (run.json): the
+    results file is not read again (on gs:// a download of all of it). A run merged before the merge counted
+    them: analytics() over the results file."""
+    fields = RunStore(state_dir, summary.run).load_run().summary.get("fields")
+    if not isinstance(fields, dict):
+        return analytics(state_dir, summary.run)
+    return {"fields": fields, "error_kinds": summary.error_kinds}
 
 
 def json_label(v: Any) -> str:
@@ -8364,7 +8417,7 @@ def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> No
         _emit_json(summary.to_dict())
     else:
         if state_dir is not None and summary.ok:
-            render_analytics(analytics(state_dir, summary.run), totals=False)
+            render_analytics(closing_analytics(state_dir, summary), totals=False)
         render_summary(summary)
     if summary.status == "cancelled":
         raise SystemExit(1)

@@ -13,11 +13,15 @@ its own process:
   batchify  `batchify run gs://bench/corpus/ --backend vertex --out gs://bench/results/news.jsonl --mode batch`
             against batchify's emulator (Vertex routes; jobs of 0.2 s) on the same storage emulator.
 
-Printed: both times and their ratio (target <= 1.5x), batchify's peak RSS (target <= 300 MB, flat from 100k to
-1M) and the local disk its run used (state folder, target <= 50 MB), and the emulators' share: the storage
-emulator is single-threaded Python (one request at a time), and batchify's run also waits for the emulated
-service to read every request and write every answer, which the floor does not do. Both figures are printed
-so that neither hides the other. Ratios last.
+Printed: both times, batchify's peak RSS (target <= 300 MB, flat from 100k to 1M) and the local disk its run used
+(state folder, target <= 50 MB); then where batchify's wall time went, from its sidecars (the run's prepare end, each
+job's timestamps) and the emulator's own job records (created, output whole): prepare, submit, the service's create
+(the emulator reads every request to count it) and job (it answers every line and writes its output), the poll lag,
+retrieval (download, sort, results object) and what follows it (error check, merge to gs://, exit), with the peak
+RSS of prepare, retrieval and after (sampled every 0.1 s); and the CPU time of batchify, of the storage emulator
+(single-threaded Python: one request at a time) and of batchify's emulator (this process). Two ratios against the
+floor (target <= 1.5x), last: the whole run, and batchify's own work (the run less the service's create + job,
+which the floor does not do). Both are printed so that neither hides the other.
 """
 
 from __future__ import annotations

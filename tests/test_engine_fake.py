@@ -14,11 +14,11 @@ from fakes import FakeClock, FakeGemini
 import batchify
 
 
-def prepared(tmp_path: Path, n: int, batch_size: int, **opts) -> batchify.RunStore:
+def prepared(tmp_path: Path, n: int, batch_size: int, schema: dict | None = None, **opts) -> batchify.RunStore:
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(n)))
     store = batchify.RunStore(tmp_path / "st", "fake")
-    cfg = batchify.JobConfig(schema={"type": "object"})
+    cfg = batchify.JobConfig(schema=schema or {"type": "object"})
     opts.setdefault("mode", "batch")
     o = batchify.RunOptions(batch_size=batch_size, calibrate=False, **opts)
     asyncio.run(batchify.prepare_run(store, inp, cfg, o))
@@ -86,6 +86,22 @@ def test_the_error_check_does_not_read_back_a_batch_answered_all_ok(tmp_path):
     store.save_job(dataclasses.replace(b1, ok=9, failed=1))  # not all ok: read back (and, gone, unresolved)
     engine = batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep)
     assert engine.unresolved() == set(range(10))
+
+
+def test_the_closing_report_is_counted_by_the_merge_not_read_back(tmp_path, monkeypatch):
+    """The run's closing analytics (the schema's enum and boolean fields, error kinds) come from the merge's own
+    count, recorded in run.json: the results file (on gs://, a download of all of it) is not read again."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 30, 10, schema={"type": "object", "properties": {"ok": {"type": "boolean"}}})
+    summary = run_engine(store, FakeGemini(clock, [5.0, 6.0, 7.0]), clock)
+    read_back = batchify.analytics(store.state_dir, "fake")
+    assert read_back["fields"] == {"ok": {"true": 30}}
+
+    def no_read(*a, **k):
+        raise AssertionError("the results file was read again")
+
+    monkeypatch.setattr(batchify, "analytics", no_read)
+    assert batchify.closing_analytics(store.state_dir, summary) == {"fields": read_back["fields"], "error_kinds": {}}
 
 
 @pytest.mark.parametrize("poll", [2.0, 30.0])
