@@ -220,7 +220,9 @@ def print_breakdown(d: dict[str, float], cpu: dict[str, float]) -> None:
         (f"retrieval: download, sort in runs, the results object; RSS up to {d['rss_retrieval']:.0f} MB", d["retrieval"]),
         (f"after retrieval: error check, merge -> gs:// output, exit; RSS up to {d['rss_after']:.0f} MB", d["after"]),
     ]
-    print(f"where batchify's {d['total']:.1f} s went (wall time; spans of several jobs counted once):")
+    print(
+        f"where batchify's {d['total']:.1f} s went (wall time; a row's spans over all jobs counted once; rows overlap where jobs do):"
+    )
     for what, s in rows:
         print(f"  {s:7.1f} s  {what}")
     print(f"  service (create + job) {d['service']:.1f} s; batchify's own work (the rest) {d['own']:.1f} s")
