@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(cmd: list[str], port: int, ready: Callable[[str], object]) -> Iterator[str]:
     """Run a local server process; yield its URL once `ready(url)` stops raising (10 s at most); stop it after."""
+    with serving_process(cmd, port, ready) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def serving_process(cmd: list[str], port: int, ready: Callable[[str], object]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """serving(), yielding the process too (to read its CPU time)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -33,10 +41,16 @@ def serving(cmd: list[str], port: int, ready: Callable[[str], object]) -> Iterat
                 ready(url)
                 break
             time.sleep(0.05)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A live process's user + system CPU time so far (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ class FakeGemini:
         self.shed: set[int] = set()  # generateContent calls (1-based) answered 503
         self.observe: Any = None  # called at each generateContent call (a test reads the engine's state)
         self.progress = False  # report batchStats that grow evenly over a job's duration
+        self.writing = 0.0  # ... less its last `writing` seconds: every request counted done, the output being written
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -78,7 +79,7 @@ class FakeGemini:
         stats = {}
         if self.progress:
             start = j["end"] - self.durations[int(name.split("/")[1])]
-            share = min(1.0, (self.clock.now() - start) / (j["end"] - start))
+            share = min(1.0, (self.clock.now() - start) / max(1e-9, j["end"] - self.writing - start))
             stats = {"requestCount": j["tokens"], "successfulRequestCount": int(j["tokens"] * share)}
         return batchify.RemoteJob(
             name,

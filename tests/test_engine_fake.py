@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -13,11 +14,11 @@ from fakes import FakeClock, FakeGemini
 import batchify
 
 
-def prepared(tmp_path: Path, n: int, batch_size: int, **opts) -> batchify.RunStore:
+def prepared(tmp_path: Path, n: int, batch_size: int, schema: dict | None = None, **opts) -> batchify.RunStore:
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(n)))
     store = batchify.RunStore(tmp_path / "st", "fake")
-    cfg = batchify.JobConfig(schema={"type": "object"})
+    cfg = batchify.JobConfig(schema=schema or {"type": "object"})
     opts.setdefault("mode", "batch")
     o = batchify.RunOptions(batch_size=batch_size, calibrate=False, **opts)
     asyncio.run(batchify.prepare_run(store, inp, cfg, o))
@@ -50,6 +51,57 @@ def test_polls_back_off_yet_see_the_end_promptly(tmp_path, progress):
         assert len(gets) <= span / base / 2, (name, len(gets), span)  # backed off: under half of every-interval
         seen = min(t for t in gets if t >= fake.end_of(name)) - fake.end_of(name)
         assert seen <= (1.5 * base if progress else longest), (name, seen)
+
+
+def test_a_job_whose_requests_are_all_done_is_polled_every_base_interval_until_it_ends(tmp_path):
+    """Counts that say every request is done at the first look (a short job: the service then writes its output,
+    which takes a while) give no rate to go by: the end is due, so the job is polled every base interval, not
+    backed off (measured on bench/vertex_stream.py: the end was seen 13 s late after a 35 s output write)."""
+    base, longest = 2.0, 60.0
+    clock = FakeClock()
+    store = prepared(tmp_path, 100, 100, poll_interval=base, max_poll_interval=longest)
+    fake = FakeGemini(clock, [60.0])
+    fake.progress, fake.writing = True, 59.5
+    assert run_engine(store, fake, clock).ok == 100
+    (name,) = fake.jobs
+    gets = [t for t, what, n in fake.calls if what == "get" and n == name]
+    assert min(b - a for a, b in itertools.pairwise(gets)) >= base
+    seen = min(t for t in gets if t >= fake.end_of(name)) - fake.end_of(name)
+    assert seen <= 1.5 * base, seen
+
+
+def test_the_error_check_does_not_read_back_a_batch_answered_all_ok(tmp_path):
+    """unresolved() (the check before a line retry or the real-time fallback) skips a batch whose first attempt
+    answered every request ok: its results are not read (on --backend vertex each read is a download of the
+    whole results object). Shown by removing one such batch's results: the check still finds nothing to do."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 30, 10)
+    fake = FakeGemini(clock, [5.0, 6.0, 7.0])
+    assert run_engine(store, fake, clock).ok == 30
+    engine = batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep)
+    b1 = engine.jobs["b0001"]
+    assert (b1.ok, b1.failed, b1.request_count) == (10, 0, 10)
+    store.result_path(b1).unlink()
+    assert engine.unresolved() == set()
+    store.save_job(dataclasses.replace(b1, ok=9, failed=1))  # not all ok: read back (and, gone, unresolved)
+    engine = batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep)
+    assert engine.unresolved() == set(range(10))
+
+
+def test_the_closing_report_is_counted_by_the_merge_not_read_back(tmp_path, monkeypatch):
+    """The run's closing analytics (the schema's enum and boolean fields, error kinds) come from the merge's own
+    count, recorded in run.json: the results file (on gs://, a download of all of it) is not read again."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 30, 10, schema={"type": "object", "properties": {"ok": {"type": "boolean"}}})
+    summary = run_engine(store, FakeGemini(clock, [5.0, 6.0, 7.0]), clock)
+    read_back = batchify.analytics(store.state_dir, "fake")
+    assert read_back["fields"] == {"ok": {"true": 30}}
+
+    def no_read(*a, **k):
+        raise AssertionError("the results file was read again")
+
+    monkeypatch.setattr(batchify, "analytics", no_read)
+    assert batchify.closing_analytics(store.state_dir, summary) == {"fields": read_back["fields"], "error_kinds": {}}
 
 
 @pytest.mark.parametrize("poll", [2.0, 30.0])

@@ -443,6 +443,86 @@ def test_parse_answer(response, ok, err):
         assert err in e
 
 
+# JSON values as orjson gives them, and schemas in and out of fast_schema_check's subset: the fast check may only
+# pass what jsonschema passes, and schema_problem must say what jsonschema says.
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([0.0, 1.0, 2.5]) | st.sampled_from(["a", "b", "Yes", ""]),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c"]), kids, max_size=3),
+    max_leaves=8,
+)
+_types = st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array"])
+_schemas = st.recursive(
+    st.fixed_dictionaries({}, optional={"type": _types | st.lists(_types, min_size=1, max_size=2)})
+    | st.fixed_dictionaries(
+        {"enum": st.lists(st.none() | st.booleans() | st.integers(0, 2) | st.just(1.0) | st.just("a"), max_size=3)}
+    )
+    | st.booleans()
+    | st.just({"type": "string", "minLength": 1}),  # outside the subset: jsonschema alone
+    lambda kids: st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["object", "array"]),
+            "properties": st.dictionaries(st.sampled_from(["a", "b"]), kids, max_size=2),
+            "required": st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True),
+            "additionalProperties": kids,
+            "items": kids,
+            "minItems": st.integers(0, 2),
+            "maxItems": st.integers(0, 3),
+            "description": st.just("annotation"),
+        },
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_schemas, _json)
+def test_fast_schema_check_passes_only_what_jsonschema_passes(schema, value):
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    fast = b.fast_schema_check(schema)
+    if fast is not None and fast(value):
+        assert not errors, (schema, value, errors[0].message)
+    got = b.schema_problem(value, schema) if isinstance(schema, dict) else None
+    if isinstance(schema, dict):
+        assert (got is None) == (not errors)
+
+
+@pytest.mark.parametrize(
+    ("schema", "value"),
+    [
+        ({"type": "integer"}, True),  # a bool is no integer to jsonschema
+        ({"type": "number"}, False),
+        ({"type": "integer"}, 1.0),  # ... but 1.0 is one (jsonschema says so: the fast check defers)
+        ({"enum": [1]}, True),
+        ({"enum": [True]}, 1),
+        ({"enum": [1]}, 1.0),
+        ({"enum": ["a"]}, ["a"]),
+        ({"type": "object", "additionalProperties": False, "properties": {"a": {}}}, {"a": 1, "b": 2}),
+        ({"type": "array", "items": {"type": "string"}, "maxItems": 1}, ["a", "b"]),
+        ({"required": ["a"]}, {"b": 1}),
+        ({"required": ["a"]}, "not an object"),
+        ({"type": ["string", "null"]}, None),
+    ],
+)
+def test_fast_schema_check_edges(schema, value):
+    import jsonschema
+
+    valid = not list(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    fast = b.fast_schema_check(schema)
+    assert fast is not None and (fast(value) is False or valid)
+    assert (b.schema_problem(value, schema) is None) == valid
+
+
+def test_fast_schema_check_covers_the_news_schema():
+    fast = b.fast_schema_check(b.NEWS_SCHEMA)
+    good = {"page_title": "t", "is_financial": "No", "category": "other", "sentiment": "neutral", "companies": [], "summary": "s"}
+    assert fast is not None and fast(good)
+    assert not fast({**good, "category": "weather"}) and not fast({**good, "companies": [1]}) and not fast({"page_title": "t"})
+    assert b.schema_problem({**good, "category": "weather"}, b.NEWS_SCHEMA).startswith("category: 'weather' is not one of")
+
+
 def test_merge_choice_prefers_first_ok():
     ok1, ok2, e1, e2 = (
         {"status": "ok", "v": 1},

@@ -20,6 +20,8 @@ def emu_config() -> batchify.EmulatorConfig:
         ((0.0, 10), (10.0, 11), 100, None),  # one request apart: no rate to go by
         ((5.0, 0), (5.0, 50), 100, None),  # no time passed
         ((0.0, 0), (10.0, 100), 100, 0.0),  # all done
+        ((5.0, 100), (5.0, 100), 100, 0.0),  # all done at the first look (no rate yet): the end is due
+        ((0.0, 100), (10.0, 100), 100, 0.0),  # still all done, not ended yet (writing its output): due
         ((0.0, 0), (10.0, 5), 0, None),  # no total
     ],
 )

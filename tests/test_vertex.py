@@ -214,6 +214,10 @@ def test_label_key_encoding_is_reversible() -> None:
     out = json.loads(batchify.vertex_request_line(line))
     assert set(out) == {"request"} and out["request"]["labels"] == {"team": "news", "batchify_key": "x-5139"}
     assert out["request"]["contents"] == request(0)["contents"]
+    for key, req in [("Q9", request(0, labels={"team": "news"})), ("17", request(1))]:  # prepare hands its entry over
+        line = json.dumps({"key": key, "request": req}).encode()
+        assert batchify.vertex_request_line(line, (key, req)) == batchify.vertex_request_line(line)
+        assert "batchify_key" not in (req.get("labels") or {})  # the caller's request is left as it was
 
 
 async def test_round_trip_keys_survive_shuffled_output(
@@ -963,7 +967,8 @@ class MemorySink:
         self.objects[name] = data
         self.puts.append((name, len(data)))
 
-    def lines(self, name: str) -> Iterator[bytes]:
+    def lines(self, name: str, run: bool = False) -> Iterator[bytes]:
+        assert run == (".run-" in name)  # the K-way merge reads its runs with the small reads
         yield from self.objects[name].splitlines(keepends=True)
 
     def exists(self, name: str) -> bool:
