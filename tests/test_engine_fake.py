@@ -264,6 +264,8 @@ def test_a_flex_shed_storm_backs_the_rate_off_and_it_recovers(tmp_path):
     s = asyncio.run(engine.execute())
     assert s.ok == 200 and s.by_source == {"flex": 200}
     assert engine._senders["flex"].view.shed == 180
-    assert min(factors) < 0.5, "sustained shedding lowers the rate"
+    # at least two cuts (x0.8 each; four on a quiet machine): the windows are counted on the fake clock, but the
+    # lanes' wake-up still waits on a real-time timeout, so under load one window's cut can be missed (seen in CI)
+    assert min(factors) < 0.7, "sustained shedding lowers the rate"
     assert engine._senders["flex"].rpm_l.factor > min(factors) + 0.2, "answers raise it again"
     assert len(fake.generated) == 200 and len(set(fake.generated)) == 200
