@@ -2602,7 +2602,8 @@ class ExternalSorter:
 
         self.sink.put(self.name, counted())
         self.buf, self.size = [], 0
-        self.sink.drop_runs(self.name)
+        with contextlib.suppress(RemoteError):  # the result is whole: a run left behind goes with cleanup's
+            self.sink.drop_runs(self.name)  # results/ folder, and must not cost a fresh download of paid answers
         return tally[0], tally[1]
 
 
@@ -3470,13 +3471,22 @@ class GsResults:
 
     @contextlib.contextmanager
     def _remote(self, what: str) -> Iterator[None]:
+        """Every error of a call becomes a RemoteError (the engine counts it as a failed round), an expired or
+        missing credential an AuthError: not only the API's and the transport's, but also resumable-media's
+        InvalidResponse / DataCorruption of an upload chunk, which derive from Exception alone."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
 
         try:
             yield
+        except BatchifyError:
+            raise
         except gexc.GoogleAPICallError as e:
             raise RemoteError(f"{what}: {e.code} {e.message}", code=int(e.code or 0)) from e
-        except (OSError, ValueError) as e:  # the transport's errors, a resumable upload refused
+        except auth_exc.GoogleAuthError as e:
+            fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+            raise AuthError(f"{what}: no usable Application Default Credentials ({e}). Fix: {fix}.", code=401) from e
+        except Exception as e:  # the transport's errors, a resumable upload refused, a chunk's bad answer
             code = getattr(getattr(e, "response", None), "status_code", 0)
             raise RemoteError(f"{what}: {type(e).__name__}: {e}", code=code if isinstance(code, int) else 0) from e
 

@@ -1011,6 +1011,40 @@ def test_any_shuffle_of_a_jobs_lines_sorts_back_to_request_order_in_bounded_runs
     assert list(sink.objects) == ["b0001"], "the runs are gone once the result is written"
 
 
+def test_a_run_that_cannot_be_deleted_costs_nothing_once_the_result_is_whole() -> None:
+    """The result object is written: a failure to delete the sorted runs is not a failed download round (that
+    would download and sort the paid answers again, and after a few rounds send them again); cleanup's
+    results/ folder takes the runs."""
+
+    class StickyRuns(MemorySink):
+        def drop_runs(self, name: str) -> None:
+            raise batchify.RemoteError("delete gs://b/results/b0001.run-0001.jsonl: 503 Service Unavailable", code=503)
+
+    sink = StickyRuns()
+    sorter = batchify.ExternalSorter(sink, "b0001", 60)
+    for n in (3, 1, 2, 0):
+        sorter.add(n, _line(n, True, n))
+    assert sorter.finish(range(4), lambda n: _line(n, False, -1)) == (4, 0)
+    assert [batchify.line_ordinal(x) for x in sink.objects["b0001"].splitlines()] == [0, 1, 2, 3]
+
+
+def test_every_cloud_storage_error_of_a_results_call_is_a_remote_error() -> None:
+    """Not only the API's: resumable-media's InvalidResponse of an upload chunk derives from Exception alone, and
+    an expired credential is google-auth's; either would otherwise stop the engine in the middle of retrieval."""
+    from google.auth import exceptions as auth_exc
+    from google.resumable_media import common
+
+    results = batchify.GsResults("gs://b/batchify/news/results")
+    response = type("Response", (), {"status_code": 502})()
+    with pytest.raises(batchify.RemoteError) as got, results._remote("write b0001"):
+        raise common.InvalidResponse(response, "Bad Gateway")
+    assert got.value.code == 502 and "write b0001" in str(got.value)
+    with pytest.raises(batchify.AuthError, match="application-default login"), results._remote("read b0001"):
+        raise auth_exc.RefreshError("token expired")
+    with pytest.raises(batchify.RemoteError, match="no such object"), results._remote("read b0001"):
+        raise batchify.RemoteError("read b0001: no such object", code=404)
+
+
 def test_join_keys_table() -> None:
     def join(pairs: list[tuple[int, str]], keys: list[int]) -> list[str]:
         got = batchify.join_keys(iter([(n, x.encode()) for n, x in pairs]), keys, lambda n: f"missing {n}".encode())
