@@ -3516,12 +3516,8 @@ class GsResults:
             return self._bucket().get_blob(f"{self.prefix}/{name}.jsonl") is not None
 
     def drop_runs(self, name: str) -> None:
-        from google.api_core import exceptions as gexc
-
         with self._remote(f"delete the sorted runs of {self.uri(name)}"):
-            for b in self._client().list_blobs(self.bucket_name, prefix=f"{self.prefix}/{name}.run-"):
-                with contextlib.suppress(gexc.NotFound):
-                    b.delete()
+            _delete_prefix(self._client(), self.bucket_name, f"{self.prefix}/{name}.run-")
 
 
 # ================================================================================================
@@ -6021,7 +6017,7 @@ class Engine:
         with self.request_files.open(rel) as f:
             for n, req, t in self._requests(todo):
                 line = orjson.dumps({"key": str(n), "request": req}) + b"\n"
-                f.write(self.request_files.encode(line))
+                f.write(self.request_files.encode(line, (str(n), req)))  # the entry in hand: no parse back
                 tokens += t
                 nbytes += len(line)
         name = f"x{idx:04d}"
