@@ -5798,14 +5798,16 @@ class Engine:
                     return
                 # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
                 # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is
-                # none: a room that is already there would wake this loop at once, forever).
-                wakers = [asyncio.ensure_future(self._flex_wake.wait())]
+                # none: a room that is already there would wake this loop at once, forever); at the latest after
+                # a poll interval on the engine's clock (a fake one in tests).
+                wakers = [
+                    asyncio.ensure_future(self._flex_wake.wait()),
+                    asyncio.ensure_future(self.sleep(max(0.05, self.opts.poll))),
+                ]
                 if not gate.room.is_set():
                     wakers.append(asyncio.ensure_future(gate.room.wait()))
                 try:
-                    await asyncio.wait(
-                        [*running, *wakers], timeout=max(0.05, self.opts.poll), return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait([*running, *wakers], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for w in wakers:
                         w.cancel()
