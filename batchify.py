@@ -4020,18 +4020,13 @@ class VertexClient(GeminiClient):
     def _put_requests(self, path: Path, obj: str) -> int:
         """Stream one request file to the bucket, line by line converted (worker thread); bytes written."""
         written = 0
-        buf = bytearray()
         blob = self._bucket.blob(obj)
         with open(path, "rb") as src, blob.open("wb", chunk_size=8 * 1024 * 1024, content_type="application/jsonl") as dst:
+            w = _GsLines(dst)
             for line in src:
                 if line.strip():
-                    buf += vertex_request_line(line)
-                if len(buf) >= 1 << 20:
-                    dst.write(bytes(buf))
-                    written += len(buf)
-                    buf.clear()
-            dst.write(bytes(buf))
-            written += len(buf)
+                    written += w.write(vertex_request_line(line))
+            w.flush()
         return written
 
     async def upload(self, path: Path, display_name: str) -> RemoteFile:
