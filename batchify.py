@@ -1450,6 +1450,14 @@ class Job:
         d["state"] = str(self.state)
         return {"schema_version": SCHEMA_VERSION, "kind": "job", **d}
 
+    @property
+    def primary_range(self) -> range | None:
+        """The ordinals [start, end) of a batch's first job as prepare cut it (its "primary"), read from the
+        input's order; None for a retry, a split part or the line retry, whose requests are in their own file."""
+        if self.start is None or self.end is None or self.attempt != 1 or self.retry_of is not None:
+            return None
+        return range(self.start, self.end)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
         validate_job_dict(d)
@@ -6506,10 +6514,9 @@ class Engine:
     def _job_keys(self, job: Job) -> range | list[int]:
         """The ordinals a job was sent, in request order: a primary job's range less the fetch failures in it
         (its requests need not be read), a retry's or a split part's from its request file."""
-        if job.retry_of is None and job.start is not None and job.end is not None:
-            s, e = job.start, job.end
-            failed = {n for n, _r, _raw in self._results_lines(self.store.fetch_errors_path) if s <= n < e}
-            return [n for n in range(s, e) if n not in failed] if failed else range(s, e)
+        if (keys := job.primary_range) is not None:
+            failed = {n for n, _r, _raw in self._results_lines(self.store.fetch_errors_path) if n in keys}
+            return [n for n in keys if n not in failed] if failed else keys
         return [int(request_entry(line)[0]) for line in self.request_files.lines(job.request_file)]
 
     @functools.cached_property
@@ -6522,7 +6529,7 @@ class Engine:
         """Where a job's results sidecar is, and its name there: a Vertex run's primary job in the bucket (named
         as the job, display name); the rest (and results written before they moved there) in results/."""
         local = LocalResults(self.store.dir / "results")
-        if self._bucket_results is None or job.retry_of is not None or job.start is None or local.exists(job.name):
+        if self._bucket_results is None or job.primary_range is None or local.exists(job.name):
             return local, job.name
         return self._bucket_results, job.display_name
 
@@ -6561,7 +6568,7 @@ class Engine:
         """Results from retry jobs and the real-time path (small: only what batch left undone)."""
         out: dict[int, dict[str, Any]] = {}
         for j in self._ordered():
-            if (j.retry_of or j.start is None) and j.state == JobState.RESULTS_DOWNLOADED:
+            if j.primary_range is None and j.state == JobState.RESULTS_DOWNLOADED:
                 for n, r, _raw in self._results_lines(self.store.result_path(j)):
                     out[n] = merge_choice(out.get(n), r)
         for path in (self.store.realtime_path, self.store.fetch_errors_path):
@@ -6604,7 +6611,7 @@ class Engine:
         in a small per-batch dict.
         """
         overrides = self._overrides()
-        primary = {j.index: j for j in self.jobs.values() if j.attempt == 1 and j.start is not None}
+        primary = {j.index: j for j in self.jobs.values() if j.primary_range is not None}
         for idx, s, e in self._ranges():
             if idx in skip:
                 continue
@@ -6644,7 +6651,7 @@ class Engine:
         whole = {
             j.index
             for j in self.jobs.values()
-            if j.attempt == 1 and j.start is not None and j.state == JobState.RESULTS_DOWNLOADED
+            if j.primary_range is not None and j.state == JobState.RESULTS_DOWNLOADED
             if j.failed == 0 and j.ok == j.request_count
         }
         return {n for n, r, _raw in self.resolve(whole) if r is None or (r["status"] != "ok" and r.get("source") != "fetch")}

@@ -806,3 +806,21 @@ def test_random_flex_sheds_do_not_cut_the_rate_sustained_shedding_does():
         if i % 10 < 3:
             verdicts.append(sender._shedding())
     assert verdicts[-1] and not verdicts[0]  # not on the first few attempts of a window: too few to tell
+
+
+# -- which job is a batch's primary (its results are read in input order, by range) ---------------------------
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"start": 10, "end": 15}, range(10, 15)),  # the first job of a batch, as prepare cut it
+        ({"start": 10, "end": 15, "attempt": 2, "retry_of": "b0001"}, None),  # a retry (sidecars never give it a range)
+        ({"start": 10, "end": 15, "retry_of": "b0001"}, None),
+        ({"part": ".1"}, None),  # a split part: its own request file
+        ({}, None),  # the line retry (x0001): its own request file
+    ],
+)
+def test_primary_range_names_the_first_job_of_a_batch_only(changes, expected):
+    import dataclasses
+
+    job = dataclasses.replace(b.Job("b0001", 1, "dn", "requests/b0001.jsonl", 5, 50, 500), **changes)
+    assert job.primary_range == expected
