@@ -108,9 +108,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> sub
 def run_against(emu: Any, inp: Any, cwd: Path, *args: str, out: Any = None, **env: str) -> subprocess.CompletedProcess[str]:
     """`batchify run INPUT ARGS` against this test's emulator, state in ./st, results in `out` if given."""
     extra = ["--out", str(out)] if out is not None else []
-    # retry delays at a tenth: the retry rules are the same, the tests wait less
+    # retry delays at a fiftieth: the retry rules are the same, the tests wait less
     return run_cli(
-        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--retry-scale", "0.1", *extra, *args], cwd, **env
+        ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--retry-scale", "0.02", *extra, *args], cwd, **env
     )
 
 
@@ -163,7 +163,7 @@ def a_create_recorded(run_dir: Path) -> bool:
 def spawn_batch_run(emu: Any, inp: Path, cwd: Path, out: Path, poll: str = "30") -> subprocess.Popen[str]:
     """`batchify run INPUT --mode batch` in the background against this test's emulator (to interrupt or race it)."""
     args = ["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "batch", "--poll-interval", poll]
-    args += ["--retry-scale", "0.1"]
+    args += ["--retry-scale", "0.02"]
     return spawn_cli([*args, "--out", str(out)], cwd)
 
 

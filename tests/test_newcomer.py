@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from conftest import (
     run_until_the_job_ended_remotely,
     spawn_cli,
     wait_for,
+    zygote,
 )
 
 import batchify
@@ -105,16 +104,12 @@ def test_dotenv_in_the_working_directory_is_read(emu, articles, tmp_path):
     (tmp_path / ".env").write_text("GEMINI_API_KEY=from-dotenv\n")
     env = {k: v for k, v in cli_env().items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     emu.configure(reject_key="wrong")  # any key but "wrong" is accepted; no key at all is refused
-    p = subprocess.run(
-        [sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *FAST],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert p.returncode == 0, p.stderr
+    # forked from the warm zygote (as run_cli) but with this environment as it is: no key in it at all
+    p = zygote().spawn(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *FAST], tmp_path, env)
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    s = emu.stats()
+    assert s["creates"] + s["generate_calls"] > 0  # it reached the service, with the key from .env
 
 
 def test_ctrl_c_and_sigterm_leave_an_interrupted_run_named_in_the_message(emu, articles, tmp_path):
@@ -192,9 +187,11 @@ def test_every_option_has_help():
 def test_told_a_limit_too_high_the_batch_is_split_the_limit_learned_and_status_says_why(emu, articles, tmp_path):
     """Told 10M where the account has 9,000 tokens: the one 26k-token batch is refused with nothing of the
     run enqueued; batchify halves it until the parts fit, learns the limit, and `status` says why."""
-    emu.configure(enqueued_limit=9000)
+    emu.configure(enqueued_limit=9000, job_seconds=0.1)  # the parts run one at a time: short jobs
     out = tmp_path / "o.jsonl"
-    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "batch", "--enqueued-limit", "10000000", out=out)
+    # polls (and so the create back-off, which starts at the poll interval) at 50 ms: the 429s and halvings are many
+    args = ("--mode", "batch", "--enqueued-limit", "10000000", "--poll-interval", "0.05")
+    p = run_against(emu, articles, tmp_path, *FAST, *args, out=out)
     assert p.returncode == 0, p.stderr
     assert [r["id"] for r in read_jsonl(out)] == input_ids(articles)
     assert all(r["status"] == "ok" for r in read_jsonl(out))

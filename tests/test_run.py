@@ -52,7 +52,7 @@ def test_run_forces_three_waves_and_respects_the_limit(emu, articles, tmp_path):
 @pytest.mark.slow
 def test_rolling_admission_keeps_the_limit_busy(emu, articles, tmp_path):
     """Rolling admission submits as soon as a batch fits: more than one wave is live at a time."""
-    emu.configure(enqueued_limit=9000, job_seconds=0.4, job_seconds_max=1.6)
+    emu.configure(enqueued_limit=9000, job_seconds=0.2, job_seconds_max=0.8)
     out = tmp_path / "out.jsonl"
     p = run_against(emu, articles, tmp_path, "--enqueued-limit", "9000", "--batch-size", "4", *FAST, out=out)
     assert p.returncode == 0, p.stderr
