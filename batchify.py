@@ -6429,8 +6429,7 @@ class Engine:
             raise
         except RemoteError as e:
             if e.code == 404:
-                self._advance(job, JobState.FAILED, error="the remote job is gone (404)")
-                return True
+                return await self._poll_answered_404(job)
             if not e.transient:  # 400/403 on a get: not worth polling forever
                 n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
                 if n >= POLL_REFUSALS:
@@ -6455,6 +6454,26 @@ class Engine:
             self.store.save_job(new)
             self._saved_at[job.name] = now
         return moved
+
+    async def _poll_answered_404(self, job: Job) -> bool:
+        """A job's get answered 404. A job that still runs, answered 404 by a proxy or a routing blip and then
+        resubmitted, is paid twice; so it counts as gone (FAILED, and retried) only after POLL_REFUSALS 404s in a
+        row and when the service's own list does not show it either. True when it was marked gone."""
+        n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
+        if n < POLL_REFUSALS:
+            self._log(f"{job.name}: poll answered 404 (not found), {n} of {POLL_REFUSALS} before it counts as gone")
+            return False
+        try:
+            listed = await self.client.list_batches()
+        except RemoteError as e:
+            self._log(f"{job.name}: poll answered 404 and the list to confirm it failed ({e}); will poll again")
+            return False
+        if any(r.name == job.remote_job or r.display_name == job.display_name for r in listed):
+            self._poll_refusals[job.name] = 0
+            self._log(f"{job.name}: poll answered 404 {n} times but the service lists the job; will poll again")
+            return False
+        self._advance(job, JobState.FAILED, error=f"the remote job is gone (404 {n} times, and not in the service's list)")
+        return True
 
     async def retrieve(self, job: Job) -> bool:
         """Download, parse and record one finished job's results. False: try again later."""
@@ -7435,6 +7454,24 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     return diffs
 
 
+def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs: Iterable[Job]) -> str | None:
+    """Why a resume may not move to another endpoint, or None. A job created at one service is unknown to another:
+    there every poll answers 404, the job counts as gone and is created again, so its ids would be paid twice (the
+    first service still runs and bills them). The built-in local emulator's jobs end with its process: no such job."""
+    if given is None or given == was or was == "local":
+        return None
+    live = [j.name for j in jobs if j.remote_job and j.state in ACTIVE_STATES | {JobState.SUCCEEDED}]
+    live += [j.name for j in jobs if j.state == JobState.SUBMITTING and j.name not in live]
+    if not live:
+        return None
+    where = was or "Google's Gemini API (the default endpoint)"
+    return (
+        f"run {name!r} has {len(live)} job(s) at {where} ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); "
+        f"resuming at {given} would create them again there and pay for their requests twice. Fix: resume without "
+        f"--endpoint; to move the run, `batchify cancel {name}` first."
+    )
+
+
 async def resume_run(
     name: str,
     state_dir: str | Path = DEFAULT_STATE_DIR,
@@ -7460,6 +7497,10 @@ async def resume_run(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
                 "or start a new run with --name."
             )
+        if endpoint not in (None, run.endpoint):  # a damaged job sidecar is the engine's to mend: not read here
+            with contextlib.suppress(StateError):
+                if (problem := endpoint_switch_problem(name, run.endpoint, endpoint, store.load_jobs())) is not None:
+                    raise UsageError(problem)
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
         told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
@@ -8954,6 +8995,7 @@ class EmulatorConfig:
     download_403: int = 0  # output download answered 403
     download_404: int = 0  # output download answered 404 (SUCCEEDED before the output is readable)
     list_429: int = 0  # batches.list answered 429 (seen in a client's CI log)
+    get_404: int = 0  # a job's get answered 404 NOT_FOUND while the job lives (a proxy, a routing blip)
     count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
     # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
@@ -9917,6 +9959,8 @@ class Emulator:
     async def _h_batch_get(self, request: Any, ver: str, id: str) -> Any:
         self.stats["gets"] += 1
         j = self._job(id)
+        if self._fault("get_404"):
+            raise _EmuError(404, "NOT_FOUND", "Requested entity was not found.")
         op = self._operation(j)
         # Polling cost, for tests and benches: gets per job, the shortest gap between two gets of one
         # job, and how long after its end a client first saw a job finished.

@@ -50,6 +50,38 @@ def test_failed_jobs_are_resubmitted(emu, articles, tmp_path):
     assert_no_duplicate_creates(s)
 
 
+def test_a_running_job_answered_404_is_not_resubmitted(emu, articles, tmp_path):
+    """A get answered 404 for a job that still runs (a proxy, a routing blip): resubmitting it would pay for its
+    ids twice. Five 404s in a row: three before the job counts as gone, then the list still shows it."""
+    emu.configure(get_404=5, job_seconds=1.0)
+    p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30", "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert_complete(out, articles)
+    s = emu.stats()
+    assert s["faults_get_404"] == 5 and "the service lists the job" in p.stderr
+    assert s["creates"] == 2 and not any(j["retry_of"] for j in jobs_of(tmp_path)), "a live job was resubmitted"
+    assert_no_duplicate_creates(s)
+
+
+def test_a_job_the_service_lost_is_resubmitted(emu, articles, tmp_path):
+    """A job that is really gone (404 on get, and not in the list): it counts as FAILED and is tried again."""
+    emu.configure(job_seconds=30)
+    proc = spawn_cli(
+        ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *FAST, "--mode", "batch", "--out", "o.jsonl"],
+        tmp_path,
+    )
+    wait_for(lambda: emu.stats()["creates"] >= 1)
+    emu.thread.call(lambda: (emu.emulator.jobs.clear(), emu.emulator.configure(job_seconds=0.3)))
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "poll answered 404 (not found), 2 of 3" in err
+    assert_complete(tmp_path / "o.jsonl", articles)
+    jobs = {j["name"]: j for j in jobs_of(tmp_path)}
+    assert set(jobs) == {"b0001", "b0001-r2"} and jobs["b0001-r2"]["retry_of"] == "b0001"
+    assert "404 3 times" in jobs["b0001"]["error"]
+    assert emu.stats()["creates"] == 2
+
+
 def test_expired_job_is_resubmitted(emu, articles, tmp_path):
     emu.configure(expire_jobs=1, expire_seconds=0.8)
     p, out = run_articles(emu, articles, tmp_path, "--batch-size", "30", "--mode", "batch")

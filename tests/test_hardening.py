@@ -435,3 +435,40 @@ def test_a_version_1_run_json_keeps_its_notes(tmp_path):
     store.save_run(back)
     on_disk = json.loads((store.dir / "run.json").read_bytes())
     assert on_disk["schema_version"] == batchify.SCHEMA_VERSION and "realtime" not in on_disk
+
+
+# -- a resume never moves live jobs to another service ----------------------------------------------------
+def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp_path):
+    """Jobs created at one service are unknown to another: resuming there would create (and pay for) them again."""
+    import signal
+
+    from conftest import a_create_recorded, spawn_cli, wait_for
+
+    emu.configure(job_seconds=3)  # the sidecars say RUNNING whether or not it has ended by the refused resume
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--mode", "batch", "--out", "o.jsonl"]
+    p = spawn_cli([*args, *FAST], tmp_path)
+    wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    with batchify.EmulatorThread(batchify.EmulatorConfig(job_seconds=0.2)) as other:
+        moved = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", other.url], tmp_path)
+        assert moved.returncode == 2, moved.stderr
+        assert "pay for their requests twice" in moved.stderr and "b0001" in moved.stderr
+        assert other.emulator.stats["creates"] == 0
+    done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == input_ids(articles)
+    assert emu.stats()["creates"] == 1
+
+
+def test_endpoint_switch_problem_only_for_jobs_alive_elsewhere():
+    job = batchify.Job("b0001", 1, "dn", "requests/b0001.jsonl", 3, 30, 100)
+    running = [batchify.dataclasses.replace(job, state=batchify.JobState.RUNNING, remote_job="batches/1")]
+    done = [batchify.dataclasses.replace(job, state=batchify.JobState.RESULTS_DOWNLOADED, remote_job="batches/1")]
+    assert batchify.endpoint_switch_problem("r", "http://a", "http://b", running) is not None
+    assert batchify.endpoint_switch_problem("r", None, "http://b", running) is not None  # from Google's own
+    assert batchify.endpoint_switch_problem("r", "http://a", None, running) is None  # not given: the run's own
+    assert batchify.endpoint_switch_problem("r", "http://a", "http://a", running) is None
+    assert batchify.endpoint_switch_problem("r", "local", "http://b", running) is None  # died with its process
+    assert batchify.endpoint_switch_problem("r", "http://a", "http://b", done) is None
+    assert batchify.endpoint_switch_problem("r", "http://a", "http://b", [job]) is None  # never created
