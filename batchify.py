@@ -81,6 +81,7 @@ import stat
 import statistics
 import string
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -128,7 +129,7 @@ DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lo
 DEFAULT_MAX_ATTEMPTS = 3
 SPLIT_AFTER_REFUSALS = 4  # creates of one job refused (429) with nothing of the run enqueued before it is split
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
-POLL_REFUSALS = 3  # permanent (non-transient, non-404) answers to a job's get before the job counts as FAILED
+POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
@@ -3341,6 +3342,30 @@ def out_location(out: str, project: str | None = None) -> Path:
     return GsOutput(out, project) if out.startswith("gs://") else Path(out)
 
 
+def check_out(out: str, input_path: Path) -> None:
+    """Exit 2 (UsageError) before anything is sent when the results file cannot be written where --out says, so a
+    paid run never ends unable to merge: a folder, the input itself, a path under a file, a folder that takes no
+    new file (probed with a temporary file in the nearest folder that exists). gs:// is its writer's to check."""
+    if out.startswith("gs://"):
+        return
+    p = Path(out).expanduser()
+    fix = "Fix: give --out a file path in a folder you can write to."
+    if out.endswith(("/", os.sep)) or p.is_dir():
+        raise UsageError(f"--out {out} is a folder, not a file. Fix: name the file, e.g. --out {p / 'results.jsonl'}.")
+    if not isinstance(input_path, GsInput) and p.resolve() == input_path.resolve():
+        raise UsageError(f"--out {out} is the input file: the results would overwrite it. Fix: give --out another path.")
+    folder = p.resolve().parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: {folder} is a file, so no folder can be made under it. {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: no file can be written in {folder} ({e.strerror or e}). {fix}") from None
+
+
 def results_writer(out: Path) -> Any:
     """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage."""
     return out.atomic_writer() if isinstance(out, GsOutput) else atomic_file(out, unique=False)
@@ -5100,6 +5125,7 @@ async def prepare_run(
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
+    check_out(opts.out or default_out(path, store.name), path)
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -7396,9 +7422,11 @@ async def run_file(
             diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
             if diffs:
                 raise UsageError(
-                    f"a run named {name!r} already exists in {state_dir} with a different {', '.join(diffs)}. Fix: pass "
-                    f"--name NEW to start a new run, or `batchify resume {name}` to finish the existing one."
+                    f"a run named {name!r} already exists in {state_dir}, and this command differs from it in: "
+                    f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or `batchify resume {name}` to "
+                    "finish the existing one."
                 )
+            run = _continue_at(store, run, endpoint, opts.out, input_location(input_path, opts))
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
@@ -7454,6 +7482,25 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     return diffs
 
 
+def _continue_at(store: RunStore, run: Run, endpoint: str | None, out: str | None, input_path: Path) -> Run:
+    """The same `run` command again, with an --endpoint or --out of its own: another endpoint is refused while jobs
+    live at the run's (endpoint_switch_problem); another --out is checked (check_out) and the results go there from
+    now on (a finished run's are merged there at once)."""
+    if endpoint not in (None, run.endpoint):
+        with contextlib.suppress(StateError):  # a damaged job sidecar is the engine's to mend: not read here
+            if (problem := endpoint_switch_problem(store.name, run.endpoint, endpoint, store.load_jobs())) is not None:
+                raise UsageError(problem)
+    if out is None or out_uri(out) == run.out:
+        return run
+    check_out(out, input_path)
+    run = dataclasses.replace(run, out=out_uri(out))
+    store.save_run(run)
+    if run.status == "done":
+        merge_run(store.state_dir, store.name)
+        run = store.load_run()
+    return run
+
+
 def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs: Iterable[Job]) -> str | None:
     """Why a resume may not move to another endpoint, or None. A job created at one service is unknown to another:
     there every poll answers 404, the job counts as gone and is created again, so its ids would be paid twice (the
@@ -7497,10 +7544,7 @@ async def resume_run(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
                 "or start a new run with --name."
             )
-        if endpoint not in (None, run.endpoint):  # a damaged job sidecar is the engine's to mend: not read here
-            with contextlib.suppress(StateError):
-                if (problem := endpoint_switch_problem(name, run.endpoint, endpoint, store.load_jobs())) is not None:
-                    raise UsageError(problem)
+        run = _continue_at(store, run, endpoint, None, inp)
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
         told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
@@ -8677,6 +8721,13 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
     run = RunStore(state_dir, run_name).load_run()
     out = out_location(run.out, run.run_options.project)
     if not out.exists():
+        try:
+            check_out(run.out, input_location(run.input_path, run.run_options))
+        except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
+            console().print(f"[yellow]note:[/] {_esc(e)} Printing run {_esc(run_name)}'s results from its sidecars.")
+            for r in iter_sidecar_results(state_dir, run_name):
+                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
+            return
         merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
     else:
         st = out.stat()

@@ -173,3 +173,42 @@ def test_gs_input_without_credentials_exits_3_naming_the_fix(tmp_path):
     assert p.returncode == 3, err
     assert "Application Default Credentials" in err and "gcloud auth application-default login" in err
     assert "Traceback" not in err
+
+
+# -- --out is checked before anything is sent ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("articles.jsonl", "is the input file"),  # the results would overwrite the input
+        ("articles.jsonl/x.jsonl", "is a file, so no folder can be made under it"),
+        ("newdir/", "is a folder, not a file"),
+        ("/proc/nope/x.jsonl", "no file can be written in /proc"),
+    ],
+)
+def test_an_out_that_cannot_be_written_exits_2_before_anything_is_sent(emu, articles, tmp_path, out, message):
+    before = articles.read_bytes()
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--out", out], tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "--out" in p.stderr
+    s = emu.stats()
+    assert s["uploads"] == 0 and s["creates"] == 0 and s["generate_calls"] == 0
+    assert articles.read_bytes() == before
+
+
+def test_the_same_run_with_another_out_writes_there_and_results_print_when_out_is_gone(emu, articles, tmp_path):
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--poll-interval", "0.1"]
+    assert run_cli([*args, "--out", "first.jsonl"], tmp_path).returncode == 0
+    again = run_cli([*args, "--out", "second.jsonl"], tmp_path)  # done: merged again, where it is asked for
+    assert again.returncode == 0, again.stderr
+    assert [r["id"] for r in read_jsonl(tmp_path / "second.jsonl")] == [r["id"] for r in read_jsonl(tmp_path / "first.jsonl")]
+    assert emu.stats()["creates"] + emu.stats()["generate_calls"] > 0
+    (tmp_path / "second.jsonl").unlink()
+    (tmp_path / "blocker").write_text("a file where a folder was meant to be")
+    run = json.loads((tmp_path / "st" / "articles" / "run.json").read_text())
+    run["out"] = str(tmp_path / "blocker" / "second.jsonl")  # as if the folder became unusable after the run
+    (tmp_path / "st" / "articles" / "run.json").write_text(json.dumps(run))
+    shown = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "from its sidecars" in shown.stderr
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert len(rows) == 60 and all(r["status"] == "ok" for r in rows)
