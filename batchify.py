@@ -7928,6 +7928,14 @@ class RichReporter:
         p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
 
 
+def summary_cost(s: Summary) -> str:
+    """A run's cost as the closing report says it: the total, then each price lane that was used (batch and Flex at
+    the batch price, standard real time at the full one)."""
+    lanes = (("batch", s.cost_batch_usd), ("flex", s.cost_flex_usd), ("standard", s.cost_realtime_usd))
+    used = [f"{name} ${usd:.4f}" for name, usd in lanes if usd > 0]
+    return f"${s.cost_batch_usd + s.cost_flex_usd + s.cost_realtime_usd:.4f}" + (f" ({', '.join(used)})" if used else "")
+
+
 def render_summary(s: Summary) -> None:
     c = report()
     style = "green" if s.errors == 0 else "yellow"
@@ -7936,7 +7944,7 @@ def render_summary(s: Summary) -> None:
     c.print(
         f"sources: {_esc(srcs)}; tokens in {s.usage.get('promptTokenCount', 0):,} "
         f"out {s.usage.get('candidatesTokenCount', 0) + s.usage.get('thoughtsTokenCount', 0):,}; "
-        f"cost ${s.cost_batch_usd:.4f} batch + ${s.cost_realtime_usd:.4f} real time"
+        f"cost {summary_cost(s)}"
     )
     for kind, n in sorted(s.error_kinds.items(), key=lambda kv: -kv[1])[:10]:
         c.print(f"  [red]{n:,}[/] x {_esc(kind)}")
@@ -7992,7 +8000,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
             continue
         states = " ".join(f"{k.lower()}:{v}" for k, v in sorted(r["job_states"].items()))
         cost = (
-            (r["summary"].get("cost_batch_usd", 0) + r["summary"].get("cost_realtime_usd", 0))
+            sum(r["summary"].get(k, 0) for k in ("cost_batch_usd", "cost_flex_usd", "cost_realtime_usd"))
             if r["summary"]
             else r["batch_cost_usd"]
         )

@@ -4,6 +4,7 @@ id answered once and nothing created twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -355,6 +356,12 @@ def test_flex_mode_sends_every_request_through_flex(emu, articles, tmp_path):
     spec = batchify.builtin_catalog().spec(batchify.DEFAULT_MODEL, "2026-12-01")
     assert summary["cost_flex_usd"] == pytest.approx(batchify.cost_usd(spec, summary["usage"], "flex"), rel=1e-4)
     assert summary["cost_flex_usd"] == pytest.approx(batchify.cost_usd(spec, summary["usage"], "standard") / 2, rel=1e-4)
+    flex = f"${summary['cost_flex_usd']:.4f}"
+    fields = {f.name for f in dataclasses.fields(batchify.Summary)}
+    said = batchify.summary_cost(batchify.Summary(**{k: v for k, v in summary.items() if k in fields}))
+    assert said == f"{flex} (flex {flex})"  # the closing report counts Flex
+    st = run_cli(["status", "--state-dir", "st"], tmp_path)
+    assert flex in st.stdout, st.stdout  # and status's cost column: Flex is paid for too
 
 
 def test_flex_shed_storm_every_id_answered_and_the_rate_backed_off(emu, articles, tmp_path):
