@@ -1018,11 +1018,16 @@ def validate_config(cfg: JobConfig, where: str, flags: Iterable[str] = ()) -> No
     if not isinstance(cfg.prompt_template, str) or not cfg.prompt_template.strip():
         raise ConfigError(f"{blame('prompt_template')}: 'prompt_template' must be a non-empty string with {{text}} in it.")
     try:
-        template_fields(cfg.prompt_template)
+        used = template_fields(cfg.prompt_template)
     except ValueError as e:
         raise ConfigError(
             f"{blame('prompt_template')}: 'prompt_template' is not a valid template ({e}). Fix: write literal braces as {{{{ and }}}}."
         ) from e
+    if "text" not in used:  # every document would be sent the same prompt, and paid for
+        raise ConfigError(
+            f"{blame('prompt_template')}: 'prompt_template' has no {{text}}, so no document's text would be sent. "
+            "Fix: put {text} where each document's text goes."
+        )
     if cfg.schema is not None:
         if not isinstance(cfg.schema, dict):
             raise ConfigError(f"{where}: 'schema' must be a JSON Schema object.")
@@ -3015,6 +3020,20 @@ def check_input_file(path: Path) -> None:
             f"{path}: not a regular file (a pipe, FIFO or device): batchify reads its input more than once and checks "
             "its hash on resume. Fix: save it to a file first (e.g. `cat ... > input.jsonl`)."
         )
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, kind, fix in _PACKED:
+        if head.startswith(magic):
+            raise InputError(f"{path}: a {kind} file, not JSONL. Fix: unpack it first (e.g. `{fix} {path}`).")
+
+
+_PACKED = (  # the first bytes of packed files users pass for JSONL: (magic, what it is, the command that unpacks it)
+    (b"\x1f\x8b", "gzip-compressed", "gunzip -k"),
+    (b"BZh", "bzip2-compressed", "bunzip2 -k"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "unxz -k"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "unzstd"),
+    (b"PK\x03\x04", "zip", "unzip"),
+)
 
 
 def read_input(path: Path) -> Iterator[InputRecord]:
@@ -8590,12 +8609,20 @@ def _render_dry_run(r: Run, as_json: bool, state_dir: str) -> None:
 
 
 def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
+    store = RunStore(state_dir, summary.run) if state_dir is not None else None
+    rejected = store.load_run().rejected if store is not None and store.exists() else 0
     if as_json:
-        _emit_json(summary.to_dict())
+        _emit_json({**summary.to_dict(), "rejected": rejected})
     else:
         if state_dir is not None and summary.ok:
             render_analytics(closing_analytics(state_dir, summary), totals=False)
         render_summary(summary)
+        if rejected and store is not None:  # --skip-invalid: those records have no line in the results
+            report().print(
+                f"[yellow]{rejected:,} input record(s) set aside[/] (--skip-invalid), not in the results: "
+                f"{_esc(store.rejected_path)}",
+                soft_wrap=True,
+            )
     if summary.status == "cancelled":
         raise SystemExit(1)
     if summary.errors:

@@ -80,6 +80,7 @@ def test_bom_crlf_and_blank_lines_are_accepted(emu, tmp_path):
         ("model = \n", "not valid TOML"),
         ("temperature = 7.0\n", "'temperature' must be a number from 0.0 to 2.0"),
         ("prompt_template = 'Hi {0}'\n", "not a valid template"),
+        ("prompt_template = 'Summarise: {title}'\n", "has no {text}"),  # every document the same prompt
     ],
 )
 def test_bad_config(emu, articles, tmp_path, toml, message):
@@ -110,6 +111,7 @@ def test_skip_invalid_sets_records_aside(emu, tmp_path):
     assert [r["where"] for r in rejected] == ["line 2", "line 3"]
     assert "no 'text'" in rejected[0]["reason"] and rejected[1]["record"] == "not json"
     assert "2 rejected" in p.stderr
+    assert "2 input record(s) set aside" in p.stdout  # and the closing report says so again, beside the counts
 
 
 def test_files_are_private(emu, articles, tmp_path):
@@ -212,3 +214,14 @@ def test_the_same_run_with_another_out_writes_there_and_results_print_when_out_i
     assert "from its sidecars" in shown.stderr
     rows = [json.loads(line) for line in shown.stdout.splitlines()]
     assert len(rows) == 60 and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_compressed_input_is_named_as_such(emu, articles, tmp_path):
+    import gzip
+
+    packed = tmp_path / "articles.jsonl.gz"
+    packed.write_bytes(gzip.compress(articles.read_bytes()))
+    p = run_cli(["run", str(packed), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "gzip-compressed file, not JSONL" in p.stderr and "gunzip -k" in p.stderr
+    assert emu.stats()["count_tokens_calls"] == 0
