@@ -40,8 +40,8 @@ Contents (sections are marked with banner comments, in the order data flows)
                                   RateLimiter (GCRA, with a window ledger), Gate
   7. Prepare .................... calibration, URL fetching (PageFetcher), the streaming pass (RecordChecker,
                                   PassWriter, BatchCutter) that writes request files, the plan
-  8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
-                                  RequestSender (Flex / standard lanes); cancel_run, cleanup_run
+  8. Run loop ................... GracefulStop; Engine: repair, upload, admit, create, poll, retrieve, Flex lanes,
+                                  hybrid, merge; RequestSender (Flex / standard lanes); cancel_run, cleanup_run
   9. Queries .................... merged results, analytics, run status (no remote calls)
  10. Library API ................ open_client, prepare, submit, run_file, resume, cancel, cleanup (async and
                                   *_sync)
@@ -131,6 +131,7 @@ SPLIT_AFTER_REFUSALS = 4  # creates of one job refused (429) with nothing of the
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
 POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
+REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
 DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
@@ -1299,6 +1300,18 @@ class LockedError(BatchifyError):
 
 class CostCapError(BatchifyError):
     exit_code = 5
+
+
+class Interrupted(BatchifyError):
+    """A run stopped because its caller asked (GracefulStop.request(): the CLI's first Ctrl-C or SIGTERM) once the
+    real-time requests already sent were answered: every step so far is saved, `resume` finishes the run.
+    `kept`: the answers that arrived (and were saved) after the request."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, kept: int = 0):
+        super().__init__(message)
+        self.kept = kept
 
 
 class RemoteError(BatchifyError):
@@ -3700,7 +3713,7 @@ class GeminiClient:
         self,
         api_key: str,
         base_url: str | None = None,
-        timeout_s: float = 120.0,
+        timeout_s: float = REQUEST_TIMEOUT_S,
         key_source: str = "the API key",
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -3963,7 +3976,7 @@ class VertexClient(GeminiClient):
         base_url: str | None = None,
         storage_endpoint: str | None = None,
         credentials: Any = None,
-        timeout_s: float = 120.0,
+        timeout_s: float = REQUEST_TIMEOUT_S,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -5618,6 +5631,37 @@ class ResultsRecorder:
         return ok, failed, self.usage
 
 
+class GracefulStop:
+    """A way to ask a run to stop without throwing away what it paid for (library API: pass one to run_file or
+    resume_run as `stop=`, call request() on the run's event loop). From then on the run sends no new request,
+    stops its batch work at once (creates, uploads, polls: nothing of it is lost, as on a cancel), waits for the
+    real-time requests already sent (Flex, standard) until each is answered and saved in realtime.jsonl, or fails
+    (their own client timeout bounds the wait: Flex FLEX_TIMEOUT_S, standard 120 s), then raises Interrupted.
+    Requests that were only queued (at the rate limits, or waiting to retry a refusal) are not sent: resume
+    sends them. To stop at once instead, cancel the task running the run (those in flight are then lost, and
+    sent again on resume)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.kept = 0  # answers saved after the request
+        self._engine: Engine | None = None
+
+    def in_flight(self) -> int:
+        """Real-time requests sent and not answered yet (0 before the run's engine starts)."""
+        return self._engine.in_flight() if self._engine is not None else 0
+
+    def wait_bound(self) -> float:
+        """The longest the run may wait for the requests in flight: their client timeout (seconds)."""
+        return self._engine.in_flight_bound() if self._engine is not None else 0.0
+
+    def request(self) -> int:
+        """Ask the run to stop gracefully; returns how many requests already sent it waits for."""
+        self.requested = True
+        if self._engine is not None:
+            self._engine._stop_requested()
+        return self.in_flight()
+
+
 class Engine:
     """Drives one prepared run to the end. Never prints, exits or reads the environment."""
 
@@ -5629,9 +5673,13 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         hook: Callable[[Hook], None] | None = None,
+        stop: GracefulStop | None = None,
     ):
         self.store = store
         self._client = client
+        self.stop = stop or GracefulStop()
+        self.stop._engine = self
+        self._stoppable: set[asyncio.Task[Any]] = set()  # batch work a stop request cancels
         self.reporter: Reporter = reporter or NullReporter()
         self.clock = clock
         self.sleep = sleep
@@ -5716,6 +5764,47 @@ class Engine:
             add_usage(usage, j.usage)
         return cost_usd(self.spec, usage, "batch")
 
+    # -- a graceful stop (GracefulStop) --------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self.stop.requested
+
+    def in_flight(self) -> int:
+        return sum(s.sending for s in self._senders.values())
+
+    def in_flight_bound(self) -> float:
+        """Seconds until every request in flight is answered or has failed, at most: its client timeout."""
+        return max((FLEX_TIMEOUT_S if s.flex else REQUEST_TIMEOUT_S for s in self._senders.values() if s.sending), default=0.0)
+
+    def _stop_requested(self) -> None:
+        """Batch work is cancelled now; the senders drop what they have not sent; the Flex lanes claim no more."""
+        for task in list(self._stoppable):
+            task.cancel()
+        for sender in self._senders.values():
+            sender.drop_unsent()
+        self._flex_wake.set()
+
+    async def _stoppable_step(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run a step of batch work that a stop request cancels (it holds nothing paid for in flight)."""
+        task = asyncio.ensure_future(step)
+        self._stoppable.add(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task.cancelled() and self.stopping and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self._raise_if_stopped()
+            raise
+        finally:
+            self._stoppable.discard(task)
+        self._raise_if_stopped()
+
+    def _raise_if_stopped(self) -> None:
+        if self.stopping:
+            self._report()
+            raise Interrupted(
+                f"stopped as asked: {self.stop.kept} answer(s) arrived and were saved meanwhile", kept=self.stop.kept
+            )
+
     # -- the whole run ---------------------------------------------------------------------------
     async def execute(self) -> Summary:
         if self.run.status == "cancelled":
@@ -5735,7 +5824,7 @@ class Engine:
         self.store.save_run(self.run)
         try:
             return await self._execute()
-        except (asyncio.CancelledError, KeyboardInterrupt):
+        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted):
             self._end_as("interrupted")
             raise
         except CostCapError:
@@ -5755,17 +5844,18 @@ class Engine:
                 f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
                 f"${self.opts.max_cost:.4f}; nothing was submitted."
             )
+        self._raise_if_stopped()
         if self.opts.mode in ("realtime", "flex"):
             await self.send_requests(None, "flex" if self.opts.mode == "flex" else "standard")
         else:
-            await self.repair()
+            await self._stoppable_step(self.repair())
             try:
                 if self.lanes == "hybrid":
                     await self.hybrid_phase()
                 else:
-                    await self.batch_phase()
+                    await self._stoppable_step(self.batch_phase())
                 if self._line_retry_due():
-                    await self.batch_phase()
+                    await self._stoppable_step(self.batch_phase())
             except BatchRefusedError as e:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
                     raise
@@ -5788,8 +5878,8 @@ class Engine:
                 elif todo:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
                     await self.send_requests(todo, tier)
-        summary = self.merge()
-        return summary
+        self._raise_if_stopped()  # before the merge: an interrupted run is merged by the resume that finishes it
+        return self.merge()
 
     def _claim_for_flex(self) -> Job | None:
         """The next batch for the Flex lanes: one they owned already and did not finish (a resume), else the
@@ -5812,13 +5902,18 @@ class Engine:
 
     async def hybrid_phase(self) -> None:
         """Batch from the head of the queue and the Flex lanes from its tail, at once; an error of either is
-        raised as itself (not wrapped in an ExceptionGroup)."""
+        raised as itself (not wrapped in an ExceptionGroup). A stop request cancels the batch side at once; the
+        Flex lanes wait for the requests they sent."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.batch_phase())
+                batch = tg.create_task(self.batch_phase())
+                self._stoppable.add(batch)
                 tg.create_task(self.flex_lanes())
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
+        finally:
+            self._stoppable.discard(batch)
+        self._raise_if_stopped()
 
     async def flex_lanes(self) -> None:
         """Drain whole not-yet-started batches from the tail through Flex, request by request, keeping the
@@ -5832,7 +5927,8 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             while True:
                 while (
-                    gate.room.is_set()
+                    not self.stopping
+                    and gate.room.is_set()
                     and sender.backlog_seconds() < 2 * self.opts.poll
                     and (not self.opts.flex_lanes or len(running) < self.opts.flex_lanes)
                 ):
@@ -5842,7 +5938,7 @@ class Engine:
                     running.add(tg.create_task(self._drain(job)))
                     for _ in range(3):  # the lane hands its requests to the gate, they queue at the buckets:
                         await asyncio.sleep(0)  # only then is the backlog worth looking at again
-                if not running and not self._batch_work_left():
+                if not running and (self.stopping or not self._batch_work_left()):
                     return
                 # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
                 # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is
@@ -5869,6 +5965,8 @@ class Engine:
             await self.send_requests(None, "flex", [job.request_file])  # the job's file holds exactly its requests
         finally:
             self._flexing.discard(job.name)
+        if self.stopping:
+            return  # not all of it sent: the lane still owns it, and resume drains the rest
         self._advance(self.jobs[job.name], JobState.FLEXED)
         self._wake.set()
 
@@ -6770,7 +6868,10 @@ class Engine:
         tier shares its RequestSender: one pair of RPM/TPM buckets, one in-flight gate, one progress view.
 
         Each result is appended to realtime.jsonl as it arrives; ids already there are never sent again.
+        Asked to stop (GracefulStop), it sends nothing more and returns once those already sent are answered.
         """
+        if self.stopping:
+            return
         service = "flex" if tier == "flex" else "standard"
         done = self._answered()
         # A counting pass first (request files stream; nothing is kept): how many, how many tokens.
@@ -6860,6 +6961,8 @@ class RequestSender:
         self.queued = 0  # requests holding a gate slot but waiting for the RPM/TPM buckets
         self.window_counts = [engine.clock(), 0, 0]  # this rate window's start, attempts sent, attempts shed
         self.latency_max = 0.0
+        self.sending = 0  # requests sent and not answered yet (what a graceful stop waits for)
+        self._unsent: set[asyncio.Task[Any]] = set()  # requests waiting for the buckets or to retry: not sent
 
     def _count_attempt(self, now: float) -> None:
         w = self.window_counts
@@ -6895,7 +6998,7 @@ class RequestSender:
 
     async def send_all(self, items: Iterable[tuple[int, dict[str, Any], int]], out: Any) -> None:
         """Send every item (ordinal, request, tokens), each as soon as the gate has a slot; returns when all
-        are answered (or given up on). Stops taking new ones at --max-cost."""
+        are answered (or given up on). Stops taking new ones at --max-cost, and when the run is asked to stop."""
         cap = self.engine.opts.max_cost
         spent = self.engine._batch_spent()
         async with asyncio.TaskGroup() as tg:
@@ -6903,17 +7006,32 @@ class RequestSender:
                 if cap is not None and spent + sum(x.view.cost_usd for x in self.engine._senders.values()) >= cap:
                     self.capped = True  # the rest stays unsent; resume with a higher --max-cost sends it
                     break
+                if self.engine.stopping:
+                    break
                 await self.gate.acquire()
+                if self.engine.stopping:  # asked to stop while waiting for a slot
+                    self.gate.release()
+                    break
                 tg.create_task(self._send(n, req, t, out))
+
+    def drop_unsent(self) -> None:
+        """The run is asked to stop: the requests not sent yet (queued at the buckets, waiting to retry) are
+        dropped (a cancelled task ends without a result line: resume sends them); those sent are waited for."""
+        for task in list(self._unsent):
+            task.cancel()
 
     async def _send(self, n: int, req: dict[str, Any], t: int, out: Any) -> None:
         try:
             r = await self._one(n, req, t)
         finally:
             self.gate.release()
+        if r is None:  # not sent (the run is stopping): resume sends it
+            return
         out.write(orjson.dumps(r, option=NL))
         out.flush()
         self.engine._answered().add(n)
+        if self.engine.stopping:
+            self.engine.stop.kept += 1
         v = self.view
         v.done += 1
         v.errors += r["status"] != "ok"
@@ -6932,49 +7050,76 @@ class RequestSender:
             self._reported = now
             self.engine._report()
 
-    async def _one(self, n: int, req: dict[str, Any], t: int) -> dict[str, Any]:
+    def _backoff(self, e: RemoteError, attempt: int, started: float, granted: float, t: int) -> tuple[float, bool] | None:
+        """After a refused or failed attempt: None to give up, else (the delay, whether this request sleeps it:
+        a 429 pauses the buckets for every request instead)."""
+        throttled = e.code == 429  # over the rate limit: the whole window is full
+        shed = self.flex and e.code == 503  # Flex sheds with 503 at capacity (and now and then)
+        policy = self.throttled_policy if throttled or shed else self.policy
+        delay = retry_delay(e, attempt, policy, self.engine.clock() - started, random.random())
+        if delay is None:
+            return None
+        delay *= self.engine.opts.retry_scale
+        self.view.retries += 1
+        if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8, once a window)
+            self.view.throttled += 1
+            if self.tpm_l is not None:  # the server did not count the refused attempt: neither do we
+                self.tpm_l.give_back(granted, t)
+            for bucket in self._buckets():  # both: TPM is the binding one when requests are large
+                bucket.slow_down(0.8, once_per=self.window)
+                bucket.pause(delay)
+            return delay, False
+        if shed:  # this request backs off; when over a fifth of this window's attempts were shed, the
+            self.view.shed += 1  # rate drops too (AIMD, once a window): a shed now and then is not a signal
+            if self._shedding():
+                for bucket in self._buckets():
+                    bucket.slow_down(0.8, once_per=self.window)
+        return delay, True
+
+    async def _one(self, n: int, req: dict[str, Any], t: int) -> dict[str, Any] | None:
+        """One request's result, through its retries; None when the run was asked to stop before it was sent."""
         attempt = 0
         started = self.engine.clock()
+        me = asyncio.current_task()
+        assert me is not None
         while True:
+            if self.engine.stopping:
+                return None
             attempt += 1
             self.queued += 1
+            self._unsent.add(me)
             try:
                 await self.rpm_l.acquire(1)
                 granted = await self.tpm_l.acquire(t) if self.tpm_l is not None else 0.0
             finally:
+                self._unsent.discard(me)
                 self.queued -= 1
                 if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
                     self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
+            if self.engine.stopping:
+                return None
             sent = self.engine.clock()
             self._count_attempt(sent)
+            self.sending += 1
             try:
                 resp = await self.engine.client.generate(self.engine.cfg.model, req, flex=self.flex)
             except AuthError:
                 raise
             except RemoteError as e:
-                throttled = e.code == 429  # over the rate limit: the whole window is full
-                shed = self.flex and e.code == 503  # Flex sheds with 503 at capacity (and now and then)
-                policy = self.throttled_policy if throttled or shed else self.policy
-                delay = retry_delay(e, attempt, policy, self.engine.clock() - started, random.random())
-                if delay is None:
+                backoff = self._backoff(e, attempt, started, granted, t)
+                if backoff is None:
                     return result_record(n, None, str(e), self.source)
-                delay *= self.engine.opts.retry_scale
-                self.view.retries += 1
-                if throttled:  # every request waits out the window and the rate drops (AIMD: x0.8, once a window)
-                    self.view.throttled += 1
-                    if self.tpm_l is not None:  # the server did not count the refused attempt: neither do we
-                        self.tpm_l.give_back(granted, t)
-                    for bucket in self._buckets():  # both: TPM is the binding one when requests are large
-                        bucket.slow_down(0.8, once_per=self.window)
-                        bucket.pause(delay)
-                    continue
-                if shed:  # this request backs off; when over a fifth of this window's attempts were shed, the
-                    self.view.shed += 1  # rate drops too (AIMD, once a window): a shed now and then is not a signal
-                    if self._shedding():
-                        for bucket in self._buckets():
-                            bucket.slow_down(0.8, once_per=self.window)
-                await self.engine.sleep(delay)
+                if self.engine.stopping:
+                    return None  # to be tried again, so not answered: resume sends it
+                if backoff[1]:  # this request waits (a throttle pauses the buckets instead)
+                    self._unsent.add(me)
+                    try:
+                        await self.engine.sleep(backoff[0])
+                    finally:
+                        self._unsent.discard(me)
                 continue
+            finally:
+                self.sending -= 1
             for bucket in self._buckets():
                 bucket.recover()
             if self.flex:  # Little's law: the gate follows the latency measured (the longest seen, not an
@@ -7423,9 +7568,12 @@ async def run_file(
     hook: Callable[[Hook], None] | None = None,
     emulator_config: EmulatorConfig | None = None,
     catalog: Catalog | None = None,
+    stop: GracefulStop | None = None,
 ) -> tuple[Run, Summary | None]:
     """Prepare, plan, submit, poll, retrieve and merge one input file (the `run` command's engine).
-    `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default."""
+    `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default.
+    `stop`: stop.request() ends the run gracefully (Interrupted, once the real-time requests already sent are
+    answered and saved; see GracefulStop); cancelling the task stops it at once."""
     cfg = config or JobConfig()
     opts = options or RunOptions()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
@@ -7454,7 +7602,7 @@ async def run_file(
                 endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale, options=run.options
             ) as client:
                 with _progress(reporter) as shown:
-                    return run, await Engine(store, client, shown, hook=hook).execute()
+                    return run, await Engine(store, client, shown, hook=hook, stop=stop).execute()
         async with open_client(
             endpoint, api_key, emulator_config, need=not dry_run, retry_scale=opts.retry_scale, options=opts
         ) as client:
@@ -7465,7 +7613,7 @@ async def run_file(
                 raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
             assert client is not None
             with _progress(reporter) as shown:
-                summary = await Engine(store, client, shown, hook=hook).execute()
+                summary = await Engine(store, client, shown, hook=hook, stop=stop).execute()
             return run, summary
 
 
@@ -7549,9 +7697,11 @@ async def resume_run(
     emulator_config: EmulatorConfig | None = None,
     max_cost: float | None = None,
     allow_standard: bool | None = None,
+    stop: GracefulStop | None = None,
 ) -> Summary:
     """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
-    `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on."""
+    `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `stop`: as
+    for run_file."""
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
@@ -7574,7 +7724,7 @@ async def resume_run(
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
             await check_model_still_served(run, client)
             with _progress(reporter) as shown:
-                return await Engine(store, client, shown, hook=hook).execute()
+                return await Engine(store, client, shown, hook=hook, stop=stop).execute()
 
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
@@ -8473,6 +8623,60 @@ def _crash_hook() -> Callable[[Hook], None] | None:
     return hook
 
 
+def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop) -> T:
+    """asyncio.run for the commands that drive a run. The first Ctrl-C (or SIGTERM) while real-time requests are
+    in flight asks the run to stop gracefully (GracefulStop: nothing new is sent, the answers already paid for are
+    saved, at most for their client timeout) and says so; with nothing in flight, and on a second signal, the run
+    stops at once, as it always did. main() then says the run is interrupted (exit 130, or 143 for SIGTERM)."""
+    signalled = False
+    _current_stop[:] = [stop]
+
+    def on_loop(signum: int, main_task: asyncio.Task[Any]) -> None:
+        n = stop.in_flight()
+        if not n:
+            main_task.cancel()  # what asyncio.run does on Ctrl-C
+            return
+        stop.request()
+        why, key = ("terminated (SIGTERM)", "SIGTERM") if signum == signal.SIGTERM else ("interrupted", "Ctrl-C")
+        console().print(
+            f"\n[yellow]{why}[/]: waiting for {n} request(s) already sent (their answers are paid for; at most "
+            f"{stop.wait_bound() / 60:g} min, their client timeout). {key} again to stop now: those {n} would be sent "
+            "again on resume, and paid for twice.",
+            soft_wrap=True,
+        )
+
+    async def supervised() -> T:
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def handler(signum: int, frame: Any) -> None:
+            nonlocal signalled
+            global _terminated
+            _terminated = _terminated or signum == signal.SIGTERM
+            if signalled:
+                raise KeyboardInterrupt  # the second signal: stop now
+            signalled = True
+            loop.call_soon_threadsafe(on_loop, signum, main_task)
+
+        previous: dict[signal.Signals, Any] = {}
+        with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handlers alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            return await work
+        finally:
+            for signum, h in previous.items():
+                signal.signal(signum, h)
+
+    try:
+        return asyncio.run(supervised())
+    except asyncio.CancelledError:
+        if signalled:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def _emit_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
@@ -8562,8 +8766,6 @@ def run(
         "thinking": thinking if thinking is not None else thinking_budget,
         "accept_truncated": accept_truncated,
     }
-    cfg = load_config(config_path, given)
-    catalog = load_catalog(models_file)
     opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
     _current_run[:] = [opts.name or default_run_name(input_file)]
     interactive = not yes and sys.stdin.isatty() and not as_json
@@ -8572,10 +8774,11 @@ def run(
         render_plan(r)
         return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
 
+    stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         work = run_file(
             input_file,
-            cfg,
+            load_config(config_path, given),
             opts,
             state_dir,
             endpoint,
@@ -8585,9 +8788,10 @@ def run(
             dry_run,
             _crash_hook(),
             _gcs_emulator(),
-            catalog,
+            load_catalog(models_file),
+            stop,
         )
-        r, summary = asyncio.run(work)
+        r, summary = _run_stoppable(work, stop)
     if dry_run:
         _render_dry_run(r, as_json, state_dir)
         return
@@ -8704,8 +8908,9 @@ def resume(
         report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
         return
     _current_run[:] = [name]
+    stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
-        summary = asyncio.run(
+        summary = _run_stoppable(
             resume_run(
                 name,
                 state_dir,
@@ -8717,7 +8922,9 @@ def resume(
                 _gcs_emulator(),
                 max_cost=max_cost,
                 allow_standard=allow_standard,
-            )
+                stop=stop,
+            ),
+            stop,
         )
     _finish(summary, as_json, state_dir)
 
@@ -8895,11 +9102,14 @@ def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> Non
 
 
 _current_run: list[str] = []  # the run a command works on, for the Ctrl-C/SIGTERM message
+_current_stop: list[GracefulStop] = []  # ... and how it was asked to stop (_run_stoppable)
 _terminated = False
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted."""
+    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted. (While
+    `run` or `resume` drives a run, _run_stoppable handles both signals: the first one waits for the real-time
+    requests already sent.)"""
     global _terminated
     _terminated = True
     raise KeyboardInterrupt
@@ -8938,11 +9148,15 @@ def main(argv: list[str] | None = None) -> int:
     _limit_malloc_arenas()
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+    except (KeyboardInterrupt, click.exceptions.Abort, Interrupted):  # click turns Ctrl-C into Abort
         which = f"run {_current_run[0]!r}" if _current_run else "the run"
         again = f"`batchify resume {_current_run[0]}`" if _current_run else "`batchify resume`"
         why = "terminated (SIGTERM)" if _terminated else "interrupted"
-        console().print(f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved; {_esc(again)} finishes it.")
+        stop = _current_stop[0] if _current_stop else None
+        kept = f" ({stop.kept} answer(s) that arrived meanwhile kept)" if stop is not None and stop.requested else ""
+        console().print(
+            f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved{kept}; {_esc(again)} finishes it.", soft_wrap=True
+        )
         return 143 if _terminated else 130
     except click.ClickException as e:
         e.show()

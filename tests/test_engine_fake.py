@@ -269,3 +269,28 @@ def test_a_flex_shed_storm_backs_the_rate_off_and_it_recovers(tmp_path):
     assert min(factors) < 0.7, "sustained shedding lowers the rate"
     assert engine._senders["flex"].rpm_l.factor > min(factors) + 0.2, "answers raise it again"
     assert len(fake.generated) == 200 and len(set(fake.generated)) == 200
+
+
+def test_a_graceful_stop_keeps_every_answer_in_flight_and_sends_nothing_new(tmp_path):
+    """GracefulStop.request() in a hybrid run while Flex requests are in flight: no request is sent after it, every
+    one sent is answered and saved, the batch side stops, the run ends Interrupted; its resume pays for no
+    request twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 40, 2, poll_interval=5.0, mode="hybrid", flex_lanes=3, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [30.0] * 20)
+    fake.generate_seconds = 50.0
+    stop = batchify.GracefulStop()
+    waited_for: list[int] = []
+    fake.observe = lambda: waited_for.append(stop.request()) if fake.generate_calls == 4 else None
+    engine = batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, stop=stop)
+    with pytest.raises(batchify.Interrupted) as e:
+        asyncio.run(engine.execute())
+    assert fake.generate_calls == 4, "a request was sent after the stop"
+    kept = [json.loads(line) for line in store.realtime_path.read_text().splitlines()]
+    assert len(kept) == len(fake.generated) == 4, "an answer paid for was not saved"
+    assert waited_for[0] >= 1 and e.value.kept == waited_for[0]
+    assert store.load_run().status == "interrupted"
+    s = run_engine(store, fake, clock)
+    assert s.ok == 40
+    paid = fake.batch_texts() + fake.generated
+    assert sorted(paid) == sorted(set(paid)) and len(paid) == 40, "a request was paid for twice"

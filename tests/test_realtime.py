@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
+import signal
 from pathlib import Path
 
 import pytest
-from conftest import input_ids, read_jsonl, run_against, run_cli
+from conftest import assert_complete, input_ids, read_jsonl, run_against, run_cli, spawn_cli, wait_for
 
 import batchify
 
@@ -138,3 +141,66 @@ def test_the_flex_lanes_sleep_while_the_buckets_hold_a_backlog(emu, articles, tm
     _run, s = asyncio.run(batchify.run_file(articles, options=opts, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k"))
     assert s is not None and s.ok == 60 and s.by_source.get("flex", 0) >= 30, s
     assert looks <= 4 * 60, looks
+
+
+# -- Ctrl-C / SIGTERM with real-time requests in flight --------------------------------------------------
+def _spawn_flex_run(emu, articles, tmp_path):
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "flex"]
+    return spawn_cli([*args, "--retry-scale", "0.02"], tmp_path)
+
+
+def _read_stderr_until(p, text: str) -> str:
+    """What the running CLI wrote on stderr, read until `text` appears (fails if it exits first)."""
+    seen = b""
+    fd = p.stderr.fileno()
+    while text.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], 30)
+        chunk = os.read(fd, 1 << 16) if ready else b""
+        assert chunk, f"{text!r} never came; stderr: {seen.decode(errors='replace')[-2000:]}"
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def _resume_completes_every_id_once(emu, articles, tmp_path) -> None:
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_complete(tmp_path / "articles.results.jsonl", articles, source="flex")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path, sig, code):
+    """The first Ctrl-C (or SIGTERM) with Flex requests in flight sends nothing new and waits for their answers:
+    realtime.jsonl holds every answer the service gave, and resume pays for no request twice."""
+    emu.configure(flex_latency_min=2.0, flex_latency_max=3.0)
+    p = _spawn_flex_run(emu, articles, tmp_path)
+    wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    wait_for(lambda: emu.stats()["flex_in_flight"] == 0)  # whatever the service still had, it has answered now
+    kept = read_jsonl(tmp_path / "st" / "articles" / "realtime.jsonl")
+    billed = emu.stats()["billed"]
+    assert len(kept) == sum(billed.values()) > 0, "an answer paid for was thrown away"
+    assert "waiting for" in err and "batchify resume articles" in err and "kept" in err, err
+    assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
+    _resume_completes_every_id_once(emu, articles, tmp_path)
+    billed = emu.stats()["billed"]
+    assert len(billed) == 60 and set(billed.values()) == {1}, {k: v for k, v in billed.items() if v != 1}
+
+
+def test_a_second_ctrl_c_stops_at_once(emu, articles, tmp_path):
+    """Ctrl-C again while the run waits for its Flex answers: it stops now (those still out are sent again on
+    resume), and resume still ends with every id once."""
+    emu.configure(flex_latency_min=5.0, flex_latency_max=6.0)
+    p = _spawn_flex_run(emu, articles, tmp_path)
+    wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
+    p.send_signal(signal.SIGINT)
+    _read_stderr_until(p, "again to stop now")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert emu.stats()["flex_in_flight"] > 0, "the run waited for the answers after the second Ctrl-C"
+    assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
+    wait_for(lambda: emu.stats()["flex_in_flight"] == 0)
+    emu.configure(flex_latency_min=0.0, flex_latency_max=0.0)
+    _resume_completes_every_id_once(emu, articles, tmp_path)
