@@ -5157,7 +5157,7 @@ async def prepare_run(
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
-    check_out(opts.out or default_out(path, store.name), path)
+    check_out(out := opts.out or default_out(path, store.name), path)  # a paid run must be able to merge
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -5175,7 +5175,6 @@ async def prepare_run(
     p = await _passes(store, path, cfg, opts, (z.cpt, z.eff, z.cap, context), spec, gc, hook, sink)
     limits = {"limit": limit, "eff": z.eff, "cap": z.cap, "context": context, "margin": z.margin}
     plan = _full_plan(cfg, opts, spec, catalog, p, gc, limits, today, z.offline_why)
-    cpt, warranted = z.cpt, z.warranted
     if opts.mode not in ("realtime", "flex"):
         _save_first_jobs(store, run_id, p.batches, plan["wave_of_batch"])
     run = Run(
@@ -5189,10 +5188,10 @@ async def prepare_run(
         endpoint=endpoint,
         records=p.records,
         rejected=p.n_problems,
-        chars_per_token=cpt,
-        calibrated=warranted is not None,
+        chars_per_token=z.cpt,
+        calibrated=z.warranted is not None,
         plan=plan,
-        out=out_uri(opts.out or default_out(path, store.name)),
+        out=out_uri(out),
         created_at=utcnow(),
     )
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
