@@ -1064,7 +1064,7 @@ def default_poll_interval(given: float | None, endpoint: str | None) -> float:
 
 def _waves_value(ctx: Any, param: Any, value: str | int) -> str | int:
     """--waves: 'auto' or a whole number of waves (at least 1)."""
-    if value == "auto" or isinstance(value, int):
+    if value == "auto":
         return value
     try:
         n = int(value)
@@ -1083,6 +1083,23 @@ def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
 
 def _mode_value(ctx: Any, param: Any, value: str) -> str:
     return "realtime" if value == "standard" else value  # standard is the tier's name; realtime the mode's old one
+
+
+def _check_flag_value(value: Any, default: Any, kw: dict[str, Any]) -> None:
+    """click.BadParameter unless `value` passes the flag's rules (RunOptions.checked)."""
+    kind = type(default) if default is not None else None
+    if (kw.get("is_flag") or kind is bool) and not isinstance(value, bool):
+        raise click.BadParameter("must be True or False")
+    if isinstance(value, bool) and not (kw.get("is_flag") or kind is bool):
+        raise click.BadParameter("must be a number or a string, not True/False")
+    if isinstance(kw.get("type"), click.ParamType):
+        kw["type"].convert(value, None, None)
+    elif kw.get("type") is float and not isinstance(value, (int, float)):
+        raise click.BadParameter("must be a number")
+    elif kind is str and kw.get("callback") is None and not isinstance(value, str):
+        raise click.BadParameter("must be a string")
+    if kw.get("callback") is not None:
+        kw["callback"](None, None, value)
 
 
 def flag(default: Any, help: str, *decls: str, **click_kw: Any) -> Any:
@@ -1201,6 +1218,21 @@ class RunOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def checked(self) -> RunOptions:
+        """The options as a library caller gave them, held to the flags' own rules (the option table's click types
+        and callbacks): UsageError (exit 2) naming the option. None means "not given" and always passes."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or "flag" not in f.metadata:
+                continue
+            decls, _help, kw = f.metadata["flag"]
+            try:
+                _check_flag_value(value, f.default, kw)
+            except click.BadParameter as e:
+                flag_name = decls[0].split("/")[0] if decls else f"--{f.name.replace('_', '-')}"
+                raise UsageError(f"RunOptions {f.name}={value!r} ({flag_name}): {e.message}") from None
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunOptions:
@@ -7574,7 +7606,7 @@ async def run_file(
     `stop`: stop.request() ends the run gracefully (Interrupted, once the real-time requests already sent are
     answered and saved; see GracefulStop); cancelling the task stops it at once."""
     cfg = config or JobConfig()
-    opts = options or RunOptions()
+    opts = (options or RunOptions()).checked()
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
     opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
@@ -7751,7 +7783,7 @@ async def prepare(
     --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
-    opts = dataclasses.replace(options or RunOptions())
+    opts = dataclasses.replace(options or RunOptions()).checked()
     in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
     if in_memory and name is None:
         raise UsageError("records given in memory need a run name. Fix: pass name=...")

@@ -824,3 +824,33 @@ def test_primary_range_names_the_first_job_of_a_batch_only(changes, expected):
 
     job = dataclasses.replace(b.Job("b0001", 1, "dn", "requests/b0001.jsonl", 5, 50, 500), **changes)
     assert job.primary_range == expected
+
+
+# -- library callers' options are held to the flags' rules ----------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        ({"batch_size": 0}, "--batch-size"),
+        ({"batch_size": "x"}, "--batch-size"),
+        ({"mode": "bogus"}, "is not one of"),
+        ({"max_attempts": 0}, "--max-attempts"),
+        ({"concurrency": 0}, "--concurrency"),
+        ({"poll_interval": -1}, "--poll-interval"),
+        ({"max_cost": -5}, "above 0"),
+        ({"max_cost": "x"}, "must be a number"),
+        ({"waves": 0}, "at least 1"),
+        ({"barrier": "yes"}, "True or False"),
+        ({"id_field": 3}, "must be a string"),
+        ({"fallback": 1}, "True or False"),
+    ],
+)
+def test_run_options_a_flag_would_refuse_are_refused_in_the_library_too(changes, says):
+    with pytest.raises(b.UsageError, match="RunOptions") as e:
+        b.RunOptions(**changes).checked()
+    assert says in str(e.value)
+
+
+def test_run_options_the_flags_accept_pass():
+    for changes in ({}, {"waves": 3}, {"waves": "2"}, {"mode": "standard"}, {"max_cost": 1}, {"poll_interval": None}):
+        opts = b.RunOptions(**changes)
+        assert opts.checked() is opts
