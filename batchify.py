@@ -39,7 +39,8 @@ Contents (sections are marked with banner comments, in the order data flows)
                                   Storage), request files (LocalRequests, or GsRequests in the bucket),
                                   RateLimiter (GCRA, with a window ledger), Gate
   7. Prepare .................... calibration, URL fetching (PageFetcher), the streaming pass (RecordChecker,
-                                  PassWriter, BatchCutter) that writes request files, the plan
+                                  PassWriter, BatchCutter) that writes request files, the plan; the same pass
+                                  again to rebuild a damaged request file or ids.jsonl (rebuild_prepared_files)
   8. Run loop ................... Engine: repair, upload, admit, create, poll, retrieve, Flex lanes, hybrid, merge;
                                   RequestSender (Flex / standard lanes); cancel_run, cleanup_run
   9. Queries .................... merged results, analytics, run status (no remote calls)
@@ -5349,6 +5350,108 @@ def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wav
             )
 
 
+def _newlines(path: Path) -> tuple[int, bool]:
+    """(newlines in a file, whether it ends in one), read in 1 MiB chunks; (-1, False) for a file that is gone."""
+    count, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError:
+        return -1, False
+    return count, last == b"\n"
+
+
+def damaged_prepared_files(store: RunStore, run: Run) -> list[Path]:
+    """The files prepare wrote that no longer match what it recorded (a crash mid-write, a truncation, a file
+    gone): ids.jsonl (one whole line per record) and, when they are in the run folder, the request files (each
+    exactly its batch's bytes, from the plan). Sizes, and one streamed read of ids.jsonl."""
+    bad = []
+    if _newlines(store.ids_path) != (run.records, True):
+        bad.append(store.ids_path)
+    if load_requests_marker(store) is None:  # in the bucket, a request object is written whole or not at all
+        for i, (_s, _e, _t, nbytes) in enumerate(run.plan.get("batch_ranges") or [], 1):
+            path = store.dir / f"requests/b{i:04d}.jsonl"
+            if nbytes and (not path.exists() or path.stat().st_size != nbytes):
+                bad.append(path)
+    return bad
+
+
+def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: list[Path]) -> None:
+    """Write the `damaged` files prepare wrote (damaged_prepared_files) again from the run's input, when it is
+    still there and unchanged (its hash), by the same pass into a scratch folder; kept only when that pass cuts
+    exactly the recorded batches. Else StateError naming the files and the fix: nothing damaged is ever sent."""
+    import shutil
+
+    names = ", ".join(str(p) for p in damaged)
+    opts = backend_job_caps(run.run_options)
+    path = input_location(run.input_path, opts)
+    if not path.exists() or file_sha256(path) != run.input_sha256:
+        raise StateError(
+            f"{names}: damaged (not what prepare wrote) and the input {path} is gone or changed, so it cannot be rebuilt. "
+            f"Fix: restore {path} as it was and resume (batchify rebuilds the file from it), or move the run folder "
+            f"{store.dir} away and start a new run; every other run is untouched."
+        )
+    scratch = RunStore(store.dir, "rebuild")
+    shutil.rmtree(scratch.dir, ignore_errors=True)
+    try:
+        private_dir(scratch.dir)
+        if store.fetch_cache_path.exists():  # the pages fetched for the run: the requests hold their text
+            shutil.copyfile(store.fetch_cache_path, scratch.fetch_cache_path)
+        p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run))
+        if p.records != run.records or [[b.start, b.end, b.tokens, b.bytes] for b in p.batches] != run.plan.get("batch_ranges"):
+            raise StateError(
+                f"{names}: damaged (not what prepare wrote), and the input no longer gives the same requests (another "
+                f"batchify version or model catalog?). Fix: move the run folder {store.dir} away and start a new run."
+            )
+        for bad in damaged:
+            os.replace(scratch.dir / bad.relative_to(store.dir), bad)
+    finally:
+        shutil.rmtree(scratch.dir, ignore_errors=True)
+
+
+def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any] | None:
+    """The generationConfig prepare wrote (every request carries the same one), as the first whole request line
+    in the run folder has it: run.json keeps the config's schema with its keys sorted, the requests in its order."""
+    for i in range(1, len(run.plan.get("batch_ranges") or []) + 1):
+        with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            with open(store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
+                line = f.readline()
+            if line.endswith(b"\n"):
+                return dict(request_entry(line)[1].get("generationConfig") or {})
+    return None
+
+
+def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any] | None) -> _Pass:
+    """Prepare's pass again, with the figures the run recorded (and the generation config `gc` its requests
+    carry, if known), writing into `scratch` (rebuild_prepared_files)."""
+    plan, cfg = run.plan, run.job_config
+    if gc is None:
+        gc = {**generation_config(cfg, backend_spec(spec, opts)), **plan.get("generation_config", {})}
+    eff = effective_limit(plan["enqueued_limit"], plan["margin"])  # as planned (a limit learned later lowers the plan's)
+    suspects: set[int] = set()
+    while True:  # once more, comparing exactly the ids whose digests collided (as prepare did)
+        p = _prepare_pass(
+            scratch,
+            path,
+            cfg,
+            opts,
+            run.chars_per_token,
+            eff,
+            plan["batch_token_cap"],
+            suspects,
+            None,
+            gc,
+            plan["context_limit"],
+            spec.long_context_threshold,
+            sink=LocalRequests(scratch),
+        )
+        if suspects or not p.duplicate_digests:
+            return p
+        suspects = p.duplicate_digests
+
+
 def default_out(path: Path, run_name: str) -> str:
     """Each run owns its output: named after the input, plus the run's name when that is not the input's own
     (a second run of the same input under --name never overwrites the first one's results)."""
@@ -5696,6 +5799,9 @@ class Engine:
         except CostCapError:
             self._end_as("refused")
             raise
+        except StateError:  # a damaged sidecar, named: stopped until it is mended, not running
+            self._end_as("interrupted")
+            raise
 
     def _end_as(self, status: str) -> None:
         """The run's state as it stopped (interrupted, refused), from its sidecar as last saved."""
@@ -5710,6 +5816,7 @@ class Engine:
                 f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
                 f"${self.opts.max_cost:.4f}; nothing was submitted."
             )
+        self.mend_prepared()  # before anything reads them: nothing else runs yet
         if self.opts.mode in ("realtime", "flex"):
             await self.send_requests(None, "flex" if self.opts.mode == "flex" else "standard")
         else:
@@ -5835,6 +5942,20 @@ class Engine:
             flex = self.spec.flex and self.opts.backend != "vertex"  # no Flex on Vertex (runs planned before it said so)
             return "flex" if flex else ("standard" if self.opts.allow_standard else "none")
         return tier
+
+    def mend_prepared(self, requests: bool = True) -> None:
+        """ids.jsonl and (with `requests`) the request files, when they are not what prepare wrote, are written
+        again from the input before anything reads them (rebuild_prepared_files), or StateError names them: a
+        damaged request file is never uploaded, a damaged ids.jsonl never merged."""
+        damaged = [p for p in damaged_prepared_files(self.store, self.run) if requests or p == self.store.ids_path]
+        if not damaged:
+            return
+        rebuild_prepared_files(self.store, self.run, self.spec, damaged)
+        found = [f"{p}: not what prepare wrote (truncated or gone): rebuilt from {self.run.input_path}" for p in damaged]
+        for line in found:
+            self._log(f"repair: {line}")
+        self.run.notes.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in found)
+        self.store.save_run(self.run)
 
     # -- batch -----------------------------------------------------------------------------------
     async def repair(self) -> None:
@@ -6661,6 +6782,7 @@ class Engine:
         out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold, schema_categoricals(self.cfg.schema))
         hook = self.hook
+        self.mend_prepared(requests=False)
         with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
@@ -7056,6 +7178,7 @@ def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str,
     """A run's result lines rebuilt from its sidecars alone (ids and results files), in input order, without
     touching its merged output file."""
     engine = Engine(RunStore(state_dir, name), None)
+    engine.mend_prepared(requests=False)
     with open(engine.store.ids_path, "rb") as ids:
         for (_n, r, _raw), id_line in zip(engine.resolve(), ids, strict=True):
             r = r or {"status": "error", "result": None, "error": "no result (run not finished)", "source": "none", "usage": None}

@@ -435,3 +435,64 @@ def test_a_version_1_run_json_keeps_its_notes(tmp_path):
     store.save_run(back)
     on_disk = json.loads((store.dir / "run.json").read_bytes())
     assert on_disk["schema_version"] == batchify.SCHEMA_VERSION and "realtime" not in on_disk
+
+
+# -- damaged sidecars prepare wrote: request files and ids.jsonl are checked against the plan before use -------
+def _truncate_mid_line(path: Path, share: float = 0.5) -> None:
+    data = path.read_bytes()
+    cut = int(len(data) * share)
+    assert data[cut - 1 : cut] != b"\n"
+    path.write_bytes(data[:cut])
+
+
+def test_a_truncated_request_file_is_rebuilt_from_the_input_before_its_upload(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_against(
+        emu, articles, tmp_path, *FAST, "--mode", "batch", "--batch-size", "10", out=out, BATCHIFY_CRASH_AT="before_upload"
+    )
+    assert p.returncode != 0
+    run_dir = tmp_path / "st" / "articles"
+    whole = (run_dir / "requests" / "b0004.jsonl").read_bytes()
+    _truncate_mid_line(run_dir / "requests" / "b0004.jsonl")
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "requests/b0004.jsonl" in p.stderr and "rebuilt" in p.stderr
+    assert (run_dir / "requests" / "b0004.jsonl").read_bytes() == whole
+    assert all(r["status"] == "ok" for r in read_jsonl(out)) and [r["id"] for r in read_jsonl(out)] == input_ids(articles)
+    billed = emu.stats()["billed"]
+    assert len(billed) == 60 and set(billed.values()) == {1}
+
+
+def test_a_truncated_request_file_with_its_input_gone_stops_naming_it(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_against(
+        emu, articles, tmp_path, *FAST, "--mode", "batch", "--batch-size", "10", out=out, BATCHIFY_CRASH_AT="before_upload"
+    )
+    assert p.returncode != 0
+    _truncate_mid_line(tmp_path / "st" / "articles" / "requests" / "b0004.jsonl")
+    articles.unlink()
+    uploads = emu.stats()["uploads"]
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "b0004.jsonl" in p.stderr and "Fix:" in p.stderr
+    assert emu.stats()["uploads"] == uploads, "nothing is uploaded while a request file is damaged"
+    assert json.loads((tmp_path / "st" / "articles" / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_a_truncated_ids_file_is_rebuilt_or_named(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "20", out=out).returncode == 0
+    ids = tmp_path / "st" / "articles" / "ids.jsonl"
+    whole = ids.read_bytes()
+    ids.write_bytes(b"".join(whole.splitlines(keepends=True)[:45]))
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "ids.jsonl" in p.stderr and "rebuilt" in p.stderr and ids.read_bytes() == whole
+    assert [r["id"] for r in read_jsonl(out)] == input_ids(articles) and all(r["status"] == "ok" for r in read_jsonl(out))
+    ids.write_bytes(whole[: len(whole) // 2])
+    articles.unlink()
+    out.unlink()
+    p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "ids.jsonl" in p.stderr and "Fix:" in p.stderr
