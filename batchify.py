@@ -3095,6 +3095,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _newlines(path: Path) -> tuple[int, bool]:
+    """(newlines in a file, whether it ends in one), read in 1 MiB chunks; (-1, False) for a file that is gone."""
+    count, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError:
+        return -1, False
+    return count, last == b"\n"
+
+
 def repair_jsonl_tail(path: Path) -> None:
     """Cut a torn last line (a crash mid-append) so that the next append starts on a line of its own."""
     if not path.exists() or path.stat().st_size == 0:
@@ -5350,19 +5363,6 @@ def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wav
             )
 
 
-def _newlines(path: Path) -> tuple[int, bool]:
-    """(newlines in a file, whether it ends in one), read in 1 MiB chunks; (-1, False) for a file that is gone."""
-    count, last = 0, b"\n"
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                count += chunk.count(b"\n")
-                last = chunk[-1:]
-    except FileNotFoundError:
-        return -1, False
-    return count, last == b"\n"
-
-
 def damaged_prepared_files(store: RunStore, run: Run) -> list[Path]:
     """The files prepare wrote that no longer match what it recorded (a crash mid-write, a truncation, a file
     gone): ids.jsonl (one whole line per record) and, when they are in the run folder, the request files (each
@@ -5979,20 +5979,51 @@ class Engine:
                 repaired.append(f"{j.name}: split, {len(self.jobs) - before} of its parts were not made yet: made now")
         if missing or talked or self.damaged:
             repaired += await self._adopt_remote(ranges, missing)
-        for j in self._ordered():
-            if j.state == JobState.RESULTS_DOWNLOADED and not await asyncio.to_thread(self._results_exist, j):
-                try:
-                    ok, failed, usage = await self._fetch_results(j)
-                except RemoteError as e:
-                    repaired.append(f"{j.name}: results file gone and the output is not downloadable ({e}): its ids go again")
-                    continue
-                self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
-                repaired.append(f"{j.name}: results file gone: downloaded {j.output_file} again")
+        repaired += await self._mend_results()
         if repaired:
             for line in repaired:
                 self._log(f"repair: {line}")
             self.run.notes.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in repaired)
             self.store.save_run(self.run)
+
+    async def _mend_results(self) -> list[str]:
+        """Results sidecars that are gone or not whole (_results_whole) are downloaded again from the job's output;
+        an output the service no longer gives leaves the results still there and an error line for each other id
+        (_results_lost). What was done, one line a job."""
+        done = []
+        for j in self._ordered():
+            if j.state != JobState.RESULTS_DOWNLOADED or await asyncio.to_thread(self._results_whole, j):
+                continue
+            what = "gone" if not await asyncio.to_thread(self._results_exist, j) else "cut short"
+            try:
+                ok, failed, usage = await self._fetch_results(j)
+            except RemoteError as e:
+                done.append(self._results_lost(j, f"results file {what}", e))  # a repair, before anything else runs
+                continue
+            self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+            done.append(f"{j.name}: results file {what}: downloaded {j.output_file} again")
+        return done
+
+    def _results_lost(self, job: Job, what: str, e: RemoteError) -> str:
+        """A job's results sidecar is damaged or gone and its output is no longer downloadable: the whole results
+        lines still there are kept, every other id of the job gets an error line saying why (not "no result"),
+        and the job's counts follow, so the fallback sends those ids again where it may."""
+        sink, name = self._results_sink(job)
+        if not isinstance(sink, LocalResults):
+            return f"{job.name}: {what} and the output is not downloadable ({e}): its ids go again"
+        why = f"result lost: {what} and the output {job.output_file} is no longer downloadable ({e})"
+        kept = {
+            n: (r.get("status") == "ok", raw or orjson.dumps(r, option=NL)) for n, r, raw in self._results_lines(sink.path(name))
+        }
+        keys = self._job_keys(job)
+        order = keys if isinstance(keys, range) else sorted(keys)
+        sink.put(
+            name, (kept[n][1] if n in kept else orjson.dumps(result_record(n, None, why, "batch"), option=NL) for n in order)
+        )
+        ok = sum(1 for n in order if n in kept and kept[n][0])
+        self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=len(order) - ok)
+        lost = sum(1 for n in order if n not in kept)
+        return f"{job.name}: {what} and the output is not downloadable ({e}): {lost} id(s) marked with that error"
 
     async def _adopt_remote(self, ranges: list[Any], missing: list[int]) -> list[str]:
         """Jobs of this run that the service has and the sidecars do not: adopt them; batches in `missing`
@@ -6658,6 +6689,14 @@ class Engine:
         sink, name = self._results_sink(job)
         return sink.exists(name)
 
+    def _results_whole(self, job: Job) -> bool:
+        """Whether a job's results sidecar is there and whole: in the bucket, there (an object is written whole or
+        not at all); a file, one whole line per result recorded (ok + failed; a cut file has fewer or a torn one)."""
+        sink, name = self._results_sink(job)
+        if not isinstance(sink, LocalResults):
+            return sink.exists(name)
+        return _newlines(sink.path(name)) == (job.ok + job.failed or job.request_count, True)
+
     def _primary_lines(self, job: Job) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
         """A primary job's results lines (_results_lines), from a file or streamed from the bucket; none if gone."""
         sink, name = self._results_sink(job)
@@ -7152,7 +7191,25 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
 
 def merge_run(state_dir: str | Path, name: str) -> Summary:
     """Write (again) a run's results file from its sidecars alone: no network."""
-    return Engine(RunStore(state_dir, name), None).merge()
+    return _offline_engine(state_dir, name).merge()
+
+
+def _offline_engine(state_dir: str | Path, name: str, strict: bool = False) -> Engine:
+    """An engine with no client, to read a run's sidecars (ids.jsonl mended first). `strict`: StateError, naming
+    them and the fix, when results sidecars the run downloaded are gone or cut short (their answered ids would read
+    "no result"); else merge makes do with what is there, as its callers in the library expect."""
+    engine = Engine(RunStore(state_dir, name), None)
+    engine.mend_prepared(requests=False)
+    lost = [j for j in engine._ordered() if strict and j.state == JobState.RESULTS_DOWNLOADED and not engine._results_whole(j)]
+    if lost:
+        names = ", ".join(str(engine.store.result_path(j)) for j in lost[:5]) + (
+            f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
+        )
+        raise StateError(
+            f"run {name!r}: {len(lost)} results sidecar(s) gone or cut short: {names}; their answered ids would read "
+            f"'no result'. Fix: `batchify resume {name}` downloads them again from the service (and rewrites the results file)."
+        )
+    return engine
 
 
 @dataclass(frozen=True)
@@ -7174,11 +7231,10 @@ class Result:
         return dataclasses.asdict(self)
 
 
-def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str, Any]]:
+def iter_sidecar_results(state_dir: str | Path, name: str, strict: bool = False) -> Iterator[dict[str, Any]]:
     """A run's result lines rebuilt from its sidecars alone (ids and results files), in input order, without
-    touching its merged output file."""
-    engine = Engine(RunStore(state_dir, name), None)
-    engine.mend_prepared(requests=False)
+    touching its merged output file (`strict`: see _offline_engine)."""
+    engine = _offline_engine(state_dir, name, strict)
     with open(engine.store.ids_path, "rb") as ids:
         for (_n, r, _raw), id_line in zip(engine.resolve(), ids, strict=True):
             r = r or {"status": "error", "result": None, "error": "no result (run not finished)", "source": "none", "usage": None}
@@ -8758,8 +8814,8 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
         return
     run = RunStore(state_dir, run_name).load_run()
     out = out_location(run.out, run.run_options.project)
-    if not out.exists():
-        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
+    if not out.exists():  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
+        _offline_engine(state_dir, run_name, strict=True).merge()
     else:
         st = out.stat()
         if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
@@ -8767,7 +8823,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             console().print(
                 f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
             )
-            for r in iter_sidecar_results(state_dir, run_name):
+            for r in iter_sidecar_results(state_dir, run_name, strict=True):
                 sys.stdout.buffer.write(orjson.dumps(r, option=NL))
             return
     with out.open("rb") as f:

@@ -496,3 +496,48 @@ def test_a_truncated_ids_file_is_rebuilt_or_named(emu, articles, tmp_path):
     p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
     assert p.returncode == 3, p.stderr
     assert "Traceback" not in p.stderr and "ids.jsonl" in p.stderr and "Fix:" in p.stderr
+
+
+def test_a_cut_results_file_is_downloaded_again(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", out=out).returncode == 0
+    res = tmp_path / "st" / "articles" / "results" / "b0002.jsonl"
+    whole = res.read_bytes()
+    _truncate_mid_line(res)
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "repair: b0002: results file cut short: downloaded" in p.stderr
+    assert res.read_bytes() == whole
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles) and all(r["status"] == "ok" and r["source"] == "batch" for r in rows)
+    assert emu.stats()["generate_calls"] == 0
+    assert_billed_once(emu, 60)
+
+
+def test_results_of_a_run_whose_results_files_are_gone_says_so(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", out=out).returncode == 0
+    results = tmp_path / "st" / "articles" / "results"
+    (results / "b0001.jsonl").unlink()
+    _truncate_mid_line(results / "b0003.jsonl")
+    out.unlink()
+    p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3 and not p.stdout and not out.exists()
+    assert "b0001.jsonl" in p.stderr and "b0003.jsonl" in p.stderr and "batchify resume articles" in p.stderr
+
+
+def test_a_cut_results_file_whose_output_is_gone_marks_its_ids(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", "--no-fallback", out=out).returncode == 0
+    assert run_cli(["cleanup", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    _truncate_mid_line(tmp_path / "st" / "articles" / "results" / "b0002.jsonl")
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "b0002: results file cut short and the output is not downloadable" in p.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert bad and all(r["error"].startswith("result lost: results file cut short") for r in bad)
+    assert all(r["status"] == "ok" for r in rows[:15] + rows[30:])
