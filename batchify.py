@@ -39,7 +39,8 @@ Contents (sections are marked with banner comments, in the order data flows)
                                   Storage), request files (LocalRequests, or GsRequests in the bucket),
                                   RateLimiter (GCRA, with a window ledger), Gate
   7. Prepare .................... calibration, URL fetching (PageFetcher), the streaming pass (RecordChecker,
-                                  PassWriter, BatchCutter) that writes request files, the plan
+                                  PassWriter, BatchCutter) that writes request files, the plan; the same pass
+                                  again to rebuild a damaged request file or ids.jsonl (rebuild_prepared_files)
   8. Run loop ................... GracefulStop; Engine: repair, upload, admit, create, poll, retrieve, Flex lanes,
                                   hybrid, merge; RequestSender (Flex / standard lanes); cancel_run, cleanup_run
   9. Queries .................... merged results, analytics, run status (no remote calls)
@@ -3159,6 +3160,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _newlines(path: Path) -> tuple[int, bool]:
+    """(newlines in a file, whether it ends in one), read in 1 MiB chunks; (-1, False) for a file that is gone."""
+    count, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError:
+        return -1, False
+    return count, last == b"\n"
+
+
 def repair_jsonl_tail(path: Path) -> None:
     """Cut a torn last line (a crash mid-append) so that the next append starts on a line of its own."""
     if not path.exists() or path.stat().st_size == 0:
@@ -5438,6 +5452,95 @@ def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wav
             )
 
 
+def damaged_prepared_files(store: RunStore, run: Run) -> list[Path]:
+    """The files prepare wrote that no longer match what it recorded (a crash mid-write, a truncation, a file
+    gone): ids.jsonl (one whole line per record) and, when they are in the run folder, the request files (each
+    exactly its batch's bytes, from the plan). Sizes, and one streamed read of ids.jsonl."""
+    bad = []
+    if _newlines(store.ids_path) != (run.records, True):
+        bad.append(store.ids_path)
+    if load_requests_marker(store) is None:  # in the bucket, a request object is written whole or not at all
+        for i, (_s, _e, _t, nbytes) in enumerate(run.plan.get("batch_ranges") or [], 1):
+            path = store.dir / f"requests/b{i:04d}.jsonl"
+            if nbytes and (not path.exists() or path.stat().st_size != nbytes):
+                bad.append(path)
+    return bad
+
+
+def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: list[Path]) -> None:
+    """Write the `damaged` files prepare wrote (damaged_prepared_files) again from the run's input, when it is
+    still there and unchanged (its hash), by the same pass into a scratch folder; kept only when that pass cuts
+    exactly the recorded batches. Else StateError naming the files and the fix: nothing damaged is ever sent."""
+    import shutil
+
+    names = ", ".join(str(p) for p in damaged)
+    opts = backend_job_caps(run.run_options)
+    path = input_location(run.input_path, opts)
+    if not path.exists() or file_sha256(path) != run.input_sha256:
+        raise StateError(
+            f"{names}: damaged (not what prepare wrote) and the input {path} is gone or changed, so it cannot be rebuilt. "
+            f"Fix: restore {path} as it was and resume (batchify rebuilds the file from it), or move the run folder "
+            f"{store.dir} away and start a new run; every other run is untouched."
+        )
+    scratch = RunStore(store.dir, "rebuild")
+    shutil.rmtree(scratch.dir, ignore_errors=True)
+    try:
+        private_dir(scratch.dir)
+        if store.fetch_cache_path.exists():  # the pages fetched for the run: the requests hold their text
+            shutil.copyfile(store.fetch_cache_path, scratch.fetch_cache_path)
+        p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run))
+        if p.records != run.records or [[b.start, b.end, b.tokens, b.bytes] for b in p.batches] != run.plan.get("batch_ranges"):
+            raise StateError(
+                f"{names}: damaged (not what prepare wrote), and the input no longer gives the same requests (another "
+                f"batchify version or model catalog?). Fix: move the run folder {store.dir} away and start a new run."
+            )
+        for bad in damaged:
+            os.replace(scratch.dir / bad.relative_to(store.dir), bad)
+    finally:
+        shutil.rmtree(scratch.dir, ignore_errors=True)
+
+
+def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any] | None:
+    """The generationConfig prepare wrote (every request carries the same one), as the first whole request line
+    in the run folder has it: run.json keeps the config's schema with its keys sorted, the requests in its order."""
+    for i in range(1, len(run.plan.get("batch_ranges") or []) + 1):
+        with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            with open(store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
+                line = f.readline()
+            if line.endswith(b"\n"):
+                return dict(request_entry(line)[1].get("generationConfig") or {})
+    return None
+
+
+def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any] | None) -> _Pass:
+    """Prepare's pass again, with the figures the run recorded (and the generation config `gc` its requests
+    carry, if known), writing into `scratch` (rebuild_prepared_files)."""
+    plan, cfg = run.plan, run.job_config
+    if gc is None:
+        gc = {**generation_config(cfg, backend_spec(spec, opts)), **plan.get("generation_config", {})}
+    eff = effective_limit(plan["enqueued_limit"], plan["margin"])  # as planned (a limit learned later lowers the plan's)
+    suspects: set[int] = set()
+    while True:  # once more, comparing exactly the ids whose digests collided (as prepare did)
+        p = _prepare_pass(
+            scratch,
+            path,
+            cfg,
+            opts,
+            run.chars_per_token,
+            eff,
+            plan["batch_token_cap"],
+            suspects,
+            None,
+            gc,
+            plan["context_limit"],
+            spec.long_context_threshold,
+            sink=LocalRequests(scratch),
+        )
+        if suspects or not p.duplicate_digests:
+            return p
+        suspects = p.duplicate_digests
+
+
 def default_out(path: Path, run_name: str) -> str:
     """Each run owns its output: named after the input, plus the run's name when that is not the input's own
     (a second run of the same input under --name never overwrites the first one's results)."""
@@ -5861,6 +5964,9 @@ class Engine:
         except CostCapError:
             self._end_as("refused")
             raise
+        except StateError:  # a damaged sidecar, named: stopped until it is mended, not running
+            self._end_as("interrupted")
+            raise
 
     def _end_as(self, status: str) -> None:
         """The run's state as it stopped (interrupted, refused), from its sidecar as last saved."""
@@ -5875,6 +5981,7 @@ class Engine:
                 f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
                 f"${self.opts.max_cost:.4f}; nothing was submitted."
             )
+        self.mend_prepared()  # before anything reads them: nothing else runs yet
         self._raise_if_stopped()
         if self.opts.mode in ("realtime", "flex"):
             await self.send_requests(None, "flex" if self.opts.mode == "flex" else "standard")
@@ -6010,6 +6117,20 @@ class Engine:
             return "flex" if flex else ("standard" if self.opts.allow_standard else "none")
         return tier
 
+    def mend_prepared(self, requests: bool = True) -> None:
+        """ids.jsonl and (with `requests`) the request files, when they are not what prepare wrote, are written
+        again from the input before anything reads them (rebuild_prepared_files), or StateError names them: a
+        damaged request file is never uploaded, a damaged ids.jsonl never merged."""
+        damaged = [p for p in damaged_prepared_files(self.store, self.run) if requests or p == self.store.ids_path]
+        if not damaged:
+            return
+        rebuild_prepared_files(self.store, self.run, self.spec, damaged)
+        found = [f"{p}: not what prepare wrote (truncated or gone): rebuilt from {self.run.input_path}" for p in damaged]
+        for line in found:
+            self._log(f"repair: {line}")
+        self.run.notes.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in found)
+        self.store.save_run(self.run)
+
     # -- batch -----------------------------------------------------------------------------------
     async def repair(self) -> None:
         """Reconcile the sidecars with the service before anything is sent again: a job sidecar deleted or
@@ -6032,20 +6153,51 @@ class Engine:
                 repaired.append(f"{j.name}: split, {len(self.jobs) - before} of its parts were not made yet: made now")
         if missing or talked or self.damaged:
             repaired += await self._adopt_remote(ranges, missing)
-        for j in self._ordered():
-            if j.state == JobState.RESULTS_DOWNLOADED and not await asyncio.to_thread(self._results_exist, j):
-                try:
-                    ok, failed, usage = await self._fetch_results(j)
-                except RemoteError as e:
-                    repaired.append(f"{j.name}: results file gone and the output is not downloadable ({e}): its ids go again")
-                    continue
-                self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
-                repaired.append(f"{j.name}: results file gone: downloaded {j.output_file} again")
+        repaired += await self._mend_results()
         if repaired:
             for line in repaired:
                 self._log(f"repair: {line}")
             self.run.notes.setdefault("repairs", []).extend(f"{utcnow()} {line}" for line in repaired)
             self.store.save_run(self.run)
+
+    async def _mend_results(self) -> list[str]:
+        """Results sidecars that are gone or not whole (_results_whole) are downloaded again from the job's output;
+        an output the service no longer gives leaves the results still there and an error line for each other id
+        (_results_lost). What was done, one line a job."""
+        done = []
+        for j in self._ordered():
+            if j.state != JobState.RESULTS_DOWNLOADED or await asyncio.to_thread(self._results_whole, j):
+                continue
+            what = "gone" if not await asyncio.to_thread(self._results_exist, j) else "cut short"
+            try:
+                ok, failed, usage = await self._fetch_results(j)
+            except RemoteError as e:
+                done.append(self._results_lost(j, f"results file {what}", e))  # a repair, before anything else runs
+                continue
+            self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+            done.append(f"{j.name}: results file {what}: downloaded {j.output_file} again")
+        return done
+
+    def _results_lost(self, job: Job, what: str, e: RemoteError) -> str:
+        """A job's results sidecar is damaged or gone and its output is no longer downloadable: the whole results
+        lines still there are kept, every other id of the job gets an error line saying why (not "no result"),
+        and the job's counts follow, so the fallback sends those ids again where it may."""
+        sink, name = self._results_sink(job)
+        if not isinstance(sink, LocalResults):
+            return f"{job.name}: {what} and the output is not downloadable ({e}): its ids go again"
+        why = f"result lost: {what} and the output {job.output_file} is no longer downloadable ({e})"
+        kept = {
+            n: (r.get("status") == "ok", raw or orjson.dumps(r, option=NL)) for n, r, raw in self._results_lines(sink.path(name))
+        }
+        keys = self._job_keys(job)
+        order = keys if isinstance(keys, range) else sorted(keys)
+        sink.put(
+            name, (kept[n][1] if n in kept else orjson.dumps(result_record(n, None, why, "batch"), option=NL) for n in order)
+        )
+        ok = sum(1 for n in order if n in kept and kept[n][0])
+        self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=len(order) - ok)
+        lost = sum(1 for n in order if n not in kept)
+        return f"{job.name}: {what} and the output is not downloadable ({e}): {lost} id(s) marked with that error"
 
     async def _adopt_remote(self, ranges: list[Any], missing: list[int]) -> list[str]:
         """Jobs of this run that the service has and the sidecars do not: adopt them; batches in `missing`
@@ -6730,6 +6882,14 @@ class Engine:
         sink, name = self._results_sink(job)
         return sink.exists(name)
 
+    def _results_whole(self, job: Job) -> bool:
+        """Whether a job's results sidecar is there and whole: in the bucket, there (an object is written whole or
+        not at all); a file, one whole line per result recorded (ok + failed; a cut file has fewer or a torn one)."""
+        sink, name = self._results_sink(job)
+        if not isinstance(sink, LocalResults):
+            return sink.exists(name)
+        return _newlines(sink.path(name)) == (job.ok + job.failed or job.request_count, True)
+
     def _primary_lines(self, job: Job) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
         """A primary job's results lines (_results_lines), from a file or streamed from the bucket; none if gone."""
         sink, name = self._results_sink(job)
@@ -6854,6 +7014,7 @@ class Engine:
         out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold, schema_categoricals(self.cfg.schema))
         hook = self.hook
+        self.mend_prepared(requests=False)
         with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
             for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
@@ -7270,7 +7431,25 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
 
 def merge_run(state_dir: str | Path, name: str) -> Summary:
     """Write (again) a run's results file from its sidecars alone: no network."""
-    return Engine(RunStore(state_dir, name), None).merge()
+    return _offline_engine(state_dir, name).merge()
+
+
+def _offline_engine(state_dir: str | Path, name: str, strict: bool = False) -> Engine:
+    """An engine with no client, to read a run's sidecars (ids.jsonl mended first). `strict`: StateError, naming
+    them and the fix, when results sidecars the run downloaded are gone or cut short (their answered ids would read
+    "no result"); else merge makes do with what is there, as its callers in the library expect."""
+    engine = Engine(RunStore(state_dir, name), None)
+    engine.mend_prepared(requests=False)
+    lost = [j for j in engine._ordered() if strict and j.state == JobState.RESULTS_DOWNLOADED and not engine._results_whole(j)]
+    if lost:
+        names = ", ".join(str(engine.store.result_path(j)) for j in lost[:5]) + (
+            f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
+        )
+        raise StateError(
+            f"run {name!r}: {len(lost)} results sidecar(s) gone or cut short: {names}; their answered ids would read "
+            f"'no result'. Fix: `batchify resume {name}` downloads them again from the service (and rewrites the results file)."
+        )
+    return engine
 
 
 @dataclass(frozen=True)
@@ -7292,10 +7471,10 @@ class Result:
         return dataclasses.asdict(self)
 
 
-def iter_sidecar_results(state_dir: str | Path, name: str) -> Iterator[dict[str, Any]]:
+def iter_sidecar_results(state_dir: str | Path, name: str, strict: bool = False) -> Iterator[dict[str, Any]]:
     """A run's result lines rebuilt from its sidecars alone (ids and results files), in input order, without
-    touching its merged output file."""
-    engine = Engine(RunStore(state_dir, name), None)
+    touching its merged output file (`strict`: see _offline_engine)."""
+    engine = _offline_engine(state_dir, name, strict)
     with open(engine.store.ids_path, "rb") as ids:
         for (_n, r, _raw), id_line in zip(engine.resolve(), ids, strict=True):
             r = r or {"status": "error", "result": None, "error": "no result (run not finished)", "source": "none", "usage": None}
@@ -8998,10 +9177,11 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             check_out(run.out, input_location(run.input_path, run.run_options))
         except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
             console().print(f"[yellow]note:[/] {_esc(e)} Printing run {_esc(run_name)}'s results from its sidecars.")
-            for r in iter_sidecar_results(state_dir, run_name):
+            for r in iter_sidecar_results(state_dir, run_name, strict=True):
                 sys.stdout.buffer.write(orjson.dumps(r, option=NL))
             return
-        merge_run(state_dir, run_name)  # rebuilt from the sidecars; unfinished ids show as errors
+        # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
+        _offline_engine(state_dir, run_name, strict=True).merge()
     else:
         st = out.stat()
         if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
@@ -9009,7 +9189,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             console().print(
                 f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
             )
-            for r in iter_sidecar_results(state_dir, run_name):
+            for r in iter_sidecar_results(state_dir, run_name, strict=True):
                 sys.stdout.buffer.write(orjson.dumps(r, option=NL))
             return
     with out.open("rb") as f:

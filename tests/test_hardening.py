@@ -472,3 +472,109 @@ def test_endpoint_switch_problem_only_for_jobs_alive_elsewhere():
     assert batchify.endpoint_switch_problem("r", "local", "http://b", running) is None  # died with its process
     assert batchify.endpoint_switch_problem("r", "http://a", "http://b", done) is None
     assert batchify.endpoint_switch_problem("r", "http://a", "http://b", [job]) is None  # never created
+
+
+# -- damaged sidecars prepare wrote: request files and ids.jsonl are checked against the plan before use -------
+def _truncate_mid_line(path: Path, share: float = 0.5) -> None:
+    data = path.read_bytes()
+    cut = int(len(data) * share)
+    assert data[cut - 1 : cut] != b"\n"
+    path.write_bytes(data[:cut])
+
+
+def test_a_truncated_request_file_is_rebuilt_from_the_input_before_its_upload(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_against(
+        emu, articles, tmp_path, *FAST, "--mode", "batch", "--batch-size", "10", out=out, BATCHIFY_CRASH_AT="before_upload"
+    )
+    assert p.returncode != 0
+    run_dir = tmp_path / "st" / "articles"
+    whole = (run_dir / "requests" / "b0004.jsonl").read_bytes()
+    _truncate_mid_line(run_dir / "requests" / "b0004.jsonl")
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "requests/b0004.jsonl" in p.stderr and "rebuilt" in p.stderr
+    assert (run_dir / "requests" / "b0004.jsonl").read_bytes() == whole
+    assert all(r["status"] == "ok" for r in read_jsonl(out)) and [r["id"] for r in read_jsonl(out)] == input_ids(articles)
+    billed = emu.stats()["billed"]
+    assert len(billed) == 60 and set(billed.values()) == {1}
+
+
+def test_a_truncated_request_file_with_its_input_gone_stops_naming_it(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = run_against(
+        emu, articles, tmp_path, *FAST, "--mode", "batch", "--batch-size", "10", out=out, BATCHIFY_CRASH_AT="before_upload"
+    )
+    assert p.returncode != 0
+    _truncate_mid_line(tmp_path / "st" / "articles" / "requests" / "b0004.jsonl")
+    articles.unlink()
+    uploads = emu.stats()["uploads"]
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "b0004.jsonl" in p.stderr and "Fix:" in p.stderr
+    assert emu.stats()["uploads"] == uploads, "nothing is uploaded while a request file is damaged"
+    assert json.loads((tmp_path / "st" / "articles" / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_a_truncated_ids_file_is_rebuilt_or_named(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "20", out=out).returncode == 0
+    ids = tmp_path / "st" / "articles" / "ids.jsonl"
+    whole = ids.read_bytes()
+    ids.write_bytes(b"".join(whole.splitlines(keepends=True)[:45]))
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "ids.jsonl" in p.stderr and "rebuilt" in p.stderr and ids.read_bytes() == whole
+    assert [r["id"] for r in read_jsonl(out)] == input_ids(articles) and all(r["status"] == "ok" for r in read_jsonl(out))
+    ids.write_bytes(whole[: len(whole) // 2])
+    articles.unlink()
+    out.unlink()
+    p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "ids.jsonl" in p.stderr and "Fix:" in p.stderr
+
+
+def test_a_cut_results_file_is_downloaded_again(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", out=out).returncode == 0
+    res = tmp_path / "st" / "articles" / "results" / "b0002.jsonl"
+    whole = res.read_bytes()
+    _truncate_mid_line(res)
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "repair: b0002: results file cut short: downloaded" in p.stderr
+    assert res.read_bytes() == whole
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles) and all(r["status"] == "ok" and r["source"] == "batch" for r in rows)
+    assert emu.stats()["generate_calls"] == 0
+    assert_billed_once(emu, 60)
+
+
+def test_results_of_a_run_whose_results_files_are_gone_says_so(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", out=out).returncode == 0
+    results = tmp_path / "st" / "articles" / "results"
+    (results / "b0001.jsonl").unlink()
+    _truncate_mid_line(results / "b0003.jsonl")
+    out.unlink()
+    p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3 and not p.stdout and not out.exists()
+    assert "b0001.jsonl" in p.stderr and "b0003.jsonl" in p.stderr and "batchify resume articles" in p.stderr
+
+
+def test_a_cut_results_file_whose_output_is_gone_marks_its_ids(emu, articles, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", "--no-fallback", out=out).returncode == 0
+    assert run_cli(["cleanup", "articles", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    _truncate_mid_line(tmp_path / "st" / "articles" / "results" / "b0002.jsonl")
+    out.unlink()
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "b0002: results file cut short and the output is not downloadable" in p.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == input_ids(articles)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert bad and all(r["error"].startswith("result lost: results file cut short") for r in bad)
+    assert all(r["status"] == "ok" for r in rows[:15] + rows[30:])
