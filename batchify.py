@@ -63,6 +63,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
@@ -3712,6 +3713,11 @@ class ModelInfo:
 
 
 # -- one retry policy for every remote call -----------------------------------------------------------
+# Where a retry is told (a callable taking one line), or None: the CLI sets its stderr log for the command's run, so
+# that a service that stops answering is reported at each try instead of minutes of silence.
+RETRY_NOTE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("RETRY_NOTE", default=None)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how long one remote call is tried. `also`: codes retried for this call only (a
@@ -3827,6 +3833,8 @@ class GeminiClient:
                 if attempt > 1:
                     err.args = (f"{err} (after {attempt} tries)",)
                 raise err from cause
+            if (note := RETRY_NOTE.get()) is not None:  # a caller's log (the CLI's stderr): no silent minutes
+                note(f"{err}; try {attempt} of {policy.attempts} failed, trying again in {delay * self.retry_scale:.0f} s")
             await self._sleep(delay * self.retry_scale)
 
     async def get_model(self, model: str, replacement: str | None = None) -> ModelInfo:
@@ -8833,13 +8841,14 @@ def _crash_hook() -> Callable[[Hook], None] | None:
     return hook
 
 
-def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop) -> T:
+def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Callable[[str], None] | None = None) -> T:
     """asyncio.run for the commands that drive a run. The first Ctrl-C (or SIGTERM) while real-time requests are
     in flight asks the run to stop gracefully (GracefulStop: nothing new is sent, the answers already paid for are
     saved, at most for their client timeout) and says so; with nothing in flight, and on a second signal, the run
     stops at once, as it always did. main() then says the run is interrupted (exit 130, or 143 for SIGTERM)."""
     signalled = False
     _current_stop[:] = [stop]
+    RETRY_NOTE.set(note)  # asyncio.run copies this context into the run's tasks
 
     def on_loop(signum: int, main_task: asyncio.Task[Any]) -> None:
         n = stop.in_flight()
@@ -9001,7 +9010,7 @@ def run(
             load_catalog(models_file),
             stop,
         )
-        r, summary = _run_stoppable(work, stop)
+        r, summary = _run_stoppable(work, stop, reporter.log)
     if dry_run:
         _render_dry_run(r, as_json, state_dir)
         return
@@ -9135,6 +9144,7 @@ def resume(
                 stop=stop,
             ),
             stop,
+            reporter.log,
         )
     _finish(summary, as_json, state_dir)
 

@@ -165,6 +165,7 @@ def test_503_bursts_everywhere(emu, articles, tmp_path):
     s = emu.stats()
     assert s["injected_503"] > 0
     assert_no_duplicate_creates(s)
+    assert "try 1 of 5 failed, trying again in" in p.stderr  # each retry is told: a bad day is never silent
 
 
 def test_dropped_downloads_are_retried(emu, articles, tmp_path):
