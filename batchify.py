@@ -9181,6 +9181,12 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             render_analytics(data)
         return
     run = RunStore(state_dir, run_name).load_run()
+    if run.status not in ("done", "cancelled"):
+        console().print(
+            f"[yellow]note:[/] run {_esc(run_name)} is {_esc(run.status)}, not finished: an id without a result yet reads "
+            f"'no result (run not finished)'. `batchify resume {_esc(run_name)}` finishes it.",
+            soft_wrap=True,
+        )
     out = out_location(run.out, run.run_options.project)
     if not out.exists():
         try:
@@ -9393,7 +9399,7 @@ def main(argv: list[str] | None = None) -> int:
             errno.EROFS: "the file system is read-only",
             errno.EDQUOT: "the disk quota is used up",
         }
-        where = e.filename or "the state dir"
+        where = e.filename or "the state dir or the results file"
         code = e.errno or 0
         if code not in reasons:
             console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
@@ -9401,7 +9407,8 @@ def main(argv: list[str] | None = None) -> int:
         what = reasons[code]
         console().print(
             f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
-            "writable disk, then `batchify resume` (nothing already done is lost).",
+            "writable disk, then give the same command again (a `run` again continues its run; nothing already done is "
+            "lost).",
             soft_wrap=True,
         )
         return DISK_EXIT

@@ -225,3 +225,11 @@ def test_a_compressed_input_is_named_as_such(emu, articles, tmp_path):
     assert p.returncode == 2, p.stderr
     assert "gzip-compressed file, not JSONL" in p.stderr and "gunzip -k" in p.stderr
     assert emu.stats()["count_tokens_calls"] == 0
+
+
+def test_results_of_an_unfinished_run_say_it_is_unfinished(emu, articles, tmp_path):
+    assert run_against(emu, articles, tmp_path, "--dry-run").returncode == 0
+    p = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "is prepared, not finished" in p.stderr and "batchify resume articles" in p.stderr
+    assert all(json.loads(line)["error"] == "no result (run not finished)" for line in p.stdout.splitlines())
