@@ -6010,7 +6010,8 @@ class Engine:
                 self.store.save_run(self.run)
             refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
-                self.merge()
+                self.merge()  # every id has its line (the refused ones an error), yet the run is not done:
+                self._end_as("interrupted")  # resume (or the same command) tries those creates again
                 raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
             if self.opts.mode in ("auto", "hybrid") and self.opts.fallback:
                 todo = self.unresolved()

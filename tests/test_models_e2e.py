@@ -249,6 +249,8 @@ def test_create_429_with_nothing_enqueued_without_fallback_exits_3_with_the_reas
     assert emu.stats()["generate_calls"] == 0
     rows = assert_every_id_once(out, articles)
     assert all(r["status"] == "error" for r in rows)
+    st = json.loads(run_cli(["status", "articles", "--state-dir", "st", "--json"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "interrupted"  # not done: resume tries the refused creates again
 
 
 @pytest.mark.parametrize("refusals", [2, 12])  # within one call's retries, and past them (looked at again next pass)
