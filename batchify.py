@@ -5014,7 +5014,7 @@ def _prepare_pass(
                 if opts.skip_invalid:
                     out.reject(rec, err)
                 elif len(problems) < 20:
-                    problems.append(f"{path}:{rec.number}: {err}")
+                    problems.append(f"{path}:{rec.number}: {err}" if rec.kind == "line" else f"{path}, {rec.where}: {err}")
                 continue
             digests[digest & 63].append(digest)
             if not write:

@@ -233,3 +233,11 @@ def test_results_of_an_unfinished_run_say_it_is_unfinished(emu, articles, tmp_pa
     assert p.returncode == 0, p.stderr
     assert "is prepared, not finished" in p.stderr and "batchify resume articles" in p.stderr
     assert all(json.loads(line)["error"] == "no result (run not finished)" for line in p.stdout.splitlines())
+
+
+def test_a_json_array_input_names_the_item_not_a_line(emu, tmp_path):
+    inp = tmp_path / "docs.json"
+    inp.write_text('[\n {"id": 1, "text": "a"},\n {"id": 2},\n {"id": 3, "text": "c"}\n]\n')
+    p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert f"{inp}, item 2: no 'text' field" in p.stderr  # item 2 is on line 3: a line number would mislead
