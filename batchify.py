@@ -2379,16 +2379,24 @@ def parse_answer(
 
 
 _VALIDATORS: dict[str, tuple[Callable[[Any], bool] | None, list[Any]]] = {}
+# the schema object last asked about and its validators: a run asks about one schema once per answer, and
+# encoding it for the key above cost 2 us an answer (15% of parse_answer). A schema is not changed in place.
+_LAST_SCHEMA: tuple[Any, tuple[Callable[[Any], bool] | None, list[Any]]] | None = None
 
 
 def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
     """What is wrong with `value` under `schema` (jsonschema, Draft 2020-12), or None. A schema within the
     common subset fast_schema_check knows is checked by it first: a value it passes is valid, anything else
     (and any other schema) is jsonschema's to judge, so every message is jsonschema's own."""
-    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
-    got = _VALIDATORS.get(key)
-    if got is None:
-        got = _VALIDATORS[key] = (fast_schema_check(schema), [])
+    global _LAST_SCHEMA
+    last = _LAST_SCHEMA  # read once: a consistent pair, whichever thread set it
+    if last is not None and last[0] is schema:
+        got = last[1]
+    else:
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+        cached = _VALIDATORS.get(key)
+        got = cached if cached is not None else _VALIDATORS.setdefault(key, (fast_schema_check(schema), []))
+        _LAST_SCHEMA = (schema, got)
     fast, slow = got
     if fast is not None and fast(value):
         return None
@@ -3553,7 +3561,8 @@ class Backend(Protocol):
     async def get_batch(self, name: str) -> RemoteJob: ...
     async def list_batches(self) -> list[RemoteJob]: ...
     async def cancel_batch(self, name: str) -> None: ...
-    def download(self, name: str) -> AsyncIterator[bytes]: ...  # result lines, in chunks of whole lines
+    # result lines in chunks of whole lines, or a chunk's lines already parsed (ResultObjects: VertexClient)
+    def download(self, name: str) -> AsyncIterator[bytes | ResultObjects]: ...
     async def delete_batch(self, name: str) -> None: ...
     async def delete_file(self, name: str) -> None: ...
     async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]: ...
@@ -3767,7 +3776,7 @@ class GeminiClient:
     async def delete_file(self, name: str) -> None:
         await self._call("delete file", lambda: self.aio.files.delete(name=name))
 
-    async def download(self, name: str) -> AsyncIterator[bytes]:
+    async def download(self, name: str) -> AsyncIterator[bytes | ResultObjects]:
         """A finished job's result lines: the Developer API's responses file, fetched whole (one chunk)."""
         data = await self._call("download", lambda: self.aio.files.download(file=name), DOWNLOAD_POLICY)
         yield bytes(data)
@@ -3861,11 +3870,22 @@ def vertex_request_line(line: bytes, entry: tuple[str, dict[str, Any]] | None = 
 
 
 def vertex_result_line(line: bytes | str) -> bytes | None:
-    """A Vertex output line -> the Developer API's result line the engine merges: {"key": k, "response": ...}
+    """A Vertex output line -> the Developer API's result line the engine merges (vertex_result, encoded)."""
+    out = vertex_result(orjson.loads(line))
+    return None if out is None else orjson.dumps(out) + b"\n"
+
+
+class ResultObjects(list[dict[str, Any]]):
+    """A chunk of result lines already parsed, as the engine would parse them back ({"key": k, "response": ...}
+    or {"key": k, "error": ...}): what VertexClient.download yields, so that each output line is parsed once
+    (ResultsRecorder takes them as they are), not converted, encoded and parsed again (docs/VERTEX_NOTES.md C3)."""
+
+
+def vertex_result(obj: Any) -> dict[str, Any] | None:
+    """A parsed Vertex output line -> the Developer API's result the engine merges: {"key": k, "response": ...}
     or {"key": k, "error": {"code", "message"}} (the row's `status` text: Google publishes no schema for it,
     so its code is read from a leading gRPC status name when there is one, else 2 UNKNOWN). None for a line
     with no key label: output order is not the input's, so a line without its key cannot be placed."""
-    obj = orjson.loads(line)
     req = obj.get("request") if isinstance(obj, dict) else None
     label = ((req.get("labels") or {}) if isinstance(req, dict) else {}).get(VERTEX_KEY_LABEL)
     if not isinstance(label, str) or not label:
@@ -3880,7 +3900,7 @@ def vertex_result_line(line: bytes | str) -> bytes | None:
         out["response"] = obj["response"]  # blocked prompts come as a response without candidates: parse_answer says so
     else:
         out["error"] = {"code": 2, "message": "the Vertex output line has neither a status nor a response"}
-    return orjson.dumps(out) + b"\n"
+    return out
 
 
 def _loopback_url(url: str | None) -> bool:
@@ -4093,31 +4113,33 @@ class VertexClient(GeminiClient):
         return blobs
 
     @staticmethod
-    def _output_chunks(blobs: list[Any]) -> Generator[bytes]:
+    def _output_chunks(blobs: list[Any]) -> Generator[ResultObjects]:
         """Every *.jsonl object under a job's output directory (Vertex may write more than one), streamed (ranged
         reads of GS_READ_CHUNK under a 1 MiB buffer: a BlobReader iterated as it is reads one byte a call,
-        docs/VERTEX_NOTES.md B2), as result lines (vertex_result_line) in chunks of about DOWNLOAD_CHUNK_BYTES:
-        never the whole output at once."""
+        docs/VERTEX_NOTES.md B2), as results (vertex_result, each line parsed once) in chunks of the results of
+        about DOWNLOAD_CHUNK_BYTES of output: never the whole output at once. A line that is not JSON fails the
+        download, as before (the engine starts over)."""
         raw = _GsConcat(blobs, [int(b.size or 0) for b in blobs])
-        out = bytearray()
+        out, size, loads = ResultObjects(), 0, orjson.loads
         with io.BufferedReader(raw, buffer_size=GS_RUN_READ_CHUNK) as f:
             for line in f:
-                converted = vertex_result_line(line) if line.strip() else None
+                converted = vertex_result(loads(line)) if line.strip() else None
                 if converted is not None:
-                    out += converted
-                    if len(out) >= DOWNLOAD_CHUNK_BYTES:
-                        yield bytes(out)
-                        out.clear()
+                    out.append(converted)
+                    size += len(line)
+                    if size >= DOWNLOAD_CHUNK_BYTES:
+                        yield out
+                        out, size = ResultObjects(), 0
         if out:
-            yield bytes(out)
+            yield out
 
-    async def download(self, name: str) -> AsyncIterator[bytes]:
-        """A finished job's result lines, streamed: the listing is tried under DOWNLOAD_POLICY (an output not
-        there yet answers 404), each chunk once (a failure ends this download round; the engine starts over)."""
+    async def download(self, name: str) -> AsyncIterator[bytes | ResultObjects]:
+        """A finished job's results, streamed (ResultObjects): the listing is tried under DOWNLOAD_POLICY (an output
+        not there yet answers 404), each chunk once (a failure ends this download round; the engine starts over)."""
         blobs = await self._call("download", lambda: asyncio.to_thread(self._output_blobs, name), DOWNLOAD_POLICY)
         chunks = self._output_chunks(blobs)
         try:
-            while (chunk := await self._call("download", lambda: asyncio.to_thread(next, chunks, b""), ONCE)) != b"":
+            while (chunk := await self._call("download", lambda: asyncio.to_thread(next, chunks, None), ONCE)) is not None:
                 yield chunk
         finally:
             with contextlib.suppress(ValueError):  # cancelled while a worker thread still reads it
@@ -5516,6 +5538,17 @@ class _Timers:
     timed: set[str] = field(default_factory=set)
 
 
+def _result_objects(chunk: bytes) -> Iterator[Any]:
+    """The non-blank lines of a chunk of result lines, parsed (None: not JSON)."""
+    loads = orjson.loads
+    for raw in chunk.splitlines():
+        if raw.strip():
+            try:
+                yield loads(raw)
+            except orjson.JSONDecodeError:
+                yield None
+
+
 class ResultsRecorder:
     """One job's output, chunk by chunk (whole lines; called from worker threads, one at a time), parsed into
     results lines (Engine._line_result) that an ExternalSorter keeps in ordinal order; usage summed over every
@@ -5533,15 +5566,13 @@ class ResultsRecorder:
         self.pos = 0
         self.usage: dict[str, int] = {}
 
-    def add(self, chunk: bytes) -> None:
-        keys, loads, add, pos = self.keys, orjson.loads, self.sorter.add, self.pos
-        for raw in chunk.splitlines():
-            if not raw.strip():
-                continue
+    def add(self, chunk: bytes | ResultObjects) -> None:
+        """One chunk: result lines, or results already parsed (ResultObjects: taken as they are)."""
+        keys, add, pos = self.keys, self.sorter.add, self.pos
+        objs: Iterable[Any] = chunk if isinstance(chunk, ResultObjects) else _result_objects(chunk)
+        for obj in objs:
             pos += 1
-            try:
-                obj = loads(raw)
-            except orjson.JSONDecodeError:
+            if obj is None:  # a line that is not JSON
                 continue
             key = obj.get("key")
             if key is None and pos <= len(keys):
@@ -6477,7 +6508,7 @@ class Engine:
         why = f"missing from the output of {job.remote_job}"
         recorder: list[ResultsRecorder] = []
 
-        def step(chunk: bytes | None, last: bool) -> tuple[int, int, dict[str, int]]:
+        def step(chunk: bytes | ResultObjects | None, last: bool) -> tuple[int, int, dict[str, int]]:
             if not recorder:
                 keys = self._job_keys(job)
                 long_at = self.spec.long_context_threshold
@@ -6488,7 +6519,7 @@ class Engine:
                 return 0, 0, {}
             return recorder[0].finish(lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
 
-        pending: bytes | None = None
+        pending: bytes | ResultObjects | None = None
         async with self._sorting if isinstance(sink, GsResults) else contextlib.nullcontext():
             stream = self.client.download(job.output_file or "")
             try:

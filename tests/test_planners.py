@@ -523,6 +523,16 @@ def test_fast_schema_check_covers_the_news_schema():
     assert b.schema_problem({**good, "category": "weather"}, b.NEWS_SCHEMA).startswith("category: 'weather' is not one of")
 
 
+def test_schema_problem_judges_each_schema_by_its_own_validator_in_turn():
+    """schema_problem remembers the schema object it was last asked about (not encoding it once per answer): a
+    different schema, asked about in turn with the same value, is still judged by its own validators."""
+    x, y, value = {"type": "object", "required": ["x"]}, {"type": "object", "required": ["y"]}, {"x": 1}
+    for _ in range(2):
+        assert b.schema_problem(value, x) is None
+        assert "'y' is a required property" in (b.schema_problem(value, y) or "")
+    assert b.schema_problem(value, dict(x)) is None and b.schema_problem({}, dict(x)) is not None
+
+
 def test_merge_choice_prefers_first_ok():
     ok1, ok2, e1, e2 = (
         {"status": "ok", "v": 1},
