@@ -97,7 +97,7 @@ class FakeGemini:
         self._log("list", "")
         return [self._state(n) for n in self.jobs]
 
-    async def download(self, name: str) -> AsyncIterator[bytes | batchify.ResultObjects]:
+    async def download(self, name: str) -> AsyncIterator[bytes]:
         self._log("download", name)
         job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
         out = bytearray()

@@ -18,11 +18,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import google.oauth2.credentials
-import orjson
 import pytest
 from conftest import ROOT, Emu, a_create_recorded, read_jsonl, run_cli, spawn_cli, wait_for
 from google import genai
@@ -106,10 +104,8 @@ def write_requests(path: Path, keys: list[str]) -> Path:
 
 
 async def downloaded(c: batchify.VertexClient, name: str) -> bytes:
-    """A job's result lines as one bytes (download streams them in chunks, parsed: ResultObjects)."""
-    chunks = [chunk async for chunk in c.download(name)]
-    assert all(isinstance(x, batchify.ResultObjects) for x in chunks)
-    return b"".join(orjson.dumps(r) + b"\n" for x in chunks for r in x)
+    """A job's result lines as one bytes (download streams them in chunks of whole lines)."""
+    return b"".join([chunk async for chunk in c.download(name)])
 
 
 async def until_final(c: batchify.VertexClient, name: str, timeout: float = 20.0) -> batchify.RemoteJob:
@@ -642,63 +638,6 @@ def test_gs_reader_streams_across_objects_and_seeks(
             assert f.read(40) == data[off : off + 40], off
     assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
     assert len(list(batchify.calibration_sample(g, 64))) == 64
-
-
-# -- each Vertex output line is parsed once (docs/VERTEX_NOTES.md C3): download hands the recorder the parsed results --
-
-
-def _vertex_output(n: int) -> list[dict[str, Any]]:
-    """A job's output rows, shuffled: answers, error rows (a status), a row with no response, one with no key."""
-    answer = {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
-    rows: list[dict[str, Any]] = []
-    for i in random.Random(5).sample(range(n), n):
-        req = {"contents": [{"role": "user", "parts": [{"text": f"article {i} " + "x" * 300}]}]}
-        row: dict[str, Any] = {"status": "", "request": {**req, "labels": {"batchify_key": str(i)}}}
-        if i % 7 == 0:
-            row["status"] = "INVALID_ARGUMENT: no"
-        elif i % 11:
-            row["response"] = {**answer, "usageMetadata": {"promptTokenCount": i, "candidatesTokenCount": 3}}
-        rows.append(row)
-    return [*rows, {"status": "", "request": {"contents": []}, "response": answer}]  # no key: not placed
-
-
-def test_each_vertex_output_line_is_parsed_once_and_recorded_as_its_result_lines_would_be(
-    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """VertexClient's download yields ResultObjects (a chunk's results, parsed) and ResultsRecorder takes them as they
-    are: one orjson.loads per output line (it was two, the line converted, encoded and parsed back), and the results
-    sidecar is byte for byte the one the same output gives as result lines (vertex_result_line)."""
-    rows = _vertex_output(3000)
-    gcs.bucket(bucket).blob("o/predictions.jsonl").upload_from_string(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    blobs = [gcs.bucket(bucket).get_blob("o/predictions.jsonl")]
-    monkeypatch.setattr(batchify, "DOWNLOAD_CHUNK_BYTES", 64 * 1024)  # several chunks
-
-    def line_result(n: int, obj: dict[str, Any], source: str) -> dict[str, Any]:
-        err = None if "response" in obj else str(obj.get("error"))
-        return batchify.result_record(n, obj.get("response"), err, source, {"n": n})
-
-    def record(chunks: Iterator[Any]) -> tuple[bytes, Any]:
-        sink = MemorySink()
-        rec = batchify.ResultsRecorder(batchify.ExternalSorter(sink, "j", 50_000), range(3000), line_result, None)
-        for chunk in chunks:
-            rec.add(chunk)
-        got = rec.finish(lambda n: b"missing %d\n" % n)
-        return sink.objects["j"], got
-
-    parsed: list[Any] = []
-    real = orjson.loads
-    shim = SimpleNamespace(**{k: getattr(orjson, k) for k in dir(orjson) if not k.startswith("__")})
-    shim.loads = lambda data: parsed.append(data) or real(data)
-    monkeypatch.setattr(batchify, "orjson", shim)
-    chunks = list(batchify.VertexClient._output_chunks(blobs))
-    assert len(chunks) > 3 and all(isinstance(c, batchify.ResultObjects) for c in chunks)
-    once = record(iter(chunks))
-    assert len(parsed) == len(rows), "each output line parsed once, nothing parsed back"
-    monkeypatch.setattr(batchify, "orjson", orjson)
-    as_lines = [b"".join(batchify.vertex_result_line(orjson.dumps(r)) or b"" for r in rows)]
-    assert record(iter(as_lines)) == once
-    failed = sum(1 for i in range(3000) if i % 7 == 0 or i % 11 == 0)  # a status, or neither status nor response
-    assert once[1][:2] == (3000 - failed, failed)
 
 
 # -- a create the service refuses with 400 is final: FAILED with the service's words, never retried in a loop -----
