@@ -3151,12 +3151,14 @@ def gs_stem(uri: str) -> str:
 
 class _GsConcat(io.RawIOBase):
     """The bytes of several Cloud Storage objects, one after another, as one seekable raw stream. Each object
-    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions)."""
+    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions), in
+    ranged GETs of `chunk` bytes (blob.download_as_bytes, served from the bytes it returns: a BlobReader's own
+    buffer copied each byte twice more; measured, 372 MiB read line by line: CPU 1.06 -> ~0.55 s)."""
 
     def __init__(self, blobs: list[Any], sizes: list[int]):
         self.blobs, self.sizes = blobs, sizes
-        self.pos, self.idx, self.chunk = 0, 0, GS_READ_CHUNK
-        self.reader: Any = None
+        self.pos, self.chunk = 0, GS_READ_CHUNK
+        self.data, self.at = memoryview(b""), 0  # the last GET's bytes, and how many of them are served
 
     def readable(self) -> bool:
         return True
@@ -3172,41 +3174,38 @@ class _GsConcat(io.RawIOBase):
         target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: total + offset}[whence]
         target = max(0, min(total, target))
         if target != self.pos:
-            self._close_reader()
+            self.data, self.at = memoryview(b""), 0
             self.pos, self.chunk = target, (GS_READ_CHUNK if target == 0 else GS_SEEK_CHUNK)
         return self.pos
 
-    def _close_reader(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
+    def _fetch(self) -> bool:
+        """The next ranged GET from self.pos (within the object it falls in); False at the end."""
+        idx, start = 0, 0
+        while idx < len(self.sizes):
+            size = self.sizes[idx]
+            if self.pos < start + size:
+                off = self.pos - start
+                got = self.blobs[idx].download_as_bytes(
+                    start=off, end=min(size, off + self.chunk) - 1, checksum=None, **gs_read_kwargs()
+                )  # end inclusive
+                if got:
+                    self.data, self.at = memoryview(got), 0
+                    return True
+                self.pos = start + size  # shorter than listed (it cannot be, at its generation): the next object
+            idx, start = idx + 1, start + size
+        return False
 
     def readinto(self, b: Any) -> int:
-        while True:
-            if self.reader is None:  # open the object this position falls in, at its offset
-                start = 0
-                for idx, size in enumerate(self.sizes):
-                    if self.pos < start + size:
-                        self.idx = idx
-                        break
-                    start += size
-                else:
-                    return 0
-                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk, **gs_read_kwargs())
-                if self.pos > start:
-                    self.reader.seek(self.pos - start)
-            data = self.reader.read(len(b))
-            if data:
-                b[: len(data)] = data
-                self.pos += len(data)
-                return len(data)
-            self._close_reader()  # this object is done: the next one
-            if self.idx + 1 >= len(self.blobs):
-                return 0
-            self.pos = sum(self.sizes[: self.idx + 1])
+        if self.at >= len(self.data) and not self._fetch():
+            return 0
+        n = min(len(b), len(self.data) - self.at)
+        b[:n] = self.data[self.at : self.at + n]
+        self.at += n
+        self.pos += n
+        return n
 
     def close(self) -> None:
-        self._close_reader()
+        self.data = memoryview(b"")
         super().close()
 
 
