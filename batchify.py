@@ -1732,16 +1732,38 @@ def _fields_of(template: str) -> tuple[str, ...]:
     return tuple(template_fields(template))
 
 
+_ABSENT = object()
+
+
 def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str:
-    if text_field == "text":  # every field present and not None: the record itself fills the template
-        for f in _fields_of(template):
+    """The template filled from a record by _PromptValues' rules. The hot loop's cases skip building one: every
+    field present and not None (the record itself fills the template), or every field found by those rules (a
+    plain dict of just the template's values: 6.7 -> 2.4 us a record with {title} and {url} missing). A field
+    not found takes _PromptValues' path, which raises as it always did."""
+    fields = _fields_of(template)
+    if text_field == "text":
+        for f in fields:
             if record.get(f) is None:
                 break
         else:
             return template.format_map(record)
-    values = _PromptValues(record)
-    values.text_field = text_field
-    return template.format_map(values)
+    if type(record) is dict:
+        values: dict[str, Any] = {}
+        for f in fields:
+            v = record.get(f, _ABSENT)
+            if v is _ABSENT:
+                if f == "text" and text_field != "text":
+                    v = record.get(text_field, "" if text_field in OPTIONAL_FIELDS else _ABSENT)
+                elif f in OPTIONAL_FIELDS:
+                    v = ""
+                if v is _ABSENT:
+                    break
+            values[f] = "" if v is None else v
+        else:
+            return template.format_map(values)
+    slow = _PromptValues(record)
+    slow.text_field = text_field
+    return template.format_map(slow)
 
 
 def default_max_output(spec: ModelSpec, choice: str | int | None, expected_output_tokens: int) -> int | None:
