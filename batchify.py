@@ -1793,16 +1793,38 @@ def _fields_of(template: str) -> tuple[str, ...]:
     return tuple(template_fields(template))
 
 
+_ABSENT = object()
+
+
 def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str:
-    if text_field == "text":  # every field present and not None: the record itself fills the template
-        for f in _fields_of(template):
+    """The template filled from a record by _PromptValues' rules. The hot loop's cases skip building one: every
+    field present and not None (the record itself fills the template), or every field found by those rules (a
+    plain dict of just the template's values: 6.7 -> 2.4 us a record with {title} and {url} missing). A field
+    not found takes _PromptValues' path, which raises as it always did."""
+    fields = _fields_of(template)
+    if text_field == "text":
+        for f in fields:
             if record.get(f) is None:
                 break
         else:
             return template.format_map(record)
-    values = _PromptValues(record)
-    values.text_field = text_field
-    return template.format_map(values)
+    if type(record) is dict:
+        values: dict[str, Any] = {}
+        for f in fields:
+            v = record.get(f, _ABSENT)
+            if v is _ABSENT:
+                if f == "text" and text_field != "text":
+                    v = record.get(text_field, "" if text_field in OPTIONAL_FIELDS else _ABSENT)
+                elif f in OPTIONAL_FIELDS:
+                    v = ""
+                if v is _ABSENT:
+                    break
+            values[f] = "" if v is None else v
+        else:
+            return template.format_map(values)
+    slow = _PromptValues(record)
+    slow.text_field = text_field
+    return template.format_map(slow)
 
 
 def default_max_output(spec: ModelSpec, choice: str | int | None, expected_output_tokens: int) -> int | None:
@@ -2440,16 +2462,25 @@ def parse_answer(
 
 
 _VALIDATORS: dict[str, tuple[Callable[[Any], bool] | None, list[Any]]] = {}
+# the schema object last asked about and its validators: a run asks about one schema once per answer, and
+# encoding it (keys sorted) for the key above cost ~2 us an answer; measured on the bench's 100k answers, the
+# retrieval's CPU 6.8 -> 6.4 s. A schema is not changed in place once a run has it.
+_LAST_SCHEMA: tuple[Any, tuple[Callable[[Any], bool] | None, list[Any]]] | None = None
 
 
 def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
     """What is wrong with `value` under `schema` (jsonschema, Draft 2020-12), or None. A schema within the
     common subset fast_schema_check knows is checked by it first: a value it passes is valid, anything else
     (and any other schema) is jsonschema's to judge, so every message is jsonschema's own."""
-    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
-    got = _VALIDATORS.get(key)
-    if got is None:
-        got = _VALIDATORS[key] = (fast_schema_check(schema), [])
+    global _LAST_SCHEMA
+    last = _LAST_SCHEMA  # read once: a consistent pair, whichever thread set it
+    if last is not None and last[0] is schema:
+        got = last[1]
+    else:
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+        cached = _VALIDATORS.get(key)
+        got = cached if cached is not None else _VALIDATORS.setdefault(key, (fast_schema_check(schema), []))
+        _LAST_SCHEMA = (schema, got)
     fast, slow = got
     if fast is not None and fast(value):
         return None
@@ -3230,12 +3261,14 @@ def gs_stem(uri: str) -> str:
 
 class _GsConcat(io.RawIOBase):
     """The bytes of several Cloud Storage objects, one after another, as one seekable raw stream. Each object
-    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions)."""
+    is read at the generation listed (a rewrite since then fails the read instead of mixing two versions), in
+    ranged GETs of `chunk` bytes (blob.download_as_bytes, served from the bytes it returns: a BlobReader's own
+    buffer copied each byte twice more; measured, 372 MiB read line by line: CPU 1.06 -> ~0.55 s)."""
 
     def __init__(self, blobs: list[Any], sizes: list[int]):
         self.blobs, self.sizes = blobs, sizes
-        self.pos, self.idx, self.chunk = 0, 0, GS_READ_CHUNK
-        self.reader: Any = None
+        self.pos, self.chunk = 0, GS_READ_CHUNK
+        self.data, self.at = memoryview(b""), 0  # the last GET's bytes, and how many of them are served
 
     def readable(self) -> bool:
         return True
@@ -3251,41 +3284,38 @@ class _GsConcat(io.RawIOBase):
         target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: total + offset}[whence]
         target = max(0, min(total, target))
         if target != self.pos:
-            self._close_reader()
+            self.data, self.at = memoryview(b""), 0
             self.pos, self.chunk = target, (GS_READ_CHUNK if target == 0 else GS_SEEK_CHUNK)
         return self.pos
 
-    def _close_reader(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
+    def _fetch(self) -> bool:
+        """The next ranged GET from self.pos (within the object it falls in); False at the end."""
+        idx, start = 0, 0
+        while idx < len(self.sizes):
+            size = self.sizes[idx]
+            if self.pos < start + size:
+                off = self.pos - start
+                got = self.blobs[idx].download_as_bytes(
+                    start=off, end=min(size, off + self.chunk) - 1, checksum=None, **gs_read_kwargs()
+                )  # end inclusive
+                if got:
+                    self.data, self.at = memoryview(got), 0
+                    return True
+                self.pos = start + size  # shorter than listed (it cannot be, at its generation): the next object
+            idx, start = idx + 1, start + size
+        return False
 
     def readinto(self, b: Any) -> int:
-        while True:
-            if self.reader is None:  # open the object this position falls in, at its offset
-                start = 0
-                for idx, size in enumerate(self.sizes):
-                    if self.pos < start + size:
-                        self.idx = idx
-                        break
-                    start += size
-                else:
-                    return 0
-                self.reader = self.blobs[self.idx].open("rb", chunk_size=self.chunk, **gs_read_kwargs())
-                if self.pos > start:
-                    self.reader.seek(self.pos - start)
-            data = self.reader.read(len(b))
-            if data:
-                b[: len(data)] = data
-                self.pos += len(data)
-                return len(data)
-            self._close_reader()  # this object is done: the next one
-            if self.idx + 1 >= len(self.blobs):
-                return 0
-            self.pos = sum(self.sizes[: self.idx + 1])
+        if self.at >= len(self.data) and not self._fetch():
+            return 0
+        n = min(len(b), len(self.data) - self.at)
+        b[:n] = self.data[self.at : self.at + n]
+        self.at += n
+        self.pos += n
+        return n
 
     def close(self) -> None:
-        self._close_reader()
+        self.data = memoryview(b"")
         super().close()
 
 

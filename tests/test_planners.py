@@ -389,18 +389,25 @@ def test_check_record_fast_path_agrees_with_the_full_check(rec, text_field, fiel
     assert b.check_record(rec, "id", text_field, fields) == b.check_record(_NotQuiteDict(rec), "id", text_field, fields)
 
 
-@settings(max_examples=300, deadline=None)
-@given(_records, st.sampled_from(["{text}", "Title: {title}\nURL: {url}\n\n{text}", "{lang}: {title!r} {text:>3}"]))
-def test_render_prompt_fast_path_agrees_with_the_template_rules(rec, template):
+_templates = ["{text}", "Title: {title}\nURL: {url}\n\n{text}", "{lang}: {title!r} {text:>3}", "{url:d} {body} {text}"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(_records, st.sampled_from(_templates), st.sampled_from(["text", "body", "url"]), st.booleans())
+def test_render_prompt_fast_paths_agree_with_the_template_rules(rec, template, text_field, subclass):
+    # the hot loop's shortcuts (the record itself; a plain dict of the template's values) fill the template as
+    # _PromptValues does, and raise what it raises (the same type and message: prepare quotes it)
     values = b._PromptValues(rec)
-    values.text_field = "text"
+    values.text_field = text_field
+    given = _NotQuiteDict(rec) if subclass else rec
     try:
         want = template.format_map(values)
     except (KeyError, ValueError, TypeError) as e:
-        with pytest.raises(type(e)):
-            b.render_prompt(template, rec, "text")
+        with pytest.raises(type(e)) as got:
+            b.render_prompt(template, given, text_field)
+        assert str(got.value) == str(e)
         return
-    assert b.render_prompt(template, rec, "text") == want
+    assert b.render_prompt(template, given, text_field) == want
 
 
 def test_template_field_missing_is_reported():
@@ -521,6 +528,16 @@ def test_fast_schema_check_covers_the_news_schema():
     assert fast is not None and fast(good)
     assert not fast({**good, "category": "weather"}) and not fast({**good, "companies": [1]}) and not fast({"page_title": "t"})
     assert b.schema_problem({**good, "category": "weather"}, b.NEWS_SCHEMA).startswith("category: 'weather' is not one of")
+
+
+def test_schema_problem_judges_each_schema_by_its_own_validator_in_turn():
+    """schema_problem remembers the schema object it was last asked about (not encoding it once per answer): a
+    different schema, asked about in turn with the same value, is still judged by its own validators."""
+    x, y, value = {"type": "object", "required": ["x"]}, {"type": "object", "required": ["y"]}, {"x": 1}
+    for _ in range(2):
+        assert b.schema_problem(value, x) is None
+        assert "'y' is a required property" in (b.schema_problem(value, y) or "")
+    assert b.schema_problem(value, dict(x)) is None and b.schema_problem({}, dict(x)) is not None
 
 
 def test_merge_choice_prefers_first_ok():

@@ -640,6 +640,38 @@ def test_gs_reader_streams_across_objects_and_seeks(
     assert len(list(batchify.calibration_sample(g, 64))) == 64
 
 
+def test_gs_reader_fetches_whole_chunks_and_a_small_one_after_a_seek(
+    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_GsConcat's ranged GETs: GS_READ_CHUNK at a time from the start (one object's at most), GS_SEEK_CHUNK after a
+    seek elsewhere (calibration reads a line at 64 offsets), each served whole from the bytes it returned."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    monkeypatch.setattr(batchify, "GS_READ_CHUNK", 64 * 1024)
+    monkeypatch.setattr(batchify, "GS_SEEK_CHUNK", 4 * 1024)
+    data = b"".join(json.dumps({"id": i, "text": "z" * (i % 97)}).encode() + b"\n" for i in range(6000))
+    gcs.bucket(bucket).blob("g/p0.jsonl").upload_from_string(data[:300_000])
+    gcs.bucket(bucket).blob("g/p1.jsonl").upload_from_string(data[300_000:])
+    gets: list[int] = []
+    real = storage.Blob.download_as_bytes
+
+    def counted(self: storage.Blob, *a: Any, **kw: Any) -> bytes:
+        got: bytes = real(self, *a, **kw)
+        gets.append(len(got))
+        return got
+
+    monkeypatch.setattr(storage.Blob, "download_as_bytes", counted)
+    g = batchify.input_location(f"gs://{bucket}/g/", batchify.RunOptions(backend="vertex"))
+    with g.open("rb") as f:
+        assert f.read() == data
+        assert gets == [65536] * 4 + [300_000 - 4 * 65536] + [65536] * ((len(data) - 300_000) // 65536) + [
+            (len(data) - 300_000) % 65536
+        ]
+        gets.clear()
+        f.seek(123_457)
+        f.readline()
+        assert f.readline() == data[123_457:].split(b"\n", 2)[1] + b"\n" and gets == [4096]
+
+
 # -- a create the service refuses with 400 is final: FAILED with the service's words, never retried in a loop -----
 
 
