@@ -178,7 +178,8 @@ def test_dropped_downloads_are_retried(emu, articles, tmp_path):
 
 def test_output_file_appears_later(emu, articles, tmp_path):
     emu.configure(output_delay=1.0)
-    p, out = run_articles(emu, articles, tmp_path)
+    # retry delays at a tenth (not the tests' fiftieth): the download's tries and rounds must outlast the 1 s delay
+    p, out = run_articles(emu, articles, tmp_path, "--retry-scale", "0.1")
     assert p.returncode == 0, p.stderr
     assert_complete(out, articles)
     assert emu.stats()["downloads_not_ready"] >= 1  # answered "not yet" first, then tried again (the retry policy)

@@ -478,7 +478,7 @@ async def test_a_backend_switch_is_an_option_change(vemu: Emu, bucket: str, tmp_
         del d["options"][k]
     store.run_path.write_text(json.dumps(d))
     assert (await _dry(vemu, inp, st, batchify.RunOptions(name="news"))).run_options.backend == "gemini"
-    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+    with pytest.raises(batchify.UsageError, match=r"differs from it in: options \(--backend\)"):
         await _dry(vemu, inp, st, _vertex_opts(bucket))
     # a Vertex run: its project, location and bucket are kept and compared
     vx = _vertex_opts(bucket, name="vx")
@@ -486,11 +486,11 @@ async def test_a_backend_switch_is_an_option_change(vemu: Emu, bucket: str, tmp_
     assert (run.run_options.project, run.run_options.bucket) == (PROJECT, f"gs://{bucket}")
     await _dry(vemu, inp, st, dataclasses.replace(vx, bucket=f"gs://{bucket}/"))  # the same bucket
     for change, flag in ((dict(location="europe-west4"), "--location"), (dict(bucket="gs://other"), "--bucket")):
-        with pytest.raises(batchify.UsageError, match=f"different options \\({flag}\\)"):
+        with pytest.raises(batchify.UsageError, match=f"differs from it in: options \\({flag}\\)"):
             await _dry(vemu, inp, st, dataclasses.replace(vx, **change))
-    with pytest.raises(batchify.UsageError, match=r"different options \(--project\)"):
+    with pytest.raises(batchify.UsageError, match=r"differs from it in: options \(--project\)"):
         await _dry(vemu, inp, st, dataclasses.replace(vx, project="another-proj"))
-    with pytest.raises(batchify.UsageError, match=r"different options \(--backend\)"):
+    with pytest.raises(batchify.UsageError, match=r"differs from it in: options \(--backend\)"):
         await _dry(vemu, inp, st, batchify.RunOptions(name="vx"))
 
 
