@@ -1620,6 +1620,7 @@ class Plan(TypedDict, total=False):
     model_spec: dict[str, Any]  # the figures this run plans and bills with, whatever the catalog says later
     catalog_as_of: str
     generation_config: dict[str, Any]
+    generation_config_json: str  # the whole generationConfig as the requests carry it, in its order (rebuilds)
     context_limit: int
     enqueued_limit_source: str
     realtime_limits: RealtimeLimits
@@ -4013,8 +4014,13 @@ def vertex_result_line(line: bytes | str) -> bytes | None:
     """A Vertex output line -> the Developer API's result line the engine merges: {"key": k, "response": ...}
     or {"key": k, "error": {"code", "message"}} (the row's `status` text: Google publishes no schema for it,
     so its code is read from a leading gRPC status name when there is one, else 2 UNKNOWN). None for a line
-    with no key label: output order is not the input's, so a line without its key cannot be placed."""
-    obj = orjson.loads(line)
+    with no key label, or not JSON at all (a torn line): output order is not the input's, so it cannot be placed;
+    its id reads as missing and is tried again on its own, as a Developer-API line would be (ResultsRecorder).
+    Raising instead failed the whole download, then the job, and sent every request of it again."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
     req = obj.get("request") if isinstance(obj, dict) else None
     label = ((req.get("labels") or {}) if isinstance(req, dict) else {}).get(VERTEX_KEY_LABEL)
     if not isinstance(label, str) or not label:
@@ -5344,6 +5350,7 @@ def _full_plan(
     plan["model_spec"] = spec.to_dict()
     plan["catalog_as_of"] = catalog.as_of
     plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
+    plan["generation_config_json"] = orjson.dumps(gc).decode()  # as sent, in its order (run.json sorts dict keys)
     plan["context_limit"] = context
     plan["enqueued_limit_source"] = (
         "--enqueued-limit"
@@ -5533,29 +5540,35 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
                 f"batchify version or model catalog?). Fix: move the run folder {store.dir} away and start a new run."
             )
         for bad in damaged:
+            private_dir(bad.parent)  # requests/ itself may be gone
             os.replace(scratch.dir / bad.relative_to(store.dir), bad)
     finally:
         shutil.rmtree(scratch.dir, ignore_errors=True)
 
 
-def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any] | None:
-    """The generationConfig prepare wrote (every request carries the same one), as the first whole request line
-    in the run folder has it: run.json keeps the config's schema with its keys sorted, the requests in its order."""
+def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any]:
+    """The generationConfig prepare wrote (every request carries the same one), in its order: as the plan kept it
+    (generation_config_json), else as the first whole request line in the run folder has it (run.json sorts the
+    keys of the config's schema, which Gemini reads in order). StateError when neither is there: a rebuild from
+    the job config could differ from what was sent."""
+    if isinstance(kept := run.plan.get("generation_config_json"), str):
+        return dict(orjson.loads(kept))
     for i in range(1, len(run.plan.get("batch_ranges") or []) + 1):
         with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             with open(store.dir / f"requests/b{i:04d}.jsonl", "rb") as f:
                 line = f.readline()
             if line.endswith(b"\n"):
                 return dict(request_entry(line)[1].get("generationConfig") or {})
-    return None
+    raise StateError(
+        f"{store.dir / 'requests'}: no whole request is left to read the generation config from, and this run was "
+        f"prepared before batchify kept it in its plan. Fix: move the run folder {store.dir} away and start a new run."
+    )
 
 
-def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any] | None) -> _Pass:
-    """Prepare's pass again, with the figures the run recorded (and the generation config `gc` its requests
-    carry, if known), writing into `scratch` (rebuild_prepared_files)."""
+def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any]) -> _Pass:
+    """Prepare's pass again, with the figures the run recorded and the generation config `gc` its requests carry,
+    writing into `scratch` (rebuild_prepared_files)."""
     plan, cfg = run.plan, run.job_config
-    if gc is None:
-        gc = {**generation_config(cfg, backend_spec(spec, opts)), **plan.get("generation_config", {})}
     eff = effective_limit(plan["enqueued_limit"], plan["margin"])  # as planned (a limit learned later lowers the plan's)
     suspects: set[int] = set()
     while True:  # once more, comparing exactly the ids whose digests collided (as prepare did)
@@ -7842,7 +7855,7 @@ async def run_file(
                     f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or `batchify resume {name}` to "
                     "finish the existing one."
                 )
-            run = _continue_at(store, run, endpoint, opts.out, input_location(input_path, opts))
+            run = _continue_at(store, run, endpoint, opts.out, input_location(input_path, opts), dry_run)
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
@@ -7898,17 +7911,24 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     return diffs
 
 
-def _continue_at(store: RunStore, run: Run, endpoint: str | None, out: str | None, input_path: Path) -> Run:
+def _continue_at(
+    store: RunStore, run: Run, endpoint: str | None, out: str | None, input_path: Path, dry_run: bool = False
+) -> Run:
     """The same `run` command again, with an --endpoint or --out of its own: another endpoint is refused while jobs
     live at the run's (endpoint_switch_problem); another --out is checked (check_out) and the results go there from
     now on (a finished run's are merged there at once)."""
-    if endpoint not in (None, run.endpoint):
-        with contextlib.suppress(StateError):  # a damaged job sidecar is the engine's to mend: not read here
-            if (problem := endpoint_switch_problem(store.name, run.endpoint, endpoint, store.load_jobs())) is not None:
-                raise UsageError(problem)
+    if endpoint is not None and not same_endpoint(endpoint, run.endpoint):
+        try:
+            jobs: list[Job] | None = store.load_jobs()
+        except StateError:  # a damaged job sidecar may be a live job's: the run's own service must mend it first
+            jobs = None
+        if (problem := endpoint_switch_problem(store.name, run.endpoint, endpoint, jobs)) is not None:
+            raise UsageError(problem)
     if out is None or out_uri(out) == run.out:
         return run
     check_out(out, input_path)
+    if dry_run:  # checked, and nothing changed
+        return run
     run = dataclasses.replace(run, out=out_uri(out))
     store.save_run(run)
     if run.status == "done":
@@ -7917,17 +7937,40 @@ def _continue_at(store: RunStore, run: Run, endpoint: str | None, out: str | Non
     return run
 
 
-def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs: Iterable[Job]) -> str | None:
+GEMINI_API_URL = "https://generativelanguage.googleapis.com"  # the SDK's own base URL: what no --endpoint means
+
+
+def same_endpoint(a: str | None, b: str | None) -> bool:
+    """Whether two --endpoint values reach the same service: None is Google's own (GEMINI_API_URL); a URL's scheme
+    and host are compared without case and without a trailing /."""
+
+    def norm(e: str | None) -> str:
+        if e is None or e == "local":
+            return e or GEMINI_API_URL
+        u = urllib.parse.urlsplit(e.strip())
+        return urllib.parse.urlunsplit((u.scheme.lower(), u.netloc.lower(), u.path.rstrip("/"), u.query, ""))
+
+    return norm(a) == norm(b)
+
+
+def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs: list[Job] | None) -> str | None:
     """Why a resume may not move to another endpoint, or None. A job created at one service is unknown to another:
     there every poll answers 404, the job counts as gone and is created again, so its ids would be paid twice (the
-    first service still runs and bills them). The built-in local emulator's jobs end with its process: no such job."""
-    if given is None or given == was or was == "local":
+    first service still runs and bills them). The built-in local emulator's jobs end with its process: no such job.
+    `jobs` None: a job sidecar is damaged (it may be a live job's), so the move is refused too."""
+    if given is None or same_endpoint(given, was) or was == "local":
         return None
+    where = was or "Google's Gemini API (the default endpoint)"
+    if jobs is None:
+        return (
+            f"run {name!r} has a damaged job sidecar, which may be a job still at {where}; resuming at {given} could "
+            f"create it again there and pay for its requests twice. Fix: `batchify resume {name}` without --endpoint "
+            "first (it mends the sidecars against the service that has the jobs)."
+        )
     live = [j.name for j in jobs if j.remote_job and j.state in ACTIVE_STATES | {JobState.SUCCEEDED}]
     live += [j.name for j in jobs if j.state == JobState.SUBMITTING and j.name not in live]
     if not live:
         return None
-    where = was or "Google's Gemini API (the default endpoint)"
     return (
         f"run {name!r} has {len(live)} job(s) at {where} ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); "
         f"resuming at {given} would create them again there and pay for their requests twice. Fix: resume without "

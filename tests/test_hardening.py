@@ -454,6 +454,10 @@ def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp
         moved = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", other.url], tmp_path)
         assert moved.returncode == 2, moved.stderr
         assert "pay for their requests twice" in moved.stderr and "b0001" in moved.stderr
+        sidecar = tmp_path / "st" / "articles" / "jobs" / "b0001.json"
+        sidecar.write_bytes(sidecar.read_bytes()[:40])  # damaged: it may be a live job's
+        damaged = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", other.url + "/"], tmp_path)
+        assert damaged.returncode == 2 and "damaged job sidecar" in damaged.stderr, damaged.stderr
         assert other.emulator.stats["creates"] == 0
     done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -469,6 +473,9 @@ def test_endpoint_switch_problem_only_for_jobs_alive_elsewhere():
     assert batchify.endpoint_switch_problem("r", None, "http://b", running) is not None  # from Google's own
     assert batchify.endpoint_switch_problem("r", "http://a", None, running) is None  # not given: the run's own
     assert batchify.endpoint_switch_problem("r", "http://a", "http://a", running) is None
+    assert batchify.endpoint_switch_problem("r", "http://a:1", "HTTP://A:1/", running) is None  # the same service
+    assert batchify.endpoint_switch_problem("r", None, "https://generativelanguage.googleapis.com/", running) is None
+    assert batchify.endpoint_switch_problem("r", "http://a", "http://b", None) is not None  # a damaged sidecar
     assert batchify.endpoint_switch_problem("r", "local", "http://b", running) is None  # died with its process
     assert batchify.endpoint_switch_problem("r", "http://a", "http://b", done) is None
     assert batchify.endpoint_switch_problem("r", "http://a", "http://b", [job]) is None  # never created
@@ -498,6 +505,20 @@ def test_a_truncated_request_file_is_rebuilt_from_the_input_before_its_upload(em
     assert all(r["status"] == "ok" for r in read_jsonl(out)) and [r["id"] for r in read_jsonl(out)] == input_ids(articles)
     billed = emu.stats()["billed"]
     assert len(billed) == 60 and set(billed.values()) == {1}
+
+
+def test_request_files_all_gone_are_rebuilt_byte_for_byte(emu, articles, tmp_path):
+    """No whole request is left to read the generation config from (one batch, its folder gone): the plan keeps the
+    config as sent, in its order (run.json sorts the schema's keys, and Gemini reads a schema's properties in order)."""
+    import shutil
+
+    assert run_against(emu, articles, tmp_path, "--dry-run", "--mode", "batch").returncode == 0
+    requests = tmp_path / "st" / "articles" / "requests"
+    whole = (requests / "b0001.jsonl").read_bytes()
+    shutil.rmtree(requests)
+    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.1"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (requests / "b0001.jsonl").read_bytes() == whole
 
 
 def test_a_truncated_request_file_with_its_input_gone_stops_naming_it(emu, articles, tmp_path):
