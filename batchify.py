@@ -1087,21 +1087,27 @@ def _mode_value(ctx: Any, param: Any, value: str) -> str:
     return "realtime" if value == "standard" else value  # standard is the tier's name; realtime the mode's old one
 
 
-def _check_flag_value(value: Any, default: Any, kw: dict[str, Any]) -> None:
-    """click.BadParameter unless `value` passes the flag's rules (RunOptions.checked)."""
+def _check_flag_value(value: Any, default: Any, kw: dict[str, Any]) -> Any:
+    """`value` as the flag would take it (its click type's and callback's conversions: "standard" -> "realtime",
+    "3" -> 3), or click.BadParameter when it breaks the flag's rules (RunOptions.checked)."""
     kind = type(default) if default is not None else None
     if (kw.get("is_flag") or kind is bool) and not isinstance(value, bool):
         raise click.BadParameter("must be True or False")
     if isinstance(value, bool) and not (kw.get("is_flag") or kind is bool):
         raise click.BadParameter("must be a number or a string, not True/False")
+    if isinstance(kw.get("type"), click.IntRange) and isinstance(value, float) and not value.is_integer():
+        raise click.BadParameter(f"{value} is not a whole number")
+    if isinstance(kw.get("type"), click.Path) and not isinstance(value, (str, os.PathLike)):
+        raise click.BadParameter("must be a path")
     if isinstance(kw.get("type"), click.ParamType):
-        kw["type"].convert(value, None, None)
+        value = kw["type"].convert(value, None, None)
     elif kw.get("type") is float and not isinstance(value, (int, float)):
         raise click.BadParameter("must be a number")
     elif kind is str and kw.get("callback") is None and not isinstance(value, str):
         raise click.BadParameter("must be a string")
     if kw.get("callback") is not None:
-        kw["callback"](None, None, value)
+        value = kw["callback"](None, None, value)
+    return value
 
 
 def flag(default: Any, help: str, *decls: str, **click_kw: Any) -> Any:
@@ -1222,19 +1228,22 @@ class RunOptions:
         return dataclasses.asdict(self)
 
     def checked(self) -> RunOptions:
-        """The options as a library caller gave them, held to the flags' own rules (the option table's click types
-        and callbacks): UsageError (exit 2) naming the option. None means "not given" and always passes."""
+        """The options as a library caller gave them, held to the flags' own rules and taken as the flags take them
+        (the option table's click types and callbacks: mode "standard" is "realtime", waves "3" is 3): UsageError
+        (exit 2) naming the option. None means "not given" and always passes. A copy when anything was converted."""
+        taken: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None or "flag" not in f.metadata:
                 continue
             decls, _help, kw = f.metadata["flag"]
             try:
-                _check_flag_value(value, f.default, kw)
+                taken[f.name] = _check_flag_value(value, f.default, kw)
             except click.BadParameter as e:
                 flag_name = decls[0].split("/")[0] if decls else f"--{f.name.replace('_', '-')}"
                 raise UsageError(f"RunOptions {f.name}={value!r} ({flag_name}): {e.message}") from None
-        return self
+        changed = {k: v for k, v in taken.items() if v != getattr(self, k) or type(v) is not type(getattr(self, k))}
+        return dataclasses.replace(self, **changed) if changed else self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunOptions:

@@ -867,7 +867,14 @@ def test_run_options_a_flag_would_refuse_are_refused_in_the_library_too(changes,
     assert says in str(e.value)
 
 
-def test_run_options_the_flags_accept_pass():
-    for changes in ({}, {"waves": 3}, {"waves": "2"}, {"mode": "standard"}, {"max_cost": 1}, {"poll_interval": None}):
+def test_run_options_the_flags_accept_pass_and_are_taken_as_the_flags_take_them():
+    for changes in ({}, {"waves": 3}, {"max_cost": 1}, {"poll_interval": None}):
         opts = b.RunOptions(**changes)
-        assert opts.checked() is opts
+        assert opts.checked() is opts  # nothing to convert: the same object
+    assert b.RunOptions(mode="standard").checked().mode == "realtime"  # as --mode standard is (every request, 2x)
+    assert b.RunOptions(waves="2").checked().waves == 2
+    assert b.RunOptions(batch_size=3.0).checked().batch_size == 3
+    with pytest.raises(b.UsageError, match="whole number"):
+        b.RunOptions(batch_size=2.7).checked()
+    with pytest.raises(b.UsageError, match="must be a path"):
+        b.RunOptions(out=5).checked()  # type: ignore[arg-type]
