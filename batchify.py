@@ -5897,6 +5897,7 @@ class Engine:
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, int] = {}
         self._poll_refusals: dict[str, int] = {}
+        self._poll_404s: dict[str, int] = {}  # 404s in a row per job (_poll_answered_404)
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
         self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
@@ -6103,6 +6104,7 @@ class Engine:
         """Batch from the head of the queue and the Flex lanes from its tail, at once; an error of either is
         raised as itself (not wrapped in an ExceptionGroup). A stop request cancels the batch side at once; the
         Flex lanes wait for the requests they sent."""
+        batch: asyncio.Task[None] | None = None
         try:
             async with asyncio.TaskGroup() as tg:
                 batch = tg.create_task(self.batch_phase())
@@ -6111,7 +6113,8 @@ class Engine:
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
         finally:
-            self._stoppable.discard(batch)
+            if batch is not None:
+                self._stoppable.discard(batch)
         self._raise_if_stopped()
 
     async def flex_lanes(self) -> None:
@@ -6817,6 +6820,7 @@ class Engine:
         except RemoteError as e:
             if e.code == 404:
                 return await self._poll_answered_404(job)
+            self._poll_404s.pop(job.name, None)  # any other answer: the 404s are no longer in a row
             if not e.transient:  # 400/403 on a get: not worth polling forever
                 n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
                 if n >= POLL_REFUSALS:
@@ -6825,6 +6829,7 @@ class Engine:
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
         self._poll_refusals.pop(job.name, None)
+        self._poll_404s.pop(job.name, None)
         moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
@@ -6846,7 +6851,7 @@ class Engine:
         """A job's get answered 404. A job that still runs, answered 404 by a proxy or a routing blip and then
         resubmitted, is paid twice; so it counts as gone (FAILED, and retried) only after POLL_REFUSALS 404s in a
         row and when the service's own list does not show it either. True when it was marked gone."""
-        n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
+        n = self._poll_404s[job.name] = self._poll_404s.get(job.name, 0) + 1
         if n < POLL_REFUSALS:
             self._log(f"{job.name}: poll answered 404 (not found), {n} of {POLL_REFUSALS} before it counts as gone")
             return False
@@ -6856,7 +6861,7 @@ class Engine:
             self._log(f"{job.name}: poll answered 404 and the list to confirm it failed ({e}); will poll again")
             return False
         if any(r.name == job.remote_job or r.display_name == job.display_name for r in listed):
-            self._poll_refusals[job.name] = 0
+            self._poll_404s[job.name] = 0
             self._log(f"{job.name}: poll answered 404 {n} times but the service lists the job; will poll again")
             return False
         self._advance(job, JobState.FAILED, error=f"the remote job is gone (404 {n} times, and not in the service's list)")
@@ -8931,7 +8936,6 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
     stops at once, as it always did. main() then says the run is interrupted (exit 130, or 143 for SIGTERM)."""
     signalled = False
     _current_stop[:] = [stop]
-    RETRY_NOTE.set(note)  # asyncio.run copies this context into the run's tasks
 
     def on_loop(signum: int, main_task: asyncio.Task[Any]) -> None:
         n = stop.in_flight()
@@ -8956,8 +8960,10 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
             nonlocal signalled
             global _terminated
             _terminated = _terminated or signum == signal.SIGTERM
-            if signalled:
-                raise KeyboardInterrupt  # the second signal: stop now
+            # The second signal, or a SIGTERM with nothing paid for in flight, stops now, even in a long synchronous
+            # step (prepare's pass, the merge), as SIGTERM always did: a supervisor's SIGKILL follows it.
+            if signalled or (signum == signal.SIGTERM and not stop.in_flight()):
+                raise KeyboardInterrupt
             signalled = True
             loop.call_soon_threadsafe(on_loop, signum, main_task)
 
@@ -8971,12 +8977,15 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
             for signum, h in previous.items():
                 signal.signal(signum, h)
 
+    token = RETRY_NOTE.set(note)  # asyncio.run copies this context into the run's tasks
     try:
         return asyncio.run(supervised())
     except asyncio.CancelledError:
         if signalled:
             raise KeyboardInterrupt from None
         raise
+    finally:
+        RETRY_NOTE.reset(token)
 
 
 def _emit_json(obj: Any) -> None:
