@@ -286,6 +286,9 @@ def test_result_line_conversion() -> None:
         "error": {"code": 2, "message": "Bad request: 400"},
     }
     assert batchify.vertex_result_line(json.dumps({"status": "", "request": {}, "response": {}})) is None  # no key: not placed
+    # a torn line (not JSON) is not placed either: its id reads as missing and is tried again on its own, instead of
+    # failing the download, then the job, and sending every request of the job again
+    assert batchify.vertex_result_line(b'{"request": {"labels": {"batchify_key": "A"}}, "resp') is None
 
 
 async def test_cancel_delete_and_cleanup_of_staged_objects(
