@@ -6247,12 +6247,12 @@ class Engine:
         lines still there are kept, every other id of the job gets an error line saying why (not "no result"),
         and the job's counts follow, so the fallback sends those ids again where it may."""
         sink, name = self._results_sink(job)
-        if not isinstance(sink, LocalResults):
-            return f"{job.name}: {what} and the output is not downloadable ({e}): its ids go again"
         why = f"result lost: {what} and the output {job.output_file} is no longer downloadable ({e})"
-        kept = {
-            n: (r.get("status") == "ok", raw or orjson.dumps(r, option=NL)) for n, r, raw in self._results_lines(sink.path(name))
-        }
+        if isinstance(sink, LocalResults):
+            lines = self._results_lines(sink.path(name))
+            kept = {n: (r.get("status") == "ok", raw or orjson.dumps(r, option=NL)) for n, r, raw in lines}
+        else:  # a results object in the bucket is whole or gone, so gone: the error lines go to results/ (read first)
+            kept, sink, name = {}, LocalResults(self.store.dir / "results"), job.name
         keys = self._job_keys(job)
         order = keys if isinstance(keys, range) else sorted(keys)
         sink.put(

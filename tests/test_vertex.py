@@ -1278,3 +1278,26 @@ def test_a_primary_jobs_keys_are_its_range_less_its_fetch_failures_without_readi
         list(range(20, 30)),
     ]
     assert engine._job_keys(jobs[2]) == range(20, 30), "no list when nothing in the range failed"
+
+
+async def test_a_results_object_gone_with_its_output_marks_its_ids_with_the_reason(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's results object and its output both gone from the bucket: its ids get an error line saying why (kept in
+    results/, which is read first), so `results` is whole again; before, the repair only logged 'its ids go again'
+    and nothing did, and a strict read of the results stopped on the gone object for good."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st_dir = _news(tmp_path, 80), tmp_path / "st"
+    opts = dataclasses.replace(
+        _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+    )
+    await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k")
+    gone = _results_objects(gcs, bucket)[0]
+    display = gone.rsplit("/", 1)[1].removesuffix(".jsonl")
+    for blob in [gcs.bucket(bucket).blob(gone), *gcs.list_blobs(bucket, prefix=f"batchify/news/output/{display}")]:
+        blob.delete()
+    await batchify.resume_run("news", st_dir, endpoint=vemu.url, api_key="k")
+    rows = list(batchify.iter_sidecar_results(st_dir, "news", strict=True))
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(80)]
+    lost = [r for r in rows if r["status"] != "ok"]
+    assert len(lost) == 40 and all(r["error"].startswith("result lost: results file gone") for r in lost)
