@@ -5542,7 +5542,8 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
         private_dir(scratch.dir)
         if store.fetch_cache_path.exists():  # the pages fetched for the run: the requests hold their text
             shutil.copyfile(store.fetch_cache_path, scratch.fetch_cache_path)
-        p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run))
+        sink = LocalRequests(scratch) if any(p.parent.name == "requests" for p in damaged) else _NoRequests(scratch)
+        p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run), sink)
         if p.records != run.records or [[b.start, b.end, b.tokens, b.bytes] for b in p.batches] != run.plan.get("batch_ranges"):
             raise StateError(
                 f"{names}: damaged (not what prepare wrote), and the input no longer gives the same requests (another "
@@ -5574,9 +5575,19 @@ def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any]:
     )
 
 
-def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any]) -> _Pass:
+class _NoRequests(LocalRequests):
+    """Request files written nowhere: a rebuild of ids.jsonl alone needs prepare's pass for the ids, not the requests
+    (on Vertex they are in the bucket, and a big run's would fill the local disk)."""
+
+    def open(self, rel: str, atomic: bool = False) -> Any:
+        return open(os.devnull, "wb")
+
+
+def _rebuild_pass(
+    scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts: RunOptions, gc: dict[str, Any], sink: RequestFiles
+) -> _Pass:
     """Prepare's pass again, with the figures the run recorded and the generation config `gc` its requests carry,
-    writing into `scratch` (rebuild_prepared_files)."""
+    writing into `scratch` through `sink` (rebuild_prepared_files)."""
     plan, cfg = run.plan, run.job_config
     eff = effective_limit(plan["enqueued_limit"], plan["margin"])  # as planned (a limit learned later lowers the plan's)
     suspects: set[int] = set()
@@ -5594,7 +5605,7 @@ def _rebuild_pass(scratch: RunStore, path: Path, run: Run, spec: ModelSpec, opts
             gc,
             plan["context_limit"],
             spec.long_context_threshold,
-            sink=LocalRequests(scratch),
+            sink=sink,
         )
         if suspects or not p.duplicate_digests:
             return p

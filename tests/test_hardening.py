@@ -599,3 +599,20 @@ def test_a_cut_results_file_whose_output_is_gone_marks_its_ids(emu, articles, tm
     bad = [r for r in rows if r["status"] != "ok"]
     assert bad and all(r["error"].startswith("result lost: results file cut short") for r in bad)
     assert all(r["status"] == "ok" for r in rows[:15] + rows[30:])
+
+
+async def test_rebuilding_ids_alone_writes_no_request_file(emu, articles, tmp_path, monkeypatch):
+    """ids.jsonl alone is damaged: prepare's pass runs again for the ids, and writes no request bytes anywhere (on
+    Vertex the requests are in the bucket; a big run's would fill the disk)."""
+    opts = batchify.RunOptions(batch_size=20, mode="batch")
+    run = await batchify.prepare(articles, name="a", state_dir=tmp_path, options=opts, endpoint=emu.url, api_key="k")
+    store = batchify.RunStore(tmp_path, "a")
+    whole = store.ids_path.read_bytes()
+    store.ids_path.write_bytes(whole[: len(whole) // 2])
+
+    def no_request_file(self, rel, atomic=False):
+        raise AssertionError(f"a request file was written: {rel}")
+
+    monkeypatch.setattr(batchify.LocalRequests, "open", no_request_file)
+    batchify.rebuild_prepared_files(store, run, batchify.run_model_spec(run), [store.ids_path])
+    assert store.ids_path.read_bytes() == whole
