@@ -171,7 +171,7 @@ def _resume_completes_every_id_once(emu, articles, tmp_path) -> None:
 def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path, sig, code):
     """The first Ctrl-C (or SIGTERM) with Flex requests in flight sends nothing new and waits for their answers:
     realtime.jsonl holds every answer the service gave, and resume pays for no request twice."""
-    emu.configure(flex_latency_min=2.0, flex_latency_max=3.0)
+    emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
     p = _spawn_flex_run(emu, articles, tmp_path)
     wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
     p.send_signal(sig)
@@ -183,6 +183,7 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     assert len(kept) == sum(billed.values()) > 0, "an answer paid for was thrown away"
     assert "waiting for" in err and "batchify resume articles" in err and "kept" in err, err
     assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
+    emu.configure(flex_latency_min=0.0, flex_latency_max=0.0)  # the rest, at once
     _resume_completes_every_id_once(emu, articles, tmp_path)
     billed = emu.stats()["billed"]
     assert len(billed) == 60 and set(billed.values()) == {1}, {k: v for k, v in billed.items() if v != 1}
@@ -191,7 +192,7 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
 def test_a_second_ctrl_c_stops_at_once(emu, articles, tmp_path):
     """Ctrl-C again while the run waits for its Flex answers: it stops now (those still out are sent again on
     resume), and resume still ends with every id once."""
-    emu.configure(flex_latency_min=5.0, flex_latency_max=6.0)
+    emu.configure(flex_latency_min=3.0, flex_latency_max=3.5)  # far longer than the second Ctrl-C takes to stop it
     p = _spawn_flex_run(emu, articles, tmp_path)
     wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
     p.send_signal(signal.SIGINT)

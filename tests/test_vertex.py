@@ -1287,9 +1287,9 @@ async def test_a_results_object_gone_with_its_output_marks_its_ids_with_the_reas
     results/, which is read first), so `results` is whole again; before, the repair only logged 'its ids go again'
     and nothing did, and a strict read of the results stopped on the gone object for good."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
-    inp, st_dir = _news(tmp_path, 80), tmp_path / "st"
+    inp, st_dir = _news(tmp_path, 40), tmp_path / "st"
     opts = dataclasses.replace(
-        _vertex_opts(bucket, batch_size=40, poll_interval=0.05, mode="batch"), out=str(tmp_path / "o.jsonl")
+        _vertex_opts(bucket, batch_size=20, poll_interval=0.05, mode="batch", retry_scale=0.02), out=str(tmp_path / "o.jsonl")
     )
     await batchify.run_file(inp, options=opts, state_dir=st_dir, endpoint=vemu.url, api_key="k")
     gone = _results_objects(gcs, bucket)[0]
@@ -1298,6 +1298,6 @@ async def test_a_results_object_gone_with_its_output_marks_its_ids_with_the_reas
         blob.delete()
     await batchify.resume_run("news", st_dir, endpoint=vemu.url, api_key="k")
     rows = list(batchify.iter_sidecar_results(st_dir, "news", strict=True))
-    assert [r["id"] for r in rows] == [f"a{i}" for i in range(80)]
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(40)]
     lost = [r for r in rows if r["status"] != "ok"]
-    assert len(lost) == 40 and all(r["error"].startswith("result lost: results file gone") for r in lost)
+    assert len(lost) == 20 and all(r["error"].startswith("result lost: results file gone") for r in lost)
