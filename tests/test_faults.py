@@ -37,6 +37,7 @@ def jobs_of(tmp_path, run="articles"):
     return [json.loads(f.read_text()) for f in sorted((tmp_path / "st" / run / "jobs").glob("*.json"))]
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_resubmitted(emu, articles, tmp_path):
     emu.configure(fail_jobs=2)
     p, out = run_articles(emu, articles, tmp_path, "--batch-size", "20", "--mode", "batch")

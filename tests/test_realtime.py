@@ -167,6 +167,7 @@ def _resume_completes_every_id_once(emu, articles, tmp_path) -> None:
     assert_complete(tmp_path / "articles.results.jsonl", articles, source="flex")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path, sig, code):
     """The first Ctrl-C (or SIGTERM) with Flex requests in flight sends nothing new and waits for their answers:
@@ -189,6 +190,7 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     assert len(billed) == 60 and set(billed.values()) == {1}, {k: v for k, v in billed.items() if v != 1}
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(emu, articles, tmp_path):
     """Ctrl-C again while the run waits for its Flex answers: it stops now (those still out are sent again on
     resume), and resume still ends with every id once."""
