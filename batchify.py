@@ -5907,8 +5907,7 @@ class Engine:
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, int] = {}
-        self._poll_refusals: dict[str, int] = {}
-        self._poll_404s: dict[str, int] = {}  # 404s in a row per job (_poll_answered_404)
+        self._poll_streaks: dict[str, tuple[str, int]] = {}  # per job: the kind of its last poll answers, how many in a row
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
         self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
@@ -6247,6 +6246,11 @@ class Engine:
             try:
                 ok, failed, usage = await self._fetch_results(j)
             except RemoteError as e:
+                if e.transient:  # the service's bad moment, not an output that is gone: marking its ids lost would
+                    raise RemoteError(  # send them again (paid twice); stop here, nothing sent, and resume retries
+                        f"{j.name}: results file {what}, and downloading it again failed ({e}). Fix: resume again later.",
+                        code=e.code,
+                    ) from e
                 done.append(self._results_lost(j, f"results file {what}", e))  # a repair, before anything else runs
                 continue
             self._advance(j, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
@@ -6831,16 +6835,13 @@ class Engine:
         except RemoteError as e:
             if e.code == 404:
                 return await self._poll_answered_404(job)
-            self._poll_404s.pop(job.name, None)  # any other answer: the 404s are no longer in a row
-            if not e.transient:  # 400/403 on a get: not worth polling forever
-                n = self._poll_refusals[job.name] = self._poll_refusals.get(job.name, 0) + 1
-                if n >= POLL_REFUSALS:
-                    self._advance(job, JobState.FAILED, error=f"polling refused {n} times: {e}")
-                    return True
+            n = self._poll_streak(job, "transient" if e.transient else "refused")
+            if not e.transient and n >= POLL_REFUSALS:  # 400/403 on a get, again and again: not worth polling forever
+                self._advance(job, JobState.FAILED, error=f"polling refused {n} times in a row: {e}")
+                return True
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
-        self._poll_refusals.pop(job.name, None)
-        self._poll_404s.pop(job.name, None)
+        self._poll_streaks.pop(job.name, None)
         moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
@@ -6858,11 +6859,19 @@ class Engine:
             self._saved_at[job.name] = now
         return moved
 
+    def _poll_streak(self, job: Job, kind: str) -> int:
+        """How many of a job's polls in a row have now answered this `kind` (404, refused, transient): any other
+        answer starts the count again, so a job counts as refused or gone only on answers in a row."""
+        was, n = self._poll_streaks.get(job.name, ("", 0))
+        n = n + 1 if was == kind else 1
+        self._poll_streaks[job.name] = (kind, n)
+        return n
+
     async def _poll_answered_404(self, job: Job) -> bool:
         """A job's get answered 404. A job that still runs, answered 404 by a proxy or a routing blip and then
         resubmitted, is paid twice; so it counts as gone (FAILED, and retried) only after POLL_REFUSALS 404s in a
         row and when the service's own list does not show it either. True when it was marked gone."""
-        n = self._poll_404s[job.name] = self._poll_404s.get(job.name, 0) + 1
+        n = self._poll_streak(job, "404")
         if n < POLL_REFUSALS:
             self._log(f"{job.name}: poll answered 404 (not found), {n} of {POLL_REFUSALS} before it counts as gone")
             return False
@@ -6872,7 +6881,7 @@ class Engine:
             self._log(f"{job.name}: poll answered 404 and the list to confirm it failed ({e}); will poll again")
             return False
         if any(r.name == job.remote_job or r.display_name == job.display_name for r in listed):
-            self._poll_404s[job.name] = 0
+            self._poll_streaks[job.name] = ("404", 0)
             self._log(f"{job.name}: poll answered 404 {n} times but the service lists the job; will poll again")
             return False
         self._advance(job, JobState.FAILED, error=f"the remote job is gone (404 {n} times, and not in the service's list)")

@@ -294,3 +294,56 @@ def test_a_graceful_stop_keeps_every_answer_in_flight_and_sends_nothing_new(tmp_
     assert s.ok == 40
     paid = fake.batch_texts() + fake.generated
     assert sorted(paid) == sorted(set(paid)) and len(paid) == 40, "a request was paid for twice"
+
+
+class _ScriptedGets(FakeGemini):
+    """A fake whose job gets answer the scripted errors first (codes), then as the fake does."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], codes: list[int]):
+        super().__init__(clock, durations)
+        self.codes = list(codes)
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        if self.codes:
+            code = self.codes.pop(0)
+            self._log("get", name)
+            raise batchify.RemoteError(f"scripted {code}", code=code)
+        return await super().get_batch(name)
+
+
+@pytest.mark.parametrize("codes", [[403, 503, 403, 503, 403], [404, 503, 404, 503, 404], [403, 404, 403, 404, 403, 404]])
+def test_a_job_counts_as_refused_or_gone_only_on_answers_in_a_row(tmp_path, codes):
+    """Refusals (400/403) and 404s scattered among other answers never add up to FAILED: a job resubmitted while it
+    still runs is paid twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_poll_interval=1.0)
+    fake = _ScriptedGets(clock, [60.0], codes)
+    assert run_engine(store, fake, clock).ok == 20
+    assert len(fake.jobs) == 1, "a live job was created again"
+    assert [j.state for j in store.load_jobs()] == [batchify.JobState.RESULTS_DOWNLOADED]
+
+
+class _DownloadsFail(FakeGemini):
+    async def download(self, name: str):  # type: ignore[override]
+        self._log("download", name)
+        raise batchify.RemoteError("503 UNAVAILABLE (scripted)", code=503)
+        yield b""
+
+
+def test_a_cut_results_file_is_not_marked_lost_on_a_transient_error(tmp_path):
+    """Repair downloads a cut results file again; a 503 there is the service's bad moment, not a gone output: the run
+    stops before anything is sent (marking the ids lost would send them again, paid twice), and a later resume mends."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0)
+    fake = FakeGemini(clock, [5.0])
+    assert run_engine(store, fake, clock).ok == 20
+    res = store.dir / "results" / "b0001.jsonl"
+    whole = res.read_bytes()
+    res.write_bytes(whole[: len(whole) // 2])
+    failing = _DownloadsFail(clock, [5.0])
+    failing.jobs, failing.files = fake.jobs, fake.files
+    with pytest.raises(batchify.RemoteError, match="resume again later"):
+        run_engine(store, failing, clock)
+    assert failing.generate_calls == 0 and fake.generate_calls == 0
+    assert "result lost" not in res.read_text()
+    assert run_engine(store, fake, clock).ok == 20
