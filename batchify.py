@@ -5542,7 +5542,7 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
         private_dir(scratch.dir)
         if store.fetch_cache_path.exists():  # the pages fetched for the run: the requests hold their text
             shutil.copyfile(store.fetch_cache_path, scratch.fetch_cache_path)
-        sink = LocalRequests(scratch) if any(p.parent.name == "requests" for p in damaged) else _NoRequests(scratch)
+        sink = _RebuiltRequests(scratch, {str(bad.relative_to(store.dir)) for bad in damaged})
         p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run), sink)
         if p.records != run.records or [[b.start, b.end, b.tokens, b.bytes] for b in p.batches] != run.plan.get("batch_ranges"):
             raise StateError(
@@ -5575,12 +5575,17 @@ def _written_generation_config(store: RunStore, run: Run) -> dict[str, Any]:
     )
 
 
-class _NoRequests(LocalRequests):
-    """Request files written nowhere: a rebuild of ids.jsonl alone needs prepare's pass for the ids, not the requests
-    (on Vertex they are in the bucket, and a big run's would fill the local disk)."""
+class _RebuiltRequests(LocalRequests):
+    """A rebuild's request files: only the damaged ones (`keep`, paths in the run folder) are written; prepare's pass
+    still makes the others, for their sizes and the ids, into /dev/null (on Vertex the requests are in the bucket,
+    and a big run's would fill the local disk)."""
+
+    def __init__(self, store: RunStore, keep: set[str]):
+        super().__init__(store)
+        self.keep = keep
 
     def open(self, rel: str, atomic: bool = False) -> Any:
-        return open(os.devnull, "wb")
+        return super().open(rel, atomic) if rel in self.keep else open(os.devnull, "wb")
 
 
 def _rebuild_pass(
@@ -6018,7 +6023,7 @@ class Engine:
             if any(j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED for j in self.jobs.values()):
                 await self.batch_phase()
             return self.merge()
-        if self.run.notes.get("create_refused") and not (self.opts.mode == "auto" and self.opts.fallback):
+        if self.run.notes.get("create_refused") and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
             # The last try stopped (exit 3) after creates were refused: this resume tries those batches again.
             del self.run.notes["create_refused"]
             for j in list(self.jobs.values()):

@@ -601,18 +601,24 @@ def test_a_cut_results_file_whose_output_is_gone_marks_its_ids(emu, articles, tm
     assert all(r["status"] == "ok" for r in rows[:15] + rows[30:])
 
 
-async def test_rebuilding_ids_alone_writes_no_request_file(emu, articles, tmp_path, monkeypatch):
-    """ids.jsonl alone is damaged: prepare's pass runs again for the ids, and writes no request bytes anywhere (on
+@pytest.mark.parametrize("damaged", ["ids.jsonl", "requests/b0002.jsonl"])
+async def test_a_rebuild_writes_only_the_damaged_file(emu, articles, tmp_path, monkeypatch, damaged):
+    """Prepare's pass runs again for a damaged file, and writes that file only: no other request bytes anywhere (on
     Vertex the requests are in the bucket; a big run's would fill the disk)."""
     opts = batchify.RunOptions(batch_size=20, mode="batch")
     run = await batchify.prepare(articles, name="a", state_dir=tmp_path, options=opts, endpoint=emu.url, api_key="k")
     store = batchify.RunStore(tmp_path, "a")
-    whole = store.ids_path.read_bytes()
-    store.ids_path.write_bytes(whole[: len(whole) // 2])
+    path = store.dir / damaged
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    written: list[str] = []
+    real_open = batchify.LocalRequests.open
 
-    def no_request_file(self, rel, atomic=False):
-        raise AssertionError(f"a request file was written: {rel}")
+    def spy(self, rel, atomic=False):
+        written.append(rel)
+        return real_open(self, rel, atomic)
 
-    monkeypatch.setattr(batchify.LocalRequests, "open", no_request_file)
-    batchify.rebuild_prepared_files(store, run, batchify.run_model_spec(run), [store.ids_path])
-    assert store.ids_path.read_bytes() == whole
+    monkeypatch.setattr(batchify.LocalRequests, "open", spy)
+    batchify.rebuild_prepared_files(store, run, batchify.run_model_spec(run), [path])
+    assert path.read_bytes() == whole
+    assert written == ([damaged] if damaged.startswith("requests/") else [])
