@@ -347,3 +347,16 @@ def test_a_cut_results_file_is_not_marked_lost_on_a_transient_error(tmp_path):
     assert failing.generate_calls == 0 and fake.generate_calls == 0
     assert "result lost" not in res.read_text()
     assert run_engine(store, fake, clock).ok == 20
+
+
+def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
+    """The CLI's run sets RETRY_NOTE to its log for that run only: a later call (a test, a library caller in the
+    same process) must not log into a reporter that is gone."""
+    seen: list[object] = []
+
+    async def work() -> str:
+        seen.append(batchify.RETRY_NOTE.get())
+        return "done"
+
+    assert batchify._run_stoppable(work(), batchify.GracefulStop(), print) == "done"
+    assert seen == [print] and batchify.RETRY_NOTE.get() is None
