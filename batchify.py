@@ -5508,14 +5508,14 @@ def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wav
             )
 
 
-def damaged_prepared_files(store: RunStore, run: Run) -> list[Path]:
+def damaged_prepared_files(store: RunStore, run: Run, requests: bool = True) -> list[Path]:
     """The files prepare wrote that no longer match what it recorded (a crash mid-write, a truncation, a file
-    gone): ids.jsonl (one whole line per record) and, when they are in the run folder, the request files (each
-    exactly its batch's bytes, from the plan). Sizes, and one streamed read of ids.jsonl."""
+    gone): ids.jsonl (one whole line per record) and, with `requests` and when they are in the run folder, the
+    request files (each exactly its batch's bytes, from the plan). Sizes, and one streamed read of ids.jsonl."""
     bad = []
     if _newlines(store.ids_path) != (run.records, True):
         bad.append(store.ids_path)
-    if load_requests_marker(store) is None:  # in the bucket, a request object is written whole or not at all
+    if requests and load_requests_marker(store) is None:  # in the bucket, a request object is written whole or not at all
         for i, (_s, _e, _t, nbytes) in enumerate(run.plan.get("batch_ranges") or [], 1):
             path = store.dir / f"requests/b{i:04d}.jsonl"
             if nbytes and (not path.exists() or path.stat().st_size != nbytes):
@@ -5914,6 +5914,7 @@ class Engine:
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, int] = {}
+        self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
         self._poll_streaks: dict[str, tuple[str, int]] = {}  # per job: the kind of its last poll answers, how many in a row
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
@@ -6202,10 +6203,15 @@ class Engine:
         """ids.jsonl and (with `requests`) the request files, when they are not what prepare wrote, are written
         again from the input before anything reads them (rebuild_prepared_files), or StateError names them: a
         damaged request file is never uploaded, a damaged ids.jsonl never merged."""
-        damaged = [p for p in damaged_prepared_files(self.store, self.run) if requests or p == self.store.ids_path]
+        level = 2 if requests else 1
+        if self._prepared_checked >= level:
+            return  # found whole (or mended) once by this engine: an offline reader's merge reads ids.jsonl once
+        damaged = damaged_prepared_files(self.store, self.run, requests)
+        if damaged:
+            rebuild_prepared_files(self.store, self.run, self.spec, damaged)
+        self._prepared_checked = level
         if not damaged:
             return
-        rebuild_prepared_files(self.store, self.run, self.spec, damaged)
         found = [f"{p}: not what prepare wrote (truncated or gone): rebuilt from {self.run.input_path}" for p in damaged]
         for line in found:
             self._log(f"repair: {line}")
