@@ -2229,6 +2229,13 @@ def poll_delay(interval: float, eta: float | None, base: float, room_wanted: boo
 SERVICES = ("batch", "flex", "standard")
 
 
+def usd(amount: float) -> str:
+    """A dollar amount as people read it: four decimals, and enough more that a cost below $0.0001 is not
+    shown as "$0.0000": two significant digits (a --max-cost of $0.00002 reads "$0.000020")."""
+    digits = 4 if amount == 0 or abs(amount) >= 1e-4 else min(10, 1 - math.floor(math.log10(abs(amount))))
+    return f"${amount:.{digits}f}"
+
+
 def cost_usd(spec: ModelSpec, usage: dict[str, int], service: str) -> float:
     """USD for summed usage at one service tier: the one cost rule, for estimates and actuals alike.
 
@@ -6057,8 +6064,8 @@ class Engine:
     async def _execute(self) -> Summary:
         if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
             raise CostCapError(
-                f"the estimated cost ${self.run.plan['estimated_cost_usd']:.4f} is above --max-cost "
-                f"${self.opts.max_cost:.4f}; nothing was submitted."
+                f"the estimated cost {usd(self.run.plan['estimated_cost_usd'])} is above --max-cost "
+                f"{usd(self.opts.max_cost)}; nothing was submitted."
             )
         self.mend_prepared()  # before anything reads them: nothing else runs yet
         self._raise_if_stopped()
@@ -7183,8 +7190,8 @@ class Engine:
             spent = self._batch_spent() + sum(x.view.cost_usd for x in self._senders.values())
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
-                    f"{tier} for {count} request(s) would cost about ${est:.4f} ({service} price), "
-                    f"above --max-cost ${self.opts.max_cost:.4f}; nothing was sent. Raise --max-cost or use --mode batch."
+                    f"{tier} for {count} request(s) would cost about {usd(est)} ({service} price), "
+                    f"above --max-cost {usd(self.opts.max_cost)}; nothing was sent. Raise --max-cost or use --mode batch."
                 )
         sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
@@ -7194,8 +7201,8 @@ class Engine:
         if sender.capped:
             v = sender.view
             raise CostCapError(
-                f"stopped at --max-cost ${self.opts.max_cost or 0:.4f}: {v.done} of {v.total} real-time request(s) "
-                f"sent (${v.cost_usd:.4f}). Every result so far is saved; `batchify resume {self.run.name} "
+                f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {v.done} of {v.total} real-time request(s) "
+                f"sent ({usd(v.cost_usd)}). Every result so far is saved; `batchify resume {self.run.name} "
                 "--max-cost N` with a higher cap sends the rest."
             )
 
@@ -8325,17 +8332,17 @@ def _cost_rows(p: Plan) -> list[tuple[str, str]]:
     """The plan's money rows: the estimate, the same in real time, the limits and prices used, each mode."""
     share = p.get("realtime_share", 0)
     rows = [
-        ("estimated cost", f"${p['estimated_cost_usd']:.4f}" + (" batch price" if share == 0 else f" ({share:.0%} real time)")),
+        ("estimated cost", f"{usd(p['estimated_cost_usd'])}" + (" batch price" if share == 0 else f" ({share:.0%} real time)")),
     ]
     if "realtime_limits" in p:
         lim = p["realtime_limits"]
         tpm = f"{lim['tpm']:,} TPM" if lim.get("tpm") else "no TPM bucket"
         rows.append(("real-time limits", f"{lim['rpm']:,} RPM ({lim['rpm_source']}); {tpm} ({lim['tpm_source']})"))
-    rows.append(("same in real time", f"${p['estimated_cost_realtime_usd']:.4f}"))
+    rows.append(("same in real time", f"{usd(p['estimated_cost_realtime_usd'])}"))
     if "prices_per_1m" in p:
         prices = "; ".join(f"{k} {v['input']:g} in, {v['output']:g} out" for k, v in p["prices_per_1m"].items())
         rows.append(("prices used (USD / 1M)", prices))
-    rows += [(f"mode {k}", f"${v['cost_usd']:.4f}, {v['time']}") for k, v in p.get("modes", {}).items()]
+    rows += [(f"mode {k}", f"{usd(v['cost_usd'])}, {v['time']}") for k, v in p.get("modes", {}).items()]
     return rows
 
 
@@ -8430,7 +8437,7 @@ class RichReporter:
                 total=max(1, r.total),
                 description=(
                     f"  {r.lane} {r.rpm:,.0f} rpm {r.tpm:,.0f} tpm  in flight {r.in_flight:,}  shed {r.shed}  "
-                    f"errors {r.errors} retries {r.retries}  ${r.cost_usd:.4f}"
+                    f"errors {r.errors} retries {r.retries}  {usd(r.cost_usd)}"
                 ),
             )
         p.update(self.overall, completed=min(view.records, done + (view.realtime.done if view.realtime else 0)))
@@ -8440,8 +8447,8 @@ def summary_cost(s: Summary) -> str:
     """A run's cost as the closing report says it: the total, then each price lane that was used (batch and Flex at
     the batch price, standard real time at the full one)."""
     lanes = (("batch", s.cost_batch_usd), ("flex", s.cost_flex_usd), ("standard", s.cost_realtime_usd))
-    used = [f"{name} ${usd:.4f}" for name, usd in lanes if usd > 0]
-    return f"${s.cost_batch_usd + s.cost_flex_usd + s.cost_realtime_usd:.4f}" + (f" ({', '.join(used)})" if used else "")
+    used = [f"{name} {usd(amount)}" for name, amount in lanes if amount > 0]
+    return f"{usd(s.cost_batch_usd + s.cost_flex_usd + s.cost_realtime_usd)}" + (f" ({', '.join(used)})" if used else "")
 
 
 def render_summary(s: Summary) -> None:
@@ -8485,8 +8492,8 @@ def render_analytics(a: dict[str, Any], totals: bool = True) -> None:
         f"{a['ok']:,} ok, {a['errors']:,} error(s) of {a['records']:,}; sources "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(a["sources"].items()))
         + f"; tokens in {u['batch'].get('promptTokenCount', 0) + u['realtime'].get('promptTokenCount', 0):,}"
-        + f"; cost ${a['cost_usd']['total']:.4f} (batch ${a['cost_usd']['batch']:.4f}, real time "
-        + f"${a['cost_usd']['realtime']:.4f})"
+        + f"; cost {usd(a['cost_usd']['total'])} (batch {usd(a['cost_usd']['batch'])}, real time "
+        + f"{usd(a['cost_usd']['realtime'])})"
     )
 
 
@@ -8517,7 +8524,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
             r["status"],
             f"{r['records']:,}",
             str(r["jobs"]),
-            f"${cost:.4f} (${r['plan']['estimated_cost_usd'] or 0:.4f})",
+            f"{usd(cost)} ({usd(r['plan']['estimated_cost_usd'] or 0)})",
             _esc(_age(r["updated_at"])),
             _esc(states),
         )
@@ -8757,7 +8764,7 @@ class RestApi:
         self._start(name, self._submit(name))
         message = (
             f"{run.records} record(s) in {run.plan['batches']} batch(es), "
-            f"estimated ${run.plan['estimated_cost_usd']:.4f}. Poll /batch/status/{name}."
+            f"estimated {usd(run.plan['estimated_cost_usd'])}. Poll /batch/status/{name}."
         )
         return {"job_id": name, "batch_name": name, "status": "submitted", "message": message}
 
@@ -10206,8 +10213,10 @@ class Emulator:
         digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
         self.stats["billed"][digest] = self.stats["billed"].get(digest, 0) + 1
         if spec is not None:  # what the service would bill for it, at the tier that answered
-            usd = self.stats["billed_usd"]
-            usd[service] = usd.get(service, 0.0) + cost_usd(spec, {k: v for k, v in usage.items() if isinstance(v, int)}, service)
+            spent = self.stats["billed_usd"]
+            spent[service] = spent.get(service, 0.0) + cost_usd(
+                spec, {k: v for k, v in usage.items() if isinstance(v, int)}, service
+            )
         return {
             "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}],
             "usageMetadata": usage,

@@ -128,6 +128,7 @@ def test_ctrl_c_and_sigterm_leave_an_interrupted_run_named_in_the_message(emu, a
 def test_a_max_cost_refusal_is_shown_as_refused(emu, articles, tmp_path):
     p = run_against(emu, articles, tmp_path, *FAST, "--max-cost", "0.000001")
     assert p.returncode == 5
+    assert "--max-cost $0.000001;" in p.stderr, p.stderr  # not "$0.0000"
     assert status_of(tmp_path)["status"] == "refused"
 
 

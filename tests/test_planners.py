@@ -334,6 +334,21 @@ def test_cost_table(model, inp, out, service, usd):
     assert b.cost_usd(cat.spec(model, cat.as_of), usage, service) == pytest.approx(usd)  # Google's own figures
 
 
+@pytest.mark.parametrize(
+    "amount, shown",
+    [
+        (0, "$0.0000"),
+        (1.23456, "$1.2346"),
+        (0.0001, "$0.0001"),
+        (0.00002, "$0.000020"),
+        (0.0000123, "$0.000012"),
+        (1e-12, "$0.0000000000"),
+    ],
+)
+def test_usd_never_shows_a_small_cost_as_zero(amount, shown):
+    assert b.usd(amount) == shown
+
+
 def test_usage_cost_counts_thoughts_as_output():
     u = {"promptTokenCount": 1_000_000, "candidatesTokenCount": 500_000, "thoughtsTokenCount": 500_000}
     cat = b.builtin_catalog()
