@@ -8128,9 +8128,10 @@ async def submit(
     endpoint: str | None = None,
     api_key: str | None = None,
     reporter: Reporter | None = None,
+    stop: GracefulStop | None = None,
 ) -> Summary:
-    """Submit a prepared run and drive it to the end (the same as resuming it)."""
-    return await resume_run(name, state_dir, endpoint, api_key, reporter)
+    """Submit a prepared run and drive it to the end (the same as resuming it; `stop` as there)."""
+    return await resume_run(name, state_dir, endpoint, api_key, reporter, stop=stop)
 
 
 def results(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Result]:
@@ -8674,7 +8675,9 @@ def _rest_imports() -> Any:
 class RestApi:
     """The REST API's handlers and the work they started: plain methods over the library API, raising
     RestError; make_api wires them to routes. Long work (fetching, batch jobs) runs in tasks this object
-    owns; `shutdown` cancels and awaits them."""
+    owns; `shutdown` stops them the way Ctrl-C stops the CLI: nothing new is sent, the real-time requests
+    already sent are waited for and saved (bounded by their client timeout), the rest is cancelled; each run
+    is left "interrupted", to be resumed."""
 
     def __init__(
         self,
@@ -8689,8 +8692,16 @@ class RestApi:
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.failures: dict[str, str] = {}
         self.claimed: set[str] = set()  # names taken by a request here (checked and added with no await between)
+        self.stops: dict[str, GracefulStop] = {}  # each running run's graceful stop, asked for at shutdown
 
     async def shutdown(self) -> None:
+        """Drain, then cancel: what was paid for is saved before the server goes."""
+        live = [t for t in self.tasks.values() if not t.done()]
+        for stop in self.stops.values():
+            stop.request()
+        bound = max((stop.wait_bound() for stop in self.stops.values()), default=0.0)
+        if live and bound > 0:
+            await asyncio.wait(live, timeout=bound + 5.0)
         for t in self.tasks.values():
             t.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -8735,7 +8746,8 @@ class RestApi:
         return await prepare(records, name, self.config, self.options, self.state_dir, self.endpoint, self.api_key)
 
     async def _submit(self, name: str) -> None:
-        await submit(name, self.state_dir, self.endpoint, self.api_key)
+        self.stops[name] = GracefulStop()
+        await submit(name, self.state_dir, self.endpoint, self.api_key, stop=self.stops[name])
 
     async def submit_urls(self, urls: list[str], batch_name: str | None) -> dict[str, str]:
         bad = [u for u in urls if not re.match(r"^https?://[^\s/]+", u)]

@@ -332,6 +332,29 @@ def test_rest_api_urls_and_cancel(api, emu, site):
     assert emu.stats()["cancels"] == 1
 
 
+async def test_rest_api_shutdown_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path):
+    """The server going down drains its runs as Ctrl-C drains the CLI: nothing new is sent, the Flex requests
+    already sent are waited for and saved, the run is left "interrupted", and resuming it pays for no id twice
+    (shutdown used to cancel the runs, throwing away answers the service had billed)."""
+    emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
+    api = batchify.RestApi(tmp_path / "st", emu.url, "k", None, batchify.RunOptions(mode="flex", poll_interval=0.2))
+    records = [json.loads(x) for x in articles.read_text().splitlines()]
+    await api.submit_contents(records, "drain")
+    while emu.stats()["flex_in_flight"] < 1:
+        await asyncio.sleep(0.05)
+    await api.shutdown()
+    assert emu.stats()["flex_in_flight"] == 0  # every request sent was answered before shutdown returned
+    kept = read_jsonl(tmp_path / "st" / "drain" / "realtime.jsonl")
+    billed = emu.stats()["billed"]
+    assert len(kept) == sum(billed.values()) > 0, "an answer paid for was thrown away"
+    assert batchify.RunStore(tmp_path / "st", "drain").load_run().status == "interrupted"
+    emu.configure(flex_latency_min=0.0, flex_latency_max=0.0)
+    summary = await batchify.resume_run("drain", tmp_path / "st", emu.url, "k")
+    assert summary.ok == len(records)
+    billed = emu.stats()["billed"]
+    assert len(billed) == len(records) and set(billed.values()) == {1}
+
+
 def test_every_run_option_is_a_flag_and_a_new_one_needs_one_line():
     """RunOptions is the option table: each field with a flag shows up in `run --help` with its help text,
     and the `run` command builds RunOptions from them without a second listing."""
