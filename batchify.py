@@ -155,14 +155,30 @@ pricing = "https://ai.google.dev/gemini-api/docs/pricing (full page updated 2026
 pricing_late = "https://ai.google.dev/gemini-api/docs/pricing (updated 2026-10-01, verbatim third-party quotes read 2026-09-19 to 2026-10-07)"
 rate_limits = "https://ai.google.dev/gemini-api/docs/rate-limits (updated 2026-03-03; unchanged 2026-04-29): batch enqueued tokens; real-time RPM/TPM are 'viewed in Google AI Studio', not published"
 rate_limits_2025 = "https://ai.google.dev/gemini-api/docs/rate-limits (2025 edition, the last to publish RPM/TPM, quoted on discuss.ai.google.dev)"
-flex = "https://ai.google.dev/gemini-api/docs/flex-inference (updated 2026-09-23): 50% of standard, 1-15 min target, shed with 503, counts toward the general rate limits"
+flex = "https://ai.google.dev/gemini-api/docs/flex-inference (updated 2026-09-23): 50% of standard, 1-15 min target, shed with 503 ('at capacity') or 429 ('rate limits or resource exhaustion'), counts toward the general rate limits"
 deprecations = "https://ai.google.dev/gemini-api/docs/deprecations (copy of mid-September 2026)"
-deprecations_3p = "ai.google.dev/gemini-api/docs/deprecations as read by a third party on 2026-11-10 (no stored Google copy has these rows)"
+deprecations_3p = "ai.google.dev/gemini-api/docs/deprecations as read by a third party on 2026-11-10 (no stored Google copy has these rows; a second third party, 2026-11-06, reads the same)"
+changelog = "https://ai.google.dev/gemini-api/docs/changelog (entry of 2026-10-08, read 2026-12-01): gemini-3.7-flash and gemini-3.5-flash shut down, their requests routed to gemini-3.8-flash and gemini-3.6-flash (the price of routed requests is not stated)"
+latest_model = "https://ai.google.dev/gemini-api/docs/generate-content/latest-model (read 2026-12-01): gemini-4-argon, default thinking medium, levels low/medium/high, $2/$10 through 2026-11-30 then $4/$20, 1M input-output limit"
 models = "https://ai.google.dev/gemini-api/docs/models/<model> (as stored, read 2026-12-01)"
 whats_new = "https://ai.google.dev/gemini-api/docs/whats-new-gemini-3.6 (2026-07-21)"
 thinking = "https://ai.google.dev/gemini-api/docs/thinking and the Gemini 3.x developer guides (as stored, read 2026-12-01)"
 thinking_3p = "Google's thinking page as quoted by third-party SDK docs (no stored Google copy for this model)"
 temperature = "Gemini 3 prompting guide: 'keep the temperature parameter at its default value of 1.0'; changelog 2026-07-21: temperature/top_p/top_k deprecated"
+
+[models."gemini-4-argon"]
+class = "pro"
+status = "stable"
+released = "2026-10-13"
+input_price = 2.00
+output_price = 10.00
+price_changes = [{ from = "2026-12-01", input_price = 4.00, output_price = 20.00 }]
+input_token_limit = 1048576
+output_token_limit = 1048576
+thinking = "level"
+thinking_levels = ["low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "latest_model (cached price not published by Google)", limits = "latest_model ('a unified 1M input-output token limit, long decode up to 1M tokens')", thinking = "latest_model (no thinking_budget)", lifecycle = "changelog (GA 2026-10-13)", batch = "not confirmed on a Gemini API page (Vertex lists it for batch prediction)", flex = "not in the flex page's table of models", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-3.8-flash"]
 class = "flash"
@@ -184,8 +200,13 @@ sources = { prices = "pricing_late", limits = "models", thinking = "thinking", l
 
 [models."gemini-3.7-flash"]
 class = "flash"
-status = "stable"
+status = "deprecated"
 released = "2026-08-13"
+shutdown = "2026-10-08"
+replacement = "gemini-3.8-flash"
+routed_to = "gemini-3.8-flash"
+note = "Google's changelog (2026-10-08): no longer selectable in AI Studio; API requests for it are routed to gemini-3.8-flash (a third party quotes 'the price is the same'). Use --model gemini-3.8-flash."
+batch = true
 flex = true
 input_price = 0.75
 output_price = 3.75
@@ -196,7 +217,7 @@ output_token_limit = 65536
 thinking = "level"
 thinking_levels = ["low", "medium", "high"]
 thinking_default = "medium"
-sources = { prices = "pricing_late (cached price not published)", limits = "models", thinking = "thinking", lifecycle = "deprecations", batch = "not confirmed on a Google page", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+sources = { prices = "pricing_late (cached price not published)", limits = "models", thinking = "thinking", lifecycle = "changelog", batch = "models (models/gemini-3.7-flash: 'Batch API: supported')", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-3.6-flash"]
 class = "flash"
@@ -216,8 +237,12 @@ sources = { prices = "pricing_late (launched at 1.50/7.50 per whats_new; introdu
 
 [models."gemini-3.5-flash"]
 class = "flash"
-status = "stable"
+status = "deprecated"
 released = "2026-05-19"
+shutdown = "2026-10-08"
+replacement = "gemini-3.6-flash"
+routed_to = "gemini-3.6-flash"
+note = "Google's changelog (2026-10-08): no longer selectable in AI Studio; API requests for it are routed to gemini-3.6-flash. Use --model gemini-3.6-flash (or gemini-3.8-flash)."
 batch = true
 flex = true
 input_price = 1.50
@@ -231,12 +256,13 @@ output_token_limit = 65536
 thinking = "level"
 thinking_levels = ["minimal", "low", "medium", "high"]
 thinking_default = "medium"
-sources = { prices = "pricing", limits = "models (output limit from a third party)", thinking = "thinking_3p", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+sources = { prices = "pricing", limits = "models (output limit from a third party)", thinking = "thinking_3p", lifecycle = "changelog", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-3.5-flash-lite"]
 class = "flash-lite"
 status = "stable"
 released = "2026-07-21"
+batch = true
 flex = true
 input_price = 0.30
 output_price = 2.50
@@ -246,7 +272,7 @@ output_token_limit = 65536
 thinking = "level"
 thinking_levels = ["minimal", "low", "medium", "high"]
 thinking_default = "minimal"
-sources = { prices = "pricing_late (cached price not published)", limits = "whats_new", thinking = "whats_new", lifecycle = "deprecations", batch = "not confirmed on a Google page", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
+sources = { prices = "pricing_late (cached price not published)", limits = "whats_new", thinking = "whats_new", lifecycle = "deprecations", batch = "models (models/gemini-3.5-flash-lite: 'Batch API: supported')", flex = "flex", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-3.1-flash-lite"]
 class = "flash-lite"
@@ -323,9 +349,9 @@ class = "pro"
 status = "deprecated"
 released = "2025-06-17"
 shutdown = "2026-12-01"
-replacement = "gemini-3.1-pro-preview"
+replacement = "gemini-3.8-flash"
 routed_to = "gemini-3.8-flash"
-note = "Google's own copies give the shutdown as 'earliest 2026-06-17'; a third party read 2026-12-01 on the page, with requests then routed to gemini-3.8-flash at that model's prices and access limited to existing users. A 404 from the service ends a run with exit 2."
+note = "Google's own copies give the shutdown as 'earliest 2026-06-17'; two third parties read 2026-12-01 on the page, with requests then routed to gemini-3.8-flash (the recommended replacement) at that model's prices and access limited to existing users; resellers report the id answering 503 since 2026-11-12. A 404 from the service ends a run with exit 2."
 batch = true
 flex = true
 input_price = 1.25
@@ -353,9 +379,9 @@ class = "flash"
 status = "deprecated"
 released = "2025-06-17"
 shutdown = "2026-12-01"
-replacement = "gemini-3.8-flash"
-routed_to = "gemini-3.8-flash"
-note = "Google's own copies give the shutdown as 'earliest 2026-06-17' (replacement gemini-3-flash-preview); a third party read 2026-12-01 on the page, with requests then routed to a newer model at that model's prices. A 404 from the service ends a run with exit 2."
+replacement = "gemini-3.5-flash-lite"
+routed_to = "gemini-3.5-flash-lite"
+note = "Google's own copies give the shutdown as 'earliest 2026-06-17' (replacement gemini-3-flash-preview); two third parties read 2026-12-01 on the page, with requests then routed to gemini-3.5-flash-lite at that model's prices (Google's Vertex page for 3.5 Flash-Lite calls it 'a suitable replacement for Gemini 2.5 Flash'). A 404 from the service ends a run with exit 2."
 batch = true
 flex = true
 input_price = 0.30
@@ -1261,9 +1287,13 @@ VERTEX_SOURCES = {
     "(zh-CN copy 'last updated 2025-09-03'; read 2026-12-01)",
     "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
     "superseded; read 2026-12-01)",
-    "models_list": "GoogleCloudPlatform/generative-ai's batch-prediction guide, as rendered at "
-    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction (read 2026-12-01); Google's own list "
-    "is collapsed in the stored copies of the batch_inference page",
+    "models_list": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/reference/models/batch-prediction-api "
+    "('Supported models', no date; read 2026-12-01: Gemini 4 Argon, 3.8 Flash, 3.7 Flash, 3.6 Flash, 3.5 Flash-Lite, ... "
+    "(the stored copy is cut there); the older ones from GoogleCloudPlatform/generative-ai's batch-prediction guide, "
+    "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction, read 2026-12-01)",
+    "flex_paygo": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/flex-paygo (preview; read "
+    "2026-12-01): Vertex's Flex PayGo, 50% off, asked for with the X-Vertex-AI-LLM-Shared-Request-Type header on the "
+    "global endpoint only, 'not supported in newer Gemini models such as Gemini 4 Argon'",
     "pricing": "https://cloud.google.com/vertex-ai/generative-ai/pricing is not in the stored copies: per-model Vertex prices "
     "unpublished here; third parties (deploybase.ai, 2025-04-17) list the Developer API's paid prices for 2.5 Flash/Pro",
 }
@@ -1276,6 +1306,11 @@ VERTEX_LIMITS: dict[str, Any] = {
     "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
 }
 VERTEX_BATCH_MODELS = (
+    "gemini-4-argon",
+    "gemini-3.8-flash",
+    "gemini-3.7-flash",
+    "gemini-3.6-flash",
+    "gemini-3.5-flash-lite",
     "gemini-3.1-pro-preview",
     "gemini-3-flash-preview",
     "gemini-2.5-pro",
@@ -2722,7 +2757,8 @@ def _first(pair: tuple[int, bytes]) -> int:
 
 # -- the backend's own rules (--backend vertex): what a run on Vertex may do, and how it is named ----------
 VERTEX_NO_FLEX = (
-    "Flex (serviceTier flex) is a Gemini Developer API tier only: Vertex AI has no Flex. Fix: --mode batch or auto "
+    "batchify's Flex lanes use the Gemini Developer API's Flex tier (serviceTier flex); on Vertex AI batchify runs batch "
+    "prediction only (Vertex's own Flex PayGo, a request header on the global endpoint, in preview, is not used). Fix: --mode batch or auto "
     "(with --allow-standard for a standard-tier fallback at 2x the batch price), or --backend gemini."
 )
 
@@ -2750,7 +2786,7 @@ def backend_spec(spec: ModelSpec, opts: RunOptions) -> ModelSpec:
     listed = spec.name in VERTEX_BATCH_MODELS
     sources = {
         **spec.sources,
-        "flex": "none on Vertex AI (a Gemini Developer API tier)",
+        "flex": f"not used on Vertex AI: batchify runs batch prediction only (Vertex's Flex PayGo: {VERTEX_SOURCES['flex_paygo']})",
         "enqueued_tokens": "none on Vertex AI: admission by jobs at once (--max-active-jobs)",
         "batch": VERTEX_SOURCES["models_list"] if listed else "not confirmed on a Vertex AI page",
         "prices": f"the catalog's standard prices (Vertex's own per model: {VERTEX_SOURCES['pricing']}); batch at "

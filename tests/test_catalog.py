@@ -80,17 +80,42 @@ def test_retired_model_names_its_replacement():
 def test_deprecated_model_resolves_with_a_warning():
     s = spec("gemini-2.5-pro")
     w = b.lifecycle_warning(s, TODAY)
-    assert w and "deprecated" in w and "gemini-3.1-pro-preview" in w
+    assert w and "deprecated" in w and "gemini-3.8-flash" in w
     assert b.lifecycle_warning(spec("gemini-3-flash-preview"), TODAY) is None
 
 
 def test_a_model_past_its_reported_shutdown_is_priced_at_the_higher_of_it_and_its_routing_target():
-    before = spec("gemini-2.5-flash", "2026-11-30")
-    after = spec("gemini-2.5-flash", "2026-12-01")
+    cat = CAT.merged({"gemini-2.5-flash": {"routed_to": "gemini-3.8-flash"}}, "test")  # a dearer target
+    before = b.resolve_model(cat, "gemini-2.5-flash", "2026-11-30")
+    after = b.resolve_model(cat, "gemini-2.5-flash", "2026-12-01")
     assert (before.input_price, before.output_price) == (0.30, 2.50)
     assert (after.input_price, after.output_price) == (0.75, 3.75) and "gemini-3.8-flash" in (after.price_note or "")
     pro = spec("gemini-2.5-pro", "2026-12-01")  # its own prices are the higher ones
     assert (pro.input_price, pro.output_price) == (1.25, 10.00)
+
+
+def test_models_google_retired_since_the_last_catalog_resolve_with_their_routing_named():
+    """Google's changelog of 2026-10-08: 3.7 Flash routed to 3.8 Flash, 3.5 Flash to 3.6 Flash; the 2.5 Flash
+    routing target read on the deprecations page is 3.5 Flash-Lite (same prices), 2.5 Pro's is 3.8 Flash."""
+    for name, target in (
+        ("gemini-3.7-flash", "gemini-3.8-flash"),
+        ("gemini-3.5-flash", "gemini-3.6-flash"),
+        ("gemini-2.5-flash", "gemini-3.5-flash-lite"),
+        ("gemini-2.5-pro", "gemini-3.8-flash"),
+    ):
+        s = spec(name)
+        w = b.lifecycle_warning(s, TODAY) or ""
+        assert s.status == "deprecated" and s.routed_to == target and target in w and "shut down" in w, (name, w)
+        assert target in (s.price_note or ""), name
+    assert (spec("gemini-2.5-flash").input_price, spec("gemini-2.5-flash").output_price) == (0.30, 2.50)
+
+
+def test_gemini_4_argon_is_priced_by_date_and_thinks_by_level():
+    assert (spec("gemini-4-argon", "2026-11-30").input_price, spec("gemini-4-argon", "2026-11-30").output_price) == (2.0, 10.0)
+    s = spec("gemini-4-argon", "2026-12-01")
+    assert (s.input_price, s.output_price) == (4.0, 20.0)
+    assert s.thinking == "level" and s.thinking_default == "medium" and "minimal" not in s.thinking_levels
+    assert not s.flex and s.batch is None  # neither confirmed on a Gemini API page: batch allowed, Flex not planned
 
 
 def test_dated_price_changes_apply_on_their_day():

@@ -519,12 +519,12 @@ async def test_plan_and_status_name_vertex_and_auto_mode_never_plans_flex(vemu: 
 async def test_flex_modes_on_vertex_exit_2_before_anything_is_sent(vemu: Emu, bucket: str, tmp_path: Path) -> None:
     inp = _news(tmp_path)
     for kw in ({"mode": "hybrid"}, {"fallback_tier": "flex"}):
-        with pytest.raises(batchify.UsageError, match="Developer API tier only"):
+        with pytest.raises(batchify.UsageError, match="batch prediction only"):
             await _dry(vemu, inp, tmp_path / "st", _vertex_opts(bucket, **kw))
     args = ["run", str(inp), "--backend", "vertex", "--project", PROJECT, "--location", LOCATION, "--bucket", f"gs://{bucket}"]
     p = run_cli([*args, "--mode", "flex", "--yes", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "--mode flex with --backend vertex" in p.stderr and "Vertex AI has no Flex" in p.stderr
+    assert "--mode flex with --backend vertex" in p.stderr and "batch prediction only" in p.stderr
     assert vemu.stats()["vertex_creates"] == 0 and not (tmp_path / "st" / "news").exists()
 
 
