@@ -5886,6 +5886,14 @@ class ResultsRecorder:
         return ok, failed, self.usage
 
 
+class StoppableRun(Protocol):
+    """What a GracefulStop needs of the run it stops (the Engine): no more than this."""
+
+    def in_flight(self) -> int: ...
+    def in_flight_bound(self) -> float: ...
+    def stop_requested(self) -> None: ...
+
+
 class GracefulStop:
     """A way to ask a run to stop without throwing away what it paid for (library API: pass one to run_file or
     resume_run as `stop=`, call request() on the run's event loop). From then on the run sends no new request,
@@ -5899,21 +5907,25 @@ class GracefulStop:
     def __init__(self) -> None:
         self.requested = False
         self.kept = 0  # answers saved after the request
-        self._engine: Engine | None = None
+        self._run: StoppableRun | None = None
+
+    def attach(self, run: StoppableRun) -> None:
+        """Called by the run's engine as it starts: the run this stop asks, and answers for."""
+        self._run = run
 
     def in_flight(self) -> int:
         """Real-time requests sent and not answered yet (0 before the run's engine starts)."""
-        return self._engine.in_flight() if self._engine is not None else 0
+        return self._run.in_flight() if self._run is not None else 0
 
     def wait_bound(self) -> float:
         """The longest the run may wait for the requests in flight: their client timeout (seconds)."""
-        return self._engine.in_flight_bound() if self._engine is not None else 0.0
+        return self._run.in_flight_bound() if self._run is not None else 0.0
 
     def request(self) -> int:
         """Ask the run to stop gracefully; returns how many requests already sent it waits for."""
         self.requested = True
-        if self._engine is not None:
-            self._engine._stop_requested()
+        if self._run is not None:
+            self._run.stop_requested()
         return self.in_flight()
 
 
@@ -5933,7 +5945,7 @@ class Engine:
         self.store = store
         self._client = client
         self.stop = stop or GracefulStop()
-        self.stop._engine = self
+        self.stop.attach(self)
         self._stoppable: set[asyncio.Task[Any]] = set()  # batch work a stop request cancels
         self.reporter: Reporter = reporter or NullReporter()
         self.clock = clock
@@ -6032,7 +6044,7 @@ class Engine:
         """Seconds until every request in flight is answered or has failed, at most: its client timeout."""
         return max((FLEX_TIMEOUT_S if s.flex else REQUEST_TIMEOUT_S for s in self._senders.values() if s.sending), default=0.0)
 
-    def _stop_requested(self) -> None:
+    def stop_requested(self) -> None:
         """Batch work is cancelled now; the senders drop what they have not sent; the Flex lanes claim no more."""
         for task in list(self._stoppable):
             task.cancel()
