@@ -134,7 +134,8 @@ DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while no
 POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
-DOWNLOAD_ROUNDS = 3  # rounds of DOWNLOAD_POLICY tries, a poll interval apart, before a job's output counts as lost
+OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may stay undownloadable before the run stops (never
+# resent: it is paid for). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926); no bound is published
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
 NL = orjson.OPT_APPEND_NEWLINE  # JSONL lines: one allocation per line, not two
@@ -2238,6 +2239,16 @@ def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) 
     return max(0.0, (total - d1) * (t1 - t0) / (d1 - d0 - 1))
 
 
+def download_retry_delay(rounds: int, waited: float, base: float, cap: float, patience: float) -> float | None:
+    """After `rounds` failed rounds of downloading a SUCCEEDED job's output, the first `waited` seconds ago:
+    seconds until the next round (the poll interval, doubling, at most `cap`, and never past the end of
+    `patience`), or None once `patience` is spent. The job is never failed and sent again for it: its
+    answers are paid for; the engine stops the run instead, to be resumed."""
+    if waited >= patience:
+        return None
+    return max(0.0, min(base * 2 ** max(0, rounds - 1), cap, patience - waited))
+
+
 def poll_delay(interval: float, eta: float | None, base: float, room_wanted: bool = False) -> float:
     """When to poll a job next: after its backed-off interval; or, when its progress says it will be
     done before the poll after that one could happen, just after that moment. Never sooner than
@@ -2265,10 +2276,12 @@ SERVICES = ("batch", "flex", "standard")
 
 
 def usd(amount: float) -> str:
-    """A dollar amount as people read it: four decimals, and enough more that a cost below $0.0001 is not
-    shown as "$0.0000": two significant digits (a --max-cost of $0.00002 reads "$0.000020")."""
-    digits = 4 if amount == 0 or abs(amount) >= 1e-4 else min(10, 1 - math.floor(math.log10(abs(amount))))
-    return f"${amount:.{digits}f}"
+    """A dollar amount as people read it: four decimals, and below $0.0001 two significant digits, so that a
+    small cost is not shown as "$0.0000" (a --max-cost of $0.00002 reads "$0.00002", $0.0000123 "$0.000012")."""
+    if amount == 0 or abs(amount) >= 1e-4:
+        return f"${amount:.4f}"
+    exponent = int(f"{abs(amount):.1e}".split("e")[1])  # from the text, not log10: 1e-6 is exactly -6
+    return f"${amount:.{1 - exponent}f}".rstrip("0")
 
 
 def cost_usd(spec: ModelSpec, usage: dict[str, int], service: str) -> float:
@@ -5968,7 +5981,8 @@ class Engine:
         self.spec = run_model_spec(self.run)
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
-        self._download_failures: dict[str, int] = {}
+        self._download_failures: dict[str, tuple[int, float]] = {}  # job: (failed rounds, clock at the first)
+        self._download_retry_at: dict[str, float] = {}
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
         self._poll_streaks: dict[str, tuple[str, int]] = {}  # per job: the kind of its last poll answers, how many in a row
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
@@ -6619,7 +6633,7 @@ class Engine:
         """One retrieval, run beside the scheduler so that polls and admission never wait on a download."""
         try:
             if not await self.retrieve(job):
-                next_poll[job.name] = self.clock() + self.opts.poll
+                next_poll[job.name] = self._download_retry_at.pop(job.name, self.clock() + self.opts.poll)
         except Exception as e:  # handed to the scheduler, which raises it as itself
             self._failure = e
         finally:
@@ -6962,13 +6976,23 @@ class Engine:
         except AuthError:
             raise
         except RemoteError as e:
-            n = self._download_failures[job.name] = self._download_failures.get(job.name, 0) + 1
-            if n < DOWNLOAD_ROUNDS:
-                self._log(f"{job.name}: output not downloadable yet ({e}); will try again")
-                return False
-            self._log(f"{job.name}: output not downloadable ({e}); the job failed and its requests go again")
-            self._advance(job, JobState.FAILED, error=f"output {job.output_file} not downloadable after {n} rounds of tries: {e}")
-            return True
+            now = self.clock()
+            n, since = self._download_failures.get(job.name, (0, now))
+            self._download_failures[job.name] = (n + 1, since)
+            delay = download_retry_delay(n + 1, now - since, self.opts.poll, self.opts.max_poll_interval, OUTPUT_PATIENCE_S)
+            if delay is None:
+                raise RemoteError(
+                    f"job {job.name} ({job.remote_job}) SUCCEEDED at the service, but its output {job.output_file} "
+                    f"could not be downloaded for {OUTPUT_PATIENCE_S / 60:.0f} min ({n + 1} rounds of tries; last: {e}). "
+                    f"Nothing was sent again: those answers are paid for. Fix: `batchify resume {self.run.name}` later "
+                    "tries the download again.",
+                    e.code,
+                    e.status,
+                ) from e
+            self._log(f"{job.name}: output not downloadable yet ({e}); trying again in {delay:.0f} s (the job is paid for)")
+            self._download_retry_at[job.name] = now + delay
+            return False
+        self._download_failures.pop(job.name, None)
         self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
         return True
 

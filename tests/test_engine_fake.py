@@ -349,6 +349,49 @@ def test_a_cut_results_file_is_not_marked_lost_on_a_transient_error(tmp_path):
     assert run_engine(store, fake, clock).ok == 20
 
 
+class _OutputNotReadable(FakeGemini):
+    async def download(self, name: str):  # type: ignore[override]
+        self._log("download", name)
+        raise batchify.RemoteError("403 PERMISSION_DENIED (scripted: SUCCEEDED, output not readable yet)", code=403)
+        yield b""
+
+
+def test_a_succeeded_job_whose_output_stays_unreadable_is_never_created_again(tmp_path):
+    """A SUCCEEDED job's output refused (403/404) is tried again, backing off, for OUTPUT_PATIENCE_S of the clock;
+    then the run stops, the job still SUCCEEDED, nothing created or sent again (its answers are paid for); a
+    resume downloads it. It used to fail the job after 3 rounds and create it again (each request paid twice)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0)
+    refusing = _OutputNotReadable(clock, [5.0])
+    with pytest.raises(batchify.RemoteError, match="SUCCEEDED at the service") as e:
+        run_engine(store, refusing, clock)
+    assert "Nothing was sent again" in str(e.value)
+    tries = [t for t, what, _ in refusing.calls if what == "download"]
+    creates = [c for c in refusing.calls if c[1] == "create"]
+    assert len(creates) == 1 and refusing.generate_calls == 0
+    assert tries[-1] - tries[0] == pytest.approx(batchify.OUTPUT_PATIENCE_S, abs=1.0)
+    assert all(b - a <= batchify.MAX_POLL_INTERVAL + 1.0 for a, b in itertools.pairwise(tries))  # tried all along
+    assert store.load_jobs()[0].state == batchify.JobState.SUCCEEDED
+    fine = FakeGemini(clock, [5.0])
+    fine.jobs, fine.files = refusing.jobs, refusing.files
+    assert run_engine(store, fine, clock).ok == 20
+    assert not [c for c in fine.calls if c[1] == "create"]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "waited", "delay"),
+    [
+        (1, 0.0, 30.0),  # the poll interval first
+        (2, 30.0, 60.0),  # doubling
+        (5, 500.0, 300.0),  # at most the longest poll interval
+        (9, 3500.0, 100.0),  # never past the end of the patience
+        (9, 3600.0, None),  # spent: stop (never fail the paid job)
+    ],
+)
+def test_download_retry_delay_table(rounds, waited, delay):
+    assert batchify.download_retry_delay(rounds, waited, 30.0, 300.0, 3600.0) == delay
+
+
 def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
     """The CLI's run sets RETRY_NOTE to its log for that run only: a later call (a test, a library caller in the
     same process) must not log into a reporter that is gone."""
