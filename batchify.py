@@ -2246,7 +2246,7 @@ def download_retry_delay(rounds: int, waited: float, base: float, cap: float, pa
     answers are paid for; the engine stops the run instead, to be resumed."""
     if waited >= patience:
         return None
-    return max(0.0, min(base * 2 ** max(0, rounds - 1), cap, patience - waited))
+    return max(0.0, min(base * 2.0 ** max(0, rounds - 1), cap, patience - waited))
 
 
 def poll_delay(interval: float, eta: float | None, base: float, room_wanted: bool = False) -> float:
