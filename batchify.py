@@ -1490,8 +1490,11 @@ FINAL_STATES = frozenset(
 UNSUBMITTED = frozenset({JobState.CREATED, JobState.UPLOADING, JobState.UPLOADED})
 
 
-def parse_remote_state(value: str) -> JobState:
-    """Map BATCH_STATE_* (REST) and JOB_STATE_* (SDK) names to our state; unknown is an error."""
+def parse_remote_state(value: str | None) -> JobState:
+    """Map BATCH_STATE_* (REST) and JOB_STATE_* (SDK) names to our state; unknown is an error. No state at all
+    (None, or ""): proto3 JSON leaves out an enum's value 0, BATCH_STATE_UNSPECIFIED, read as PENDING."""
+    if value is None or str(value) in ("", "None"):
+        return JobState.PENDING
     v = str(value).split(".")[-1].upper()
     for prefix in ("BATCH_STATE_", "JOB_STATE_"):
         if v.startswith(prefix):
@@ -1613,6 +1616,21 @@ def validate_job_dict(d: dict[str, Any]) -> None:
             raise StateError(f"job sidecar field {k!r} missing or not {t.__name__}")
     if d["state"] not in JobState.__members__:
         raise StateError(f"job sidecar has unknown state {d['state']!r}")
+
+
+def listed_state(value: Any) -> JobState:
+    """A state in batches.list: as parse_remote_state, but one batchify does not know (someone else's job, or a
+    state added since) is taken as live (PENDING) rather than failing the whole list, which reconciling needs."""
+    try:
+        return parse_remote_state(None if value is None else str(value))
+    except StateError:
+        return JobState.PENDING
+
+
+def observed_state(current: JobState, remote: JobState) -> JobState:
+    """The state a poll moves a job to: the service's, unless no transition leads there from where the job
+    is (a stale answer from a replica behind, RUNNING -> PENDING): then the job stays where it is."""
+    return remote if remote == current or remote in TRANSITIONS[current] else current
 
 
 def advance(job: Job, new: JobState, now: str, **changes: Any) -> Job:
@@ -3970,7 +3988,7 @@ class GeminiClient:
         async def every_page() -> list[RemoteJob]:
             out = []
             async for j in await self.aio.batches.list(config={"page_size": 100}):
-                out.append(RemoteJob(name=j.name or "", display_name=j.display_name, state=parse_remote_state(str(j.state))))
+                out.append(RemoteJob(name=j.name or "", display_name=j.display_name, state=listed_state(j.state)))
             return out
 
         return list(await self._call("list batches", every_page))
@@ -6924,13 +6942,16 @@ class Engine:
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
         self._poll_streaks.pop(job.name, None)
-        moved = rj.state != job.state or bool(rj.output_file and not job.output_file)
+        state = observed_state(job.state, rj.state)
+        if state != rj.state:
+            self._log(f"{job.name}: the service answered {rj.state} after {job.state} (a stale answer); still {job.state}")
+        moved = state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
-        if rj.state != job.state and rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
-            self._log(f"{job.name}: {rj.state} {rj.error or ''}".rstrip())
+        if state != job.state and state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
+            self._log(f"{job.name}: {state} {rj.error or ''}".rstrip())
         new = advance(
-            job, rj.state, utcnow(), stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error
+            job, state, utcnow(), stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error
         )
         self.jobs[new.name] = new
         # A state change is saved at once; progress counts alone at most every 10 poll intervals (they
@@ -7424,7 +7445,9 @@ class RequestSender:
         """After a refused or failed attempt: None to give up, else (the delay, whether this request sleeps it:
         a 429 pauses the buckets for every request instead)."""
         throttled = e.code == 429  # over the rate limit: the whole window is full
-        shed = self.flex and e.code == 503  # Flex sheds with 503 at capacity (and now and then)
+        # Flex sheds with 503 at capacity (and now and then); an overloaded pool answers 500/504 too (seen by the
+        # adversarial pass): all three get the shed budget, not the few tries of a real error
+        shed = self.flex and e.code in (500, 503, 504)
         policy = self.throttled_policy if throttled or shed else self.policy
         delay = retry_delay(e, attempt, policy, self.engine.clock() - started, random.random())
         if delay is None:
@@ -9748,6 +9771,8 @@ class EmulatorConfig:
     flex_latency_max: float = 0.0
     flex_shed_rate: float = 0.0
     flex_capacity: int | None = None
+    flex_shed_code: int = 503  # the status a shed request is answered with (Google's page: 503 at capacity, 429 at
+    # the rate limits; an overloaded pool has been seen answering 504 and 500 as well)
     # Vertex AI batchPredictionJobs (--backend vertex): jobs read their input from, and write their output to,
     # this Cloud Storage endpoint (a storage emulator's URL, e.g. gcp-storage-emulator); None: the Vertex
     # routes answer 400 (the emulator never reaches the real Cloud Storage). The fault knobs above apply
@@ -10391,7 +10416,9 @@ class Emulator:
         over = self.cfg.flex_capacity is not None and self.stats["flex_in_flight"] >= self.cfg.flex_capacity
         if over or (self.cfg.flex_shed_rate and self.rng.random() < self.cfg.flex_shed_rate):
             self.stats["flex_shed"] += 1
-            raise _EmuError(503, "UNAVAILABLE", "The system is currently at capacity. Please try again later. (Flex, emulated)")
+            code = self.cfg.flex_shed_code
+            status = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 504: "DEADLINE_EXCEEDED"}.get(code, "UNAVAILABLE")
+            raise _EmuError(code, status, "The system is currently at capacity. Please try again later. (Flex, emulated)")
         self.stats["flex_in_flight"] += 1
         self.stats["flex_peak_in_flight"] = max(self.stats["flex_peak_in_flight"], self.stats["flex_in_flight"])
         try:

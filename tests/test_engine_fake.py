@@ -392,6 +392,57 @@ def test_download_retry_delay_table(rounds, waited, delay):
     assert batchify.download_retry_delay(rounds, waited, 30.0, 300.0, 3600.0) == delay
 
 
+class _StaleReplica(FakeGemini):
+    """Every other get of a running job answers PENDING, as a replica behind would."""
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        rj = await super().get_batch(name)
+        gets = sum(1 for _, what, n in self.calls if what == "get" and n == name)
+        if rj.state == batchify.JobState.RUNNING and gets % 2 == 0:
+            return dataclasses.replace(rj, state=batchify.JobState.PENDING)
+        return rj
+
+
+def test_a_stale_pending_after_running_is_ignored_not_a_crash(tmp_path):
+    """RUNNING -> PENDING is no transition: it used to stop the run with "illegal transition" (exit 3)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=1.0, max_poll_interval=1.0)
+    fake = _StaleReplica(clock, [30.0, 30.0])
+    assert run_engine(store, fake, clock).ok == 20
+    assert len([c for c in fake.calls if c[1] == "get"]) >= 10 and len([c for c in fake.calls if c[1] == "create"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("current", "remote", "kept"),
+    [
+        ("RUNNING", "PENDING", "RUNNING"),  # stale
+        ("PENDING", "RUNNING", "RUNNING"),
+        ("RUNNING", "SUCCEEDED", "SUCCEEDED"),
+        ("SUCCEEDED", "RUNNING", "SUCCEEDED"),  # stale, after the end
+        ("RUNNING", "RUNNING", "RUNNING"),
+    ],
+)
+def test_observed_state_table(current, remote, kept):
+    S = batchify.JobState
+    assert batchify.observed_state(S(current), S(remote)) == S(kept)
+
+
+@pytest.mark.parametrize(
+    ("value", "state"),
+    [(None, "PENDING"), ("", "PENDING"), ("BATCH_STATE_RUNNING", "RUNNING"), ("JobState.JOB_STATE_SUCCEEDED", "SUCCEEDED")],
+)
+def test_a_missing_state_is_pending(value, state):
+    """proto3 JSON leaves out an enum's value 0 (BATCH_STATE_UNSPECIFIED): a create answered without a state
+    used to stop the run ("unknown remote batch state 'None'") after the job was created."""
+    assert batchify.parse_remote_state(value) == batchify.JobState(state)
+
+
+def test_a_listed_job_in_a_state_batchify_does_not_know_does_not_break_the_list():
+    assert batchify.listed_state("BATCH_STATE_SOMETHING_NEW") == batchify.JobState.PENDING
+    with pytest.raises(batchify.StateError):
+        batchify.parse_remote_state("BATCH_STATE_SOMETHING_NEW")
+
+
 def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
     """The CLI's run sets RETRY_NOTE to its log for that run only: a later call (a test, a library caller in the
     same process) must not log into a reporter that is gone."""

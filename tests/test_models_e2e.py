@@ -378,6 +378,17 @@ def test_flex_shed_storm_every_id_answered_and_the_rate_backed_off(emu, articles
     assert len(assert_billed) == 60 and set(assert_billed.values()) == {1}
 
 
+@pytest.mark.parametrize("code", [504, 500])
+def test_flex_shed_as_504_or_500_gets_the_shed_budget_not_three_tries(emu, articles, tmp_path, code):
+    """An overloaded Flex pool answering 504/500 instead of 503 (the adversarial pass): with the default
+    attempts, ids used to end in error after three quick tries; they are now retried like a 503 shed."""
+    emu.configure(flex_shed_rate=0.5, flex_shed_code=code, seed=4)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--rpm", "60000")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    assert emu.stats()["flex_shed"] > 0
+
+
 def test_flex_on_a_model_without_flex_exits_2_naming_those_with_it(emu, articles, tmp_path):
     f = tmp_path / "m.toml"
     f.write_text(
