@@ -3799,6 +3799,18 @@ def _retry_delay(details: Any) -> float | None:
     return None
 
 
+def file_resource_name(value: Any) -> str | None:
+    """A responsesFile as the Files API names it, "files/ID": also from a full URI (".../v1beta/files/ID",
+    ":download?alt=media" and all), which the SDK would otherwise cut to "files/batch" and ask for in vain."""
+    if not value:
+        return None
+    text = str(value)
+    at = text.rfind("files/")
+    if at < 0 or "://" not in text and at > 0:
+        return text
+    return "files/" + re.split(r"[:?#/]", text[at + len("files/") :], maxsplit=1)[0]
+
+
 def operation_to_job(op: dict[str, Any]) -> RemoteJob:
     """A raw Operation (batches.get over REST) -> RemoteJob, with batchStats the SDK drops."""
     meta = op.get("metadata") or {}
@@ -3814,7 +3826,7 @@ def operation_to_job(op: dict[str, Any]) -> RemoteJob:
         name=op.get("name") or meta.get("name", ""),
         display_name=meta.get("displayName"),
         state=parse_remote_state(meta.get("state", "BATCH_STATE_PENDING")),
-        output_file=output.get("responsesFile") if isinstance(output, dict) else None,
+        output_file=file_resource_name(output.get("responsesFile")) if isinstance(output, dict) else None,
         stats=stats,
         error=(f"{err.get('message', '')} (code {err.get('code')})" if isinstance(err, dict) else None),
         inlined=inl,

@@ -894,3 +894,18 @@ def test_run_options_the_flags_accept_pass_and_are_taken_as_the_flags_take_them(
         b.RunOptions(batch_size=2.7).checked()
     with pytest.raises(b.UsageError, match="must be a path"):
         b.RunOptions(out=5).checked()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("files/abc-1", "files/abc-1"),
+        ("https://generativelanguage.googleapis.com/v1beta/files/abc-1:download?alt=media", "files/abc-1"),
+        ("https://generativelanguage.googleapis.com/v1beta/files/abc-1", "files/abc-1"),
+        (None, None),
+    ],
+)
+def test_a_responses_file_given_as_a_uri_is_read_as_its_file_name(given, name):
+    """A full URI used to reach the SDK, which cut it to "files/batch" and was refused on every try (9 creates)."""
+    op = {"name": "batches/1", "metadata": {"state": "BATCH_STATE_SUCCEEDED", "output": {"responsesFile": given}}}
+    assert b.operation_to_job(op).output_file == name
