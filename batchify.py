@@ -3806,7 +3806,7 @@ def file_resource_name(value: Any) -> str | None:
         return None
     text = str(value)
     at = text.rfind("files/")
-    if at < 0 or "://" not in text and at > 0:
+    if at < 0 or ("://" not in text and at > 0):
         return text
     return "files/" + re.split(r"[:?#/]", text[at + len("files/") :], maxsplit=1)[0]
 
