@@ -2720,15 +2720,18 @@ def line_is_ok(line: bytes) -> bool:
 
 
 def join_keys(pairs: Iterator[tuple[int, bytes]], keys: Iterable[int], missing: Callable[[int], bytes]) -> Iterator[bytes]:
-    """One line per key, keys ascending: the last line `pairs` (ascending by ordinal, stable) has for it, or
-    missing(key) when it has none; lines of ordinals that are not keys are dropped. Pure."""
+    """One line per key, keys ascending: of the lines `pairs` (ascending by ordinal, stable) has for it, the
+    first ok one, else the first; missing(key) when it has none; lines of ordinals that are not keys are
+    dropped. An output that answers one key twice (ok, then an error) keeps the paid answer, as merge_choice
+    does: the last line winning used to throw it away and send the request again. Pure."""
     nxt = next(pairs, None)
     for k in keys:
         while nxt is not None and nxt[0] < k:
             nxt = next(pairs, None)
         got = None
         while nxt is not None and nxt[0] == k:
-            got = nxt[1]
+            if got is None or (not line_is_ok(got) and line_is_ok(nxt[1])):
+                got = nxt[1]
             nxt = next(pairs, None)
         yield got if got is not None else missing(k)
 
@@ -2737,7 +2740,7 @@ class ExternalSorter:
     """A job's results lines, added in any order, written under `name` in ordinal order: lines are kept in
     memory until they would pass `run_bytes`, then that run is sorted and put beside the result
     (NAME.run-NNNN); finish() merges the runs (heapq.merge: one reader per run) into the result. Memory: one
-    run plus a reader per run. Ties keep the order added, so the last line of an ordinal wins (as a dict would)."""
+    run plus a reader per run. Ties keep the order added; join_keys picks among them (the first ok line wins)."""
 
     def __init__(self, sink: ResultsSink, name: str, run_bytes: int = RESULT_RUN_BYTES):
         self.sink, self.name, self.run_bytes = sink, name, run_bytes

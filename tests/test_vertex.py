@@ -1081,13 +1081,22 @@ def test_every_cloud_storage_error_of_a_results_call_is_a_remote_error() -> None
 
 
 def test_join_keys_table() -> None:
+    """One line per key; of several lines for one key the first ok one (an output answering a key twice, ok then
+    an error, used to keep the error: the paid answer was thrown away and the request sent again)."""
+
+    def line(n: int, x: str) -> bytes:
+        return f'{{"id":{n},"status":"{"error" if x.startswith("e") else "ok"}","v":"{x}"}}'.encode()
+
     def join(pairs: list[tuple[int, str]], keys: list[int]) -> list[str]:
-        got = batchify.join_keys(iter([(n, x.encode()) for n, x in pairs]), keys, lambda n: f"missing {n}".encode())
-        return [x.decode() for x in got]
+        got = batchify.join_keys(iter([(n, line(n, x)) for n, x in pairs]), keys, lambda n: f"missing {n}".encode())
+        return [x.decode().rsplit('"v":"', 1)[-1].rstrip('"}') for x in got]
 
     assert join([], [1, 2]) == ["missing 1", "missing 2"]
     assert join([(1, "a"), (2, "b")], []) == []
-    assert join([(0, "z"), (1, "a"), (1, "a2"), (3, "c"), (9, "x")], [1, 2, 3]) == ["a2", "missing 2", "c"]
+    assert join([(0, "z"), (1, "a"), (1, "a2"), (3, "c"), (9, "x")], [1, 2, 3]) == ["a", "missing 2", "c"]
+    assert join([(1, "a"), (1, "e1")], [1]) == ["a"]  # ok, then an error: the ok answer stays
+    assert join([(1, "e1"), (1, "a")], [1]) == ["a"]  # an error, then ok: the ok one
+    assert join([(1, "e1"), (1, "e2")], [1]) == ["e1"]
 
 
 def _results_objects(gcs: storage.Client, bucket: str) -> list[str]:
