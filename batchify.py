@@ -134,6 +134,7 @@ DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while no
 POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
+SHORT_OUTPUT_ROUNDS = 3  # downloads of an output with fewer lines than batchStats counts before it is taken as it is
 OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may stay undownloadable before the run stops (never
 # resent: it is paid for). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926); no bound is published
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
@@ -1416,6 +1417,10 @@ class RemoteError(BatchifyError):
 TRANSIENT_CODES = frozenset({0, 408, 429, 500, 502, 503, 504})
 
 
+class ShortOutput(RemoteError):
+    """A job's output came back with fewer lines than its batchStats counts (a download cut short)."""
+
+
 class BatchRefusedError(RemoteError):
     """Batch creation refused for good (403 permission/billing, 404 model without batch)."""
 
@@ -2255,6 +2260,12 @@ def progress_eta(first: tuple[float, int], last: tuple[float, int], total: int) 
     if total <= 0 or d1 - d0 <= 1 or t1 <= t0:
         return None
     return max(0.0, (total - d1) * (t1 - t0) / (d1 - d0 - 1))
+
+
+def expected_output_lines(stats: dict[str, int], requests: int) -> int:
+    """How many lines a finished job's output should have: what its batchStats counts as done (successful +
+    failed), never more than the requests it was sent; 0 where the service gives no counts."""
+    return min(requests, stats.get("successfulRequestCount", 0) + stats.get("failedRequestCount", 0))
 
 
 def download_retry_delay(rounds: int, waited: float, base: float, cap: float, patience: float) -> float | None:
@@ -6016,6 +6027,7 @@ class Engine:
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, tuple[int, float]] = {}  # job: (failed rounds, clock at the first)
         self._download_retry_at: dict[str, float] = {}
+        self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
         self._poll_streaks: dict[str, tuple[str, int]] = {}  # per job: the kind of its last poll answers, how many in a row
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
@@ -7008,10 +7020,13 @@ class Engine:
     async def retrieve(self, job: Job) -> bool:
         """Download, parse and record one finished job's results. False: try again later."""
         try:
-            ok, failed, usage = await self._fetch_results(job)
+            short = self._short_outputs.get(job.name, 0)
+            ok, failed, usage = await self._fetch_results(job, expect=0 if short >= SHORT_OUTPUT_ROUNDS - 1 else None)
         except AuthError:
             raise
         except RemoteError as e:
+            if isinstance(e, ShortOutput):
+                self._short_outputs[job.name] = self._short_outputs.get(job.name, 0) + 1
             now = self.clock()
             n, since = self._download_failures.get(job.name, (0, now))
             self._download_failures[job.name] = (n + 1, since)
@@ -7032,8 +7047,11 @@ class Engine:
         self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
         return True
 
-    async def _fetch_results(self, job: Job) -> tuple[int, int, dict[str, int]]:
+    async def _fetch_results(self, job: Job, expect: int | None = None) -> tuple[int, int, dict[str, int]]:
         """Stream one finished job's output into its results sidecar in request order; (ok, failed, usage).
+        An output with fewer lines than `expect` (None: the job's batchStats, successful + failed, at most its
+        requests) raises ShortOutput before anything is written: a download cut short (an empty 200) is not the
+        output, and its "missing" ids would be sent again, paid twice.
         Parsing, schema checks and the writes run in worker threads (the event loop stays free for polls and
         admission), a chunk behind the download: the Developer API's one chunk is parsed and written in one go
         after Hook.AFTER_DOWNLOAD, as before. Outputs sorted into the bucket go one job at a time (jobs that end
@@ -7053,6 +7071,9 @@ class Engine:
                 recorder[0].add(chunk)
             if not last:
                 return 0, 0, {}
+            want = expected_output_lines(job.stats, len(recorder[0].keys)) if expect is None else expect
+            if recorder[0].pos < want:
+                raise ShortOutput(f"output {job.output_file}: {recorder[0].pos} line(s), batchStats counts {want}", 0)
             return recorder[0].finish(lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
 
         pending: bytes | None = None

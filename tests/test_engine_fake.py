@@ -443,6 +443,58 @@ def test_a_listed_job_in_a_state_batchify_does_not_know_does_not_break_the_list(
         batchify.parse_remote_state("BATCH_STATE_SOMETHING_NEW")
 
 
+class _CutDownloads(FakeGemini):
+    """The first `cut` downloads of each output answer 200 with half the lines (or none)."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], cut: int, keep: float):
+        super().__init__(clock, durations)
+        self.progress, self.cut, self.keep = True, cut, keep  # progress: batchStats counts, as the service gives
+
+    async def download(self, name: str):  # type: ignore[override]
+        whole = b"".join([chunk async for chunk in super().download(name)])
+        if sum(1 for _, what, n in self.calls if what == "download" and n == name) > self.cut:
+            yield whole
+            return
+        lines = whole.splitlines(keepends=True)
+        yield b"".join(lines[: int(len(lines) * self.keep)])
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_an_output_shorter_than_its_batch_stats_is_downloaded_again(tmp_path, keep):
+    """An empty or cut 200 to a download is not the output (adversarial pass F3): its ids used to be marked
+    missing and sent again (Flex or a retry job: paid twice). Now fewer lines than batchStats counts is a failed
+    download, tried again; nothing is sent twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0)
+    fake = _CutDownloads(clock, [5.0], cut=1, keep=keep)
+    assert run_engine(store, fake, clock).ok == 20
+    assert len([c for c in fake.calls if c[1] == "create"]) == 1 and fake.generate_calls == 0
+    assert len([c for c in fake.calls if c[1] == "download"]) == 2
+
+
+def test_an_output_that_stays_short_is_taken_as_it_is_after_some_rounds(tmp_path):
+    """A service whose counts never match its output (or one that lost lines for good) is not waited for an
+    hour: after SHORT_OUTPUT_ROUNDS downloads the output is taken as it is, its missing ids retried."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=1)
+    fake = _CutDownloads(clock, [5.0], cut=10**6, keep=0.5)
+    s = run_engine(store, fake, clock)
+    assert s.ok == 10 and len([c for c in fake.calls if c[1] == "download"]) == batchify.SHORT_OUTPUT_ROUNDS
+
+
+@pytest.mark.parametrize(
+    ("stats", "requests", "want"),
+    [
+        ({}, 20, 0),  # no counts: no check
+        ({"successfulRequestCount": 18, "failedRequestCount": 2}, 20, 20),
+        ({"successfulRequestCount": 20, "failedRequestCount": 2}, 20, 20),  # counts that overlap: at most the requests
+        ({"successfulRequestCount": 5}, 20, 5),
+    ],
+)
+def test_expected_output_lines_table(stats, requests, want):
+    assert batchify.expected_output_lines(stats, requests) == want
+
+
 def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
     """The CLI's run sets RETRY_NOTE to its log for that run only: a later call (a test, a library caller in the
     same process) must not log into a reporter that is gone."""
