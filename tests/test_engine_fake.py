@@ -360,3 +360,126 @@ def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
 
     assert batchify._run_stoppable(work(), batchify.GracefulStop(), print) == "done"
     assert seen == [print] and batchify.RETRY_NOTE.get() is None
+
+
+class _LateCreates(FakeGemini):
+    """A fake whose scripted creates (1-based, in call order) answer 504 yet take effect: the job is made, and
+    batches.list shows it only `lag` fake seconds later (a create that committed after its answer, a list that lags)."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], late: set[int], lag: float):
+        super().__init__(clock, durations)
+        self.late, self.lag, self.creates = late, lag, 0
+        self.hidden: dict[str, float] = {}  # job -> fake time it is listed from
+
+    async def create_batch(self, model: str, src, display_name: str) -> batchify.RemoteJob:
+        self.creates += 1
+        rj = await super().create_batch(model, src, display_name)
+        if self.creates in self.late:
+            self.hidden[rj.name] = self.clock.now() + self.lag
+            raise batchify.RemoteError("create batch: 504 DEADLINE_EXCEEDED (fake, took effect)", code=504)
+        return rj
+
+    async def list_batches(self) -> list[batchify.RemoteJob]:
+        return [r for r in await super().list_batches() if self.hidden.get(r.name, 0.0) <= self.clock.now()]
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def update(self, view) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def _run_logged(store: batchify.RunStore, fake: FakeGemini, clock: FakeClock) -> tuple[batchify.Summary, _Log]:
+    log = _Log()
+
+    async def go() -> batchify.Summary:
+        return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, reporter=log).execute()
+
+    return asyncio.run(go()), log
+
+
+@pytest.mark.parametrize("lag", [3.0, 60.0])
+def test_a_create_that_answered_504_but_took_effect_is_adopted_not_created_again(tmp_path, lag):
+    """F2: a create answered 504 that the service carried out (listed only `lag` s later) is found by display name
+    within CREATE_SETTLE_S and adopted: one job per batch, none paid twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 30, 10, poll_interval=1.0)
+    fake = _LateCreates(clock, [30.0] * 6, late={1}, lag=lag)
+    summary, log = _run_logged(store, fake, clock)
+    assert summary.ok == 30
+    assert len(fake.jobs) == 3, "a batch was created twice"
+    assert not [c for c in fake.calls if c[1] == "cancel"]
+    assert any("took effect: adopted batches/0" in line for line in log.lines), log.lines
+    lists = [t for t, what, _ in fake.calls if what == "list"]
+    assert len(lists) <= 8, lists  # looked for with back-off, not at every pass
+
+
+def test_a_create_that_took_effect_after_the_window_is_cancelled_and_said(tmp_path):
+    """F2's safety net: listed only after CREATE_SETTLE_S, the first create counted as not done and the batch was
+    created again; the late one, found at the run's last listing, is cancelled and the log says so."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=1.0)
+    lag = batchify.CREATE_SETTLE_S + 30.0
+    fake = _LateCreates(clock, [10_000.0, 300.0, 300.0], late={1}, lag=lag)
+    summary, log = _run_logged(store, fake, clock)
+    assert summary.ok == 20
+    assert len(fake.jobs) == 3
+    cancels = [(t, n) for t, what, n in fake.calls if what == "cancel"]
+    assert [n for _, n in cancels] == ["batches/0"] and cancels[0][0] >= lag
+    assert any("cancelled batches/0" in line for line in log.lines), log.lines
+    first = [t for t, what, n in fake.calls if what == "create" and fake.jobs[n]["dn"] == fake.jobs["batches/0"]["dn"]]
+    assert len(first) == 2 and first[1] - first[0] >= batchify.CREATE_SETTLE_S  # looked for over the whole window first
+
+
+def test_ambiguous_create_verdict_and_looks():
+    W = batchify.CREATE_SETTLE_S
+    for listed, since, now, want in [
+        (True, 0.0, 0.0, "adopt"),
+        (True, 0.0, W + 1, "adopt"),
+        (False, 0.0, 0.0, "wait"),
+        (False, 10.0, 10.0 + W - 0.1, "wait"),
+        (False, 10.0, 10.0 + W, "resend"),
+        (False, 0.0, 10 * W, "resend"),
+    ]:
+        assert batchify.ambiguous_create_verdict(listed, since, now) == want, (listed, since, now)
+    f = batchify.CREATE_LOOK_FIRST_S
+    for since, looks, now, want in [
+        (0.0, 1, 0.0, f),
+        (0.0, 2, f, 3 * f),
+        (0.0, 3, 3 * f, 7 * f),
+        (0.0, 20, 50.0, min(50.0 + W / 4, W)),  # at most a quarter window apart
+        (0.0, 20, W - 1, W),  # never past the window: the last look is at its end
+    ]:
+        assert batchify.next_create_look(since, looks, now) == want, (since, looks, now)
+
+
+def test_orphan_action_table():
+    S = batchify.JobState
+    dn = "batchify-r-x-b0001-a1"
+
+    def job(state, remote=None, lane="batch"):
+        return batchify.Job("b0001", 1, dn, "requests/b0001.jsonl", 10, 10, 10, state=state, remote_job=remote, lane=lane)
+
+    def remote(state, name="batches/9"):
+        return batchify.RemoteJob(name, dn, state)
+
+    for j, r, want in [
+        (None, remote(S.RUNNING), None),  # no record of that name: repair's business
+        (job(S.RUNNING, "batches/9"), remote(S.RUNNING), None),  # owned
+        (job(S.SUBMITTING), remote(S.PENDING), "adopt"),
+        (job(S.UPLOADED), remote(S.RUNNING), "adopt"),
+        (job(S.UPLOADED), remote(S.SUCCEEDED), "adopt"),
+        (job(S.UPLOADED, lane="flex"), remote(S.RUNNING), "cancel"),
+        (job(S.FLEXED), remote(S.PENDING), "cancel"),
+        (job(S.RUNNING, "batches/1"), remote(S.RUNNING), "cancel"),
+        (job(S.SUBMITTING, "batches/1"), remote(S.RUNNING), "cancel"),
+        (job(S.RESULTS_DOWNLOADED, "batches/1"), remote(S.SUCCEEDED), "paid"),
+        (job(S.RESULTS_DOWNLOADED, "batches/1"), remote(S.FAILED), None),
+        (job(S.CANCELLED), remote(S.CANCELLED), None),
+    ]:
+        assert batchify.orphan_action(j, r) == want, (j.state, j.remote_job, j.lane, r.state)
