@@ -5875,11 +5875,22 @@ class _Timers:
     timed: set[str] = field(default_factory=set)
 
 
+def positions_trusted(lines: int, requests: int, aligned: bool) -> bool:
+    """Whether an output line with no key may take the key of its place among the job's requests (the Developer
+    API keeps input order): only when the output has one line per request and every keyed line sat at its own
+    request's place. Otherwise a line is missing, extra or moved, every later place is off, and a keyless line
+    cannot be told apart: its id counts as missing from the output, never as another id's answer."""
+    return lines == requests and aligned
+
+
 class ResultsRecorder:
     """One job's output, chunk by chunk (whole lines; called from worker threads, one at a time), parsed into
     results lines (Engine._line_result) that an ExternalSorter keeps in ordinal order; usage summed over every
     line parsed. A line with no key takes the key of its place among the job's keys (the Developer API's
-    order); keys: the job's ordinals in request order (Engine._job_keys)."""
+    order) only if positions_trusted at the end: known once every line is counted, so such lines wait in a
+    spooled file (memory: up to RESULT_RUN_BYTES, then disk) and go to the sorter in finish(), or are dropped and
+    counted in `unattributed` (their ids then missing). keys: the job's ordinals in request order
+    (Engine._job_keys)."""
 
     def __init__(
         self,
@@ -5891,6 +5902,9 @@ class ResultsRecorder:
         self.sorter, self.keys, self.line_result, self.long_at = sorter, keys, line_result, long_at
         self.pos = 0
         self.usage: dict[str, int] = {}
+        self.aligned = True  # every keyed line so far sat at its request's place
+        self.keyless: tempfile.SpooledTemporaryFile[bytes] | None = None  # results lines of keyless lines, by place
+        self.unattributed = 0  # keyless lines dropped at finish (positions not trusted)
 
     def add(self, chunk: bytes) -> None:
         keys, loads, add, pos = self.keys, orjson.loads, self.sorter.add, self.pos
@@ -5903,22 +5917,47 @@ class ResultsRecorder:
             except orjson.JSONDecodeError:
                 continue
             key = obj.get("key")
-            if key is None and pos <= len(keys):
+            keyless = key is None
+            if keyless:
+                if pos > len(keys):
+                    self.unattributed += 1  # more lines than requests: positions cannot be trusted
+                    r = self.line_result(0, obj, "batch")
+                    add_usage(self.usage, r.get("usage"))  # billed all the same
+                    long_usage(self.usage, [r.get("usage")], self.long_at)
+                    continue
                 key = keys[pos - 1]
             try:
                 n = int(key)
             except (TypeError, ValueError):
                 continue
+            if not keyless and self.aligned and (pos > len(keys) or keys[pos - 1] != n):
+                self.aligned = False
             r = self.line_result(n, obj, "batch")
             add_usage(self.usage, r.get("usage"))
             long_usage(self.usage, [r.get("usage")], self.long_at)
             # orjson hands back a bytes object still holding its 4 KiB output buffer: kept until the run is
             # spilled, each line is copied to its own size (measured: 4 KiB a line otherwise, 8x the lines)
-            add(n, bytes(memoryview(orjson.dumps(r, option=NL))))
+            line = bytes(memoryview(orjson.dumps(r, option=NL)))
+            if keyless:
+                if self.keyless is None:
+                    self.keyless = tempfile.SpooledTemporaryFile(max_size=RESULT_RUN_BYTES)
+                self.keyless.write(line)
+            else:
+                add(n, line)
         self.pos = pos
 
     def finish(self, missing: Callable[[int], bytes]) -> tuple[int, int, dict[str, int]]:
         """Write the sidecar: one line per key, the output's or missing(key); (ok, failed, usage)."""
+        if self.keyless is not None:
+            with self.keyless as f:
+                if positions_trusted(self.pos, len(self.keys), self.aligned):
+                    f.seek(0)
+                    for line in f:
+                        self.sorter.add(line_ordinal(line), line)
+                else:
+                    f.seek(0)
+                    self.unattributed += sum(1 for _ in f)
+            self.keyless = None
         order = self.keys if isinstance(self.keys, range) else sorted(self.keys)
         ok, failed = self.sorter.finish(order, missing)
         return ok, failed, self.usage
@@ -7122,7 +7161,14 @@ class Engine:
                 if aclose is not None:
                     await aclose()
             self.hook(Hook.AFTER_DOWNLOAD)
-            return await asyncio.to_thread(step, pending, True)
+            done = await asyncio.to_thread(step, pending, True)
+        if recorder and recorder[0].unattributed:
+            self._log(
+                f"{job.name}: {recorder[0].unattributed} output line(s) of {job.remote_job} carry no key, and the output "
+                f"({recorder[0].pos} lines for {len(recorder[0].keys)} requests) is not in request order line for line: "
+                "they cannot be told apart, so their ids count as missing from the output"
+            )
+        return done
 
     def _job_keys(self, job: Job) -> range | list[int]:
         """The ordinals a job was sent, in request order: a primary job's range less the fetch failures in it

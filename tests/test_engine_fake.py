@@ -483,3 +483,75 @@ def test_orphan_action_table():
         (job(S.CANCELLED), remote(S.CANCELLED), None),
     ]:
         assert batchify.orphan_action(j, r) == want, (j.state, j.remote_job, j.lane, r.state)
+
+
+class _KeylessOutput(FakeGemini):
+    """A fake whose output lines carry no key (each answer names its request's key), less the lines at `drop`
+    (0-based places), plus `extra` keyless error lines at the end."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], drop: set[int], extra: int, keep_key: set[int]):
+        super().__init__(clock, durations)
+        self.drop, self.extra, self.keep_key = drop, extra, keep_key
+
+    async def download(self, name: str):  # type: ignore[override]
+        self._log("download", name)
+        job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
+        out = bytearray()
+        for i, line in enumerate(open(self.files[job["src"]], "rb")):
+            key = json.loads(line)["key"]
+            if i in self.drop:
+                continue
+            text = json.dumps({"answer_for": str(key)})
+            resp = {"candidates": [{"content": {"parts": [{"text": text}]}, "finishReason": "STOP"}]}
+            out += json.dumps({"key": key, "response": resp} if i in self.keep_key else {"response": resp}).encode() + b"\n"
+        for _ in range(self.extra):
+            out += b'{"error": {"code": 13, "message": "internal"}}\n'
+        yield bytes(out)
+
+
+def _rows(store: batchify.RunStore) -> list[dict]:
+    return [json.loads(x) for x in (store.dir / "results" / "b0001.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "drop, extra, keep_key, ok",
+    [
+        (set(), 0, set(), 20),  # one line per request, in order: keyless lines map by place
+        (set(), 0, {0, 5}, 20),  # some keyed, at their own places: still by place
+        ({7}, 0, set(), 0),  # one line missing: every place after it is off; no keyless line can be told apart
+        # ... even when an extra line makes the count come right, if a keyed line shows the places are off (with no
+        # keyed line at all, a line missing and one extra cannot be told from an output in order: not detectable)
+        ({7}, 1, {12}, 1),
+        ({7}, 0, {0, 3, 12}, 3),  # the keyed lines are still attributed by their keys
+        (set(), 1, set(), 0),  # one line too many
+    ],
+)
+def test_keyless_output_lines_are_matched_by_place_only_when_the_places_hold(tmp_path, drop, extra, keep_key, ok):
+    """F5: an output line with no key takes its place's id only when the output has one line per request and every
+    keyed line sat at its own place; otherwise its id counts as missing from the output, never another id's answer."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=1, fallback=False)
+    fake = _KeylessOutput(clock, [5.0], drop, extra, keep_key)
+    summary, log = _run_logged(store, fake, clock)
+    rows = _rows(store)
+    assert [r["n"] for r in rows] == list(range(20))
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["result"] == {"answer_for": str(r["n"])}, r  # never another id's answer
+        else:
+            assert "missing from the output" in r["error"], r
+    assert sum(r["status"] == "ok" for r in rows) == ok
+    assert summary.ok == ok
+    if ok < 20:
+        assert any("carry no key" in line for line in log.lines), log.lines
+
+
+def test_positions_trusted_table():
+    for lines, requests, aligned, want in [
+        (10, 10, True, True),
+        (9, 10, True, False),
+        (11, 10, True, False),
+        (10, 10, False, False),
+        (0, 0, True, True),
+    ]:
+        assert batchify.positions_trusted(lines, requests, aligned) == want
