@@ -131,6 +131,13 @@ DEFAULT_RPM = 2_000  # real time where Google publishes no RPM for the model (lo
 DEFAULT_MAX_ATTEMPTS = 3
 SPLIT_AFTER_REFUSALS = 4  # creates of one job refused (429) with nothing of the run enqueued before it is split
 DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while nothing of the run is enqueued
+# A create answered with a timeout or a 5xx may still take effect at the service after the answer (the front end
+# gave up, the back end went on), and batches.list may lag a create by seconds: creating again at once pays for the
+# batch twice. So after such an answer the job stays SUBMITTING and is looked for by display name for this long
+# (first look at once, then CREATE_LOOK_FIRST_S, doubling) before the create counts as not done and is sent
+# again. The lags seen are seconds; 90 s is well past them and costs one batch nothing next to its hours of queue.
+CREATE_SETTLE_S = 90.0
+CREATE_LOOK_FIRST_S = 2.0
 POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
@@ -2194,6 +2201,37 @@ def next_wake(
     if any(j.state in UNSUBMITTED for j in jobs):
         waits.append(now if freed else max(create_after, now + base))
     return max(now, min(waits, default=now + base))
+
+
+def ambiguous_create_verdict(listed: bool, since: float, now: float) -> str:
+    """After a create answered with a timeout or a 5xx at `since`, a look by display name at `now`: "adopt" when
+    the job is listed, "wait" (look again at next_create_look) while CREATE_SETTLE_S has not passed, else "resend"
+    (the create did not happen: create again)."""
+    if listed:
+        return "adopt"
+    return "wait" if now - since < CREATE_SETTLE_S else "resend"
+
+
+def next_create_look(since: float, looks: int, now: float) -> float:
+    """When to list again for an ambiguous create looked for `looks` times: back off from CREATE_LOOK_FIRST_S,
+    doubling, at most a quarter of the window apart, and never after the window ends (the last look decides)."""
+    return min(now + min(CREATE_LOOK_FIRST_S * 2.0 ** max(0, looks - 1), CREATE_SETTLE_S / 4), since + CREATE_SETTLE_S)
+
+
+def orphan_action(job: Job | None, remote: RemoteJob) -> str | None:
+    """A job listed at the service carrying this run's display name: what to do with it when no record owns it
+    (an ambiguous create that took effect after all, or a second one). None: its record owns it, or no record has
+    that display name (repair's business). "adopt": its record is still waiting to be created (SUBMITTING or
+    UPLOADED in the batch lane, no remote job). Otherwise its record went on without it (created again, claimed
+    by a Flex lane, cancelled): "cancel" while it lives; "paid" when it already succeeded (billed, nothing to
+    stop: say so); None when it ended otherwise."""
+    if job is None or job.remote_job == remote.name:
+        return None
+    if job.remote_job is None and job.lane == "batch" and job.state in (JobState.SUBMITTING, JobState.UPLOADED):
+        return "adopt"
+    if remote.state in REMOTE_LIVE:
+        return "cancel"
+    return "paid" if remote.state == JobState.SUCCEEDED else None
 
 
 def flex_latency_estimate(longest_seen: float, minute: float = 60.0) -> float:
@@ -5894,11 +5932,22 @@ class _Timers:
     timed: set[str] = field(default_factory=set)
 
 
+def positions_trusted(lines: int, requests: int, aligned: bool) -> bool:
+    """Whether an output line with no key may take the key of its place among the job's requests (the Developer
+    API keeps input order): only when the output has one line per request and every keyed line sat at its own
+    request's place. Otherwise a line is missing, extra or moved, every later place is off, and a keyless line
+    cannot be told apart: its id counts as missing from the output, never as another id's answer."""
+    return lines == requests and aligned
+
+
 class ResultsRecorder:
     """One job's output, chunk by chunk (whole lines; called from worker threads, one at a time), parsed into
     results lines (Engine._line_result) that an ExternalSorter keeps in ordinal order; usage summed over every
     line parsed. A line with no key takes the key of its place among the job's keys (the Developer API's
-    order); keys: the job's ordinals in request order (Engine._job_keys)."""
+    order) only if positions_trusted at the end: known once every line is counted, so such lines wait in a
+    spooled file (memory: up to RESULT_RUN_BYTES, then disk) and go to the sorter in finish(), or are dropped and
+    counted in `unattributed` (their ids then missing). keys: the job's ordinals in request order
+    (Engine._job_keys)."""
 
     def __init__(
         self,
@@ -5910,6 +5959,9 @@ class ResultsRecorder:
         self.sorter, self.keys, self.line_result, self.long_at = sorter, keys, line_result, long_at
         self.pos = 0
         self.usage: dict[str, int] = {}
+        self.aligned = True  # every keyed line so far sat at its request's place
+        self.keyless: tempfile.SpooledTemporaryFile[bytes] | None = None  # results lines of keyless lines, by place
+        self.unattributed = 0  # keyless lines dropped at finish (positions not trusted)
 
     def add(self, chunk: bytes) -> None:
         keys, loads, add, pos = self.keys, orjson.loads, self.sorter.add, self.pos
@@ -5922,22 +5974,47 @@ class ResultsRecorder:
             except orjson.JSONDecodeError:
                 continue
             key = obj.get("key")
-            if key is None and pos <= len(keys):
+            keyless = key is None
+            if keyless:
+                if pos > len(keys):
+                    self.unattributed += 1  # more lines than requests: positions cannot be trusted
+                    r = self.line_result(0, obj, "batch")
+                    add_usage(self.usage, r.get("usage"))  # billed all the same
+                    long_usage(self.usage, [r.get("usage")], self.long_at)
+                    continue
                 key = keys[pos - 1]
             try:
                 n = int(key)
             except (TypeError, ValueError):
                 continue
+            if not keyless and self.aligned and (pos > len(keys) or keys[pos - 1] != n):
+                self.aligned = False
             r = self.line_result(n, obj, "batch")
             add_usage(self.usage, r.get("usage"))
             long_usage(self.usage, [r.get("usage")], self.long_at)
             # orjson hands back a bytes object still holding its 4 KiB output buffer: kept until the run is
             # spilled, each line is copied to its own size (measured: 4 KiB a line otherwise, 8x the lines)
-            add(n, bytes(memoryview(orjson.dumps(r, option=NL))))
+            line = bytes(memoryview(orjson.dumps(r, option=NL)))
+            if keyless:
+                if self.keyless is None:
+                    self.keyless = tempfile.SpooledTemporaryFile(max_size=RESULT_RUN_BYTES)
+                self.keyless.write(line)
+            else:
+                add(n, line)
         self.pos = pos
 
     def finish(self, missing: Callable[[int], bytes]) -> tuple[int, int, dict[str, int]]:
         """Write the sidecar: one line per key, the output's or missing(key); (ok, failed, usage)."""
+        if self.keyless is not None:
+            with self.keyless as f:
+                if positions_trusted(self.pos, len(self.keys), self.aligned):
+                    f.seek(0)
+                    for line in f:
+                        self.sorter.add(line_ordinal(line), line)
+                else:
+                    f.seek(0)
+                    self.unattributed += sum(1 for _ in f)
+            self.keyless = None
         order = self.keys if isinstance(self.keys, range) else sorted(self.keys)
         ok, failed = self.sorter.finish(order, missing)
         return ok, failed, self.usage
@@ -6037,6 +6114,9 @@ class Engine:
         self._created_at: dict[str, float] = {}  # engine clock at each create of this process
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
+        self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
+        self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
+        self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
 
     @property
     def client(self) -> Backend:
@@ -6456,6 +6536,7 @@ class Engine:
             raise RemoteError(
                 f"{missing} job sidecar(s) are missing and the service cannot be asked ({e}); resume again later"
             ) from e
+        await self._settle_orphans(remote)  # a create that took effect after its record went on without it
         known = {j.display_name for j in self.jobs.values()}
         found: dict[int, list[tuple[int, RemoteJob]]] = {}
         for r in remote:
@@ -6489,24 +6570,98 @@ class Engine:
         return Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
 
     async def reconcile(self) -> None:
-        """A job left in SUBMITTING may or may not exist remotely: find it by display name."""
+        """A job left in SUBMITTING may or may not exist remotely: find it by display name. One whose create
+        answered a timeout or a 5xx in this process (_ambiguous) is looked for again, backing off, for
+        CREATE_SETTLE_S (ambiguous_create_verdict) before it is created again; one left by an interruption is
+        created again when not listed. Every listing also settles this run's orphans (_settle_orphans)."""
+        now = self.clock()
         stuck = [j for j in self._ordered() if j.state == JobState.SUBMITTING]
-        if not stuck:
+        due = [j for j in stuck if j.name not in self._ambiguous or self._ambiguous[j.name][2] <= now]
+        if not due:
             return
         try:
-            remote = {r.display_name: r for r in await self.client.list_batches()}
+            listed = await self.client.list_batches()
         except AuthError:
             raise
         except RemoteError as e:  # never fatal: the scheduler reconciles again on its next pass
-            self._log(f"listing batches to reconcile {len(stuck)} job(s) failed ({e}); will look again")
+            self._log(f"listing batches to reconcile {len(due)} job(s) failed ({e}); will look again")
             return
-        for j in stuck:
-            r = remote.get(j.display_name)
-            if r is not None:
-                self._log(f"{j.name}: found remote job {r.name} created before the interruption")
-                self._advance(j, r.state, remote_job=r.name)
-            else:
-                self._advance(j, JobState.UPLOADED)
+        await self._settle_orphans(listed)
+        now = self.clock()
+        for j in due:
+            if self.jobs[j.name].state != JobState.SUBMITTING:
+                self._ambiguous.pop(j.name, None)  # adopted by _settle_orphans
+                continue
+            if j.name not in self._ambiguous:
+                self._advance(j, JobState.UPLOADED)  # left by an interruption, not listed: never created
+                continue
+            since, looks, _ = self._ambiguous[j.name]
+            if ambiguous_create_verdict(False, since, now) == "wait":
+                self._ambiguous[j.name] = (since, looks + 1, next_create_look(since, looks + 1, now))
+                continue
+            del self._ambiguous[j.name]
+            self._resent.add(j.name)
+            self._log(
+                f"{j.name}: its create answered an error and no job named {j.display_name} was listed in {now - since:.0f} s: "
+                "creating it again"
+            )
+            self._advance(j, JobState.UPLOADED)
+
+    async def _sweep_orphans(self) -> None:
+        """At the end of a run that created a job again after its ambiguous create was not found: one last listing,
+        so that a create which took effect later still is cancelled rather than left running (never fatal)."""
+        if not self._resent:
+            return
+        try:
+            await self._settle_orphans(await self.client.list_batches())
+        except AuthError:
+            raise
+        except RemoteError as e:
+            self._log(f"warning: could not list batches to look for duplicates of {', '.join(sorted(self._resent))} ({e})")
+
+    async def _settle_orphans(self, listed: list[RemoteJob]) -> None:
+        """Jobs listed at the service that carry a display name of this run's records but that no record owns
+        (orphan_action): adopted by a record still waiting to be created, else cancelled (never left running,
+        paid for, with no one to collect it), and said."""
+        by_name = {j.display_name: j.name for j in self.jobs.values()}
+        for r in listed:
+            if r.name in self._orphans_seen or r.display_name not in by_name:
+                continue
+            job = self.jobs[by_name[r.display_name]]
+            action = orphan_action(job, r)
+            if action == "adopt":
+                if job.state == JobState.SUBMITTING and job.name not in self._ambiguous:
+                    self._log(f"{job.name}: found remote job {r.name} created before the interruption")
+                else:
+                    self._log(f"{job.name}: its create answered an error but took effect: adopted {r.name}")
+                if job.state == JobState.UPLOADED:
+                    job = self._advance(job, JobState.SUBMITTING)
+                self._advance(job, r.state, remote_job=r.name)
+                self._ambiguous.pop(job.name, None)
+                self._wake.set()
+                continue
+            if action is None:
+                continue
+            self._orphans_seen.add(r.name)
+            owner = f"{job.name} ({job.state}{', ' + job.remote_job if job.remote_job else ''})"
+            if action == "paid":
+                self._log(
+                    f"warning: {r.name} ({r.display_name}) was created by a create that answered an error, and has "
+                    f"already succeeded beside {owner}: billed twice, its results are not used"
+                )
+                continue
+            try:
+                await self.client.cancel_batch(r.name)
+            except AuthError:
+                raise
+            except RemoteError as e:
+                self._orphans_seen.discard(r.name)  # tried again at the next listing
+                self._log(f"warning: {r.name} ({r.display_name}) is a duplicate of {owner}; cancelling it failed ({e})")
+                continue
+            self._log(
+                f"warning: cancelled {r.name} ({r.display_name}): a create that answered an error took effect after "
+                f"all, and {owner} went on without it"
+            )
 
     def _spawn_retries(self) -> None:
         for j in jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"):
@@ -6708,6 +6863,7 @@ class Engine:
                 raise self._failure
             self._report()
             if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
+                await self._sweep_orphans()
                 return
             if freed:  # a 429 back-off is moot once capacity has actually changed
                 t.create_after, t.create_backoff = 0.0, base
@@ -6801,16 +6957,13 @@ class Engine:
                 self._advance(self._advance(job, JobState.UPLOADED), JobState.UPLOADING)
                 return False
             if e.transient:
-                # The create may have gone through before the error: look before trying again.
-                try:
-                    found = {r.display_name: r for r in await self.client.list_batches()}.get(job.display_name)
-                except RemoteError:
-                    return False  # still SUBMITTING: reconciled on the next pass or resume
-                if found is None:
-                    self._advance(job, JobState.UPLOADED)
-                    return False
-                self._advance(job, found.state, remote_job=found.name)
-                return True
+                # The create may have gone through, or may still: it stays SUBMITTING (the intent) and is looked
+                # for by display name, now and for CREATE_SETTLE_S after (reconcile), before it is sent again.
+                now = self.clock()
+                self._ambiguous[job.name] = (now, 0, now)
+                self._log(f"{job.name}: create answered {e}; looking for it by display name before creating it again")
+                await self.reconcile()
+                return self.jobs[job.name].state not in (JobState.UPLOADED, JobState.SUBMITTING)
             self._advance(job, JobState.FAILED, error=str(e))
             return True
         self.hook(Hook.AFTER_CREATE)
@@ -7089,7 +7242,14 @@ class Engine:
                 if aclose is not None:
                     await aclose()
             self.hook(Hook.AFTER_DOWNLOAD)
-            return await asyncio.to_thread(step, pending, True)
+            done = await asyncio.to_thread(step, pending, True)
+        if recorder and recorder[0].unattributed:
+            self._log(
+                f"{job.name}: {recorder[0].unattributed} output line(s) of {job.remote_job} carry no key, and the output "
+                f"({recorder[0].pos} lines for {len(recorder[0].keys)} requests) is not in request order line for line: "
+                "they cannot be told apart, so their ids count as missing from the output"
+            )
+        return done
 
     def _job_keys(self, job: Job) -> range | list[int]:
         """The ordinals a job was sent, in request order: a primary job's range less the fetch failures in it

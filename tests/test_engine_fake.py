@@ -506,3 +506,198 @@ def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
 
     assert batchify._run_stoppable(work(), batchify.GracefulStop(), print) == "done"
     assert seen == [print] and batchify.RETRY_NOTE.get() is None
+
+
+class _LateCreates(FakeGemini):
+    """A fake whose scripted creates (1-based, in call order) answer 504 yet take effect: the job is made, and
+    batches.list shows it only `lag` fake seconds later (a create that committed after its answer, a list that lags)."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], late: set[int], lag: float):
+        super().__init__(clock, durations)
+        self.late, self.lag, self.creates = late, lag, 0
+        self.hidden: dict[str, float] = {}  # job -> fake time it is listed from
+
+    async def create_batch(self, model: str, src, display_name: str) -> batchify.RemoteJob:
+        self.creates += 1
+        rj = await super().create_batch(model, src, display_name)
+        if self.creates in self.late:
+            self.hidden[rj.name] = self.clock.now() + self.lag
+            raise batchify.RemoteError("create batch: 504 DEADLINE_EXCEEDED (fake, took effect)", code=504)
+        return rj
+
+    async def list_batches(self) -> list[batchify.RemoteJob]:
+        return [r for r in await super().list_batches() if self.hidden.get(r.name, 0.0) <= self.clock.now()]
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def update(self, view) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def _run_logged(store: batchify.RunStore, fake: FakeGemini, clock: FakeClock) -> tuple[batchify.Summary, _Log]:
+    log = _Log()
+
+    async def go() -> batchify.Summary:
+        return await batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, reporter=log).execute()
+
+    return asyncio.run(go()), log
+
+
+@pytest.mark.parametrize("lag", [3.0, 60.0])
+def test_a_create_that_answered_504_but_took_effect_is_adopted_not_created_again(tmp_path, lag):
+    """F2: a create answered 504 that the service carried out (listed only `lag` s later) is found by display name
+    within CREATE_SETTLE_S and adopted: one job per batch, none paid twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 30, 10, poll_interval=1.0)
+    fake = _LateCreates(clock, [30.0] * 6, late={1}, lag=lag)
+    summary, log = _run_logged(store, fake, clock)
+    assert summary.ok == 30
+    assert len(fake.jobs) == 3, "a batch was created twice"
+    assert not [c for c in fake.calls if c[1] == "cancel"]
+    assert any("took effect: adopted batches/0" in line for line in log.lines), log.lines
+    lists = [t for t, what, _ in fake.calls if what == "list"]
+    assert len(lists) <= 8, lists  # looked for with back-off, not at every pass
+
+
+def test_a_create_that_took_effect_after_the_window_is_cancelled_and_said(tmp_path):
+    """F2's safety net: listed only after CREATE_SETTLE_S, the first create counted as not done and the batch was
+    created again; the late one, found at the run's last listing, is cancelled and the log says so."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=1.0)
+    lag = batchify.CREATE_SETTLE_S + 30.0
+    fake = _LateCreates(clock, [10_000.0, 300.0, 300.0], late={1}, lag=lag)
+    summary, log = _run_logged(store, fake, clock)
+    assert summary.ok == 20
+    assert len(fake.jobs) == 3
+    cancels = [(t, n) for t, what, n in fake.calls if what == "cancel"]
+    assert [n for _, n in cancels] == ["batches/0"] and cancels[0][0] >= lag
+    assert any("cancelled batches/0" in line for line in log.lines), log.lines
+    first = [t for t, what, n in fake.calls if what == "create" and fake.jobs[n]["dn"] == fake.jobs["batches/0"]["dn"]]
+    assert len(first) == 2 and first[1] - first[0] >= batchify.CREATE_SETTLE_S  # looked for over the whole window first
+
+
+def test_ambiguous_create_verdict_and_looks():
+    W = batchify.CREATE_SETTLE_S
+    for listed, since, now, want in [
+        (True, 0.0, 0.0, "adopt"),
+        (True, 0.0, W + 1, "adopt"),
+        (False, 0.0, 0.0, "wait"),
+        (False, 10.0, 10.0 + W - 0.1, "wait"),
+        (False, 10.0, 10.0 + W, "resend"),
+        (False, 0.0, 10 * W, "resend"),
+    ]:
+        assert batchify.ambiguous_create_verdict(listed, since, now) == want, (listed, since, now)
+    f = batchify.CREATE_LOOK_FIRST_S
+    for since, looks, now, want in [
+        (0.0, 1, 0.0, f),
+        (0.0, 2, f, 3 * f),
+        (0.0, 3, 3 * f, 7 * f),
+        (0.0, 20, 50.0, min(50.0 + W / 4, W)),  # at most a quarter window apart
+        (0.0, 20, W - 1, W),  # never past the window: the last look is at its end
+    ]:
+        assert batchify.next_create_look(since, looks, now) == want, (since, looks, now)
+
+
+def test_orphan_action_table():
+    S = batchify.JobState
+    dn = "batchify-r-x-b0001-a1"
+
+    def job(state, remote=None, lane="batch"):
+        return batchify.Job("b0001", 1, dn, "requests/b0001.jsonl", 10, 10, 10, state=state, remote_job=remote, lane=lane)
+
+    def remote(state, name="batches/9"):
+        return batchify.RemoteJob(name, dn, state)
+
+    for j, r, want in [
+        (None, remote(S.RUNNING), None),  # no record of that name: repair's business
+        (job(S.RUNNING, "batches/9"), remote(S.RUNNING), None),  # owned
+        (job(S.SUBMITTING), remote(S.PENDING), "adopt"),
+        (job(S.UPLOADED), remote(S.RUNNING), "adopt"),
+        (job(S.UPLOADED), remote(S.SUCCEEDED), "adopt"),
+        (job(S.UPLOADED, lane="flex"), remote(S.RUNNING), "cancel"),
+        (job(S.FLEXED), remote(S.PENDING), "cancel"),
+        (job(S.RUNNING, "batches/1"), remote(S.RUNNING), "cancel"),
+        (job(S.SUBMITTING, "batches/1"), remote(S.RUNNING), "cancel"),
+        (job(S.RESULTS_DOWNLOADED, "batches/1"), remote(S.SUCCEEDED), "paid"),
+        (job(S.RESULTS_DOWNLOADED, "batches/1"), remote(S.FAILED), None),
+        (job(S.CANCELLED), remote(S.CANCELLED), None),
+    ]:
+        assert batchify.orphan_action(j, r) == want, (j.state, j.remote_job, j.lane, r.state)
+
+
+class _KeylessOutput(FakeGemini):
+    """A fake whose output lines carry no key (each answer names its request's key), less the lines at `drop`
+    (0-based places), plus `extra` keyless error lines at the end."""
+
+    def __init__(self, clock: FakeClock, durations: list[float], drop: set[int], extra: int, keep_key: set[int]):
+        super().__init__(clock, durations)
+        self.drop, self.extra, self.keep_key = drop, extra, keep_key
+
+    async def download(self, name: str):  # type: ignore[override]
+        self._log("download", name)
+        job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
+        out = bytearray()
+        for i, line in enumerate(open(self.files[job["src"]], "rb")):
+            key = json.loads(line)["key"]
+            if i in self.drop:
+                continue
+            text = json.dumps({"answer_for": str(key)})
+            resp = {"candidates": [{"content": {"parts": [{"text": text}]}, "finishReason": "STOP"}]}
+            out += json.dumps({"key": key, "response": resp} if i in self.keep_key else {"response": resp}).encode() + b"\n"
+        for _ in range(self.extra):
+            out += b'{"error": {"code": 13, "message": "internal"}}\n'
+        yield bytes(out)
+
+
+def _rows(store: batchify.RunStore) -> list[dict]:
+    return [json.loads(x) for x in (store.dir / "results" / "b0001.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "drop, extra, keep_key, ok",
+    [
+        (set(), 0, set(), 20),  # one line per request, in order: keyless lines map by place
+        (set(), 0, {0, 5}, 20),  # some keyed, at their own places: still by place
+        ({7}, 0, set(), 0),  # one line missing: every place after it is off; no keyless line can be told apart
+        # ... even when an extra line makes the count come right, if a keyed line shows the places are off (with no
+        # keyed line at all, a line missing and one extra cannot be told from an output in order: not detectable)
+        ({7}, 1, {12}, 1),
+        ({7}, 0, {0, 3, 12}, 3),  # the keyed lines are still attributed by their keys
+        (set(), 1, set(), 0),  # one line too many
+    ],
+)
+def test_keyless_output_lines_are_matched_by_place_only_when_the_places_hold(tmp_path, drop, extra, keep_key, ok):
+    """F5: an output line with no key takes its place's id only when the output has one line per request and every
+    keyed line sat at its own place; otherwise its id counts as missing from the output, never another id's answer."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=1, fallback=False)
+    fake = _KeylessOutput(clock, [5.0], drop, extra, keep_key)
+    summary, log = _run_logged(store, fake, clock)
+    rows = _rows(store)
+    assert [r["n"] for r in rows] == list(range(20))
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["result"] == {"answer_for": str(r["n"])}, r  # never another id's answer
+        else:
+            assert "missing from the output" in r["error"], r
+    assert sum(r["status"] == "ok" for r in rows) == ok
+    assert summary.ok == ok
+    if ok < 20:
+        assert any("carry no key" in line for line in log.lines), log.lines
+
+
+def test_positions_trusted_table():
+    for lines, requests, aligned, want in [
+        (10, 10, True, True),
+        (9, 10, True, False),
+        (11, 10, True, False),
+        (10, 10, False, False),
+        (0, 0, True, True),
+    ]:
+        assert batchify.positions_trusted(lines, requests, aligned) == want
