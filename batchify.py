@@ -3978,7 +3978,8 @@ class GeminiClient:
             if code == 401 or (code in (400, 403) and re.search(r"API[ _]key|API_KEY|unregistered callers", text, re.I)):
                 return AuthError(
                     f"{what}: the service refused {self.key_source} ({code} {e.status or ''}: {text[:160]}). "
-                    f"Fix: set a valid key in {self.key_source} (or .env); nothing more was sent.",
+                    "Fix: set a valid API key (GEMINI_API_KEY, or GOOGLE_API_KEY, which wins over it; or in .env); "
+                    "nothing more was sent.",
                     code=code,
                     status=e.status or "",
                 )
@@ -8319,7 +8320,8 @@ def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs:
     return (
         f"run {name!r} has {len(live)} job(s) at {where} ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); "
         f"resuming at {given} would create them again there and pay for their requests twice. Fix: resume without "
-        f"--endpoint; to move the run, `batchify cancel {name}` first."
+        f"--endpoint (and without GOOGLE_GEMINI_BASE_URL set to another service); to move the run, `batchify cancel {name}` "
+        "first."
     )
 
 
@@ -9230,18 +9232,40 @@ def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--endpoint",
         default=None,
+        envvar="GOOGLE_GEMINI_BASE_URL",  # read here, not left to the SDK, so that the run records where its jobs are
+        show_envvar=True,
         callback=_endpoint_url,
         metavar="URL|local",
-        help="API base URL, or 'local' for the built-in emulator. Default: the SDK's GOOGLE_GEMINI_BASE_URL, else Google.",
+        help="API base URL, or 'local' for the built-in emulator. Default: GOOGLE_GEMINI_BASE_URL (shell or .env), else Google.",
     )(f)
 
 
-def _api_key() -> str | None:
-    with contextlib.suppress(ImportError):
-        from dotenv import load_dotenv
+_from_dotenv: set[str] = set()  # variables that .env set (not the shell): named so in messages
 
-        load_dotenv(dotenv_path=Path.cwd() / ".env")  # the working directory's, as the README says
+
+def _load_dotenv() -> None:
+    """The working directory's .env (as the README says), once, before the options are read (so that
+    GOOGLE_GEMINI_BASE_URL there counts as --endpoint); the shell's variables win over it."""
+    if _from_dotenv or not (Path.cwd() / ".env").is_file():
+        return
+    with contextlib.suppress(ImportError):
+        from dotenv import dotenv_values, load_dotenv
+
+        before = set(os.environ)
+        load_dotenv(dotenv_path=Path.cwd() / ".env")
+        _from_dotenv.update(k for k in dotenv_values(Path.cwd() / ".env") if k not in before)
+        _from_dotenv.add("")  # loaded
+
+
+def _api_key() -> str | None:
+    _load_dotenv()
     return os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
+
+
+def _key_source() -> str:
+    """Which variable held the key (never its value): GOOGLE_API_KEY wins over GEMINI_API_KEY, as in the SDK."""
+    var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+    return f"{var} (set in .env)" if var in _from_dotenv else var
 
 
 def _gcs_emulator() -> EmulatorConfig | None:
@@ -9286,13 +9310,14 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
             main_task.cancel()  # what asyncio.run does on Ctrl-C
             return
         stop.request()
-        why, key = ("terminated (SIGTERM)", "SIGTERM") if signum == signal.SIGTERM else ("interrupted", "Ctrl-C")
-        console().print(
-            f"\n[yellow]{why}[/]: waiting for {n} request(s) already sent (their answers are paid for; at most "
-            f"{stop.wait_bound() / 60:g} min, their client timeout). {key} again to stop now: those {n} would be sent "
-            "again on resume, and paid for twice.",
-            soft_wrap=True,
-        )
+        why, key = _STOP_WORDS.get(signum, ("interrupted", "Ctrl-C"))
+        with contextlib.suppress(OSError):  # a hung-up terminal
+            console().print(
+                f"\n[yellow]{why}[/]: waiting for {n} request(s) already sent (their answers are paid for; at most "
+                f"{stop.wait_bound() / 60:g} min, their client timeout). {key} again to stop now: those {n} would be sent "
+                "again on resume, and paid for twice.",
+                soft_wrap=True,
+            )
 
     async def supervised() -> T:
         loop = asyncio.get_running_loop()
@@ -9301,18 +9326,17 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
 
         def handler(signum: int, frame: Any) -> None:
             nonlocal signalled
-            global _terminated
-            _terminated = _terminated or signum == signal.SIGTERM
-            # The second signal, or a SIGTERM with nothing paid for in flight, stops now, even in a long synchronous
-            # step (prepare's pass, the merge), as SIGTERM always did: a supervisor's SIGKILL follows it.
-            if signalled or (signum == signal.SIGTERM and not stop.in_flight()):
+            _note_signal(signum)
+            # The second signal, or one with nothing paid for in flight, stops now, even in a long synchronous step
+            # (prepare's pass, the merge, the "Submit?" prompt), as SIGTERM always did: a supervisor's SIGKILL follows.
+            if signalled or not stop.in_flight():
                 raise KeyboardInterrupt
             signalled = True
             loop.call_soon_threadsafe(on_loop, signum, main_task)
 
         previous: dict[signal.Signals, Any] = {}
         with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handlers alone
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 previous[sig] = signal.signal(sig, handler)
         try:
             return await work
@@ -9421,12 +9445,19 @@ def run(
         "accept_truncated": accept_truncated,
     }
     opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
-    _current_run[:] = [opts.name or default_run_name(input_file)]
-    interactive = not yes and sys.stdin.isatty() and not as_json
+    _current_run[:] = [opts.name or default_run_name(input_file), str(state_dir)]
+    interactive = not yes and sys.stdin.isatty()  # --json too: it changes the output, not the consent
 
     def confirm(r: Run) -> bool:
         render_plan(r)
-        return click.confirm("Submit? It spends money", default=False, err=True) if interactive else True
+        if not interactive:
+            return True
+        try:
+            return click.confirm("Submit? It spends money", default=False, err=True)
+        except click.exceptions.Abort as e:
+            if isinstance(e.__context__, EOFError):  # Ctrl-D: no
+                return False
+            raise
 
     stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
@@ -9561,7 +9592,7 @@ def resume(
     if name is None:
         report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
         return
-    _current_run[:] = [name]
+    _current_run[:] = [name, str(state_dir)]
     stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
         summary = _run_stoppable(
@@ -9763,17 +9794,35 @@ def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> Non
 # ================================================================================================
 
 
-_current_run: list[str] = []  # the run a command works on, for the Ctrl-C/SIGTERM message
+_current_run: list[str] = []  # the run a command works on and its state dir, for the Ctrl-C/SIGTERM message
 _current_stop: list[GracefulStop] = []  # ... and how it was asked to stop (_run_stoppable)
-_terminated = False
+_terminated = 0  # the signal that stopped the command (SIGTERM, SIGHUP), 0 for Ctrl-C or none
+_STOP_WORDS: dict[int, tuple[str, str]] = {
+    signal.SIGTERM: ("terminated (SIGTERM)", "SIGTERM"),
+    signal.SIGHUP: ("hung up (SIGHUP)", "SIGHUP"),
+}
+
+
+def _note_signal(signum: int) -> None:
+    """Remember a SIGTERM/SIGHUP for the exit code (143/129); on SIGHUP the terminal is gone: what batchify would
+    still write to it goes to /dev/null instead of failing the drain with EIO."""
+    global _terminated
+    if signum in _STOP_WORDS:
+        _terminated = _terminated or signum
+    if signum == signal.SIGHUP:
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if os.isatty(fd):
+                    os.dup2(null, fd)
+            os.close(null)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM is handled like Ctrl-C: the engine's tasks are cancelled, the run is saved as interrupted. (While
-    `run` or `resume` drives a run, _run_stoppable handles both signals: the first one waits for the real-time
-    requests already sent.)"""
-    global _terminated
-    _terminated = True
+    """SIGTERM (and SIGHUP: the terminal or SSH session went away) is handled like Ctrl-C: the engine's tasks are
+    cancelled, the run is saved as interrupted. (While `run` or `resume` drives a run, _run_stoppable handles these
+    signals: the first one waits for the real-time requests already sent.)"""
+    _note_signal(signum)
     raise KeyboardInterrupt
 
 
@@ -9806,20 +9855,24 @@ def _limit_malloc_arenas() -> None:
 def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGHUP, _on_sigterm)
+    _load_dotenv()
     _raise_open_file_limit()
     _limit_malloc_arenas()
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort, Interrupted):  # click turns Ctrl-C into Abort
-        which = f"run {_current_run[0]!r}" if _current_run else "the run"
-        again = f"`batchify resume {_current_run[0]}`" if _current_run else "`batchify resume`"
-        why = "terminated (SIGTERM)" if _terminated else "interrupted"
+        which = f"run {_current_run[0]!r}" if _current_run else "the command"
+        again = f"`batchify resume {_current_run[0]}`" if _current_run else "the same command again"
+        if _current_run and not RunStore(_current_run[1], _current_run[0]).exists():  # stopped before it was prepared
+            again = "nothing was sent; the same command again"
+        why = _STOP_WORDS[_terminated][0] if _terminated else "interrupted"
         stop = _current_stop[0] if _current_stop else None
         kept = f" ({stop.kept} answer(s) that arrived meanwhile kept)" if stop is not None and stop.requested else ""
         console().print(
             f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved{kept}; {_esc(again)} finishes it.", soft_wrap=True
         )
-        return 143 if _terminated else 130
+        return 128 + _terminated if _terminated else 130
     except click.ClickException as e:
         e.show()
         return 2
@@ -9853,8 +9906,7 @@ def main(argv: list[str] | None = None) -> int:
     except BatchifyError as e:
         msg = str(e)
         if isinstance(e, AuthError):  # which variable held the key (never its value)
-            var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
-            msg = msg.replace("the API key", f"the API key in {var}")
+            msg = msg.replace("refused the API key", f"refused the API key in {_key_source()}", 1)
         console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:

@@ -465,6 +465,31 @@ def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp
     assert emu.stats()["creates"] == 1
 
 
+def test_an_endpoint_from_google_gemini_base_url_is_recorded_and_held_to(emu, articles, tmp_path):
+    """GOOGLE_GEMINI_BASE_URL counts as --endpoint: the run records it, so a resume with the variable pointing at
+    another service is refused (it used to record nothing, and the resume created every job again there: paid
+    twice), and a resume with the variable unset goes back to the run's own service."""
+    import signal
+
+    from conftest import a_create_recorded, spawn_cli, wait_for
+
+    emu.configure(job_seconds=3)
+    args = ["run", str(articles), "--state-dir", "st", "--mode", "batch", "--out", "o.jsonl", *FAST]
+    p = spawn_cli(args, tmp_path, GOOGLE_GEMINI_BASE_URL=emu.url)
+    wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    assert batchify.RunStore(tmp_path / "st", "articles").load_run().endpoint == emu.url
+    with batchify.EmulatorThread(batchify.EmulatorConfig(job_seconds=0.2)) as other:
+        moved = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path, GOOGLE_GEMINI_BASE_URL=other.url)
+        assert moved.returncode == 2 and "GOOGLE_GEMINI_BASE_URL" in moved.stderr, moved.stderr
+        assert other.emulator.stats["creates"] == 0
+    done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == input_ids(articles)
+    assert emu.stats()["creates"] == 1
+
+
 def test_endpoint_switch_problem_only_for_jobs_alive_elsewhere():
     job = batchify.Job("b0001", 1, "dn", "requests/b0001.jsonl", 3, 30, 100)
     running = [batchify.dataclasses.replace(job, state=batchify.JobState.RUNNING, remote_job="batches/1")]

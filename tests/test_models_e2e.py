@@ -318,8 +318,12 @@ def test_a_refused_api_key_stops_at_once_naming_the_variable(emu, articles, tmp_
     emu.configure(reject_key="test-key-123")
     p, _ = run(emu, articles, tmp_path)
     assert p.returncode == 3, p.stderr
-    assert "GEMINI_API_KEY" in p.stderr and "test-key-123" not in p.stderr + p.stdout
+    assert "refused the API key in GEMINI_API_KEY" in p.stderr and "test-key-123" not in p.stderr + p.stdout
+    assert "the API key in the API key" not in p.stderr and "key in GEMINI_API_KEY (or .env)" not in p.stderr
     assert emu.stats()["uploads"] == 0  # and it stopped at once: no retry loop (run_cli's timeout bounds it)
+    (tmp_path / ".env").write_text("GOOGLE_API_KEY=test-key-123\n")  # a stale .env: it wins, and is named as such
+    p, _ = run(emu, articles, tmp_path)
+    assert p.returncode == 3 and "GOOGLE_API_KEY (set in .env)" in p.stderr, p.stderr
 
 
 def test_cancel_reads_back_and_keeps_a_finished_jobs_results(emu, articles, tmp_path):
