@@ -1064,7 +1064,7 @@ def validate_config(cfg: JobConfig, where: str, flags: Iterable[str] = ()) -> No
     if "text" not in used:  # every document would be sent the same prompt, and paid for
         raise ConfigError(
             f"{blame('prompt_template')}: 'prompt_template' has no {{text}}, so no document's text would be sent. "
-            "Fix: put {text} where each document's text goes."
+            "Fix: put {text} where each document's text goes (it is filled from the record's --text-field, 'text' by default)."
         )
     if cfg.schema is not None:
         if not isinstance(cfg.schema, dict):
@@ -1816,7 +1816,7 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
         text = obj.get(text_field)
         if (type(rid) is int or (type(rid) is str and rid)) and type(text) is str and text and not text.isspace():
             for f in fields:
-                if f not in obj and f != text_field and f not in OPTIONAL_FIELDS:
+                if f not in obj and f != text_field and f != "text" and f not in OPTIONAL_FIELDS:
                     break
             else:
                 return None
@@ -1840,8 +1840,8 @@ def check_record(obj: Any, id_field: str, text_field: str, fields: Iterable[str]
         return f"no '{text_field}' field. Fix: add the document text (or name the field with --text-field)"
     if not isinstance(text, str) or not text or text.isspace():  # isspace: no copy of a long text
         return f"'{text_field}' is empty or not a string. Fix: give the document text as a non-empty string"
-    for f in fields:
-        if f not in (text_field, *OPTIONAL_FIELDS) and f not in obj:
+    for f in fields:  # {text} is the document text, from `text_field`
+        if f not in (text_field, "text", *OPTIONAL_FIELDS) and f not in obj:
             return f"the prompt template uses {{{f}}} but the record has no '{f}' field. Fix: add it or change the template"
     return None
 
@@ -1853,13 +1853,13 @@ class _PromptValues(dict[str, Any]):
     text_field: str
 
     def __missing__(self, key: str) -> Any:
-        if key == "text" and self.text_field != "text":
-            return self[self.text_field]
         if key in OPTIONAL_FIELDS:
             return ""
         raise KeyError(key)
 
     def __getitem__(self, key: str) -> Any:
+        if key == "text" and self.text_field != "text":  # {text} is the document text: --text-field's, always
+            key = self.text_field
         v = super().__getitem__(key)
         return "" if v is None else v
 
@@ -1887,11 +1887,9 @@ def render_prompt(template: str, record: dict[str, Any], text_field: str) -> str
     if type(record) is dict:
         values: dict[str, Any] = {}
         for f in fields:
-            v = record.get(f, _ABSENT)
+            v = record.get(text_field if f == "text" else f, _ABSENT)  # {text} is --text-field's, always
             if v is _ABSENT:
-                if f == "text" and text_field != "text":
-                    v = record.get(text_field, "" if text_field in OPTIONAL_FIELDS else _ABSENT)
-                elif f in OPTIONAL_FIELDS:
+                if f in OPTIONAL_FIELDS or (f == "text" and text_field in OPTIONAL_FIELDS):
                     v = ""
                 if v is _ABSENT:
                     break

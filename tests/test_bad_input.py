@@ -241,3 +241,17 @@ def test_a_json_array_input_names_the_item_not_a_line(emu, tmp_path):
     p = run_cli(["run", str(inp), "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
     assert p.returncode == 2, p.stderr
     assert f"{inp}, item 2: no 'text' field" in p.stderr  # item 2 is on line 3: a line number would mislead
+
+
+def test_text_field_fills_the_text_placeholder(emu, tmp_path):
+    """--text-field names the field {text} is filled from: records with only that field are accepted (every one
+    was refused: "the prompt template uses {text} but the record has no 'text' field"), and a record that also
+    has a 'text' field sends the named field's text (it sent 'text' instead, silently)."""
+    (tmp_path / "docs.jsonl").write_text(
+        '{"doc_id": "a", "body": "the body of a"}\n{"doc_id": "b", "body": "the body of b", "text": "NOT THIS"}\n'
+    )
+    p = run_against(emu, "docs.jsonl", tmp_path, "--yes", "--id-field", "doc_id", "--text-field", "body", "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    sent = b"".join(f.read_bytes() for f in (tmp_path / "st" / "docs" / "requests").glob("*"))
+    assert b"the body of a" in sent and b"the body of b" in sent and b"NOT THIS" not in sent
+    assert [(r["id"], r["status"]) for r in read_jsonl(tmp_path / "docs.results.jsonl")] == [("a", "ok"), ("b", "ok")]
