@@ -3186,6 +3186,30 @@ class RunLock:
         os.pwrite(fd, f"pid {os.getpid()} ({what}) since {utcnow()}\n".encode(), 0)
         self.fd = fd
 
+    def held(self) -> bool | None:
+        """Whether a process holds this run now (None: cannot tell, no fcntl). Asked with a shared, non-blocking
+        try that is let go at once; a run whose sidecars say "running" but whose lock nobody holds was stopped
+        by a crash, a SIGKILL or a reboot."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # closing lets a shared lock we took go
+        return False
+
     def release(self) -> None:
         if self.fd is not None:
             import fcntl
@@ -8001,10 +8025,20 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
             runs.append({"name": nm, "status": "broken", "error": str(e)})  # the others are still listed
             continue
         entry = run_entry(run, jobs)
+        entry["status"] = shown_status(store, run)
         if name:
             entry["job_list"] = [job_entry(j) for j in jobs]
         runs.append(entry)
     return {"state_dir": str(state_dir), "runs": runs}
+
+
+def shown_status(store: RunStore, run: Run) -> str:
+    """A run's status as `status` and `list` show it: "running" only while a process holds the run (its lock);
+    a run whose sidecars say running but whose process is gone (a SIGKILL, an OOM kill, a reboot) is
+    "interrupted", as `resume` will find it."""
+    if run.status == "running" and RunLock(store.dir).held() is False:
+        return "interrupted"
+    return run.status
 
 
 STATUS_PLAN_KEYS = (
@@ -9620,12 +9654,13 @@ def list_cmd(state_dir: str) -> None:
     if sys.stdout.isatty():
         click.echo("run\tstatus\trecords\tresults file")
     for n in list_runs(state_dir):
+        store = RunStore(state_dir, n)
         try:
-            r = RunStore(state_dir, n).load_run()
+            r = store.load_run()
         except StateError as e:
             click.echo(f"{n}\tbroken\t-\t{e}")
             continue
-        click.echo(f"{n}\t{r.status}\t{r.records}\t{r.out}")
+        click.echo(f"{n}\t{shown_status(store, r)}\t{r.records}\t{r.out}")
 
 
 @cli.command(name="results")

@@ -229,3 +229,14 @@ def test_the_plan_explains_its_numbers(emu, articles, tmp_path):
     assert plan["prices_per_1m"]["batch"]["input"] == pytest.approx(spec.input_price * spec.batch_discount)
     assert plan["jobs_per_wave"] == [1] and set(plan["modes"]) == {"batch", "flex", "standard", "hybrid"}
     assert plan["modes"]["flex"]["cost_usd"] == pytest.approx(plan["modes"]["batch"]["cost_usd"])
+
+
+def test_status_says_interrupted_not_running_after_a_crash(emu, articles, tmp_path):
+    """After a SIGKILL (OOM, reboot, a closed laptop) the sidecars still say "running"; status and list used to
+    repeat it, and a user would wait on a dead run. Nobody holds the run's lock: it is shown as interrupted."""
+    p = run_against(emu, articles, tmp_path, *FAST, BATCHIFY_CRASH_AT="after_create")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "running"  # what the sidecar says
+    assert status_of(tmp_path)["status"] == "interrupted"
+    listed = run_cli(["list", "--state-dir", "st"], tmp_path)
+    assert "interrupted" in listed.stdout and "running" not in listed.stdout, listed.stdout
