@@ -146,6 +146,7 @@ OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may stay undown
 # resent: it is paid for). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926); no bound is published
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
+INT_FLAG_MAX = 2**62  # whole-number flags: far above any real figure, within what JSON sidecars hold (64 bits)
 NL = orjson.OPT_APPEND_NEWLINE  # JSONL lines: one allocation per line, not two
 
 # The model catalog: every model-specific figure batchify uses, with the page it came from and when
@@ -1168,9 +1169,11 @@ class RunOptions:
         type=click.Path(dir_okay=False),
     )
     waves: str | int = flag("auto", "'auto' or a number of waves.", callback=_waves_value)
-    batch_size: int = flag(DEFAULT_BATCH_SIZE, "Requests per batch job at most.", type=click.IntRange(1))
+    batch_size: int = flag(DEFAULT_BATCH_SIZE, "Requests per batch job at most.", type=click.IntRange(1, INT_FLAG_MAX))
     tier: int = flag(1, "Your project's usage tier: picks the catalog's limits.", type=click.IntRange(1, 3))
-    enqueued_limit: int | None = flag(None, "Enqueued-token limit (overrides the tier table).", type=click.IntRange(1))
+    enqueued_limit: int | None = flag(
+        None, "Enqueued-token limit (overrides the tier table).", type=click.IntRange(1, INT_FLAG_MAX)
+    )
     margin: float | None = flag(
         None,
         "Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
@@ -1179,7 +1182,9 @@ class RunOptions:
     )
     barrier: bool = flag(False, "Strict waves: wait for a whole wave before the next.", is_flag=True)
     max_active_jobs: int = flag(
-        DEFAULT_MAX_ACTIVE_JOBS, "Batch jobs pending or running at once (the API allows 100).", type=click.IntRange(1)
+        DEFAULT_MAX_ACTIVE_JOBS,
+        "Batch jobs pending or running at once (the API allows 100).",
+        type=click.IntRange(1, INT_FLAG_MAX),
     )
     poll_interval: float | None = flag(
         None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=click.FloatRange(0.05)
@@ -1196,7 +1201,7 @@ class RunOptions:
         0,
         "Hybrid: at most this many batches drained through Flex at once (0: as many as keep the Flex pipe full, "
         "sized from the latency measured).",
-        type=click.IntRange(0),
+        type=click.IntRange(0, INT_FLAG_MAX),
     )
     fallback_tier: str = flag(
         "auto",
@@ -1210,24 +1215,26 @@ class RunOptions:
         is_flag=True,
     )
     max_attempts: int = flag(
-        DEFAULT_MAX_ATTEMPTS, "Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).", type=click.IntRange(1)
+        DEFAULT_MAX_ATTEMPTS,
+        "Batch jobs tried per batch (FAILED/EXPIRED ones are resubmitted).",
+        type=click.IntRange(1, INT_FLAG_MAX),
     )
     rpm: int | None = flag(
         None,
         f"Real-time requests per minute. [default: the catalog's for the model and tier, else {DEFAULT_RPM:,}]",
-        type=click.IntRange(1),
+        type=click.IntRange(1, INT_FLAG_MAX),
     )
     tpm: int | None = flag(
         None,
         "Real-time input tokens per minute. [default: the catalog's, else none (429s slow the rate)]",
-        type=click.IntRange(1),
+        type=click.IntRange(1, INT_FLAG_MAX),
     )
     create_timeout: float = flag(
         DEFAULT_CREATE_TIMEOUT,
         "Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
         type=click.FloatRange(0),
     )
-    concurrency: int = flag(64, "Real-time/Flex requests in flight at most.", type=click.IntRange(1))
+    concurrency: int = flag(64, "Real-time/Flex requests in flight at most.", type=click.IntRange(1, INT_FLAG_MAX))
     retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=click.FloatRange(0), hidden=True)
     rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=click.FloatRange(0.1), hidden=True)
     max_cost: float | None = flag(None, "Stop before spending more than this many USD (> 0).", type=float, callback=_positive_usd)
@@ -8400,10 +8407,18 @@ async def resume_run(
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
     """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
+    if isinstance(records, (dict, bytes)):  # iterating one would give its keys (or bytes as integers)
+        raise UsageError(f"records must be a list of dicts (or URLs), not one {type(records).__name__}. Fix: pass [record].")
     n = 0
     with open_private(path) as f:
         for r in records:
-            f.write(orjson.dumps({"id": r, "url": r} if isinstance(r, str) else r) + b"\n")
+            try:
+                f.write(orjson.dumps({"id": r, "url": r} if isinstance(r, str) else r) + b"\n")
+            except TypeError as e:  # a Decimal, a set, an int over 64 bits, a non-string key
+                raise InputError(
+                    f"record {n + 1} cannot be written as JSON ({e}). Fix: give plain JSON values (str, int, float, bool, "
+                    "None, lists, dicts with string keys; big integers as strings)."
+                ) from None
             n += 1
     if not n:
         raise InputError("no records given. Fix: pass at least one record or URL.")
@@ -8436,9 +8451,9 @@ async def prepare(
         lock.acquire("prepare")
         if store.exists():
             raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
-        if in_memory:
-            write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
         try:
+            if in_memory:
+                write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
             async with open_client(endpoint, api_key, need=False, options=opts) as client:
                 return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
         except BaseException:
@@ -9750,7 +9765,7 @@ def validate(input_file: str, config_path: str | None, id_field: str, text_field
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port to listen on.")
 @click.option("--docs", is_flag=True, help="Serve /docs and /openapi.json (answer without a token; Swagger UI loads from a CDN).")
 @click.option("--allow-private-urls", is_flag=True, help="Fetch submitted URLs that lead to private/local addresses too.")
 @_endpoint_option
@@ -9768,7 +9783,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--job-seconds", default=3.0, show_default=True, type=float)
 @click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
 @click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")

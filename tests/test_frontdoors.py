@@ -446,3 +446,20 @@ def test_the_cli_lifts_the_open_file_limit_for_flex_sockets():
     assert low == 256  # 512 less the reserve
     expected = 65_536 if hard == -1 else min(hard, 65_536)  # RLIM_INFINITY is -1 on Linux
     assert soft == max(512, expected) and high == max(64, min(20_000, soft - 256))
+
+
+@pytest.mark.parametrize(
+    ("records", "error", "words"),
+    [
+        ({"id": 1, "text": "one dict, not a list"}, batchify.UsageError, "not one dict"),
+        ([{"id": 1, "text": "x", "score": __import__("decimal").Decimal("1.5")}], batchify.InputError, "record 1"),
+        ([{"id": 2**70, "text": "x"}], batchify.InputError, "big integers as strings"),
+    ],
+)
+async def test_records_that_are_not_plain_json_are_refused_and_nothing_is_kept(tmp_path, records, error, words):
+    """One dict used to become two URL records ({"id": "id", ...}); a Decimal or an id over 64 bits raised a raw
+    TypeError and left the half-written input behind (a refused payload is not kept on disk)."""
+    with pytest.raises(error, match=words):
+        await batchify.prepare(records, name="odd", state_dir=tmp_path)
+    assert not any((tmp_path / "inputs").glob("*"))
+    assert not batchify.RunStore(tmp_path, "odd").exists()

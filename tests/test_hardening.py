@@ -647,3 +647,12 @@ async def test_a_rebuild_writes_only_the_damaged_file(emu, articles, tmp_path, m
     batchify.rebuild_prepared_files(store, run, batchify.run_model_spec(run), [path])
     assert path.read_bytes() == whole
     assert written == ([damaged] if damaged.startswith("requests/") else [])
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--enqueued-limit", "--concurrency"])
+def test_a_whole_number_flag_beyond_64_bits_is_a_usage_error(articles, tmp_path, flag):
+    """It used to pass click, then fail writing the sidecar (TypeError: Integer exceeds 64-bit range) with a half-made
+    run folder."""
+    p = run_cli(["run", str(articles), "--endpoint", "local", "--state-dir", "st", "--yes", flag, str(10**20)], tmp_path)
+    assert p.returncode == 2 and flag in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "st" / "articles").exists()
