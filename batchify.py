@@ -5939,7 +5939,15 @@ class MergeTally:
             add_usages(self.usage[lane], usages, self.long_at)
             usages.clear()
 
-    def summary(self, name: str, out: str, records: int, status: str, spec: ModelSpec) -> Summary:
+    def summary(
+        self, name: str, out: str, records: int, status: str, spec: ModelSpec, batch_billed: dict[str, int] | None = None
+    ) -> Summary:
+        """`batch_billed`: the usage of every line the batch jobs answered (Engine: the jobs' own usage), kept rows
+        or not: an answer billed in batch and then done again by the fallback was paid for twice, and the closing
+        report says so instead of counting only the row kept (the adversarial pass's F9)."""
+        if batch_billed is not None:  # each count at least what the kept rows show (a job's own usage may be unknown)
+            kept = self.usage["batch"]
+            self.usage["batch"] = {k: max(kept.get(k, 0), batch_billed.get(k, 0)) for k in kept.keys() | batch_billed.keys()}
         total = dict(self.usage["batch"])
         add_usage(total, self.usage["standard"])
         add_usage(total, self.usage["flex"])
@@ -7457,7 +7465,10 @@ class Engine:
         tally.sum_usage()
         finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and tally.ok + tally.err == self.run.records
         status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "interrupted")
-        summary = tally.summary(self.run.name, str(out), self.run.records, status, self.spec)
+        billed: dict[str, int] = {}
+        for j in self.jobs.values():
+            add_usage(billed, j.usage)
+        summary = tally.summary(self.run.name, str(out), self.run.records, status, self.spec, billed)
         self.run.summary = summary.to_dict()
         st = out.stat()
         self.run.summary["out_stat"] = [st.st_size, st.st_mtime_ns]  # how `results` knows the file is still this run's

@@ -495,6 +495,35 @@ def test_expected_output_lines_table(stats, requests, want):
     assert batchify.expected_output_lines(stats, requests) == want
 
 
+class _HalfRefused(FakeGemini):
+    """Every output line is billed (100 prompt tokens); the even keys are answered finishReason SAFETY."""
+
+    async def download(self, name: str):  # type: ignore[override]
+        job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
+        self._log("download", name)
+        out = bytearray()
+        for line in open(self.files[job["src"]], "rb"):
+            key = batchify.orjson.loads(line)["key"]
+            ok = int(key) % 2 == 1
+            cand = (
+                {"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"} if ok else {"finishReason": "SAFETY"}
+            )
+            usage = {"promptTokenCount": 100, "candidatesTokenCount": 5 if ok else 0, "totalTokenCount": 105 if ok else 100}
+            out += batchify.orjson.dumps({"key": key, "response": {"candidates": [cand], "usageMetadata": usage}}) + b"\n"
+        yield bytes(out)
+
+
+def test_the_closing_report_counts_batch_answers_billed_and_done_again(tmp_path):
+    """A batch line answered (and billed) but not usable, then answered again by the Flex fallback, is paid twice:
+    the report counted only the row kept (the adversarial pass's F9), understating the money spent."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=1, mode="auto")  # one wave: batch + fallback
+    fake = _HalfRefused(clock, [5.0])
+    s = run_engine(store, fake, clock)
+    assert s.ok == 20 and s.by_source == {"batch": 10, "flex": 10} and fake.generate_calls == 10
+    assert s.usage["promptTokenCount"] == 20 * 100 + 10 * 10  # every batch line billed, and the Flex answers
+
+
 def test_the_retry_note_is_the_commands_own_and_is_reset_after_it():
     """The CLI's run sets RETRY_NOTE to its log for that run only: a later call (a test, a library caller in the
     same process) must not log into a reporter that is gone."""
