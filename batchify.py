@@ -9413,6 +9413,37 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
         RETRY_NOTE.reset(token)
 
 
+def _ask_interruptibly(prompt: str) -> bool:
+    """A yes/no question on the terminal (default no; Ctrl-D is no), its answer read from fd 0 by a daemon thread
+    while the main thread waits in short steps. A blocking read in the main thread is not always woken by
+    Ctrl-C: the kernel may hand SIGINT to any thread (the progress display's, the executor's), and Python runs its
+    handler only when the main thread is back in Python code; the prompt then waited for Enter. The read is
+    os.read on the descriptor, not sys.stdin: an abandoned read holding stdin's buffer lock aborts the
+    interpreter at exit."""
+    click.echo(f"{prompt} [y/N]: ", nl=False, err=True)
+    box: list[bytes | BaseException] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            box.append(os.read(0, 4096))
+        except BaseException as e:  # handed to the main thread, which raises it as itself
+            box.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="batchify-confirm", daemon=True).start()
+    while not done.wait(0.1):
+        pass
+    answer = box[0]
+    if isinstance(answer, BaseException):
+        raise answer
+    if not answer:  # Ctrl-D
+        click.echo("", err=True)
+        return False
+    return answer.strip().lower() in (b"y", b"yes")
+
+
 def _emit_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
@@ -9510,12 +9541,7 @@ def run(
         render_plan(r)
         if not interactive:
             return True
-        try:
-            return click.confirm("Submit? It spends money", default=False, err=True)
-        except click.exceptions.Abort as e:
-            if isinstance(e.__context__, EOFError):  # Ctrl-D: no
-                return False
-            raise
+        return _ask_interruptibly("Submit? It spends money")
 
     stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
