@@ -23,6 +23,8 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.t += max(0.0, seconds)
+        if self.t > 10**5:  # a day and more: a run that never ends (a broken rule) fails here, not at the suite's timeout
+            raise AssertionError(f"fake time passed {self.t:.0f} s: the run does not end")
         await asyncio.sleep(0)
 
 
@@ -45,6 +47,12 @@ class FakeGemini:
         self.observe: Any = None  # called at each generateContent call (a test reads the engine's state)
         self.progress = False  # report batchStats that grow evenly over a job's duration
         self.writing = 0.0  # ... less its last `writing` seconds: every request counted done, the output being written
+        # faults, as the emulator's knobs (tests/test_faults.py keeps the drills over the wire):
+        self.fates: dict[int, batchify.JobState] = {}  # job i (create order) ends FAILED or EXPIRED, not SUCCEEDED
+        self.create_429 = 0  # the next N creates are refused (429) whatever the load
+        self.max_active: int | None = None  # creates refused (429) while this many jobs are pending or running
+        self.line_error: Any = None  # a predicate on a request's text: its result line is an error (500 INTERNAL)
+        self.gone: set[str] = set()  # jobs the service lost: a get answers 404, the list leaves them out
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -59,8 +67,11 @@ class FakeGemini:
         for _ in range(self.create_yields):  # a create is a network call: other tasks run meanwhile
             await asyncio.sleep(0)
         tokens = sum(1 for _ in open(self.files[src], "rb"))
-        live = sum(j["tokens"] for j in self.jobs.values() if self.clock.now() < j["end"])
-        if self.limit is not None and live + tokens > self.limit:
+        live = sum(j["tokens"] for n, j in self.jobs.items() if self.clock.now() < j["end"] and n not in self.gone)
+        active = sum(1 for n, j in self.jobs.items() if self.clock.now() < j["end"] and n not in self.gone)
+        refused = self.create_429 > 0 or (self.max_active is not None and active >= self.max_active)
+        self.create_429 = max(0, self.create_429 - 1)
+        if refused or (self.limit is not None and live + tokens > self.limit):
             self._log("create-429", display_name)
             raise batchify.RemoteError("create batch: 429 RESOURCE_EXHAUSTED (fake)", code=429)
         name = f"batches/{len(self.jobs)}"
@@ -76,6 +87,10 @@ class FakeGemini:
     def _state(self, name: str) -> batchify.RemoteJob:
         j = self.jobs[name]
         done = self.clock.now() >= j["end"]
+        index = int(name.split("/")[1])
+        fate = self.fates.get(index, batchify.JobState.SUCCEEDED)
+        if done and fate != batchify.JobState.SUCCEEDED:
+            return batchify.RemoteJob(name, j["dn"], fate, error=f"{fate} (fake)")
         stats = {}
         if self.progress:
             start = j["end"] - self.durations[int(name.split("/")[1])]
@@ -91,18 +106,24 @@ class FakeGemini:
 
     async def get_batch(self, name: str) -> batchify.RemoteJob:
         self._log("get", name)
+        if name in self.gone:
+            raise batchify.RemoteError(f"get {name}: 404 NOT_FOUND (fake: the job is gone)", code=404)
         return self._state(name)
 
     async def list_batches(self) -> list[batchify.RemoteJob]:
         self._log("list", "")
-        return [self._state(n) for n in self.jobs]
+        return [self._state(n) for n in self.jobs if n not in self.gone]
 
     async def download(self, name: str) -> AsyncIterator[bytes]:
         self._log("download", name)
         job = self.jobs[f"batches/{name.rsplit('-', 1)[1]}"]
         out = bytearray()
         for line in open(self.files[job["src"]], "rb"):
-            key = orjson.loads(line)["key"]
+            row = orjson.loads(line)
+            key = row["key"]
+            if self.line_error is not None and self.line_error(row["request"]["contents"][0]["parts"][0]["text"]):
+                out += orjson.dumps({"key": key, "error": {"code": 13, "message": "Internal error (fake line error)"}}) + b"\n"
+                continue
             resp = {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
             out += orjson.dumps({"key": key, "response": resp}) + b"\n"
         yield bytes(out)
@@ -144,6 +165,29 @@ class FakeGemini:
 
     def end_of(self, name: str) -> float:
         return float(self.jobs[name]["end"])
+
+    def creates_by_display_name(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for j in self.jobs.values():
+            out[j["dn"]] = out.get(j["dn"], 0) + 1
+        return out
+
+
+class Crash(BaseException):
+    """What a crash hook raises in place of the CLI drills' SIGKILL: nothing of the engine catches it."""
+
+
+def crash_at(point: batchify.Hook, nth: int = 1) -> Any:
+    """An engine hook that crashes the run at the nth pass of `point` (as BATCHIFY_CRASH_AT=point:nth)."""
+    seen = [0]
+
+    def hook(p: batchify.Hook) -> None:
+        if p == point:
+            seen[0] += 1
+            if seen[0] >= nth:
+                raise Crash(f"{point}:{nth}")
+
+    return hook
 
 
 def _conforms(clock: FakeClock) -> batchify.Backend:

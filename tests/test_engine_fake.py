@@ -157,6 +157,7 @@ def test_told_the_true_limit_a_run_is_no_slower_than_learning_it_from_429s(tmp_p
         assert run_engine(store, fake, clock).ok == 90
         refused = [n for _t, what, n in fake.calls if what == "create-429"]
         assert bool(refused) is not told  # told: never above the limit; learned: it met the limit
+        assert sorted(fake.creates_by_display_name().values()) == [1] * 9, "a job created twice"
         ends[told] = max(t for t, what, _n in fake.calls if what == "download")
     assert ends[True] <= ends[False], ends
 
@@ -178,6 +179,10 @@ def test_hybrid_never_pays_for_a_request_twice_when_flex_claims_during_a_create(
     jobs = {j.name: j for j in store.load_jobs()}
     assert any(j.state == batchify.JobState.FLEXED for j in jobs.values())
     assert any(j.state == batchify.JobState.RESULTS_DOWNLOADED for j in jobs.values())
+    # each batch owned by one lane, the Flex lanes from the tail (was tests/test_models_e2e.py's hybrid run)
+    flexed = {n for n, j in jobs.items() if j.state == batchify.JobState.FLEXED}
+    assert all(jobs[n].lane == "flex" and not jobs[n].remote_job for n in flexed)
+    assert len(fake.jobs) + len(flexed) == len(jobs) and max(int(n[1:]) for n in flexed) == len(jobs)
 
 
 def _waves_overlap(store: batchify.RunStore, fake: FakeGemini) -> bool:

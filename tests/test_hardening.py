@@ -315,15 +315,6 @@ def test_disk_full_is_one_line_and_its_own_exit_code(articles, tmp_path, monkeyp
 
 
 # -- 15. --max-attempts means what it says -------------------------------------------------------------------------
-def test_max_attempts_is_the_number_of_batches_tried(emu, articles, tmp_path):
-    emu.configure(fail_jobs=10)
-    out = tmp_path / "o.jsonl"
-    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "batch", "--max-attempts", "3", out=out)
-    assert p.returncode == 1
-    assert emu.stats()["creates"] == 3  # three attempts, no fourth batch for the same ids
-    assert [r["id"] for r in read_jsonl(out)] == input_ids(articles)
-
-
 # -- 4. a lost or damaged sidecar never buys the work again ------------------------------------------------
 def _jobs_dir(tmp_path: Path) -> Path:
     return tmp_path / "st" / "articles" / "jobs"
@@ -332,48 +323,6 @@ def _jobs_dir(tmp_path: Path) -> Path:
 def assert_billed_once(emu, n: int) -> None:
     billed = emu.stats()["billed"]
     assert len(billed) == n and set(billed.values()) == {1}, {k: v for k, v in billed.items() if v != 1}
-
-
-def test_deleted_job_sidecar_and_results_file_are_recovered_from_the_service(emu, articles, tmp_path):
-    out = tmp_path / "o.jsonl"
-    assert run_against(emu, articles, tmp_path, *FAST, "--batch-size", "15", out=out).returncode == 0
-    (_jobs_dir(tmp_path) / "b0002.json").unlink()  # SUCCEEDED and downloaded
-    (tmp_path / "st" / "articles" / "results" / "b0003.jsonl").unlink()
-    out.unlink()
-    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert "adopted" in p.stderr and "downloaded" in p.stderr and "again" in p.stderr
-    rows = read_jsonl(out)
-    assert [r["id"] for r in rows] == input_ids(articles) and all(r["status"] == "ok" and r["source"] == "batch" for r in rows)
-    s = emu.stats()
-    assert s["creates"] == 4 and s["generate_calls"] == 0
-    assert_billed_once(emu, 60)
-
-
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
-def test_lost_sidecar_of_a_pending_job_adopts_it_instead_of_creating_another(emu, articles, tmp_path, damage):
-    emu.configure(job_seconds=2.0)
-    out = tmp_path / "o.jsonl"
-    p = run_against(
-        emu, articles, tmp_path, *FAST, "--mode", "batch", "--batch-size", "30", out=out, BATCHIFY_CRASH_AT="after_create:2"
-    )
-    assert p.returncode != 0
-    # the 2nd create went through; its job is SUBMITTING on disk (the crash came before the answer was saved),
-    # the 1st is PENDING: lose the 1st
-    side = _jobs_dir(tmp_path) / "b0001.json"
-    if damage == "delete":
-        side.unlink()
-    else:
-        side.write_bytes(side.read_bytes()[:40])
-    p = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert "adopted" in p.stderr
-    s = emu.stats()
-    assert s["creates"] == 2 and all(v == 1 for v in s["creates_by_display_name"].values())
-    assert all(r["status"] == "ok" for r in read_jsonl(out))
-    assert_billed_once(emu, 60)
-    if damage == "truncate":
-        assert (_jobs_dir(tmp_path) / "b0001.json.damaged").exists()
 
 
 @pytest.mark.slow

@@ -793,23 +793,24 @@ def _articles(n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["local", "gs"])
-def test_2000_articles_end_to_end_then_cleanup_empties_the_staging_area(
+def test_800_articles_end_to_end_then_cleanup_empties_the_staging_area(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, source: str
 ) -> None:
     """From a local file to --out gs://, and from a gs:// prefix (three objects) to a local file: every id once, in
-    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix."""
-    rows = _articles(2000)
+    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix. (800
+    articles in four jobs of 200: the same four jobs and three input objects as the 2,000 in jobs of 500 it used.)"""
+    rows = _articles(800)
     lines = [json.dumps(r) + "\n" for r in rows]
     if source == "local":
         inp: Any = tmp_path / "news.jsonl"
         inp.write_text("".join(lines))
         out = f"gs://{bucket}/results/news.jsonl"
     else:
-        for k, (lo, hi) in enumerate(((0, 700), (700, 1500), (1500, 2000))):
+        for k, (lo, hi) in enumerate(((0, 280), (280, 600), (600, 800))):
             gcs.bucket(bucket).blob(f"corpus/news/part-{k}.jsonl").upload_from_string("".join(lines[lo:hi]))
         inp, out = f"gs://{bucket}/corpus/news/", str(tmp_path / "news.results.jsonl")
     env = {"STORAGE_EMULATOR_HOST": gcs_url}
-    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", out), tmp_path, **env)
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "200", "--out", out), tmp_path, **env)
     assert p.returncode == 0, p.stderr[-3000:]
     if source == "local":
         got = [json.loads(x) for x in gcs.bucket(bucket).blob("results/news.jsonl").download_as_text().splitlines()]
@@ -834,10 +835,10 @@ def test_cancel_on_vertex_cancels_the_jobs_at_the_service(
 ) -> None:
     vemu.configure(job_seconds=60)
     inp = tmp_path / "news.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(2000)))
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(400)))  # four jobs of 100
     env = {"STORAGE_EMULATOR_HOST": gcs_url}
     out = tmp_path / "o.jsonl"
-    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", str(out)), tmp_path, **env)
+    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "100", "--out", str(out)), tmp_path, **env)
     try:
         wait_for(lambda: vemu.stats()["vertex_creates"] == 4 and a_create_recorded(tmp_path / "st" / "news"))
         wait_for(lambda: sum('"remote_job": "' in f.read_text() for f in (tmp_path / "st/news/jobs").glob("*.json")) == 4)

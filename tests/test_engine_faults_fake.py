@@ -1,0 +1,412 @@
+"""The engine's recovery rules against the fake backend and a fake clock: crash points and resume, jobs that fail,
+expire or vanish, refused creates, line errors. The same faults stay drilled over the wire, through the CLI, in
+tests/test_faults.py (the crash drill, the fallback's exit codes), tests/test_run.py and tests/test_hardening.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fakes import Crash, FakeClock, FakeGemini, crash_at
+from test_engine_fake import prepared
+
+import batchify
+
+Hook, JobState = batchify.Hook, batchify.JobState
+
+
+class Logged(batchify.NullReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def engine(store: batchify.RunStore, fake: FakeGemini, hook=None, reporter=None) -> batchify.Engine:
+    return batchify.Engine(store, fake, reporter, clock=fake.clock.now, sleep=fake.clock.sleep, hook=hook)
+
+
+def run(store: batchify.RunStore, fake: FakeGemini, hook=None, reporter=None) -> batchify.Summary:
+    return asyncio.run(engine(store, fake, hook, reporter).execute())
+
+
+def crash(store: batchify.RunStore, fake: FakeGemini, point: Hook, nth: int = 1) -> None:
+    """Run until the hook crashes the run at `point` (the CLI drills kill the process there with SIGKILL)."""
+    with pytest.raises(BaseException) as e:  # Crash, alone or in a task group's BaseExceptionGroup
+        run(store, fake, crash_at(point, nth))
+    if isinstance(e.value, BaseExceptionGroup):
+        assert e.value.split(Crash)[0] is not None, e.value
+    else:
+        assert isinstance(e.value, Crash), e.value
+
+
+def all_ok_once(store: batchify.RunStore, fake: FakeGemini, n: int) -> None:
+    """Every request answered ok, each paid for once (in one created job or one real-time call)."""
+    paid = fake.batch_texts() + fake.generated
+    assert sorted(paid) == sorted(set(paid)), "a request was paid for twice"
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(n)) and all(r["status"] == "ok" for r in rows), rows[:3]
+
+
+def no_duplicate_creates(fake: FakeGemini) -> None:
+    dupes = {k: v for k, v in fake.creates_by_display_name().items() if v > 1}
+    assert not dupes, f"jobs created twice: {dupes}"
+
+
+# -- crash points, then resume (was tests/test_run.py::test_crash_then_resume_creates_nothing_twice, 5 CLI pairs) ---
+@pytest.mark.parametrize(
+    ("point", "nth"),
+    [(Hook.AFTER_INTENT, 1), (Hook.AFTER_CREATE, 1), (Hook.AFTER_CREATE, 2), (Hook.AFTER_UPLOAD, 1), (Hook.AFTER_DOWNLOAD, 1)],
+)
+def test_crash_then_resume_creates_nothing_twice(tmp_path, point, nth):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 15, poll_interval=1.0, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [5.0] * 10)
+    crash(store, fake, point, nth)
+    jobs = store.load_jobs()
+    if point == Hook.AFTER_INTENT:
+        assert [j.state for j in jobs].count(JobState.SUBMITTING) == 1 and not fake.jobs
+    if point == Hook.AFTER_CREATE:  # created at the service, not yet recorded
+        assert [j.state for j in jobs].count(JobState.SUBMITTING) == 1 and len(fake.jobs) == nth
+    log = Logged()
+    s = run(store, fake, reporter=log)
+    assert s.ok == 60
+    all_ok_once(store, fake, 60)
+    no_duplicate_creates(fake)
+    assert len(fake.jobs) == len(jobs) == 4
+    if point == Hook.AFTER_CREATE:
+        assert any("found remote job" in line for line in log.lines), log.lines
+
+
+# -- jobs that end badly (tests/test_faults.py drills the same knobs over the wire) ---------------------------------
+def test_failed_jobs_are_resubmitted(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 20, poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.fates = {0: JobState.FAILED, 1: JobState.FAILED}
+    assert run(store, fake).ok == 60
+    jobs = store.load_jobs()
+    assert [j.state for j in jobs].count(JobState.FAILED) == 2
+    assert len(jobs) == 5 and all(j.display_name.endswith("-a2") for j in jobs if j.retry_of)
+    assert len(fake.jobs) == 5
+    no_duplicate_creates(fake)
+
+
+def test_expired_job_is_resubmitted(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.fates = {0: JobState.EXPIRED}
+    assert run(store, fake).ok == 60
+    jobs = store.load_jobs()
+    assert [j.state for j in jobs].count(JobState.EXPIRED) == 1 and len(fake.jobs) == 3
+    assert {j.retry_of for j in jobs if j.retry_of} == {"b0001"}
+    no_duplicate_creates(fake)
+
+
+def test_failed_beyond_attempts_falls_back_to_realtime(tmp_path):
+    """Out of batch attempts, the failed job's ids go through Flex (the batch price), the rest stay batch."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="auto", max_attempts=1, waves=1)
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.fates = {0: JobState.FAILED}
+    assert run(store, fake).ok == 60
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["flex"] * 30 + ["batch"] * 30
+    assert [t for _t, what, t in fake.calls if what == "flex"] and len(fake.generated) == 30
+    assert not [t for _t, what, t in fake.calls if what == "generate"], "the standard tier was used"
+    assert len(fake.jobs) == 2, "no second batch attempt"
+
+
+def test_failed_without_fallback_reports_errors(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch", max_attempts=1)
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.fates = {0: JobState.FAILED}
+    s = run(store, fake)
+    assert (s.ok, s.errors) == (30, 30) and not fake.generated and len(fake.jobs) == 2
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(60))
+    assert sum(r["status"] == "error" and "FAILED" in r["error"] for r in rows) == 30
+
+
+def test_a_job_the_service_lost_is_resubmitted(tmp_path):
+    """Really gone (404 on get, and not in the list): three 404s in a row, then FAILED and tried again."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 60, poll_interval=1.0, max_poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [30.0, 3.0])
+    lost = {"done": False}
+    orig = fake.get_batch
+
+    async def get_batch(name: str) -> batchify.RemoteJob:
+        if not lost["done"]:  # the service loses the job after the first look
+            lost["done"] = True
+            fake.gone.add(name)
+        return await orig(name)
+
+    fake.get_batch = get_batch  # type: ignore[method-assign]
+    assert run(store, fake).ok == 60
+    jobs = {j.name: j for j in store.load_jobs()}
+    assert set(jobs) == {"b0001", "b0001-r2"} and jobs["b0001-r2"].retry_of == "b0001"
+    assert "404 3 times" in (jobs["b0001"].error or "")
+    assert len(fake.jobs) == 2
+    gets = [n for _t, what, n in fake.calls if what == "get" and n == "batches/0"]
+    assert len(gets) == 3, gets
+
+
+def test_a_running_job_answered_404_is_not_resubmitted(tmp_path):
+    """Five 404s in a row for a job that still runs (a proxy, a routing blip): three before the job could count as
+    gone, then the list still shows it: it is kept, not paid for twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, max_poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [20.0, 20.0])
+    answered = {"404": 0}
+    orig = fake.get_batch
+
+    async def get_batch(name: str) -> batchify.RemoteJob:
+        if answered["404"] < 5:
+            answered["404"] += 1
+            fake._log("get", name)
+            raise batchify.RemoteError(f"get {name}: 404 NOT_FOUND (scripted)", code=404)
+        return await orig(name)
+
+    fake.get_batch = get_batch  # type: ignore[method-assign]
+    log = Logged()
+    assert run(store, fake, reporter=log).ok == 60
+    assert answered["404"] == 5 and any("the service lists the job" in line for line in log.lines), log.lines
+    assert len(fake.jobs) == 2 and not any(j.retry_of for j in store.load_jobs()), "a live job was resubmitted"
+
+
+# -- refused creates ------------------------------------------------------------------------------------------------
+def test_429_on_create_waits_and_retries(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 20, poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.create_429 = 3
+    assert run(store, fake).ok == 60
+    all_ok_once(store, fake, 60)
+    assert len([c for c in fake.calls if c[1] == "create-429"]) == 3 and len(fake.jobs) == 3
+    assert [j.state for j in store.load_jobs()] == [JobState.RESULTS_DOWNLOADED] * 3, "a refused create failed its job"
+    no_duplicate_creates(fake)
+
+
+def test_concurrent_job_limit(tmp_path):
+    """The service's cap on jobs pending or running (429s past it): waited out, every batch created once."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 6, poll_interval=1.0, mode="batch", enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [30.0] * 10)  # long jobs: many refusals in a row while two run
+    fake.max_active = 2
+    assert run(store, fake).ok == 60
+    all_ok_once(store, fake, 60)
+    assert len(fake.jobs) == 10 and [c for c in fake.calls if c[1] == "create-429"]
+    no_duplicate_creates(fake)
+    created = {n: t for t, what, n in fake.calls if what == "create"}
+    for t, what, _n in fake.calls:
+        if what == "create":
+            live = [n for n, j in fake.jobs.items() if j["end"] > t and created[n] <= t]
+            assert len(live) <= 2
+
+
+def test_line_errors_retried_once_in_batch_without_fallback(tmp_path):
+    """--no-fallback: one more batch try for exactly the failed lines; what fails twice stays an error line."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 60, poll_interval=1.0, fallback=False)
+    fake = FakeGemini(clock, [3.0] * 10)
+    tries: dict[int, int] = {}
+
+    def fails(text: str) -> bool:  # ids 2, 7, 12, ... fail every time; id 3 only the first time
+        i = int(re.search(r"number (\d+)", text)[1])  # type: ignore[index]
+        tries[i] = tries.get(i, 0) + 1
+        return i % 5 == 2 or (i == 3 and tries[i] == 1)
+
+    fake.line_error = fails
+    s = run(store, fake)
+    jobs = {j.name: j for j in store.load_jobs()}
+    always = {i for i in range(60) if i % 5 == 2}
+    assert jobs["b0001"].failed == len(always) + 1 and jobs["x0002"].request_count == len(always) + 1
+    assert jobs["x0002"].failed == len(always)
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(60))
+    assert {r["id"] for r in rows if r["status"] != "ok"} == always  # failed twice: error lines, nothing dropped
+    assert s.errors == len(always) and not fake.generated and len(fake.jobs) == 2
+
+
+class _UploadsRefused(FakeGemini):
+    async def upload(self, path: Path, display_name: str) -> batchify.RemoteFile:
+        self._log("upload-400", display_name)
+        raise batchify.RemoteError("upload: 400 INVALID_ARGUMENT Unsupported MIME type (scripted)", code=400)
+
+
+def test_upload_always_refused_fails_the_job_then_falls_back(tmp_path):
+    """Every upload refused: each job fails (after --max-attempts batches), never created; Flex finishes them."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="auto", max_attempts=2, waves=1)
+    fake = _UploadsRefused(clock, [])
+    assert run(store, fake).ok == 60
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(60)) and {r["source"] for r in rows} == {"flex"}
+    jobs = store.load_jobs()
+    assert len(jobs) == 4 and all(j.state == JobState.FAILED and "upload refused" in (j.error or "") for j in jobs)
+    assert not fake.jobs and len(fake.generated) == 60 == len(set(fake.generated))
+
+
+def test_create_429_with_nothing_enqueued_goes_to_the_fallback_after_the_timeout(tmp_path):
+    """Creates refused for longer than --create-timeout with nothing of the run enqueued: waiting will not help, the
+    jobs fail and the fallback finishes them (in fake time: the timeout is exact)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="auto", waves=1, create_timeout=5.0)
+    fake = FakeGemini(clock, [])
+    fake.create_429 = 10**9
+    assert run(store, fake).ok == 60
+    assert not fake.jobs and len(fake.generated) == 60 == len(set(fake.generated))
+    refused = [t for t, what, _n in fake.calls if what == "create-429"]
+    first_flex = min(t for t, what, _n in fake.calls if what == "flex")
+    assert refused[-1] - refused[0] >= 5.0 and first_flex >= 5.0, "the fallback came before --create-timeout"
+    assert all(j.state == JobState.FAILED and j.no_retry for j in store.load_jobs())
+
+
+def test_resume_after_creates_were_refused_tries_them_again(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch", create_timeout=5.0, fallback=False)
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.create_429 = 10**9
+    with pytest.raises(batchify.BatchifyError):
+        run(store, fake)
+    assert not fake.jobs and store.load_run().notes.get("create_refused")
+    fake.create_429 = 0
+    assert run(store, fake).ok == 60
+    all_ok_once(store, fake, 60)
+    assert len(fake.jobs) == 2
+
+
+# -- attempts and lost sidecars (were CLI runs in tests/test_hardening.py; its crash drill with lost sidecars stays) --
+def test_max_attempts_is_the_number_of_batches_tried(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 60, poll_interval=1.0, mode="batch", max_attempts=3)
+    fake = FakeGemini(clock, [3.0] * 10)
+    fake.fates = {i: JobState.FAILED for i in range(10)}
+    s = run(store, fake)
+    assert len(fake.jobs) == 3, "three attempts, no fourth batch for the same ids"
+    assert (s.ok, s.errors) == (0, 60)
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(60))
+
+
+def test_deleted_job_sidecar_and_results_file_are_recovered_from_the_service(tmp_path):
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 15, poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [3.0] * 10)
+    assert run(store, fake).ok == 60
+    (store.dir / "jobs" / "b0002.json").unlink()  # SUCCEEDED and downloaded
+    (store.dir / "results" / "b0003.jsonl").unlink()
+    Path(store.load_run().out).unlink()
+    log = Logged()
+    assert run(store, fake, reporter=log).ok == 60
+    said = "\n".join(log.lines)
+    assert "b0002: sidecar missing; adopted" in said and "b0003: results file" in said and "again" in said, said
+    all_ok_once(store, fake, 60)
+    assert len(fake.jobs) == 4 and not fake.generated
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_lost_sidecar_of_a_pending_job_adopts_it_instead_of_creating_another(tmp_path, damage):
+    """The 2nd create went through and the crash came before its answer was saved (SUBMITTING on disk); the 1st
+    job is PENDING: its sidecar is lost. Resume adopts it from the service instead of paying for it again."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch", enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [20.0] * 4)
+    crash(store, fake, Hook.AFTER_CREATE, 2)
+    side = store.dir / "jobs" / "b0001.json"
+    if damage == "delete":
+        side.unlink()
+    else:
+        side.write_bytes(side.read_bytes()[:40])
+    log = Logged()
+    assert run(store, fake, reporter=log).ok == 60
+    assert any("adopted" in line for line in log.lines), log.lines
+    assert len(fake.jobs) == 2
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)
+    if damage == "truncate":
+        assert (store.dir / "jobs" / "b0001.json.damaged").exists()
+
+
+# -- refused lists and downloads (tests/test_models_e2e.py keeps the few refusals one call's retries absorb) ---------
+def test_429_on_list_during_reconcile_past_one_calls_retries_is_looked_at_again(tmp_path):
+    """A crash after the intent leaves a job SUBMITTING; resume lists the service's jobs to find it, and the list is
+    refused again and again (past the client's own retries): never fatal, looked at again on the next pass, and
+    the job is created once."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 60, poll_interval=1.0, mode="batch")
+    fake = FakeGemini(clock, [3.0])
+    crash(store, fake, Hook.AFTER_INTENT)
+    refusals = {"left": 12}
+    orig = fake.list_batches
+
+    async def list_batches() -> list[batchify.RemoteJob]:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            fake._log("list-429", "")
+            raise batchify.RemoteError("list batches: 429 RESOURCE_EXHAUSTED (scripted)", code=429)
+        return await orig()
+
+    fake.list_batches = list_batches  # type: ignore[method-assign]
+    assert run(store, fake).ok == 60
+    assert refusals["left"] == 0 and len(fake.jobs) == 1
+    all_ok_once(store, fake, 60)
+
+
+class _DownloadsRefused(FakeGemini):
+    """Downloads answered 404 the first `refused` times (the output not readable), then as the fake does."""
+
+    refused = 0
+
+    def download(self, name: str):  # type: ignore[override]
+        if self.refused:
+            self.refused -= 1
+            return self._refuse(name)
+        return super().download(name)
+
+    async def _refuse(self, name: str):
+        self._log("download-404", name)
+        raise batchify.RemoteError("download: 404 NOT_FOUND (scripted)", code=404)
+        yield b""
+
+
+def test_download_refused_round_after_round_is_waited_out_with_one_job(tmp_path):
+    """An output refused round after round (SUCCEEDED before it is readable) is tried again, backing off, and
+    never failed over to a new job: its answers are paid for (OUTPUT_PATIENCE_S bounds the wait)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 60, poll_interval=1.0, mode="batch")
+    fake = _DownloadsRefused(clock, [3.0, 3.0])
+    fake.refused = 5
+    assert run(store, fake).ok == 60
+    jobs = {j.name: j for j in store.load_jobs()}
+    assert jobs["b0001"].state == JobState.RESULTS_DOWNLOADED and len(fake.jobs) == 1
+    assert len([c for c in fake.calls if c[1] == "download-404"]) == 5
+    no_duplicate_creates(fake)
+
+
+# -- real time: a crash and resume (was a CLI pair in tests/test_realtime.py; the Flex Ctrl-C drills stay there) -----
+@pytest.mark.parametrize(("mode", "source"), [("realtime", "standard"), ("flex", "flex")])
+def test_realtime_resume_never_resends(tmp_path, mode, source):
+    """Crash after the 30th answer saved: resume sends exactly the requests with no answer on disk (only those in
+    flight at the crash may have been sent twice; nothing on disk is). The flex case was a CLI pair in
+    tests/test_models_e2e.py (test_flex_run_killed_and_resumed_sends_no_id_twice)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 80, 80, mode=mode, concurrency=4)
+    fake = FakeGemini(clock, [])
+    crash(store, fake, Hook.AFTER_REALTIME, 30)
+    sent_before, answered_before = fake.generate_calls, len(fake.generated)
+    on_disk = {json.loads(line)["n"] for line in store.realtime_path.read_text().splitlines()}
+    assert 30 <= len(on_disk) <= sent_before
+    s = run(store, fake)
+    assert s.ok == 80 and s.by_source == {source: 80}
+    assert all(what == ("flex" if mode == "flex" else "generate") for _t, what, _n in fake.calls)
+    assert fake.generate_calls - sent_before == 80 - len(on_disk)
+    resent = {int(re.search(r"number (\d+)", t)[1]) for t in fake.generated[answered_before:]} & on_disk  # type: ignore[index]
+    assert not resent, f"answers on disk were paid for again: {resent}"
