@@ -250,7 +250,8 @@ def test_text_field_fills_the_text_placeholder(emu, tmp_path):
     (tmp_path / "docs.jsonl").write_text(
         '{"doc_id": "a", "body": "the body of a"}\n{"doc_id": "b", "body": "the body of b", "text": "NOT THIS"}\n'
     )
-    p = run_against(emu, "docs.jsonl", tmp_path, "--yes", "--id-field", "doc_id", "--text-field", "body", "--mode", "batch")
+    args = ["--yes", "--poll-interval", "0.2", "--id-field", "doc_id", "--text-field", "body", "--mode", "batch"]
+    p = run_against(emu, "docs.jsonl", tmp_path, *args)
     assert p.returncode == 0, p.stderr
     sent = b"".join(f.read_bytes() for f in (tmp_path / "st" / "docs" / "requests").glob("*"))
     assert b"the body of a" in sent and b"the body of b" in sent and b"NOT THIS" not in sent
