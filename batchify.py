@@ -9582,6 +9582,7 @@ def _render_dry_run(r: Run, as_json: bool, state_dir: str) -> None:
 
 
 def _finish(summary: Summary, as_json: bool, state_dir: str | None = None) -> None:
+    _outcome[:] = [1 if summary.status == "cancelled" or summary.errors else 0]  # the exit code, before any output
     store = RunStore(state_dir, summary.run) if state_dir is not None else None
     rejected = store.load_run().rejected if store is not None and store.exists() else 0
     if as_json:
@@ -9880,6 +9881,7 @@ def emulator(host: str, port: int, models_file: str | None, **knobs: Any) -> Non
 
 
 _current_run: list[str] = []  # the run a command works on and its state dir, for the Ctrl-C/SIGTERM message
+_outcome: list[int] = []  # a finished run's exit code, known before its report is written (a reader may close early)
 _current_stop: list[GracefulStop] = []  # ... and how it was asked to stop (_run_stoppable)
 _terminated = 0  # the signal that stopped the command (SIGTERM, SIGHUP), 0 for Ctrl-C or none
 _STOP_WORDS: dict[int, tuple[str, str]] = {
@@ -9995,6 +9997,9 @@ def main(argv: list[str] | None = None) -> int:
         console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:
+        cause = e.__context__  # click's answer to EPIPE is exit(1): a reader that closed early (`| head`) chose to;
+        if isinstance(cause, OSError) and cause.errno == errno.EPIPE:  # the exit code is the run's outcome, not 1
+            return _outcome[0] if _outcome else 0
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0
 

@@ -605,3 +605,22 @@ def test_a_whole_number_flag_beyond_64_bits_is_a_usage_error(articles, tmp_path,
     p = run_cli(["run", str(articles), "--endpoint", "local", "--state-dir", "st", "--yes", flag, str(10**20)], tmp_path)
     assert p.returncode == 2 and flag in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "st" / "articles").exists()
+
+
+def test_a_reader_that_closes_early_does_not_turn_success_into_exit_1(emu, articles, tmp_path):
+    """`batchify run ... | head -1`: click answers EPIPE with exit 1, which the README reserves for ids in error;
+    the exit code is now the run's own (0 here), and `models | head -1` exits 0."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    bf = f"{sys.executable} {ROOT / 'batchify.py'}"
+    script = (
+        f"{bf} run {articles} --endpoint {emu.url} --state-dir st --yes --poll-interval 0.2 2>/dev/null | head -c 1 >/dev/null;"
+        " a=${PIPESTATUS[0]};"
+        f" {bf} models 2>/dev/null | head -c 1 >/dev/null; echo $a ${{PIPESTATUS[0]}}"
+    )
+    p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["0", "0"], (p.stdout, p.stderr)
+    assert [r["status"] for r in read_jsonl(tmp_path / "articles.results.jsonl")] == ["ok"] * 60
