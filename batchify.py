@@ -1013,7 +1013,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except OSError as e:
             raise ConfigError(f"{p}: cannot read config ({e.strerror}). Fix: check the path given to --config.") from e
         try:
-            data = tomllib.loads(raw.decode("utf-8"))
+            data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))  # a BOM (Windows editors)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid TOML: {e}. Fix: correct the TOML syntax.") from e
         unknown = sorted(set(data) - set(CONFIG_KEYS) - {"schema_file", "thinking_budget"})
@@ -3255,6 +3255,11 @@ def check_input_file(path: Path) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if str(path) == "-":  # stdin, as many tools take it
+            raise InputError(
+                "-: batchify does not read its input from stdin: it reads it more than once and checks its hash on "
+                "resume. Fix: save it to a file first (e.g. `cat ... > input.jsonl`)."
+            ) from None
         raise InputError(f"{path}: no such file. Fix: check the path.") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror}).") from e
@@ -9674,6 +9679,11 @@ def resume(
     Without RUN_NAME: the one unfinished run in --state-dir; with several, it asks for a name (exit 2); with
     none, it says so and exits 0."""
     name = _pick_run(state_dir, run_name)
+    if name is None and not list_runs(state_dir):
+        raise UsageError(
+            f"no runs in {state_dir}. Fix: give --state-dir (or BATCHIFY_STATE_DIR) the folder your runs are in "
+            "(`batchify list --state-dir DIR` shows them)."
+        )
     if name is None:
         report().print(f"nothing to resume in {_esc(state_dir)}: every run there is finished or cancelled (see `batchify list`).")
         return
@@ -9973,17 +9983,24 @@ def main(argv: list[str] | None = None) -> int:
             errno.ENOSPC: "the disk is full",
             errno.EROFS: "the file system is read-only",
             errno.EDQUOT: "the disk quota is used up",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "the operation is not permitted there",
         }
-        where = e.filename or "the state dir or the results file"
         code = e.errno or 0
-        if code not in reasons:
-            console().print(f"[red]error:[/] {_esc(where)}: {_esc(e.strerror or e)}", soft_wrap=True)
+        if code not in reasons:  # not a refused write (a port in use, ...): said as it is, blaming no file it did not name
+            where = f"{e.filename}: " if e.filename else ""
+            console().print(f"[red]error:[/] {_esc(where)}{_esc(e.strerror or e)}", soft_wrap=True)
             return 3
+        where = e.filename or "the state dir or the results file"
         what = reasons[code]
+        fix = (
+            "point --state-dir/--out at a folder you can write (or mend its permissions)"
+            if code in (errno.EACCES, errno.EPERM)
+            else "free space or point --state-dir/--out at a writable disk"
+        )
         console().print(
-            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: free space or point --state-dir/--out at a "
-            "writable disk, then give the same command again (a `run` again continues its run; nothing already done is "
-            "lost).",
+            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: {fix}, then give the same command again (a "
+            "`run` again continues its run; nothing already done is lost).",
             soft_wrap=True,
         )
         return DISK_EXIT

@@ -624,3 +624,17 @@ def test_a_reader_that_closes_early_does_not_turn_success_into_exit_1(emu, artic
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["0", "0"], (p.stdout, p.stderr)
     assert [r["status"] for r in read_jsonl(tmp_path / "articles.results.jsonl")] == ["ok"] * 60
+
+
+def test_small_habits_get_plain_answers(emu, articles, tmp_path):
+    """Input from stdin (`run -`), a config saved with a BOM, `resume` in a folder with no runs (a typo in
+    --state-dir said "every run there is finished" and exit 0), a --state-dir the system refuses (exit 3, no fix)."""
+    p = run_cli(["run", "-", "--endpoint", emu.url, "--state-dir", "st", "--yes"], tmp_path)
+    assert p.returncode == 2 and "stdin" in p.stderr and "save it to a file first" in p.stderr, p.stderr
+    (tmp_path / "job.toml").write_bytes(b"\xef\xbb\xbfmodel = 'gemini-3-flash-preview'\n")
+    p = run_cli(["run", str(articles), "--config", "job.toml", "--endpoint", emu.url, "--state-dir", "st", "--dry-run"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(["resume", "--state-dir", "no-such-folder"], tmp_path)
+    assert p.returncode == 2 and "no runs in no-such-folder" in p.stderr, p.stderr
+    p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "/sys/batchify-st", "--yes"], tmp_path)
+    assert p.returncode == batchify.DISK_EXIT and "--state-dir" in p.stderr and "Fix:" in p.stderr, p.stderr
