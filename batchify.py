@@ -9418,6 +9418,16 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
         RETRY_NOTE.reset(token)
 
 
+def _plan_confirmer(ask: bool) -> Callable[[Run], bool]:
+    """`run`'s consent: the plan on stderr, then (on a terminal, unless --yes) "Submit? It spends money"."""
+
+    def confirm(r: Run) -> bool:
+        render_plan(r)
+        return _ask_interruptibly("Submit? It spends money") if ask else True
+
+    return confirm
+
+
 def _ask_interruptibly(prompt: str) -> bool:
     """A yes/no question on the terminal (default no; Ctrl-D is no), its answer read from fd 0 by a daemon thread
     while the main thread waits in short steps. A blocking read in the main thread is not always woken by
@@ -9540,13 +9550,7 @@ def run(
     }
     opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
     _current_run[:] = [opts.name or default_run_name(input_file), str(state_dir)]
-    interactive = not yes and sys.stdin.isatty()  # --json too: it changes the output, not the consent
-
-    def confirm(r: Run) -> bool:
-        render_plan(r)
-        if not interactive:
-            return True
-        return _ask_interruptibly("Submit? It spends money")
+    confirm = _plan_confirmer(ask=not yes and sys.stdin.isatty())  # --json too: it changes the output, not the consent
 
     stop = GracefulStop()
     with RichReporter() if not as_json else contextlib.nullcontext(NullReporter()) as reporter:
@@ -9949,6 +9953,53 @@ def _limit_malloc_arenas() -> None:
             ctypes.CDLL(None).mallopt(-8, 2)  # -8: M_ARENA_MAX (malloc.h); musl has no mallopt
 
 
+def _interrupted_exit() -> int:
+    """Ctrl-C, SIGTERM or SIGHUP: say what is saved and how to go on; 130 (128 + the signal for the others)."""
+    which = f"run {_current_run[0]!r}" if _current_run else "the command"
+    again = f"`batchify resume {_current_run[0]}`" if _current_run else "the same command again"
+    if _current_run and not RunStore(_current_run[1], _current_run[0]).exists():  # stopped before it was prepared
+        again = "nothing was sent; the same command again"
+    why = _STOP_WORDS[_terminated][0] if _terminated else "interrupted"
+    stop = _current_stop[0] if _current_stop else None
+    kept = f" ({stop.kept} answer(s) that arrived meanwhile kept)" if stop is not None and stop.requested else ""
+    with contextlib.suppress(OSError):  # a hung-up terminal
+        console().print(
+            f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved{kept}; {_esc(again)} finishes it.", soft_wrap=True
+        )
+    return 128 + _terminated if _terminated else 130
+
+
+_DISK_REFUSALS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted there",
+}
+
+
+def _os_error_exit(e: OSError) -> int:
+    """An OSError out of a command: a write the system refused is DISK_EXIT with the path and the fix; anything
+    else (a port in use, ...) is said as it is, exit 3, blaming no file it did not name."""
+    code = e.errno or 0
+    if code not in _DISK_REFUSALS:
+        where = f"{e.filename}: " if e.filename else ""
+        console().print(f"[red]error:[/] {_esc(where)}{_esc(e.strerror or e)}", soft_wrap=True)
+        return 3
+    where = e.filename or "the state dir or the results file"
+    fix = (
+        "point --state-dir/--out at a folder you can write (or mend its permissions)"
+        if code in (errno.EACCES, errno.EPERM)
+        else "free space or point --state-dir/--out at a writable disk"
+    )
+    console().print(
+        f"[red]error:[/] cannot write {_esc(where)}: {_esc(_DISK_REFUSALS[code])}. Fix: {fix}, then give the same command "
+        "again (a `run` again continues its run; nothing already done is lost).",
+        soft_wrap=True,
+    )
+    return DISK_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # not the main thread (a test calling main()): leave the handler alone
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -9959,17 +10010,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="batchify", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort, Interrupted):  # click turns Ctrl-C into Abort
-        which = f"run {_current_run[0]!r}" if _current_run else "the command"
-        again = f"`batchify resume {_current_run[0]}`" if _current_run else "the same command again"
-        if _current_run and not RunStore(_current_run[1], _current_run[0]).exists():  # stopped before it was prepared
-            again = "nothing was sent; the same command again"
-        why = _STOP_WORDS[_terminated][0] if _terminated else "interrupted"
-        stop = _current_stop[0] if _current_stop else None
-        kept = f" ({stop.kept} answer(s) that arrived meanwhile kept)" if stop is not None and stop.requested else ""
-        console().print(
-            f"\n[yellow]{why}[/]: {_esc(which)}: every step so far is saved{kept}; {_esc(again)} finishes it.", soft_wrap=True
-        )
-        return 128 + _terminated if _terminated else 130
+        return _interrupted_exit()
     except click.ClickException as e:
         e.show()
         return 2
@@ -9979,31 +10020,7 @@ def main(argv: list[str] | None = None) -> int:
             console().print(f"  {_esc(p)}", soft_wrap=True)
         return e.exit_code
     except OSError as e:  # the disk, not batchify: full, read-only, no permission
-        reasons = {
-            errno.ENOSPC: "the disk is full",
-            errno.EROFS: "the file system is read-only",
-            errno.EDQUOT: "the disk quota is used up",
-            errno.EACCES: "permission denied",
-            errno.EPERM: "the operation is not permitted there",
-        }
-        code = e.errno or 0
-        if code not in reasons:  # not a refused write (a port in use, ...): said as it is, blaming no file it did not name
-            where = f"{e.filename}: " if e.filename else ""
-            console().print(f"[red]error:[/] {_esc(where)}{_esc(e.strerror or e)}", soft_wrap=True)
-            return 3
-        where = e.filename or "the state dir or the results file"
-        what = reasons[code]
-        fix = (
-            "point --state-dir/--out at a folder you can write (or mend its permissions)"
-            if code in (errno.EACCES, errno.EPERM)
-            else "free space or point --state-dir/--out at a writable disk"
-        )
-        console().print(
-            f"[red]error:[/] cannot write {_esc(where)}: {_esc(what)}. Fix: {fix}, then give the same command again (a "
-            "`run` again continues its run; nothing already done is lost).",
-            soft_wrap=True,
-        )
-        return DISK_EXIT
+        return _os_error_exit(e)
     except Declined as e:
         console().print(_esc(e), soft_wrap=True)
         return 0
