@@ -793,24 +793,24 @@ def _articles(n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["local", "gs"])
-def test_800_articles_end_to_end_then_cleanup_empties_the_staging_area(
+def test_2000_articles_end_to_end_then_cleanup_empties_the_staging_area(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, source: str
 ) -> None:
     """From a local file to --out gs://, and from a gs:// prefix (three objects) to a local file: every id once, in
-    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix. (800
-    articles in four jobs of 200: the same four jobs and three input objects as the 2,000 in jobs of 500 it used.)"""
-    rows = _articles(800)
+    input order, each with its own answer; `cleanup` then leaves nothing of the run under the staging prefix (the
+    issue's must-show: 2,000 articles, four jobs of 500)."""
+    rows = _articles(2000)
     lines = [json.dumps(r) + "\n" for r in rows]
     if source == "local":
         inp: Any = tmp_path / "news.jsonl"
         inp.write_text("".join(lines))
         out = f"gs://{bucket}/results/news.jsonl"
     else:
-        for k, (lo, hi) in enumerate(((0, 280), (280, 600), (600, 800))):
+        for k, (lo, hi) in enumerate(((0, 700), (700, 1500), (1500, 2000))):
             gcs.bucket(bucket).blob(f"corpus/news/part-{k}.jsonl").upload_from_string("".join(lines[lo:hi]))
         inp, out = f"gs://{bucket}/corpus/news/", str(tmp_path / "news.results.jsonl")
     env = {"STORAGE_EMULATOR_HOST": gcs_url}
-    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "200", "--out", out), tmp_path, **env)
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "500", "--out", out), tmp_path, **env)
     assert p.returncode == 0, p.stderr[-3000:]
     if source == "local":
         got = [json.loads(x) for x in gcs.bucket(bucket).blob("results/news.jsonl").download_as_text().splitlines()]
