@@ -1493,7 +1493,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SUBMITTING: _REMOTE_OUTCOMES | {JobState.UPLOADED},
     JobState.PENDING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
-    JobState.SUCCEEDED: frozenset({JobState.RESULTS_DOWNLOADED, JobState.FAILED}),  # FAILED: output not downloadable N times
+    JobState.SUCCEEDED: frozenset(
+        {JobState.RESULTS_DOWNLOADED, JobState.FAILED}
+    ),  # FAILED: output not downloadable for OUTPUT_PATIENCE_S
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
     JobState.EXPIRED: frozenset(),
@@ -2230,8 +2232,8 @@ def orphan_action(job: Job | None, remote: RemoteJob) -> str | None:
     UPLOADED in the batch lane, no remote job). Otherwise its record went on without it (created again, claimed
     by a Flex lane, cancelled): "cancel" while it lives; "paid" when it already succeeded (billed, nothing to
     stop: say so); None when it ended otherwise."""
-    if job is None or job.remote_job == remote.name:
-        return None
+    if job is None or (job.remote_job or "").rsplit("/", 1)[-1] == remote.name.rsplit("/", 1)[-1]:
+        return None  # its own (compared by id: a project number and an id spell one Vertex name two ways)
     if job.remote_job is None and job.lane == "batch" and job.state in (JobState.SUBMITTING, JobState.UPLOADED):
         return "adopt"
     if remote.state in REMOTE_LIVE:
@@ -6046,6 +6048,12 @@ class ResultsRecorder:
                 add(n, line)
         self.pos = pos
 
+    def discard(self) -> None:
+        """Let go of what was read (the output was not taken): the keyless spool's file is closed now."""
+        if self.keyless is not None:
+            self.keyless.close()
+            self.keyless = None
+
     def finish(self, missing: Callable[[int], bytes]) -> tuple[int, int, dict[str, int]]:
         """Write the sidecar: one line per key, the output's or missing(key); (ok, failed, usage)."""
         if self.keyless is not None:
@@ -6494,7 +6502,7 @@ class Engine:
                 continue
             what = "gone" if not await asyncio.to_thread(self._results_exist, j) else "cut short"
             try:
-                ok, failed, usage = await self._fetch_results(j)
+                ok, failed, usage = await self._fetch_results(j, expect=0)  # taken as it was the first time
             except RemoteError as e:
                 if e.transient:  # the service's bad moment, not an output that is gone: marking its ids lost would
                     raise RemoteError(  # send them again (paid twice); stop here, nothing sent, and resume retries
@@ -6636,7 +6644,8 @@ class Engine:
                 self._ambiguous.pop(j.name, None)  # adopted by _settle_orphans
                 continue
             if j.name not in self._ambiguous:
-                self._advance(j, JobState.UPLOADED)  # left by an interruption, not listed: never created
+                self._advance(j, JobState.UPLOADED)  # left by an interruption, not listed: taken as never created
+                self._resent.add(j.name)  # a create that took effect but is not listed yet: the last listing looks again
                 continue
             since, looks, _ = self._ambiguous[j.name]
             if ambiguous_create_verdict(False, since, now) == "wait":
@@ -7228,19 +7237,33 @@ class Engine:
             self._download_failures[job.name] = (n + 1, since)
             delay = download_retry_delay(n + 1, now - since, self.opts.poll, self.opts.max_poll_interval, OUTPUT_PATIENCE_S)
             if delay is None:
-                raise RemoteError(
-                    f"job {job.name} ({job.remote_job}) SUCCEEDED at the service, but its output {job.output_file} "
-                    f"could not be downloaded for {OUTPUT_PATIENCE_S / 60:.0f} min ({n + 1} rounds of tries; last: {e}). "
-                    f"Nothing was sent again: those answers are paid for. Fix: `batchify resume {self.run.name}` later "
-                    "tries the download again.",
-                    e.code,
-                    e.status,
-                ) from e
+                return await self._output_gone(job, n + 1, e)
             self._log(f"{job.name}: output not downloadable yet ({e}); trying again in {delay:.0f} s (the job is paid for)")
             self._download_retry_at[job.name] = now + delay
             return False
         self._download_failures.pop(job.name, None)
         self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
+        return True
+
+    async def _output_gone(self, job: Job, rounds: int, e: RemoteError) -> bool:
+        """OUTPUT_PATIENCE_S of refused downloads: ask the service once more for the job (its output may have a new
+        name), else the output counts as gone (deleted by retention, a name that never worked): the job FAILED, its
+        requests sent again, and said loudly, since its answers were paid for. The other jobs go on meanwhile."""
+        try:
+            rj = await self.client.get_batch(job.remote_job or "")
+        except RemoteError:
+            rj = None
+        if rj is not None and rj.output_file and rj.output_file != job.output_file:
+            self._log(f"{job.name}: the service names another output for it ({rj.output_file}); downloading that")
+            self._advance(job, JobState.SUCCEEDED, output_file=rj.output_file)
+            self._download_failures.pop(job.name, None)
+            return False
+        minutes = OUTPUT_PATIENCE_S / 60
+        self._log(
+            f"warning: {job.name}: its output {job.output_file} could not be downloaded for {minutes:.0f} min ({rounds} "
+            f"rounds; last: {e}); its requests go again, and are paid for twice"
+        )
+        self._advance(job, JobState.FAILED, error=f"output {job.output_file} not downloadable for {minutes:.0f} min: {e}")
         return True
 
     async def _fetch_results(self, job: Job, expect: int | None = None) -> tuple[int, int, dict[str, int]]:
@@ -7267,8 +7290,10 @@ class Engine:
                 recorder[0].add(chunk)
             if not last:
                 return 0, 0, {}
-            want = expected_output_lines(job.stats, len(recorder[0].keys)) if expect is None else expect
+            vertex = self.opts.backend == "vertex"  # its reader drops unlabeled and torn lines: counts never match
+            want = expected_output_lines(job.stats, len(recorder[0].keys)) if expect is None and not vertex else expect or 0
             if recorder[0].pos < want:
+                recorder[0].discard()
                 raise ShortOutput(f"output {job.output_file}: {recorder[0].pos} line(s), batchStats counts {want}", 0)
             return recorder[0].finish(lambda n: orjson.dumps(result_record(n, None, why, "batch"), option=NL))
 

@@ -387,18 +387,32 @@ def test_a_version_1_run_json_keeps_its_notes(tmp_path):
 
 
 # -- a resume never moves live jobs to another service ----------------------------------------------------
-def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp_path):
-    """Jobs created at one service are unknown to another: resuming there would create (and pay for) them again."""
+def _interrupted_after_a_create(emu, articles, tmp_path, *endpoint: str, **env: str) -> None:
+    """A batch run (its endpoint given by the flag or the environment) stopped with Ctrl-C once a job is created;
+    its sidecars say RUNNING whether or not the job has ended by the next command (jobs of 3 s)."""
     import signal
 
     from conftest import a_create_recorded, spawn_cli, wait_for
 
-    emu.configure(job_seconds=3)  # the sidecars say RUNNING whether or not it has ended by the refused resume
-    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--mode", "batch", "--out", "o.jsonl"]
-    p = spawn_cli([*args, *FAST], tmp_path)
+    emu.configure(job_seconds=3)
+    args = ["run", str(articles), *endpoint, "--state-dir", "st", "--mode", "batch", "--out", "o.jsonl", *FAST]
+    p = spawn_cli(args, tmp_path, **env)
     wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=30)
+
+
+def _resume_at_home_creates_nothing_more(emu, articles, tmp_path) -> None:
+    """`resume` at the run's own service (no --endpoint, no variable) finishes it with the one job it had."""
+    done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == input_ids(articles)
+    assert emu.stats()["creates"] == 1
+
+
+def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp_path):
+    """Jobs created at one service are unknown to another: resuming there would create (and pay for) them again."""
+    _interrupted_after_a_create(emu, articles, tmp_path, "--endpoint", emu.url)
     with batchify.EmulatorThread(batchify.EmulatorConfig(job_seconds=0.2)) as other:
         moved = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", other.url], tmp_path)
         assert moved.returncode == 2, moved.stderr
@@ -408,35 +422,20 @@ def test_resume_at_another_endpoint_with_jobs_live_is_refused(emu, articles, tmp
         damaged = run_cli(["resume", "articles", "--state-dir", "st", "--endpoint", other.url + "/"], tmp_path)
         assert damaged.returncode == 2 and "damaged job sidecar" in damaged.stderr, damaged.stderr
         assert other.emulator.stats["creates"] == 0
-    done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == input_ids(articles)
-    assert emu.stats()["creates"] == 1
+    _resume_at_home_creates_nothing_more(emu, articles, tmp_path)
 
 
 def test_an_endpoint_from_google_gemini_base_url_is_recorded_and_held_to(emu, articles, tmp_path):
     """GOOGLE_GEMINI_BASE_URL counts as --endpoint: the run records it, so a resume with the variable pointing at
     another service is refused (it used to record nothing, and the resume created every job again there: paid
     twice), and a resume with the variable unset goes back to the run's own service."""
-    import signal
-
-    from conftest import a_create_recorded, spawn_cli, wait_for
-
-    emu.configure(job_seconds=3)
-    args = ["run", str(articles), "--state-dir", "st", "--mode", "batch", "--out", "o.jsonl", *FAST]
-    p = spawn_cli(args, tmp_path, GOOGLE_GEMINI_BASE_URL=emu.url)
-    wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
-    p.send_signal(signal.SIGINT)
-    p.communicate(timeout=30)
+    _interrupted_after_a_create(emu, articles, tmp_path, GOOGLE_GEMINI_BASE_URL=emu.url)
     assert batchify.RunStore(tmp_path / "st", "articles").load_run().endpoint == emu.url
     with batchify.EmulatorThread(batchify.EmulatorConfig(job_seconds=0.2)) as other:
         moved = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path, GOOGLE_GEMINI_BASE_URL=other.url)
         assert moved.returncode == 2 and "GOOGLE_GEMINI_BASE_URL" in moved.stderr, moved.stderr
         assert other.emulator.stats["creates"] == 0
-    done = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == input_ids(articles)
-    assert emu.stats()["creates"] == 1
+    _resume_at_home_creates_nothing_more(emu, articles, tmp_path)
 
 
 def test_endpoint_switch_problem_only_for_jobs_alive_elsewhere():
