@@ -5906,11 +5906,14 @@ _PRICE_LANE = {"standard": "standard", "realtime": "standard", "flex": "flex"}  
 
 class MergeTally:
     """What a merge counts while it writes: ok and error rows, rows per source, error kinds, and usage per
-    price lane (batch, flex, standard), summed in bulk a few thousand rows at a time (sum_usage)."""
+    price lane (batch, flex, standard) and the schema's categorical fields, summed in bulk a few thousand rows at a
+    time (sum_usage)."""
 
     def __init__(self, long_at: int | None, fields: Iterable[str] = ()):
         self.long_at = long_at
         self.fields: dict[str, dict[str, int]] = {k: {} for k in fields}  # schema_categoricals: value -> rows
+        self.field_values: dict[str, list[Any]] = {k: [] for k in self.fields}  # values not counted yet
+        self.field_items = list(self.field_values.items())
         self.ok = self.err = 0
         self.by_source: dict[str, int] = {}
         self.kinds: dict[str, int] = {}
@@ -5921,8 +5924,9 @@ class MergeTally:
         source: str = r.get("source") or "batch"
         if r["status"] == "ok":
             self.ok += 1
-            if self.fields and isinstance(r.get("result"), dict):
-                self._count_fields(r["result"])
+            if self.field_items and type(result := r.get("result")) is dict:  # kept, counted in bulk (_flush_fields)
+                for k, values in self.field_items:
+                    values.append(result.get(k))
         else:
             self.err += 1
             kind = error_kind(r.get("error"))
@@ -5933,18 +5937,30 @@ class MergeTally:
         if usage:
             self.pending[_PRICE_LANE.get(source, "batch")].append(usage)
 
-    def _count_fields(self, result: dict[str, Any]) -> None:
-        """The schema's enum and boolean fields of one ok result, counted as analytics() counts them."""
-        for k, counts in self.fields.items():
-            v = result.get(k)
-            for item in v if isinstance(v, list) else [v]:
-                label = json_label(item)
-                counts[label] = counts.get(label, 0) + 1
+    def _flush_fields(self) -> None:
+        """Count the values kept, as analytics() counts them (json_label; each item of a list): a C-speed Counter
+        when they are all strings (enums: nearly always), one by one otherwise (True and 1 must not merge)."""
+        for k, values in self.field_values.items():
+            counts = self.fields[k]
+            try:
+                bulk: collections.Counter[Any] | None = collections.Counter(values)
+            except TypeError:  # lists (arrays of enums) or objects
+                bulk = None
+            if bulk is not None and all(type(v) is str for v in bulk):
+                for label, n in bulk.items():
+                    counts[label] = counts.get(label, 0) + n
+            else:
+                for v in values:
+                    for item in v if isinstance(v, list) else [v]:
+                        label = json_label(item)
+                        counts[label] = counts.get(label, 0) + 1
+            values.clear()
 
     def sum_usage(self) -> None:
         for lane, usages in self.pending.items():
             add_usages(self.usage[lane], usages, self.long_at)
             usages.clear()
+        self._flush_fields()
 
     def summary(
         self, name: str, out: str, records: int, status: str, spec: ModelSpec, batch_billed: dict[str, int] | None = None
