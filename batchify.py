@@ -10175,6 +10175,8 @@ class EmulatorConfig:
     download_403: int = 0  # output download answered 403
     download_404: int = 0  # output download answered 404 (SUCCEEDED before the output is readable)
     list_429: int = 0  # batches.list answered 429 (seen in a client's CI log)
+    create_lost: int = 0  # a create takes effect but is answered 503 (the answer lost on the way back)
+    list_foreign_state: str | None = None  # batches.list also shows someone else's job in this state ("": none at all)
     get_404: int = 0  # a job's get answered 404 NOT_FOUND while the job lives (a proxy, a routing blip)
     count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
@@ -10923,12 +10925,15 @@ class Emulator:
         active = self._admit_batch(model, tokens)
         job = self._new_job(model, batch.get("displayName"), ic, lines, tokens)
         self.stats["peak_enqueued_tokens"] = max(self.stats["peak_enqueued_tokens"], active + tokens)
+        lost = self._fault("create_lost")  # the job is made; only its answer is lost
         if job["fate"] != "expire":
             # The service has a job's output ready when its state flips; states here move lazily (on the
             # next look), so flip it, and write its output, at its end time rather than inside the get
             # that happens to look next (which would bill that get for the answers' generation).
             with contextlib.suppress(RuntimeError):  # no running loop: stays lazy
                 asyncio.get_running_loop().call_later(job["duration"] + 0.001, self._refresh, job)
+        if lost:
+            raise _EmuError(503, "UNAVAILABLE", "The service is currently unavailable. (emulated: the job was created)")
         return self._ok(self._operation(job))
 
     def _batch_input(self, ic: dict[str, Any]) -> tuple[list[tuple[Any, Any]], int]:
@@ -11175,7 +11180,13 @@ class Emulator:
                     }
                 ],
             )
-        return self._page(request, [self._operation(j) for j in self.jobs.values()], "operations", 50)
+        ops = [self._operation(j) for j in self.jobs.values()]
+        if self.cfg.list_foreign_state is not None:  # another tool's job in the same project
+            meta = {"name": "batches/foreign-1", "displayName": "another-tool-job", "model": "models/x"}
+            if self.cfg.list_foreign_state:
+                meta["state"] = self.cfg.list_foreign_state
+            ops.insert(0, {"name": "batches/foreign-1", "metadata": meta})
+        return self._page(request, ops, "operations", 50)
 
     async def _h_batch_cancel(self, request: Any, ver: str, id: str) -> Any:
         j = self._job(id)

@@ -427,3 +427,16 @@ def test_auto_is_hybrid_when_the_limit_makes_waves_and_batch_when_it_does_not(em
     assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}, "every request answered (and billed) once"
     one = run_against(emu, articles, tmp_path, *FAST, "--name", "one", "--dry-run", "--json")
     assert json.loads(one.stdout)["plan"]["lanes"] == "batch"  # one wave: batch alone
+
+
+@pytest.mark.parametrize("foreign", ["BATCH_STATE_SOMETHING_NEW", ""])
+def test_a_lost_create_is_found_though_the_list_holds_a_job_in_a_state_batchify_does_not_know(emu, articles, tmp_path, foreign):
+    """The create's answer is lost (503, the job made); reconciling lists the jobs, and someone else's job there is in
+    a state batchify does not know (or has none). That used to fail every list: the run hung, the job SUBMITTING."""
+    emu.configure(create_lost=1, list_foreign_state=foreign)
+    p, out = run(emu, articles, tmp_path, "--mode", "batch")
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["faults_create_lost"] == 1 and s["creates"] == 1
+    assert_created_once(s)
