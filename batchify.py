@@ -8643,13 +8643,43 @@ _console: Any = None
 _report_console: Any = None
 
 
+class _HangupSafe:
+    """A terminal stream that outlives its terminal: a write or flush answered EIO (the SSH session or terminal
+    window is gone; its SIGHUP may come a moment later) goes to /dev/null from then on instead of failing the
+    run that is saving the answers it paid for. Everything else is the stream's own."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def _gone(self, e: OSError) -> None:
+        if e.errno != errno.EIO:
+            raise e
+        self.stream = open(os.devnull, "w")  # kept for the rest of the process
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except OSError as e:
+            self._gone(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self._gone(e)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def console() -> Any:
     """Progress, logs and prompts: stderr."""
     global _console
     if _console is None:
         from rich.console import Console
 
-        _console = Console(stderr=True)
+        _console = Console(file=cast(Any, _HangupSafe(sys.stderr))) if sys.stderr.isatty() else Console(stderr=True)
     return _console
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -230,3 +231,43 @@ def test_the_submit_prompt_asks_with_json_too_and_ctrl_d_or_ctrl_c_there_sends_n
     os.close(master)
     assert p.returncode == 130, err
     assert emu.stats()["uploads"] == 0 and emu.stats()["creates"] == 0
+
+
+@pytest.mark.slow
+def test_sighup_with_the_terminal_gone_still_keeps_the_flex_answers(emu, articles, tmp_path):
+    """SIGHUP as a closed SSH session sends it: the terminal is gone, so every write to it fails (EIO), and the
+    progress display writes before the signal arrives. Terminal output then goes to /dev/null and the run still
+    drains: the answers already paid for are saved, exit 129 (an EIO from the progress display used to end it)."""
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, cli_env
+
+    emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
+    master, slave = pty.openpty()
+    args = [sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url, "--state-dir", "st"]
+    p = subprocess.Popen(
+        [*args, "--yes", "--mode", "flex", "--retry-scale", "0.02"],
+        cwd=tmp_path,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env(),
+        start_new_session=True,
+    )
+    os.close(slave)
+    end = time.monotonic() + 60
+    while emu.stats()["flex_in_flight"] < 1:
+        assert time.monotonic() < end and p.poll() is None, "no Flex request went out"
+        if select.select([master], [], [], 0.05)[0]:
+            with contextlib.suppress(OSError):
+                os.read(master, 1 << 16)  # keep the terminal drained while it lives
+    os.close(master)  # the terminal goes: writes to it fail (EIO) from now on, before the SIGHUP that says so
+    time.sleep(0.3)
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=120) == 129
+    wait_for(lambda: emu.stats()["flex_in_flight"] == 0)
+    kept = read_jsonl(tmp_path / "st" / "articles" / "realtime.jsonl")
+    assert len(kept) == sum(emu.stats()["billed"].values()) > 0, "an answer paid for was thrown away"
