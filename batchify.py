@@ -9464,6 +9464,8 @@ def _run_stoppable(work: Coroutine[Any, Any, T], stop: GracefulStop, note: Calla
             # The second signal, or one with nothing paid for in flight, stops now, even in a long synchronous step
             # (prepare's pass, the merge, the "Submit?" prompt), as SIGTERM always did: a supervisor's SIGKILL follows.
             if signalled or not stop.in_flight():
+                if signalled:  # "stop now": bounded even if the unwinding it starts gets stuck (no wait is forever)
+                    _exit_after(STOP_NOW_GRACE_S, 128 + _terminated if _terminated else 130)
                 raise KeyboardInterrupt
             signalled = True
             loop.call_soon_threadsafe(on_loop, signum, main_task)
@@ -9497,6 +9499,26 @@ def _plan_confirmer(ask: bool) -> Callable[[Run], bool]:
         return _ask_interruptibly("Submit? It spends money") if ask else True
 
     return confirm
+
+
+STOP_NOW_GRACE_S = 10.0  # a second Ctrl-C: the seconds the process has to unwind before it exits regardless
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """A daemon thread that ends the process with `code` if it is still alive `seconds` from now. A second Ctrl-C
+    raises KeyboardInterrupt wherever the main thread is; the cleanup that follows (cancelling tasks, closing the
+    HTTP client, the executor's threads) has once been seen to hang. Everything paid for is on disk already
+    (realtime.jsonl is flushed per answer, sidecars are written whole), and status shows a dead run as
+    interrupted."""
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"\nstill stopping after {seconds:g} s: exiting now ({code}); `batchify resume` finishes the run.\n")
+            sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="batchify-stop-now", daemon=True).start()
 
 
 def _ask_interruptibly(prompt: str) -> bool:

@@ -637,3 +637,16 @@ def test_small_habits_get_plain_answers(emu, articles, tmp_path):
     assert p.returncode == 2 and "no runs in no-such-folder" in p.stderr, p.stderr
     p = run_cli(["run", str(articles), "--endpoint", emu.url, "--state-dir", "/sys/batchify-st", "--yes"], tmp_path)
     assert p.returncode == batchify.DISK_EXIT and "--state-dir" in p.stderr and "Fix:" in p.stderr, p.stderr
+
+
+def test_stop_now_is_bounded_even_if_unwinding_hangs():
+    """A second Ctrl-C raises KeyboardInterrupt wherever the main thread is; if the cleanup after it hangs (seen
+    once in CI: 60 s and counting), the watchdog ends the process with the interrupt's code."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, time; sys.path.insert(0, sys.argv[1]); import batchify; batchify._exit_after(0.2, 130); time.sleep(60)"
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 130 and "exiting now (130)" in p.stderr, p.stderr
