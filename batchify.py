@@ -1493,9 +1493,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SUBMITTING: _REMOTE_OUTCOMES | {JobState.UPLOADED},
     JobState.PENDING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}),
-    JobState.SUCCEEDED: frozenset(
-        {JobState.RESULTS_DOWNLOADED, JobState.FAILED}
-    ),  # FAILED: output not downloadable for OUTPUT_PATIENCE_S
+    # FAILED: the output not downloadable for OUTPUT_PATIENCE_S
+    JobState.SUCCEEDED: frozenset({JobState.RESULTS_DOWNLOADED, JobState.FAILED}),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
     JobState.EXPIRED: frozenset(),
@@ -1643,7 +1642,7 @@ def listed_state(value: Any) -> JobState:
     """A state in batches.list: as parse_remote_state, but one batchify does not know (someone else's job, or a
     state added since) is taken as live (PENDING) rather than failing the whole list, which reconciling needs."""
     try:
-        return parse_remote_state(None if value is None else str(value))
+        return parse_remote_state(value)
     except StateError:
         return JobState.PENDING
 
@@ -6036,23 +6035,22 @@ class ResultsRecorder:
                 continue
             key = obj.get("key")
             keyless = key is None
-            if keyless:
-                if pos > len(keys):
-                    self.unattributed += 1  # more lines than requests: positions cannot be trusted
-                    r = self.line_result(0, obj, "batch")
-                    add_usage(self.usage, r.get("usage"))  # billed all the same
-                    long_usage(self.usage, [r.get("usage")], self.long_at)
+            spare = keyless and pos > len(keys)  # more lines than requests: billed all the same, nobody's answer
+            if spare:
+                self.unattributed += 1
+                n = 0
+            else:
+                try:
+                    n = int(keys[pos - 1] if keyless else key)
+                except (TypeError, ValueError):
                     continue
-                key = keys[pos - 1]
-            try:
-                n = int(key)
-            except (TypeError, ValueError):
-                continue
-            if not keyless and self.aligned and (pos > len(keys) or keys[pos - 1] != n):
-                self.aligned = False
+                if not keyless and self.aligned and (pos > len(keys) or keys[pos - 1] != n):
+                    self.aligned = False
             r = self.line_result(n, obj, "batch")
             add_usage(self.usage, r.get("usage"))
             long_usage(self.usage, [r.get("usage")], self.long_at)
+            if spare:
+                continue
             # orjson hands back a bytes object still holding its 4 KiB output buffer: kept until the run is
             # spilled, each line is copied to its own size (measured: 4 KiB a line otherwise, 8x the lines)
             line = bytes(memoryview(orjson.dumps(r, option=NL)))
@@ -9374,21 +9372,23 @@ def _endpoint_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-_from_dotenv: set[str] = set()  # variables that .env set (not the shell): named so in messages
+_from_dotenv: set[str] | None = None  # the variables .env set (not the shell), once it was read: named so in messages
 
 
 def _load_dotenv() -> None:
     """The working directory's .env (as the README says), once, before the options are read (so that
     GOOGLE_GEMINI_BASE_URL there counts as --endpoint); the shell's variables win over it."""
-    if _from_dotenv or not (Path.cwd() / ".env").is_file():
+    global _from_dotenv
+    if _from_dotenv is not None or not (Path.cwd() / ".env").is_file():
         return
     with contextlib.suppress(ImportError):
-        from dotenv import dotenv_values, load_dotenv
+        from dotenv import dotenv_values
 
-        before = set(os.environ)
-        load_dotenv(dotenv_path=Path.cwd() / ".env")
-        _from_dotenv.update(k for k in dotenv_values(Path.cwd() / ".env") if k not in before)
-        _from_dotenv.add("")  # loaded
+        _from_dotenv = set()
+        for k, v in dotenv_values(Path.cwd() / ".env").items():  # read once; set as load_dotenv would (no override)
+            if v is not None and k not in os.environ:
+                os.environ[k] = v
+                _from_dotenv.add(k)
 
 
 def _api_key() -> str | None:
@@ -9399,7 +9399,7 @@ def _api_key() -> str | None:
 def _key_source() -> str:
     """Which variable held the key (never its value): GOOGLE_API_KEY wins over GEMINI_API_KEY, as in the SDK."""
     var = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
-    return f"{var} (set in .env)" if var in _from_dotenv else var
+    return f"{var} (set in .env)" if var in (_from_dotenv or ()) else var
 
 
 def _gcs_emulator() -> EmulatorConfig | None:
