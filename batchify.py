@@ -9929,7 +9929,7 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--job-seconds", default=3.0, show_default=True, type=float)
+@click.option("--job-seconds", default=1.0, show_default=True, type=float)
 @click.option("--job-seconds-max", type=float, help="Draw durations from [--job-seconds, this].")
 @click.option("--time-scale", default=1.0, show_default=True, type=float, help="Simulated seconds per real second.")
 @click.option("--pending-fraction", default=0.25, show_default=True, type=float, help="Share of a job's time in PENDING.")
@@ -10192,7 +10192,7 @@ def _rfc3339(t: float) -> str:
 class EmulatorConfig:
     """Behaviour and faults of the emulator. Durations are in simulated seconds / time_scale."""
 
-    job_seconds: float = 3.0
+    job_seconds: float = 1.0  # a demo (--endpoint local) ends in seconds; drills and benches set their own
     job_seconds_max: float | None = None  # draw each job's duration from [job_seconds, job_seconds_max]
     pending_fraction: float = 0.25
     time_scale: float = 1.0

@@ -157,7 +157,8 @@ def test_skip_invalid_keeps_the_first_of_duplicate_ids(emu, tmp_path):
 def test_gs_input_without_credentials_exits_3_naming_the_fix(tmp_path):
     """gs:// input with no Application Default Credentials (and no storage emulator): exit 3 and the fix, not a
     traceback (the input is listed before any Vertex call, which maps the same error itself). google-auth's
-    metadata-server probe is off and pointed at a closed loopback port (never the real 169.254.169.254); HOME and
+    metadata-server probe is off (NO_GCE_CHECK, which google-auth reads as the exact string "true") and pointed at a
+    closed loopback port (never the real 169.254.169.254); HOME and
     CLOUDSDK_CONFIG point at an empty folder (no gcloud credentials file)."""
     import socket
 
@@ -168,7 +169,7 @@ def test_gs_input_without_credentials_exits_3_naming_the_fix(tmp_path):
         closed = f"127.0.0.1:{s.getsockname()[1]}"
     env = {k: v for k, v in cli_env().items() if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
     env |= {"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCE_METADATA_HOST": closed}
-    env |= {"GCE_METADATA_IP": closed, "NO_GCE_CHECK": "True"}
+    env |= {"GCE_METADATA_IP": closed, "NO_GCE_CHECK": "true"}
     vertex = ["--backend", "vertex", "--project", "p", "--location", "us-central1", "--bucket", "gs://b/x"]
     p = zygote().spawn(["run", "gs://b/in/", *vertex, "--yes", "--mode", "batch"], tmp_path, env)
     _out, err = p.communicate(timeout=120)

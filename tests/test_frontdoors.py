@@ -336,7 +336,7 @@ async def test_rest_api_shutdown_keeps_the_flex_answers_already_paid_for(emu, ar
     """The server going down drains its runs as Ctrl-C drains the CLI: nothing new is sent, the Flex requests
     already sent are waited for and saved, the run is left "interrupted", and resuming it pays for no id twice
     (shutdown used to cancel the runs, throwing away answers the service had billed)."""
-    emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
+    emu.configure(flex_latency_min=0.5, flex_latency_max=0.8)
     api = batchify.RestApi(tmp_path / "st", emu.url, "k", None, batchify.RunOptions(mode="flex", poll_interval=0.2))
     records = [json.loads(x) for x in articles.read_text().splitlines()]
     await api.submit_contents(records, "drain")

@@ -374,7 +374,7 @@ def test_flex_on_a_model_without_flex_exits_2_naming_those_with_it(emu, articles
 # -- hybrid: batch from the head, Flex lanes from the tail ------------------------------------------------
 @pytest.mark.slow
 def test_hybrid_killed_and_resumed_never_hands_a_flex_batch_to_batch(emu, articles, tmp_path):
-    emu.configure(job_seconds=3.0, flex_latency_min=0.2, flex_latency_max=0.4)
+    emu.configure(job_seconds=1.5, flex_latency_min=0.2, flex_latency_max=0.4)
     out = tmp_path / "o.jsonl"
     args = [*FAST, "--mode", "hybrid", "--batch-size", "10", "--enqueued-limit", "9000", "--flex-lanes", "1"]
     p = run_against(emu, articles, tmp_path, *args, out=out, BATCHIFY_CRASH_AT="after_realtime:5")

@@ -9,6 +9,7 @@ import os
 import select
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import assert_complete, input_ids, read_jsonl, run_against, run_cli, spawn_cli, wait_for
@@ -158,7 +159,7 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     """The first Ctrl-C (or SIGTERM, or SIGHUP: the terminal or SSH session went away) with Flex requests in flight
     sends nothing new and waits for their answers: realtime.jsonl holds every answer the service gave, and resume
     pays for no request twice. (SIGHUP used to kill the run at once: 47 of 60 ids paid twice.)"""
-    emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
+    emu.configure(flex_latency_min=0.5, flex_latency_max=0.8)
     p = _spawn_flex_run(emu, articles, tmp_path)
     wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
     p.send_signal(sig)
@@ -199,25 +200,15 @@ def test_the_submit_prompt_asks_with_json_too_and_ctrl_d_or_ctrl_c_there_sends_n
     """On a terminal, `run --json` asks before spending like `run` does (it used to submit without asking);
     Ctrl-D at the prompt is "no" (exit 0), and Ctrl-C there stops at once (it used to wait for Enter)."""
     import pty
-    import subprocess
-    import sys
-    import time
 
-    from conftest import ROOT, cli_env
+    from conftest import cli_env, zygote
 
-    def prompted(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    def prompted(*extra: str) -> tuple[Any, int]:
         master, slave = pty.openpty()
-        args = [sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url, "--state-dir", "st"]
-        p = subprocess.Popen(
-            [*args, *extra], cwd=tmp_path, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env()
-        )
+        args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", *extra]
+        p = zygote().spawn(args, tmp_path, cli_env(), stdin=slave)
         os.close(slave)
-        seen, end = b"", time.monotonic() + 60
-        while b"Submit?" not in seen:
-            ready, _, _ = select.select([p.stderr], [], [], max(0.0, end - time.monotonic()))
-            chunk = os.read(p.stderr.fileno(), 1 << 16) if ready else b""
-            assert chunk, f"no prompt; stderr: {seen.decode(errors='replace')[-2000:]}"
-            seen += chunk
+        _read_stderr_until(p, "Submit?")
         return p, master
 
     p, master = prompted("--json")
@@ -239,24 +230,14 @@ def test_sighup_with_the_terminal_gone_still_keeps_the_flex_answers(emu, article
     progress display writes before the signal arrives. Terminal output then goes to /dev/null and the run still
     drains: the answers already paid for are saved, exit 129 (an EIO from the progress display used to end it)."""
     import pty
-    import subprocess
-    import sys
     import time
 
-    from conftest import ROOT, cli_env
+    from conftest import cli_env, zygote
 
     emu.configure(flex_latency_min=1.0, flex_latency_max=1.5)
     master, slave = pty.openpty()
-    args = [sys.executable, str(ROOT / "batchify.py"), "run", str(articles), "--endpoint", emu.url, "--state-dir", "st"]
-    p = subprocess.Popen(
-        [*args, "--yes", "--mode", "flex", "--retry-scale", "0.02"],
-        cwd=tmp_path,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=cli_env(),
-        start_new_session=True,
-    )
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "flex", "--retry-scale", "0.02"]
+    p = zygote().spawn(args, tmp_path, cli_env(), stdin=slave, output=slave)
     os.close(slave)
     end = time.monotonic() + 60
     while emu.stats()["flex_in_flight"] < 1:

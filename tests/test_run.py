@@ -158,7 +158,7 @@ async def test_margin_follows_the_spread_the_calibration_measured(emu, articles,
 
 @pytest.mark.slow
 def test_ctrl_c_during_polling_then_resume(emu, articles, tmp_path):
-    emu.configure(job_seconds=3.0, enqueued_limit=12000)
+    emu.configure(job_seconds=1.5, enqueued_limit=12000)
     out = tmp_path / "o.jsonl"
     proc = spawn_cli(
         [

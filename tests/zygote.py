@@ -34,8 +34,9 @@ def _child(req: dict[str, Any], fds: list[int]) -> None:
     """In the forked child: become `python batchify.py ARGS` and never return."""
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at startup: a closed reader is EPIPE
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
@@ -229,22 +230,37 @@ class ZygoteClient:
             raise RuntimeError("the test zygote did not start")
         self._lock = threading.Lock()
 
-    def spawn(self, args: list[str], cwd: Path | str, env: dict[str, str], capture: bool = True, text: bool = True) -> Child:
+    def spawn(
+        self,
+        args: list[str],
+        cwd: Path | str,
+        env: dict[str, str],
+        capture: bool = True,
+        text: bool = True,
+        stdin: int | None = None,
+        output: int | None = None,
+    ) -> Child:
+        """Fork `batchify ARGS`. stdin: a descriptor to read (a terminal's, say), else /dev/null; output: one
+        descriptor for both stdout and stderr (a terminal), else pipes (capture) or /dev/null. The caller keeps
+        the descriptors it passes."""
         devnull = os.open(os.devnull, os.O_RDWR)
         out_r = err_r = None
-        if capture:
+        if output is not None:
+            out_w, err_w = os.dup(output), os.dup(output)
+        elif capture:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
         else:
             out_w, err_w = os.dup(devnull), os.dup(devnull)
+        in_fd = os.dup(stdin) if stdin is not None else os.dup(devnull)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             conn.connect(self.path)
             msg = json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "env": env}).encode()
-            socket.send_fds(conn, [msg], [devnull, out_w, err_w])
+            socket.send_fds(conn, [msg], [in_fd, out_w, err_w])
             pid = int(conn.recv(64))
         finally:
-            for fd in (devnull, out_w, err_w):
+            for fd in (devnull, in_fd, out_w, err_w):
                 os.close(fd)
         return Child(conn, pid, out_r, err_r, text)
 
