@@ -136,6 +136,8 @@ DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while no
 # batch twice. So after such an answer the job stays SUBMITTING and is looked for by display name for this long
 # (first look at once, then CREATE_LOOK_FIRST_S, doubling) before the create counts as not done and is sent
 # again. The lags seen are seconds; 90 s is well past them and costs one batch nothing next to its hours of queue.
+# The window outlives the process: the send time is in the sidecar (Job.create_sent_at), so a resume inside it waits
+# out the rest (resumed_create_since). Both figures are multiplied by --retry-scale, as every retry delay is.
 CREATE_SETTLE_S = 90.0
 CREATE_LOOK_FIRST_S = 2.0
 POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
@@ -1565,6 +1567,10 @@ class Job:
     ok: int = 0
     failed: int = 0
     timestamps: dict[str, str] = field(default_factory=dict)
+    # Wall clock (epoch seconds) when its last create was sent, written with the SUBMITTING intent: a resume soon
+    # after an interruption there waits out the create's settle window from it (resumed_create_since). Absent from
+    # the sidecars of older batchify versions (None: one listing decides), ignored by them.
+    create_sent_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -1636,6 +1642,9 @@ def validate_job_dict(d: dict[str, Any]) -> None:
             raise StateError(f"job sidecar field {k!r} missing or not {t.__name__}")
     if d["state"] not in JobState.__members__:
         raise StateError(f"job sidecar has unknown state {d['state']!r}")
+    sent = d.get("create_sent_at")
+    if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int | float)):
+        raise StateError("job sidecar field 'create_sent_at' not a number")
 
 
 def listed_state(value: Any) -> JobState:
@@ -2195,33 +2204,51 @@ def next_wake(
     base: float,
     create_after: float,
     freed: bool,
+    looks: Iterable[float] = (),
 ) -> float:
     """The moment the scheduler should look again: the earliest poll due (of jobs live or awaiting their
-    output, not being downloaded); with jobs waiting for admission, now if a job just left the enqueued set
-    (admit into the room it made at once), else the create back-off or one base interval. At least `now`."""
+    output, not being downloaded) or look for an ambiguous create (`looks`: next_create_look's answers); with jobs
+    waiting for admission, now if a job just left the enqueued set (admit into the room it made at once), else the
+    create back-off or one base interval. At least `now`."""
     jobs = list(jobs)
     state = {j.name: j.state for j in jobs}
     waits = [
         t for name, t in next_poll.items() if state.get(name) in REMOTE_LIVE | {JobState.SUCCEEDED} and name not in retrieving
     ]
+    waits.extend(looks)
     if any(j.state in UNSUBMITTED for j in jobs):
         waits.append(now if freed else max(create_after, now + base))
     return max(now, min(waits, default=now + base))
 
 
-def ambiguous_create_verdict(listed: bool, since: float, now: float) -> str:
+def ambiguous_create_verdict(listed: bool, since: float, now: float, window: float = CREATE_SETTLE_S) -> str:
     """After a create answered with a timeout or a 5xx at `since`, a look by display name at `now`: "adopt" when
-    the job is listed, "wait" (look again at next_create_look) while CREATE_SETTLE_S has not passed, else "resend"
-    (the create did not happen: create again)."""
+    the job is listed, "wait" (look again at next_create_look) while the settle window (CREATE_SETTLE_S, scaled by
+    --retry-scale) has not passed, else "resend" (the create did not happen: create again)."""
     if listed:
         return "adopt"
-    return "wait" if now - since < CREATE_SETTLE_S else "resend"
+    return "wait" if now < since + window else "resend"  # the very sum next_create_look's last look is at
 
 
-def next_create_look(since: float, looks: int, now: float) -> float:
-    """When to list again for an ambiguous create looked for `looks` times: back off from CREATE_LOOK_FIRST_S,
-    doubling, at most a quarter of the window apart, and never after the window ends (the last look decides)."""
-    return min(now + min(CREATE_LOOK_FIRST_S * 2.0 ** max(0, looks - 1), CREATE_SETTLE_S / 4), since + CREATE_SETTLE_S)
+def next_create_look(
+    since: float, looks: int, now: float, window: float = CREATE_SETTLE_S, first: float = CREATE_LOOK_FIRST_S
+) -> float:
+    """When to list again for an ambiguous create looked for `looks` times: back off from `first`, doubling, at
+    most a quarter of the window apart, and never after the window ends (the last look decides)."""
+    return min(now + min(first * 2.0 ** min(max(0, looks - 1), 60), window / 4), since + window)
+
+
+def resumed_create_since(sent_at: float | None, wall_now: float, now: float, window: float) -> float | None:
+    """A job a fresh engine finds SUBMITTING (its process ended after the intent, before the create's answer was
+    recorded): when its create counts as sent on this process's clock (`now` less its age by the wall clock: the
+    sidecar's `sent_at`, epoch seconds, against `wall_now`), if that was less than `window` ago. It is then looked
+    for as an ambiguous create of this process until the window ends. None with no `sent_at` (a sidecar of an older
+    batchify) or past the window: one listing decides. A `sent_at` ahead of the wall clock (set back since) counts
+    as sent now: the whole window, never longer."""
+    if sent_at is None:
+        return None
+    age = max(0.0, wall_now - sent_at)
+    return now - age if age < window else None
 
 
 def orphan_action(job: Job | None, remote: RemoteJob) -> str | None:
@@ -6140,6 +6167,7 @@ class Engine:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         hook: Callable[[Hook], None] | None = None,
         stop: GracefulStop | None = None,
+        wall: Callable[[], float] = time.time,
     ):
         self.store = store
         self._client = client
@@ -6147,7 +6175,8 @@ class Engine:
         self.stop.attach(self)
         self._stoppable: set[asyncio.Task[Any]] = set()  # batch work a stop request cancels
         self.reporter: Reporter = reporter or NullReporter()
-        self.clock = clock
+        self.clock = clock  # monotonic: every interval the engine measures
+        self.wall = wall  # epoch seconds: only what is compared across processes (Job.create_sent_at)
         self.sleep = sleep
         self.hook = hook or (lambda point: None)
         self.run = store.load_run()
@@ -6180,6 +6209,7 @@ class Engine:
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
+        self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
 
@@ -6634,13 +6664,17 @@ class Engine:
         lines = self.request_files.count(rel)
         return Job(f"x{i:04d}", i, display_name_for(self.run.name, self.run.run_id, i, 1), rel, lines, 0, 0)
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, settle: bool = True) -> None:
         """A job left in SUBMITTING may or may not exist remotely: find it by display name. One whose create
-        answered a timeout or a 5xx in this process (_ambiguous) is looked for again, backing off, for
-        CREATE_SETTLE_S (ambiguous_create_verdict) before it is created again; one left by an interruption is
-        created again when not listed. Every listing also settles this run's orphans (_settle_orphans)."""
+        answered a timeout or a 5xx in this process (_ambiguous), or that an interrupted process sent less than the
+        settle window ago (_settle_resumed; not with `settle` False: cancel), is looked for again, backing off, until
+        the window ends (ambiguous_create_verdict) before it is created again; one left by an interruption longer
+        ago (or by an older batchify, which kept no time) is created again when not listed. Every listing also
+        settles this run's orphans (_settle_orphans)."""
         now = self.clock()
         stuck = [j for j in self._ordered() if j.state == JobState.SUBMITTING]
+        if settle:
+            self._settle_resumed(stuck, now)
         due = [j for j in stuck if j.name not in self._ambiguous or self._ambiguous[j.name][2] <= now]
         if not due:
             return
@@ -6650,6 +6684,10 @@ class Engine:
             raise
         except RemoteError as e:  # never fatal: the scheduler reconciles again on its next pass
             self._log(f"listing batches to reconcile {len(due)} job(s) failed ({e}); will look again")
+            for j in due:  # the next look one base interval on (not at once: no loop of failing lists)
+                if j.name in self._ambiguous:
+                    since, looks, _ = self._ambiguous[j.name]
+                    self._ambiguous[j.name] = (since, looks, now + self.opts.poll)
             return
         await self._settle_orphans(listed)
         now = self.clock()
@@ -6657,21 +6695,44 @@ class Engine:
             if self.jobs[j.name].state != JobState.SUBMITTING:
                 self._ambiguous.pop(j.name, None)  # adopted by _settle_orphans
                 continue
-            if j.name not in self._ambiguous:
-                self._advance(j, JobState.UPLOADED)  # left by an interruption, not listed: taken as never created
-                self._resent.add(j.name)  # a create that took effect but is not listed yet: the last listing looks again
+            if j.name in self._ambiguous:
+                since, looks, _ = self._ambiguous[j.name]
+                if ambiguous_create_verdict(False, since, now, self._settle_s) == "wait":
+                    first = CREATE_LOOK_FIRST_S * self.opts.retry_scale
+                    look = next_create_look(since, looks + 1, now, self._settle_s, first)
+                    self._ambiguous[j.name] = (since, looks + 1, look)
+                    continue
+                del self._ambiguous[j.name]
+                why = "the run that sent its create ended" if j.name in self._interrupted else "its create answered an error"
+                self._interrupted.discard(j.name)
+                self._log(
+                    f"{j.name}: {why} and no job named {j.display_name} was listed in {now - since:.0f} s: creating it again"
+                )
+            self._advance(j, JobState.UPLOADED)  # not listed: taken as never created
+            self._resent.add(j.name)  # a create that took effect but is not listed yet: the last listing looks again
+
+    @property
+    def _settle_s(self) -> float:
+        """CREATE_SETTLE_S scaled by --retry-scale, as every retry delay is (the drills wait a fiftieth of it)."""
+        return CREATE_SETTLE_S * self.opts.retry_scale
+
+    def _settle_resumed(self, stuck: list[Job], now: float) -> None:
+        """Jobs an earlier process left SUBMITTING with their create sent less than the settle window ago by the
+        wall clock (Job.create_sent_at, resumed_create_since): looked for as this process's ambiguous creates, until
+        the window ends counted from that send, rather than taken as never created at the first listing (the create
+        may have taken effect and batches.list lag it). The other jobs go on meanwhile (SUBMITTING is not admitted)."""
+        for j in stuck:
+            if j.name in self._ambiguous:
                 continue
-            since, looks, _ = self._ambiguous[j.name]
-            if ambiguous_create_verdict(False, since, now) == "wait":
-                self._ambiguous[j.name] = (since, looks + 1, next_create_look(since, looks + 1, now))
+            since = resumed_create_since(j.create_sent_at, self.wall(), now, self._settle_s)
+            if since is None:
                 continue
-            del self._ambiguous[j.name]
-            self._resent.add(j.name)
+            self._ambiguous[j.name] = (since, 0, now)
+            self._interrupted.add(j.name)
             self._log(
-                f"{j.name}: its create answered an error and no job named {j.display_name} was listed in {now - since:.0f} s: "
-                "creating it again"
+                f"{j.name}: a run that ended before recording the answer sent its create {now - since:.0f} s ago; looking "
+                f"for it by display name for up to {self._settle_s - (now - since):.0f} s more before creating it again"
             )
-            self._advance(j, JobState.UPLOADED)
 
     async def _sweep_orphans(self) -> None:
         """At the end of a run that created a job again after its ambiguous create was not found: one last listing,
@@ -6696,7 +6757,7 @@ class Engine:
             job = self.jobs[by_name[r.display_name]]
             action = orphan_action(job, r)
             if action == "adopt":
-                if job.state == JobState.SUBMITTING and job.name not in self._ambiguous:
+                if job.state == JobState.SUBMITTING and (job.name not in self._ambiguous or job.name in self._interrupted):
                     self._log(f"{job.name}: found remote job {r.name} created before the interruption")
                 else:
                     self._log(f"{job.name}: its create answered an error but took effect: adopted {r.name}")
@@ -6704,6 +6765,7 @@ class Engine:
                     job = self._advance(job, JobState.SUBMITTING)
                 self._advance(job, r.state, remote_job=r.name)
                 self._ambiguous.pop(job.name, None)
+                self._interrupted.discard(job.name)
                 self._wake.set()
                 continue
             if action is None:
@@ -6934,7 +6996,8 @@ class Engine:
             if freed:  # a 429 back-off is moot once capacity has actually changed
                 t.create_after, t.create_backoff = 0.0, base
             now = self.clock()
-            wake = next_wake(self.jobs.values(), t.next_poll, self._retrieving, now, base, t.create_after, freed)
+            looks = [look for _since, _n, look in self._ambiguous.values()]  # an ambiguous create's next look
+            wake = next_wake(self.jobs.values(), t.next_poll, self._retrieving, now, base, t.create_after, freed, looks)
             await self._sleep_until(wake - now, self._wake)
 
     async def _admit(self, t: _Timers) -> None:
@@ -7007,7 +7070,7 @@ class Engine:
         job = self.jobs[job.name]
         if job.lane != "batch" or job.state != JobState.UPLOADED:
             return False  # a Flex lane claimed it since it was chosen: never both (no id paid twice)
-        job = self._advance(job, JobState.SUBMITTING)  # the intent, on disk before the call
+        job = self._advance(job, JobState.SUBMITTING, create_sent_at=self.wall())  # the intent, on disk before the call
         self.hook(Hook.AFTER_INTENT)
         try:
             rj = await self.client.create_batch(self.cfg.model, job.remote_file or "", job.display_name)
@@ -7828,7 +7891,7 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
     engine = Engine(store, client)
     if engine.run.status == "done":
         return []  # finished: nothing to cancel, and its state stays as it is
-    await engine.reconcile()
+    await engine.reconcile(settle=False)  # no waiting out a resumed create's window: cancel answers at once
     engine.run.status = "cancelled"
     store.save_run(engine.run)
     cancelled = []

@@ -15,11 +15,18 @@ import batchify
 
 
 class FakeClock:
+    EPOCH = 1_800_000_000.0  # what wall() reads at fake time 0
+
     def __init__(self) -> None:
         self.t = 0.0
 
     def now(self) -> float:
         return self.t
+
+    def wall(self) -> float:
+        """The wall clock (epoch seconds, the engine's `wall`): moves with fake time. A test moves both at once
+        (`clock.t += s`) for a process that was down `s` seconds, as the service's time went on meanwhile."""
+        return self.EPOCH + self.t
 
     async def sleep(self, seconds: float) -> None:
         self.t += max(0.0, seconds)
@@ -53,6 +60,7 @@ class FakeGemini:
         self.max_active: int | None = None  # creates refused (429) while this many jobs are pending or running
         self.line_error: Any = None  # a predicate on a request's text: its result line is an error (500 INTERNAL)
         self.gone: set[str] = set()  # jobs the service lost: a get answers 404, the list leaves them out
+        self.list_lag = 0.0  # a job created is left out of batches.list for this many seconds (the list lags creates)
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -80,6 +88,7 @@ class FakeGemini:
             "dn": display_name,
             "end": self.clock.now() + self.durations[len(self.jobs)],
             "tokens": tokens,
+            "listed_from": self.clock.now() + self.list_lag,
         }
         self._log("create", name)
         return batchify.RemoteJob(name, display_name, batchify.JobState.PENDING)
@@ -112,7 +121,8 @@ class FakeGemini:
 
     async def list_batches(self) -> list[batchify.RemoteJob]:
         self._log("list", "")
-        return [self._state(n) for n in self.jobs if n not in self.gone]
+        now = self.clock.now()
+        return [self._state(n) for n, j in self.jobs.items() if n not in self.gone and j["listed_from"] <= now]
 
     async def download(self, name: str) -> AsyncIterator[bytes]:
         self._log("download", name)

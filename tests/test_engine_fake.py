@@ -637,6 +637,44 @@ def test_ambiguous_create_verdict_and_looks():
         assert batchify.next_create_look(since, looks, now) == want, (since, looks, now)
 
 
+def test_the_settle_window_scales_and_a_resumed_create_keeps_its_age():
+    W, f = 10.0, 0.5  # a window and first look scaled down (--retry-scale)
+    assert batchify.ambiguous_create_verdict(False, 0.0, W - 0.01, W) == "wait"
+    assert batchify.ambiguous_create_verdict(False, 0.0, W, W) == "resend"
+    assert batchify.next_create_look(0.0, 1, 0.0, W, f) == f
+    assert batchify.next_create_look(0.0, 3, 1.5, W, f) == 1.5 + 4 * f
+    assert batchify.next_create_look(0.0, 9, 9.0, W, f) == W  # at most a quarter window apart, never past its end
+    assert batchify.next_create_look(0.0, 10**6, 1.0, W, f) == 1.0 + W / 4  # no overflow however many looks
+    for since in (0.1, 0.7, 1.3, 2.9, 17.3):  # the last look is the moment the verdict turns: never a look that waits on
+        last = batchify.next_create_look(since, 50, since + W - 1e-9, W, f)
+        assert batchify.ambiguous_create_verdict(False, since, last, W) == "resend", since
+    E, S = 1_800_000_000.0, batchify.CREATE_SETTLE_S
+    for sent_at, wall_now, now, want in [
+        (None, E, 500.0, None),  # an older batchify's sidecar: no send time, one listing decides
+        (E, E, 500.0, 500.0),  # sent this instant: the whole window from now
+        (E, E + 20, 500.0, 480.0),  # sent 20 s ago: 70 s left, counted on this process's clock
+        (E, E + S - 0.5, 500.0, 500.0 - S + 0.5),
+        (E, E + S, 500.0, None),  # the window has passed
+        (E, E + 10 * S, 3.0, None),
+        (E + 3_600, E, 500.0, 500.0),  # sent "in the future" (the clock was set back): the window from now, no longer
+    ]:
+        assert batchify.resumed_create_since(sent_at, wall_now, now, S) == want, (sent_at, wall_now, now)
+    assert batchify.resumed_create_since(E, E + 1.0, 50.0, 0.0) is None  # --retry-scale 0: no window
+
+
+def test_a_create_that_did_not_take_effect_is_sent_again_when_the_window_ends_not_a_poll_later(tmp_path):
+    """The looks for an ambiguous create are on the scheduler's wake-up schedule: with a 40 s poll interval the
+    create goes again at CREATE_SETTLE_S, not at the first pass after it (it went at 120 s)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 10, 10, poll_interval=40.0)
+    fake = _LateCreates(clock, [300.0, 300.0], late={1}, lag=10**4)
+    summary, log = _run_logged(store, fake, clock)
+    assert summary.ok == 10
+    first, again = [t for t, what, _ in fake.calls if what == "create"]
+    assert batchify.CREATE_SETTLE_S <= again - first <= batchify.CREATE_SETTLE_S + 1.0, (first, again)
+    assert any("its create answered an error and no job named" in line for line in log.lines), log.lines
+
+
 def test_orphan_action_table():
     S = batchify.JobState
     dn = "batchify-r-x-b0001-a1"

@@ -27,7 +27,8 @@ class Logged(batchify.NullReporter):
 
 
 def engine(store: batchify.RunStore, fake: FakeGemini, hook=None, reporter=None) -> batchify.Engine:
-    return batchify.Engine(store, fake, reporter, clock=fake.clock.now, sleep=fake.clock.sleep, hook=hook)
+    clock = fake.clock
+    return batchify.Engine(store, fake, reporter, clock=clock.now, sleep=clock.sleep, hook=hook, wall=clock.wall)
 
 
 def run(store: batchify.RunStore, fake: FakeGemini, hook=None, reporter=None) -> batchify.Summary:
@@ -80,6 +81,85 @@ def test_crash_then_resume_creates_nothing_twice(tmp_path, point, nth):
     assert len(fake.jobs) == len(jobs) == 4
     if point == Hook.AFTER_CREATE:
         assert any("found remote job" in line for line in log.lines), log.lines
+
+
+# -- a create sent by a run that ended before its answer was recorded: the settle window goes on across the resume ---
+def _creates_of(fake: FakeGemini, display_name: str) -> list[float]:
+    return [t for t, what, n in fake.calls if what == "create" and fake.jobs[n]["dn"] == display_name]
+
+
+def test_a_resumed_create_that_took_effect_but_lists_late_is_adopted_not_paid_twice(tmp_path):
+    """The create took effect, the process died before recording its answer, and batches.list shows the job only
+    30 s after the create. Resumed 20 s later (inside CREATE_SETTLE_S of the create, by the wall clock kept in the
+    sidecar), the first listing misses it: the job is looked for until the window ends, found and adopted. Exactly
+    one remote job per batch; the run's other batches are created meanwhile, not held behind it."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 15, poll_interval=1.0, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [5.0] * 10)
+    fake.list_lag = 30.0
+    crash(store, fake, Hook.AFTER_CREATE)
+    (stuck,) = [j for j in store.load_jobs() if j.state == JobState.SUBMITTING]
+    assert len(fake.jobs) == 1
+    on_disk = json.loads((store.jobs_dir / f"{stuck.name}.json").read_text())
+    sent, sent_wall = clock.t, clock.wall()
+    clock.t += 20.0  # the process was down 20 s
+    log = Logged()
+    s = run(store, fake, reporter=log)
+    assert s.ok == 60
+    assert _creates_of(fake, stuck.display_name) == [sent], "the batch was created twice"
+    assert len(fake.jobs) == 4 and not [c for c in fake.calls if c[1] == "cancel"]
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)
+    assert any("found remote job batches/0 created before the interruption" in line for line in log.lines), log.lines
+    others = [t for t, what, n in fake.calls if what == "create" and n != "batches/0"]
+    assert len(others) == 3 and max(others) < sent + fake.list_lag  # not held behind the job looked for
+    lists = [t for t, what, _ in fake.calls if what == "list" and t >= sent + 20.0]
+    assert len(lists) <= 8, lists  # looked for with back-off, not at every pass
+    assert on_disk.get("create_sent_at") == sent_wall  # the send time went on disk with the intent (wall clock)
+
+
+@pytest.mark.parametrize(
+    ("down", "scale", "strip", "wait"),
+    [
+        (20.0, 1.0, False, batchify.CREATE_SETTLE_S),  # inside the window: looked for until it ends, from the send
+        (120.0, 1.0, False, None),  # past the window: one listing, created again at once
+        (20.0, 1.0, True, None),  # a sidecar of an older batchify (no send time): as before, created again at once
+        (1.0, 0.02, False, batchify.CREATE_SETTLE_S * 0.02),  # --retry-scale (the drills) scales the window too
+    ],
+)
+def test_a_resumed_create_that_did_not_happen_is_sent_again_once_the_window_has_passed(tmp_path, down, scale, strip, wait):
+    """The process died after the intent, before the create was sent (nothing at the service). Resumed `down`
+    seconds later: inside the settle window (counted from the send, by the wall clock in the sidecar) the job is
+    looked for until the window ends and then created again, once, the run's other batches going on meanwhile;
+    past it, or with no send time recorded, created again at once. Either way one remote job per batch."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 15, poll_interval=1.0, enqueued_limit=10**6, margin=0.0, retry_scale=scale)
+    fake = FakeGemini(clock, [5.0] * 10)
+    crash(store, fake, Hook.AFTER_INTENT)
+    (stuck,) = [j for j in store.load_jobs() if j.state == JobState.SUBMITTING]
+    assert not fake.jobs
+    side = store.jobs_dir / f"{stuck.name}.json"
+    on_disk = json.loads(side.read_text())
+    if strip:  # as an older batchify wrote it
+        side.write_text(json.dumps({k: v for k, v in on_disk.items() if k != "create_sent_at"}))
+    sent, sent_wall = clock.t, clock.wall()
+    clock.t += down
+    resumed = clock.t
+    log = Logged()
+    assert run(store, fake, reporter=log).ok == 60
+    (at,) = _creates_of(fake, stuck.display_name)  # created once
+    if wait is None:
+        assert at == resumed, (at, resumed)
+        assert not any("was listed in" in line for line in log.lines), log.lines
+    else:
+        assert sent + wait <= at <= sent + wait + 0.1 * scale, (sent, at)  # on time: the look is on the wake schedule
+        assert any(f"{stuck.name}: the run that sent its create ended" in line for line in log.lines), log.lines
+        others = [t for t, what, n in fake.calls if what == "create" and fake.jobs[n]["dn"] != stuck.display_name]
+        assert len(others) == 3 and max(others) < sent + wait  # the rest of the run did not wait for it
+    assert len(fake.jobs) == 4
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)
+    assert on_disk.get("create_sent_at") == sent_wall  # the send time went on disk with the intent (wall clock)
 
 
 # -- jobs that end badly (tests/test_faults.py drills the same knobs over the wire) ---------------------------------

@@ -145,6 +145,7 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
     out = tmp_path / "o.jsonl"
     run_dir = tmp_path / "st" / "news"
     base = ["--endpoint", emu.url, "--state-dir", "st", "--poll-interval", "0.1"]
+    SCALE = ["--retry-scale", "0.02"]  # kept by the resumes: a kill after the intent waits 1.8 s of create settling, not 90
     batch_points = ["before_upload", "after_upload", "after_intent", "after_create", "after_poll", "after_download"]
     killed: list[str] = []
     for i in range(20):
@@ -166,7 +167,7 @@ def test_crash_drill_20_sigkills(emu, tmp_path):
         args = (
             ["resume", "news", *base]
             if phase != "prepare"
-            else ["run", str(inp), "--out", str(out), "--batch-size", "5", "--enqueued-limit", "9000", "--yes", *base]
+            else ["run", str(inp), "--out", str(out), "--batch-size", "5", "--enqueued-limit", "9000", "--yes", *base, *SCALE]
         )
         env = {"BATCHIFY_CRASH_AT": moment} if isinstance(moment, str) else {}
         proc = spawn_cli(args, tmp_path, capture=False, **env)

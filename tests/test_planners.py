@@ -307,6 +307,14 @@ def test_next_wake_table(states, next_poll, retrieving, create_after, freed, exp
     assert b.next_wake(jobs, next_poll, retrieving, 10.0, 10.0, create_after, freed) == expected
 
 
+def test_next_wake_includes_the_next_look_for_an_ambiguous_create():
+    jobs = [mkjob(1, S.RUNNING), mkjob(2, S.SUBMITTING)]
+    assert b.next_wake(jobs, {"b0001": 40.0}, set(), 10.0, 10.0, 0.0, False, [14.5]) == 14.5
+    assert b.next_wake(jobs, {"b0001": 12.0}, set(), 10.0, 10.0, 0.0, False, [14.5]) == 12.0
+    assert b.next_wake(jobs[1:], {}, set(), 10.0, 10.0, 0.0, False, [3.0]) == 10.0  # overdue: now
+    assert b.next_wake(jobs[1:], {}, set(), 10.0, 10.0, 0.0, False) == 20.0  # no look: one base interval
+
+
 def test_effective_limit_and_tables():
     assert b.effective_limit(3_000_000, 0.1) == 2_700_000
     cat = b.builtin_catalog()
