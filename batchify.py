@@ -140,7 +140,7 @@ DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while no
 # out the rest (resumed_create_since). Both figures are multiplied by --retry-scale, as every retry delay is.
 CREATE_SETTLE_S = 90.0
 CREATE_LOOK_FIRST_S = 2.0
-POLL_REFUSALS = 3  # permanent (non-transient) answers, or 404s, to a job's get in a row before it counts as FAILED
+POLL_REFUSALS = 3  # 404s to a job's get in a row before it counts as gone; other refusals in a row stop the run
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
 SHORT_OUTPUT_ROUNDS = 3  # downloads of an output with fewer lines than batchStats counts before it is taken as it is
@@ -1445,6 +1445,19 @@ class AuthError(RemoteError):
     """The API key was refused (400 API_KEY_INVALID, 401, 403 naming the key): nothing will work; stop at once."""
 
 
+class ServiceRefused(AuthError):
+    """The service refuses the account's calls for a reason no retry mends and the request does not cause: 403
+    PERMISSION_DENIED or 400 FAILED_PRECONDITION (billing, the user's location, project permissions), or a job's
+    polls refused POLL_REFUSALS times in a row. Stop at once, every job kept as it is (a job whose polls are refused
+    has not ended: failing it and creating it again would pay twice); `resume` goes on once it is mended."""
+
+
+def account_refusal(e: RemoteError) -> bool:
+    """An answer about the account, not the request (account-wide: stop, do not record it against an id): 403, or
+    a 400 FAILED_PRECONDITION ("User location is not supported", "enable billing", the free tier's countries)."""
+    return e.code == 403 or (e.code == 400 and (e.status == "FAILED_PRECONDITION" or "FAILED_PRECONDITION" in str(e)))
+
+
 # ================================================================================================
 # 3. Data model and state machine
 # ================================================================================================
@@ -2249,6 +2262,29 @@ def resumed_create_since(sent_at: float | None, wall_now: float, now: float, win
         return None
     age = max(0.0, wall_now - sent_at)
     return now - age if age < window else None
+
+
+def leading_error(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The error that ended a TaskGroup, out of its (perhaps nested) group: the first that is not a cancellation
+    (the siblings it cancelled), else the first."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [eg]
+    while todo:
+        e = todo.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            todo[:0] = e.exceptions
+        else:
+            leaves.append(e)
+    return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0] if leaves else eg)
+
+
+def poll_refused_message(job: Job, n: int, e: RemoteError, run: str) -> str:
+    """What a run stopped by refused polls says: the job was not failed, why, and the fix."""
+    return (
+        f"{job.name} ({job.remote_job}): the service refused to show its state {n} times in a row ({e}). It is kept as "
+        "it is, not counted as failed: it may still run and be billed, and creating it again would pay twice. Fix what "
+        f"the service names (billing, the project's permissions, the location calling from), then `batchify resume {run}`."
+    )
 
 
 def orphan_action(job: Job | None, remote: RemoteJob) -> str | None:
@@ -6209,6 +6245,7 @@ class Engine:
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
+        self._refusal: ServiceRefused | None = None  # the account refused: the run drains, then stops with this
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
@@ -6300,7 +6337,18 @@ class Engine:
             self._stoppable.discard(task)
         self._raise_if_stopped()
 
+    def refused(self, error: ServiceRefused) -> None:
+        """The service refused the account (ServiceRefused): stop as a graceful stop does (no new request, batch
+        work cancelled, the Flex requests already sent waited for: they are paid for), then raise `error`."""
+        if self._refusal is None:
+            self._refusal = error
+            self._log(f"stopping: {error}")
+            self.stop.request()
+
     def _raise_if_stopped(self) -> None:
+        if self._refusal is not None:
+            self._report()
+            raise self._refusal
         if self.stopping:
             self._report()
             raise Interrupted(
@@ -6325,8 +6373,11 @@ class Engine:
         self.run.status = "running"
         self.store.save_run(self.run)
         try:
-            return await self._execute()
-        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted):
+            try:
+                return await self._execute()
+            except BaseExceptionGroup as eg:  # a TaskGroup's (a Flex request's refusal, say): the error as itself
+                raise leading_error(eg) from None
+        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted, ServiceRefused):
             self._end_as("interrupted")
             raise
         except CostCapError:
@@ -7245,9 +7296,11 @@ class Engine:
             if e.code == 404:
                 return await self._poll_answered_404(job)
             n = self._poll_streak(job, "transient" if e.transient else "refused")
-            if not e.transient and n >= POLL_REFUSALS:  # 400/403 on a get, again and again: not worth polling forever
-                self._advance(job, JobState.FAILED, error=f"polling refused {n} times in a row: {e}")
-                return True
+            if not e.transient and n >= POLL_REFUSALS:  # 400/403 on a get, again and again: the job has not ended
+                self.refused(ServiceRefused(poll_refused_message(job, n, e, self.run.name), code=e.code, status=e.status))
+                if not self._stoppable:  # nothing a stop cancels runs this loop (a cancelled run's polls): end it here
+                    self._raise_if_stopped()
+                return False
             self._log(f"{job.name}: poll failed ({e}); will poll again")
             return False
         self._poll_streaks.pop(job.name, None)
@@ -7843,6 +7896,17 @@ class RequestSender:
             except AuthError:
                 raise
             except RemoteError as e:
+                if account_refusal(e):  # every request would get it: stop, not an error recorded against each id
+                    self.engine.refused(
+                        ServiceRefused(
+                            f"{e}. Nothing is recorded against the requests it refused: fix what the service names "
+                            f"(billing, the project's permissions, the location calling from), then "
+                            f"`batchify resume {self.engine.run.name}`.",
+                            code=e.code,
+                            status=e.status,
+                        )
+                    )
+                    return None  # not answered: resume sends it
                 backoff = self._backoff(e, attempt, started, granted, t)
                 if backoff is None:
                     return result_record(n, None, str(e), self.source)
@@ -10293,6 +10357,8 @@ class EmulatorConfig:
     create_lost: int = 0  # a create takes effect but is answered 503 (the answer lost on the way back)
     list_foreign_state: str | None = None  # batches.list also shows someone else's job in this state ("": none at all)
     get_404: int = 0  # a job's get answered 404 NOT_FOUND while the job lives (a proxy, a routing blip)
+    get_403: int = 0  # a job's get answered 403 PERMISSION_DENIED (billing or project permissions changed mid-run)
+    generate_400_location: int = 0  # generateContent answered 400 FAILED_PRECONDITION "User location is not supported"
     count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
     # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
@@ -10301,6 +10367,8 @@ class EmulatorConfig:
     flex_latency_max: float = 0.0
     flex_shed_rate: float = 0.0
     flex_capacity: int | None = None
+    flex_hold: bool = False  # Flex answers wait (after their latency) until this is set False: requests provably
+    # in flight at a moment of a test's choosing, whatever the machine's speed
     flex_shed_code: int = 503  # the status a shed request is answered with (Google's page: 503 at capacity, 429 at
     # the rate limits; an overloaded pool has been seen answering 504 and 500 as well)
     # Vertex AI batchPredictionJobs (--backend vertex): jobs read their input from, and write their output to,
@@ -10367,6 +10435,8 @@ class Emulator:
         }
         self.created = 0
         self.spent: dict[str, int] = {}  # "first N calls" fault knobs: how many of N have fired (see _fault)
+        self._flex_released = asyncio.Event()  # set while cfg.flex_hold is False
+        self._flex_released.set()
         self._runner: Any = None
         self.url = ""
         self.seen_prefixes: set[tuple[str, str]] = set()
@@ -10469,6 +10539,10 @@ class Emulator:
         self.cfg.update(**kw)
         for k in kw:
             self.spent.pop(k, None)
+        if self.cfg.flex_hold:
+            self._flex_released.clear()
+        else:
+            self._flex_released.set()
 
     def _fault(self, knob: str) -> bool:
         """A "first N calls" fault knob: True while fewer than N (the setting) have fired, counted in stats as
@@ -10925,6 +10999,8 @@ class Emulator:
 
     async def _generate(self, body: dict[str, Any], model: str) -> Any:
         req = self._check_request(body, "request")
+        if self._fault("generate_400_location"):
+            raise _EmuError(400, "FAILED_PRECONDITION", "User location is not supported for the API use.")
         tier = str(req.get("serviceTier") or "standard").lower().removeprefix("service_tier_")
         if tier == "flex":
             return await self._flex(req, model)
@@ -10955,6 +11031,7 @@ class Emulator:
             lo, hi = self.cfg.flex_latency_min, max(self.cfg.flex_latency_min, self.cfg.flex_latency_max)
             if hi > 0:
                 await asyncio.sleep(self._dur(lo + (hi - lo) * self.rng.random()))
+            await self._flex_released.wait()
             self.stats["generate_calls"] += 1
             self.stats["last_generate_at"] = self.now()
             return self._ok(self._answer(req, model, service="flex"))
@@ -11267,6 +11344,8 @@ class Emulator:
         j = self._job(id)
         if self._fault("get_404"):
             raise _EmuError(404, "NOT_FOUND", "Requested entity was not found.")
+        if self._fault("get_403"):
+            raise _EmuError(403, "PERMISSION_DENIED", "Permission denied on resource project 1234 (emulated).")
         op = self._operation(j)
         # Polling cost, for tests and benches: gets per job, the shortest gap between two gets of one
         # job, and how long after its end a client first saw a job finished.

@@ -440,3 +440,39 @@ def test_a_lost_create_is_found_though_the_list_holds_a_job_in_a_state_batchify_
     s = emu.stats()
     assert s["faults_create_lost"] == 1 and s["creates"] == 1
     assert_created_once(s)
+
+
+# -- the account refused mid-run (billing, permissions, location): stop, keep every job, resume pays nothing twice ----
+def test_polls_refused_403_stop_the_run_with_the_job_kept_never_created_again(emu, articles, tmp_path):
+    """A billing or permission change answers the job's gets 403 for a while. It used to count the job FAILED after 3
+    refused polls and create it again (then again, then Flex): four payments for one batch, exit 0 and no word. The
+    run now stops (exit 3) with the job as it was and the fix; resume, once mended, collects the one job."""
+    emu.configure(job_seconds=1.0, get_403=batchify.POLL_REFUSALS)
+    p, out = run(emu, articles, tmp_path, "--mode", "batch")
+    assert p.returncode == 3, p.stderr
+    assert "refused to show its state" in p.stderr and "not counted as failed" in p.stderr and "resume articles" in p.stderr
+    jobs = batchify.RunStore(tmp_path / "st", "articles").load_jobs()
+    assert [j.state for j in jobs] != [] and all(j.state in batchify.REMOTE_LIVE for j in jobs), jobs
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" and x["source"] == "batch" for x in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["creates"] == 1 and s["generate_calls"] == 0
+    assert_created_once(s)
+
+
+def test_a_location_refusal_on_flex_stops_the_run_recording_no_id_as_failed(emu, articles, tmp_path):
+    """400 FAILED_PRECONDITION "User location is not supported" (a VPN's exit changed country): an answer about the
+    account, not the request. It used to be recorded as each id's final error (resume then sent nothing: 60 errors
+    for good); the run now stops (exit 3), nothing recorded, and resume finishes every id, each billed once."""
+    emu.configure(generate_400_location=1)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--flex-lanes", "1")
+    assert p.returncode == 3, p.stderr
+    assert "User location is not supported" in p.stderr and "resume articles" in p.stderr
+    rt = tmp_path / "st" / "articles" / "realtime.jsonl"
+    assert not rt.exists() or all(r.get("status") == "ok" for r in read_jsonl(rt))
+    r = run_cli(["resume", "articles", "--state-dir", "st"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" and x["source"] == "flex" for x in assert_every_id_once(out, articles))
+    billed = emu.stats()["billed"]
+    assert len(billed) == 60 and set(billed.values()) == {1}
