@@ -6168,8 +6168,10 @@ class Engine:
         hook: Callable[[Hook], None] | None = None,
         stop: GracefulStop | None = None,
         wall: Callable[[], float] = time.time,
+        retired: str | None = None,
     ):
         self.store = store
+        self.retired = retired  # why nothing new may be sent (the model was shut down): only what the service has is fetched
         self._client = client
         self.stop = stop or GracefulStop()
         self.stop.attach(self)
@@ -6344,6 +6346,8 @@ class Engine:
             self.store.save_run(run)
 
     async def _execute(self) -> Summary:
+        if self.retired is not None:
+            return await self._collect_only(self.retired)
         if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
             raise CostCapError(
                 f"the estimated cost {usd(self.run.plan['estimated_cost_usd'])} is above --max-cost "
@@ -6387,6 +6391,30 @@ class Engine:
                     await self.send_requests(todo, tier)
         self._raise_if_stopped()  # before the merge: an interrupted run is merged by the resume that finishes it
         return self.merge()
+
+    async def _collect_only(self, why: str) -> Summary:
+        """A resume after the run's model was shut down: the jobs already at the service (live, succeeded, or a
+        create whose answer was lost) are polled, downloaded and merged; nothing is uploaded, created, retried or
+        sent one by one (batch_phase admits nothing: self.retired). Then, if requests are still not done, UsageError
+        naming them: they need new sends, which the retired model cannot take."""
+        self.mend_prepared(requests=False)
+        self._raise_if_stopped()
+        if any(j.state in REMOTE_LIVE | {JobState.SUCCEEDED, JobState.SUBMITTING} for j in self.jobs.values()):
+            await self._stoppable_step(self.batch_phase())
+        self._raise_if_stopped()
+        summary = self.merge()
+        left = self.unresolved()
+        if not left:
+            return summary
+        batches = [f"b{i:04d}" for i, s, e in self._ranges() if any(s <= n < e for n in left)]
+        named = ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else "")
+        instead = f"--model {self.spec.replacement}" if self.spec.replacement else "another model (`batchify models`)"
+        raise UsageError(
+            f"run {self.run.name!r}: {len(left)} of {self.run.records} request(s) are not done (batch(es) {named}) and "
+            f"would need new requests, which this model no longer takes: {why.split(' Fix:')[0]} Everything already at "
+            f"the service was downloaded and merged into {summary.out}; the ids not done have status error there. Fix: "
+            f"run those ids as a new run with {instead} (resume cannot change a run's model)."
+        )
 
     def _claim_for_flex(self) -> Job | None:
         """The next batch for the Flex lanes: one they owned already and did not finish (a resume), else the
@@ -6880,7 +6908,7 @@ class Engine:
     def _upload_ahead(self) -> int:
         """How many batches to keep uploaded before they are admitted: as many as could start at once."""
         waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED and j.lane == "batch"]
-        if not waiting:
+        if not waiting or self.retired is not None:  # a retired model: nothing is uploaded
             return 0
         fits = int(self.limit) // max(1, sum(waiting) // len(waiting))
         return max(2, min(self.opts.max_active_jobs, fits) + 1)
@@ -6978,9 +7006,10 @@ class Engine:
             self._wake.clear()
             if any(j.state == JobState.SUBMITTING for j in self.jobs.values()):
                 await self.reconcile()  # a create whose answer was lost, not yet found: look again (never fatal)
-            self._spawn_retries()
+            if self.retired is None:  # a retired model: nothing new is created or retried (_collect_only)
+                self._spawn_retries()
             self._demand.set()
-            if self.clock() >= t.create_after:
+            if self.clock() >= t.create_after and self.retired is None:
                 await self._admit(t)
             due = due_for_poll(self.jobs.values(), t.next_poll, t.timed, self.clock(), base)
             freed = await self._poll_due(due, t)
@@ -6990,7 +7019,7 @@ class Engine:
             if self._failure is not None:
                 raise self._failure
             self._report()
-            if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
+            if self._batches_settled():
                 await self._sweep_orphans()
                 return
             if freed:  # a 429 back-off is moot once capacity has actually changed
@@ -7061,6 +7090,13 @@ class Engine:
             else:
                 t.timed.discard(name)
         return freed
+
+    def _batches_settled(self) -> bool:
+        """Every batch job final with no retry due; with a retired model (_collect_only), every job the service
+        has is final (those never created stay as they are)."""
+        if self.retired is not None:
+            return all(j.state in FINAL_STATES | UNSUBMITTED for j in self.jobs.values())
+        return all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending()
 
     def _retry_pending(self) -> bool:
         return bool(jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"))
@@ -8382,16 +8418,22 @@ async def run_file(
             return run, summary
 
 
-async def check_model_still_served(run: Run, client: GeminiClient) -> None:
-    """Before a run that was prepared earlier sends more: is its model retired now (by today's catalog, or a
-    404 from models.get)? Exit 2 naming the replacement, instead of failing every request."""
+async def model_retired(run: Run, client: GeminiClient, today: str | None = None) -> str | None:
+    """Before a run that was prepared earlier sends more: why its model may take no new requests now (retired by
+    the catalog as of `today`, default the real date, or a 404 from models.get), else None. The engine is then
+    told so (Engine's `retired`): what is already at the service is still polled, downloaded and merged, and only
+    work that needs new sends stops, with exit 2 naming it, instead of failing every request."""
     if run.status in ("done", "cancelled"):
-        return
+        return None
     spec = run_model_spec(run)
     cat = builtin_catalog()
-    if spec.name in cat.models:
-        resolve_model(cat, spec.name, utcnow()[:10])  # retired since the run was prepared: UsageError
-    await client.get_model(spec.name, replacement=spec.replacement)
+    try:
+        if spec.name in cat.models:
+            resolve_model(cat, spec.name, today or utcnow()[:10])  # retired since the run was prepared: UsageError
+        await client.get_model(spec.name, replacement=spec.replacement)
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 # Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
@@ -8518,9 +8560,9 @@ async def resume_run(
             store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
-            await check_model_still_served(run, client)
+            retired = await model_retired(run, client)
             with _progress(reporter) as shown:
-                return await Engine(store, client, shown, hook=hook, stop=stop).execute()
+                return await Engine(store, client, shown, hook=hook, stop=stop, retired=retired).execute()
 
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
