@@ -7980,6 +7980,13 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
             "to merge again before cleaning up."
         )
+    if local and out_replaced(run, out):
+        raise UsageError(
+            f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
+            f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
+            f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
+            f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
+        )
     counts = {"jobs": 0, "files": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
@@ -8008,6 +8015,16 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
 # ================================================================================================
 # 9. Queries: merged results, analytics, status (read-only, no remote calls)
 # ================================================================================================
+
+
+def out_replaced(run: Run, out: Path) -> bool:
+    """Whether the results file at `out` is no longer the one the run last merged (summary.out_stat, its size and
+    mtime then): another run given the same --out, or an edit. False when it is gone or the run never merged."""
+    was = run.summary.get("out_stat")
+    if was is None or not out.exists():
+        return False
+    st = out.stat()
+    return bool(was != [st.st_size, st.st_mtime_ns])
 
 
 def merge_run(state_dir: str | Path, name: str) -> Summary:
@@ -9963,8 +9980,7 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
         # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
         _offline_engine(state_dir, run_name, strict=True).merge()
     else:
-        st = out.stat()
-        if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
+        if out_replaced(run, out):
             # something else wrote that file since this run merged it: print this run's results, not that file
             console().print(
                 f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"

@@ -4,9 +4,10 @@ another run replaced, `results` on a full disk, `results` during a live run, han
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
-from conftest import assert_complete, read_jsonl, spawn_cli, wait_for
+from conftest import assert_complete, read_jsonl, run_against, run_cli, spawn_cli, wait_for
 
 import batchify
 
@@ -60,3 +61,20 @@ def test_resume_after_the_shutdown_date_sends_nothing_new_and_names_what_is_left
     assert batchify.RunStore(st, "arts").load_run().status == "interrupted"
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert len(rows) == 60 and {r["status"] for r in rows} == {"error"}
+
+
+# -- B. cleanup --local never deletes the last copy of a run's results ---------------------------------------
+def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, articles, tmp_path):
+    shared = tmp_path / "shared.jsonl"
+    fast = ["--poll-interval", "0.2", "--yes"]
+    assert run_against(emu, articles, tmp_path, *fast, "--system-instruction", "Answer in French.", out=shared).returncode == 0
+    a_rows = read_jsonl(shared)
+    assert run_against(emu, articles, tmp_path, *fast, "--name", "articles-b", out=shared).returncode == 0
+    p = run_cli(["cleanup", "articles", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert str(shared) in p.stderr and "batchify results articles >" in p.stderr, p.stderr
+    assert (tmp_path / "st" / "articles" / "run.json").exists()
+    saved = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)  # the fix it names works
+    assert saved.returncode == 0 and [json.loads(x) for x in saved.stdout.splitlines()] == a_rows
+    assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    assert not (tmp_path / "st" / "articles-b").exists()  # the run whose file it is may still clean up
