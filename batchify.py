@@ -3020,9 +3020,11 @@ def atomic_file(path: Path, unique: bool = True) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            e.filename = str(path)  # a write() that found the disk full names no file: the one being written
         raise
     fsync_dir(path.parent)
 
@@ -9969,28 +9971,30 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             soft_wrap=True,
         )
     out = out_location(run.out, run.run_options.project)
+    if out_replaced(run, out):  # something else wrote that file since this run merged it: print this run's results
+        return _print_sidecar_results(state_dir, run_name, f"{out} changed since run {run_name} wrote it.")
     if not out.exists():
         try:
             check_out(run.out, input_location(run.input_path, run.run_options))
         except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
-            console().print(f"[yellow]note:[/] {_esc(e)} Printing run {_esc(run_name)}'s results from its sidecars.")
-            for r in iter_sidecar_results(state_dir, run_name, strict=True):
-                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
-            return
-        # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
-        _offline_engine(state_dir, run_name, strict=True).merge()
-    else:
-        if out_replaced(run, out):
-            # something else wrote that file since this run merged it: print this run's results, not that file
-            console().print(
-                f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
-            )
-            for r in iter_sidecar_results(state_dir, run_name, strict=True):
-                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
-            return
+            return _print_sidecar_results(state_dir, run_name, str(e))
+        try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
+            _offline_engine(state_dir, run_name, strict=True).merge()
+        except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
+            if e.errno not in _DISK_REFUSALS:
+                raise
+            why = e.strerror or str(e)
+            return _print_sidecar_results(state_dir, run_name, f"{out} could not be written ({why}); it was not made.")
     with out.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
+
+
+def _print_sidecar_results(state_dir: str, run_name: str, why: str) -> None:
+    """A run's results printed from its sidecars (not from its results file), after a note on stderr saying why."""
+    console().print(f"[yellow]note:[/] {_esc(why)} Printing run {_esc(run_name)}'s results from its sidecars.", soft_wrap=True)
+    for r in iter_sidecar_results(state_dir, run_name, strict=True):
+        sys.stdout.buffer.write(orjson.dumps(r, option=NL))
 
 
 @cli.command(name="cleanup")
@@ -10202,13 +10206,14 @@ def _os_error_exit(e: OSError) -> int:
         return 3
     where = e.filename or "the state dir or the results file"
     fix = (
-        "point --state-dir/--out at a folder you can write (or mend its permissions)"
+        "mend the permissions of that folder (or, for the results file, point --out at a folder you can write)"
         if code in (errno.EACCES, errno.EPERM)
-        else "free space or point --state-dir/--out at a writable disk"
+        else "free space on that disk (or, for the results file, point --out at another disk)"
     )
     console().print(
         f"[red]error:[/] cannot write {_esc(where)}: {_esc(_DISK_REFUSALS[code])}. Fix: {fix}, then give the same command "
-        "again (a `run` again continues its run; nothing already done is lost).",
+        "again (a `run` again continues its run; nothing already done is lost). Keep the same --state-dir: another one "
+        "starts a new run, which pays for every request again.",
         soft_wrap=True,
     )
     return DISK_EXIT

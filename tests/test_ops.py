@@ -4,7 +4,12 @@ another run replaced, `results` on a full disk, `results` during a live run, han
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import assert_complete, read_jsonl, run_against, run_cli, spawn_cli, wait_for
@@ -78,3 +83,50 @@ def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, a
     assert saved.returncode == 0 and [json.loads(x) for x in saved.stdout.splitlines()] == a_rows
     assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
     assert not (tmp_path / "st" / "articles-b").exists()  # the run whose file it is may still clean up
+
+
+# -- C. a full disk under --out ---------------------------------------------------------------------------------
+def _disk_full_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results file's writer finds the disk full at its first write (as write() says it: no file name)."""
+    real = batchify.atomic_file
+
+    class Full:
+        def write(self, b: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def full(path: Path, unique: bool = True) -> Iterator[Any]:
+        with real(path, unique) as f:
+            yield Full() if path.suffix == ".jsonl" else f
+
+    monkeypatch.setattr(batchify, "atomic_file", full)
+
+
+def test_results_prints_from_the_sidecars_when_the_out_disk_is_full(emu, articles, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run_against(emu, articles, tmp_path, "--poll-interval", "0.2", "--yes", out=out).returncode == 0
+    rows = read_jsonl(out)
+    out.unlink()
+    run_json = (tmp_path / "st" / "articles" / "run.json").read_bytes()
+    _disk_full_writer(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = batchify.main(["results", "articles", "--state-dir", "st"])
+    got = capsys.readouterr()
+    assert code == 0, got.err
+    assert [json.loads(x) for x in got.out.splitlines()] == rows
+    assert "could not be written" in got.err and "out.jsonl" in got.err, got.err
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+    assert (tmp_path / "st" / "articles" / "run.json").read_bytes() == run_json
+
+
+def test_disk_full_names_the_file_and_never_advises_another_state_dir(tmp_path, capsys):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(OSError) as e, batchify.atomic_file(target) as f:
+        f.write(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises on a full disk
+    assert batchify._os_error_exit(e.value) == batchify.DISK_EXIT
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"cannot write {target}: the disk is full" in err, err
+    assert "free space" in err and "--out at another disk" in err
+    assert "--state-dir/" not in err and "point --state-dir" not in err
+    assert "another one starts a new run" in err
