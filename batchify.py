@@ -67,6 +67,7 @@ import contextvars
 import dataclasses
 import errno
 import functools
+import glob
 import hashlib
 import heapq
 import inspect
@@ -3678,8 +3679,37 @@ def check_out(out: str, input_path: Path) -> None:
 
 
 def results_writer(out: Path) -> Any:
-    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage."""
-    return out.atomic_writer() if isinstance(out, GsOutput) else atomic_file(out, unique=False)
+    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage. Locally
+    the temp file's name is the writer's own (atomic_file's unique name: two processes writing one --out, say two
+    runs given the same file, never write one temp file), and what writers that died left beside the output is
+    removed first (remove_dead_temps), as the fixed name once did by overwriting it."""
+    if isinstance(out, GsOutput):
+        return out.atomic_writer()
+    remove_dead_temps(out)
+    return atomic_file(out)
+
+
+def remove_dead_temps(path: Path) -> None:
+    """Delete atomic_file's temp files beside `path` left by processes that are gone (a crash mid-write), and the
+    fixed-name one older versions used. A live writer's (its pid answers) is left alone."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.\d+\.)?tmp")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*tmp"):
+        m = pattern.fullmatch(p.name)
+        if m is None or (m.group(1) is not None and pid_alive(int(m.group(1)))):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 class _GsLines:
@@ -8082,12 +8112,18 @@ def iter_sidecar_results(state_dir: str | Path, name: str, strict: bool = False)
 
 
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
-    """A run's merged results in input order, as Result objects (streamed from the results file)."""
+    """A run's merged results in input order, as Result objects (streamed from the results file; merged first
+    when it is missing, or, while a live process holds the run, read from the sidecars without writing)."""
     run = RunStore(state_dir, name).load_run()
     out = out_location(run.out, run.run_options.project)
+    rows: Iterable[dict[str, Any]] = ()
     if not out.exists():
-        merge_run(state_dir, name)
-    for d in iter_jsonl(out):
+        with reader_lock(state_dir, name) as free:
+            if free:
+                merge_run(state_dir, name)
+            else:
+                rows = list(iter_sidecar_results(state_dir, name))
+    for d in rows or iter_jsonl(out):
         yield Result(d["id"], d["status"], d.get("result"), d.get("error"), d.get("source", "batch"), d.get("usage"))
 
 
@@ -8212,11 +8248,25 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
     return {"state_dir": str(state_dir), "runs": runs}
 
 
+@contextlib.contextmanager
+def reader_lock(state_dir: str | Path, name: str) -> Iterator[bool]:
+    """The run's lock (<state_dir>/.locks/<run>, as run, resume, cancel and cleanup take it) for a reader about to
+    write the run's files (results merging a missing results file): True while held; False when a live process
+    holds the run, whose run.json and results file the reader must then leave alone (it may print the sidecars)."""
+    with RunLock(Path(state_dir) / ".locks" / name) as lock:
+        try:
+            lock.acquire("results")
+        except LockedError:
+            yield False
+            return
+        yield True
+
+
 def shown_status(store: RunStore, run: Run) -> str:
     """A run's status as `status` and `list` show it: "running" only while a process holds the run (its lock);
     a run whose sidecars say running but whose process is gone (a SIGKILL, an OOM kill, a reboot) is
     "interrupted", as `resume` will find it."""
-    if run.status == "running" and RunLock(store.dir).held() is False:
+    if run.status == "running" and RunLock(store.state_dir / ".locks" / store.name).held() is False:
         return "interrupted"
     return run.status
 
@@ -9978,13 +10028,17 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             check_out(run.out, input_location(run.input_path, run.run_options))
         except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
             return _print_sidecar_results(state_dir, run_name, str(e))
-        try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
-            _offline_engine(state_dir, run_name, strict=True).merge()
-        except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
-            if e.errno not in _DISK_REFUSALS:
-                raise
-            why = e.strerror or str(e)
-            return _print_sidecar_results(state_dir, run_name, f"{out} could not be written ({why}); it was not made.")
+        with reader_lock(state_dir, run_name) as free:
+            if not free:  # a live process holds the run: its sidecars and results file are its own to write
+                why = f"run {run_name} is in use by another process, which writes its results file itself."
+                return _print_sidecar_results(state_dir, run_name, why)
+            try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
+                _offline_engine(state_dir, run_name, strict=True).merge()
+            except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
+                if e.errno not in _DISK_REFUSALS:
+                    raise
+                why = f"{out} could not be written ({e.strerror or e}); it was not made."
+                return _print_sidecar_results(state_dir, run_name, why)
     with out.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)

@@ -7,12 +7,22 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_complete, read_jsonl, run_against, run_cli, spawn_cli, wait_for
+from conftest import (
+    a_create_recorded,
+    assert_complete,
+    read_jsonl,
+    run_against,
+    run_cli,
+    spawn_batch_run,
+    spawn_cli,
+    wait_for,
+)
 
 import batchify
 
@@ -130,3 +140,42 @@ def test_disk_full_names_the_file_and_never_advises_another_state_dir(tmp_path, 
     assert "free space" in err and "--out at another disk" in err
     assert "--state-dir/" not in err and "point --state-dir" not in err
     assert "another one starts a new run" in err
+
+
+# -- D. `results` during a live run writes none of its files ------------------------------------------------------
+def test_results_during_a_live_run_leaves_run_json_alone(emu, articles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    p = spawn_batch_run(emu, articles, tmp_path, out)  # polls every 30 s: live, and not merged yet
+    try:
+        wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
+        run_json = tmp_path / "st" / "articles" / "run.json"
+        before = run_json.read_bytes()
+        got = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+        assert got.returncode == 0, got.stderr
+        assert "in use by another process" in got.stderr, got.stderr
+        rows = [json.loads(x) for x in got.stdout.splitlines()]
+        assert len(rows) == 60 and {r["error"] for r in rows} == {"no result (run not finished)"}
+        assert run_json.read_bytes() == before
+        assert not out.exists()
+        assert [r.status for r in batchify.results("articles", tmp_path / "st")] == ["error"] * 60  # the library too
+        assert run_json.read_bytes() == before and not out.exists()
+        shown = run_cli(["status", "articles", "--state-dir", "st", "--json"], tmp_path)
+        assert json.loads(shown.stdout)["runs"][0]["status"] == "running", shown.stdout
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_results_files_get_a_temp_name_of_their_own_and_dead_writers_leftovers_go(tmp_path):
+    out = tmp_path / "out.jsonl"
+    dead = tmp_path / ".out.jsonl.999999999.1.tmp"  # no such pid: a writer that crashed
+    legacy = tmp_path / ".out.jsonl.tmp"  # the fixed name older versions used
+    live = tmp_path / f".out.jsonl.{os.getppid()}.1.tmp"  # a live process's write in progress
+    for f in (dead, legacy, live):
+        f.write_bytes(b"partial")
+    with batchify.results_writer(out) as a:
+        a.write(b"a\n")
+        temps = {p.name for p in tmp_path.glob(".out.jsonl*")}
+        assert [t for t in temps if t.startswith(f".out.jsonl.{os.getpid()}.")], temps  # its own name, not the fixed one
+        assert not dead.exists() and not legacy.exists() and live.exists()
+    assert out.read_bytes() == b"a\n" and live.read_bytes() == b"partial"
