@@ -1776,23 +1776,64 @@ class Run:
         return RunOptions.from_dict(self.options)
 
 
+_NUMBER = (int, float)
+# run.json's fields as prepare writes them: (field, types, required). Checked on load (validate_run_dict), so that a
+# hand edit or a damaged file is a StateError naming the field, not a traceback wherever the value is first used.
+RUN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
+    ("name", str, True),
+    ("run_id", str, True),
+    ("input_path", str, True),
+    ("input_sha256", str, True),
+    ("input_format", str, True),
+    ("config", dict, True),
+    ("options", dict, True),
+    ("endpoint", (str, type(None)), True),
+    ("records", int, True),
+    ("rejected", int, True),
+    ("chars_per_token", _NUMBER, True),
+    ("calibrated", bool, True),
+    ("plan", dict, True),
+    ("out", str, True),
+    ("created_at", str, True),
+    ("status", str, False),
+    ("notes", dict, False),
+    ("summary", dict, False),
+    ("updated_at", str, False),
+)
+PLAN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
+    ("batch_ranges", list, True),
+    ("effective_limit", _NUMBER, True),
+    ("estimated_cost_usd", _NUMBER, False),
+)
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+    return " or ".join("null" if x is type(None) else x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _check_fields(d: dict[str, Any], fields: Iterable[tuple[str, type | tuple[type, ...], bool]], where: str) -> None:
+    for k, t, required in fields:
+        if k not in d and not required:
+            continue
+        v = d.get(k)
+        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):  # JSON true is no count
+            got = "missing" if k not in d else f"is {orjson.dumps(v).decode()[:40]}"
+            raise StateError(f"damaged run.json: field {where + k!r} {got}, not {_type_names(t)}")
+
+
 def validate_run_dict(d: dict[str, Any]) -> None:
     if not isinstance(d, dict) or d.get("kind") != "run":
         raise StateError('not a run sidecar (no "kind": "run")')
     check_schema_version(d, "run")
-    for k, t in (
-        ("name", str),
-        ("run_id", str),
-        ("input_path", str),
-        ("input_sha256", str),
-        ("config", dict),
-        ("options", dict),
-        ("records", int),
-        ("plan", dict),
-        ("out", str),
-    ):
-        if not isinstance(d.get(k), t):
-            raise StateError(f"run sidecar field {k!r} missing or not {t.__name__}")
+    _check_fields(d, RUN_FIELD_TYPES, "")
+    _check_fields(d["plan"], PLAN_FIELD_TYPES, "plan.")
+    if not d["out"].strip():
+        raise StateError("damaged run.json: field 'out' is empty, not the results file's path")
+    for r in d["plan"]["batch_ranges"]:
+        if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
+            raise StateError(
+                f"damaged run.json: field 'plan.batch_ranges' holds {orjson.dumps(r).decode()[:40]}, not [start, end, ...]"
+            )
 
 
 def run_model_spec(run: Run) -> ModelSpec:

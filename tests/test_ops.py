@@ -179,3 +179,47 @@ def test_results_files_get_a_temp_name_of_their_own_and_dead_writers_leftovers_g
         assert [t for t in temps if t.startswith(f".out.jsonl.{os.getpid()}.")], temps  # its own name, not the fixed one
         assert not dead.exists() and not legacy.exists() and live.exists()
     assert out.read_bytes() == b"a\n" and live.read_bytes() == b"partial"
+
+
+# -- E. a hand-edited run.json is a named StateError (exit 3), never a traceback --------------------------------
+EDITS = [
+    ("plan.batch_ranges", lambda d: d["plan"].update(batch_ranges=None)),
+    ("plan.batch_ranges", lambda d: d["plan"].update(batch_ranges=[[0, "60"]])),
+    ("plan.effective_limit", lambda d: d["plan"].update(effective_limit="big")),
+    ("plan.estimated_cost_usd", lambda d: d["plan"].update(estimated_cost_usd=None)),
+    ("out", lambda d: d.update(out="")),
+    ("summary", lambda d: d.update(summary=None)),
+    ("notes", lambda d: d.update(notes=[])),
+    ("status", lambda d: d.update(status=None)),
+    ("rejected", lambda d: d.update(rejected="0")),
+    ("chars_per_token", lambda d: d.pop("chars_per_token")),
+    ("endpoint", lambda d: d.update(endpoint=5)),
+    ("records", lambda d: d.update(records=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("done")
+    inp = cwd / "articles.jsonl"
+    inp.write_bytes((Path(__file__).parent.parent / "examples" / "articles.jsonl").read_bytes())
+    args = ["run", str(inp), "--endpoint", "local", "--poll-interval", "0.2", "--yes", "--state-dir", "st", "--out", "out.jsonl"]
+    assert run_cli(args, cwd).returncode == 0
+    return cwd
+
+
+@pytest.mark.parametrize(("field", "edit"), EDITS, ids=[f"{f}-{i}" for i, (f, _e) in enumerate(EDITS)])
+@pytest.mark.parametrize("command", ["results", "resume", "status"])
+def test_a_hand_edited_run_json_names_the_field(finished_run, tmp_path, field, edit, command):
+    (tmp_path / "st").mkdir()
+    import shutil
+
+    shutil.copytree(finished_run / "st" / "articles", tmp_path / "st" / "articles")
+    run_json = tmp_path / "st" / "articles" / "run.json"
+    d = json.loads(run_json.read_text())
+    edit(d)
+    run_json.write_text(json.dumps(d))
+    p = run_cli([command, "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "damaged run.json" in p.stderr and f"'{field}'" in p.stderr, p.stderr
+    assert "Fix:" in p.stderr
