@@ -1801,8 +1801,8 @@ RUN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
     ("updated_at", str, False),
 )
 PLAN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
-    ("batch_ranges", list, True),
-    ("effective_limit", _NUMBER, True),
+    ("batch_ranges", list, False),  # when present: every plan prepare writes has them
+    ("effective_limit", _NUMBER, False),
     ("estimated_cost_usd", _NUMBER, False),
 )
 
@@ -1829,7 +1829,7 @@ def validate_run_dict(d: dict[str, Any]) -> None:
     _check_fields(d["plan"], PLAN_FIELD_TYPES, "plan.")
     if not d["out"].strip():
         raise StateError("damaged run.json: field 'out' is empty, not the results file's path")
-    for r in d["plan"]["batch_ranges"]:
+    for r in d["plan"].get("batch_ranges", []):
         if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
             raise StateError(
                 f"damaged run.json: field 'plan.batch_ranges' holds {orjson.dumps(r).decode()[:40]}, not [start, end, ...]"
