@@ -67,6 +67,7 @@ import contextvars
 import dataclasses
 import errno
 import functools
+import glob
 import hashlib
 import heapq
 import inspect
@@ -1788,23 +1789,64 @@ class Run:
         return RunOptions.from_dict(self.options)
 
 
+_NUMBER = (int, float)
+# run.json's fields as prepare writes them: (field, types, required). Checked on load (validate_run_dict), so that a
+# hand edit or a damaged file is a StateError naming the field, not a traceback wherever the value is first used.
+RUN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
+    ("name", str, True),
+    ("run_id", str, True),
+    ("input_path", str, True),
+    ("input_sha256", str, True),
+    ("input_format", str, True),
+    ("config", dict, True),
+    ("options", dict, True),
+    ("endpoint", (str, type(None)), True),
+    ("records", int, True),
+    ("rejected", int, True),
+    ("chars_per_token", _NUMBER, True),
+    ("calibrated", bool, True),
+    ("plan", dict, True),
+    ("out", str, True),
+    ("created_at", str, True),
+    ("status", str, False),
+    ("notes", dict, False),
+    ("summary", dict, False),
+    ("updated_at", str, False),
+)
+PLAN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
+    ("batch_ranges", list, False),  # when present: every plan prepare writes has them
+    ("effective_limit", _NUMBER, False),
+    ("estimated_cost_usd", _NUMBER, False),
+)
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+    return " or ".join("null" if x is type(None) else x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _check_fields(d: dict[str, Any], fields: Iterable[tuple[str, type | tuple[type, ...], bool]], where: str) -> None:
+    for k, t, required in fields:
+        if k not in d and not required:
+            continue
+        v = d.get(k)
+        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):  # JSON true is no count
+            got = "missing" if k not in d else f"is {orjson.dumps(v).decode()[:40]}"
+            raise StateError(f"damaged run.json: field {where + k!r} {got}, not {_type_names(t)}")
+
+
 def validate_run_dict(d: dict[str, Any]) -> None:
     if not isinstance(d, dict) or d.get("kind") != "run":
         raise StateError('not a run sidecar (no "kind": "run")')
     check_schema_version(d, "run")
-    for k, t in (
-        ("name", str),
-        ("run_id", str),
-        ("input_path", str),
-        ("input_sha256", str),
-        ("config", dict),
-        ("options", dict),
-        ("records", int),
-        ("plan", dict),
-        ("out", str),
-    ):
-        if not isinstance(d.get(k), t):
-            raise StateError(f"run sidecar field {k!r} missing or not {t.__name__}")
+    _check_fields(d, RUN_FIELD_TYPES, "")
+    _check_fields(d["plan"], PLAN_FIELD_TYPES, "plan.")
+    if not d["out"].strip():
+        raise StateError("damaged run.json: field 'out' is empty, not the results file's path")
+    for r in d["plan"].get("batch_ranges", []):
+        if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
+            raise StateError(
+                f"damaged run.json: field 'plan.batch_ranges' holds {orjson.dumps(r).decode()[:40]}, not [start, end, ...]"
+            )
 
 
 def run_model_spec(run: Run) -> ModelSpec:
@@ -3056,9 +3098,11 @@ def atomic_file(path: Path, unique: bool = True) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            e.filename = str(path)  # a write() that found the disk full names no file: the one being written
         raise
     fsync_dir(path.parent)
 
@@ -3712,8 +3756,37 @@ def check_out(out: str, input_path: Path) -> None:
 
 
 def results_writer(out: Path) -> Any:
-    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage."""
-    return out.atomic_writer() if isinstance(out, GsOutput) else atomic_file(out, unique=False)
+    """The merge's atomic writer: atomic_file for a local file, GsOutput.atomic_writer in Cloud Storage. Locally
+    the temp file's name is the writer's own (atomic_file's unique name: two processes writing one --out, say two
+    runs given the same file, never write one temp file), and what writers that died left beside the output is
+    removed first (remove_dead_temps), as the fixed name once did by overwriting it."""
+    if isinstance(out, GsOutput):
+        return out.atomic_writer()
+    remove_dead_temps(out)
+    return atomic_file(out)
+
+
+def remove_dead_temps(path: Path) -> None:
+    """Delete atomic_file's temp files beside `path` left by processes that are gone (a crash mid-write), and the
+    fixed-name one older versions used. A live writer's (its pid answers) is left alone."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.\d+\.)?tmp")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*tmp"):
+        m = pattern.fullmatch(p.name)
+        if m is None or (m.group(1) is not None and pid_alive(int(m.group(1)))):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 class _GsLines:
@@ -6204,8 +6277,10 @@ class Engine:
         hook: Callable[[Hook], None] | None = None,
         stop: GracefulStop | None = None,
         wall: Callable[[], float] = time.time,
+        retired: str | None = None,
     ):
         self.store = store
+        self.retired = retired  # why nothing new may be sent (the model was shut down): only what the service has is fetched
         self._client = client
         self.stop = stop or GracefulStop()
         self.stop.attach(self)
@@ -6395,6 +6470,8 @@ class Engine:
             self.store.save_run(run)
 
     async def _execute(self) -> Summary:
+        if self.retired is not None:
+            return await self._collect_only(self.retired)
         if self.opts.max_cost is not None and self.run.plan["estimated_cost_usd"] > self.opts.max_cost:
             raise CostCapError(
                 f"the estimated cost {usd(self.run.plan['estimated_cost_usd'])} is above --max-cost "
@@ -6438,6 +6515,30 @@ class Engine:
                     await self.send_requests(todo, tier)
         self._raise_if_stopped()  # before the merge: an interrupted run is merged by the resume that finishes it
         return self.merge()
+
+    async def _collect_only(self, why: str) -> Summary:
+        """A resume after the run's model was shut down: the jobs already at the service (live, succeeded, or a
+        create whose answer was lost) are polled, downloaded and merged; nothing is uploaded, created, retried or
+        sent one by one (batch_phase admits nothing: self.retired). Then, if requests are still not done, UsageError
+        naming them: they need new sends, which the retired model cannot take."""
+        self.mend_prepared(requests=False)
+        self._raise_if_stopped()
+        if any(j.state in REMOTE_LIVE | {JobState.SUCCEEDED, JobState.SUBMITTING} for j in self.jobs.values()):
+            await self._stoppable_step(self.batch_phase())
+        self._raise_if_stopped()
+        summary = self.merge()
+        left = self.unresolved()
+        if not left:
+            return summary
+        batches = [f"b{i:04d}" for i, s, e in self._ranges() if any(s <= n < e for n in left)]
+        named = ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else "")
+        instead = f"--model {self.spec.replacement}" if self.spec.replacement else "another model (`batchify models`)"
+        raise UsageError(
+            f"run {self.run.name!r}: {len(left)} of {self.run.records} request(s) are not done (batch(es) {named}) and "
+            f"would need new requests, which this model no longer takes: {why.split(' Fix:')[0]} Everything already at "
+            f"the service was downloaded and merged into {summary.out}; the ids not done have status error there. Fix: "
+            f"run those ids as a new run with {instead} (resume cannot change a run's model)."
+        )
 
     def _claim_for_flex(self) -> Job | None:
         """The next batch for the Flex lanes: one they owned already and did not finish (a resume), else the
@@ -6931,7 +7032,7 @@ class Engine:
     def _upload_ahead(self) -> int:
         """How many batches to keep uploaded before they are admitted: as many as could start at once."""
         waiting = [j.tokens for j in self.jobs.values() if j.state in UNSUBMITTED and j.lane == "batch"]
-        if not waiting:
+        if not waiting or self.retired is not None:  # a retired model: nothing is uploaded
             return 0
         fits = int(self.limit) // max(1, sum(waiting) // len(waiting))
         return max(2, min(self.opts.max_active_jobs, fits) + 1)
@@ -7029,9 +7130,10 @@ class Engine:
             self._wake.clear()
             if any(j.state == JobState.SUBMITTING for j in self.jobs.values()):
                 await self.reconcile()  # a create whose answer was lost, not yet found: look again (never fatal)
-            self._spawn_retries()
+            if self.retired is None:  # a retired model: nothing new is created or retried (_collect_only)
+                self._spawn_retries()
             self._demand.set()
-            if self.clock() >= t.create_after:
+            if self.clock() >= t.create_after and self.retired is None:
                 await self._admit(t)
             due = due_for_poll(self.jobs.values(), t.next_poll, t.timed, self.clock(), base)
             freed = await self._poll_due(due, t)
@@ -7041,7 +7143,7 @@ class Engine:
             if self._failure is not None:
                 raise self._failure
             self._report()
-            if all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending():
+            if self._batches_settled():
                 await self._sweep_orphans()
                 return
             if freed:  # a 429 back-off is moot once capacity has actually changed
@@ -7112,6 +7214,13 @@ class Engine:
             else:
                 t.timed.discard(name)
         return freed
+
+    def _batches_settled(self) -> bool:
+        """Every batch job final with no retry due; with a retired model (_collect_only), every job the service
+        has is final (those never created stay as they are)."""
+        if self.retired is not None:
+            return all(j.state in FINAL_STATES | UNSUBMITTED for j in self.jobs.values())
+        return all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending()
 
     def _retry_pending(self) -> bool:
         return bool(jobs_to_retry(self.jobs.values(), self.opts.max_attempts, self.run.status == "cancelled"))
@@ -8008,6 +8117,13 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
             "to merge again before cleaning up."
         )
+    if local and out_replaced(run, out):
+        raise UsageError(
+            f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
+            f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
+            f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
+            f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
+        )
     counts = {"jobs": 0, "files": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
@@ -8036,6 +8152,16 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
 # ================================================================================================
 # 9. Queries: merged results, analytics, status (read-only, no remote calls)
 # ================================================================================================
+
+
+def out_replaced(run: Run, out: Path) -> bool:
+    """Whether the results file at `out` is no longer the one the run last merged (summary.out_stat, its size and
+    mtime then): another run given the same --out, or an edit. False when it is gone or the run never merged."""
+    was = run.summary.get("out_stat")
+    if was is None or not out.exists():
+        return False
+    st = out.stat()
+    return bool(was != [st.st_size, st.st_mtime_ns])
 
 
 def merge_run(state_dir: str | Path, name: str) -> Summary:
@@ -8091,12 +8217,18 @@ def iter_sidecar_results(state_dir: str | Path, name: str, strict: bool = False)
 
 
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
-    """A run's merged results in input order, as Result objects (streamed from the results file)."""
+    """A run's merged results in input order, as Result objects (streamed from the results file; merged first
+    when it is missing, or, while a live process holds the run, read from the sidecars without writing)."""
     run = RunStore(state_dir, name).load_run()
     out = out_location(run.out, run.run_options.project)
+    rows: Iterable[dict[str, Any]] = ()
     if not out.exists():
-        merge_run(state_dir, name)
-    for d in iter_jsonl(out):
+        with reader_lock(state_dir, name) as free:
+            if free:
+                merge_run(state_dir, name)
+            else:
+                rows = list(iter_sidecar_results(state_dir, name))
+    for d in rows or iter_jsonl(out):
         yield Result(d["id"], d["status"], d.get("result"), d.get("error"), d.get("source", "batch"), d.get("usage"))
 
 
@@ -8221,11 +8353,25 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
     return {"state_dir": str(state_dir), "runs": runs}
 
 
+@contextlib.contextmanager
+def reader_lock(state_dir: str | Path, name: str) -> Iterator[bool]:
+    """The run's lock (<state_dir>/.locks/<run>, as run, resume, cancel and cleanup take it) for a reader about to
+    write the run's files (results merging a missing results file): True while held; False when a live process
+    holds the run, whose run.json and results file the reader must then leave alone (it may print the sidecars)."""
+    with RunLock(Path(state_dir) / ".locks" / name) as lock:
+        try:
+            lock.acquire("results")
+        except LockedError:
+            yield False
+            return
+        yield True
+
+
 def shown_status(store: RunStore, run: Run) -> str:
     """A run's status as `status` and `list` show it: "running" only while a process holds the run (its lock);
     a run whose sidecars say running but whose process is gone (a SIGKILL, an OOM kill, a reboot) is
     "interrupted", as `resume` will find it."""
-    if run.status == "running" and RunLock(store.dir).held() is False:
+    if run.status == "running" and RunLock(store.state_dir / ".locks" / store.name).held() is False:
         return "interrupted"
     return run.status
 
@@ -8446,16 +8592,22 @@ async def run_file(
             return run, summary
 
 
-async def check_model_still_served(run: Run, client: GeminiClient) -> None:
-    """Before a run that was prepared earlier sends more: is its model retired now (by today's catalog, or a
-    404 from models.get)? Exit 2 naming the replacement, instead of failing every request."""
+async def model_retired(run: Run, client: GeminiClient, today: str | None = None) -> str | None:
+    """Before a run that was prepared earlier sends more: why its model may take no new requests now (retired by
+    the catalog as of `today`, default the real date, or a 404 from models.get), else None. The engine is then
+    told so (Engine's `retired`): what is already at the service is still polled, downloaded and merged, and only
+    work that needs new sends stops, with exit 2 naming it, instead of failing every request."""
     if run.status in ("done", "cancelled"):
-        return
+        return None
     spec = run_model_spec(run)
     cat = builtin_catalog()
-    if spec.name in cat.models:
-        resolve_model(cat, spec.name, utcnow()[:10])  # retired since the run was prepared: UsageError
-    await client.get_model(spec.name, replacement=spec.replacement)
+    try:
+        if spec.name in cat.models:
+            resolve_model(cat, spec.name, today or utcnow()[:10])  # retired since the run was prepared: UsageError
+        await client.get_model(spec.name, replacement=spec.replacement)
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 # Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
@@ -8582,9 +8734,9 @@ async def resume_run(
             store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
         async with open_client(endpoint, api_key, emulator_config, retry_scale=scale, options=run.options) as client:
-            await check_model_still_served(run, client)
+            retired = await model_retired(run, client)
             with _progress(reporter) as shown:
-                return await Engine(store, client, shown, hook=hook, stop=stop).execute()
+                return await Engine(store, client, shown, hook=hook, stop=stop, retired=retired).execute()
 
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
@@ -9974,29 +10126,34 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
             soft_wrap=True,
         )
     out = out_location(run.out, run.run_options.project)
+    if out_replaced(run, out):  # something else wrote that file since this run merged it: print this run's results
+        return _print_sidecar_results(state_dir, run_name, f"{out} changed since run {run_name} wrote it.")
     if not out.exists():
         try:
             check_out(run.out, input_location(run.input_path, run.run_options))
         except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
-            console().print(f"[yellow]note:[/] {_esc(e)} Printing run {_esc(run_name)}'s results from its sidecars.")
-            for r in iter_sidecar_results(state_dir, run_name, strict=True):
-                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
-            return
-        # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
-        _offline_engine(state_dir, run_name, strict=True).merge()
-    else:
-        st = out.stat()
-        if run.summary.get("out_stat") not in (None, [st.st_size, st.st_mtime_ns]):
-            # something else wrote that file since this run merged it: print this run's results, not that file
-            console().print(
-                f"[yellow]note:[/] {_esc(out)} changed since run {_esc(run_name)} wrote it: printing its results from its sidecars"
-            )
-            for r in iter_sidecar_results(state_dir, run_name, strict=True):
-                sys.stdout.buffer.write(orjson.dumps(r, option=NL))
-            return
+            return _print_sidecar_results(state_dir, run_name, str(e))
+        with reader_lock(state_dir, run_name) as free:
+            if not free:  # a live process holds the run: its sidecars and results file are its own to write
+                why = f"run {run_name} is in use by another process, which writes its results file itself."
+                return _print_sidecar_results(state_dir, run_name, why)
+            try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
+                _offline_engine(state_dir, run_name, strict=True).merge()
+            except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
+                if e.errno not in _DISK_REFUSALS:
+                    raise
+                why = f"{out} could not be written ({e.strerror or e}); it was not made."
+                return _print_sidecar_results(state_dir, run_name, why)
     with out.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sys.stdout.buffer.write(chunk)
+
+
+def _print_sidecar_results(state_dir: str, run_name: str, why: str) -> None:
+    """A run's results printed from its sidecars (not from its results file), after a note on stderr saying why."""
+    console().print(f"[yellow]note:[/] {_esc(why)} Printing run {_esc(run_name)}'s results from its sidecars.", soft_wrap=True)
+    for r in iter_sidecar_results(state_dir, run_name, strict=True):
+        sys.stdout.buffer.write(orjson.dumps(r, option=NL))
 
 
 @cli.command(name="cleanup")
@@ -10208,13 +10365,14 @@ def _os_error_exit(e: OSError) -> int:
         return 3
     where = e.filename or "the state dir or the results file"
     fix = (
-        "point --state-dir/--out at a folder you can write (or mend its permissions)"
+        "mend the permissions of that folder (or, for the results file, point --out at a folder you can write)"
         if code in (errno.EACCES, errno.EPERM)
-        else "free space or point --state-dir/--out at a writable disk"
+        else "free space on that disk (or, for the results file, point --out at another disk)"
     )
     console().print(
         f"[red]error:[/] cannot write {_esc(where)}: {_esc(_DISK_REFUSALS[code])}. Fix: {fix}, then give the same command "
-        "again (a `run` again continues its run; nothing already done is lost).",
+        "again (a `run` again continues its run; nothing already done is lost). Keep the same --state-dir: another one "
+        "starts a new run, which pays for every request again.",
         soft_wrap=True,
     )
     return DISK_EXIT

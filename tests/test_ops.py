@@ -1,0 +1,225 @@
+"""The operations fixes: a resume after the model's shutdown date, cleanup --local of a run whose results file
+another run replaced, `results` on a full disk, `results` during a live run, hand-edited run.json."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    a_create_recorded,
+    assert_complete,
+    read_jsonl,
+    run_against,
+    run_cli,
+    spawn_batch_run,
+    spawn_cli,
+    wait_for,
+)
+
+import batchify
+
+LITE = ["--model", "gemini-3.1-flash-lite", "--enqueued-limit", "3000000"]  # shuts down 2027-05-07 (catalog)
+AFTER_SHUTDOWN = "2027-05-07T08:00:00.000Z"
+
+
+@pytest.fixture
+def emu_config() -> batchify.EmulatorConfig:
+    # The service's own date stays before the shutdown: only the resuming process's catalog date moves past it.
+    return batchify.EmulatorConfig(job_seconds=0.3, pending_fraction=0.3, today="2026-11-30")
+
+
+def _after_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "Today" for the catalog check (model_retired reads utcnow() when not told a date) is past the shutdown."""
+    monkeypatch.setattr(batchify, "utcnow", lambda: AFTER_SHUTDOWN)
+
+
+# -- A. a resume after the model's shutdown date fetches what the service already has -------------------------
+def test_resume_after_the_shutdown_date_downloads_and_merges_jobs_that_succeeded(emu, articles, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(articles), "--endpoint", emu.url, "--state-dir", "st", "--yes", "--mode", "batch"]
+    p = spawn_cli([*args, *LITE, "--poll-interval", "30", "--retry-scale", "0.02", "--out", str(out)], tmp_path)
+    try:  # the run's one job is created, then ends at the service; the run is killed before it looks again
+        wait_for(lambda: emu.stats()["creates"] >= 1)
+        wait_for(lambda: emu.stats()["active_jobs"] == 0)
+    finally:
+        p.kill()
+        p.wait()
+    assert not out.exists()
+    _after_shutdown(monkeypatch)
+    summary = asyncio.run(batchify.resume_run("articles", tmp_path / "st", endpoint=emu.url, api_key="k", poll_interval=0.2))
+    assert summary.status == "done" and summary.errors == 0
+    assert_complete(out, articles)
+    assert emu.stats()["creates"] == 1  # nothing created again
+
+
+def test_resume_after_the_shutdown_date_sends_nothing_new_and_names_what_is_left(emu, articles, tmp_path, monkeypatch):
+    st = tmp_path / "st"
+    opts = batchify.RunOptions(enqueued_limit=3_000_000, out=str(tmp_path / "out.jsonl"))
+    cfg = batchify.JobConfig(model="gemini-3.1-flash-lite")
+    batchify.prepare_sync(articles, name="arts", config=cfg, options=opts, state_dir=st, endpoint=emu.url)
+    _after_shutdown(monkeypatch)
+    with pytest.raises(batchify.UsageError) as e:
+        asyncio.run(batchify.resume_run("arts", st, endpoint=emu.url, api_key="k", poll_interval=0.2))
+    msg = str(e.value)
+    assert "b0001" in msg and "not done" in msg and "shut down" in msg and "gemini-3.5-flash-lite" in msg, msg
+    assert e.value.exit_code == 2
+    stats = emu.stats()
+    assert stats["uploads"] == 0 and stats["creates"] == 0
+    assert batchify.RunStore(st, "arts").load_run().status == "interrupted"
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert len(rows) == 60 and {r["status"] for r in rows} == {"error"}
+
+
+# -- B. cleanup --local never deletes the last copy of a run's results ---------------------------------------
+def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, articles, tmp_path):
+    shared = tmp_path / "shared.jsonl"
+    fast = ["--poll-interval", "0.2", "--yes"]
+    assert run_against(emu, articles, tmp_path, *fast, "--system-instruction", "Answer in French.", out=shared).returncode == 0
+    a_rows = read_jsonl(shared)
+    assert run_against(emu, articles, tmp_path, *fast, "--name", "articles-b", out=shared).returncode == 0
+    p = run_cli(["cleanup", "articles", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert str(shared) in p.stderr and "batchify results articles >" in p.stderr, p.stderr
+    assert (tmp_path / "st" / "articles" / "run.json").exists()
+    saved = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)  # the fix it names works
+    assert saved.returncode == 0 and [json.loads(x) for x in saved.stdout.splitlines()] == a_rows
+    assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
+    assert not (tmp_path / "st" / "articles-b").exists()  # the run whose file it is may still clean up
+
+
+# -- C. a full disk under --out ---------------------------------------------------------------------------------
+def _disk_full_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results file's writer finds the disk full at its first write (as write() says it: no file name)."""
+    real = batchify.atomic_file
+
+    class Full:
+        def write(self, b: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def full(path: Path, unique: bool = True) -> Iterator[Any]:
+        with real(path, unique) as f:
+            yield Full() if path.suffix == ".jsonl" else f
+
+    monkeypatch.setattr(batchify, "atomic_file", full)
+
+
+def test_results_prints_from_the_sidecars_when_the_out_disk_is_full(emu, articles, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run_against(emu, articles, tmp_path, "--poll-interval", "0.2", "--yes", out=out).returncode == 0
+    rows = read_jsonl(out)
+    out.unlink()
+    run_json = (tmp_path / "st" / "articles" / "run.json").read_bytes()
+    _disk_full_writer(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = batchify.main(["results", "articles", "--state-dir", "st"])
+    got = capsys.readouterr()
+    assert code == 0, got.err
+    assert [json.loads(x) for x in got.out.splitlines()] == rows
+    assert "could not be written" in got.err and "out.jsonl" in got.err, got.err
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+    assert (tmp_path / "st" / "articles" / "run.json").read_bytes() == run_json
+
+
+def test_disk_full_names_the_file_and_never_advises_another_state_dir(tmp_path, capsys):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(OSError) as e, batchify.atomic_file(target) as f:
+        f.write(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises on a full disk
+    assert batchify._os_error_exit(e.value) == batchify.DISK_EXIT
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"cannot write {target}: the disk is full" in err, err
+    assert "free space" in err and "--out at another disk" in err
+    assert "--state-dir/" not in err and "point --state-dir" not in err
+    assert "another one starts a new run" in err
+
+
+# -- D. `results` during a live run writes none of its files ------------------------------------------------------
+def test_results_during_a_live_run_leaves_run_json_alone(emu, articles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    p = spawn_batch_run(emu, articles, tmp_path, out)  # polls every 30 s: live, and not merged yet
+    try:
+        wait_for(lambda: a_create_recorded(tmp_path / "st" / "articles"))
+        run_json = tmp_path / "st" / "articles" / "run.json"
+        before = run_json.read_bytes()
+        got = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)
+        assert got.returncode == 0, got.stderr
+        assert "in use by another process" in got.stderr, got.stderr
+        rows = [json.loads(x) for x in got.stdout.splitlines()]
+        assert len(rows) == 60 and {r["error"] for r in rows} == {"no result (run not finished)"}
+        assert run_json.read_bytes() == before
+        assert not out.exists()
+        assert [r.status for r in batchify.results("articles", tmp_path / "st")] == ["error"] * 60  # the library too
+        assert run_json.read_bytes() == before and not out.exists()
+        shown = run_cli(["status", "articles", "--state-dir", "st", "--json"], tmp_path)
+        assert json.loads(shown.stdout)["runs"][0]["status"] == "running", shown.stdout
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_results_files_get_a_temp_name_of_their_own_and_dead_writers_leftovers_go(tmp_path):
+    out = tmp_path / "out.jsonl"
+    dead = tmp_path / ".out.jsonl.999999999.1.tmp"  # no such pid: a writer that crashed
+    legacy = tmp_path / ".out.jsonl.tmp"  # the fixed name older versions used
+    live = tmp_path / f".out.jsonl.{os.getppid()}.1.tmp"  # a live process's write in progress
+    for f in (dead, legacy, live):
+        f.write_bytes(b"partial")
+    with batchify.results_writer(out) as a:
+        a.write(b"a\n")
+        temps = {p.name for p in tmp_path.glob(".out.jsonl*")}
+        assert [t for t in temps if t.startswith(f".out.jsonl.{os.getpid()}.")], temps  # its own name, not the fixed one
+        assert not dead.exists() and not legacy.exists() and live.exists()
+    assert out.read_bytes() == b"a\n" and live.read_bytes() == b"partial"
+
+
+# -- E. a hand-edited run.json is a named StateError (exit 3), never a traceback --------------------------------
+EDITS = [
+    ("plan.batch_ranges", lambda d: d["plan"].update(batch_ranges=None)),
+    ("plan.batch_ranges", lambda d: d["plan"].update(batch_ranges=[[0, "60"]])),
+    ("plan.effective_limit", lambda d: d["plan"].update(effective_limit="big")),
+    ("plan.estimated_cost_usd", lambda d: d["plan"].update(estimated_cost_usd=None)),
+    ("out", lambda d: d.update(out="")),
+    ("summary", lambda d: d.update(summary=None)),
+    ("notes", lambda d: d.update(notes=[])),
+    ("status", lambda d: d.update(status=None)),
+    ("rejected", lambda d: d.update(rejected="0")),
+    ("chars_per_token", lambda d: d.pop("chars_per_token")),
+    ("endpoint", lambda d: d.update(endpoint=5)),
+    ("records", lambda d: d.update(records=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("done")
+    inp = cwd / "articles.jsonl"
+    inp.write_bytes((Path(__file__).parent.parent / "examples" / "articles.jsonl").read_bytes())
+    args = ["run", str(inp), "--endpoint", "local", "--poll-interval", "0.2", "--yes", "--state-dir", "st", "--out", "out.jsonl"]
+    assert run_cli(args, cwd).returncode == 0
+    return cwd
+
+
+@pytest.mark.parametrize(("field", "edit"), EDITS, ids=[f"{f}-{i}" for i, (f, _e) in enumerate(EDITS)])
+@pytest.mark.parametrize("command", ["results", "resume", "status"])
+def test_a_hand_edited_run_json_names_the_field(finished_run, tmp_path, field, edit, command):
+    (tmp_path / "st").mkdir()
+    import shutil
+
+    shutil.copytree(finished_run / "st" / "articles", tmp_path / "st" / "articles")
+    run_json = tmp_path / "st" / "articles" / "run.json"
+    d = json.loads(run_json.read_text())
+    edit(d)
+    run_json.write_text(json.dumps(d))
+    p = run_cli([command, "articles", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "damaged run.json" in p.stderr and f"'{field}'" in p.stderr, p.stderr
+    assert "Fix:" in p.stderr
