@@ -2140,7 +2140,9 @@ def batch_token_cap(eff: int, batch_size: int, tokens_per_doc: float, max_jobs: 
     if full <= 0 or full >= eff:
         return eff
     k = math.ceil(eff / full - 1e-9)
-    return eff if k > max_jobs else eff // k
+    if k > max_jobs or eff // (eff // k) > max_jobs:  # at tiny limits eff // k rounds down enough to fit more than k
+        return eff
+    return eff // k
 
 
 def effective_limit(limit: int, margin: float) -> int:
@@ -6568,7 +6570,8 @@ class Engine:
             async with asyncio.TaskGroup() as tg:
                 batch = tg.create_task(self.batch_phase())
                 self._stoppable.add(batch)
-                tg.create_task(self.flex_lanes())
+                batch.add_done_callback(lambda _t: self._flex_wake.set())  # the lanes' last look
+                tg.create_task(self.flex_lanes(batch))
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
         finally:
@@ -6576,12 +6579,14 @@ class Engine:
                 self._stoppable.discard(batch)
         self._raise_if_stopped()
 
-    async def flex_lanes(self) -> None:
+    async def flex_lanes(self, batch: asyncio.Task[None] | None = None) -> None:
         """Drain whole not-yet-started batches from the tail through Flex, request by request, keeping the
         pipe full: another batch is claimed whenever the gate has a free slot, nobody waits for one, and the
         RPM/TPM buckets have less than two poll intervals of work queued (so the lanes take no more of the
         queue than they can send), until batch and Flex meet in the middle. Each drained batch ends FLEXED
-        (its results are in realtime.jsonl)."""
+        (its results are in realtime.jsonl). The lanes stay while the batch side (`batch`) runs, though nothing is
+        claimable now: a batch can become unstarted again (an ambiguous create not found, a refused create, a
+        retry), and admission leaves it to them once Flex is the quicker way."""
         sender = self._sender("flex")
         gate = sender.gate
         running: set[asyncio.Task[None]] = set()
@@ -6599,7 +6604,7 @@ class Engine:
                     running.add(tg.create_task(self._drain(job)))
                     for _ in range(3):  # the lane hands its requests to the gate, they queue at the buckets:
                         await asyncio.sleep(0)  # only then is the backlog worth looking at again
-                if not running and (self.stopping or not self._batch_work_left()):
+                if not running and (self.stopping or (not self._batch_work_left() and (batch is None or batch.done()))):
                     return
                 # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
                 # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is

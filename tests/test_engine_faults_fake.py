@@ -490,3 +490,26 @@ def test_realtime_resume_never_resends(tmp_path, mode, source):
     assert fake.generate_calls - sent_before == 80 - len(on_disk)
     resent = {int(re.search(r"number (\d+)", t)[1]) for t in fake.generated[answered_before:]} & on_disk  # type: ignore[index]
     assert not resent, f"answers on disk were paid for again: {resent}"
+
+
+def test_a_hybrid_batch_that_becomes_unstarted_late_is_still_drained_by_flex(tmp_path):
+    """Hybrid, resumed inside an interrupted create's settle window: the job waits SUBMITTING while the rest of the
+    run is done by batch and Flex; when the window ends it is UPLOADED again, and admission (jobs seen finished,
+    Flex quicker) leaves it to the Flex lanes. They used to have ended as soon as nothing was claimable: the run
+    then polled forever, nothing left to take the batch (the crash drill hung this way). The lanes now stay while
+    the batch side runs, and drain it."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 5, poll_interval=1.0, mode="hybrid", flex_lanes=2, enqueued_limit=2_000, margin=0.0)
+    fake = FakeGemini(clock, [5.0] * 40)
+    crash(store, fake, Hook.AFTER_INTENT, 2)
+    (stuck,) = [j for j in store.load_jobs() if j.state == JobState.SUBMITTING]
+    clock.t += 1.0
+
+    async def bounded() -> batchify.Summary:  # a hang is a failure, not a stuck suite (fake time runs instantly)
+        return await asyncio.wait_for(engine(store, fake).execute(), 20)
+
+    s = asyncio.run(bounded())
+    assert s.ok == 60
+    assert {j.name: j.state for j in store.load_jobs()}[stuck.name] in (JobState.FLEXED, JobState.RESULTS_DOWNLOADED)
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)

@@ -206,7 +206,7 @@ def test_an_output_refused_for_a_while_is_waited_for_never_paid_twice(emu, artic
     again (it used to be after 3 rounds: every request paid twice or more)."""
     attempts = batchify.DOWNLOAD_POLICY.attempts * 4  # four whole rounds refused
     emu.configure(download_404=attempts)
-    p, out = run(emu, articles, tmp_path, "--mode", "batch")
+    p, out = run(emu, articles, tmp_path, "--mode", "batch", "--poll-interval", "0.1")  # rounds 0.1 s apart, doubling
     assert p.returncode == 0, p.stderr
     assert all(r["status"] == "ok" and r["source"] == "batch" for r in assert_every_id_once(out, articles))
     assert "output not downloadable yet" in p.stderr and "paid for" in p.stderr

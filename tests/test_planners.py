@@ -785,6 +785,7 @@ def test_estimate_margin_bounds_and_scale(samples, k):
         (9_700_000, 10_000, 2900.0, 100, 9_700_000),  # one batch would exceed the limit: the limit caps it
         (400_000_000, 1000, 2900.0, 100, 400_000_000),  # 138 batches > 100 concurrent jobs: the job count binds
         (9_700_000, 1000, 0.0, 100, 9_700_000),  # nothing sampled
+        (1000, 1, 6.0, 167, 1000),  # 167 batches of 5 (1000 // 167) would be 200 jobs at once: the job count binds
     ],
 )
 def test_batch_token_cap(eff, batch_size, per_doc, max_jobs, cap):

@@ -159,11 +159,14 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     """The first Ctrl-C (or SIGTERM, or SIGHUP: the terminal or SSH session went away) with Flex requests in flight
     sends nothing new and waits for their answers: realtime.jsonl holds every answer the service gave, and resume
     pays for no request twice. (SIGHUP used to kill the run at once: 47 of 60 ids paid twice.)"""
-    emu.configure(flex_latency_min=0.5, flex_latency_max=0.8)
+    emu.configure(flex_hold=True)  # every answer waits until released: requests are in flight when the signal lands
     p = _spawn_flex_run(emu, articles, tmp_path)
     wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
     p.send_signal(sig)
+    seen = _read_stderr_until(p, "waiting for")
+    emu.configure(flex_hold=False)  # the service answers what it has: the run saves those answers, then stops
     _, err = p.communicate(timeout=120)
+    err = seen + err
     assert p.returncode == code, err
     wait_for(lambda: emu.stats()["flex_in_flight"] == 0)  # whatever the service still had, it has answered now
     kept = read_jsonl(tmp_path / "st" / "articles" / "realtime.jsonl")
@@ -171,7 +174,6 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     assert len(kept) == sum(billed.values()) > 0, "an answer paid for was thrown away"
     assert "waiting for" in err and "batchify resume articles" in err and "kept" in err, err
     assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
-    emu.configure(flex_latency_min=0.0, flex_latency_max=0.0)  # the rest, at once
     _resume_completes_every_id_once(emu, articles, tmp_path)
     billed = emu.stats()["billed"]
     assert len(billed) == 60 and set(billed.values()) == {1}, {k: v for k, v in billed.items() if v != 1}
