@@ -6419,8 +6419,9 @@ class Engine:
         work cancelled, the Flex requests already sent waited for: they are paid for), then raise `error`."""
         if self._refusal is None:
             self._refusal = error
-            self._log(f"stopping: {error}")
-            self.stop.request()
+            waiting = self.stop.request()
+            also = f"; waiting for the {waiting} request(s) already sent (paid for)" if waiting else ""
+            self._log(f"stopping: the service refused this account's calls (the reason below); nothing new is sent{also}")
 
     def _raise_if_stopped(self) -> None:
         if self._refusal is not None:
