@@ -3733,6 +3733,15 @@ def out_location(out: str, project: str | None = None) -> Path:
     return GsOutput(out, project) if out.startswith("gs://") else Path(out)
 
 
+def out_moved(out: str) -> str | None:
+    """Why a run's recorded results file cannot be its own any more: its folder is gone (the project folder was
+    moved or renamed since the run began; writing there would make the old folder again). None: it is there (or in
+    Cloud Storage)."""
+    if out.startswith("gs://") or Path(out).parent.is_dir():
+        return None
+    return f"its results file is recorded as {out}, and {Path(out).parent} no longer exists (moved or renamed?)"
+
+
 def check_out(out: str, input_path: Path) -> None:
     """Exit 2 (UsageError) before anything is sent when the results file cannot be written where --out says, so a
     paid run never ends unable to merge: a folder, the input itself, a path under a file, a folder that takes no
@@ -8716,10 +8725,11 @@ async def resume_run(
     max_cost: float | None = None,
     allow_standard: bool | None = None,
     stop: GracefulStop | None = None,
+    out: str | None = None,
 ) -> Summary:
     """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
-    `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `stop`: as
-    for run_file."""
+    `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `out`: the
+    results go there from now on (the run's own file was moved away, say). `stop`: as for run_file."""
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
@@ -8731,7 +8741,9 @@ async def resume_run(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
                 "or start a new run with --name."
             )
-        run = _continue_at(store, run, endpoint, None, inp)
+        run = _continue_at(store, run, endpoint, out, inp)
+        if out is None and (moved := out_moved(run.out)) is not None:
+            raise UsageError(f"run {name!r}: {moved}. Fix: `batchify resume {name} --out FILE` says where the results go now.")
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
         told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
@@ -10044,6 +10056,7 @@ def _pick_run(state_dir: str, run_name: str | None) -> str | None:
 @click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
 @click.option("--allow-standard", is_flag=True, default=None, help="From now on, let the fallback use the standard tier (2x).")
+@click.option("--out", help="Write the merged results here from now on (the run's own file was moved away, say).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as JSON on stdout.")
 @_endpoint_option
 @_state_dir_option
@@ -10052,6 +10065,7 @@ def resume(
     poll_interval: float | None,
     max_cost: float | None,
     allow_standard: bool | None,
+    out: str | None,
     as_json: bool,
     endpoint: str | None,
     state_dir: str,
@@ -10085,6 +10099,7 @@ def resume(
                 max_cost=max_cost,
                 allow_standard=allow_standard,
                 stop=stop,
+                out=out,
             ),
             stop,
             reporter.log,

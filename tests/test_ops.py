@@ -223,3 +223,22 @@ def test_a_hand_edited_run_json_names_the_field(finished_run, tmp_path, field, e
     assert p.returncode == 3, p.stderr
     assert "Traceback" not in p.stderr and "damaged run.json" in p.stderr and f"'{field}'" in p.stderr, p.stderr
     assert "Fix:" in p.stderr
+
+
+def test_a_moved_project_folder_is_not_written_in_its_old_place(emu, articles, tmp_path):
+    """The project folder is renamed while a run is unfinished. resume used to write the results to the old absolute
+    path: it made the old folder again (or overwrote whatever lives there now). Now it stops (exit 2) and says how to
+    name the new place; `resume --out` continues there."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    p = run_against(emu, articles, proj, "--mode", "batch", "--yes", out="o.jsonl", BATCHIFY_CRASH_AT="after_create")
+    assert p.returncode == -9, p.stderr
+    moved = tmp_path / "proj2"
+    proj.rename(moved)
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], moved)
+    assert r.returncode == 2 and "no longer exists" in r.stderr and "--out FILE" in r.stderr, r.stderr
+    assert not proj.exists()
+    r = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2", "--out", "o.jsonl"], moved)
+    assert r.returncode == 0, r.stderr
+    assert_complete(moved / "o.jsonl", articles)
+    assert not proj.exists() and emu.stats()["creates"] == 1
