@@ -2308,6 +2308,16 @@ def resumed_create_since(sent_at: float | None, wall_now: float, now: float, win
     return now - age if age < window else None
 
 
+def account_refused(e: RemoteError, run: str) -> ServiceRefused:
+    """The error a run stopped by an account refusal of a real-time request ends with (account_refusal)."""
+    return ServiceRefused(
+        f"{e}. Nothing is recorded against the requests it refused: fix what the service names (billing, the "
+        f"project's permissions, the location calling from), then `batchify resume {run}`.",
+        code=e.code,
+        status=e.status,
+    )
+
+
 def leading_error(eg: BaseExceptionGroup[Any]) -> BaseException:
     """The error that ended a TaskGroup, out of its (perhaps nested) group: the first that is not a cancellation
     (the siblings it cancelled), else the first."""
@@ -8021,15 +8031,7 @@ class RequestSender:
                 raise
             except RemoteError as e:
                 if account_refusal(e):  # every request would get it: stop, not an error recorded against each id
-                    self.engine.refused(
-                        ServiceRefused(
-                            f"{e}. Nothing is recorded against the requests it refused: fix what the service names "
-                            f"(billing, the project's permissions, the location calling from), then "
-                            f"`batchify resume {self.engine.run.name}`.",
-                            code=e.code,
-                            status=e.status,
-                        )
-                    )
+                    self.engine.refused(account_refused(e, self.engine.run.name))
                     return None  # not answered: resume sends it
                 backoff = self._backoff(e, attempt, started, granted, t)
                 if backoff is None:
