@@ -1455,7 +1455,11 @@ class ServiceRefused(AuthError):
 
 def account_refusal(e: RemoteError) -> bool:
     """An answer about the account, not the request (account-wide: stop, do not record it against an id): 403, or
-    a 400 FAILED_PRECONDITION ("User location is not supported", "enable billing", the free tier's countries)."""
+    a 400 FAILED_PRECONDITION ("User location is not supported", "enable billing", the free tier's countries). Not
+    one that names a file: "You do not have permission to access the File ... or it may not exist" (a fileData URI
+    expired after 48 h, or another project's) and "File ... is not in an ACTIVE state" are about that request."""
+    if re.search(r"\bfiles?\b", str(e), re.I):
+        return False
     return e.code == 403 or (e.code == 400 and (e.status == "FAILED_PRECONDITION" or "FAILED_PRECONDITION" in str(e)))
 
 
@@ -6402,7 +6406,7 @@ class Engine:
     # -- a graceful stop (GracefulStop) --------------------------------------------------------------
     @property
     def stopping(self) -> bool:
-        return self.stop.requested
+        return self.stop.requested or self._refusal is not None  # a refusal stops this run, not the caller's stop
 
     def in_flight(self) -> int:
         return sum(s.sending for s in self._senders.values())
@@ -6438,7 +6442,8 @@ class Engine:
         work cancelled, the Flex requests already sent waited for: they are paid for), then raise `error`."""
         if self._refusal is None:
             self._refusal = error
-            waiting = self.stop.request()
+            self.stop_requested()  # this engine's own (never the caller's GracefulStop: it may be used again)
+            waiting = self.in_flight()
             also = f"; waiting for the {waiting} request(s) already sent (paid for)" if waiting else ""
             self._log(f"stopping: the service refused this account's calls (the reason below); nothing new is sent{also}")
 
@@ -6545,6 +6550,7 @@ class Engine:
         naming them: they need new sends, which the retired model cannot take."""
         self.mend_prepared(requests=False)
         self._raise_if_stopped()
+        await self._stoppable_step(self.repair())  # lost sidecars adopted, lost results downloaded again: no sends
         if any(j.state in REMOTE_LIVE | {JobState.SUCCEEDED, JobState.SUBMITTING} for j in self.jobs.values()):
             await self._stoppable_step(self.batch_phase())
         self._raise_if_stopped()
@@ -6555,6 +6561,7 @@ class Engine:
         batches = [f"b{i:04d}" for i, s, e in self._ranges() if any(s <= n < e for n in left)]
         named = ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else "")
         instead = f"--model {self.spec.replacement}" if self.spec.replacement else "another model (`batchify models`)"
+        self._end_as("interrupted")  # not done: merge() said so only because nothing more can be sent from here
         raise UsageError(
             f"run {self.run.name!r}: {len(left)} of {self.run.records} request(s) are not done (batch(es) {named}) and "
             f"would need new requests, which this model no longer takes: {why.split(' Fix:')[0]} Everything already at "
@@ -6891,7 +6898,7 @@ class Engine:
     @property
     def _settle_s(self) -> float:
         """CREATE_SETTLE_S scaled by --retry-scale, as every retry delay is (the drills wait a fiftieth of it)."""
-        return CREATE_SETTLE_S * self.opts.retry_scale
+        return max(1.0, CREATE_SETTLE_S * self.opts.retry_scale)  # never none at all (--retry-scale 0)
 
     def _settle_resumed(self, stuck: list[Job], now: float) -> None:
         """Jobs an earlier process left SUBMITTING with their create sent less than the settle window ago by the
@@ -8101,6 +8108,7 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
         if not live:
             break
         await engine.sleep(min(2.0, engine.opts.poll) * (round_ + 1))
+    await engine._sweep_orphans()  # a create taken as not done (cancel waits out no settle window) listed by now: cancelled
     for j in engine._ordered():
         if j.cancelled_by_user and j.state in REMOTE_LIVE | {JobState.CANCELLED} and j.name not in cancelled:
             cancelled.append(j.name)
@@ -8128,18 +8136,18 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
             f"Fix: `batchify resume {store.name}` first."
         )
-    lines = sum(1 for _ in out.open("rb"))
-    if lines != run.records:
-        raise UsageError(
-            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
-            "to merge again before cleaning up."
-        )
     if local and out_replaced(run, out):
         raise UsageError(
             f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
             f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
             f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
             f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
+        )
+    lines = sum(1 for _ in out.open("rb"))
+    if lines != run.records:
+        raise UsageError(
+            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
+            "to merge again before cleaning up."
         )
     counts = {"jobs": 0, "files": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
@@ -10617,7 +10625,8 @@ class Emulator:
         self.created = 0
         self.spent: dict[str, int] = {}  # "first N calls" fault knobs: how many of N have fired (see _fault)
         self._flex_released = asyncio.Event()  # set while cfg.flex_hold is False
-        self._flex_released.set()
+        if not self.cfg.flex_hold:
+            self._flex_released.set()
         self._runner: Any = None
         self.url = ""
         self.seen_prefixes: set[tuple[str, str]] = set()

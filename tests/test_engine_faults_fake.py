@@ -513,3 +513,79 @@ def test_a_hybrid_batch_that_becomes_unstarted_late_is_still_drained_by_flex(tmp
     assert {j.name: j.state for j in store.load_jobs()}[stuck.name] in (JobState.FLEXED, JobState.RESULTS_DOWNLOADED)
     no_duplicate_creates(fake)
     all_ok_once(store, fake, 60)
+
+
+# -- refusals about the account, and those about one request (the reviewer's cases) ---------------------------------
+class _Refusing(FakeGemini):
+    """generateContent answers `refusal` (a RemoteError) for the requests whose text holds `marker` ("" = all)."""
+
+    refusal: batchify.RemoteError | None = None
+    marker = ""
+
+    async def generate(self, model, request, flex=False):
+        if self.refusal is not None and self.marker in request["contents"][0]["parts"][0]["text"]:
+            raise self.refusal
+        return await super().generate(model, request, flex)
+
+
+def test_a_403_that_names_a_file_is_that_requests_error_not_a_stop(tmp_path):
+    """403 "You do not have permission to access the File ... or it may not exist" is about one request (a fileData
+    URI expired or another project's): recorded against that id, the run finishes. Counted as an account refusal, it
+    stopped the run at that id at every resume, the ids after it never sent."""
+    store = prepared(tmp_path, 20, 5, mode="flex")
+    fake = _Refusing(FakeClock(), [])
+    fake.marker = "document number 7 "
+    fake.refusal = batchify.RemoteError(
+        "generate: 403 PERMISSION_DENIED You do not have permission to access the File abc or it may not exist.",
+        code=403,
+        status="PERMISSION_DENIED",
+    )
+    s = run(store, fake)
+    assert (s.ok, s.errors) == (19, 1)
+
+
+def test_an_account_refusal_stops_this_run_not_the_callers_stop(tmp_path):
+    """A location refusal stops the run (ServiceRefused) without marking the caller's GracefulStop as requested:
+    the same object passed to the resume after the fix used to stop it at once, nothing sent."""
+    store = prepared(tmp_path, 20, 5, mode="flex")
+    fake = _Refusing(FakeClock(), [])
+    fake.refusal = batchify.RemoteError(
+        "generate: 400 FAILED_PRECONDITION User location is not supported", code=400, status="FAILED_PRECONDITION"
+    )
+    stop = batchify.GracefulStop()
+    with pytest.raises(batchify.ServiceRefused):
+        asyncio.run(batchify.Engine(store, fake, clock=fake.clock.now, sleep=fake.clock.sleep, stop=stop).execute())
+    assert not stop.requested and store.load_run().status == "interrupted"
+    fake.refusal = None  # mended
+    s = asyncio.run(batchify.Engine(store, fake, clock=fake.clock.now, sleep=fake.clock.sleep, stop=stop).execute())
+    assert s.ok == 20 and len(fake.generated) == 20
+
+
+def test_a_retired_models_resume_adopts_a_job_whose_sidecar_was_lost(tmp_path):
+    """Collect-only (the model shut down) still repairs: a job sidecar lost while its job ran at the service is
+    adopted and downloaded, not reported as 'not done, run those ids again' (paying twice)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=1.0, enqueued_limit=10**6, margin=0.0)
+    fake = FakeGemini(clock, [5.0] * 10)
+    crash(store, fake, Hook.AFTER_POLL)
+    victim = next(j for j in store.load_jobs() if j.remote_job)
+    (store.jobs_dir / f"{victim.name}.json").unlink()
+    clock.t += 10
+    s = asyncio.run(batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, retired="shut down.").execute())
+    assert s.ok == 20 and len(fake.jobs) == 2
+
+
+def test_a_retired_models_resume_with_ids_left_leaves_the_run_unfinished(tmp_path):
+    """Collect-only with a job that ended EXPIRED (its retry would need a new create): the UsageError names the
+    batch, and the run stays 'interrupted', not 'done' (done, a later resume skipped the retirement check and
+    created the retry on the shut-down model; cleanup --local was allowed)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 10, poll_interval=1.0, enqueued_limit=10**6, margin=0.0, max_attempts=3)
+    fake = FakeGemini(clock, [2.0] * 10)
+    crash(store, fake, Hook.AFTER_POLL)
+    side = next(p for p in store.jobs_dir.glob("*.json") if json.loads(p.read_text())["index"] == 1)
+    side.write_text(json.dumps({**json.loads(side.read_text()), "state": "EXPIRED"}))
+    clock.t += 10
+    with pytest.raises(batchify.UsageError, match="b0001"):
+        asyncio.run(batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, retired="shut down.").execute())
+    assert store.load_run().status == "interrupted"
