@@ -3288,6 +3288,26 @@ def list_runs(state_dir: str | Path) -> list[str]:
     return sorted(p.parent.name for p in d.glob("*/run.json") if re.match(RUN_NAME_RE, p.parent.name))
 
 
+LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
+
+
+def _flock_briefly_contended(fd: int, how: int) -> None:
+    """flock without blocking, tried again for LOCK_PROBE_WAIT_S: `status` and `list` take a run's lock shared for a
+    moment to see whether a process holds it (RunLock.held), and a resume landing in that moment is not refused for
+    it. BlockingIOError when it is still held: a process owns the run."""
+    import fcntl
+
+    deadline = time.monotonic() + LOCK_PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class RunLock:
     """One writer per run: an fcntl lock on <run>/lock that names its holder."""
 
@@ -3303,7 +3323,7 @@ class RunLock:
         private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_briefly_contended(fd, fcntl.LOCK_EX)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

@@ -242,3 +242,26 @@ def test_a_moved_project_folder_is_not_written_in_its_old_place(emu, articles, t
     assert r.returncode == 0, r.stderr
     assert_complete(moved / "o.jsonl", articles)
     assert not proj.exists() and emu.stats()["creates"] == 1
+
+
+def test_a_status_look_at_the_lock_does_not_refuse_a_resume(tmp_path, monkeypatch):
+    """`status` takes a run's lock shared for a moment (RunLock.held) to see whether a process holds it; a resume
+    landing in that moment was refused (exit 4, 'in use by another process'): 51 of 16,481 tries with status
+    polling alongside. acquire now tries again for a moment. Deterministic: the look ends at the first wait."""
+    import fcntl
+
+    lock = batchify.RunLock(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    look = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)  # status looking, right now
+    waited: list[float] = []
+
+    def the_look_ends(seconds: float) -> None:
+        waited.append(seconds)
+        fcntl.flock(look, fcntl.LOCK_UN)
+
+    monkeypatch.setattr(batchify.time, "sleep", the_look_ends)
+    lock.acquire("resume")
+    assert waited and lock.fd is not None
+    lock.release()
+    os.close(look)
