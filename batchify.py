@@ -3108,6 +3108,7 @@ def atomic_file(path: Path, unique: bool = True) -> Iterator[Any]:
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp" if unique else f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    held = _hold(fd)  # the writer's mark until its temp file is moved into place: remove_dead_temps leaves it alone
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             yield f
@@ -3120,7 +3121,26 @@ def atomic_file(path: Path, unique: bool = True) -> Iterator[Any]:
         if isinstance(e, OSError) and not e.filename and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             e.filename = str(path)  # a write() that found the disk full names no file: the one being written
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     fsync_dir(path.parent)
+
+
+def _hold(fd: int) -> int | None:
+    """An exclusive flock on a temp file, kept by a second descriptor (it outlives the file object closed before
+    os.replace): a process on any host sharing the folder sees the temp is being written. None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    held = os.dup(fd)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(held)
+        return None
+    return held
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -3811,16 +3831,37 @@ def results_writer(out: Path) -> Any:
     return atomic_file(out)
 
 
-def remove_dead_temps(path: Path) -> None:
-    """Delete atomic_file's temp files beside `path` left by processes that are gone (a crash mid-write), and the
-    fixed-name one older versions used. A live writer's (its pid answers) is left alone."""
+TEMP_GRACE_S = 10.0  # a temp file younger than this is never taken for a dead writer's (it may be about to be locked)
+
+
+def remove_dead_temps(path: Path, now: float | None = None) -> None:
+    """Delete atomic_file's temp files beside `path` left by writers that are gone (a crash mid-write), and the
+    fixed-name one older versions used. A live writer's is left alone: it holds an exclusive flock on its temp
+    (atomic_file), which works across processes, PID namespaces and (where the filesystem supports it) hosts;
+    without fcntl, its pid answering is the sign. Temps younger than TEMP_GRACE_S are left too."""
     pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.\d+\.)?tmp")
+    now = time.time() if now is None else now
     for p in path.parent.glob(f".{glob.escape(path.name)}.*tmp"):
         m = pattern.fullmatch(p.name)
-        if m is None or (m.group(1) is not None and pid_alive(int(m.group(1)))):
-            continue
         with contextlib.suppress(OSError):
+            if m is None or now - p.stat().st_mtime < TEMP_GRACE_S:
+                continue
+            _remove_unless_held(p, int(m.group(1)) if m.group(1) else None)
+
+
+def _remove_unless_held(p: Path, pid: int | None) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        if pid is None or not pid_alive(pid):
             p.unlink()
+        return
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): a writer holds it
+        p.unlink()
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,17 +168,34 @@ def test_results_during_a_live_run_leaves_run_json_alone(emu, articles, tmp_path
 
 
 def test_results_files_get_a_temp_name_of_their_own_and_dead_writers_leftovers_go(tmp_path):
+    """A results write removes what dead writers left beside the output, and never a live writer's. Live is told by
+    the exclusive flock a writer holds on its temp (atomic_file), not by its pid: a pid from another PID namespace
+    (two containers sharing a volume) or host says nothing, and in a container batchify is often pid 1, always
+    alive. A temp younger than TEMP_GRACE_S is left too (its writer may not have locked it yet)."""
+    import fcntl
+
     out = tmp_path / "out.jsonl"
     dead = tmp_path / ".out.jsonl.999999999.1.tmp"  # no such pid: a writer that crashed
+    dead_pid1 = tmp_path / ".out.jsonl.1.1.tmp"  # pid 1 answers, yet its writer crashed (a container's batchify)
     legacy = tmp_path / ".out.jsonl.tmp"  # the fixed name older versions used
-    live = tmp_path / f".out.jsonl.{os.getppid()}.1.tmp"  # a live process's write in progress
-    for f in (dead, legacy, live):
+    live = tmp_path / ".out.jsonl.999999998.1.tmp"  # another namespace's live writer: its pid means nothing here
+    fresh = tmp_path / ".out.jsonl.999999997.1.tmp"  # just made, not locked yet
+    old = time.time() - 60
+    for f in (dead, dead_pid1, legacy, live, fresh):
         f.write_bytes(b"partial")
-    with batchify.results_writer(out) as a:
-        a.write(b"a\n")
-        temps = {p.name for p in tmp_path.glob(".out.jsonl*")}
-        assert [t for t in temps if t.startswith(f".out.jsonl.{os.getpid()}.")], temps  # its own name, not the fixed one
-        assert not dead.exists() and not legacy.exists() and live.exists()
+        if f is not fresh:
+            os.utime(f, (old, old))
+    writer = os.open(live, os.O_RDWR)
+    fcntl.flock(writer, fcntl.LOCK_EX)
+    try:
+        with batchify.results_writer(out) as a:
+            a.write(b"a\n")
+            temps = {p.name for p in tmp_path.glob(".out.jsonl*")}
+            assert [t for t in temps if t.startswith(f".out.jsonl.{os.getpid()}.")], temps  # its own name, not the fixed one
+            assert not dead.exists() and not dead_pid1.exists() and not legacy.exists()
+            assert live.exists() and fresh.exists()
+    finally:
+        os.close(writer)
     assert out.read_bytes() == b"a\n" and live.read_bytes() == b"partial"
 
 
