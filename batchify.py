@@ -8304,11 +8304,14 @@ def iter_sidecar_results(state_dir: str | Path, name: str, strict: bool = False)
 
 def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
     """A run's merged results in input order, as Result objects (streamed from the results file; merged first
-    when it is missing, or, while a live process holds the run, read from the sidecars without writing)."""
+    when it is missing, or, while a live process holds the run, read from the sidecars without writing; read from
+    the sidecars too when the file is no longer the one this run wrote: another run given the same --out)."""
     run = RunStore(state_dir, name).load_run()
     out = out_location(run.out, run.run_options.project)
     rows: Iterable[dict[str, Any]] = ()
-    if not out.exists():
+    if out_replaced(run, out):
+        rows = list(iter_sidecar_results(state_dir, name))
+    elif not out.exists():
         with reader_lock(state_dir, name) as free:
             if free:
                 merge_run(state_dir, name)
