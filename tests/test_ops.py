@@ -93,7 +93,7 @@ def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, a
     saved = run_cli(["results", "articles", "--state-dir", "st"], tmp_path)  # the fix it names works
     assert saved.returncode == 0 and [json.loads(x) for x in saved.stdout.splitlines()] == a_rows
     lib = batchify.results("articles", state_dir=tmp_path / "st")  # the library reads this run's own, too
-    assert [(r.id, r.result) for r in lib] == [(r["id"], r["result"]) for r in a_rows]
+    assert [(r.id, r.result, r.usage) for r in lib] == [(r["id"], r["result"], r["usage"]) for r in a_rows]
     assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
     assert not (tmp_path / "st" / "articles-b").exists()  # the run whose file it is may still clean up
 
