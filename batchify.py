@@ -3312,12 +3312,16 @@ LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking
 
 
 def _flock_briefly_contended(fd: int, how: int) -> None:
-    """flock without blocking, tried again for LOCK_PROBE_WAIT_S: `status` and `list` take a run's lock shared for a
-    moment to see whether a process holds it (RunLock.held), and a resume landing in that moment is not refused for
-    it. BlockingIOError when it is still held: a process owns the run."""
+    """flock without blocking; when it is held but the holder named in the lock file is not alive (the last owner
+    left; `status` or `list` is only looking, a shared lock taken for a moment by RunLock.held), tried again for
+    LOCK_PROBE_WAIT_S, so that a resume landing in that moment is not refused for it. A live owner is answered at
+    once. BlockingIOError when it is still held: a process owns the run."""
     import fcntl
 
     deadline = time.monotonic() + LOCK_PROBE_WAIT_S
+    owner = re.search(r"pid (\d+)", os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+    if owner is not None and int(owner.group(1)) != os.getpid() and pid_alive(int(owner.group(1))):
+        deadline = 0.0  # a live process owns the run: no waiting
     while True:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
