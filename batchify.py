@@ -1794,33 +1794,22 @@ class Run:
 
 
 _NUMBER = (int, float)
-# run.json's fields as prepare writes them: (field, types, required). Checked on load (validate_run_dict), so that a
+# run.json's fields as prepare writes them, grouped by type. Checked on load (validate_run_dict), so that a
 # hand edit or a damaged file is a StateError naming the field, not a traceback wherever the value is first used.
-RUN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
-    ("name", str, True),
-    ("run_id", str, True),
-    ("input_path", str, True),
-    ("input_sha256", str, True),
-    ("input_format", str, True),
-    ("config", dict, True),
-    ("options", dict, True),
-    ("endpoint", (str, type(None)), True),
-    ("records", int, True),
-    ("rejected", int, True),
-    ("chars_per_token", _NUMBER, True),
-    ("calibrated", bool, True),
-    ("plan", dict, True),
-    ("out", str, True),
-    ("created_at", str, True),
-    ("status", str, False),
-    ("notes", dict, False),
-    ("summary", dict, False),
-    ("updated_at", str, False),
+_FieldTypes = tuple[tuple[tuple[str, ...], type | tuple[type, ...], bool], ...]  # (fields, types, required)
+RUN_FIELD_TYPES: _FieldTypes = (
+    (("name", "run_id", "input_path", "input_sha256", "input_format", "out", "created_at"), str, True),
+    (("config", "options", "plan"), dict, True),
+    (("records", "rejected"), int, True),
+    (("chars_per_token",), _NUMBER, True),
+    (("calibrated",), bool, True),
+    (("endpoint",), (str, type(None)), True),
+    (("status", "updated_at"), str, False),
+    (("notes", "summary"), dict, False),
 )
-PLAN_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
-    ("batch_ranges", list, False),  # when present: every plan prepare writes has them
-    ("effective_limit", _NUMBER, False),
-    ("estimated_cost_usd", _NUMBER, False),
+PLAN_FIELD_TYPES: _FieldTypes = (  # when present: every plan prepare writes has them
+    (("batch_ranges",), list, False),
+    (("effective_limit", "estimated_cost_usd"), _NUMBER, False),
 )
 
 
@@ -1828,14 +1817,15 @@ def _type_names(t: type | tuple[type, ...]) -> str:
     return " or ".join("null" if x is type(None) else x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
 
 
-def _check_fields(d: dict[str, Any], fields: Iterable[tuple[str, type | tuple[type, ...], bool]], where: str) -> None:
-    for k, t, required in fields:
-        if k not in d and not required:
-            continue
-        v = d.get(k)
-        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):  # JSON true is no count
-            got = "missing" if k not in d else f"is {orjson.dumps(v).decode()[:40]}"
-            raise StateError(f"damaged run.json: field {where + k!r} {got}, not {_type_names(t)}")
+def _check_fields(d: dict[str, Any], fields: _FieldTypes, where: str) -> None:
+    for names, t, required in fields:
+        for k in names:
+            if k not in d and not required:
+                continue
+            v = d.get(k)
+            if not isinstance(v, t) or (isinstance(v, bool) and t is not bool):  # JSON true is no count
+                got = "missing" if k not in d else f"is {orjson.dumps(v).decode()[:40]}"
+                raise StateError(f"damaged run.json: field {where + k!r} {got}, not {_type_names(t)}")
 
 
 def validate_run_dict(d: dict[str, Any]) -> None:
