@@ -1449,8 +1449,9 @@ class AuthError(RemoteError):
 class ServiceRefused(AuthError):
     """The service refuses the account's calls for a reason no retry mends and the request does not cause: 403
     PERMISSION_DENIED or 400 FAILED_PRECONDITION (billing, the user's location, project permissions), or a job's
-    polls refused POLL_REFUSALS times in a row. Stop at once, every job kept as it is (a job whose polls are refused
-    has not ended: failing it and creating it again would pay twice); `resume` goes on once it is mended."""
+    polls refused POLL_REFUSALS times in a row. The run stops as a graceful stop does (Engine.refused: nothing new is
+    sent, the requests already sent are waited for), every job kept as it is (a job whose polls are refused has not
+    ended: failing it and creating it again would pay twice); `resume` goes on once it is mended."""
 
 
 def account_refusal(e: RemoteError) -> bool:
