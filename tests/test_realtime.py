@@ -163,8 +163,10 @@ def test_ctrl_c_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path,
     p = _spawn_flex_run(emu, articles, tmp_path)
     wait_for(lambda: emu.stats()["flex_in_flight"] >= 1)
     p.send_signal(sig)
-    seen = _read_stderr_until(p, "waiting for")
-    emu.configure(flex_hold=False)  # the service answers what it has: the run saves those answers, then stops
+    try:
+        seen = _read_stderr_until(p, "waiting for")
+    finally:
+        emu.configure(flex_hold=False)  # the service answers what it has: the run saves those answers, then stops
     _, err = p.communicate(timeout=120)
     err = seen + err
     assert p.returncode == code, err
@@ -189,11 +191,16 @@ def test_a_second_ctrl_c_stops_at_once(emu, articles, tmp_path):
     p.send_signal(signal.SIGINT)
     _read_stderr_until(p, "again to stop now")
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert emu.stats()["flex_in_flight"] > 0 and emu.stats()["generate_calls"] == 0, "no answer was waited for"
-    assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
-    emu.configure(flex_hold=False)
+    try:
+        _, err = p.communicate(timeout=60)
+        # 130, or death by SIGINT (the second Ctrl-C raises KeyboardInterrupt wherever the main thread is, and past
+        # main() Python dies of the signal, as CPython does): a shell reports both as 130
+        assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
+        s = emu.stats()
+        assert s["flex_in_flight"] > 0 and s["generate_calls"] == 0, ("no answer was waited for", s["flex_in_flight"], err)
+        assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
+    finally:
+        emu.configure(flex_hold=False)  # whatever happened: the emulator's held requests end (its shutdown waits on them)
     wait_for(lambda: emu.stats()["flex_in_flight"] == 0)
     _resume_completes_every_id_once(emu, articles, tmp_path)
 
