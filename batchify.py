@@ -3829,13 +3829,13 @@ def results_writer(out: Path) -> Any:
 TEMP_GRACE_S = 10.0  # a temp file younger than this is never taken for a dead writer's (it may be about to be locked)
 
 
-def remove_dead_temps(path: Path, now: float | None = None) -> None:
+def remove_dead_temps(path: Path) -> None:
     """Delete atomic_file's temp files beside `path` left by writers that are gone (a crash mid-write), and the
     fixed-name one older versions used. A live writer's is left alone: it holds an exclusive flock on its temp
     (atomic_file), which works across processes, PID namespaces and (where the filesystem supports it) hosts;
     without fcntl, its pid answering is the sign. Temps younger than TEMP_GRACE_S are left too."""
     pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.\d+\.)?tmp")
-    now = time.time() if now is None else now
+    now = time.time()
     for p in path.parent.glob(f".{glob.escape(path.name)}.*tmp"):
         m = pattern.fullmatch(p.name)
         with contextlib.suppress(OSError):
