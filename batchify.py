@@ -2305,12 +2305,21 @@ def resumed_create_since(sent_at: float | None, wall_now: float, now: float, win
 
 def account_refused(e: RemoteError, run: str) -> ServiceRefused:
     """The error a run stopped by an account refusal of a real-time request ends with (account_refusal)."""
-    return ServiceRefused(
-        f"{e}. Nothing is recorded against the requests it refused: fix what the service names (billing, the "
-        f"project's permissions, the location calling from), then `batchify resume {run}`.",
-        code=e.code,
-        status=e.status,
+    return _refused(f"{e}. Nothing is recorded against the requests it refused", e, run)
+
+
+def poll_refused(job: Job, n: int, e: RemoteError, run: str) -> ServiceRefused:
+    """The error a run stopped by refused polls ends with: the job was not failed, why, and the fix."""
+    what = (
+        f"{job.name} ({job.remote_job}): the service refused to show its state {n} times in a row ({e}). It is kept as "
+        "it is, not counted as failed: it may still run and be billed, and creating it again would pay twice"
     )
+    return _refused(what, e, run)
+
+
+def _refused(what: str, e: RemoteError, run: str) -> ServiceRefused:
+    fix = f"fix what the service names (billing, the project's permissions, the location calling from), then `batchify resume {run}`"
+    return ServiceRefused(f"{what}. {fix[0].upper()}{fix[1:]}.", code=e.code, status=e.status)
 
 
 def leading_error(eg: BaseExceptionGroup[Any]) -> BaseException:
@@ -2325,15 +2334,6 @@ def leading_error(eg: BaseExceptionGroup[Any]) -> BaseException:
         else:
             leaves.append(e)
     return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0] if leaves else eg)
-
-
-def poll_refused_message(job: Job, n: int, e: RemoteError, run: str) -> str:
-    """What a run stopped by refused polls says: the job was not failed, why, and the fix."""
-    return (
-        f"{job.name} ({job.remote_job}): the service refused to show its state {n} times in a row ({e}). It is kept as "
-        "it is, not counted as failed: it may still run and be billed, and creating it again would pay twice. Fix what "
-        f"the service names (billing, the project's permissions, the location calling from), then `batchify resume {run}`."
-    )
 
 
 def orphan_action(job: Job | None, remote: RemoteJob) -> str | None:
@@ -7494,7 +7494,7 @@ class Engine:
                 return await self._poll_answered_404(job)
             n = self._poll_streak(job, "transient" if e.transient else "refused")
             if not e.transient and n >= POLL_REFUSALS:  # 400/403 on a get, again and again: the job has not ended
-                self.refused(ServiceRefused(poll_refused_message(job, n, e, self.run.name), code=e.code, status=e.status))
+                self.refused(poll_refused(job, n, e, self.run.name))
                 if not self._stoppable:  # nothing a stop cancels runs this loop (a cancelled run's polls): end it here
                     self._raise_if_stopped()
                 return False
@@ -8303,16 +8303,16 @@ def iter_results(state_dir: str | Path, name: str) -> Iterator[Result]:
     the sidecars too when the file is no longer the one this run wrote: another run given the same --out)."""
     run = RunStore(state_dir, name).load_run()
     out = out_location(run.out, run.run_options.project)
-    rows: Iterable[dict[str, Any]] = ()
+    rows: Iterable[dict[str, Any]] | None = None  # None: the results file itself
     if out_replaced(run, out):
-        rows = list(iter_sidecar_results(state_dir, name))
+        rows = iter_sidecar_results(state_dir, name)  # streamed: nothing of this run is written
     elif not out.exists():
         with reader_lock(state_dir, name) as free:
             if free:
                 merge_run(state_dir, name)
             else:
                 rows = list(iter_sidecar_results(state_dir, name))
-    for d in rows or iter_jsonl(out):
+    for d in rows if rows is not None else iter_jsonl(out):
         yield Result(d["id"], d["status"], d.get("result"), d.get("error"), d.get("source", "batch"), d.get("usage"))
 
 
