@@ -142,6 +142,8 @@ DEFAULT_CREATE_TIMEOUT = 1_800.0  # seconds of creates refused with 429 while no
 CREATE_SETTLE_S = 90.0
 CREATE_LOOK_FIRST_S = 2.0
 POLL_REFUSALS = 3  # 404s to a job's get in a row before it counts as gone; other refusals in a row stop the run
+POLL_SILENCE_S = 3_600.0  # a job's polls failing (network, 5xx, 429) for this long in a row stop the run, resumably:
+# no failure waits forever. The job is kept: it goes on at the service. Scaled by --retry-scale like every retry delay
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
 SHORT_OUTPUT_ROUNDS = 3  # downloads of an output with fewer lines than batchStats counts before it is taken as it is
@@ -1446,10 +1448,16 @@ class AuthError(RemoteError):
     """The API key was refused (400 API_KEY_INVALID, 401, 403 naming the key): nothing will work; stop at once."""
 
 
+class ServiceSilent(RemoteError):
+    """A job's polls failed (network errors, 5xx, 429) for POLL_SILENCE_S in a row: the service or the way to it is
+    down. The run stops as a graceful stop does (Engine.halt), every job kept as it is (it may still run at the
+    service; failing it and creating it again would pay twice); `resume` goes on once the service answers."""
+
+
 class ServiceRefused(AuthError):
     """The service refuses the account's calls for a reason no retry mends and the request does not cause: 403
     PERMISSION_DENIED or 400 FAILED_PRECONDITION (billing, the user's location, project permissions), or a job's
-    polls refused POLL_REFUSALS times in a row. The run stops as a graceful stop does (Engine.refused: nothing new is
+    polls refused POLL_REFUSALS times in a row. The run stops as a graceful stop does (Engine.halt: nothing new is
     sent, the requests already sent are waited for), every job kept as it is (a job whose polls are refused has not
     ended: failing it and creating it again would pay twice); `resume` goes on once it is mended."""
 
@@ -2301,6 +2309,26 @@ def resumed_create_since(sent_at: float | None, wall_now: float, now: float, win
         return None
     age = max(0.0, wall_now - sent_at)
     return now - age if age < window else None
+
+
+def poll_failure_verdict(transient: bool, in_a_row: int, failing_for: float, patience: float) -> str:
+    """What a job's failed poll (not a 404: poll_answered_404) means, after `in_a_row` failures of its kind, the first
+    `failing_for` seconds ago: "refused" (the account: stop) at the POLL_REFUSALS-th refusal (400, 403) in a row;
+    "silent" (stop, resumable) once transient failures have lasted `patience`; else "again" (poll it as usual)."""
+    if not transient:
+        return "refused" if in_a_row >= POLL_REFUSALS else "again"
+    return "silent" if failing_for >= patience else "again"
+
+
+def poll_silent(job: Job, failing_for: float, e: RemoteError, run: str) -> ServiceSilent:
+    """The error a run stopped by a job's polls failing for POLL_SILENCE_S ends with: the job was not failed, and the fix."""
+    return ServiceSilent(
+        f"{job.name} ({job.remote_job}): no poll of it was answered for {failing_for / 60:.0f} min (the last: {e}). It "
+        "is kept as it is, not counted as failed: it may still run at the service, and creating it again would pay "
+        f"twice. Fix: check the network and the endpoint (and Google's status page), then `batchify resume {run}`.",
+        code=e.code,
+        status=e.status,
+    )
 
 
 def account_refused(e: RemoteError, run: str) -> ServiceRefused:
@@ -5404,7 +5432,7 @@ class _Pass:
     records: int
     n_problems: int
     problems: list[str]
-    sha256: str
+    sha256: str  # the input's; "" from a validation pass (write=False)
     duplicate_digests: set[int]
     unfetched: int
     long_docs: int = 0  # documents above the model's long-context threshold (billed at its long prices)
@@ -5432,9 +5460,10 @@ def _prepare_pass(
     (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
     there are any. `write=False`, no `sink`: validate only (records, ids, the prompt template), no request file."""
     _clear_unfinished_prepare(store, sink)
-    # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL).
+    # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL);
+    # a validation pass records nothing, so it reads the input once, not twice.
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
-    sha = hashing.submit(file_sha256, path)
+    sha = hashing.submit(file_sha256 if write else lambda _: "", path)
     hashing.shutdown(wait=False)
     checker = RecordChecker(store, cfg, opts, cpt, eff, context, suspects)
     check = checker.check
@@ -6392,7 +6421,8 @@ class Engine:
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
-        self._poll_streaks: dict[str, tuple[str, int]] = {}  # per job: the kind of its last poll answers, how many in a row
+        self._poll_streaks: dict[str, tuple[str, int, float]] = {}  # per job: the kind of its last poll answers, how
+        # many in a row, since when (engine clock)
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
         self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
@@ -6401,7 +6431,7 @@ class Engine:
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
-        self._refusal: ServiceRefused | None = None  # the account refused: the run drains, then stops with this
+        self._refusal: RemoteError | None = None  # refused or silent: the run drains, then stops with this (halt)
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
@@ -6493,15 +6523,16 @@ class Engine:
             self._stoppable.discard(task)
         self._raise_if_stopped()
 
-    def refused(self, error: ServiceRefused) -> None:
-        """The service refused the account (ServiceRefused): stop as a graceful stop does (no new request, batch
-        work cancelled, the Flex requests already sent waited for: they are paid for), then raise `error`."""
+    def halt(self, error: RemoteError, why: str = "the service refused this account's calls") -> None:
+        """The service refused the account (ServiceRefused) or stopped answering (ServiceSilent): stop as a graceful
+        stop does (no new request, batch work cancelled, the Flex requests already sent waited for: they are paid
+        for), then raise `error`."""
         if self._refusal is None:
             self._refusal = error
             self.stop_requested()  # this engine's own (never the caller's GracefulStop: it may be used again)
             waiting = self.in_flight()
             also = f"; waiting for the {waiting} request(s) already sent (paid for)" if waiting else ""
-            self._log(f"stopping: the service refused this account's calls (the reason below); nothing new is sent{also}")
+            self._log(f"stopping: {why} (the reason below); nothing new is sent{also}")
 
     def _raise_if_stopped(self) -> None:
         if self._refusal is not None:
@@ -7492,13 +7523,18 @@ class Engine:
         except RemoteError as e:
             if e.code == 404:
                 return await self._poll_answered_404(job)
-            n = self._poll_streak(job, "transient" if e.transient else "refused")
-            if not e.transient and n >= POLL_REFUSALS:  # 400/403 on a get, again and again: the job has not ended
-                self.refused(poll_refused(job, n, e, self.run.name))
-                if not self._stoppable:  # nothing a stop cancels runs this loop (a cancelled run's polls): end it here
-                    self._raise_if_stopped()
+            n, since = self._poll_streak(job, "transient" if e.transient else "refused")
+            failing_for = self.clock() - since
+            verdict = poll_failure_verdict(e.transient, n, failing_for, max(1.0, POLL_SILENCE_S * self.opts.retry_scale))
+            if verdict == "again":
+                self._log(f"{job.name}: poll failed ({e}); will poll again")
                 return False
-            self._log(f"{job.name}: poll failed ({e}); will poll again")
+            if verdict == "refused":  # 400/403 on a get, again and again: the job has not ended
+                self.halt(poll_refused(job, n, e, self.run.name))
+            else:
+                self.halt(poll_silent(job, failing_for, e, self.run.name), "the service has not answered for too long")
+            if not self._stoppable:  # nothing a stop cancels runs this loop (a cancelled run's polls): end it here
+                self._raise_if_stopped()
             return False
         self._poll_streaks.pop(job.name, None)
         state = observed_state(job.state, rj.state)
@@ -7521,19 +7557,20 @@ class Engine:
             self._saved_at[job.name] = now
         return moved
 
-    def _poll_streak(self, job: Job, kind: str) -> int:
-        """How many of a job's polls in a row have now answered this `kind` (404, refused, transient): any other
-        answer starts the count again, so a job counts as refused or gone only on answers in a row."""
-        was, n = self._poll_streaks.get(job.name, ("", 0))
-        n = n + 1 if was == kind else 1
-        self._poll_streaks[job.name] = (kind, n)
-        return n
+    def _poll_streak(self, job: Job, kind: str) -> tuple[int, float]:
+        """How many of a job's polls in a row have now answered this `kind` (404, refused, transient), and since when
+        (engine clock): any other answer starts the count again, so a job counts as refused, gone or silent only on
+        answers in a row."""
+        was, n, since = self._poll_streaks.get(job.name, ("", 0, 0.0))
+        n, since = (n + 1, since) if was == kind else (1, self.clock())
+        self._poll_streaks[job.name] = (kind, n, since)
+        return n, since
 
     async def _poll_answered_404(self, job: Job) -> bool:
         """A job's get answered 404. A job that still runs, answered 404 by a proxy or a routing blip and then
         resubmitted, is paid twice; so it counts as gone (FAILED, and retried) only after POLL_REFUSALS 404s in a
         row and when the service's own list does not show it either. True when it was marked gone."""
-        n = self._poll_streak(job, "404")
+        n, _since = self._poll_streak(job, "404")
         if n < POLL_REFUSALS:
             self._log(f"{job.name}: poll answered 404 (not found), {n} of {POLL_REFUSALS} before it counts as gone")
             return False
@@ -7543,7 +7580,7 @@ class Engine:
             self._log(f"{job.name}: poll answered 404 and the list to confirm it failed ({e}); will poll again")
             return False
         if any(r.name == job.remote_job or r.display_name == job.display_name for r in listed):
-            self._poll_streaks[job.name] = ("404", 0)
+            self._poll_streaks[job.name] = ("404", 0, self.clock())
             self._log(f"{job.name}: poll answered 404 {n} times but the service lists the job; will poll again")
             return False
         self._advance(job, JobState.FAILED, error=f"the remote job is gone (404 {n} times, and not in the service's list)")
@@ -8094,7 +8131,7 @@ class RequestSender:
                 raise
             except RemoteError as e:
                 if account_refusal(e):  # every request would get it: stop, not an error recorded against each id
-                    self.engine.refused(account_refused(e, self.engine.run.name))
+                    self.engine.halt(account_refused(e, self.engine.run.name))
                     return None  # not answered: resume sends it
                 backoff = self._backoff(e, attempt, started, granted, t)
                 if backoff is None:

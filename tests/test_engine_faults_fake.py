@@ -471,6 +471,53 @@ def test_download_refused_round_after_round_is_waited_out_with_one_job(tmp_path)
     no_duplicate_creates(fake)
 
 
+class _GetsUnanswered(FakeGemini):
+    """Every get fails as a network error does while the clock is inside one of `dark` ((from, to) pairs): the service,
+    or the way to it, is down."""
+
+    dark: tuple[tuple[float, float], ...] = ()
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        if any(a <= self.clock.now() < b for a, b in self.dark):
+            self._log("get-down", name)
+            raise batchify.RemoteError(f"get {name}: network error (scripted)", code=0)
+        return await super().get_batch(name)
+
+
+def test_polls_unanswered_for_an_hour_stop_the_run_and_resume_finishes(tmp_path):
+    """No failure waits forever: a job's polls failing for POLL_SILENCE_S in a row stop the run (ServiceSilent, exit 3),
+    soon after that hour, with every job kept (not failed: it goes on at the service, and creating it again would pay
+    twice). Once the service answers again, resume finishes the run, nothing created twice."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch")
+    fake = _GetsUnanswered(clock, [3 * 3600.0, 3 * 3600.0])  # long jobs: they outlast the outage
+    fake.dark = ((0.0, 5 * 3600.0),)
+    with pytest.raises(batchify.ServiceSilent) as e:
+        run(store, fake)
+    assert e.value.exit_code == 3 and re.search(r"no poll of it was answered for 6\d min", str(e.value)), e.value
+    assert "batchify resume fake" in str(e.value), e.value
+    downs = [t for t, what, _n in fake.calls if what == "get-down"]
+    assert batchify.POLL_SILENCE_S <= clock.now() - downs[0] <= batchify.POLL_SILENCE_S + batchify.MAX_POLL_INTERVAL
+    jobs = store.load_jobs()
+    assert len(jobs) == 2 and all(j.state == JobState.PENDING and j.remote_job for j in jobs), "a job was not kept as it was"
+    clock.t = 5 * 3600.0  # the service answers again
+    assert run(store, fake).ok == 60
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)
+
+
+def test_polls_failing_for_most_of_an_hour_again_and_again_do_not_stop_the_run(tmp_path):
+    """An answer between two outages starts the hour again: outages of 50 minutes, one after another with ten minutes
+    of answers between them (more than the longest poll interval), never stop the run."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 30, poll_interval=1.0, mode="batch")
+    fake = _GetsUnanswered(clock, [4 * 3600.0, 4 * 3600.0])
+    fake.dark = tuple((k * 3600.0, k * 3600.0 + 3000.0) for k in range(5))
+    assert run(store, fake).ok == 60
+    assert len([c for c in fake.calls if c[1] == "get-down"]) > 10
+    no_duplicate_creates(fake)
+
+
 # -- real time: a crash and resume (was a CLI pair in tests/test_realtime.py; the Flex Ctrl-C drills stay there) -----
 @pytest.mark.parametrize(("mode", "source"), [("realtime", "standard"), ("flex", "flex")])
 def test_realtime_resume_never_resends(tmp_path, mode, source):

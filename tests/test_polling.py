@@ -58,3 +58,18 @@ def test_poll_delay(interval, eta, base, delay):
 )
 def test_poll_delay_while_a_batch_waits_for_room(interval, eta, room_wanted, delay):
     assert batchify.poll_delay(interval, eta, 30, room_wanted) == pytest.approx(delay)
+
+
+@pytest.mark.parametrize(
+    ("transient", "in_a_row", "failing_for", "verdict"),
+    [
+        (False, 1, 0.0, "again"),  # one 400/403 on a get: poll it again
+        (False, batchify.POLL_REFUSALS - 1, 9e9, "again"),  # refusals count answers, not time
+        (False, batchify.POLL_REFUSALS, 0.0, "refused"),  # the account: stop at once
+        (True, 1, 0.0, "again"),  # a network error or a 5xx: poll it again
+        (True, 10_000, 3_599.0, "again"),  # transient failures count time, not answers
+        (True, 2, 3_600.0, "silent"),  # an hour without an answer: stop, resumably
+    ],
+)
+def test_poll_failure_verdict(transient, in_a_row, failing_for, verdict):
+    assert batchify.poll_failure_verdict(transient, in_a_row, failing_for, 3_600.0) == verdict
