@@ -6566,7 +6566,7 @@ class Engine:
                 return await self._execute()
             except BaseExceptionGroup as eg:  # a TaskGroup's (a Flex request's refusal, say): the error as itself
                 raise leading_error(eg) from None
-        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted, ServiceRefused):
+        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted, ServiceRefused, ServiceSilent):
             self._end_as("interrupted")
             raise
         except CostCapError:
@@ -6575,6 +6575,14 @@ class Engine:
         except StateError:  # a damaged sidecar, named: stopped until it is mended, not running
             self._end_as("interrupted")
             raise
+
+    async def _batch_side(self) -> None:
+        """The batch lane, with the Flex lanes beside it in a hybrid run: admission there leaves batches to Flex once
+        Flex is the quicker way, so batch never runs alone in one (a batch left to no lane waits forever)."""
+        if self.lanes == "hybrid":
+            await self.hybrid_phase()
+        else:
+            await self._stoppable_step(self.batch_phase())
 
     def _end_as(self, status: str) -> None:
         """The run's state as it stopped (interrupted, refused), from its sidecar as last saved."""
@@ -6598,12 +6606,9 @@ class Engine:
         else:
             await self._stoppable_step(self.repair())
             try:
-                if self.lanes == "hybrid":
-                    await self.hybrid_phase()
-                else:
-                    await self._stoppable_step(self.batch_phase())
-                if self._line_retry_due():
-                    await self._stoppable_step(self.batch_phase())
+                await self._batch_side()
+                if self._line_retry_due():  # a retry batch of the ids answered with an error: batch or Flex takes it
+                    await self._batch_side()
             except BatchRefusedError as e:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
                     raise

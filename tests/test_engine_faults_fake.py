@@ -562,6 +562,29 @@ def test_a_hybrid_batch_that_becomes_unstarted_late_is_still_drained_by_flex(tmp
     all_ok_once(store, fake, 60)
 
 
+def test_hybrid_line_errors_get_their_one_more_try_and_the_run_ends(tmp_path):
+    """Hybrid, batch answers a few lines with an error: the errored ids go into a retry batch (x...) after the hybrid
+    phase. Admission there left it to the Flex lanes (Flex the quicker way), but they had ended with that phase: the
+    batch sat UPLOADED and the run polled forever (an adversary's reproducer). The retry batch now goes through
+    the hybrid phase again: Flex drains it, at the batch price, each id paid once more only."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 5, poll_interval=1.0, mode="hybrid", flex_lanes=2, enqueued_limit=2_000, margin=0.0)
+    fake = FakeGemini(clock, [5.0] * 40)
+    fake.line_error = lambda text: "document number 3 " in text  # in the head: a batch job answers it
+
+    async def bounded() -> batchify.Summary:  # a hang is a failure, not a stuck suite (fake time runs instantly)
+        return await asyncio.wait_for(engine(store, fake).execute(), 20)
+
+    s = asyncio.run(bounded())
+    assert (s.ok, s.errors) == (60, 0)
+    retry = [j for j in store.load_jobs() if j.name.startswith("x")]
+    assert len(retry) == 1 and retry[0].state in (JobState.FLEXED, JobState.RESULTS_DOWNLOADED), retry
+    texts = fake.batch_texts() + fake.generated
+    assert sum("document number 3 " in t for t in texts) == 2, "the errored id was not tried exactly once more"
+    assert len(texts) == 61, "an id other than the errored one was paid twice"
+    no_duplicate_creates(fake)
+
+
 # -- refusals about the account, and those about one request (the reviewer's cases) ---------------------------------
 class _Refusing(FakeGemini):
     """generateContent answers `refusal` (a RemoteError) for the requests whose text holds `marker` ("" = all)."""
