@@ -500,6 +500,7 @@ def test_polls_unanswered_for_an_hour_stop_the_run_and_resume_finishes(tmp_path)
     assert batchify.POLL_SILENCE_S <= clock.now() - downs[0] <= batchify.POLL_SILENCE_S + batchify.MAX_POLL_INTERVAL
     jobs = store.load_jobs()
     assert len(jobs) == 2 and all(j.state == JobState.PENDING and j.remote_job for j in jobs), "a job was not kept as it was"
+    assert store.load_run().status == "interrupted", "status would show a stopped run as running"
     clock.t = 5 * 3600.0  # the service answers again
     assert run(store, fake).ok == 60
     no_duplicate_creates(fake)
