@@ -4120,6 +4120,18 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+def json_object_answer(what: str, body: bytes | str | None) -> dict[str, Any]:
+    """A 200 answer's body as the JSON object it must be, else a transient RemoteError (code 0: tried again, as a
+    connection cut mid-answer is): a body cut short behind a proxy, a proxy's or captive portal's HTML page, a list."""
+    try:
+        answer = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as e:
+        raise RemoteError(f"{what}: the answer (HTTP 200) is not valid JSON ({e}); cut short on the way?", code=0) from e
+    if not isinstance(answer, dict):
+        raise RemoteError(f"{what}: the answer (HTTP 200) is a JSON {type(answer).__name__}, not an object", code=0)
+    return answer
+
+
 def _retry_delay(details: Any) -> float | None:
     """RetryInfo.retryDelay ("36s") from a Google error body, if any."""
     try:
@@ -4326,8 +4338,7 @@ class GeminiClient:
     async def get_batch(self, name: str) -> RemoteJob:
         # A raw GET through the SDK's own client (auth, base URL): the typed batches.get() never fills
         # batchStats or the Operation error for Gemini batches.
-        resp = await self._call("get batch", lambda: self.aio._api_client.async_request("get", name, {}))
-        return operation_to_job(orjson.loads(resp.body or "{}"))
+        return operation_to_job(await self._call("get batch", lambda: self._json("get batch", "get", name, {})))
 
     async def list_batches(self) -> list[RemoteJob]:
         async def every_page() -> list[RemoteJob]:
@@ -4371,10 +4382,15 @@ class GeminiClient:
         if flex:  # top-level serviceTier, as the SDK sends it; Flex answers in minutes: a client timeout above its target
             body["serviceTier"] = "flex"
             opts = self._types.HttpOptions(timeout=int(FLEX_TIMEOUT_S * 1000))
-        resp = await self._call(
-            "generate", lambda: self.aio._api_client.async_request("post", f"{path}:generateContent", body, opts), ONCE
+        answer: dict[str, Any] = await self._call(
+            "generate", lambda: self._json("generate", "post", f"{path}:generateContent", body, opts), ONCE
         )
-        return dict(orjson.loads(resp.body or "{}"))
+        return answer
+
+    async def _json(self, what: str, method: str, path: str, body: dict[str, Any], opts: Any = None) -> dict[str, Any]:
+        """A raw request through the SDK's own client (auth, base URL), its answer a JSON object (json_object_answer)."""
+        resp = await self.aio._api_client.async_request(method, path, body, opts)
+        return json_object_answer(what, resp.body)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -4738,8 +4754,8 @@ class VertexClient(GeminiClient):
                 "generate: Flex is not available with --backend vertex yet (use --fallback-tier standard)", code=400
             )
         path = f"publishers/google/models/{model.removeprefix('models/')}:generateContent"
-        resp = await self._call("generate", lambda: self.aio._api_client.async_request("post", path, dict(request)), ONCE)
-        return dict(orjson.loads(resp.body or "{}"))
+        answer: dict[str, Any] = await self._call("generate", lambda: self._json("generate", "post", path, dict(request)), ONCE)
+        return answer
 
     async def close(self) -> None:
         await super().close()
@@ -10649,6 +10665,7 @@ class EmulatorConfig:
     get_404: int = 0  # a job's get answered 404 NOT_FOUND while the job lives (a proxy, a routing blip)
     get_403: int = 0  # a job's get answered 403 PERMISSION_DENIED (billing or project permissions changed mid-run)
     generate_400_location: int = 0  # generateContent answered 400 FAILED_PRECONDITION "User location is not supported"
+    generate_cut_short: int = 0  # generateContent answered (and billed), the 200's body cut in half on the way (a proxy)
     count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
     # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
@@ -11293,14 +11310,18 @@ class Emulator:
         if self._fault("generate_400_location"):
             raise _EmuError(400, "FAILED_PRECONDITION", "User location is not supported for the API use.")
         tier = str(req.get("serviceTier") or "standard").lower().removeprefix("service_tier_")
-        if tier == "flex":
-            return await self._flex(req, model)
-        if tier not in ("standard", "unspecified"):
+        if tier not in ("flex", "standard", "unspecified"):
             raise _EmuError(
                 400, "INVALID_ARGUMENT", f"Invalid value at 'service_tier' ({tier}): the emulator serves standard and flex."
             )
-        self.stats["standard_calls"] += 1
-        return await self._standard(req, model)
+        if tier != "flex":
+            self.stats["standard_calls"] += 1
+        resp = await (self._flex(req, model) if tier == "flex" else self._standard(req, model))
+        if self._fault("generate_cut_short"):  # billed by now: only the way back failed
+            from aiohttp import web
+
+            return web.Response(body=resp.body[: len(resp.body) // 2], status=200, content_type="application/json")
+        return resp
 
     async def _flex(self, req: dict[str, Any], model: str) -> Any:
         """Flex: the general rate limits apply when the request arrives, then shedding (503) at capacity or at

@@ -476,3 +476,17 @@ def test_a_location_refusal_on_flex_stops_the_run_recording_no_id_as_failed(emu,
     assert all(x["status"] == "ok" and x["source"] == "flex" for x in assert_every_id_once(out, articles))
     billed = emu.stats()["billed"]
     assert len(billed) == 60 and set(billed.values()) == {1}
+
+
+def test_a_flex_answer_cut_short_on_the_way_is_asked_again_and_the_run_finishes(emu, articles, tmp_path):
+    """A 200 whose body is not a JSON object (cut short by a proxy, an HTML page from a captive portal): it used to
+    raise orjson's JSONDecodeError out of the run, a traceback, every other request in flight abandoned (paid, then
+    paid again by the resume). It is now a transient error of that one request: asked again, the run finishes. Only
+    that request is paid twice (its first answer was billed and lost on the way back: nothing can recover it)."""
+    emu.configure(generate_cut_short=1)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--retry-scale", "0.01")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert all(x["status"] == "ok" and x["source"] == "flex" for x in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["faults_generate_cut_short"] == 1
+    assert len(s["billed"]) == 60 and sorted(s["billed"].values()) == [1] * 59 + [2]
