@@ -2311,6 +2311,21 @@ def resumed_create_since(sent_at: float | None, wall_now: float, now: float, win
     return now - age if age < window else None
 
 
+def halt_reason(e: BaseException) -> str:
+    """What a run stopping on `e` (Engine.halt) says it stops for, in the log line before the error itself."""
+    if isinstance(e, ServiceSilent):
+        return "the service has not answered for too long"
+    if isinstance(e, AuthError) and not isinstance(e, ServiceRefused):
+        return "the service refused the API key"
+    if isinstance(e, CostCapError):
+        return "--max-cost is reached"
+    if isinstance(e, OSError):
+        return "a write was refused"
+    if isinstance(e, ServiceRefused):
+        return "the service refused this account's calls"
+    return "an error ends the run"
+
+
 def poll_failure_verdict(transient: bool, in_a_row: int, failing_for: float, patience: float) -> str:
     """What a job's failed poll (not a 404: poll_answered_404) means, after `in_a_row` failures of its kind, the first
     `failing_for` seconds ago: "refused" (the account: stop) at the POLL_REFUSALS-th refusal (400, 403) in a row;
@@ -6447,7 +6462,7 @@ class Engine:
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
-        self._refusal: RemoteError | None = None  # refused or silent: the run drains, then stops with this (halt)
+        self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
@@ -6539,10 +6554,12 @@ class Engine:
             self._stoppable.discard(task)
         self._raise_if_stopped()
 
-    def halt(self, error: RemoteError, why: str = "the service refused this account's calls") -> None:
-        """The service refused the account (ServiceRefused) or stopped answering (ServiceSilent): stop as a graceful
-        stop does (no new request, batch work cancelled, the Flex requests already sent waited for: they are paid
-        for), then raise `error`."""
+    def halt(self, error: Exception, why: str = "the service refused this account's calls") -> None:
+        """An error that ends the run (the account refused: ServiceRefused; the service silent: ServiceSilent; the
+        key refused, --max-cost, a write the disk refused, batch refused for good in a hybrid run): stop as a
+        graceful stop does (no new request, batch work cancelled, the Flex requests already sent waited for: they are
+        paid for), then raise `error`. Raised where it happened instead, it would cancel the tasks holding those
+        requests (a TaskGroup cancels the siblings of a failed task), and resume would pay for them again."""
         if self._refusal is None:
             self._refusal = error
             self.stop_requested()  # this engine's own (never the caller's GracefulStop: it may be used again)
@@ -6692,18 +6709,23 @@ class Engine:
         self._advance(j, j.state, lane="flex")
         return self.jobs[j.name]
 
-    def _batch_work_left(self) -> bool:
-        """Batches nobody has started yet (neither created as a batch job nor claimed by Flex)."""
-        return any(j.lane == "batch" and j.state in UNSUBMITTED for j in self.jobs.values())
+    def _claimable(self) -> bool:
+        """Whether _claim_for_flex would find a batch now (without claiming it)."""
+        return any(
+            (j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing)
+            or (j.lane == "batch" and j.state in (JobState.CREATED, JobState.UPLOADED))
+            for j in self.jobs.values()
+        )
 
     async def hybrid_phase(self) -> None:
         """Batch from the head of the queue and the Flex lanes from its tail, at once; an error of either is
         raised as itself (not wrapped in an ExceptionGroup). A stop request cancels the batch side at once; the
         Flex lanes wait for the requests they sent."""
         batch: asyncio.Task[None] | None = None
+        refused: list[BatchRefusedError] = []
         try:
             async with asyncio.TaskGroup() as tg:
-                batch = tg.create_task(self.batch_phase())
+                batch = tg.create_task(self._hybrid_batch_side(refused))
                 self._stoppable.add(batch)
                 batch.add_done_callback(lambda _t: self._flex_wake.set())  # the lanes' last look
                 tg.create_task(self.flex_lanes(batch))
@@ -6713,6 +6735,20 @@ class Engine:
             if batch is not None:
                 self._stoppable.discard(batch)
         self._raise_if_stopped()
+        if refused:  # the Flex lanes took every batch it left: the fallback (Engine._execute) notes it
+            raise refused[0]
+
+    async def _hybrid_batch_side(self, refused: list[BatchRefusedError]) -> None:
+        """Hybrid's batch side. Batch refused for good (403 billing, 404 no batch for the model): it ends and the
+        Flex lanes take what is left (the error is raised after them, into `refused`). Any other error ends the
+        run as a stop does (halt): the Flex requests in flight are waited for, not cancelled with the lanes."""
+        try:
+            await self.batch_phase()
+        except BatchRefusedError as e:
+            self._log(f"batch refused for good ({e}); the Flex lanes take the batches it had not started")
+            refused.append(e)
+        except (BatchifyError, OSError) as e:
+            self.halt(e, halt_reason(e))
 
     async def flex_lanes(self, batch: asyncio.Task[None] | None = None) -> None:
         """Drain whole not-yet-started batches from the tail through Flex, request by request, keeping the
@@ -6739,8 +6775,8 @@ class Engine:
                     running.add(tg.create_task(self._drain(job)))
                     for _ in range(3):  # the lane hands its requests to the gate, they queue at the buckets:
                         await asyncio.sleep(0)  # only then is the backlog worth looking at again
-                if not running and (self.stopping or (not self._batch_work_left() and (batch is None or batch.done()))):
-                    return
+                if not running and (self.stopping or ((batch is None or batch.done()) and not self._claimable())):
+                    return  # the batch side has ended (settled, or refused for good): nothing more becomes claimable
                 # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
                 # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is
                 # none: a room that is already there would wake this loop at once, forever); at the latest after
@@ -6764,6 +6800,9 @@ class Engine:
         self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
         try:
             await self.send_requests(None, "flex", [job.request_file])  # the job's file holds exactly its requests
+        except (BatchifyError, OSError) as e:  # --max-cost, say: the other lanes' requests in flight are waited for
+            self.halt(e, halt_reason(e))
+            return
         finally:
             self._flexing.discard(job.name)
         if self.stopping:
@@ -7936,7 +7975,7 @@ class Engine:
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
                     f"{tier} for {count} request(s) would cost about {usd(est)} ({service} price), "
-                    f"above --max-cost {usd(self.opts.max_cost)}; nothing was sent. Raise --max-cost or use --mode batch."
+                    f"above --max-cost {usd(self.opts.max_cost)}; none of them was sent. Raise --max-cost or use --mode batch."
                 )
         sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
@@ -8064,14 +8103,19 @@ class RequestSender:
             task.cancel()
 
     async def _send(self, n: int, req: dict[str, Any], t: int, out: Any) -> None:
+        """One request, its result appended to realtime.jsonl. An error that ends the run (the key refused, the disk
+        refusing the write) halts it: the other requests in flight are answered and saved first (Engine.halt)."""
         try:
             r = await self._one(n, req, t)
+            if r is None:  # not sent (the run is stopping): resume sends it
+                return
+            out.write(orjson.dumps(r, option=NL))
+            out.flush()
+        except (BatchifyError, OSError) as e:
+            self.engine.halt(e, halt_reason(e))
+            return
         finally:
             self.gate.release()
-        if r is None:  # not sent (the run is stopping): resume sends it
-            return
-        out.write(orjson.dumps(r, option=NL))
-        out.flush()
         self.engine._answered().add(n)
         if self.engine.stopping:
             self.engine.stop.kept += 1
@@ -10498,6 +10542,7 @@ _DISK_REFUSALS = {
     errno.ENOSPC: "the disk is full",
     errno.EROFS: "the file system is read-only",
     errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the system allows (a file-size limit)",
     errno.EACCES: "permission denied",
     errno.EPERM: "the operation is not permitted there",
 }
@@ -10515,6 +10560,8 @@ def _os_error_exit(e: OSError) -> int:
     fix = (
         "mend the permissions of that folder (or, for the results file, point --out at a folder you can write)"
         if code in (errno.EACCES, errno.EPERM)
+        else "raise the shell's file-size limit (`ulimit -f unlimited`)"
+        if code == errno.EFBIG
         else "free space on that disk (or, for the results file, point --out at another disk)"
     )
     console().print(

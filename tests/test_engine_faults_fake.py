@@ -660,3 +660,121 @@ def test_a_retired_models_resume_with_ids_left_leaves_the_run_unfinished(tmp_pat
     with pytest.raises(batchify.UsageError, match="b0001"):
         asyncio.run(batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, retired="shut down.").execute())
     assert store.load_run().status == "interrupted"
+
+
+# -- an error that ends the run waits for the requests already sent (the adversary's paid-twice cases) ---------------
+def sent_once_or_saved(store: batchify.RunStore, fake: FakeGemini, refused: str = "") -> None:
+    """Every real-time request sent (the real service bills it, whether or not the client waits for the answer) was
+    sent once and has its answer saved in realtime.jsonl, except those answered with `refused`."""
+    sent = [text for _t, what, text in fake.calls if what in ("flex", "generate") and not (refused and refused in text)]
+    assert len(sent) == len(set(sent)), "a request was sent twice"
+    rt = store.realtime_path
+    saved = len(rt.read_text().splitlines()) if rt.exists() else 0
+    assert saved == len(sent), f"{len(sent)} request(s) sent (billed), {saved} answer(s) saved"
+
+
+class _RefusedWhileOthersWait(FakeGemini):
+    """generateContent: the first `held` requests wait (in flight, sent: billed by a real service); the next one is
+    answered `refusal`, and they are answered a few turns of the event loop later. Without a refusal, as the fake
+    does."""
+
+    held = 8
+    refusal: Exception | None = None
+
+    async def generate(self, model, request, flex=False):
+        if self.refusal is None:
+            return await super().generate(model, request, flex)
+        if not hasattr(self, "release"):
+            self.release, self.started = asyncio.Event(), 0
+        text = request["contents"][0]["parts"][0]["text"]
+        self.started += 1
+        if self.started > self.held:
+            self._log("refused", text)
+            loop = asyncio.get_running_loop()
+
+            def later(turns: int) -> None:  # a few turns of the loop on: after the refusal has been dealt with
+                if turns:
+                    loop.call_soon(later, turns - 1)
+                else:
+                    self.release.set()
+
+            later(5)
+            raise self.refusal
+        self._log("flex" if flex else "generate", text)
+        await self.release.wait()
+        self.generated.append(text)
+        return {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        batchify.AuthError("generate: the service refused the API key (400 API_KEY_INVALID)", code=400),
+        batchify.RemoteError("generate: 403 PERMISSION_DENIED (the account)", code=403, status="PERMISSION_DENIED"),
+    ],
+    ids=["key", "account"],
+)
+def test_an_error_that_ends_the_run_waits_for_the_requests_in_flight(tmp_path, refusal):
+    """The key revoked mid-run (400 API_KEY_INVALID: AuthError) while 8 Flex requests are in flight: it used to be
+    raised out of that request's task, and the TaskGroup cancelled the 8 (billed, never saved: the resume paid for
+    them again). The run now stops as a graceful stop does (as it already did for an account refusal), then raises
+    it; resume with a good key finishes, nothing sent twice."""
+    store = prepared(tmp_path, 40, 5, mode="flex")
+    fake = _RefusedWhileOthersWait(FakeClock(), [])
+    fake.refusal = refusal
+    with pytest.raises(batchify.AuthError):
+        run(store, fake)
+    assert len([c for c in fake.calls if c[1] == "flex"]) == fake.held
+    sent_once_or_saved(store, fake)
+    fake.refusal = None
+    assert run(store, fake).ok == 40
+    sent_once_or_saved(store, fake)
+
+
+class _BatchRefusedWhileFlexWaits(FakeGemini):
+    """Creates refused for good (403 billing), the first once `held` Flex requests are in flight; those are answered
+    a few turns of the event loop after it. Later Flex requests as the fake answers them."""
+
+    held = 3
+
+    async def generate(self, model, request, flex=False):
+        if not hasattr(self, "release"):
+            self.release, self.started, self.in_flight = asyncio.Event(), 0, asyncio.Event()
+        self.started += 1
+        if self.started > self.held:
+            return await super().generate(model, request, flex)
+        text = request["contents"][0]["parts"][0]["text"]
+        self._log("flex", text)
+        if self.started == self.held:
+            self.in_flight.set()
+        await self.release.wait()
+        self.generated.append(text)
+        return {"candidates": [{"content": {"parts": [{"text": '{"ok": true}'}]}, "finishReason": "STOP"}]}
+
+    async def create_batch(self, model, src, display_name):
+        if not hasattr(self, "release"):
+            self.release, self.started, self.in_flight = asyncio.Event(), 0, asyncio.Event()
+        await self.in_flight.wait()
+        self._log("create-403", display_name)
+        loop = asyncio.get_running_loop()
+
+        def later(turns: int) -> None:
+            if turns:
+                loop.call_soon(later, turns - 1)
+            else:
+                self.release.set()
+
+        later(5)
+        raise batchify.BatchRefusedError("create batch: 403 PERMISSION_DENIED billing (scripted)", code=403)
+
+
+def test_hybrid_batch_refused_for_good_leaves_the_rest_to_the_flex_lanes(tmp_path):
+    """Hybrid, batch refused for good (403 billing): it used to be raised out of the batch side's task, which
+    cancelled the Flex lanes' requests in flight (billed, never saved), and the fallback sent them again. The batch
+    side now ends alone: the lanes take every batch it had not started; every id is sent once."""
+    store = prepared(tmp_path, 60, 5, poll_interval=1.0, mode="hybrid", flex_lanes=3, enqueued_limit=2_000, margin=0.0)
+    fake = _BatchRefusedWhileFlexWaits(FakeClock(), [5.0] * 40)
+    s = run(store, fake)
+    assert s.ok == 60 and not fake.jobs
+    sent_once_or_saved(store, fake)
+    assert store.load_run().notes.get("batch_refused"), "the refusal is not noted"
