@@ -2714,10 +2714,14 @@ def response_text(response: dict[str, Any], accept_truncated: bool = False) -> t
     cands = response.get("candidates") or []
     if not cands:
         fb = response.get("promptFeedback") or {}
-        return None, f"no candidates (blockReason={fb.get('blockReason', 'unknown')})"
-    cand = cands[0]
-    parts = (cand.get("content") or {}).get("parts") or []
-    text = "".join(p.get("text", "") for p in parts if isinstance(p, dict) and not p.get("thought"))
+        return None, f"no candidates (blockReason={fb.get('blockReason', 'unknown') if isinstance(fb, dict) else 'unknown'})"
+    cand = cands[0] if isinstance(cands, list) else None
+    content = cand.get("content") if isinstance(cand, dict) else None
+    if not isinstance(cand, dict) or not isinstance(content, (dict, type(None))):
+        return None, f"an answer of an unknown shape (candidates: {orjson.dumps(cands).decode()[:80]})"
+    parts = (content or {}).get("parts") or []
+    parts = parts if isinstance(parts, list) else []
+    text = "".join(p["text"] for p in parts if isinstance(p, dict) and not p.get("thought") and isinstance(p.get("text"), str))
     finish = cand.get("finishReason", "STOP")
     if not text:
         hint = (
@@ -2745,7 +2749,7 @@ def parse_answer(
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        fin = ((response.get("candidates") or [{}])[0]).get("finishReason")
+        fin = response["candidates"][0].get("finishReason")  # response_text found the text in this very place
         hint = " (truncated: raise max_output_tokens)" if fin == "MAX_TOKENS" else ""
         return None, f"answer is not valid JSON{hint}: {text[:80]!r}"
     problem = schema_problem(value, schema)

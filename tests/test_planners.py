@@ -918,3 +918,22 @@ def test_a_responses_file_given_as_a_uri_is_read_as_its_file_name(given, name):
     """A full URI used to reach the SDK, which cut it to "files/batch" and was refused on every try (9 creates)."""
     op = {"name": "batches/1", "metadata": {"state": "BATCH_STATE_SUCCEEDED", "output": {"responsesFile": given}}}
     assert b.operation_to_job(op).output_file == name
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        {"candidates": [None]},
+        {"candidates": {"0": {"content": {"parts": [{"text": "x"}]}}}},
+        {"candidates": [{"content": "x"}]},
+        {"candidates": [{"content": {"parts": {"text": "x"}}}]},
+        {"candidates": [{"content": {"parts": [{"text": 5}]}}]},
+        {"candidates": [], "promptFeedback": "blocked"},
+    ],
+)
+def test_an_answer_of_an_unknown_shape_is_that_ids_error_not_a_crash(response):
+    """Shapes no Gemini answer should have (a proxy's, a changed API's): the id gets an error, the run goes on. Each
+    raised AttributeError / KeyError / TypeError out of the Flex request's task, which cancelled every other request
+    in flight (adversary reproducer)."""
+    result, error = b.parse_answer(response, {"type": "object"})
+    assert result is None and error
