@@ -2901,6 +2901,16 @@ def error_kind(error: Any) -> str:
     return re.sub(r"[:(].*", "", str(error))[:60].strip() or "error"
 
 
+NO_ANSWER = "no answer"  # a real-time request given up on with no answer (shed, throttled, cut off): sent again later
+
+
+def answered_result(r: dict[str, Any]) -> bool:
+    """A realtime.jsonl line that settles its id: ok, or an error the service answered with (SAFETY, a bad request).
+    Not a NO_ANSWER error: that request's tries ended on a shed, a throttle or a network error (Flex is best effort,
+    a daily quota can run out), so resume and the fallback send it again."""
+    return r.get("status") == "ok" or not str(r.get("error") or "").startswith(NO_ANSWER)
+
+
 def merge_choice(current: dict[str, Any] | None, candidate: dict[str, Any]) -> dict[str, Any]:
     """Which of two results for one id to keep: the first ok one wins; otherwise the latest error."""
     if current is None:
@@ -7983,9 +7993,15 @@ class Engine:
                 )
         sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
+        gave_up = sender.gave_up
         with open_private(self.store.realtime_path, "ab") as out:
             await sender.send_all((item for item in self._requests(only, files) if item[0] not in done), out)
         self._report()
+        if sender.gave_up > gave_up:
+            self._log(
+                f"{sender.gave_up - gave_up} request(s) got no answer in all their tries ({tier} shed or throttled them, "
+                f"or the network failed): `batchify resume {self.run.name}` sends them again"
+            )
         if sender.capped:
             v = sender.view
             raise CostCapError(
@@ -7999,7 +8015,7 @@ class Engine:
         then kept up to date by the senders as they write (a hybrid run drains many batches: one read, not one
         per batch)."""
         if self._answered_ids is None:
-            self._answered_ids = {n for n, _r, _raw in self._results_lines(self.store.realtime_path)}
+            self._answered_ids = {n for n, r, _raw in self._results_lines(self.store.realtime_path) if answered_result(r)}
         return self._answered_ids
 
     def _sender(self, tier: str) -> RequestSender:
@@ -8048,6 +8064,7 @@ class RequestSender:
         self.window_counts = [engine.clock(), 0, 0]  # this rate window's start, attempts sent, attempts shed
         self.latency_max = 0.0
         self.sending = 0  # requests sent and not answered yet (what a graceful stop waits for)
+        self.gave_up = 0  # requests whose tries all ended with no answer (NO_ANSWER): resume sends them again
         self._unsent: set[asyncio.Task[Any]] = set()  # requests waiting for the buckets or to retry: not sent
 
     def _count_attempt(self, now: float) -> None:
@@ -8120,7 +8137,10 @@ class RequestSender:
             return
         finally:
             self.gate.release()
-        self.engine._answered().add(n)
+        if answered_result(r):
+            self.engine._answered().add(n)
+        else:
+            self.gave_up += 1
         if self.engine.stopping:
             self.engine.stop.kept += 1
         v = self.view
@@ -8203,8 +8223,9 @@ class RequestSender:
                     self.engine.halt(account_refused(e, self.engine.run.name))
                     return None  # not answered: resume sends it
                 backoff = self._backoff(e, attempt, started, granted, t)
-                if backoff is None:
-                    return result_record(n, None, str(e), self.source)
+                if backoff is None:  # a shed, a throttle or a network error to the end: not an answer (resume resends)
+                    error = f"{NO_ANSWER} (after {attempt} tries; resume sends it again): {e}" if e.transient else str(e)
+                    return result_record(n, None, error, self.source)
                 if self.engine.stopping:
                     return None  # to be tried again, so not answered: resume sends it
                 if backoff[1]:  # this request waits (a throttle pauses the buckets instead)

@@ -778,3 +778,22 @@ def test_hybrid_batch_refused_for_good_leaves_the_rest_to_the_flex_lanes(tmp_pat
     assert s.ok == 60 and not fake.jobs
     sent_once_or_saved(store, fake)
     assert store.load_run().notes.get("batch_refused"), "the refusal is not noted"
+
+
+def test_requests_shed_past_their_tries_are_sent_again_by_resume(tmp_path):
+    """Flex sheds every attempt of every request until their tries are spent (best effort: a busy hour), then
+    recovers. Each id got an error line, and realtime.jsonl counted it answered: resume (and the same `run` again, and
+    the fallback) sent nothing, those ids errors for good (adversary reproducer). A request that got no answer is now
+    a NO_ANSWER error, which resume sends again; an answered error (SAFETY, a bad request) still is not."""
+    store = prepared(tmp_path, 10, 5, mode="flex", max_attempts=1, retry_scale=0.0)
+    fake = FakeGemini(FakeClock(), [])
+    fake.shed = set(range(1, 41))  # 10 requests x 4 tries (a shed gets 4x --max-attempts)
+    log = Logged()
+    s = run(store, fake, reporter=log)
+    assert (s.ok, s.errors) == (0, 10) and fake.generate_calls == 40
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert all(r["error"].startswith(batchify.NO_ANSWER) for r in rows), rows[0]
+    assert any("10 request(s) got no answer" in line and "resume fake" in line for line in log.lines), log.lines
+    s = run(store, fake)
+    assert (s.ok, s.errors) == (10, 0) and len(fake.generated) == 10
+    all_ok_once(store, fake, 10)
