@@ -3831,7 +3831,7 @@ GS_WRITE_CHUNK = 32 * 1024 * 1024  # bytes a resumable upload sends at once (a m
 
 def out_uri(out: str) -> str:
     """The results file as a run keeps it: a local path made absolute, a gs:// URI as given."""
-    return out if out.startswith("gs://") else str(Path(out).resolve())
+    return out if out.startswith("gs://") else str(Path(out).expanduser().resolve())
 
 
 def out_location(out: str, project: str | None = None) -> Path:
@@ -3848,10 +3848,13 @@ def out_moved(out: str) -> str | None:
     return f"its results file is recorded as {out}, and {Path(out).parent} no longer exists (moved or renamed?)"
 
 
-def check_out(out: str, input_path: Path) -> None:
+def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
     """Exit 2 (UsageError) before anything is sent when the results file cannot be written where --out says, so a
-    paid run never ends unable to merge: a folder, the input itself, a path under a file, a folder that takes no
-    new file (probed with a temporary file in the nearest folder that exists). gs:// is its writer's to check."""
+    paid run never ends unable to merge: a folder, the input itself, something not a regular file (the merge
+    replaces what is at that path: /dev/null itself, as root), a path under a file, a folder that takes no new file
+    (probed with a temporary file in the nearest folder that exists). With the run's `store`: not a file of its
+    state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). gs://
+    is its writer's to check."""
     if out.startswith("gs://"):
         return
     p = Path(out).expanduser()
@@ -3860,6 +3863,13 @@ def check_out(out: str, input_path: Path) -> None:
         raise UsageError(f"--out {out} is a folder, not a file. Fix: name the file, e.g. --out {p / 'results.jsonl'}.")
     if not isinstance(input_path, GsInput) and p.resolve() == input_path.resolve():
         raise UsageError(f"--out {out} is the input file: the results would overwrite it. Fix: give --out another path.")
+    if p.exists() and not p.is_file():
+        raise UsageError(
+            f"--out {out} is not a regular file (a device, a pipe or a socket): the results file replaces what is at "
+            "that path. Fix: give --out a regular file's path (`batchify results RUN` prints the results)."
+        )
+    if store is not None:
+        _check_out_of_others(out, p.resolve(), store)
     folder = p.resolve().parent
     while not folder.exists() and not folder.is_symlink():
         folder = folder.parent
@@ -3870,6 +3880,26 @@ def check_out(out: str, input_path: Path) -> None:
             pass
     except OSError as e:
         raise UsageError(f"--out {out}: no file can be written in {folder} ({e.strerror or e}). {fix}") from None
+
+
+def _check_out_of_others(out: str, resolved: Path, store: RunStore) -> None:
+    """--out must not be in a run's folder (its sidecars), nor another run's results file (both in this state dir)."""
+    state = store.state_dir.resolve()
+    rel = resolved.relative_to(state).parts if resolved.is_relative_to(state) else ()
+    if len(rel) > 1 and (rel[0] == store.name or (state / rel[0] / "run.json").exists()):
+        raise UsageError(
+            f"--out {out} is inside run {rel[0]!r}'s folder: the results would overwrite its files. "
+            "Fix: give --out a path outside the run folders."
+        )
+    for other in list_runs(store.state_dir):
+        if other == store.name:
+            continue
+        with contextlib.suppress(OSError, ValueError, StateError):
+            if orjson.loads((store.state_dir / other / "run.json").read_bytes()).get("out") == str(resolved):
+                raise UsageError(
+                    f"--out {out} is run {other!r}'s results file: one file keeps only the last run's rows. Fix: give "
+                    f"this run another --out (or `batchify cleanup {other}` first, if you are done with it)."
+                )
 
 
 def results_writer(out: Path) -> Any:
@@ -5723,7 +5753,7 @@ async def prepare_run(
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
-    check_out(out := opts.out or default_out(path, store.name), path)  # a paid run must be able to merge
+    check_out(out := opts.out or default_out(path, store.name), path, store)  # a paid run must be able to merge
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -8856,7 +8886,7 @@ def _continue_at(
             raise UsageError(problem)
     if out is None or out_uri(out) == run.out:
         return run
-    check_out(out, input_path)
+    check_out(out, input_path, store)
     if dry_run:  # checked, and nothing changed
         return run
     run = dataclasses.replace(run, out=out_uri(out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -85,7 +86,10 @@ def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, a
     fast = ["--poll-interval", "0.2", "--yes"]
     assert run_against(emu, articles, tmp_path, *fast, "--system-instruction", "Answer in French.", out=shared).returncode == 0
     a_rows = read_jsonl(shared)
-    assert run_against(emu, articles, tmp_path, *fast, "--name", "articles-b", out=shared).returncode == 0
+    same_dir = run_against(emu, articles, tmp_path, *fast, "--name", "articles-b", out=shared)  # refused: see below
+    assert same_dir.returncode == 2 and "is run 'articles''s results file" in same_dir.stderr, same_dir.stderr
+    # another state dir knows nothing of the first run: its run replaces the file
+    assert run_against(emu, articles, tmp_path, *fast, "--name", "articles-b", "--state-dir", "st2", out=shared).returncode == 0
     p = run_cli(["cleanup", "articles", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
     assert p.returncode == 2, p.stderr
     assert str(shared) in p.stderr and "batchify results articles >" in p.stderr, p.stderr
@@ -94,8 +98,8 @@ def test_cleanup_local_refuses_when_another_run_replaced_the_results_file(emu, a
     assert saved.returncode == 0 and [json.loads(x) for x in saved.stdout.splitlines()] == a_rows
     lib = batchify.results("articles", state_dir=tmp_path / "st")  # the library reads this run's own, too
     assert [(r.id, r.result, r.usage) for r in lib] == [(r["id"], r["result"], r["usage"]) for r in a_rows]
-    assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path).returncode == 0
-    assert not (tmp_path / "st" / "articles-b").exists()  # the run whose file it is may still clean up
+    assert run_cli(["cleanup", "articles-b", "--local", "--state-dir", "st2", "--endpoint", emu.url], tmp_path).returncode == 0
+    assert not (tmp_path / "st2" / "articles-b").exists()  # the run whose file it is may still clean up
 
 
 # -- C. a full disk under --out ---------------------------------------------------------------------------------
@@ -285,3 +289,39 @@ def test_a_status_look_at_the_lock_does_not_refuse_a_resume(tmp_path, monkeypatc
     assert waited and lock.fd is not None
     lock.release()
     os.close(look)
+
+
+# -- where --out may point (adversary findings: /dev/null replaced, a run's own sidecar, a shared file) --------------
+@pytest.mark.parametrize("where", ["fifo", "run-sidecar", "other-run"])
+def test_out_is_refused_where_the_results_file_would_replace_what_is_not_its_own(where, tmp_path):
+    """The merge replaces the file at --out (write a temp, rename over it). As root, --out /dev/null replaced the
+    system's /dev/null with a regular file; --out a run's own ids.jsonl overwrote that sidecar; two runs of one state
+    dir given one --out both said ok, the file holding only the last one's rows. Each is refused (exit 2) before
+    anything is sent, naming why."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"text {i}"}) + "\n" for i in range(3)))
+    st = tmp_path / "st"
+    opts = batchify.RunOptions(calibrate=False, mode="batch")
+    asyncio.run(batchify.prepare_run(batchify.RunStore(st, "first"), inp, batchify.JobConfig(), opts))
+    if where == "fifo":
+        out = tmp_path / "pipe"
+        os.mkfifo(out)
+        why = "not a regular file"
+    elif where == "run-sidecar":
+        out, why = st / "first" / "ids.jsonl", "inside run 'first''s folder"
+    else:
+        out, why = Path(batchify.RunStore(st, "first").load_run().out), "is run 'first''s results file"
+    with pytest.raises(batchify.UsageError, match=why):
+        asyncio.run(
+            batchify.prepare_run(
+                batchify.RunStore(st, "second"), inp, batchify.JobConfig(), dataclasses.replace(opts, out=str(out))
+            )
+        )
+    assert not (st / "second" / "run.json").exists()
+
+
+def test_out_with_a_tilde_is_written_in_the_home_folder(tmp_path, monkeypatch):
+    """--out ~/r.jsonl was checked against the home folder but recorded (and written) as ./~/r.jsonl."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert batchify.out_uri("~/r.jsonl") == str(tmp_path / "home" / "r.jsonl")
