@@ -1239,7 +1239,11 @@ class RunOptions:
         "Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
         type=click.FloatRange(0),
     )
-    concurrency: int = flag(64, "Real-time/Flex requests in flight at most.", type=click.IntRange(1, INT_FLAG_MAX))
+    concurrency: int = flag(
+        64,
+        "Standard-tier requests in flight at most; for Flex the least in flight (its pipe is sized from the latency).",
+        type=click.IntRange(1, INT_FLAG_MAX),
+    )
     retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=click.FloatRange(0), hidden=True)
     rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=click.FloatRange(0.1), hidden=True)
     max_cost: float | None = flag(None, "Stop before spending more than this many USD (> 0).", type=float, callback=_positive_usd)
