@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
 import bisect
 import collections
 import concurrent.futures
@@ -4195,6 +4196,42 @@ def json_object_answer(what: str, body: bytes | str | None) -> dict[str, Any]:
     return answer
 
 
+CONTINUATION_HOPS = 32  # a generation continued this many times and still not finished: taken as it stands
+
+
+def continuation_token(answer: dict[str, Any]) -> str | None:
+    """The token to continue an answer with: its first candidate stopped with finishReason CONTINUATION (the
+    per-request output limit reached, generation not complete: google-genai 3.x FinishReason.CONTINUATION) and
+    carries a continuationToken. None: the answer is complete (or of a shape that says nothing of it)."""
+    cands = answer.get("candidates")
+    cand = cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
+    token = cand.get("continuationToken")
+    return token if cand.get("finishReason") == "CONTINUATION" and isinstance(token, str) and token else None
+
+
+def merge_continuation(hops: list[dict[str, Any]]) -> dict[str, Any]:
+    """One answer from the hops of a continued generation, as the SDK's automatic continuation merges them: the first
+    candidate's parts in order, the last hop's finishReason (and token), usage counts summed (each hop is billed)."""
+    if len(hops) == 1:
+        return hops[0]
+    parts: list[Any] = []
+    usage: dict[str, Any] = {}
+    for hop in hops:
+        cands = hop.get("candidates")
+        cand = cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
+        content = cand.get("content")
+        got = content.get("parts") if isinstance(content, dict) else None
+        parts.extend(got if isinstance(got, list) else [])
+        for k, v in (hop.get("usageMetadata") or {}).items():
+            if k.endswith("Count") and type(v) is int:
+                usage[k] = usage.get(k, 0) + v
+    last = hops[-1]
+    cands = last.get("candidates")
+    cand = dict(cands[0]) if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
+    cand["content"] = {"role": "model", "parts": parts}
+    return {**last, "candidates": [cand], "usageMetadata": usage}
+
+
 def _retry_delay(details: Any) -> float | None:
     """RetryInfo.retryDelay ("36s") from a Google error body, if any."""
     try:
@@ -4445,10 +4482,16 @@ class GeminiClient:
         if flex:  # top-level serviceTier, as the SDK sends it; Flex answers in minutes: a client timeout above its target
             body["serviceTier"] = "flex"
             opts = self._types.HttpOptions(timeout=int(FLEX_TIMEOUT_S * 1000))
-        answer: dict[str, Any] = await self._call(
-            "generate", lambda: self._json("generate", "post", f"{path}:generateContent", body, opts), ONCE
-        )
-        return answer
+        hops: list[dict[str, Any]] = []
+        while True:  # an answer stopped at the per-request output limit is continued with its token, as the SDK does
+            hop: dict[str, Any] = await self._call(
+                "generate", functools.partial(self._json, "generate", "post", f"{path}:generateContent", body, opts), ONCE
+            )
+            hops.append(hop)
+            token = continuation_token(hop)
+            if token is None or len(hops) >= CONTINUATION_HOPS:
+                return merge_continuation(hops)
+            body = {**body, "continuationToken": token}
 
     async def _json(self, what: str, method: str, path: str, body: dict[str, Any], opts: Any = None) -> dict[str, Any]:
         """A raw request through the SDK's own client (auth, base URL), its answer a JSON object (json_object_answer)."""
@@ -10679,6 +10722,7 @@ EMULATOR_LABEL = "batchify local emulator (answers are synthetic, not model outp
 _VER = r"v\d+(?:alpha|beta|main)?\d*"
 _GEN_REQUEST_KEYS = {
     "contents",
+    "continuationToken",
     "systemInstruction",
     "generationConfig",
     "tools",
@@ -10772,6 +10816,7 @@ class EmulatorConfig:
     get_403: int = 0  # a job's get answered 403 PERMISSION_DENIED (billing or project permissions changed mid-run)
     generate_400_location: int = 0  # generateContent answered 400 FAILED_PRECONDITION "User location is not supported"
     generate_cut_short: int = 0  # generateContent answered (and billed), the 200's body cut in half on the way (a proxy)
+    continuation_hops: int = 0  # the next N answers stop half-way with finishReason CONTINUATION and a continuationToken
     count_tokens_503: int = 0  # countTokens answered 503 (calibration falls back to the offline guess, and says so)
     reject_key: str | None = None  # this API key answered 400 API_KEY_INVALID on every call
     # Flex (serviceTier "flex"): latency drawn from [min, max] simulated seconds (time-scaled like batch jobs);
@@ -10848,6 +10893,7 @@ class Emulator:
         }
         self.created = 0
         self.spent: dict[str, int] = {}  # "first N calls" fault knobs: how many of N have fired (see _fault)
+        self.continuations: dict[str, dict[str, Any]] = {}  # continuationToken: the rest of that answer
         self._flex_released = asyncio.Event()  # set while cfg.flex_hold is False
         if not self.cfg.flex_hold:
             self._flex_released.set()
@@ -11413,6 +11459,12 @@ class Emulator:
 
     async def _generate(self, body: dict[str, Any], model: str) -> Any:
         req = self._check_request(body, "request")
+        if "continuationToken" in req:  # the rest of an answer that stopped with CONTINUATION (billed with it)
+            rest = self.continuations.pop(str(req["continuationToken"]), None)
+            if rest is None:
+                raise _EmuError(400, "INVALID_ARGUMENT", "Invalid or expired continuation token.")
+            self.stats["continuation_hops"] = self.stats.get("continuation_hops", 0) + 1
+            return self._ok(rest)
         if self._fault("generate_400_location"):
             raise _EmuError(400, "FAILED_PRECONDITION", "User location is not supported for the API use.")
         tier = str(req.get("serviceTier") or "standard").lower().removeprefix("service_tier_")
@@ -11427,7 +11479,26 @@ class Emulator:
             from aiohttp import web
 
             return web.Response(body=resp.body[: len(resp.body) // 2], status=200, content_type="application/json")
+        if self._fault("continuation_hops"):
+            return self._ok(self._continued(orjson.loads(resp.body)))
         return resp
+
+    def _continued(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """An answer cut at the per-request output limit: its first half, finishReason CONTINUATION and a token; the
+        second half (no usage of its own: the whole was billed) answers the request that sends the token back."""
+        cand = answer["candidates"][0]
+        parts = cand["content"]["parts"]
+        text = parts[-1]["text"]
+        token = base64.b64encode(secrets.token_bytes(12)).decode()
+        half = len(text) // 2
+        self.continuations[token] = {
+            "candidates": [
+                {"content": {"role": "model", "parts": [{"text": text[half:]}]}, "finishReason": cand["finishReason"]}
+            ],
+            "usageMetadata": {"promptTokenCount": 0, "candidatesTokenCount": 0, "totalTokenCount": 0},
+        }
+        first = {**cand, "content": {"role": "model", "parts": [*parts[:-1], {"text": text[:half]}]}}
+        return {**answer, "candidates": [{**first, "finishReason": "CONTINUATION", "continuationToken": token}]}
 
     async def _flex(self, req: dict[str, Any], model: str) -> Any:
         """Flex: the general rate limits apply when the request arrives, then shedding (503) at capacity or at

@@ -490,3 +490,17 @@ def test_a_flex_answer_cut_short_on_the_way_is_asked_again_and_the_run_finishes(
     s = emu.stats()
     assert s["faults_generate_cut_short"] == 1
     assert len(s["billed"]) == 60 and sorted(s["billed"].values()) == [1] * 59 + [2]
+
+
+def test_an_answer_stopped_with_continuation_is_continued_with_its_token(emu, articles, tmp_path):
+    """google-genai 3.x: an answer that reached the per-request output limit stops with finishReason CONTINUATION and
+    a continuationToken; the SDK's generate_content sends the request again with the token and merges the hops.
+    batchify sends raw requests, so it recorded each as 'answer stopped early', paid and lost (adversary finding).
+    It now continues them: each answer is whole (its JSON parses only when both halves are joined)."""
+    emu.configure(continuation_hops=3)
+    p, out = run(emu, articles, tmp_path, "--mode", "flex", "--retry-scale", "0.01")
+    assert p.returncode == 0, p.stderr
+    assert all(x["status"] == "ok" for x in assert_every_id_once(out, articles))
+    s = emu.stats()
+    assert s["faults_continuation_hops"] == 3 and s["continuation_hops"] == 3
+    assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}

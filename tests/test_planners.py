@@ -937,3 +937,21 @@ def test_an_answer_of_an_unknown_shape_is_that_ids_error_not_a_crash(response):
     in flight (adversary reproducer)."""
     result, error = b.parse_answer(response, {"type": "object"})
     assert result is None and error
+
+
+def test_merge_continuation_joins_the_hops_as_the_sdk_does():
+    def hop(text, finish, token=None, out=0):
+        cand = {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": finish}
+        if token:
+            cand["continuationToken"] = token
+        return {"candidates": [cand], "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": out}}
+
+    first, last = hop('{"a": ', "CONTINUATION", "tok", 3), hop("1}", "STOP", out=2)
+    assert b.continuation_token(first) == "tok" and b.continuation_token(last) is None
+    assert b.continuation_token(hop("x", "STOP", "tok")) is None  # a token without CONTINUATION: complete
+    assert b.continuation_token({"candidates": [None]}) is None
+    merged = b.merge_continuation([first, last])
+    assert b.parse_answer(merged, {"type": "object"}) == ({"a": 1}, None)
+    assert merged["usageMetadata"] == {"promptTokenCount": 20, "candidatesTokenCount": 5}
+    assert merged["candidates"][0]["finishReason"] == "STOP"
+    assert b.merge_continuation([last]) is last
