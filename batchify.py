@@ -1430,6 +1430,7 @@ class RemoteError(BatchifyError):
     # A create's 400/403: does it say the uploaded input is gone (upload it again) or not (final)? None: the
     # backend does not say, and the engine reads the words (the Developer API names the File).
     input_gone: bool | None = None
+    timed_out = False  # the client gave up waiting (the request may still be answered, and billed, at the service)
 
     @property
     def transient(self) -> bool:
@@ -4385,7 +4386,12 @@ class GeminiClient:
                 return BatchRefusedError(msg + hint, code=code, status=e.status or "")
             details = e.details if isinstance(e.details, dict) else {}
             return RemoteError(msg, code=code, status=e.status or "", retry_delay=_retry_delay(details))
-        if isinstance(e, (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)):
+        name = type(e).__name__  # a read timeout (httpx's own class too); a connect timeout never reached the service
+        if (isinstance(e, TimeoutError) or name.endswith(("Timeout", "TimeoutError"))) and not name.startswith("Connect"):
+            err = RemoteError(f"{what}: no answer within the client's timeout ({type(e).__name__}: {e})", code=0)
+            err.timed_out = True
+            return err
+        if isinstance(e, (ConnectionError, OSError)):
             return RemoteError(f"{what}: network error ({type(e).__name__}: {e})", code=0)
         # Anything else the SDK lets escape (KeyError 'file' on an upload answered without its file,
         # a transport error class of its own): named, and treated as transient like a network error.
@@ -8299,7 +8305,9 @@ class RequestSender:
                 if account_refusal(e):  # every request would get it: stop, not an error recorded against each id
                     self.engine.halt(account_refused(e, self.engine.run.name))
                     return None  # not answered: resume sends it
-                backoff = self._backoff(e, attempt, started, granted, t)
+                # A Flex request unanswered after FLEX_TIMEOUT_S may yet be answered and billed: not sent again now
+                # (that paid up to 3x, no result), but a NO_ANSWER that resume sends again, once asked to
+                backoff = None if (self.flex and e.timed_out) else self._backoff(e, attempt, started, granted, t)
                 if backoff is None:  # a shed, a throttle or a network error to the end: not an answer (resume resends)
                     error = f"{NO_ANSWER} (after {attempt} tries; resume sends it again): {e}" if e.transient else str(e)
                     return result_record(n, None, error, self.source)

@@ -797,3 +797,29 @@ def test_requests_shed_past_their_tries_are_sent_again_by_resume(tmp_path):
     s = run(store, fake)
     assert (s.ok, s.errors) == (10, 0) and len(fake.generated) == 10
     all_ok_once(store, fake, 10)
+
+
+class _SlowerThanTheTimeout(FakeGemini):
+    """The first Flex request of each text times out at the client (FLEX_TIMEOUT_S passed); later ones are answered."""
+
+    async def generate(self, model, request, flex=False):
+        text = request["contents"][0]["parts"][0]["text"]
+        if "document number 3 " in text and not getattr(self, "answering", False):
+            self._log("flex", text)  # sent: the service may answer, and bill, it after the client gave up
+            err = batchify.RemoteError("generate: no answer within the client's timeout (scripted)", code=0)
+            err.timed_out = True
+            raise err
+        return await super().generate(model, request, flex)
+
+
+def test_a_flex_request_that_times_out_is_not_sent_again_by_the_run_but_by_resume(tmp_path):
+    """A Flex answer slower than the client's timeout (20 min) was sent again at once, as a network error is, up to 3
+    times: each may be answered and billed by the service, none saved (adversary finding 07: paid 3x, no result). It
+    is now a NO_ANSWER after one try, saying so; resume sends it again, once the user asks."""
+    store = prepared(tmp_path, 10, 5, mode="flex", retry_scale=0.0)
+    fake = _SlowerThanTheTimeout(FakeClock(), [])
+    s = run(store, fake)
+    assert (s.ok, s.errors) == (9, 1)
+    assert sum("document number 3 " in text for _t, what, text in fake.calls if what == "flex") == 1
+    fake.answering = True
+    assert run(store, fake).ok == 10
