@@ -8865,6 +8865,12 @@ async def run_file(
                     "finish the existing one."
                 )
             run = _continue_at(store, run, endpoint, opts.out, input_location(input_path, opts), dry_run)
+            if (ignored := options_not_applied(run.run_options, opts)) and reporter is not None:
+                reporter.log(
+                    f"run {name!r} exists and goes on with its own options: this command's {', '.join(ignored)} "
+                    f"{'is' if len(ignored) == 1 else 'are'} not applied (`batchify resume {name}` takes --poll-interval, "
+                    "--max-cost and --allow-standard; for other values, start a new run with --name)"
+                )
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
@@ -8924,6 +8930,22 @@ def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions
     if changed:
         diffs.append("options (" + ", ".join(f"--{k.replace('_', '-')}" for k in changed) + ")")
     return diffs
+
+
+NOT_RUN_OPTIONS = frozenset({"name", "out", "calibrate", "fetch", "skip_invalid", "allow_private_urls"})  # or prepare's
+
+
+def options_not_applied(was: RunOptions, opts: RunOptions) -> list[str]:
+    """The flags the same `run` command given again sets (not the default) to other values than the run's own, which
+    the run does not take (it goes on with its own; the plan's are refused by run_differences): to be said, not
+    silently dropped."""
+    default = RunOptions()
+    return [
+        f"--{k.replace('_', '-')} {getattr(opts, k)}"
+        for k in (f.name for f in dataclasses.fields(RunOptions))
+        if k not in PLAN_OPTIONS and k not in NOT_RUN_OPTIONS
+        if getattr(opts, k) != getattr(default, k) and getattr(opts, k) != getattr(was, k)
+    ]
 
 
 def _continue_at(

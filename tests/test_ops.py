@@ -325,3 +325,25 @@ def test_out_with_a_tilde_is_written_in_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     assert batchify.out_uri("~/r.jsonl") == str(tmp_path / "home" / "r.jsonl")
+
+
+def test_the_same_run_again_with_other_rates_says_they_are_not_applied(emu, tmp_path):
+    """The same `run` command again on an existing run, with --rpm and --concurrency of its own: the run went on
+    with its own, silently (adversary finding 13). It is now said, with what resume takes instead."""
+
+    class Logged(batchify.NullReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"text {i}"}) + "\n" for i in range(3)))
+    kw = dict(state_dir=tmp_path / "st", endpoint=emu.url, api_key="k", dry_run=True)
+    asyncio.run(batchify.run_file(inp, options=batchify.RunOptions(mode="batch"), **kw))
+    again = batchify.RunOptions(mode="batch", rpm=6, concurrency=2)
+    asyncio.run(batchify.run_file(inp, options=again, reporter=(log := Logged()), **kw))
+    assert any("--rpm 6, --concurrency 2 are not applied" in line and "resume" in line for line in log.lines), log.lines
+    asyncio.run(batchify.run_file(inp, options=batchify.RunOptions(mode="batch"), reporter=(log := Logged()), **kw))
+    assert not log.lines  # the same command: nothing to say
