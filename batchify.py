@@ -1611,6 +1611,16 @@ class Job:
         return {"schema_version": SCHEMA_VERSION, "kind": "job", **d}
 
     @property
+    def done(self) -> int:
+        """Its requests done so far: all of them once its results are in; a Flex-drained batch's answers; else what
+        the service's batchStats count (successful + failed)."""
+        if self.state == JobState.RESULTS_DOWNLOADED:
+            return self.request_count
+        if self.state == JobState.FLEXED:
+            return self.ok + self.failed
+        return self.stats.get("successfulRequestCount", 0) + self.stats.get("failedRequestCount", 0)
+
+    @property
     def primary_range(self) -> range | None:
         """The ordinals [start, end) of a batch's first job as prepare cut it (its "primary"), read from the
         input's order; None for a retry, a split part or the line retry, whose requests are in their own file."""
@@ -6554,6 +6564,7 @@ class Engine:
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
         self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
+        self._rt_errors: set[int] = set()  # ... of those, the ones answered with an error (filled with them)
         self._flex_wake = asyncio.Event()  # a batch became claimable (an upload ended, admission passed it by)
         self._created_at: dict[str, float] = {}  # engine clock at each create of this process
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
@@ -6596,9 +6607,7 @@ class Engine:
             JobView(
                 j.name,
                 str(j.state),
-                j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
-                if j.state != JobState.RESULTS_DOWNLOADED
-                else j.request_count,
+                j.done,
                 j.request_count,
                 j.tokens,
                 j.wave,
@@ -6904,7 +6913,11 @@ class Engine:
             self._flexing.discard(job.name)
         if self.stopping:
             return  # not all of it sent: the lane still owns it, and resume drains the rest
-        self._advance(self.jobs[job.name], JobState.FLEXED)
+        counts: dict[str, int] = {}
+        if (ids := job.primary_range) is not None:  # what status shows for it (a batch job's come from its output)
+            answered, errors = self._answered(), self._rt_errors
+            counts = {"ok": sum(n in answered and n not in errors for n in ids), "failed": sum(n in errors for n in ids)}
+        self._advance(self.jobs[job.name], JobState.FLEXED, **counts)
         self._wake.set()
 
     def _fallback_tier(self) -> str:
@@ -8098,7 +8111,11 @@ class Engine:
         then kept up to date by the senders as they write (a hybrid run drains many batches: one read, not one
         per batch)."""
         if self._answered_ids is None:
-            self._answered_ids = {n for n, r, _raw in self._results_lines(self.store.realtime_path) if answered_result(r)}
+            self._answered_ids, self._rt_errors = set(), set()
+            for n, r, _raw in self._results_lines(self.store.realtime_path):
+                if answered_result(r):
+                    self._answered_ids.add(n)
+                    (self._rt_errors.add if r.get("status") != "ok" else self._rt_errors.discard)(n)
         return self._answered_ids
 
     def _sender(self, tier: str) -> RequestSender:
@@ -8222,6 +8239,8 @@ class RequestSender:
             self.gate.release()
         if answered_result(r):
             self.engine._answered().add(n)
+            if r["status"] != "ok":
+                self.engine._rt_errors.add(n)
         else:
             self.gave_up += 1
         if self.engine.stopping:
@@ -8713,13 +8732,12 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
 
 def job_entry(j: Job) -> dict[str, Any]:
     """One job in `status RUN`: waves numbered from 1, as the table and the progress bars show them."""
-    done = j.stats.get("successfulRequestCount", 0) + j.stats.get("failedRequestCount", 0)
     return {
         "name": j.name,
         "wave": j.wave + 1,
         "state": str(j.state),
         "requests": j.request_count,
-        "done": done if j.state != JobState.RESULTS_DOWNLOADED else j.request_count,
+        "done": j.done,
         "ok": j.ok,
         "failed": j.failed,
         "tokens": j.tokens,

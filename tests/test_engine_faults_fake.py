@@ -823,3 +823,15 @@ def test_a_flex_request_that_times_out_is_not_sent_again_by_the_run_but_by_resum
     assert sum("document number 3 " in text for _t, what, text in fake.calls if what == "flex") == 1
     fake.answering = True
     assert run(store, fake).ok == 10
+
+
+def test_status_counts_what_the_flex_lanes_answered(tmp_path):
+    """A batch drained by the Flex lanes (FLEXED) showed done 0/N, ok 0, failed 0 in status, its table and the
+    progress view (adversary finding 14). Its answers are now counted on it when it ends."""
+    store = prepared(tmp_path, 60, 5, poll_interval=1.0, mode="hybrid", flex_lanes=2, enqueued_limit=2_000, margin=0.0)
+    fake = FakeGemini(FakeClock(), [5.0] * 40)
+    fake.shed = {1}  # shed once (asked again): still one answer
+    assert run(store, fake).ok == 60
+    flexed = [j for j in store.load_jobs() if j.state == JobState.FLEXED]
+    assert flexed and all(j.ok == j.request_count and j.failed == 0 for j in flexed), flexed
+    assert all(batchify.job_entry(j)["done"] == j.request_count for j in flexed)
