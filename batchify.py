@@ -9517,19 +9517,25 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._too_large(send)
         seen = 0
-        started = False
+        started = over = False
 
         async def counted() -> Any:
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg.get("type") == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise _BodyTooLarge
             return msg
 
         async def tracked(msg: Any) -> None:
             nonlocal started
+            if over:  # the app caught _BodyTooLarge and answers itself (FastAPI: 400 "error parsing the body"): 413
+                if not started:
+                    started = True
+                    await self._too_large(send)
+                return
             started = started or msg.get("type") == "http.response.start"
             await send(msg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import os
 import stat
@@ -110,6 +111,27 @@ def test_rest_docs_off_by_default_and_body_limit(api_server, tmp_path):
     code, body = _post(f"{base}/batch/submit-contents", big)
     assert code == 413 and "bytes" in body["detail"]
     assert not (tmp_path / "st" / "big").exists()
+
+
+def test_rest_chunked_body_over_the_limit_answers_413(api_server, tmp_path):
+    """A body with no Content-Length (chunked, as streaming clients and proxies send) is counted as it is read; over
+    the limit it answers 413 as a declared one does (FastAPI caught the middleware's signal and answered 400)."""
+    base = api_server(max_body=20_000)
+
+    def chunks():
+        yield b'{"contents": ['
+        for i in range(50):
+            yield b'{"id": %d, "text": "%s"},' % (i, b"x" * 1000)
+        yield b'{"id": -1, "text": "x"}], "batch_name": "chunked"}'
+
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    headers = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
+    conn.request("POST", "/batch/submit-contents", body=chunks(), headers=headers, encode_chunked=True)
+    answer = conn.getresponse()
+    body = json.loads(answer.read())
+    conn.close()
+    assert answer.status == 413 and "bytes" in body["detail"], body
+    assert not (tmp_path / "st" / "chunked").exists()
 
 
 def test_rest_422_echoes_no_body_no_path_keeps_nothing(api_server, tmp_path):
