@@ -9647,6 +9647,8 @@ class RestApi:
         async def guarded() -> None:
             try:
                 await work
+            except Interrupted:  # stopped as asked (cancel, shutdown): the run's own status says so
+                pass
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # kept for status: the server goes on
@@ -9780,15 +9782,21 @@ class RestApi:
         return {"runs": runs}
 
     async def cancel(self, run: str) -> dict[str, Any]:
-        """Stop the run's work here, then cancel its remote jobs. A finished run stays finished; a run another
-        process holds (a CLI `resume`) answers 409."""
+        """Stop the run's work here as shutdown does (the real-time requests already sent, paid for, are waited for
+        and saved), then cancel its remote jobs. A finished run stays finished; a run another process holds (a CLI
+        `resume`) answers 409."""
         self._known(run)
         store = self._store(run)
         if store.exists() and store.load_run().status == "done":
             return {"run": run, "cancelled": [], "status": "done", "message": "the run is finished: nothing to cancel"}
         task = self.tasks.get(run)
         if task is not None and not task.done():
-            task.cancel()
+            stop = self.stops.get(run)
+            if stop is not None:
+                stop.request()
+                if stop.wait_bound() > 0:
+                    await asyncio.wait([task], timeout=stop.wait_bound() + 5.0)
+            task.cancel()  # a run being prepared (nothing paid for in flight) or past its bound: at once
             await asyncio.gather(task, return_exceptions=True)
         if not store.exists():
             return {"run": run, "cancelled": [], "status": "cancelled"}
