@@ -9642,19 +9642,25 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._too_large(send)
         seen = 0
-        started = False
+        started = over = False
 
         async def counted() -> Any:
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg.get("type") == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise _BodyTooLarge
             return msg
 
         async def tracked(msg: Any) -> None:
             nonlocal started
+            if over:  # the app caught _BodyTooLarge and answers itself (FastAPI: 400 "error parsing the body"): 413
+                if not started:
+                    started = True
+                    await self._too_large(send)
+                return
             started = started or msg.get("type") == "http.response.start"
             await send(msg)
 
@@ -9733,7 +9739,7 @@ class RestApi:
         self.state_dir, self.endpoint, self.api_key = state_dir, endpoint, api_key
         self.config, self.options = config, options
         self.tasks: dict[str, asyncio.Task[Any]] = {}
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, RestError] = {}  # a run's work that ended in an error: what status shows
         self.claimed: set[str] = set()  # names taken by a request here (checked and added with no await between)
         self.stops: dict[str, GracefulStop] = {}  # each running run's graceful stop, asked for at shutdown
 
@@ -9753,35 +9759,66 @@ class RestApi:
         return RunStore(self.state_dir, name)
 
     def _new_name(self, given: str | None) -> str:
+        """Claim a run name. A claim lasts while the name's work runs or its run exists; a submission that failed
+        before its run existed gave its claim back (status still tells why, until the name is claimed again)."""
         name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        if name in self.claimed or self._store(name).exists() or name in self.tasks:
+        if name in self.claimed or self._store(name).exists():
             raise RestError(409, f"a run named {name!r} exists already (or is being prepared)")
         self.claimed.add(name)
+        self.failures.pop(name, None)
         return name
 
     def _start(self, name: str, work: Awaitable[Any]) -> None:
         async def guarded() -> None:
             try:
                 await work
-            except BatchifyError as e:
-                self.failures[name] = str(e)
+            except Interrupted:  # stopped as asked (cancel, shutdown): the run's own status says so
+                pass
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # kept for status: the server goes on
-                self.failures[name] = f"{type(e).__name__}: {e}"
+                self.failures[name] = self.answer(e, name)
+            finally:
+                if not self._store(name).exists():  # failed before its run existed: the name is free again
+                    self.claimed.discard(name)
 
         self.tasks[name] = asyncio.ensure_future(guarded())
+
+    def say(self, text: str) -> str:
+        """A message of the engine's in the API's terms: no server path (the state dir's is left out, so a run's
+        files read as RUN/run.json), no CLI flag."""
+        for where in {str(Path(self.state_dir).resolve()), str(self.state_dir)}:
+            text = text.replace(where + os.sep, "").replace(where, "the server's state dir")
+        return text.replace("--skip-invalid", "the server's skip_invalid option")
+
+    def answer(self, e: Exception, name: str | None = None) -> RestError:
+        """The one mapping of an error to an HTTP answer (make_api's handler for every BatchifyError a route
+        raises, and status for a run's work that failed): bad input 422 with its problems; a name or run in use,
+        or a run whose state forbids the step (illegal, damaged) 409; the Gemini API unavailable 503, any other of
+        its refusals 502; anything else 500. The message is the engine's, without server paths."""
+        if isinstance(e, InputError):
+            return self._input_error(e, name)
+        if isinstance(e, RemoteError):
+            return RestError(503 if e.transient else 502, f"the Gemini API: {self.say(str(e))}")
+        if isinstance(e, (UsageError, LockedError, StateError, CostCapError, Interrupted)):
+            return RestError(409, self.say(str(e)))
+        if isinstance(e, BatchifyError):
+            return RestError(500, self.say(str(e)))
+        return RestError(500, f"{type(e).__name__}: {self.say(str(e))}")
 
     def _known(self, name: str) -> None:
         if not re.match(RUN_NAME_RE, name) or not (self._store(name).exists() or name in self.tasks):
             raise RestError(404, f"no run named {name!r}")
 
-    def _input_error(self, e: InputError, name: str) -> RestError:
-        """The engine's message in the API's terms: no server path, no CLI flag."""
-        where = str(Path(self.state_dir) / "inputs" / f"{name}.jsonl")
+    def _input_error(self, e: InputError, name: str | None) -> RestError:
+        """The engine's message in the API's terms: no server path (the run's input is "request body"), no CLI flag."""
+        dirs = (Path(self.state_dir).resolve(), self.state_dir)
+        where = [str(Path(d) / "inputs" / f"{name}.jsonl") for d in dirs] if name else []
 
         def say(text: str) -> str:
-            return text.replace(where, "request body").replace("--skip-invalid", "the server's skip_invalid option")
+            for w in where:
+                text = text.replace(w, "request body")
+            return self.say(text)
 
         return RestError(422, {"message": say(str(e)), "problems": [say(p) for p in e.problems[:100]]})
 
@@ -9799,7 +9836,7 @@ class RestApi:
         name = self._new_name(batch_name)
 
         async def fetch_then_batch() -> None:
-            await self._prepare(name, list(urls))
+            await self._prepare(name, list(urls))  # a failure here: status says why (answer), the name is free again
             await self._submit(name)
 
         self._start(name, fetch_then_batch())
@@ -9810,12 +9847,11 @@ class RestApi:
         name = self._new_name(batch_name)
         try:  # validation and planning are CPU work: off the event loop, so other clients are not stalled
             run = await asyncio.to_thread(asyncio.run, self._prepare(name, contents))
-        except InputError as e:
+        except BaseException as e:  # no run was made: the name is free again (the answer: make_api's, from answer())
             self.claimed.discard(name)
-            raise self._input_error(e, name) from None
-        except (UsageError, LockedError) as e:  # another process holds or made the name
-            self.claimed.discard(name)
-            raise RestError(409, str(e)) from None
+            if isinstance(e, InputError):
+                raise self._input_error(e, name) from None
+            raise
         self._start(name, self._submit(name))
         message = (
             f"{run.records} record(s) in {run.plan['batches']} batch(es), "
@@ -9826,12 +9862,18 @@ class RestApi:
     async def status(self, run: str) -> dict[str, Any]:
         self._known(run)
         task = self.tasks.get(run)
+        failure = self.failures.get(run)
+        error: dict[str, Any] = {"error": None}
+        if failure is not None:  # the message, and an input error's problems
+            detail = failure.detail
+            error = (
+                {"error": detail["message"], "problems": detail["problems"]} if isinstance(detail, dict) else {"error": detail}
+            )
         if not self._store(run).exists():
-            failed = run in self.failures
-            return {"name": run, "status": "failed" if failed else "preparing", "error": self.failures.get(run)}
+            return {"name": run, "status": "failed" if failure else "preparing", **error}
         entry: dict[str, Any] = run_status(self.state_dir, run)["runs"][0]
         entry["working"] = task is not None and not task.done()
-        entry["error"] = self.failures.get(run)
+        entry.update(error)
         return entry
 
     async def results(self, run: str, summary: bool = False, partial: bool = False) -> dict[str, Any]:
@@ -9853,19 +9895,40 @@ class RestApi:
         return {"run": run, "status": st, "partial": True, "results": rows}
 
     async def jobs(self) -> dict[str, Any]:
+        """Every run; one whose sidecars cannot be read is listed as "broken" with its error (as `batchify list`
+        shows it), the others as usual."""
         keys = ("name", "status", "records", "jobs", "job_states", "updated_at")
-        return {"runs": [{k: r[k] for k in keys} for r in run_status(self.state_dir)["runs"]]}
+        runs = []
+        for r in run_status(self.state_dir)["runs"]:
+            entry = {k: r.get(k) for k in keys}
+            if "error" in r:
+                entry["error"] = self.say(r["error"])
+            runs.append(entry)
+        return {"runs": runs}
 
     async def cancel(self, run: str) -> dict[str, Any]:
+        """Stop the run's work here as shutdown does (the real-time requests already sent, paid for, are waited for
+        and saved), then cancel its remote jobs. A finished run stays finished; a run another process holds (a CLI
+        `resume`) answers 409."""
         self._known(run)
+        store = self._store(run)
+        if store.exists() and store.load_run().status == "done":
+            return {"run": run, "cancelled": [], "status": "done", "message": "the run is finished: nothing to cancel"}
         task = self.tasks.get(run)
         if task is not None and not task.done():
-            task.cancel()
+            stop = self.stops.get(run)
+            if stop is not None:
+                stop.request()
+                if stop.wait_bound() > 0:
+                    await asyncio.wait([task], timeout=stop.wait_bound() + 5.0)
+            task.cancel()  # a run being prepared (nothing paid for in flight) or past its bound: at once
             await asyncio.gather(task, return_exceptions=True)
-        if not self._store(run).exists():
+        if not store.exists():
             return {"run": run, "cancelled": [], "status": "cancelled"}
         names = await cancel(run, self.state_dir, self.endpoint, self.api_key)
-        return {"run": run, "cancelled": names, "status": "cancelled"}
+        status = store.load_run().status
+        message = "the run finished before the cancel reached it" if status == "done" else f"cancelled {len(names)} job(s)"
+        return {"run": run, "cancelled": names, "status": status, "message": message}
 
 
 def _typed_route(handler: Callable[..., Awaitable[Any]], model: Any, returns: Any) -> Callable[..., Awaitable[Any]]:
@@ -9916,6 +9979,11 @@ def make_api(
     )
     app.add_exception_handler(fa.RequestValidationError, _invalid_body)
     app.add_exception_handler(RestError, _rest_error)
+
+    async def batchify_error(request: Any, exc: Any) -> Any:  # the one mapping: RestApi.answer
+        return await _rest_error(request, api.answer(exc))
+
+    app.add_exception_handler(BatchifyError, batchify_error)
     app.add_middleware(_BodyLimit, limit=max_body)
     bearer = fa.security.HTTPBearer(auto_error=False)
 

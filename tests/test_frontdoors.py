@@ -355,6 +355,48 @@ async def test_rest_api_shutdown_keeps_the_flex_answers_already_paid_for(emu, ar
     assert len(billed) == len(records) and set(billed.values()) == {1}
 
 
+async def test_rest_cancel_keeps_the_flex_answers_already_paid_for(emu, articles, tmp_path):
+    """POST /batch/cancel stops the run as shutdown does: the Flex requests already sent are answered and saved
+    before the run is cancelled (it cancelled the run's task outright: answers billed and thrown away)."""
+    emu.configure(flex_hold=True)  # answers wait until released: requests provably in flight at the cancel
+    api = batchify.RestApi(tmp_path / "st", emu.url, "k", None, batchify.RunOptions(mode="flex", poll_interval=0.2))
+    records = [json.loads(x) for x in articles.read_text().splitlines()]
+    await api.submit_contents(records, "c1")
+    while emu.stats()["flex_in_flight"] < 1:
+        await asyncio.sleep(0.05)
+    cancelling = asyncio.ensure_future(api.cancel("c1"))
+    while not api.stops["c1"].requested and not cancelling.done():
+        await asyncio.sleep(0)
+    emu.configure(flex_hold=False)
+    answer = await cancelling
+    while emu.stats()["flex_in_flight"]:  # (the old code: the requests abandoned are answered, and billed, now)
+        await asyncio.sleep(0.05)
+    kept = read_jsonl(tmp_path / "st" / "c1" / "realtime.jsonl")
+    billed = emu.stats()["billed"]
+    assert len(kept) == sum(billed.values()) > 0, "an answer paid for was thrown away"
+    assert answer["status"] == "cancelled" and batchify.RunStore(tmp_path / "st", "c1").load_run().status == "cancelled"
+    await api.shutdown()
+
+
+def test_rest_url_input_errors_say_no_server_path_and_free_the_name(api, site, tmp_path):
+    """/batch/submit with an invalid list (a duplicate URL) failed with the state dir's path and a CLI flag in its
+    status, and the name stayed claimed (the corrected retry: 409). Now the problems as submit-contents gives
+    them, and the name is free again."""
+    url = f"{site.url}/news/1"
+    code, body = call(f"{api}/batch/submit", "POST", {"urls": [url, url], "batch_name": "dup"})
+    assert code == 200
+    for _ in range(600):
+        code, st = call(f"{api}/batch/status/dup")
+        if st["status"] == "failed":
+            break
+        time.sleep(0.05)
+    assert st["status"] == "failed" and "duplicate" in json.dumps(st["problems"]), st
+    assert str(tmp_path) not in json.dumps(st) and "--skip-invalid" not in json.dumps(st)
+    code, body = call(f"{api}/batch/submit", "POST", {"urls": [url], "batch_name": "dup"})
+    assert code == 200, body
+    assert wait_status(api, "dup")["records"] == 1
+
+
 def test_every_run_option_is_a_flag_and_a_new_one_needs_one_line():
     """RunOptions is the option table: each field with a flag shows up in `run --help` with its help text,
     and the `run` command builds RunOptions from them without a second listing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import os
 import stat
@@ -112,6 +113,27 @@ def test_rest_docs_off_by_default_and_body_limit(api_server, tmp_path):
     assert not (tmp_path / "st" / "big").exists()
 
 
+def test_rest_chunked_body_over_the_limit_answers_413(api_server, tmp_path):
+    """A body with no Content-Length (chunked, as streaming clients and proxies send) is counted as it is read; over
+    the limit it answers 413 as a declared one does (FastAPI caught the middleware's signal and answered 400)."""
+    base = api_server(max_body=20_000)
+
+    def chunks():
+        yield b'{"contents": ['
+        for i in range(50):
+            yield b'{"id": %d, "text": "%s"},' % (i, b"x" * 1000)
+        yield b'{"id": -1, "text": "x"}], "batch_name": "chunked"}'
+
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    headers = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
+    conn.request("POST", "/batch/submit-contents", body=chunks(), headers=headers, encode_chunked=True)
+    answer = conn.getresponse()
+    body = json.loads(answer.read())
+    conn.close()
+    assert answer.status == 413 and "bytes" in body["detail"], body
+    assert not (tmp_path / "st" / "chunked").exists()
+
+
 def test_rest_422_echoes_no_body_no_path_keeps_nothing(api_server, tmp_path):
     base = api_server()
     code, body = _post(f"{base}/batch/submit-contents", {"contents": "y" * 5000, "batch_name": "bad"})
@@ -123,6 +145,73 @@ def test_rest_422_echoes_no_body_no_path_keeps_nothing(api_server, tmp_path):
     assert not (tmp_path / "st" / "inputs" / "rej.jsonl").exists()  # a refused payload is not kept
     code, _ = _post(f"{base}/batch/submit-contents", {"contents": [{"id": 2, "text": "ok"}], "batch_name": "rej"})
     assert code == 200  # and the name is free again
+
+
+def _get(url: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_rest_a_damaged_run_is_listed_broken_and_its_routes_say_why(api_server, tmp_path):
+    """One run's unreadable run.json made /batch/jobs answer 500 for every run (KeyError on its entry), and that
+    run's status, results and cancel a bare 500 (StateError unmapped): now it is listed as broken with its error,
+    and its routes answer 409 with the message (no server path)."""
+    base = api_server()
+    st = tmp_path / "st"
+    for name in ("good", "bad"):
+        batchify.prepare_sync([{"id": 1, "text": "one"}, {"id": 2, "text": "two"}], name=name, state_dir=st)
+    (st / "bad" / "run.json").write_text("{not json")
+    code, body = _get(f"{base}/batch/jobs")
+    assert code == 200, body
+    runs = {r["name"]: r for r in body["runs"]}
+    assert runs["good"]["status"] == "prepared" and runs["good"]["records"] == 2
+    assert runs["bad"]["status"] == "broken" and "run.json" in runs["bad"]["error"]
+    for code, body in (
+        _get(f"{base}/batch/status/bad"),
+        _get(f"{base}/batch/results/bad"),
+        _post(f"{base}/batch/cancel/bad", {}),
+    ):
+        assert code == 409 and "bad/run.json" in body["detail"], (code, body)
+        assert str(tmp_path) not in json.dumps(body)
+    assert str(tmp_path) not in json.dumps(runs["bad"])
+
+
+def test_rest_cancel_says_finished_and_409_for_a_run_another_process_holds(api_server, emu, tmp_path):
+    """Cancelling a finished run answered "status": "cancelled" although it stays done; a run held by another
+    process (a CLI `resume`) answered a bare 500 (LockedError unmapped)."""
+    base = api_server()
+    st = tmp_path / "st"
+    opts = batchify.RunOptions(poll_interval=0.1)
+    records = [{"id": 1, "text": "one"}]
+    batchify.prepare_sync(records, name="done1", state_dir=st, endpoint=emu.url, api_key="k", options=opts)
+    batchify.submit_sync("done1", st, endpoint=emu.url, api_key="k")
+    code, body = _post(f"{base}/batch/cancel/done1", {})
+    assert code == 200 and body["status"] == "done" and "finished" in body["message"], body
+    assert batchify.RunStore(st, "done1").load_run().status == "done"
+    batchify.prepare_sync(records, name="busy", state_dir=st, endpoint=emu.url, api_key="k", options=opts)
+    with batchify.RunLock(st / ".locks" / "busy") as lock:
+        lock.acquire("resume")
+        code, body = _post(f"{base}/batch/cancel/busy", {})
+    assert code == 409 and "in use" in body["detail"], body
+    assert emu.stats()["cancels"] == 0
+
+
+def test_rest_an_unavailable_api_answers_503_and_frees_the_name(api_server, emu, tmp_path):
+    """A 503 from the Gemini API while a submission was prepared gave a bare 500, and its batch_name stayed
+    claimed until restart (every retry 409, status 404). Now 503 with the message, and the name is free."""
+    base = api_server(options=batchify.RunOptions(poll_interval=0.2, retry_scale=0))
+    emu.configure(unavailable_rate=1.0)
+    body = {"contents": [{"id": 1, "text": "one"}], "batch_name": "n503"}
+    code, answer = _post(f"{base}/batch/submit-contents", body)
+    assert code == 503 and "503" in answer["detail"] and str(tmp_path) not in answer["detail"], answer
+    assert _get(f"{base}/batch/status/n503")[0] == 404
+    emu.configure(unavailable_rate=0.0)
+    code, answer = _post(f"{base}/batch/submit-contents", body)
+    assert code == 200, answer
 
 
 # -- 7. URL fetching never reaches the machine's own network ----------------------------------------
