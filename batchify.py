@@ -2571,6 +2571,13 @@ def long_usage(total: dict[str, int], usages: Iterable[Any], threshold: int | No
                     total["long." + k] = total.get("long." + k, 0) + v
 
 
+def cost_cap_allows(spent: float, committed: float, next_cost: float, overrun: float, cap: float | None) -> bool:
+    """--max-cost: may one more job or request estimated at `next_cost` start, with `spent` known, `committed` the
+    estimate of the work under way (jobs live, requests sent), every estimate scaled by `overrun` (actual over
+    estimated cost of what has ended; at least 1: answers longer than assumed make every estimate low)? No cap: yes."""
+    return cap is None or spent + (committed + next_cost) * max(1.0, overrun) <= cap
+
+
 def request_cost(spec: ModelSpec, usage: dict[str, Any] | None, service: str) -> float:
     """cost_usd() of one request's usageMetadata."""
     total: dict[str, int] = {}
@@ -6571,6 +6578,7 @@ class Engine:
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
         self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
+        self._cost_capped = False  # a job was not created for --max-cost: the run ends with CostCapError (exit 5)
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
@@ -6625,6 +6633,28 @@ class Engine:
         for j in self.jobs.values():
             add_usage(usage, j.usage)
         return cost_usd(self.spec, usage, "batch")
+
+    def _estimate(self, tokens: int, requests: int, service: str = "batch") -> float:
+        """The plan's cost estimate of `requests` requests of `tokens` input tokens in all."""
+        return cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, requests), service)
+
+    def _cost_standing(self) -> tuple[float, float, float]:
+        """(spent, committed, overrun) for cost_cap_allows: what ended (batch jobs with their usage, real-time
+        answers), the estimate of what is under way (live jobs, requests in flight), and actual over estimated."""
+        ended = [j for j in self.jobs.values() if j.usage]
+        spent = self._batch_spent()
+        estimated = sum(self._estimate(j.tokens, j.request_count) for j in ended)
+        committed = sum(self._estimate(j.tokens, j.request_count) for j in self.jobs.values() if j.state in ACTIVE_STATES)
+        for sender in self._senders.values():
+            per = self._estimate(int(sender.tokens_per_request), 1, sender.service)
+            spent += sender.view.cost_usd
+            estimated += sender.view.done * per
+            committed += sender.sending * per
+        return spent, committed, (spent / estimated if estimated > 0 else 1.0)
+
+    def _cost_allows(self, tokens: int, requests: int, service: str = "batch") -> bool:
+        spent, committed, overrun = self._cost_standing()
+        return cost_cap_allows(spent, committed, self._estimate(tokens, requests, service), overrun, self.opts.max_cost)
 
     # -- a graceful stop (GracefulStop) --------------------------------------------------------------
     @property
@@ -6754,6 +6784,16 @@ class Engine:
                 self._log(f"batch refused for good ({e}); finishing through the {self._fallback_tier()} tier")
                 self.run.notes["batch_refused"] = str(e)
                 self.store.save_run(self.run)
+            if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
+                left = sum(1 for j in self.jobs.values() if j.lane == "batch" and j.state in UNSUBMITTED)
+                spent, _committed, overrun = self._cost_standing()
+                self._raise_if_stopped()
+                self.merge()
+                raise CostCapError(
+                    f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not created (spent "
+                    f"{usd(spent)}; answers cost {max(1.0, overrun):.1f}x the estimate). Every result so far is saved; "
+                    f"`batchify resume {self.run.name} --max-cost N` with a higher cap sends the rest."
+                )
             refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
                 self.merge()  # every id has its line (the refused ones an error), yet the run is not done:
@@ -6772,6 +6812,12 @@ class Engine:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
                     await self.send_requests(todo, tier)
         self._raise_if_stopped()  # before the merge: an interrupted run is merged by the resume that finishes it
+        spent = self._cost_standing()[0]
+        if self.opts.max_cost is not None and spent > self.opts.max_cost:
+            self._log(
+                f"spent {usd(spent)}, above --max-cost {usd(self.opts.max_cost)}: the work under way when the cap was "
+                "reached cost more than estimated (the answers were longer than the plan assumed)"
+            )
         return self.merge()
 
     async def _collect_only(self, why: str) -> Summary:
@@ -7453,6 +7499,11 @@ class Engine:
             if self.lanes == "hybrid" and not self._hybrid_admits():
                 self._flex_wake.set()  # the rest is Flex's
                 return
+            if not self._cost_allows(job.tokens, job.request_count):  # the jobs live are collected, then exit 5
+                if not self._cost_capped:
+                    self._log(f"{job.name}: not created: with it, the run could pass --max-cost {usd(self.opts.max_cost or 0)}")
+                self._cost_capped = True
+                return
             created = await self.create_job(job)
             self._demand.set()
             if self.jobs[name].state == JobState.SPLIT:  # its parts go next, at once: no back-off
@@ -7507,7 +7558,7 @@ class Engine:
     def _batches_settled(self) -> bool:
         """Every batch job final with no retry due; with a retired model (_collect_only), every job the service
         has is final (those never created stay as they are)."""
-        if self.retired is not None:
+        if self.retired is not None or self._cost_capped:  # nothing more is created: the jobs at the service settle it
             return all(j.state in FINAL_STATES | UNSUBMITTED for j in self.jobs.values())
         return all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending()
 
@@ -8202,11 +8253,10 @@ class RequestSender:
     async def send_all(self, items: Iterable[tuple[int, dict[str, Any], int]], out: Any) -> None:
         """Send every item (ordinal, request, tokens), each as soon as the gate has a slot; returns when all
         are answered (or given up on). Stops taking new ones at --max-cost, and when the run is asked to stop."""
-        cap = self.engine.opts.max_cost
-        spent = self.engine._batch_spent()
+        capped = self.engine.opts.max_cost is not None
         async with asyncio.TaskGroup() as tg:
             for n, req, t in items:
-                if cap is not None and spent + sum(x.view.cost_usd for x in self.engine._senders.values()) >= cap:
+                if capped and not self.engine._cost_allows(t, 1, self.service):  # with the requests in flight, scaled
                     self.capped = True  # the rest stays unsent; resume with a higher --max-cost sends it
                     break
                 if self.engine.stopping:

@@ -5,6 +5,7 @@ tests/test_faults.py (the crash drill, the fallback's exit codes), tests/test_ru
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -835,3 +836,36 @@ def test_status_counts_what_the_flex_lanes_answered(tmp_path):
     flexed = [j for j in store.load_jobs() if j.state == JobState.FLEXED]
     assert flexed and all(j.ok == j.request_count and j.failed == 0 for j in flexed), flexed
     assert all(batchify.job_entry(j)["done"] == j.request_count for j in flexed)
+
+
+class _LongAnswers(FakeGemini):
+    """Batch answers that report `output` candidate tokens each (far more than the plan assumes)."""
+
+    output = 5_000
+
+    async def download(self, name):
+        async for chunk in super().download(name):
+            lines = []
+            for line in chunk.splitlines():
+                row = json.loads(line)
+                row["response"]["usageMetadata"] = {"promptTokenCount": 10, "candidatesTokenCount": self.output}
+                lines.append(json.dumps(row).encode())
+            yield b"\n".join(lines) + b"\n"
+
+
+def test_max_cost_stops_creating_jobs_once_answers_cost_more_than_estimated(tmp_path):
+    """Answers far longer than the plan assumed: --max-cost was checked only against the plan's estimate before the
+    run, so every wave was created and the cap passed several times over, exit 0, no word (adversary finding 10).
+    Admission now scales each next job's estimate by what the finished ones actually cost: it stops creating, the
+    jobs created are collected, and the run ends with CostCapError (exit 5) saying how to go on."""
+    store = prepared(tmp_path, 60, 10, poll_interval=1.0, mode="batch", enqueued_limit=600, margin=0.0)
+    plan = store.load_run().plan
+    cap = plan["estimated_cost_usd"] * 1.2  # the plan fits; the answers' real cost does not
+    run_ = store.load_run()
+    store.save_run(dataclasses.replace(run_, options={**run_.options, "max_cost": cap}))
+    fake = _LongAnswers(FakeClock(), [5.0] * 10)
+    with pytest.raises(batchify.CostCapError, match="resume fake --max-cost"):
+        run(store, fake)
+    jobs = store.load_jobs()
+    assert 0 < len(fake.jobs) < len(jobs), "every job was created (or none)"
+    assert all(j.state in (JobState.RESULTS_DOWNLOADED, JobState.UPLOADED, JobState.CREATED) for j in jobs), jobs
