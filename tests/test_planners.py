@@ -955,3 +955,19 @@ def test_merge_continuation_joins_the_hops_as_the_sdk_does():
     assert merged["usageMetadata"] == {"promptTokenCount": 20, "candidatesTokenCount": 5}
     assert merged["candidates"][0]["finishReason"] == "STOP"
     assert b.merge_continuation([last]) is last
+
+
+@pytest.mark.parametrize(
+    ("spent", "committed", "next_cost", "overrun", "cap", "allows"),
+    [
+        (0.0, 0.0, 1.0, 1.0, None, True),  # no cap
+        (5.0, 3.0, 2.0, 1.0, 10.0, True),  # exactly at the cap
+        (5.0, 3.0, 2.1, 1.0, 10.0, False),
+        (5.0, 1.0, 1.0, 2.0, 10.0, True),  # answers twice the estimate: 5 + 2 x 2 = 9
+        (5.0, 2.0, 1.0, 2.0, 10.0, False),  # 5 + 3 x 2 = 11
+        (5.0, 3.0, 2.0, 0.5, 10.0, True),  # cheaper than estimated: estimates are not scaled down
+        (5.0, 3.0, 2.1, 0.5, 10.0, False),
+    ],
+)
+def test_cost_cap_allows(spent, committed, next_cost, overrun, cap, allows):
+    assert b.cost_cap_allows(spent, committed, next_cost, overrun, cap) is allows
