@@ -9879,6 +9879,20 @@ class RestApi:
         self.stops[name] = GracefulStop()
         await submit(name, self.state_dir, self.endpoint, self.api_key, stop=self.stops[name])
 
+    async def resume(self, run: str) -> dict[str, Any]:
+        """Go on with a run this server is not driving: one a restart left interrupted (SIGTERM stops runs
+        gracefully), or a cost cap, a refusal, a crash. 409 while this server drives it; a finished run stays so."""
+        self._known(run)
+        task = self.tasks.get(run)
+        if task is not None and not task.done():
+            raise RestError(409, f"run {run!r} is running on this server already")
+        status = self._store(run).load_run().status
+        if status in ("done", "cancelled"):
+            return {"run": run, "status": status, "message": f"the run is {status}: nothing to resume"}
+        self.failures.pop(run, None)
+        self._start(run, self._submit(run))
+        return {"run": run, "status": "submitted", "message": f"resumed. Poll /batch/status/{run}."}
+
     async def submit_urls(self, urls: list[str], batch_name: str | None) -> dict[str, str]:
         bad = [u for u in urls if not re.match(r"^https?://[^\s/]+", u)]
         if bad:
@@ -10057,6 +10071,7 @@ def make_api(
     app.add_api_route("/batch/results/{run}", api.results, methods=["GET"], **guarded)
     app.add_api_route("/batch/jobs", api.jobs, methods=["GET"], **guarded)
     app.add_api_route("/batch/cancel/{run}", api.cancel, methods=["POST"], **guarded)
+    app.add_api_route("/batch/resume/{run}", api.resume, methods=["POST"], **guarded)
     return app
 
 

@@ -505,3 +505,28 @@ async def test_records_that_are_not_plain_json_are_refused_and_nothing_is_kept(t
         await batchify.prepare(records, name="odd", state_dir=tmp_path)
     assert not any((tmp_path / "inputs").glob("*"))
     assert not batchify.RunStore(tmp_path, "odd").exists()
+
+
+async def test_rest_resume_goes_on_with_a_run_a_restart_left_interrupted(emu, articles, tmp_path):
+    """A server stopped with SIGTERM leaves its runs interrupted (gracefully); nothing in the REST API resumed them:
+    the restarted server did not, there was no route, a re-POST answered 409 (adversary finding 03). POST
+    /batch/resume/{run} goes on with it, each job created once."""
+    emu.configure(job_seconds=1.0)
+    opts = batchify.RunOptions(mode="batch", poll_interval=0.2, batch_size=20)
+    api = batchify.RestApi(tmp_path / "st", emu.url, "k", None, opts)
+    records = [json.loads(x) for x in articles.read_text().splitlines()]
+    await api.submit_contents(records, "r1")
+    while emu.stats()["creates"] < 1:
+        await asyncio.sleep(0.05)
+    await api.shutdown()  # as SIGTERM does
+    assert batchify.RunStore(tmp_path / "st", "r1").load_run().status == "interrupted"
+    again = batchify.RestApi(tmp_path / "st", emu.url, "k", None, opts)  # the restarted server
+    assert (await again.resume("r1"))["status"] == "submitted"
+    with pytest.raises(batchify.RestError, match="running on this server"):
+        await again.resume("r1")
+    await again.tasks["r1"]
+    assert (await again.status("r1"))["status"] == "done"
+    assert (await again.resume("r1"))["status"] == "done"
+    dup = {k: v for k, v in emu.stats()["creates_by_display_name"].items() if v > 1}
+    assert not dup, f"created twice: {dup}"
+    await again.shutdown()
