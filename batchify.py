@@ -9180,7 +9180,9 @@ async def prepare(
             async with open_client(endpoint, api_key, need=False, options=opts) as client:
                 return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
         except BaseException:
-            if in_memory:  # a refused payload is not kept on disk
+            # A refused payload is not kept on disk; a run that was prepared all the same (cancelled as its client
+            # closed, after run.json was written) keeps its input: `submit(name)` runs it.
+            if in_memory and not store.exists():
                 path.unlink(missing_ok=True)
             raise
 

@@ -347,3 +347,23 @@ def test_the_same_run_again_with_other_rates_says_they_are_not_applied(emu, tmp_
     assert any("--rpm 6, --concurrency 2 are not applied" in line and "resume" in line for line in log.lines), log.lines
     asyncio.run(batchify.run_file(inp, options=batchify.RunOptions(mode="batch"), reporter=(log := Logged()), **kw))
     assert not log.lines  # the same command: nothing to say
+
+
+def test_a_prepare_cancelled_after_its_run_exists_keeps_the_input(tmp_path, monkeypatch):
+    """Cancelled as its client closed, after run.json was written: prepare raised CancelledError and deleted the
+    records' input file ("a refused payload is not kept"), leaving a prepared run with no input, which no retry
+    could mend (adversary finding 15). A run that exists keeps its input: submit(name) runs it."""
+    real = batchify.open_client
+
+    @contextlib.asynccontextmanager
+    async def cancelled_on_close(*a: Any, **kw: Any) -> Any:
+        async with real(*a, **kw) as client:
+            yield client
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(batchify, "open_client", cancelled_on_close)
+    records = [{"id": i, "text": f"text {i}"} for i in range(3)]
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(batchify.prepare(records, name="p1", state_dir=tmp_path / "st"))
+    run = batchify.RunStore(tmp_path / "st", "p1").load_run()
+    assert run.status == "prepared" and Path(run.input_path).exists()
