@@ -3237,19 +3237,29 @@ def open_private(path: Path, mode: str = "wb") -> Any:
 # a display name. No "/", no "..", nothing absolute.
 RUN_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RUN_NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Folders of the state dir that are no run's: <state_dir>/inputs/ holds the records of runs given in memory (and,
+# beside them, those runs' default results files), so a run of that name would share them (its cleanup deleted them).
+RESERVED_RUN_NAMES = ("inputs",)
 
 
-def check_run_name(name: str) -> str:
-    if not isinstance(name, str) or not re.match(RUN_NAME_RE, name) or ".." in name:
-        raise UsageError(f"run name {name!r} is not allowed: {RUN_NAME_RULE}. Fix: pass --name with such a name.")
+def check_run_name(name: str, arg: str = "--name (name= in the library)") -> str:
+    """The name, or UsageError naming the rule and `arg` (where the name was given) as the fix. Matched whole
+    (re.fullmatch: "$" alone lets a trailing newline through)."""
+    if not isinstance(name, str) or not re.fullmatch(RUN_NAME_RE, name) or ".." in name:
+        raise UsageError(f"run name {name!r} is not allowed: {RUN_NAME_RULE}. Fix: pass {arg} with such a name.")
+    if name.lower() in RESERVED_RUN_NAMES:  # any case: the same folder on a case-insensitive file system
+        raise UsageError(
+            f"run name {name!r} is reserved: <state dir>/{name}/ holds the records of runs given in memory and their "
+            f"results files. Fix: pass {arg} with another name, e.g. '{name}-run'."
+        )
     return name
 
 
 def default_run_name(path: str | Path) -> str:
     """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
     stem = gs_stem(str(path)) if str(path).startswith("gs://") else Path(path).stem
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".")
-    return name or "run"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".") or "run"
+    return f"{name}-run" if name.lower() in RESERVED_RUN_NAMES else name  # inputs.jsonl: run "inputs-run"
 
 
 class RunStore:
@@ -3353,7 +3363,7 @@ def list_runs(state_dir: str | Path) -> list[str]:
     d = Path(state_dir)
     if not d.is_dir():
         return []
-    return sorted(p.parent.name for p in d.glob("*/run.json") if re.match(RUN_NAME_RE, p.parent.name))
+    return sorted(p.parent.name for p in d.glob("*/run.json") if re.fullmatch(RUN_NAME_RE, p.parent.name))
 
 
 LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
@@ -9629,6 +9639,10 @@ class RestApi:
 
     def _new_name(self, given: str | None) -> str:
         name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        try:
+            check_run_name(name, "batch_name")  # the one rule (the body's pattern has the format alone)
+        except UsageError as e:
+            raise RestError(422, str(e)) from None
         if name in self.claimed or self._store(name).exists() or name in self.tasks:
             raise RestError(409, f"a run named {name!r} exists already (or is being prepared)")
         self.claimed.add(name)
@@ -9648,8 +9662,11 @@ class RestApi:
         self.tasks[name] = asyncio.ensure_future(guarded())
 
     def _known(self, name: str) -> None:
-        if not re.match(RUN_NAME_RE, name) or not (self._store(name).exists() or name in self.tasks):
-            raise RestError(404, f"no run named {name!r}")
+        with contextlib.suppress(UsageError):
+            check_run_name(name)
+            if self._store(name).exists() or name in self.tasks:
+                return
+        raise RestError(404, f"no run named {name!r}")
 
     def _input_error(self, e: InputError, name: str) -> RestError:
         """The engine's message in the API's terms: no server path, no CLI flag."""

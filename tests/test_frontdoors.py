@@ -287,6 +287,9 @@ def test_rest_api_requires_token_and_validates(api):
     assert code == 422
     code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "x"}], "batch_name": "../etc"})
     assert code == 422
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "x"}], "batch_name": "inputs"})
+    assert code == 422 and "reserved" in body["detail"] and "batch_name" in body["detail"], body  # the library's rule
+    assert call(f"{api}/batch/status/inputs")[0] == 404
     code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1}, {"id": 1, "text": "x"}]})
     assert code == 422 and "no 'text' field" in json.dumps(body)
     code, body = call(f"{api}/batch/submit", "POST", {"urls": ["file:///etc/passwd"]})
