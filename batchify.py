@@ -1118,6 +1118,17 @@ def _waves_value(ctx: Any, param: Any, value: str | int) -> str | int:
     return n
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and the infinities: a range only compares, NaN compares False (so nan
+    passed every range) and inf passes any lower bound (a poll interval of inf never polled again)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number. Fix: give a number, {self._describe_range()}", param, ctx)
+        return rv
+
+
 def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
@@ -1183,7 +1194,7 @@ class RunOptions:
         None,
         "Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
         f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
-        type=click.FloatRange(0, 0.9),
+        type=FiniteFloatRange(0, 0.9),
     )
     barrier: bool = flag(False, "Strict waves: wait for a whole wave before the next.", is_flag=True)
     max_active_jobs: int = flag(
@@ -1192,7 +1203,7 @@ class RunOptions:
         type=click.IntRange(1, INT_FLAG_MAX),
     )
     poll_interval: float | None = flag(
-        None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=click.FloatRange(0.05)
+        None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=FiniteFloatRange(0.05)
     )
     mode: str = flag(
         "auto",
@@ -1237,11 +1248,11 @@ class RunOptions:
     create_timeout: float = flag(
         DEFAULT_CREATE_TIMEOUT,
         "Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
-        type=click.FloatRange(0),
+        type=FiniteFloatRange(0),
     )
     concurrency: int = flag(64, "Real-time/Flex requests in flight at most.", type=click.IntRange(1, INT_FLAG_MAX))
-    retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=click.FloatRange(0), hidden=True)
-    rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=click.FloatRange(0.1), hidden=True)
+    retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=FiniteFloatRange(0), hidden=True)
+    rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=FiniteFloatRange(0.1), hidden=True)
     max_cost: float | None = flag(None, "Stop before spending more than this many USD (> 0).", type=float, callback=_positive_usd)
     skip_invalid: bool = flag(False, "Set invalid records aside in <run>.rejected.jsonl and go on.", is_flag=True)
     allow_private_urls: bool = flag(
@@ -1274,7 +1285,7 @@ class RunOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def checked(self) -> RunOptions:
+    def checked(self, who: str = "RunOptions") -> RunOptions:
         """The options as a library caller gave them, held to the flags' own rules and taken as the flags take them
         (the option table's click types and callbacks: mode "standard" is "realtime", waves "3" is 3): UsageError
         (exit 2) naming the option. None means "not given" and always passes. A copy when anything was converted."""
@@ -1288,7 +1299,13 @@ class RunOptions:
                 taken[f.name] = _check_flag_value(value, f.default, kw)
             except click.BadParameter as e:
                 flag_name = decls[0].split("/")[0] if decls else f"--{f.name.replace('_', '-')}"
-                raise UsageError(f"RunOptions {f.name}={value!r} ({flag_name}): {e.message}") from None
+                raise UsageError(f"{who} {f.name}={value!r} ({flag_name}): {e.message}") from None
+        mpi = self.max_poll_interval
+        if isinstance(mpi, bool) or not isinstance(mpi, (int, float)) or not (math.isfinite(mpi) and mpi > 0):
+            raise UsageError(
+                f"RunOptions max_poll_interval={mpi!r}: must be a finite number of seconds above 0. Fix: leave it out "
+                f"(default {MAX_POLL_INTERVAL:g}) or give such a number."
+            )
         changed = {k: v for k, v in taken.items() if v != getattr(self, k) or type(v) is not type(getattr(self, k))}
         return dataclasses.replace(self, **changed) if changed else self
 
@@ -8936,6 +8953,10 @@ async def resume_run(
     """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
     `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `out`: the
     results go there from now on (the run's own file was moved away, say). `stop`: as for run_file."""
+    # the overrides are held to the flags' rules before anything is saved (a poll interval of -1 or inf, a cap of -5)
+    told = RunOptions(poll_interval=poll_interval, max_cost=max_cost, allow_standard=allow_standard)  # type: ignore[arg-type]
+    told = told.checked("resume_run")
+    poll_interval, max_cost = told.poll_interval, told.max_cost
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
@@ -8952,8 +8973,8 @@ async def resume_run(
             raise UsageError(f"run {name!r}: {moved}. Fix: `batchify resume {name} --out FILE` says where the results go now.")
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
-        told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
-        changed = {k: v for k, v in told if v is not None and v != getattr(was, k)}
+        overrides = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
+        changed = {k: v for k, v in overrides if v is not None and v != getattr(was, k)}
         if changed:  # what this resume was told overrides the run's own, from now on (other keys kept as they are)
             store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
@@ -10266,7 +10287,7 @@ def _pick_run(state_dir: str, run_name: str | None) -> str | None:
 
 @cli.command()
 @click.argument("run_name", required=False)
-@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
+@click.option("--poll-interval", type=FiniteFloatRange(0.05), help="Seconds between polls (default: the run's own).")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
 @click.option("--allow-standard", is_flag=True, default=None, help="From now on, let the fallback use the standard tier (2x).")
 @click.option("--out", help="Write the merged results here from now on (the run's own file was moved away, say).")

@@ -285,3 +285,26 @@ def test_a_status_look_at_the_lock_does_not_refuse_a_resume(tmp_path, monkeypatc
     assert waited and lock.fd is not None
     lock.release()
     os.close(look)
+
+
+# -- resume_run's overrides are held to the flags' rules before anything is saved -------------------------------
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"poll_interval": -1}, "--poll-interval"),  # was saved to run.json: batches.get in a tight loop
+        ({"poll_interval": float("inf")}, "finite"),  # was saved: the run never polled again
+        ({"poll_interval": float("nan")}, "finite"),
+        ({"max_cost": -5}, "above 0"),  # was a CostCapError ("above --max-cost $-5.0000") after the lock
+        ({"max_cost": float("nan")}, "above 0"),
+        ({"allow_standard": "yes"}, "True or False"),
+    ],
+)
+def test_resume_overrides_are_checked_before_anything_is_saved(emu, articles, tmp_path, given, says):
+    st = tmp_path / "st"
+    batchify.prepare_sync(articles, name="r", state_dir=st, endpoint=emu.url)
+    before = (st / "r" / "run.json").read_bytes()
+    with pytest.raises(batchify.UsageError, match="resume_run") as e:
+        asyncio.run(batchify.resume_run("r", st, endpoint=emu.url, api_key="k", **given))
+    assert says in str(e.value) and e.value.exit_code == 2
+    assert (st / "r" / "run.json").read_bytes() == before
+    assert emu.stats()["uploads"] == 0 and emu.stats()["gets"] == 0
