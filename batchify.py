@@ -1377,6 +1377,10 @@ class UsageError(BatchifyError):
     exit_code = 2
 
 
+class NoApiKeyError(UsageError):
+    """No API key was given (the library reads no environment; the CLI says which variable to set)."""
+
+
 class Declined(BatchifyError):
     """The user said no to the plan: nothing was submitted, which is not an error."""
 
@@ -8710,10 +8714,13 @@ async def open_client(
         emu = Emulator(emulator_config)
         base_url = await emu.start()
         api_key = api_key or "local-emulator"
+    if api_key is not None and not isinstance(api_key, str):
+        raise UsageError(f"api_key must be a str, not {type(api_key).__name__}. Fix: pass api_key='...' (the key's text).")
     if not api_key:
-        if need:
-            raise UsageError(
-                "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
+        if need:  # the library's words (it reads no environment); the CLI's main() says which variable to set
+            raise NoApiKeyError(
+                "no API key: the library reads no environment. Fix: pass api_key=... (e.g. "
+                "api_key=os.environ['GEMINI_API_KEY']), or endpoint='local' for the built-in emulator."
             )
         yield None
         return
@@ -8768,6 +8775,67 @@ async def open_vertex_client(
         yield c
 
 
+def _options_arg(options: Any, fn: str) -> RunOptions:
+    """`options` as a library function takes it: a RunOptions (None: the defaults), else UsageError with the fix."""
+    if options is None:
+        return RunOptions()
+    if isinstance(options, RunOptions):
+        return options
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) if isinstance(options, dict) else "..."
+    raise UsageError(
+        f"{fn}: options must be a batchify.RunOptions, not a {type(options).__name__}. Fix: options=batchify.RunOptions({given})."
+    )
+
+
+def _config_arg(config: Any, fn: str) -> JobConfig:
+    """`config` as a library function takes it: a JobConfig (None: the defaults), else UsageError with the fix."""
+    if config is None:
+        return JobConfig()
+    if isinstance(config, JobConfig):
+        return config
+    given = ", ".join(f"{k}={v!r}" for k, v in config.items()) if isinstance(config, dict) else "..."
+    raise UsageError(
+        f"{fn}: config must be a batchify.JobConfig, not a {type(config).__name__}. Fix: config=batchify.JobConfig({given})."
+    )
+
+
+def _state_dir_arg(state_dir: Any, fn: str, make: bool = False) -> Path:
+    """The state dir as a Path, made (`make`) when missing; UsageError naming it when it is no folder one can use
+    (a file, under one, where nothing can be made), instead of NotADirectoryError/FileNotFoundError from deep in."""
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise UsageError(f"{fn}: state_dir must be a path, not a {type(state_dir).__name__}. Fix: state_dir='batch_jobs'.")
+    d = Path(state_dir)
+    try:
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is not a folder")
+        if make:
+            private_dir(d)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
+            raise  # the system refused a write (no permission, read-only, full): as any write (the CLI's exit 6)
+        raise UsageError(
+            f"state dir {str(d)!r} cannot be used ({e.strerror or e}). Fix: give a folder you can write (state_dir=, "
+            "--state-dir; it is made when missing)."
+        ) from None
+    return d
+
+
+RECORDS_FIX = (
+    "Fix: pass a file's path as the input (prepare('a.jsonl') or run_file('a.jsonl')), or the records themselves as "
+    "a list of dicts (or of http(s) URLs)."
+)
+
+
+def check_records(records: Any) -> None:
+    """UsageError for what is no list of records (dicts) or URLs (strings) but would iterate as one: an open file
+    (each line taken as a URL), one string (its characters), a path, one dict (its keys), bytes (integers)."""
+    if isinstance(records, (str, bytes, bytearray, os.PathLike, dict)) or hasattr(records, "read"):
+        what = "an open file" if hasattr(records, "read") else f"one {type(records).__name__}"
+        raise UsageError(f"records must be a list of dicts (or URLs), not {what}. {RECORDS_FIX}")
+    if not isinstance(records, Iterable):
+        raise UsageError(f"records must be a list of dicts (or URLs), not a {type(records).__name__}. {RECORDS_FIX}")
+
+
 async def run_file(
     input_path: str | Path,
     config: JobConfig | None = None,
@@ -8787,8 +8855,14 @@ async def run_file(
     `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default.
     `stop`: stop.request() ends the run gracefully (Interrupted, once the real-time requests already sent are
     answered and saved; see GracefulStop); cancelling the task stops it at once."""
-    cfg = config or JobConfig()
-    opts = (options or RunOptions()).checked()
+    if not isinstance(input_path, (str, os.PathLike)):
+        raise UsageError(
+            f"run_file takes the input file's path (or a gs:// URI), not a {type(input_path).__name__}. Records in "
+            "memory: batchify.prepare(records, name=...), then batchify.submit(name)."
+        )
+    cfg = _config_arg(config, "run_file")
+    opts = _options_arg(options, "run_file").checked()
+    state_dir = _state_dir_arg(state_dir, "run_file", make=True)
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
     opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
@@ -8957,6 +9031,7 @@ async def resume_run(
     told = RunOptions(poll_interval=poll_interval, max_cost=max_cost, allow_standard=allow_standard)  # type: ignore[arg-type]
     told = told.checked("resume_run")
     poll_interval, max_cost = told.poll_interval, told.max_cost
+    state_dir = _state_dir_arg(state_dir, "resume_run")
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("resume")
@@ -8986,8 +9061,7 @@ async def resume_run(
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
     """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
-    if isinstance(records, (dict, bytes)):  # iterating one would give its keys (or bytes as integers)
-        raise UsageError(f"records must be a list of dicts (or URLs), not one {type(records).__name__}. Fix: pass [record].")
+    check_records(records)  # an open file, one dict, a string...: each would iterate as something else
     n = 0
     with open_private(path) as f:
         for r in records:
@@ -9017,8 +9091,12 @@ async def prepare(
     --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
-    opts = dataclasses.replace(options or RunOptions()).checked()
-    in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    opts = dataclasses.replace(_options_arg(options, "prepare")).checked()
+    cfg = _config_arg(config, "prepare")
+    state_dir = _state_dir_arg(state_dir, "prepare", make=True)
+    in_memory = not (isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    if in_memory and not isinstance(source, str):
+        check_records(source)  # an open file is no list of URLs (each of its lines was taken as one)
     if in_memory and name is None:
         raise UsageError("records given in memory need a run name. Fix: pass name=...")
     path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
@@ -9034,7 +9112,7 @@ async def prepare(
             if in_memory:
                 write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
             async with open_client(endpoint, api_key, need=False, options=opts) as client:
-                return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+                return await prepare_run(store, path, cfg, opts, client, endpoint)
         except BaseException:
             if in_memory:  # a refused payload is not kept on disk
                 path.unlink(missing_ok=True)
@@ -9068,7 +9146,7 @@ async def cleanup(
 ) -> dict[str, int]:
     """Delete a finished run's remote files and jobs (refused while a finished job's output is not downloaded);
     `local=True` also removes its folder. Counts of what was deleted."""
-    store = RunStore(state_dir, name)
+    store = RunStore(_state_dir_arg(state_dir, "cleanup"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cleanup")
         run = store.load_run()
@@ -9083,7 +9161,7 @@ async def cancel(
 ) -> list[str]:
     """Cancel a run's live batch jobs (what already finished is kept, and downloaded by `resume`); the names
     of the jobs cancelled."""
-    store = RunStore(state_dir, name)
+    store = RunStore(_state_dir_arg(state_dir, "cancel"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         lock.acquire("cancel")
         run = store.load_run()
@@ -10664,6 +10742,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e)
         if isinstance(e, AuthError):  # which variable held the key (never its value)
             msg = msg.replace("refused the API key", f"refused the API key in {_key_source()}", 1)
+        if isinstance(e, NoApiKeyError):  # the CLI reads the environment: it names the variable
+            msg = "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
         console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:
