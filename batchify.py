@@ -3390,17 +3390,38 @@ def list_runs(state_dir: str | Path) -> list[str]:
 LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
 
 
+def _lock_owner(fd: int) -> tuple[int | None, str]:
+    """The pid named in a lock file (None: none) and the whole line ("pid N (what) since ...")."""
+    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    owner = re.search(r"pid (\d+)", holder)
+    return (int(owner.group(1)) if owner else None), holder
+
+
+def _lock_probe_deadline(fd: int) -> float:
+    """Until when a held lock is tried again: LOCK_PROBE_WAIT_S when the holder named in the lock file is not alive (the
+    last owner left; `status` or `list` is only looking, a shared lock taken for a moment by RunLock.held) or is a
+    reader of this process (reader_lock, "results", held for a moment), so that a resume landing in that moment is not
+    refused for it; 0 (refused at once) when a live process owns the run, this one included (another call in it)."""
+    pid, holder = _lock_owner(fd)
+    if pid is not None and pid == os.getpid() and "(results)" not in holder:
+        return 0.0  # another run, resume, prepare, cancel or cleanup in this very process: waiting frees nothing
+    if pid is not None and pid != os.getpid() and pid_alive(pid):
+        return 0.0  # a live process owns the run: no waiting
+    return time.monotonic() + LOCK_PROBE_WAIT_S
+
+
 def _flock_briefly_contended(fd: int, how: int) -> None:
-    """flock without blocking; when it is held but the holder named in the lock file is not alive (the last owner
-    left; `status` or `list` is only looking, a shared lock taken for a moment by RunLock.held), tried again for
-    LOCK_PROBE_WAIT_S, so that a resume landing in that moment is not refused for it. A live owner is answered at
-    once. BlockingIOError when it is still held: a process owns the run."""
+    """flock without blocking, tried again until _lock_probe_deadline (never on a running event loop: that would
+    freeze every task of it; async callers use _flock_briefly_contended_async). BlockingIOError when it is still
+    held: a process owns the run."""
     import fcntl
 
-    deadline = time.monotonic() + LOCK_PROBE_WAIT_S
-    owner = re.search(r"pid (\d+)", os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-    if owner is not None and int(owner.group(1)) != os.getpid() and pid_alive(int(owner.group(1))):
-        deadline = 0.0  # a live process owns the run: no waiting
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = False
+    deadline = 0.0 if on_loop else _lock_probe_deadline(fd)
     while True:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
@@ -3411,34 +3432,76 @@ def _flock_briefly_contended(fd: int, how: int) -> None:
             time.sleep(0.02)
 
 
+async def _flock_briefly_contended_async(fd: int, how: int) -> None:
+    """_flock_briefly_contended for a coroutine: it waits with asyncio.sleep, the event loop's other tasks going on."""
+    import fcntl
+
+    deadline = _lock_probe_deadline(fd)
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 class RunLock:
-    """One writer per run: an fcntl lock on <run>/lock that names its holder."""
+    """One writer per run: an fcntl lock on <run>/lock that names its holder. Coroutines take it with
+    acquire_async (a brief wait does not block the event loop)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "lock"
         self.fd: int | None = None
 
-    def acquire(self, what: str) -> None:
+    def _open(self) -> int:
         try:
-            import fcntl  # POSIX only: imported here so that `import batchify` works everywhere
+            import fcntl  # noqa: F401  POSIX only: imported here so that `import batchify` works everywhere
         except ImportError:
             raise UsageError("running a batch needs a POSIX system (Linux, macOS, WSL): the run lock uses fcntl") from None
         private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            _flock_briefly_contended(fd, fcntl.LOCK_EX)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            pid = re.search(r"pid (\d+)", holder)
-            how = f"Ctrl-C in its terminal, or `kill -INT {pid.group(1)}`" if pid else "Ctrl-C in its terminal"
-            raise LockedError(
-                f"run {self.path.parent.name!r} is in use by {holder}. Fix: wait for it to finish, or stop it ({how}; "
-                "it saves everything), then try again."
-            ) from None
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _refused(self, fd: int) -> LockedError:
+        pid, holder = _lock_owner(fd)
+        os.close(fd)
+        name = self.path.parent.name
+        if pid == os.getpid():  # no kill advice: that would be the caller's own process
+            return LockedError(
+                f"run {name!r} is in use by another call in this same process ({holder}). Fix: wait for that call to "
+                "finish (await it), or stop it (its GracefulStop, or cancel its task: it saves everything), then try again."
+            )
+        how = f"Ctrl-C in its terminal, or `kill -INT {pid}`" if pid else "Ctrl-C in its terminal"
+        return LockedError(
+            f"run {name!r} is in use by {holder or 'another process'}. Fix: wait for it to finish, or stop it ({how}; "
+            "it saves everything), then try again."
+        )
+
+    def _own(self, fd: int, what: str) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({what}) since {utcnow()}\n".encode(), 0)
         self.fd = fd
+
+    def acquire(self, what: str) -> None:
+        fd = self._open()
+        import fcntl
+
+        try:
+            _flock_briefly_contended(fd, fcntl.LOCK_EX)
+        except BlockingIOError:
+            raise self._refused(fd) from None
+        self._own(fd, what)
+
+    async def acquire_async(self, what: str) -> None:
+        fd = self._open()
+        import fcntl
+
+        try:
+            await _flock_briefly_contended_async(fd, fcntl.LOCK_EX)
+        except BlockingIOError:
+            raise self._refused(fd) from None
+        self._own(fd, what)
 
     def held(self) -> bool | None:
         """Whether a process holds this run now (None: cannot tell, no fcntl). Asked with a shared, non-blocking
@@ -8870,7 +8933,7 @@ async def run_file(
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
+        await lock.acquire_async("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
             run = store.load_run()
             diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
@@ -9034,7 +9097,7 @@ async def resume_run(
     state_dir = _state_dir_arg(state_dir, "resume_run")
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("resume")
+        await lock.acquire_async("resume")
         run = store.load_run()
         was = run.run_options
         inp = input_location(run.input_path, was)
@@ -9105,7 +9168,7 @@ async def prepare(
     # Claim the name first (the lock, then the exists check), and only then write anything of this request:
     # a request that loses the race writes nothing and leaves the holder's run as it was.
     with RunLock(store.state_dir / ".locks" / opts.name) as lock:
-        lock.acquire("prepare")
+        await lock.acquire_async("prepare")
         if store.exists():
             raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
         try:
@@ -9148,7 +9211,7 @@ async def cleanup(
     `local=True` also removes its folder. Counts of what was deleted."""
     store = RunStore(_state_dir_arg(state_dir, "cleanup"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cleanup")
+        await lock.acquire_async("cleanup")
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
@@ -9163,7 +9226,7 @@ async def cancel(
     of the jobs cancelled."""
     store = RunStore(_state_dir_arg(state_dir, "cancel"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cancel")
+        await lock.acquire_async("cancel")
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
