@@ -1119,6 +1119,17 @@ def _waves_value(ctx: Any, param: Any, value: str | int) -> str | int:
     return n
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and the infinities: a range only compares, NaN compares False (so nan
+    passed every range) and inf passes any lower bound (a poll interval of inf never polled again)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number. Fix: give a number, {self._describe_range()}", param, ctx)
+        return rv
+
+
 def _positive_usd(ctx: Any, param: Any, value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter("must be a number of US dollars above 0 (leave it out for no cap)")
@@ -1184,7 +1195,7 @@ class RunOptions:
         None,
         "Share of the enqueued-token limit kept free. [default: three standard errors of the countTokens "
         f"calibration, {MARGIN_FLOOR} to {DEFAULT_MARGIN}; {DEFAULT_MARGIN} with the offline guess]",
-        type=click.FloatRange(0, 0.9),
+        type=FiniteFloatRange(0, 0.9),
     )
     barrier: bool = flag(False, "Strict waves: wait for a whole wave before the next.", is_flag=True)
     max_active_jobs: int = flag(
@@ -1193,7 +1204,7 @@ class RunOptions:
         type=click.IntRange(1, INT_FLAG_MAX),
     )
     poll_interval: float | None = flag(
-        None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=click.FloatRange(0.05)
+        None, f"Seconds between polls [default: {DEFAULT_POLL_INTERVAL:g}; 1 for --endpoint local].", type=FiniteFloatRange(0.05)
     )
     mode: str = flag(
         "auto",
@@ -1238,15 +1249,15 @@ class RunOptions:
     create_timeout: float = flag(
         DEFAULT_CREATE_TIMEOUT,
         "Seconds of batch creates refused (429) with nothing of the run enqueued before its ids go to the fallback.",
-        type=click.FloatRange(0),
+        type=FiniteFloatRange(0),
     )
     concurrency: int = flag(
         64,
         "Standard-tier requests in flight at most; for Flex the least in flight (its pipe is sized from the latency).",
         type=click.IntRange(1, INT_FLAG_MAX),
     )
-    retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=click.FloatRange(0), hidden=True)
-    rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=click.FloatRange(0.1), hidden=True)
+    retry_scale: float = flag(1.0, "Multiplies every retry delay (drills).", type=FiniteFloatRange(0), hidden=True)
+    rate_window: float = flag(60.0, "Seconds per RPM/TPM window.", type=FiniteFloatRange(0.1), hidden=True)
     max_cost: float | None = flag(None, "Stop before spending more than this many USD (> 0).", type=float, callback=_positive_usd)
     skip_invalid: bool = flag(False, "Set invalid records aside in <run>.rejected.jsonl and go on.", is_flag=True)
     allow_private_urls: bool = flag(
@@ -1279,7 +1290,7 @@ class RunOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def checked(self) -> RunOptions:
+    def checked(self, who: str = "RunOptions") -> RunOptions:
         """The options as a library caller gave them, held to the flags' own rules and taken as the flags take them
         (the option table's click types and callbacks: mode "standard" is "realtime", waves "3" is 3): UsageError
         (exit 2) naming the option. None means "not given" and always passes. A copy when anything was converted."""
@@ -1293,7 +1304,13 @@ class RunOptions:
                 taken[f.name] = _check_flag_value(value, f.default, kw)
             except click.BadParameter as e:
                 flag_name = decls[0].split("/")[0] if decls else f"--{f.name.replace('_', '-')}"
-                raise UsageError(f"RunOptions {f.name}={value!r} ({flag_name}): {e.message}") from None
+                raise UsageError(f"{who} {f.name}={value!r} ({flag_name}): {e.message}") from None
+        mpi = self.max_poll_interval
+        if isinstance(mpi, bool) or not isinstance(mpi, (int, float)) or not (math.isfinite(mpi) and mpi > 0):
+            raise UsageError(
+                f"RunOptions max_poll_interval={mpi!r}: must be a finite number of seconds above 0. Fix: leave it out "
+                f"(default {MAX_POLL_INTERVAL:g}) or give such a number."
+            )
         changed = {k: v for k, v in taken.items() if v != getattr(self, k) or type(v) is not type(getattr(self, k))}
         return dataclasses.replace(self, **changed) if changed else self
 
@@ -1363,6 +1380,10 @@ class BatchifyError(Exception):
 
 class UsageError(BatchifyError):
     exit_code = 2
+
+
+class NoApiKeyError(UsageError):
+    """No API key was given (the library reads no environment; the CLI says which variable to set)."""
 
 
 class Declined(BatchifyError):
@@ -3260,19 +3281,29 @@ def open_private(path: Path, mode: str = "wb") -> Any:
 # a display name. No "/", no "..", nothing absolute.
 RUN_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RUN_NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Folders of the state dir that are no run's: <state_dir>/inputs/ holds the records of runs given in memory (and,
+# beside them, those runs' default results files), so a run of that name would share them (its cleanup deleted them).
+RESERVED_RUN_NAMES = ("inputs",)
 
 
-def check_run_name(name: str) -> str:
-    if not isinstance(name, str) or not re.match(RUN_NAME_RE, name) or ".." in name:
-        raise UsageError(f"run name {name!r} is not allowed: {RUN_NAME_RULE}. Fix: pass --name with such a name.")
+def check_run_name(name: str, arg: str = "--name (name= in the library)") -> str:
+    """The name, or UsageError naming the rule and `arg` (where the name was given) as the fix. Matched whole
+    (re.fullmatch: "$" alone lets a trailing newline through)."""
+    if not isinstance(name, str) or not re.fullmatch(RUN_NAME_RE, name) or ".." in name:
+        raise UsageError(f"run name {name!r} is not allowed: {RUN_NAME_RULE}. Fix: pass {arg} with such a name.")
+    if name.lower() in RESERVED_RUN_NAMES:  # any case: the same folder on a case-insensitive file system
+        raise UsageError(
+            f"run name {name!r} is reserved: <state dir>/{name}/ holds the records of runs given in memory and their "
+            f"results files. Fix: pass {arg} with another name, e.g. '{name}-run'."
+        )
     return name
 
 
 def default_run_name(path: str | Path) -> str:
     """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
     stem = gs_stem(str(path)) if str(path).startswith("gs://") else Path(path).stem
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".")
-    return name or "run"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".") or "run"
+    return f"{name}-run" if name.lower() in RESERVED_RUN_NAMES else name  # inputs.jsonl: run "inputs-run"
 
 
 class RunStore:
@@ -3376,23 +3407,44 @@ def list_runs(state_dir: str | Path) -> list[str]:
     d = Path(state_dir)
     if not d.is_dir():
         return []
-    return sorted(p.parent.name for p in d.glob("*/run.json") if re.match(RUN_NAME_RE, p.parent.name))
+    return sorted(p.parent.name for p in d.glob("*/run.json") if re.fullmatch(RUN_NAME_RE, p.parent.name))
 
 
 LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
 
 
+def _lock_owner(fd: int) -> tuple[int | None, str]:
+    """The pid named in a lock file (None: none) and the whole line ("pid N (what) since ...")."""
+    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    owner = re.search(r"pid (\d+)", holder)
+    return (int(owner.group(1)) if owner else None), holder
+
+
+def _lock_probe_deadline(fd: int) -> float:
+    """Until when a held lock is tried again: LOCK_PROBE_WAIT_S when the holder named in the lock file is not alive (the
+    last owner left; `status` or `list` is only looking, a shared lock taken for a moment by RunLock.held) or is a
+    reader of this process (reader_lock, "results", held for a moment), so that a resume landing in that moment is not
+    refused for it; 0 (refused at once) when a live process owns the run, this one included (another call in it)."""
+    pid, holder = _lock_owner(fd)
+    if pid is not None and pid == os.getpid() and "(results)" not in holder:
+        return 0.0  # another run, resume, prepare, cancel or cleanup in this very process: waiting frees nothing
+    if pid is not None and pid != os.getpid() and pid_alive(pid):
+        return 0.0  # a live process owns the run: no waiting
+    return time.monotonic() + LOCK_PROBE_WAIT_S
+
+
 def _flock_briefly_contended(fd: int, how: int) -> None:
-    """flock without blocking; when it is held but the holder named in the lock file is not alive (the last owner
-    left; `status` or `list` is only looking, a shared lock taken for a moment by RunLock.held), tried again for
-    LOCK_PROBE_WAIT_S, so that a resume landing in that moment is not refused for it. A live owner is answered at
-    once. BlockingIOError when it is still held: a process owns the run."""
+    """flock without blocking, tried again until _lock_probe_deadline (never on a running event loop: that would
+    freeze every task of it; async callers use _flock_briefly_contended_async). BlockingIOError when it is still
+    held: a process owns the run."""
     import fcntl
 
-    deadline = time.monotonic() + LOCK_PROBE_WAIT_S
-    owner = re.search(r"pid (\d+)", os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-    if owner is not None and int(owner.group(1)) != os.getpid() and pid_alive(int(owner.group(1))):
-        deadline = 0.0  # a live process owns the run: no waiting
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = False
+    deadline = 0.0 if on_loop else _lock_probe_deadline(fd)
     while True:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
@@ -3403,34 +3455,76 @@ def _flock_briefly_contended(fd: int, how: int) -> None:
             time.sleep(0.02)
 
 
+async def _flock_briefly_contended_async(fd: int, how: int) -> None:
+    """_flock_briefly_contended for a coroutine: it waits with asyncio.sleep, the event loop's other tasks going on."""
+    import fcntl
+
+    deadline = _lock_probe_deadline(fd)
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 class RunLock:
-    """One writer per run: an fcntl lock on <run>/lock that names its holder."""
+    """One writer per run: an fcntl lock on <run>/lock that names its holder. Coroutines take it with
+    acquire_async (a brief wait does not block the event loop)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "lock"
         self.fd: int | None = None
 
-    def acquire(self, what: str) -> None:
+    def _open(self) -> int:
         try:
-            import fcntl  # POSIX only: imported here so that `import batchify` works everywhere
+            import fcntl  # noqa: F401  POSIX only: imported here so that `import batchify` works everywhere
         except ImportError:
             raise UsageError("running a batch needs a POSIX system (Linux, macOS, WSL): the run lock uses fcntl") from None
         private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            _flock_briefly_contended(fd, fcntl.LOCK_EX)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            pid = re.search(r"pid (\d+)", holder)
-            how = f"Ctrl-C in its terminal, or `kill -INT {pid.group(1)}`" if pid else "Ctrl-C in its terminal"
-            raise LockedError(
-                f"run {self.path.parent.name!r} is in use by {holder}. Fix: wait for it to finish, or stop it ({how}; "
-                "it saves everything), then try again."
-            ) from None
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _refused(self, fd: int) -> LockedError:
+        pid, holder = _lock_owner(fd)
+        os.close(fd)
+        name = self.path.parent.name
+        if pid == os.getpid():  # no kill advice: that would be the caller's own process
+            return LockedError(
+                f"run {name!r} is in use by another call in this same process ({holder}). Fix: wait for that call to "
+                "finish (await it), or stop it (its GracefulStop, or cancel its task: it saves everything), then try again."
+            )
+        how = f"Ctrl-C in its terminal, or `kill -INT {pid}`" if pid else "Ctrl-C in its terminal"
+        return LockedError(
+            f"run {name!r} is in use by {holder or 'another process'}. Fix: wait for it to finish, or stop it ({how}; "
+            "it saves everything), then try again."
+        )
+
+    def _own(self, fd: int, what: str) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({what}) since {utcnow()}\n".encode(), 0)
         self.fd = fd
+
+    def acquire(self, what: str) -> None:
+        fd = self._open()
+        import fcntl
+
+        try:
+            _flock_briefly_contended(fd, fcntl.LOCK_EX)
+        except BlockingIOError:
+            raise self._refused(fd) from None
+        self._own(fd, what)
+
+    async def acquire_async(self, what: str) -> None:
+        fd = self._open()
+        import fcntl
+
+        try:
+            await _flock_briefly_contended_async(fd, fcntl.LOCK_EX)
+        except BlockingIOError:
+            raise self._refused(fd) from None
+        self._own(fd, what)
 
     def held(self) -> bool | None:
         """Whether a process holds this run now (None: cannot tell, no fcntl). Asked with a shared, non-blocking
@@ -8836,10 +8930,13 @@ async def open_client(
         emu = Emulator(emulator_config)
         base_url = await emu.start()
         api_key = api_key or "local-emulator"
+    if api_key is not None and not isinstance(api_key, str):
+        raise UsageError(f"api_key must be a str, not {type(api_key).__name__}. Fix: pass api_key='...' (the key's text).")
     if not api_key:
-        if need:
-            raise UsageError(
-                "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
+        if need:  # the library's words (it reads no environment); the CLI's main() says which variable to set
+            raise NoApiKeyError(
+                "no API key: the library reads no environment. Fix: pass api_key=... (e.g. "
+                "api_key=os.environ['GEMINI_API_KEY']), or endpoint='local' for the built-in emulator."
             )
         yield None
         return
@@ -8894,6 +8991,67 @@ async def open_vertex_client(
         yield c
 
 
+def _options_arg(options: Any, fn: str) -> RunOptions:
+    """`options` as a library function takes it: a RunOptions (None: the defaults), else UsageError with the fix."""
+    if options is None:
+        return RunOptions()
+    if isinstance(options, RunOptions):
+        return options
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) if isinstance(options, dict) else "..."
+    raise UsageError(
+        f"{fn}: options must be a batchify.RunOptions, not a {type(options).__name__}. Fix: options=batchify.RunOptions({given})."
+    )
+
+
+def _config_arg(config: Any, fn: str) -> JobConfig:
+    """`config` as a library function takes it: a JobConfig (None: the defaults), else UsageError with the fix."""
+    if config is None:
+        return JobConfig()
+    if isinstance(config, JobConfig):
+        return config
+    given = ", ".join(f"{k}={v!r}" for k, v in config.items()) if isinstance(config, dict) else "..."
+    raise UsageError(
+        f"{fn}: config must be a batchify.JobConfig, not a {type(config).__name__}. Fix: config=batchify.JobConfig({given})."
+    )
+
+
+def _state_dir_arg(state_dir: Any, fn: str, make: bool = False) -> Path:
+    """The state dir as a Path, made (`make`) when missing; UsageError naming it when it is no folder one can use
+    (a file, under one, where nothing can be made), instead of NotADirectoryError/FileNotFoundError from deep in."""
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise UsageError(f"{fn}: state_dir must be a path, not a {type(state_dir).__name__}. Fix: state_dir='batch_jobs'.")
+    d = Path(state_dir)
+    try:
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is not a folder")
+        if make:
+            private_dir(d)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
+            raise  # the system refused a write (no permission, read-only, full): as any write (the CLI's exit 6)
+        raise UsageError(
+            f"state dir {str(d)!r} cannot be used ({e.strerror or e}). Fix: give a folder you can write (state_dir=, "
+            "--state-dir; it is made when missing)."
+        ) from None
+    return d
+
+
+RECORDS_FIX = (
+    "Fix: pass a file's path as the input (prepare('a.jsonl') or run_file('a.jsonl')), or the records themselves as "
+    "a list of dicts (or of http(s) URLs)."
+)
+
+
+def check_records(records: Any) -> None:
+    """UsageError for what is no list of records (dicts) or URLs (strings) but would iterate as one: an open file
+    (each line taken as a URL), one string (its characters), a path, one dict (its keys), bytes (integers)."""
+    if isinstance(records, (str, bytes, bytearray, os.PathLike, dict)) or hasattr(records, "read"):
+        what = "an open file" if hasattr(records, "read") else f"one {type(records).__name__}"
+        raise UsageError(f"records must be a list of dicts (or URLs), not {what}. {RECORDS_FIX}")
+    if not isinstance(records, Iterable):
+        raise UsageError(f"records must be a list of dicts (or URLs), not a {type(records).__name__}. {RECORDS_FIX}")
+
+
 async def run_file(
     input_path: str | Path,
     config: JobConfig | None = None,
@@ -8913,8 +9071,14 @@ async def run_file(
     `catalog`: the model catalog with the user's overrides (load_catalog); the built-in one by default.
     `stop`: stop.request() ends the run gracefully (Interrupted, once the real-time requests already sent are
     answered and saved; see GracefulStop); cancelling the task stops it at once."""
-    cfg = config or JobConfig()
-    opts = (options or RunOptions()).checked()
+    if not isinstance(input_path, (str, os.PathLike)):
+        raise UsageError(
+            f"run_file takes the input file's path (or a gs:// URI), not a {type(input_path).__name__}. Records in "
+            "memory: batchify.prepare(records, name=...), then batchify.submit(name)."
+        )
+    cfg = _config_arg(config, "run_file")
+    opts = _options_arg(options, "run_file").checked()
+    state_dir = _state_dir_arg(state_dir, "run_file", make=True)
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
     opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
@@ -8922,7 +9086,7 @@ async def run_file(
     if endpoint == "local" and catalog is not None and catalog.user_models:  # the built-in emulator serves them too
         emulator_config = dataclasses.replace(emulator_config or EmulatorConfig(), models=catalog.user_models)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
+        await lock.acquire_async("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
             run = store.load_run()
             diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
@@ -9101,9 +9265,14 @@ async def resume_run(
     """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
     `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `out`: the
     results go there from now on (the run's own file was moved away, say). `stop`: as for run_file."""
+    # the overrides are held to the flags' rules before anything is saved (a poll interval of -1 or inf, a cap of -5)
+    told = RunOptions(poll_interval=poll_interval, max_cost=max_cost, allow_standard=allow_standard)  # type: ignore[arg-type]
+    told = told.checked("resume_run")
+    poll_interval, max_cost = told.poll_interval, told.max_cost
+    state_dir = _state_dir_arg(state_dir, "resume_run")
     store = RunStore(state_dir, name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("resume")
+        await lock.acquire_async("resume")
         run = store.load_run()
         was = run.run_options
         inp = input_location(run.input_path, was)
@@ -9117,8 +9286,8 @@ async def resume_run(
             raise UsageError(f"run {name!r}: {moved}. Fix: `batchify resume {name} --out FILE` says where the results go now.")
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
-        told = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
-        changed = {k: v for k, v in told if v is not None and v != getattr(was, k)}
+        overrides = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))
+        changed = {k: v for k, v in overrides if v is not None and v != getattr(was, k)}
         if changed:  # what this resume was told overrides the run's own, from now on (other keys kept as they are)
             store.save_run(dataclasses.replace(run, options={**run.options, **changed}))
         scale = was.retry_scale
@@ -9130,8 +9299,7 @@ async def resume_run(
 
 def write_records(records: Iterable[dict[str, Any] | str], path: Path) -> int:
     """Records (dicts) or URLs (strings, which become {"id": url, "url": url}) to a private JSONL file."""
-    if isinstance(records, (dict, bytes)):  # iterating one would give its keys (or bytes as integers)
-        raise UsageError(f"records must be a list of dicts (or URLs), not one {type(records).__name__}. Fix: pass [record].")
+    check_records(records)  # an open file, one dict, a string...: each would iterate as something else
     n = 0
     with open_private(path) as f:
         for r in records:
@@ -9161,8 +9329,12 @@ async def prepare(
     --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
-    opts = dataclasses.replace(options or RunOptions()).checked()
-    in_memory = not (isinstance(source, (str, Path)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    opts = dataclasses.replace(_options_arg(options, "prepare")).checked()
+    cfg = _config_arg(config, "prepare")
+    state_dir = _state_dir_arg(state_dir, "prepare", make=True)
+    in_memory = not (isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
+    if in_memory and not isinstance(source, str):
+        check_records(source)  # an open file is no list of URLs (each of its lines was taken as one)
     if in_memory and name is None:
         raise UsageError("records given in memory need a run name. Fix: pass name=...")
     path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
@@ -9171,14 +9343,14 @@ async def prepare(
     # Claim the name first (the lock, then the exists check), and only then write anything of this request:
     # a request that loses the race writes nothing and leaves the holder's run as it was.
     with RunLock(store.state_dir / ".locks" / opts.name) as lock:
-        lock.acquire("prepare")
+        await lock.acquire_async("prepare")
         if store.exists():
             raise UsageError(f"a run named {opts.name!r} already exists in {state_dir}. Fix: pick another name.")
         try:
             if in_memory:
                 write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
             async with open_client(endpoint, api_key, need=False, options=opts) as client:
-                return await prepare_run(store, path, config or JobConfig(), opts, client, endpoint)
+                return await prepare_run(store, path, cfg, opts, client, endpoint)
         except BaseException:
             # A refused payload is not kept on disk; a run that was prepared all the same (cancelled as its client
             # closed, after run.json was written) keeps its input: `submit(name)` runs it.
@@ -9214,9 +9386,9 @@ async def cleanup(
 ) -> dict[str, int]:
     """Delete a finished run's remote files and jobs (refused while a finished job's output is not downloaded);
     `local=True` also removes its folder. Counts of what was deleted."""
-    store = RunStore(state_dir, name)
+    store = RunStore(_state_dir_arg(state_dir, "cleanup"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cleanup")
+        await lock.acquire_async("cleanup")
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
@@ -9229,9 +9401,9 @@ async def cancel(
 ) -> list[str]:
     """Cancel a run's live batch jobs (what already finished is kept, and downloaded by `resume`); the names
     of the jobs cancelled."""
-    store = RunStore(state_dir, name)
+    store = RunStore(_state_dir_arg(state_dir, "cancel"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
-        lock.acquire("cancel")
+        await lock.acquire_async("cancel")
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
@@ -9814,6 +9986,10 @@ class RestApi:
         """Claim a run name. A claim lasts while the name's work runs or its run exists; a submission that failed
         before its run existed gave its claim back (status still tells why, until the name is claimed again)."""
         name = given or f"api-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        try:
+            check_run_name(name, "batch_name")  # the one rule (the body's pattern has the format alone)
+        except UsageError as e:
+            raise RestError(422, str(e)) from None
         if name in self.claimed or self._store(name).exists():
             raise RestError(409, f"a run named {name!r} exists already (or is being prepared)")
         self.claimed.add(name)
@@ -9859,8 +10035,11 @@ class RestApi:
         return RestError(500, f"{type(e).__name__}: {self.say(str(e))}")
 
     def _known(self, name: str) -> None:
-        if not re.match(RUN_NAME_RE, name) or not (self._store(name).exists() or name in self.tasks):
-            raise RestError(404, f"no run named {name!r}")
+        with contextlib.suppress(UsageError):
+            check_run_name(name)
+            if self._store(name).exists() or name in self.tasks:
+                return
+        raise RestError(404, f"no run named {name!r}")
 
     def _input_error(self, e: InputError, name: str | None) -> RestError:
         """The engine's message in the API's terms: no server path (the run's input is "request body"), no CLI flag."""
@@ -10511,7 +10690,7 @@ def _pick_run(state_dir: str, run_name: str | None) -> str | None:
 
 @cli.command()
 @click.argument("run_name", required=False)
-@click.option("--poll-interval", type=click.FloatRange(0.05), help="Seconds between polls (default: the run's own).")
+@click.option("--poll-interval", type=FiniteFloatRange(0.05), help="Seconds between polls (default: the run's own).")
 @click.option("--max-cost", type=float, callback=_positive_usd, help="A new cost cap (USD, > 0) for what is left.")
 @click.option("--allow-standard", is_flag=True, default=None, help="From now on, let the fallback use the standard tier (2x).")
 @click.option("--out", help="Write the merged results here from now on (the run's own file was moved away, say).")
@@ -10888,6 +11067,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e)
         if isinstance(e, AuthError):  # which variable held the key (never its value)
             msg = msg.replace("refused the API key", f"refused the API key in {_key_source()}", 1)
+        if isinstance(e, NoApiKeyError):  # the CLI reads the environment: it names the variable
+            msg = "no API key: set GEMINI_API_KEY (or put it in .env), or use --endpoint local for the built-in emulator."
         console().print(f"[red]error:[/] {_esc(msg)}", soft_wrap=True)
         return e.exit_code
     except SystemExit as e:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -287,6 +289,9 @@ def test_rest_api_requires_token_and_validates(api):
     assert code == 422
     code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "x"}], "batch_name": "../etc"})
     assert code == 422
+    code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1, "text": "x"}], "batch_name": "inputs"})
+    assert code == 422 and "reserved" in body["detail"] and "batch_name" in body["detail"], body  # the library's rule
+    assert call(f"{api}/batch/status/inputs")[0] == 404
     code, body = call(f"{api}/batch/submit-contents", "POST", {"contents": [{"id": 1}, {"id": 1, "text": "x"}]})
     assert code == 422 and "no 'text' field" in json.dumps(body)
     code, body = call(f"{api}/batch/submit", "POST", {"urls": ["file:///etc/passwd"]})
@@ -530,3 +535,73 @@ async def test_rest_resume_goes_on_with_a_run_a_restart_left_interrupted(emu, ar
     dup = {k: v for k, v in emu.stats()["creates_by_display_name"].items() if v > 1}
     assert not dup, f"created twice: {dup}"
     await again.shutdown()
+
+
+def test_an_open_file_or_a_path_given_as_records_is_refused_with_the_fix(tmp_path, articles):
+    """prepare(open("a.jsonl")) took each JSONL line as a URL: a run whose ids were whole JSON lines."""
+    with open(articles) as f, pytest.raises(batchify.UsageError, match="not an open file") as e:
+        batchify.prepare_sync(f, name="fo", state_dir=tmp_path / "st")
+    assert "pass a file's path as the input" in str(e.value) and "list of dicts" in str(e.value)
+    assert not (tmp_path / "st" / "fo").exists() and not (tmp_path / "st" / "inputs" / "fo.jsonl").exists()
+    for given in ("https://example.com/a", articles, open(articles)):  # one URL, a path, a file: no list of records
+        with pytest.raises(batchify.UsageError, match="records must be a list"):
+            batchify.write_records(given, tmp_path / "w.jsonl")
+    assert not (tmp_path / "w.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("state_dir is a file", "not a folder"),
+        ("state_dir under a file", "cannot be used"),
+        ("run_file(records)", "prepare(records, name=...)"),
+        ("run_file options dict", "options=batchify.RunOptions(batch_size=2)"),
+        ("prepare options dict", "options=batchify.RunOptions(batch_size=2)"),
+        ("prepare config dict", "config=batchify.JobConfig(model="),
+        ("api_key bytes", "api_key must be a str"),
+    ],
+)
+async def test_library_misuse_is_a_usage_error_naming_the_argument_and_the_fix(tmp_path, articles, case, words):
+    """Each raised a raw NotADirectoryError, FileNotFoundError, TypeError or AttributeError from deep inside."""
+    recs = [json.loads(x) for x in articles.read_text().splitlines()[:3]]
+    calls = {
+        "state_dir is a file": lambda: batchify.run_file(articles, state_dir=articles, endpoint="local"),
+        "state_dir under a file": lambda: batchify.prepare(recs, "x", state_dir=articles / "st"),
+        "run_file(records)": lambda: batchify.run_file(recs, state_dir=tmp_path / "st", endpoint="local"),
+        "run_file options dict": lambda: batchify.run_file(articles, options={"batch_size": 2}, state_dir=tmp_path / "st"),
+        "prepare options dict": lambda: batchify.prepare(recs, "x", options={"batch_size": 2}, state_dir=tmp_path / "st"),
+        "prepare config dict": lambda: batchify.prepare(recs, "x", config={"model": "m"}, state_dir=tmp_path / "st"),
+        "api_key bytes": lambda: batchify.run_file(
+            articles, state_dir=tmp_path / "st", endpoint="http://127.0.0.1:9", api_key=b"k"
+        ),
+    }
+    with pytest.raises(batchify.UsageError) as e:
+        await calls[case]()
+    assert words in str(e.value), str(e.value)
+
+
+async def test_no_api_key_tells_a_library_caller_to_pass_api_key_and_the_cli_to_set_the_variable(tmp_path, articles):
+    """The library reads no environment, yet its message said to set GEMINI_API_KEY."""
+    with pytest.raises(batchify.UsageError, match=r"pass api_key=") as e:
+        await batchify.run_file(articles, state_dir=tmp_path / "st", endpoint="http://127.0.0.1:9")
+    assert "set GEMINI_API_KEY" not in str(e.value)
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL")}
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "batchify.py"),
+            "run",
+            str(articles),
+            "--state-dir",
+            "st",
+            "--yes",
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert p.returncode == 2 and "set GEMINI_API_KEY" in p.stdout + p.stderr, p.stdout + p.stderr

@@ -41,6 +41,21 @@ def test_library_applies_the_same_name_rule(tmp_path, articles):
     assert batchify.default_run_name("my file (2).jsonl") == "my-file-2"
 
 
+@pytest.mark.parametrize("name", ["news\n", "inputs", "Inputs"])
+def test_a_name_with_a_trailing_newline_or_the_inputs_folders_is_refused(tmp_path, articles, name):
+    """ "news\n" passed re.match(r"^...$") ("$" matches before a final newline); "inputs" is the folder of every
+    in-memory run's records and default results files, which that run's `cleanup --local` deleted."""
+    with pytest.raises(batchify.UsageError, match=r"not allowed|reserved") as e:
+        batchify.prepare_sync([{"id": 1, "text": "x"}], name=name, state_dir=tmp_path / "st")
+    assert "Fix: pass --name" in str(e.value)
+    with pytest.raises(batchify.UsageError):
+        batchify.run_file_sync(articles, state_dir=tmp_path / "st", options=batchify.RunOptions(name=name), endpoint="local")
+    with pytest.raises(batchify.UsageError):
+        batchify.RunStore(tmp_path / "st", name)
+    assert not (tmp_path / "st" / "inputs").exists() or not list((tmp_path / "st" / "inputs").iterdir())
+    assert batchify.default_run_name(tmp_path / "inputs.jsonl") == "inputs-run"  # a file named so still runs
+
+
 # -- 1. the same name, twice at once ------------------------------------------------------------------
 def test_library_prepare_never_overwrites_an_existing_runs_input(tmp_path):
     st = tmp_path / "st"

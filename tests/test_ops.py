@@ -367,3 +367,82 @@ def test_a_prepare_cancelled_after_its_run_exists_keeps_the_input(tmp_path, monk
         asyncio.run(batchify.prepare(records, name="p1", state_dir=tmp_path / "st"))
     run = batchify.RunStore(tmp_path / "st", "p1").load_run()
     assert run.status == "prepared" and Path(run.input_path).exists()
+
+
+def test_a_run_held_by_this_same_process_is_refused_at_once_without_kill_advice(tmp_path, monkeypatch):
+    """Two library calls on one run in one process (a notebook cell run again): the loser time.sleep()t on the event
+    loop for 0.5 s (the owner's pid was this process's, so it was waited for), then said `kill -INT <own pid>`."""
+    held = batchify.RunLock(tmp_path / "run")
+    held.acquire("run")
+    slept: list[float] = []
+    monkeypatch.setattr(batchify.time, "sleep", slept.append)
+
+    async def two_calls() -> str:
+        with pytest.raises(batchify.LockedError) as e:
+            await batchify.RunLock(tmp_path / "run").acquire_async("cancel")
+        return str(e.value)
+
+    t = time.monotonic()
+    msg = asyncio.run(two_calls())
+    assert time.monotonic() - t < LOCK_QUICK and not slept
+    assert "another call in this same process" in msg and "kill" not in msg and "(run)" in msg, msg
+    with pytest.raises(batchify.LockedError, match="same process"):
+        batchify.RunLock(tmp_path / "run").acquire("cancel")  # the sync form too
+    assert not slept
+    held.release()
+
+
+def test_a_brief_look_at_the_lock_is_waited_for_off_the_event_loop(tmp_path):
+    """A coroutine that meets a lock held for a moment (a status look) waits with asyncio.sleep: the loop's other
+    tasks go on (time.sleep froze them for up to LOCK_PROBE_WAIT_S)."""
+    import fcntl
+
+    (tmp_path / "run").mkdir()
+    lock = batchify.RunLock(tmp_path / "run")
+    look = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)  # status looking, right now
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tk = asyncio.ensure_future(ticker())
+        asyncio.get_running_loop().call_later(0.2, fcntl.flock, look, fcntl.LOCK_UN)  # the look ends
+        await lock.acquire_async("resume")
+        tk.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 5 and lock.fd is not None  # the ticker ran while the resume waited
+    lock.release()
+    os.close(look)
+
+
+LOCK_QUICK = 0.25  # well under LOCK_PROBE_WAIT_S (0.5 s)
+
+
+# -- resume_run's overrides are held to the flags' rules before anything is saved -------------------------------
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"poll_interval": -1}, "--poll-interval"),  # was saved to run.json: batches.get in a tight loop
+        ({"poll_interval": float("inf")}, "finite"),  # was saved: the run never polled again
+        ({"poll_interval": float("nan")}, "finite"),
+        ({"max_cost": -5}, "above 0"),  # was a CostCapError ("above --max-cost $-5.0000") after the lock
+        ({"max_cost": float("nan")}, "above 0"),
+        ({"allow_standard": "yes"}, "True or False"),
+    ],
+)
+def test_resume_overrides_are_checked_before_anything_is_saved(emu, articles, tmp_path, given, says):
+    st = tmp_path / "st"
+    batchify.prepare_sync(articles, name="r", state_dir=st, endpoint=emu.url)
+    before = (st / "r" / "run.json").read_bytes()
+    with pytest.raises(batchify.UsageError, match="resume_run") as e:
+        asyncio.run(batchify.resume_run("r", st, endpoint=emu.url, api_key="k", **given))
+    assert says in str(e.value) and e.value.exit_code == 2
+    assert (st / "r" / "run.json").read_bytes() == before
+    assert emu.stats()["uploads"] == 0 and emu.stats()["gets"] == 0

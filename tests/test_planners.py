@@ -892,6 +892,30 @@ def test_run_options_a_flag_would_refuse_are_refused_in_the_library_too(changes,
     assert says in str(e.value)
 
 
+@pytest.mark.parametrize("field", ["margin", "poll_interval", "create_timeout", "retry_scale", "rate_window", "max_cost"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_infinity_are_refused_for_every_float_option(field, value):
+    """A range only compares: NaN passed every range (margin=nan then a raw ValueError deep in planning) and inf
+    any lower bound (poll_interval=inf or nan: the run never polled again and hung)."""
+    with pytest.raises(b.UsageError, match=f"RunOptions {field}=") as e:
+        b.RunOptions(**{field: value}).checked()
+    assert "--" + field.replace("_", "-") in str(e.value) and any(w in str(e.value) for w in ("finite", "above 0", "range"))
+    with pytest.raises(b.UsageError, match="max_poll_interval"):
+        b.RunOptions(max_poll_interval=value).checked()
+
+
+def test_the_cli_refuses_nan_and_infinity_too():
+    from click.testing import CliRunner
+
+    for args in (
+        ["run", "x.jsonl", "--poll-interval", "nan"],
+        ["run", "x.jsonl", "--margin", "nan"],
+        ["resume", "r", "--poll-interval", "inf"],
+    ):
+        r = CliRunner().invoke(b.cli, args)
+        assert r.exit_code == 2 and "not a finite number" in r.output, (args, r.output)
+
+
 def test_run_options_the_flags_accept_pass_and_are_taken_as_the_flags_take_them():
     for changes in ({}, {"waves": 3}, {"max_cost": 1}, {"poll_interval": None}):
         opts = b.RunOptions(**changes)
