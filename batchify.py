@@ -9349,7 +9349,7 @@ async def prepare(
         try:
             if in_memory:
                 write_records([source] if isinstance(source, str) else source, path)  # type: ignore[arg-type]
-            async with open_client(endpoint, api_key, need=False, options=opts) as client:
+            async with open_client(endpoint, api_key, need=False, retry_scale=opts.retry_scale, options=opts) as client:
                 return await prepare_run(store, path, cfg, opts, client, endpoint)
         except BaseException:
             # A refused payload is not kept on disk; a run that was prepared all the same (cancelled as its client
