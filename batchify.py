@@ -1299,6 +1299,8 @@ class RunOptions:
             value = getattr(self, f.name)
             if value is None or "flag" not in f.metadata:
                 continue
+            if isinstance(value, os.PathLike):  # out=Path(...), as state_dir takes one: the flag's text
+                value = taken[f.name] = os.fspath(value)
             decls, _help, kw = f.metadata["flag"]
             try:
                 taken[f.name] = _check_flag_value(value, f.default, kw)
@@ -9265,6 +9267,7 @@ async def resume_run(
     """Continue an unfinished run from its sidecars alone (the input is checked against its hash).
     `poll_interval`, `max_cost`, `allow_standard`: given, they replace the run's own from now on. `out`: the
     results go there from now on (the run's own file was moved away, say). `stop`: as for run_file."""
+    out = os.fspath(out) if isinstance(out, os.PathLike) else out
     # the overrides are held to the flags' rules before anything is saved (a poll interval of -1 or inf, a cap of -5)
     told = RunOptions(poll_interval=poll_interval, max_cost=max_cost, allow_standard=allow_standard)  # type: ignore[arg-type]
     told = told.checked("resume_run")

@@ -325,6 +325,8 @@ def test_out_with_a_tilde_is_written_in_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     assert batchify.out_uri("~/r.jsonl") == str(tmp_path / "home" / "r.jsonl")
+    # and a pathlib.Path, as state_dir takes one, is the flag's text (it raised a raw AttributeError)
+    assert batchify.RunOptions(out=tmp_path / "r.jsonl").checked().out == str(tmp_path / "r.jsonl")  # type: ignore[arg-type]
 
 
 def test_the_same_run_again_with_other_rates_says_they_are_not_applied(emu, tmp_path):
