@@ -8770,26 +8770,64 @@ def json_label(v: Any) -> str:
     return v if isinstance(v, str) else orjson.dumps(v).decode()
 
 
-def run_sync(coro: Awaitable[Any]) -> Any:
-    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, IPython)."""
+def run_sync(coro: Awaitable[Any], stop: GracefulStop | None = None) -> Any:
+    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, IPython: on a thread of its
+    own). An interrupt there (KeyboardInterrupt: the kernel's interrupt) never leaves the run going on behind the
+    caller's back, holding its lock: with `stop`, the run stops as a first Ctrl-C stops the CLI's (the requests in
+    flight answered and saved; a second interrupt stops it at once), else at once; then KeyboardInterrupt."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)  # type: ignore[arg-type]
     box: dict[str, Any] = {}
+    started, finished = threading.Event(), threading.Event()  # waited on, never Thread.join: an interrupted join
+    # marks a live thread stopped (CPython 3.11, bpo-45274's handler releases the lock its thread still holds)
+
+    async def main() -> Any:
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        started.set()
+        return await coro
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
+            box["value"] = asyncio.run(main())
         except BaseException as e:
             box["error"] = e
+        finally:
+            started.set()
+            finished.set()
 
-    t = threading.Thread(target=target, name="batchify-sync")
+    t = threading.Thread(target=target, name="batchify-sync", daemon=True)
     t.start()
+    try:
+        finished.wait()
+    except KeyboardInterrupt:
+        started.wait()
+        _stop_sync_run(finished, box, stop)
+        raise
     t.join()
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def _stop_sync_run(finished: threading.Event, box: dict[str, Any], stop: GracefulStop | None) -> None:
+    """run_sync was interrupted: ask the run's loop to stop it (gracefully with `stop`; a second interrupt, or no
+    `stop`: its task cancelled) and wait until its thread has finished."""
+    loop, task = box.get("loop"), box.get("task")
+    if loop is None or task is None:
+        finished.wait()
+        return
+    try:
+        if stop is None:
+            raise KeyboardInterrupt
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the run ended meanwhile
+            loop.call_soon_threadsafe(stop.request)
+        finished.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(task.cancel)
+        finished.wait()
 
 
 def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]:
@@ -9418,9 +9456,17 @@ def _sync(fn: Callable[P, Coroutine[Any, Any, T]], name: str) -> Callable[P, T]:
     """The synchronous twin of a library coroutine: the same signature and docstring (help() shows them),
     run with run_sync (so it also works where an event loop already runs: Jupyter, IPython)."""
 
+    takes_stop = "stop" in inspect.signature(fn).parameters
+
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        return cast(T, run_sync(fn(*args, **kwargs)))
+        stop = None
+        if takes_stop:  # an interrupt stops the run gracefully (run_sync), as the CLI's first Ctrl-C does
+            given = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+            stop = given.get("stop")
+            if stop is None and "stop" not in given:
+                stop = kwargs["stop"] = GracefulStop()
+        return cast(T, run_sync(fn(*args, **kwargs), stop))
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"{fn.__doc__ or ''}\n\n(The synchronous form of `{fn.__name__}`.)"

@@ -605,3 +605,46 @@ async def test_no_api_key_tells_a_library_caller_to_pass_api_key_and_the_cli_to_
         env=env,
     )
     assert p.returncode == 2 and "set GEMINI_API_KEY" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_an_interrupt_in_a_notebook_stops_the_sync_run_gracefully(emu, articles, tmp_path):
+    """A notebook cell calls run_file_sync (the kernel's loop runs: the run goes on a thread of its own) and the user
+    interrupts the kernel: KeyboardInterrupt came back at once while the run went on in that thread, holding its
+    lock, still paying (adversary finding 10; an interrupted Thread.join also marks a live thread stopped). The run
+    now stops as a first Ctrl-C stops the CLI's: the Flex answers in flight are saved, then KeyboardInterrupt."""
+    import signal
+    import threading
+
+    emu.configure(flex_hold=True)
+    stop = batchify.GracefulStop()
+
+    def user() -> None:  # presses "interrupt kernel" once requests are in flight; the answers come after the stop
+        while emu.stats()["flex_in_flight"] < 1:
+            time.sleep(0.02)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        while not stop.requested:
+            time.sleep(0.02)
+        emu.configure(flex_hold=False)
+
+    async def cell() -> None:
+        presser = threading.Thread(target=user)
+        presser.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                batchify.run_file_sync(
+                    articles, state_dir=tmp_path / "st", endpoint=emu.url, api_key="k", options=opts, stop=stop
+                )
+        finally:
+            emu.configure(flex_hold=False)
+            presser.join()
+
+    opts = batchify.RunOptions(mode="flex", name="nb", retry_scale=0.01)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        asyncio.new_event_loop().run_until_complete(cell())
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert not [t for t in threading.enumerate() if t.name == "batchify-sync"], "the run goes on behind the caller"
+    saved = read_jsonl(tmp_path / "st" / "nb" / "realtime.jsonl")
+    assert len(saved) == sum(emu.stats()["billed"].values()) > 0, "an answer paid for was not saved"
+    assert batchify.RunStore(tmp_path / "st", "nb").load_run().status == "interrupted"
