@@ -622,7 +622,8 @@ def test_an_interrupt_in_a_notebook_stops_the_sync_run_gracefully(emu, articles,
         while emu.stats()["flex_in_flight"] < 1:
             time.sleep(0.02)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        while not stop.requested:
+        deadline = time.monotonic() + 10  # (a run that never asks its stop fails below, not by hanging here)
+        while not stop.requested and time.monotonic() < deadline:
             time.sleep(0.02)
         emu.configure(flex_hold=False)
 
