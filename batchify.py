@@ -6995,6 +6995,8 @@ class Engine:
         except BatchRefusedError as e:
             self._log(f"batch refused for good ({e}); the Flex lanes take the batches it had not started")
             refused.append(e)
+        except Interrupted:
+            raise  # a stop already under way
         except (BatchifyError, OSError) as e:
             self.halt(e, halt_reason(e))
 
@@ -7048,6 +7050,8 @@ class Engine:
         self._log(f"{job.name}: {job.request_count} request(s) through Flex (the batch price)")
         try:
             await self.send_requests(None, "flex", [job.request_file])  # the job's file holds exactly its requests
+        except Interrupted:
+            raise  # a stop already under way
         except (BatchifyError, OSError) as e:  # --max-cost, say: the other lanes' requests in flight are waited for
             self.halt(e, halt_reason(e))
             return
