@@ -9035,27 +9035,20 @@ async def open_vertex_client(
         yield c
 
 
-def _options_arg(options: Any, fn: str) -> RunOptions:
-    """`options` as a library function takes it: a RunOptions (None: the defaults), else UsageError with the fix."""
-    if options is None:
-        return RunOptions()
-    if isinstance(options, RunOptions):
-        return options
-    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) if isinstance(options, dict) else "..."
-    raise UsageError(
-        f"{fn}: options must be a batchify.RunOptions, not a {type(options).__name__}. Fix: options=batchify.RunOptions({given})."
-    )
+_Arg = TypeVar("_Arg", "RunOptions", "JobConfig")
 
 
-def _config_arg(config: Any, fn: str) -> JobConfig:
-    """`config` as a library function takes it: a JobConfig (None: the defaults), else UsageError with the fix."""
-    if config is None:
-        return JobConfig()
-    if isinstance(config, JobConfig):
-        return config
-    given = ", ".join(f"{k}={v!r}" for k, v in config.items()) if isinstance(config, dict) else "..."
+def _typed_arg(value: Any, kind: type[_Arg], arg: str, fn: str) -> _Arg:
+    """`options`/`config` as a library function takes it: a RunOptions/JobConfig (None: the defaults), else
+    UsageError with the fix (a dict's keys spelled as the call)."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    given = ", ".join(f"{k}={v!r}" for k, v in value.items()) if isinstance(value, dict) else "..."
     raise UsageError(
-        f"{fn}: config must be a batchify.JobConfig, not a {type(config).__name__}. Fix: config=batchify.JobConfig({given})."
+        f"{fn}: {arg} must be a batchify.{kind.__name__}, not a {type(value).__name__}. "
+        f"Fix: {arg}=batchify.{kind.__name__}({given})."
     )
 
 
@@ -9120,8 +9113,8 @@ async def run_file(
             f"run_file takes the input file's path (or a gs:// URI), not a {type(input_path).__name__}. Records in "
             "memory: batchify.prepare(records, name=...), then batchify.submit(name)."
         )
-    cfg = _config_arg(config, "run_file")
-    opts = _options_arg(options, "run_file").checked()
+    cfg = _typed_arg(config, JobConfig, "config", "run_file")
+    opts = _typed_arg(options, RunOptions, "options", "run_file").checked()
     state_dir = _state_dir_arg(state_dir, "run_file", make=True)
     name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
@@ -9374,8 +9367,8 @@ async def prepare(
     --backend vertex the request files are written to the staging bucket, where the jobs will read them).
 
     Records given in memory are written to <state_dir>/inputs/<name>.jsonl first. `submit(name)` runs it."""
-    opts = dataclasses.replace(_options_arg(options, "prepare")).checked()
-    cfg = _config_arg(config, "prepare")
+    opts = dataclasses.replace(_typed_arg(options, RunOptions, "options", "prepare")).checked()
+    cfg = _typed_arg(config, JobConfig, "config", "prepare")
     state_dir = _state_dir_arg(state_dir, "prepare", make=True)
     in_memory = not (isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and re.match(r"^https?://", source)))
     if in_memory and not isinstance(source, str):
