@@ -3439,37 +3439,34 @@ def _flock_briefly_contended(fd: int, how: int) -> None:
     """flock without blocking, tried again until _lock_probe_deadline (never on a running event loop: that would
     freeze every task of it; async callers use _flock_briefly_contended_async). BlockingIOError when it is still
     held: a process owns the run."""
-    import fcntl
-
     try:
         asyncio.get_running_loop()
         on_loop = True
     except RuntimeError:
         on_loop = False
     deadline = 0.0 if on_loop else _lock_probe_deadline(fd)
-    while True:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.02)
+    while not _try_flock(fd, how, deadline):
+        time.sleep(0.02)
 
 
 async def _flock_briefly_contended_async(fd: int, how: int) -> None:
     """_flock_briefly_contended for a coroutine: it waits with asyncio.sleep, the event loop's other tasks going on."""
+    deadline = _lock_probe_deadline(fd)
+    while not _try_flock(fd, how, deadline):
+        await asyncio.sleep(0.02)
+
+
+def _try_flock(fd: int, how: int, deadline: float) -> bool:
+    """One non-blocking flock: True when taken, False to try again, BlockingIOError once `deadline` has passed."""
     import fcntl
 
-    deadline = _lock_probe_deadline(fd)
-    while True:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.02)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if time.monotonic() >= deadline:
+            raise
+        return False
 
 
 class RunLock:
@@ -9125,21 +9122,7 @@ async def run_file(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         await lock.acquire_async("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
-            run = store.load_run()
-            diffs = run_differences(run, input_location(input_path, opts), cfg, opts)
-            if diffs:
-                raise UsageError(
-                    f"a run named {name!r} already exists in {state_dir}, and this command differs from it in: "
-                    f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or `batchify resume {name}` to "
-                    "finish the existing one."
-                )
-            run = _continue_at(store, run, endpoint, opts.out, input_location(input_path, opts), dry_run)
-            if (ignored := options_not_applied(run.run_options, opts)) and reporter is not None:
-                reporter.log(
-                    f"run {name!r} exists and goes on with its own options: this command's {', '.join(ignored)} "
-                    f"{'is' if len(ignored) == 1 else 'are'} not applied (`batchify resume {name}` takes --poll-interval, "
-                    "--max-cost and --allow-standard; for other values, start a new run with --name)"
-                )
+            run = _the_same_run_again(store, input_location(input_path, opts), cfg, opts, endpoint, dry_run, reporter)
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
@@ -9161,6 +9144,30 @@ async def run_file(
             with _progress(reporter) as shown:
                 summary = await Engine(store, client, shown, hook=hook, stop=stop).execute()
             return run, summary
+
+
+def _the_same_run_again(
+    store: RunStore, inp: Path, cfg: JobConfig, opts: RunOptions, endpoint: str | None, dry_run: bool, reporter: Reporter | None
+) -> Run:
+    """The run an existing run's command given again continues: UsageError when the command differs in what the plan
+    depends on (run_differences); its --endpoint and --out taken (_continue_at); the other flags it sets to other
+    values said to be not applied (options_not_applied)."""
+    name = store.name
+    run = store.load_run()
+    if diffs := run_differences(run, inp, cfg, opts):
+        raise UsageError(
+            f"a run named {name!r} already exists in {store.state_dir}, and this command differs from it in: "
+            f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or `batchify resume {name}` to "
+            "finish the existing one."
+        )
+    run = _continue_at(store, run, endpoint, opts.out, inp, dry_run)
+    if (ignored := options_not_applied(run.run_options, opts)) and reporter is not None:
+        reporter.log(
+            f"run {name!r} exists and goes on with its own options: this command's {', '.join(ignored)} "
+            f"{'is' if len(ignored) == 1 else 'are'} not applied (`batchify resume {name}` takes --poll-interval, "
+            "--max-cost and --allow-standard; for other values, start a new run with --name)"
+        )
+    return run
 
 
 async def model_retired(run: Run, client: GeminiClient, today: str | None = None) -> str | None:
@@ -10278,21 +10285,7 @@ def make_api(
 
     app.add_exception_handler(BatchifyError, batchify_error)
     app.add_middleware(_BodyLimit, limit=max_body)
-    bearer = fa.security.HTTPBearer(auto_error=False)
-
-    async def auth(creds: Any) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise RestError(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
-
-    # the bearer scheme as a Security dependency: FastAPI checks it and the OpenAPI schema declares it
-    creds = inspect.Parameter(
-        "creds",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=fa.fastapi.Security(bearer),
-        annotation=fa.security.HTTPAuthorizationCredentials | None,
-    )
-    auth.__signature__ = inspect.Signature([creds])  # type: ignore[attr-defined]
-    guarded = {"dependencies": [fa.fastapi.Depends(auth)]}
+    guarded = _bearer_guard(fa, token)
     body = {"methods": ["POST"], "response_model": fa.Submitted, **guarded}
     app.add_api_route("/batch/submit", _typed_route(api.submit_urls, fa.SubmitUrls, fa.Submitted), **body)
     app.add_api_route("/batch/submit-contents", _typed_route(api.submit_contents, fa.SubmitContents, fa.Submitted), **body)
@@ -10302,6 +10295,25 @@ def make_api(
     app.add_api_route("/batch/cancel/{run}", api.cancel, methods=["POST"], **guarded)
     app.add_api_route("/batch/resume/{run}", api.resume, methods=["POST"], **guarded)
     return app
+
+
+def _bearer_guard(fa: Any, token: str) -> dict[str, Any]:
+    """The routes' keyword arguments that make them need `Authorization: Bearer <token>`: the bearer scheme as a
+    Security dependency, so that FastAPI checks it and the OpenAPI schema declares it."""
+    bearer = fa.security.HTTPBearer(auto_error=False)
+
+    async def auth(creds: Any) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise RestError(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+
+    creds = inspect.Parameter(
+        "creds",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=fa.fastapi.Security(bearer),
+        annotation=fa.security.HTTPAuthorizationCredentials | None,
+    )
+    auth.__signature__ = inspect.Signature([creds])  # type: ignore[attr-defined]
+    return {"dependencies": [fa.fastapi.Depends(auth)]}
 
 
 async def _invalid_body(request: Any, exc: Any) -> Any:
