@@ -8386,8 +8386,7 @@ class RequestSender:
             self.gate.release()
         if answered_result(r):
             self.engine._answered().add(n)
-            if r["status"] != "ok":
-                self.engine._rt_errors.add(n)
+            (self.engine._rt_errors.add if r["status"] != "ok" else self.engine._rt_errors.discard)(n)
         else:
             self.gave_up += 1
         if self.engine.stopping:
