@@ -4496,8 +4496,11 @@ class GeminiClient:
                 return BatchRefusedError(msg + hint, code=code, status=e.status or "")
             details = e.details if isinstance(e.details, dict) else {}
             return RemoteError(msg, code=code, status=e.status or "", retry_delay=_retry_delay(details))
-        name = type(e).__name__  # a read timeout (httpx's own class too); a connect timeout never reached the service
-        if (isinstance(e, TimeoutError) or name.endswith(("Timeout", "TimeoutError"))) and not name.startswith("Connect"):
+        name = type(e).__name__  # a read timeout (httpx's own class too); a connect, pool or write timeout: the request
+        # never reached the service whole (a network error, tried again)
+        if (isinstance(e, TimeoutError) or name.endswith(("Timeout", "TimeoutError"))) and not name.startswith(
+            ("Connect", "Pool", "Write")
+        ):
             err = RemoteError(f"{what}: no answer within the client's timeout ({type(e).__name__}: {e})", code=0)
             err.timed_out = True
             return err
@@ -4600,8 +4603,10 @@ class GeminiClient:
             opts = self._types.HttpOptions(timeout=int(FLEX_TIMEOUT_S * 1000))
         hops: list[dict[str, Any]] = []
         while True:  # an answer stopped at the per-request output limit is continued with its token, as the SDK does
-            hop: dict[str, Any] = await self._call(
-                "generate", functools.partial(self._json, "generate", "post", f"{path}:generateContent", body, opts), ONCE
+            hop: dict[str, Any] = await self._call(  # a later hop is retried with its token: the earlier ones are paid
+                "generate",
+                functools.partial(self._json, "generate", "post", f"{path}:generateContent", body, opts),
+                CALL_POLICY if hops else ONCE,
             )
             hops.append(hop)
             token = continuation_token(hop)
@@ -6672,6 +6677,7 @@ class Engine:
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
         self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
         self._cost_capped = False  # a job was not created for --max-cost: the run ends with CostCapError (exit 5)
+        self._timed_out: set[int] = set()  # ordinals whose request got no answer in the client's timeout, this process
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
@@ -6737,7 +6743,11 @@ class Engine:
         ended = [j for j in self.jobs.values() if j.usage]
         spent = self._batch_spent()
         estimated = sum(self._estimate(j.tokens, j.request_count) for j in ended)
-        committed = sum(self._estimate(j.tokens, j.request_count) for j in self.jobs.values() if j.state in ACTIVE_STATES)
+        committed = sum(
+            self._estimate(j.tokens, j.request_count)
+            for j in self.jobs.values()
+            if j.state in ACTIVE_STATES or (j.state == JobState.SUCCEEDED and not j.usage)  # done, its cost not read yet
+        )
         for sender in self._senders.values():
             per = self._estimate(int(sender.tokens_per_request), 1, sender.service)
             spent += sender.view.cost_usd
@@ -6783,7 +6793,7 @@ class Engine:
             self._stoppable.discard(task)
         self._raise_if_stopped()
 
-    def halt(self, error: Exception, why: str = "the service refused this account's calls") -> None:
+    def halt(self, error: Exception, why: str | None = None) -> None:
         """An error that ends the run (the account refused: ServiceRefused; the service silent: ServiceSilent; the
         key refused, --max-cost, a write the disk refused, batch refused for good in a hybrid run): stop as a
         graceful stop does (no new request, batch work cancelled, the Flex requests already sent waited for: they are
@@ -6794,7 +6804,7 @@ class Engine:
             self.stop_requested()  # this engine's own (never the caller's GracefulStop: it may be used again)
             waiting = self.in_flight()
             also = f"; waiting for the {waiting} request(s) already sent (paid for)" if waiting else ""
-            self._log(f"stopping: {why} (the reason below); nothing new is sent{also}")
+            self._log(f"stopping: {why or halt_reason(error)} (the reason below); nothing new is sent{also}")
 
     def _raise_if_stopped(self) -> None:
         if self._refusal is not None:
@@ -6828,8 +6838,8 @@ class Engine:
                 return await self._execute()
             except BaseExceptionGroup as eg:  # a TaskGroup's (a Flex request's refusal, say): the error as itself
                 raise leading_error(eg) from None
-        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted, ServiceRefused, ServiceSilent):
-            self._end_as("interrupted")
+        except (asyncio.CancelledError, KeyboardInterrupt, Interrupted, AuthError, ServiceSilent, OSError):
+            self._end_as("interrupted")  # (AuthError: the key or the account refused)
             raise
         except CostCapError:
             self._end_as("refused")
@@ -6878,12 +6888,12 @@ class Engine:
                 self.run.notes["batch_refused"] = str(e)
                 self.store.save_run(self.run)
             if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
-                left = sum(1 for j in self.jobs.values() if j.lane == "batch" and j.state in UNSUBMITTED)
+                left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
                 spent, _committed, overrun = self._cost_standing()
                 self._raise_if_stopped()
                 self.merge()
                 raise CostCapError(
-                    f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not created (spent "
+                    f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not sent (spent "
                     f"{usd(spent)}; answers cost {max(1.0, overrun):.1f}x the estimate). Every result so far is saved; "
                     f"`batchify resume {self.run.name} --max-cost N` with a higher cap sends the rest."
                 )
@@ -6893,7 +6903,7 @@ class Engine:
                 self._end_as("interrupted")  # resume (or the same command) tries those creates again
                 raise RemoteError(f"{refused}. Fix: check the project's batch quota in Google AI Studio, then resume.")
             if self.opts.mode in ("auto", "hybrid") and self.opts.fallback:
-                todo = self.unresolved()
+                todo = self.unresolved() - self._timed_out
                 tier = self._fallback_tier()
                 if todo and tier == "none":
                     self._log(
@@ -6944,6 +6954,8 @@ class Engine:
         last one batch has not started (the tail; batch admits from the head). Claimed on disk before any of
         its requests is sent, so resume never hands a batch Flex started to batch, nor the other way round.
         No await between the check and the claim: the scheduler and the uploader cannot take it meanwhile."""
+        if self._cost_capped:  # --max-cost: nothing more starts
+            return None
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
             return mine[0]
@@ -6956,7 +6968,7 @@ class Engine:
 
     def _claimable(self) -> bool:
         """Whether _claim_for_flex would find a batch now (without claiming it)."""
-        return any(
+        return not self._cost_capped and any(
             (j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing)
             or (j.lane == "batch" and j.state in (JobState.CREATED, JobState.UPLOADED))
             for j in self.jobs.values()
@@ -7049,18 +7061,22 @@ class Engine:
             await self.send_requests(None, "flex", [job.request_file])  # the job's file holds exactly its requests
         except Interrupted:
             raise  # a stop already under way
-        except (BatchifyError, OSError) as e:  # --max-cost, say: the other lanes' requests in flight are waited for
+        except CostCapError as e:  # the lanes claim no more; the jobs created are collected, then exit 5 (_execute)
+            self._log(f"{job.name}: {e}")
+            self._cost_capped = True
+            return
+        except (BatchifyError, OSError) as e:  # the key refused, say: the other lanes' requests in flight are waited for
             self.halt(e, halt_reason(e))
             return
         finally:
             self._flexing.discard(job.name)
         if self.stopping:
             return  # not all of it sent: the lane still owns it, and resume drains the rest
-        counts: dict[str, int] = {}
-        if (ids := job.primary_range) is not None:  # what status shows for it (a batch job's come from its output)
-            answered, errors = self._answered(), self._rt_errors
-            counts = {"ok": sum(n in answered and n not in errors for n in ids), "failed": sum(n in errors for n in ids)}
-        self._advance(self.jobs[job.name], JobState.FLEXED, **counts)
+        # what status shows for it (a batch job's counts come from its output): its ids' answers, ok or failed
+        ids = job.primary_range or [n for n, _req, _t in self._requests(None, [job.request_file])]
+        answered, errors = self._answered(), self._rt_errors
+        ok, failed = sum(n in answered and n not in errors for n in ids), sum(n in errors for n in ids)
+        self._advance(self.jobs[job.name], JobState.FLEXED, ok=ok, failed=failed)
         self._wake.set()
 
     def _fallback_tier(self) -> str:
@@ -7398,9 +7414,10 @@ class Engine:
             self.jobs[nj.name] = nj
 
     def _line_retry_due(self) -> bool:
-        """Without the real-time fallback, per-line errors get one more try in a batch of their own: only the
-        ids a finished job answered with an error, never those of a job that ended FAILED/EXPIRED after its
-        --max-attempts (attempts mean what the flag says)."""
+        """Without the real-time fallback, the ids still unresolved get one more try in a batch of their own: those a
+        finished job (or Flex) answered with an error or left with no answer, never those of a job that ended
+        FAILED/EXPIRED after its --max-attempts (attempts mean what the flag says), nor a request that timed out in
+        this process (the service may yet answer, and bill, it: resume sends it)."""
         if (self.opts.mode == "auto" and self.opts.fallback) or self.opts.max_attempts < 2:
             return False
         if self.run.notes.get("line_retry_done"):
@@ -7412,7 +7429,7 @@ class Engine:
             latest[j.index] = j
         ended = {idx for idx, j in latest.items() if j.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)}
         spent = [(s, e) for idx, s, e in self._ranges() if idx in ended]
-        todo = {n for n in self.unresolved() if not any(s <= n < e for s, e in spent)}
+        todo = {n for n in self.unresolved() - self._timed_out if not any(s <= n < e for s, e in spent)}
         if not todo:
             return False
         idx = max(j.index for j in self.jobs.values()) + 1
@@ -7596,6 +7613,8 @@ class Engine:
             if self.lanes == "hybrid" and not self._hybrid_admits():
                 self._flex_wake.set()  # the rest is Flex's
                 return
+            if self.opts.max_cost is not None and any(j.state == JobState.SUCCEEDED and not j.usage for j in self.jobs.values()):
+                return  # a job ended whose cost is not read yet: it tells what the next one will cost (its download wakes us)
             if not self._cost_allows(job.tokens, job.request_count):  # the jobs live are collected, then exit 5
                 if not self._cost_capped:
                     self._log(f"{job.name}: not created: with it, the run could pass --max-cost {usd(self.opts.max_cost or 0)}")
@@ -7843,7 +7862,8 @@ class Engine:
                 return await self._poll_answered_404(job)
             n, since = self._poll_streak(job, "transient" if e.transient else "refused")
             failing_for = self.clock() - since
-            verdict = poll_failure_verdict(e.transient, n, failing_for, max(1.0, POLL_SILENCE_S * self.opts.retry_scale))
+            patience = max(60.0, POLL_SILENCE_S * self.opts.retry_scale)  # a drill's --retry-scale 0 still rides out blips
+            verdict = poll_failure_verdict(e.transient, n, failing_for, patience)
             if verdict == "again":
                 self._log(f"{job.name}: poll failed ({e}); will poll again")
                 return False
@@ -8175,7 +8195,11 @@ class Engine:
                     if n & 4095 == 0:
                         tally.sum_usage()
         tally.sum_usage()
-        finished = all(j.state in FINAL_STATES for j in self.jobs.values()) and tally.ok + tally.err == self.run.records
+        finished = (
+            all(j.state in FINAL_STATES for j in self.jobs.values())
+            and tally.ok + tally.err == self.run.records
+            and not tally.kinds.get(NO_ANSWER)  # requests with no answer yet: resume (any form of it) sends them
+        )
         status = "cancelled" if self.run.status == "cancelled" else ("done" if finished else "interrupted")
         billed: dict[str, int] = {}
         for j in self.jobs.values():
@@ -8232,8 +8256,9 @@ class Engine:
             spent = self._batch_spent() + sum(x.view.cost_usd for x in self._senders.values())
             if spent + est > self.opts.max_cost:
                 raise CostCapError(
-                    f"{tier} for {count} request(s) would cost about {usd(est)} ({service} price), "
-                    f"above --max-cost {usd(self.opts.max_cost)}; none of them was sent. Raise --max-cost or use --mode batch."
+                    f"{usd(spent)} spent and {tier} for {count} more request(s) at about {usd(est)} ({service} price) would "
+                    f"pass --max-cost {usd(self.opts.max_cost)}; none of those was sent. Fix: resume with a higher "
+                    f"--max-cost (`batchify resume {self.run.name} --max-cost N`)."
                 )
         sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
@@ -8475,6 +8500,8 @@ class RequestSender:
                 backoff = None if (self.flex and e.timed_out) else self._backoff(e, attempt, started, granted, t)
                 if backoff is None:  # a shed, a throttle or a network error to the end: not an answer (resume resends)
                     error = f"{NO_ANSWER} (after {attempt} tries; resume sends it again): {e}" if e.transient else str(e)
+                    if e.timed_out:  # may yet be answered and billed: not sent again by this process (retry, fallback)
+                        self.engine._timed_out.add(n)
                     return result_record(n, None, error, self.source)
                 if self.engine.stopping:
                     return None  # to be tried again, so not answered: resume sends it
@@ -11883,7 +11910,7 @@ class Emulator:
     async def _generate(self, body: dict[str, Any], model: str) -> Any:
         req = self._check_request(body, "request")
         if "continuationToken" in req:  # the rest of an answer that stopped with CONTINUATION (billed with it)
-            rest = self.continuations.pop(str(req["continuationToken"]), None)
+            rest = self.continuations.get(str(req["continuationToken"]))  # may be asked again (a lost answer)
             if rest is None:
                 raise _EmuError(400, "INVALID_ARGUMENT", "Invalid or expired continuation token.")
             self.stats["continuation_hops"] = self.stats.get("continuation_hops", 0) + 1

@@ -794,6 +794,7 @@ def test_requests_shed_past_their_tries_are_sent_again_by_resume(tmp_path):
     assert (s.ok, s.errors) == (0, 10) and fake.generate_calls == 40
     rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
     assert all(r["error"].startswith(batchify.NO_ANSWER) for r in rows), rows[0]
+    assert store.load_run().status == "interrupted", "a run with requests to send again shows as done"
     assert any("10 request(s) got no answer" in line and "resume fake" in line for line in log.lines), log.lines
     s = run(store, fake)
     assert (s.ok, s.errors) == (10, 0) and len(fake.generated) == 10
@@ -869,3 +870,59 @@ def test_max_cost_stops_creating_jobs_once_answers_cost_more_than_estimated(tmp_
     jobs = store.load_jobs()
     assert 0 < len(fake.jobs) < len(jobs), "every job was created (or none)"
     assert all(j.state in (JobState.RESULTS_DOWNLOADED, JobState.UPLOADED, JobState.CREATED) for j in jobs), jobs
+
+
+class _HybridTimeout(FakeGemini):
+    """Flex: the request of document 59 (the tail: a Flex lane takes it) times out at the client, every time."""
+
+    async def generate(self, model, request, flex=False):
+        text = request["contents"][0]["parts"][0]["text"]
+        if "document number 59 " in text:
+            self._log("flex", text)
+            err = batchify.RemoteError("generate: no answer within the client's timeout (scripted)", code=0)
+            err.timed_out = True
+            raise err
+        return await super().generate(model, request, flex)
+
+
+def test_hybrid_never_sends_a_timed_out_request_again_in_the_same_run(tmp_path):
+    """A Flex request that timed out (it may yet be answered and billed) was sent again by the same run twice more: in
+    the line-retry batch and by the fallback, each a possible payment (the reviewer's reproducer). The run leaves it
+    to resume; it ends not done (interrupted), so every form of resume takes it up; the other Flex-drained batches
+    count their answers."""
+    store = prepared(tmp_path, 60, 5, poll_interval=1.0, mode="hybrid", flex_lanes=2, enqueued_limit=2_000, margin=0.0)
+    fake = _HybridTimeout(FakeClock(), [5.0] * 40)
+    s = run(store, fake)
+    assert (s.ok, s.errors) == (59, 1)
+    sends = [c for c in fake.calls if c[1] == "flex" and "document number 59 " in c[2]]
+    assert len(sends) == 1, f"a timed-out request was sent again by the same run: {sends}"
+    assert store.load_run().status == "interrupted"
+    flexed = [j for j in store.load_jobs() if j.state == JobState.FLEXED]
+    assert sum(j.ok for j in flexed) == sum(j.request_count for j in flexed) - 1
+
+
+class _LongSlowAnswers(_LongAnswers):
+    """_LongAnswers whose outputs take `slow` fake seconds to download (a big file): jobs end before their cost shows."""
+
+    slow = 50.0
+
+    async def download(self, name):
+        t0 = self.clock.now()
+        while self.clock.now() < t0 + self.slow:  # the scheduler's own sleeps move the fake time meanwhile
+            await asyncio.sleep(0)
+        async for chunk in super().download(name):
+            yield chunk
+
+
+def test_max_cost_waits_for_the_cost_of_a_finished_job_before_creating_the_next(tmp_path):
+    """A job seen finished but not downloaded yet counted neither as spent nor as under way: with downloads slower
+    than jobs, every job was created at the plan's estimate and the cap passed ~20x (the reviewer's reproducer).
+    Admission now waits for a finished job's cost, and counts it as under way meanwhile."""
+    store = prepared(tmp_path, 60, 10, poll_interval=1.0, mode="batch", max_active_jobs=1, margin=0.0)
+    run_ = store.load_run()
+    cap = run_.plan["estimated_cost_usd"] * 1.2
+    store.save_run(dataclasses.replace(run_, options={**run_.options, "max_cost": cap}))
+    fake = _LongSlowAnswers(FakeClock(), [5.0] * 10)
+    with pytest.raises(batchify.CostCapError):
+        run(store, fake)
+    assert len(fake.jobs) < len(store.load_jobs()), "every job was created"
