@@ -5703,8 +5703,7 @@ def _prepare_pass(
     (`suspects`, known after a first pass) are compared exactly, in a second pass that runs only when
     there are any. `write=False`, no `sink`: validate only (records, ids, the prompt template), no request file."""
     _clear_unfinished_prepare(store, sink)
-    # The input's hash, computed beside the pass on the other core (hashlib and file reads release the GIL);
-    # a validation pass records nothing, so it reads the input once, not twice.
+    # The input's hash, beside the pass on the other core (hashlib and reads release the GIL); a validation pass: none
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchify-hash")
     sha = hashing.submit(file_sha256 if write else lambda _: "", path)
     hashing.shutdown(wait=False)
@@ -6664,8 +6663,7 @@ class Engine:
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
-        self._poll_streaks: dict[str, tuple[str, int, float]] = {}  # per job: the kind of its last poll answers, how
-        # many in a row, since when (engine clock)
+        self._poll_streaks: dict[str, tuple[str, int, float]] = {}  # per job: its last polls' answer kind, count, since
         self._flexing: set[str] = set()  # jobs a Flex lane of this process is sending
         self._senders: dict[str, RequestSender] = {}  # one per tier: shared buckets, gate and view
         self._answered_ids: set[int] | None = None  # ordinals with a line in realtime.jsonl (read once, then kept)
@@ -6675,10 +6673,10 @@ class Engine:
         self._durations: list[float] = []  # create to seen-finished, of the jobs this process created
         self._request_files: RequestFiles | None = None
         self._ambiguous: dict[str, tuple[float, int, float]] = {}  # create answered 5xx/timeout: (at, looks, next look)
+        self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
         self._cost_capped = False  # a job was not created for --max-cost: the run ends with CostCapError (exit 5)
         self._timed_out: set[int] = set()  # ordinals whose request got no answer in the client's timeout, this process
-        self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
 
@@ -8462,6 +8460,16 @@ class RequestSender:
                     bucket.slow_down(0.8, once_per=self.window)
         return delay, True
 
+    def _given_up(self, n: int, e: RemoteError, attempt: int) -> dict[str, Any]:
+        """The result of a request whose tries are spent: a shed, a throttle or a network error to the end is no
+        answer (NO_ANSWER: resume sends it again); a timed-out one is not sent again by this process (the service
+        may yet answer, and bill, it: no retry batch, no fallback); any other error is its answer."""
+        if not e.transient:
+            return result_record(n, None, str(e), self.source)
+        if e.timed_out:
+            self.engine._timed_out.add(n)
+        return result_record(n, None, f"{NO_ANSWER} (after {attempt} tries; resume sends it again): {e}", self.source)
+
     async def _one(self, n: int, req: dict[str, Any], t: int) -> dict[str, Any] | None:
         """One request's result, through its retries; None when the run was asked to stop before it was sent."""
         attempt = 0
@@ -8498,11 +8506,8 @@ class RequestSender:
                 # A Flex request unanswered after FLEX_TIMEOUT_S may yet be answered and billed: not sent again now
                 # (that paid up to 3x, no result), but a NO_ANSWER that resume sends again, once asked to
                 backoff = None if (self.flex and e.timed_out) else self._backoff(e, attempt, started, granted, t)
-                if backoff is None:  # a shed, a throttle or a network error to the end: not an answer (resume resends)
-                    error = f"{NO_ANSWER} (after {attempt} tries; resume sends it again): {e}" if e.transient else str(e)
-                    if e.timed_out:  # may yet be answered and billed: not sent again by this process (retry, fallback)
-                        self.engine._timed_out.add(n)
-                    return result_record(n, None, error, self.source)
+                if backoff is None:
+                    return self._given_up(n, e, attempt)
                 if self.engine.stopping:
                     return None  # to be tried again, so not answered: resume sends it
                 if backoff[1]:  # this request waits (a throttle pauses the buckets instead)
