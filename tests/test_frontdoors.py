@@ -517,7 +517,9 @@ async def test_rest_resume_goes_on_with_a_run_a_restart_left_interrupted(emu, ar
     the restarted server did not, there was no route, a re-POST answered 409 (adversary finding 03). POST
     /batch/resume/{run} goes on with it, each job created once."""
     emu.configure(job_seconds=1.0)
-    opts = batchify.RunOptions(mode="batch", poll_interval=0.2, batch_size=20)
+    # retry delays (and an interrupted create's settle window) at a hundredth: shut down between a create's intent
+    # and its answer, the resume waits that window out before creating again
+    opts = batchify.RunOptions(mode="batch", poll_interval=0.2, batch_size=20, retry_scale=0.01)
     api = batchify.RestApi(tmp_path / "st", emu.url, "k", None, opts)
     records = [json.loads(x) for x in articles.read_text().splitlines()]
     await api.submit_contents(records, "r1")
