@@ -4310,12 +4310,17 @@ def json_object_answer(what: str, body: bytes | str | None) -> dict[str, Any]:
 CONTINUATION_HOPS = 32  # a generation continued this many times and still not finished: taken as it stands
 
 
+def first_candidate(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer's first candidate, {} where there is none of the shape a candidate has."""
+    cands = answer.get("candidates")
+    return cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
+
+
 def continuation_token(answer: dict[str, Any]) -> str | None:
     """The token to continue an answer with: its first candidate stopped with finishReason CONTINUATION (the
     per-request output limit reached, generation not complete: google-genai 3.x FinishReason.CONTINUATION) and
     carries a continuationToken. None: the answer is complete (or of a shape that says nothing of it)."""
-    cands = answer.get("candidates")
-    cand = cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
+    cand = first_candidate(answer)
     token = cand.get("continuationToken")
     return token if cand.get("finishReason") == "CONTINUATION" and isinstance(token, str) and token else None
 
@@ -4328,18 +4333,14 @@ def merge_continuation(hops: list[dict[str, Any]]) -> dict[str, Any]:
     parts: list[Any] = []
     usage: dict[str, Any] = {}
     for hop in hops:
-        cands = hop.get("candidates")
-        cand = cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
-        content = cand.get("content")
+        content = first_candidate(hop).get("content")
         got = content.get("parts") if isinstance(content, dict) else None
         parts.extend(got if isinstance(got, list) else [])
         for k, v in (hop.get("usageMetadata") or {}).items():
             if k.endswith("Count") and type(v) is int:
                 usage[k] = usage.get(k, 0) + v
     last = hops[-1]
-    cands = last.get("candidates")
-    cand = dict(cands[0]) if isinstance(cands, list) and cands and isinstance(cands[0], dict) else {}
-    cand["content"] = {"role": "model", "parts": parts}
+    cand = {**first_candidate(last), "content": {"role": "model", "parts": parts}}
     return {**last, "candidates": [cand], "usageMetadata": usage}
 
 
@@ -6677,6 +6678,7 @@ class Engine:
         self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
         self._cost_capped = False  # a job was not created for --max-cost: the run ends with CostCapError (exit 5)
         self._timed_out: set[int] = set()  # ordinals whose request got no answer in the client's timeout, this process
+        self._jobs_cost: tuple[float, float, float, float] | None = None  # (clock, spent, committed, estimated): jobs
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
         self._orphans_seen: set[str] = set()  # remote jobs cancelled or reported by _settle_orphans
 
@@ -6735,17 +6737,21 @@ class Engine:
         """The plan's cost estimate of `requests` requests of `tokens` input tokens in all."""
         return cost_usd(self.spec, expected_usage(self.cfg, self.spec, tokens, requests), service)
 
-    def _cost_standing(self) -> tuple[float, float, float]:
+    def _cost_standing(self, fresh: bool = False) -> tuple[float, float, float]:
         """(spent, committed, overrun) for cost_cap_allows: what ended (batch jobs with their usage, real-time
-        answers), the estimate of what is under way (live jobs, requests in flight), and actual over estimated."""
-        ended = [j for j in self.jobs.values() if j.usage]
-        spent = self._batch_spent()
-        estimated = sum(self._estimate(j.tokens, j.request_count) for j in ended)
-        committed = sum(
-            self._estimate(j.tokens, j.request_count)
-            for j in self.jobs.values()
-            if j.state in ACTIVE_STATES or (j.state == JobState.SUCCEEDED and not j.usage)  # done, its cost not read yet
-        )
+        answers), the estimate of what is under way (live jobs, requests in flight), and actual over estimated. The
+        jobs' part is summed at most once a second (a Flex request asks before each send: 1,000 jobs each time)."""
+        now = self.clock()
+        if fresh or self._jobs_cost is None or now - self._jobs_cost[0] >= 1.0:
+            ended = [j for j in self.jobs.values() if j.usage]
+            committed_jobs = sum(
+                self._estimate(j.tokens, j.request_count)
+                for j in self.jobs.values()
+                if j.state in ACTIVE_STATES or (j.state == JobState.SUCCEEDED and not j.usage)  # done, cost not read yet
+            )
+            estimated_jobs = sum(self._estimate(j.tokens, j.request_count) for j in ended)
+            self._jobs_cost = (now, self._batch_spent(), committed_jobs, estimated_jobs)
+        _at, spent, committed, estimated = self._jobs_cost
         for sender in self._senders.values():
             per = self._estimate(int(sender.tokens_per_request), 1, sender.service)
             spent += sender.view.cost_usd
@@ -6754,7 +6760,8 @@ class Engine:
         return spent, committed, (spent / estimated if estimated > 0 else 1.0)
 
     def _cost_allows(self, tokens: int, requests: int, service: str = "batch") -> bool:
-        spent, committed, overrun = self._cost_standing()
+        # admission (batch): each create changes what is under way, so the jobs are summed afresh
+        spent, committed, overrun = self._cost_standing(fresh=service == "batch")
         return cost_cap_allows(spent, committed, self._estimate(tokens, requests, service), overrun, self.opts.max_cost)
 
     # -- a graceful stop (GracefulStop) --------------------------------------------------------------
@@ -6887,7 +6894,7 @@ class Engine:
                 self.store.save_run(self.run)
             if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
                 left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
-                spent, _committed, overrun = self._cost_standing()
+                spent, _committed, overrun = self._cost_standing(fresh=True)
                 self._raise_if_stopped()
                 self.merge()
                 raise CostCapError(
@@ -6913,7 +6920,7 @@ class Engine:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
                     await self.send_requests(todo, tier)
         self._raise_if_stopped()  # before the merge: an interrupted run is merged by the resume that finishes it
-        spent = self._cost_standing()[0]
+        spent = self._cost_standing(fresh=True)[0]
         if self.opts.max_cost is not None and spent > self.opts.max_cost:
             self._log(
                 f"spent {usd(spent)}, above --max-cost {usd(self.opts.max_cost)}: the work under way when the cap was "
