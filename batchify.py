@@ -6654,8 +6654,7 @@ class Engine:
         self._retrieving: set[str] = set()  # jobs whose results are being downloaded beside the scheduler
         self._sorting = asyncio.Semaphore(1)  # one job's output sorted into the bucket at a time (memory: one run)
         self._failure: Exception | None = None
-        self._wake = asyncio.Event()
-        self._demand = asyncio.Event()
+        self._wake, self._demand = asyncio.Event(), asyncio.Event()  # (batch_phase makes both again, on its own loop)
         self.limit = self.run.plan["effective_limit"]
         self.spec = run_model_spec(self.run)
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
