@@ -6954,29 +6954,24 @@ class Engine:
         )
 
     def _claim_for_flex(self) -> Job | None:
-        """The next batch for the Flex lanes: one they owned already and did not finish (a resume), else the
-        last one batch has not started (the tail; batch admits from the head). Claimed on disk before any of
-        its requests is sent, so resume never hands a batch Flex started to batch, nor the other way round.
-        No await between the check and the claim: the scheduler and the uploader cannot take it meanwhile."""
-        if self._cost_capped:  # --max-cost: nothing more starts
+        """The next batch for the Flex lanes (_flex_candidate), claimed on disk before any of its requests is sent,
+        so resume never hands a batch Flex started to batch, nor the other way round. No await between the check
+        and the claim: the scheduler and the uploader cannot take it meanwhile."""
+        j = self._flex_candidate()
+        if j is not None and j.lane != "flex":
+            j = self._advance(j, j.state, lane="flex")
+        return j
+
+    def _flex_candidate(self) -> Job | None:
+        """The batch the Flex lanes would take now: one they owned already and did not finish (a resume), else the
+        last one batch has not started (the tail; batch admits from the head); none past --max-cost."""
+        if self._cost_capped:
             return None
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
             return mine[0]
         free = [j for j in self._ordered() if j.lane == "batch" and j.state in (JobState.CREATED, JobState.UPLOADED)]
-        if not free:
-            return None
-        j = free[-1]
-        self._advance(j, j.state, lane="flex")
-        return self.jobs[j.name]
-
-    def _claimable(self) -> bool:
-        """Whether _claim_for_flex would find a batch now (without claiming it)."""
-        return not self._cost_capped and any(
-            (j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing)
-            or (j.lane == "batch" and j.state in (JobState.CREATED, JobState.UPLOADED))
-            for j in self.jobs.values()
-        )
+        return free[-1] if free else None
 
     async def hybrid_phase(self) -> None:
         """Batch from the head of the queue and the Flex lanes from its tail, at once; an error of either is
@@ -7038,7 +7033,7 @@ class Engine:
                     running.add(tg.create_task(self._drain(job)))
                     for _ in range(3):  # the lane hands its requests to the gate, they queue at the buckets:
                         await asyncio.sleep(0)  # only then is the backlog worth looking at again
-                if not running and (self.stopping or ((batch is None or batch.done()) and not self._claimable())):
+                if not running and (self.stopping or ((batch is None or batch.done()) and self._flex_candidate() is None)):
                     return  # the batch side has ended (settled, or refused for good): nothing more becomes claimable
                 # Sleep until something can change the answer: a drain ends, a batch becomes claimable or the
                 # backlog runs low (both set _flex_wake), or a gate slot frees (only waited for while there is
