@@ -5802,9 +5802,10 @@ class RecordChecker:
     def check(self, rec: InputRecord) -> tuple[str | None, str | None, str, int, Any, int]:
         """(error, fetch error, prompt, estimated tokens, id, id digest) for one record."""
         fetch_error = None
-        if rec.error is None and needs_fetch(rec.obj, self.text_field):
-            fetch_error = self._fill_fetched(rec.obj)
         err = rec.error or check_record(rec.obj, self.id_field, self.text_field, self.fields)
+        if err is not None and rec.error is None and needs_fetch(rec.obj, self.text_field):  # a usable text needs none
+            fetch_error = self._fill_fetched(rec.obj)
+            err = check_record(rec.obj, self.id_field, self.text_field, self.fields)
         if err is not None:
             return err, fetch_error, "", 0, None, 0
         rid = rec.obj[self.id_field]
@@ -6151,24 +6152,29 @@ def _plan_warnings(
 
 
 def _save_first_jobs(store: RunStore, run_id: str, batches: list[BatchPlan], wave_of: dict[str, int]) -> None:
-    """One job sidecar per batch that holds requests (a range of failed fetches only has none)."""
-    for i, b in enumerate(batches, 1):
-        if b.bytes:
-            store.save_job(
-                Job(
-                    name=f"b{i:04d}",
-                    index=i,
-                    display_name=display_name_for(store.name, run_id, i, 1),
-                    request_file=f"requests/b{i:04d}.jsonl",
-                    request_count=b.count,
-                    tokens=b.tokens,
-                    bytes=b.bytes,
-                    wave=wave_of[str(i - 1)],
-                    start=b.start,
-                    end=b.end,
-                    timestamps={"CREATED": utcnow()},
-                )
-            )
+    """One job sidecar per batch that holds requests (a range of failed fetches only has none). Written by 8
+    threads: each sidecar is fsynced, and the journal commits one fsync waits for take the others' along (200
+    sidecars after a 2.4 GB pass: 0.83 s one by one)."""
+    jobs = [
+        Job(
+            name=f"b{i:04d}",
+            index=i,
+            display_name=display_name_for(store.name, run_id, i, 1),
+            request_file=f"requests/b{i:04d}.jsonl",
+            request_count=b.count,
+            tokens=b.tokens,
+            bytes=b.bytes,
+            wave=wave_of[str(i - 1)],
+            start=b.start,
+            end=b.end,
+            timestamps={"CREATED": utcnow()},
+        )
+        for i, b in enumerate(batches, 1)
+        if b.bytes
+    ]
+    with concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="batchify-sidecars") as pool:
+        for _ in pool.map(store.save_job, jobs):  # an error raised here: the first one's
+            pass
 
 
 def damaged_prepared_files(store: RunStore, run: Run, requests: bool = True) -> list[Path]:
