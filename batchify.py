@@ -148,8 +148,13 @@ POLL_SILENCE_S = 3_600.0  # a job's polls failing (network, 5xx, 429) for this l
 FLEX_TIMEOUT_S = 1_200.0  # Flex's latency target is 1-15 min; Google advises client timeouts of 10 min or more
 REQUEST_TIMEOUT_S = 120.0  # every other API call (standard-tier generateContent among them)
 SHORT_OUTPUT_ROUNDS = 3  # downloads of an output with fewer lines than batchStats counts before it is taken as it is
-OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may stay undownloadable before the run stops (never
-# resent: it is paid for). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926); no bound is published
+OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may be refused (403/404) before it counts as gone (the job
+# failed and sent again, paid twice, said loudly). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926);
+# no bound is published. Scaled by --retry-scale. Downloads failing on the way (network, 5xx, 429) never count toward it:
+# for POLL_SILENCE_S they stop the run instead, resumably, the job kept (its output is intact at the service)
+OUTPUT_RETENTION_S = 48 * 3_600.0  # the Files API keeps a file 48 hours ("Files are stored for 48 hours": the document
+# processing page's note, read 2026-12-02 through discuss.ai.google.dev/t/50428). Google does not say that a batch's
+# output file follows it: taken as a hint only, for an output refused (403/404) of a job that ended longer ago than this
 UPLOADS_IN_FLIGHT = 4  # 8 were no faster against the emulator (each upload is mostly CPU in the SDK)
 CONTEXT_WINDOW = 1_048_576  # input tokens, where neither the catalog nor models.get gives the model's own
 INT_FLAG_MAX = 2**62  # whole-number flags: far above any real figure, within what JSON sidecars hold (64 bits)
@@ -2506,14 +2511,45 @@ def expected_output_lines(stats: dict[str, int], requests: int) -> int:
     return min(requests, stats.get("successfulRequestCount", 0) + stats.get("failedRequestCount", 0))
 
 
-def download_retry_delay(rounds: int, waited: float, base: float, cap: float, patience: float) -> float | None:
-    """After `rounds` failed rounds of downloading a SUCCEEDED job's output, the first `waited` seconds ago:
-    seconds until the next round (the poll interval, doubling, at most `cap`, and never past the end of
-    `patience`), or None once `patience` is spent. The job is never failed and sent again for it: its
-    answers are paid for; the engine stops the run instead, to be resumed."""
-    if waited >= patience:
-        return None
-    return max(0.0, min(base * 2.0 ** max(0, rounds - 1), cap, patience - waited))
+def download_failure_verdict(
+    transient: bool,
+    rounds: int,
+    failing_for: float,
+    refused_for: float | None,
+    base: float,
+    cap: float,
+    patience: float,
+    silence: float,
+) -> tuple[str, float]:
+    """What a failed download of a SUCCEEDED job's output means, after `rounds` failed rounds, the first `failing_for`
+    seconds ago, and refusals (403/404: not `transient`) since `refused_for` seconds (None: none in this streak):
+    ("gone", 0) once the last failure is a refusal and refusals have lasted `patience` (retention deleted the output, a
+    name that never worked): the job is failed and its requests sent again, paid twice, said loudly;
+    ("silent", 0) once the last failure is on the way (network, 5xx, 429, an output cut short) and failures have lasted
+    `silence`: the run stops, resumably, the job kept as it is (its output is intact at the service: an outage on
+    the way to it never makes its answers paid twice);
+    else ("again", seconds until the next round: the poll interval, doubling, at most `cap`, never past the end of
+    the wait that applies)."""
+    if not transient and refused_for is not None:
+        if refused_for >= patience:
+            return "gone", 0.0
+        left = patience - refused_for
+    else:
+        if failing_for >= silence:
+            return "silent", 0.0
+        left = silence - failing_for
+    return "again", max(0.0, min(base * 2.0 ** max(0, rounds - 1), cap, left))
+
+
+def download_silent(job: Job, failing_for: float, e: RemoteError, run: str) -> ServiceSilent:
+    """The error a run stopped by a finished job's output failing to download on the way ends with."""
+    return ServiceSilent(
+        f"{job.name} ({job.remote_job}): its output could not be downloaded for {failing_for / 60:.0f} min (the last: {e}). "
+        "The job is kept as it is, SUCCEEDED: its answers are paid for and its output is at the service, so nothing is "
+        f"sent again. Fix: check the network and the endpoint (and Google's status page), then `batchify resume {run}`.",
+        code=e.code,
+        status=e.status,
+    )
 
 
 def poll_delay(interval: float, eta: float | None, base: float, room_wanted: bool = False) -> float:
@@ -4276,6 +4312,7 @@ class RemoteJob:
     stats: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     inlined: list[dict[str, Any]] | None = None
+    ended_at: float | None = None  # when the service says the job ended (seconds since the epoch), where it says
 
 
 class Backend(Protocol):
@@ -4386,7 +4423,22 @@ def operation_to_job(op: dict[str, Any]) -> RemoteJob:
         stats=stats,
         error=(f"{err.get('message', '')} (code {err.get('code')})" if isinstance(err, dict) else None),
         inlined=inl,
+        ended_at=rfc3339_epoch(meta.get("endTime")),
     )
+
+
+def rfc3339_epoch(value: Any) -> float | None:
+    """Seconds since the epoch of an RFC 3339 timestamp ("2026-12-02T08:00:00.123456789Z") or a datetime; None for
+    anything else (the service may leave it out)."""
+    if isinstance(value, datetime):
+        return value.timestamp() if value.tzinfo else value.replace(tzinfo=timezone.utc).timestamp()
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", value.strip())
+    if m is None:
+        return None
+    frac = float(m.group(2) or 0.0)  # nanoseconds are more digits than fromisoformat takes in 3.11
+    return datetime.fromisoformat(m.group(1) + m.group(3).replace("Z", "+00:00")).timestamp() + frac
 
 
 @dataclass(frozen=True)
@@ -4895,6 +4947,7 @@ class VertexClient(GeminiClient):
             output_file=out or None,
             stats=stats,
             error=f"{err.message or ''} (code {err.code})" if err is not None and (err.message or err.code) else None,
+            ended_at=rfc3339_epoch(j.end_time),
         )
 
     async def create_batch(self, model: str, src: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
@@ -6626,6 +6679,8 @@ class GracefulStop:
 class Engine:
     """Drives one prepared run to the end. Never prints, exits or reads the environment."""
 
+    _uploads_failing_since: float | None = None  # uploads failing on the way (network, 5xx, 429) since then, in a row
+
     def __init__(
         self,
         store: RunStore,
@@ -6665,7 +6720,7 @@ class Engine:
         self.spec = run_model_spec(self.run)
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
-        self._download_failures: dict[str, tuple[int, float]] = {}  # job: (failed rounds, clock at the first)
+        self._download_failures: dict[str, tuple[int, float, float | None]] = {}  # job: (rounds, first, first refusal)
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
@@ -7536,11 +7591,14 @@ class Engine:
         except AuthError:
             raise
         except RemoteError as e:  # the seam already tried as often as the retry policy allows
+            if e.code in TRANSIENT_CODES:  # on the way (network, 5xx, 429): not the job's fault, no attempt of it spent
+                return self._upload_unanswered(job, e)  # (a 400 "Unsupported MIME type" still fails it, as before)
             self._log(f"{job.name}: upload refused ({e}); the job failed")
             if self.jobs[job.name].state == JobState.UPLOADING:
                 self._advance(self.jobs[job.name], JobState.FAILED, error=f"upload refused: {e}")
             self._wake.set()
             return True
+        self._uploads_failing_since = None
         if self.jobs[job.name].state != JobState.UPLOADING:  # given up on while uploading (creates refused too long)
             return True
         self._advance(self.jobs[job.name], JobState.UPLOADED, remote_file=f.name)
@@ -7548,6 +7606,28 @@ class Engine:
         self._wake.set()  # the scheduler may admit it now
         self._flex_wake.set()
         return True
+
+    def _upload_unanswered(self, job: Job, e: RemoteError) -> bool:
+        """An upload that failed on the way after the seam's retries (a laptop awake before its network): the job back
+        to CREATED, to be uploaded again after the uploader's back-off (False); failing so for POLL_SILENCE_S in a row
+        stops the run, resumably (ServiceSilent). Failing the job instead spent every attempt in a 90 s outage."""
+        now = self.clock()
+        since = self._uploads_failing_since = self._uploads_failing_since if self._uploads_failing_since is not None else now
+        if self.jobs[job.name].state == JobState.UPLOADING:
+            self._advance(self.jobs[job.name], JobState.CREATED)
+        if now - since >= max(60.0, POLL_SILENCE_S * self.opts.retry_scale):
+            self.halt(
+                ServiceSilent(
+                    f"uploads failed on the way for {(now - since) / 60:.0f} min (the last, {job.name}: {e}); nothing was "
+                    f"created for them. Fix: check the network and the endpoint, then `batchify resume {self.run.name}`.",
+                    code=e.code,
+                    status=e.status,
+                ),
+                "the service has not answered for too long",
+            )
+            return True
+        self._log(f"{job.name}: upload failed on the way ({e}); trying again after a pause")
+        return False
 
     async def _sleep_until(self, delay: float, event: asyncio.Event) -> None:
         """Sleep (through the injected sleep) until the delay passes or the event is set; always yields."""
@@ -7937,20 +8017,54 @@ class Engine:
         except AuthError:
             raise
         except RemoteError as e:
-            if isinstance(e, ShortOutput):
-                self._short_outputs[job.name] = self._short_outputs.get(job.name, 0) + 1
-            now = self.clock()
-            n, since = self._download_failures.get(job.name, (0, now))
-            self._download_failures[job.name] = (n + 1, since)
-            delay = download_retry_delay(n + 1, now - since, self.opts.poll, self.opts.max_poll_interval, OUTPUT_PATIENCE_S)
-            if delay is None:
-                return await self._output_gone(job, n + 1, e)
-            self._log(f"{job.name}: output not downloadable yet ({e}); trying again in {delay:.0f} s (the job is paid for)")
-            self._download_retry_at[job.name] = now + delay
-            return False
+            return await self._download_failed(job, e)
         self._download_failures.pop(job.name, None)
         self._advance(job, JobState.RESULTS_DOWNLOADED, ok=ok, failed=failed, usage=usage)
         return True
+
+    async def _download_failed(self, job: Job, e: RemoteError) -> bool:
+        """A failed download of a SUCCEEDED job's output, as download_failure_verdict says: tried again later; taken as
+        gone (refused for OUTPUT_PATIENCE_S, or at once when the service says the job ended longer ago than it keeps
+        files); or the run stopped, resumably, after failures on the way for POLL_SILENCE_S. Always False."""
+        if isinstance(e, ShortOutput):
+            self._short_outputs[job.name] = self._short_outputs.get(job.name, 0) + 1
+        transient = e.transient or isinstance(e, ShortOutput)
+        now = self.clock()
+        n, since, refused_at = self._download_failures.get(job.name, (0, now, None))
+        if not transient and refused_at is None:  # the first refusal of this streak; an output the service no longer
+            # keeps (the job ended longer ago than that) is refused for good: its patience spent at once (-inf)
+            refused_at = -math.inf if await self._ended_before_retention(job) else now
+        self._download_failures[job.name] = (n + 1, since, refused_at)
+        scale = self.opts.retry_scale
+        verdict, delay = download_failure_verdict(
+            transient,
+            n + 1,
+            now - since,
+            None if refused_at is None else now - refused_at,
+            self.opts.poll,
+            self.opts.max_poll_interval,
+            max(60.0, OUTPUT_PATIENCE_S * scale),  # a drill's --retry-scale 0 still rides out a late output
+            max(60.0, POLL_SILENCE_S * scale),
+        )
+        if verdict == "gone":
+            return await self._output_gone(job, n + 1, e)
+        if verdict == "silent":
+            self.halt(download_silent(job, now - since, e, self.run.name), "the service has not answered for too long")
+            return False
+        self._log(f"{job.name}: output not downloadable yet ({e}); trying again in {delay:.0f} s (the job is paid for)")
+        self._download_retry_at[job.name] = now + delay
+        return False
+
+    async def _ended_before_retention(self, job: Job) -> bool:
+        """Whether the service says the job ended longer ago than it keeps files (OUTPUT_RETENTION_S): a resume days
+        later need not wait an hour on an output refused because it was deleted. False when it cannot say."""
+        try:
+            rj = await self.client.get_batch(job.remote_job or "")
+        except AuthError:
+            raise
+        except RemoteError:
+            return False
+        return rj.ended_at is not None and self.wall() - rj.ended_at > OUTPUT_RETENTION_S
 
     async def _output_gone(self, job: Job, rounds: int, e: RemoteError) -> bool:
         """OUTPUT_PATIENCE_S of refused downloads: ask the service once more for the job (its output may have a new
@@ -7958,14 +8072,20 @@ class Engine:
         requests sent again, and said loudly, since its answers were paid for. The other jobs go on meanwhile."""
         try:
             rj = await self.client.get_batch(job.remote_job or "")
-        except RemoteError:
+        except AuthError:
+            raise
+        except RemoteError as ge:
+            if ge.transient:  # no answer is no proof the output is gone: the run stops, resumably, the job kept
+                since = self._download_failures.get(job.name, (0, self.clock(), None))[1]
+                self.halt(download_silent(job, self.clock() - since, ge, self.run.name), "the service has not answered")
+                return False
             rj = None
         if rj is not None and rj.output_file and rj.output_file != job.output_file:
             self._log(f"{job.name}: the service names another output for it ({rj.output_file}); downloading that")
             self._advance(job, JobState.SUCCEEDED, output_file=rj.output_file)
             self._download_failures.pop(job.name, None)
             return False
-        minutes = OUTPUT_PATIENCE_S / 60
+        minutes = max(60.0, OUTPUT_PATIENCE_S * self.opts.retry_scale) / 60
         self._log(
             f"warning: {job.name}: its output {job.output_file} could not be downloaded for {minutes:.0f} min ({rounds} "
             f"rounds; last: {e}); its requests go again, and are paid for twice"

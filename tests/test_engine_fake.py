@@ -381,17 +381,139 @@ def test_a_succeeded_job_whose_output_stays_unreadable_is_waited_for_an_hour_the
 
 
 @pytest.mark.parametrize(
-    ("rounds", "waited", "delay"),
+    ("transient", "rounds", "failing_for", "refused_for", "verdict"),
     [
-        (1, 0.0, 30.0),  # the poll interval first
-        (2, 30.0, 60.0),  # doubling
-        (5, 500.0, 300.0),  # at most the longest poll interval
-        (9, 3500.0, 100.0),  # never past the end of the patience
-        (9, 3600.0, None),  # spent: stop (never fail the paid job)
+        (False, 1, 0.0, 0.0, ("again", 30.0)),  # a refusal: the poll interval first
+        (False, 2, 30.0, 30.0, ("again", 60.0)),  # doubling
+        (False, 5, 500.0, 500.0, ("again", 300.0)),  # at most the longest poll interval
+        (False, 9, 3500.0, 3500.0, ("again", 100.0)),  # never past the end of the patience
+        (False, 9, 3600.0, 3600.0, ("gone", 0.0)),  # refused for the whole patience: gone (sent again, said loudly)
+        (False, 9, 9000.0, 100.0, ("again", 300.0)),  # an hour on the way, then a refusal: its own patience starts
+        (True, 9, 3600.0, None, ("silent", 0.0)),  # an hour on the way: the run stops, resumably, the job kept
+        (True, 9, 3600.0, 3600.0, ("silent", 0.0)),  # the last failure on the way: never "gone"
+        (True, 9, 3500.0, None, ("again", 100.0)),  # never past the end of the silence
     ],
 )
-def test_download_retry_delay_table(rounds, waited, delay):
-    assert batchify.download_retry_delay(rounds, waited, 30.0, 300.0, 3600.0) == delay
+def test_download_failure_verdict_table(transient, rounds, failing_for, refused_for, verdict):
+    assert batchify.download_failure_verdict(transient, rounds, failing_for, refused_for, 30.0, 300.0, 3600.0, 3600.0) == verdict
+
+
+class _Offline(FakeGemini):
+    """Every call fails on the way (code 0: the network is down) while the clock is inside `dark`; the output and the
+    jobs stay intact at the service. `dark_from_first_download`: the outage begins at the first download."""
+
+    dark: tuple[float, float] = (0.0, 0.0)
+    dark_from_first_download = False
+
+    def _down(self, what: str, name: str) -> None:
+        if self.dark[0] <= self.clock.now() < self.dark[1]:
+            self._log(f"{what}-down", name)
+            raise batchify.RemoteError(f"{what}: network error (scripted: offline)", code=0)
+
+    async def upload(self, path: Path, display_name: str) -> batchify.RemoteFile:
+        self._down("upload", display_name)
+        return await super().upload(path, display_name)
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        self._down("get", name)
+        return await super().get_batch(name)
+
+    async def download(self, name: str):  # type: ignore[override]
+        if self.dark_from_first_download and self.dark == (0.0, 0.0):
+            self.dark = (self.clock.now(), self.clock.now() + 3_700.0)
+        self._down("download", name)
+        async for chunk in super().download(name):
+            yield chunk
+
+
+def test_an_hour_offline_with_a_finished_job_stops_the_run_and_never_pays_twice(tmp_path):
+    """A SUCCEEDED job's output failing to download on the way (the network down a little over an hour, the output
+    intact at the service) stops the run, resumably (ServiceSilent, exit 3), the job kept SUCCEEDED; resume downloads
+    it. It used to count toward OUTPUT_PATIENCE_S like a refusal: the job FAILED after the hour, its paid answers
+    thrown away, its requests sent again (paid twice; in batch mode all lost once the retries' uploads failed too)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0)
+    fake = _Offline(clock, [9.0, 9.0, 9.0])
+    fake.dark_from_first_download = True
+    with pytest.raises(batchify.ServiceSilent, match=r"b0001.*could not be downloaded for 6\d min.*batchify resume fake"):
+        run_engine(store, fake, clock)
+    assert {j.name: j.state for j in store.load_jobs()} == {"b0001": batchify.JobState.SUCCEEDED}
+    clock.t = fake.dark[1]  # the network is back: the user resumes
+    assert run_engine(store, fake, clock).ok == 20
+    assert len([c for c in fake.calls if c[1] == "create"]) == 1 and fake.generate_calls == 0
+
+
+def test_an_upload_outage_spends_no_attempt_and_the_run_goes_on_when_it_ends(tmp_path):
+    """Uploads failing on the way (a laptop awake before its network, ~90 s) put the job back to CREATED and are tried
+    again after the uploader's back-off: no attempt is spent, the job is created once, every answer comes back. They
+    used to fail the job at once: every --max-attempts spent in the outage, the whole run errors."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=3)
+    fake = _Offline(clock, [5.0, 5.0, 5.0])
+    fake.dark = (0.0, 90.0)
+    s = run_engine(store, fake, clock)
+    assert s.ok == 20 and s.errors == 0
+    creates = [t for t, what, _ in fake.calls if what == "create"]
+    assert len(creates) == 1 and creates[0] >= 90.0
+    assert [j.name for j in store.load_jobs()] == ["b0001"]  # no retry job: no attempt was spent
+
+
+def test_uploads_failing_for_an_hour_stop_the_run_and_resume_finishes(tmp_path):
+    """No failure waits forever: uploads failing on the way for POLL_SILENCE_S stop the run (ServiceSilent), nothing
+    created and no attempt spent; resume, once the network is back, finishes it."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0)
+    fake = _Offline(clock, [5.0])
+    fake.dark = (0.0, 10_000.0)
+    with pytest.raises(batchify.ServiceSilent, match=r"uploads failed on the way for 6\d min.*nothing was created"):
+        run_engine(store, fake, clock)
+    assert fake.jobs == {} and [j.state for j in store.load_jobs()] == [batchify.JobState.CREATED]
+    clock.t = 10_000.0
+    assert run_engine(store, fake, clock).ok == 20
+
+
+class _EndedLongAgo(_OutputNotReadable):
+    """The job ended three days ago, says the service (endTime), and its output is refused: deleted by retention."""
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        rj = await super().get_batch(name)
+        return (
+            dataclasses.replace(rj, ended_at=self.clock.wall() - 3 * 86_400.0) if rj.state == batchify.JobState.SUCCEEDED else rj
+        )
+
+
+def test_an_output_refused_of_a_job_that_ended_days_ago_is_gone_at_once(tmp_path):
+    """A resume days later: the service says the job ended longer ago than it keeps files (OUTPUT_RETENTION_S), and
+    its output is refused: it is gone, sent again at once (said loudly), not after an hour of retries."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=2)
+    fake = _EndedLongAgo(clock, [5.0, 5.0])
+    asyncio.run(batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, wall=clock.wall).execute())
+    creates = [t for t, what, _ in fake.calls if what == "create"]
+    assert len(creates) == 2 and creates[1] - creates[0] < 60.0
+    assert any("could not be downloaded" in (j.error or "") or "not downloadable" in (j.error or "") for j in store.load_jobs())
+
+
+class _OutputRefusedThenGetsDown(_OutputNotReadable):
+    """The output refused for the whole patience, and the job's own get failing on the way at that moment."""
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        if self.clock.now() >= batchify.OUTPUT_PATIENCE_S:
+            self._log("get-down", name)
+            raise batchify.RemoteError("get: network error (scripted)", code=0)
+        return await super().get_batch(name)
+
+
+def test_no_answer_from_the_jobs_get_is_no_proof_its_output_is_gone(tmp_path):
+    """After OUTPUT_PATIENCE_S of refused downloads, the service is asked once more for the job; that look failing on
+    the way does not fail the job (it used to: taken as gone, sent again): the run stops, resumably, instead."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=2)
+    fake = _OutputRefusedThenGetsDown(clock, [5.0, 5.0])
+    with pytest.raises(batchify.ServiceSilent):
+        run_engine(store, fake, clock)
+    assert len([c for c in fake.calls if c[1] == "create"]) == 1
+    assert [j.state for j in store.load_jobs()] == [batchify.JobState.SUCCEEDED]
 
 
 class _StaleReplica(FakeGemini):
