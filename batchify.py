@@ -8057,7 +8057,10 @@ class Engine:
 
     async def _ended_before_retention(self, job: Job) -> bool:
         """Whether the service says the job ended longer ago than it keeps files (OUTPUT_RETENTION_S): a resume days
-        later need not wait an hour on an output refused because it was deleted. False when it cannot say."""
+        later need not wait an hour on an output refused because it was deleted. False when it cannot say, and on
+        Vertex (its output is in the user's own bucket: no such retention)."""
+        if self.opts.backend == "vertex":
+            return False
         try:
             rj = await self.client.get_batch(job.remote_job or "")
         except AuthError:
