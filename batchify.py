@@ -8969,6 +8969,7 @@ def job_entry(j: Job) -> dict[str, Any]:
         "attempt": j.attempt,
         "error": j.error,
         "since": j.timestamps.get(str(j.state)),
+        "at_service_since": min((j.timestamps[k] for k in ("PENDING", "RUNNING") if k in j.timestamps), default=None),
     }
 
 
@@ -9905,7 +9906,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
                 f"{j['done']}/{j['requests']}",
                 f"{j['ok']}/{j['failed']}",
                 f"{j['tokens']:,}",
-                _esc(_age(j["since"] or "")),
+                _esc(_since_words(j)),
                 _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
@@ -9917,18 +9918,46 @@ def render_status(data: dict[str, Any], one: bool) -> None:
             c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")
 
 
-def _age(ts: str) -> str:
-    if not ts:
-        return ""
+def _seconds_ago(ts: str, now: datetime | None = None) -> int | None:
+    """Whole seconds from the stamp `ts` to `now` (default: the wall clock); None for a stamp that is no date."""
     try:
         dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     except ValueError:
+        return None
+    return int(((now or datetime.now(timezone.utc)) - dt).total_seconds())
+
+
+def _age(ts: str, now: datetime | None = None) -> str:
+    """How long ago the stamp `ts` was, as `status` shows it. Never negative: a stamp ahead of `now` (the wall clock
+    was set back since it was written: a VM restored from a snapshot, a clock NTP corrected) is "0s ago", and
+    says the clock moved when it is more than a minute ahead."""
+    if not ts:
+        return ""
+    sec = _seconds_ago(ts, now)
+    if sec is None:
         return ts
-    sec = int((datetime.now(timezone.utc) - dt).total_seconds())
+    if sec < 0:
+        return "0s ago" if sec > -60 else "0s ago (the clock was set back since)"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if sec >= size:
             return f"{sec // size}{unit} ago"
     return f"{sec}s ago"
+
+
+# A batch job pending or running at the service for longer than this ends EXPIRED with no results (Google's batch
+# guide, ai.google.dev/gemini-api/docs/batch-mode, as the project's service notes record it; a job's expirationTime
+# is its createTime + 48 h).
+BATCH_EXPIRY_S = 48 * 3600
+
+
+def _since_words(j: dict[str, Any], now: datetime | None = None) -> str:
+    """A job's "since" in `status`: its age in its state, and, for a job pending or running at the service for
+    more than BATCH_EXPIRY_S, that it has likely expired (the service ends it EXPIRED, with no results)."""
+    words = _age(j["since"] or "", now)
+    at = j.get("at_service_since")
+    if j["state"] in ("PENDING", "RUNNING") and at and (_seconds_ago(at, now) or 0) > BATCH_EXPIRY_S:
+        words += f"; at the service over {BATCH_EXPIRY_S // 3600} h: likely EXPIRED"
+    return words
 
 
 # ================================================================================================
