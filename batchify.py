@@ -734,6 +734,30 @@ def resolve_model(catalog: Catalog, name: str, today: str) -> ModelSpec:
     return spec
 
 
+def price_timeline(catalog: Catalog, name: str, today: str, opts: RunOptions) -> list[dict[str, Any]]:
+    """The dated price changes after `today` that a run prepared today is billed by when it sends later: for each
+    later date on which the prices in force may change (the model's own price_changes; for a model whose requests
+    are routed to another after its shutdown, that date and the other model's changes), every price in force from
+    that date (resolve_model's, as the backend serves it). Kept in the plan (model_spec's price_changes), so that
+    a run resumed after a change is costed, and capped by --max-cost, at the new prices (run_model_spec)."""
+    n = name.removeprefix("models/")
+    raw = catalog.models.get(n, {})
+    dates = {c.get("from") for c in raw.get("price_changes", []) if isinstance(c, dict)}
+    other = raw.get("routed_to")
+    if other in catalog.models and raw.get("shutdown"):
+        dates |= {raw["shutdown"]} | {
+            c.get("from") for c in catalog.models[other].get("price_changes", []) if isinstance(c, dict)
+        }
+    out: list[dict[str, Any]] = []
+    for day in sorted(d for d in dates if isinstance(d, str) and d > today):
+        try:
+            s = backend_spec(resolve_model(catalog, n, day), opts)
+        except UsageError:  # shut down by then: nothing more is sent (model_retired), nothing more is billed
+            break
+        out.append({"from": day, **{k: getattr(s, k) for k in sorted(_PRICE_KEYS) if getattr(s, k) is not None}})
+    return out
+
+
 def lifecycle_warning(spec: ModelSpec, today: str) -> str | None:
     if spec.status != "deprecated" and not spec.shutdown:
         return None
@@ -1891,13 +1915,15 @@ def validate_run_dict(d: dict[str, Any]) -> None:
             )
 
 
-def run_model_spec(run: Run) -> ModelSpec:
+def run_model_spec(run: Run, today: str = "0000-00-00") -> ModelSpec:
     """The model figures a run was planned with (kept in its plan), or, for a run prepared before the
-    catalog, the built-in catalog's entry for its model."""
+    catalog, the built-in catalog's entry for its model. With `today` (YYYY-MM-DD), the prices in force that day:
+    the plan's dated price changes (price_timeline, kept since prepare) dated on or before it applied. The default
+    is the prices of the day the run was prepared (a plan from before price_changes were kept has none)."""
     d = run.plan.get("model_spec")
     if isinstance(d, dict):
-        raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {}}
-        return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", "0000-00-00")
+        raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {} and v != []}
+        return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", today)
     model = str(run.config.get("model") or DEFAULT_MODEL).removeprefix("models/")
     cat = builtin_catalog()
     if model in cat.models:
@@ -6022,7 +6048,7 @@ def _full_plan(
         usage = expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens))
         plan["estimated_cost_usd"] = round(cost_usd(spec, usage, "flex"), 6)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in p.batches]
-    plan["model_spec"] = spec.to_dict()
+    plan["model_spec"] = {**spec.to_dict(), "price_changes": price_timeline(catalog, cfg.model, today, opts)}
     plan["catalog_as_of"] = catalog.as_of
     plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
     plan["generation_config_json"] = orjson.dumps(gc).decode()  # as sent, in its order (run.json sorts dict keys)
@@ -6662,7 +6688,7 @@ class Engine:
         self._failure: Exception | None = None
         self._wake, self._demand = asyncio.Event(), asyncio.Event()  # (batch_phase makes both again, on its own loop)
         self.limit = self.run.plan["effective_limit"]
-        self.spec = run_model_spec(self.run)
+        self._spec_day, self._spec = -1, run_model_spec(self.run)  # (the wall clock's day, the prices in force): spec
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, tuple[int, float]] = {}  # job: (failed rounds, clock at the first)
@@ -6692,6 +6718,23 @@ class Engine:
         if self._client is None:
             raise UsageError("this step needs the API: give an endpoint and a key")
         return self._client
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The run's model figures with the prices in force on the wall clock's day (UTC): a run prepared before a
+        dated price change (the plan keeps them: price_timeline) and sending after it is costed, and capped by
+        --max-cost, at the prices it is billed at. Looked up again when the day changes, so a process that crosses
+        the change's date goes on at the new prices. One price for the whole run: the usage is not kept by day, so
+        what this run spent before the change is counted at the new prices too (after a rise, more than was
+        billed: --max-cost errs on the safe side)."""
+        day = int(self.wall() // 86400)
+        if day != self._spec_day:
+            self._spec_day, self._spec = day, run_model_spec(self.run, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: ModelSpec) -> None:
+        self._spec_day, self._spec = int(self.wall() // 86400), value
 
     @property
     def request_files(self) -> RequestFiles:
@@ -8750,7 +8793,7 @@ def schema_categoricals(schema: dict[str, Any] | None) -> dict[str, list[Any]]:
 def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
     """Counts of every enum/boolean schema field, errors by kind, tokens and cost of one run."""
     run = RunStore(state_dir, name).load_run()
-    spec = run_model_spec(run)
+    spec = run_model_spec(run, run.updated_at[:10])  # the prices of the day the run was last worked on, as Engine.spec
     fields = schema_categoricals(run.config.get("schema"))
     dist: dict[str, dict[str, int]] = {k: {} for k in fields}
     errors: dict[str, int] = {}
@@ -8948,7 +8991,7 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
         "job_states": counts,
         "plan": {k: run.plan.get(k) for k in STATUS_PLAN_KEYS},
         "batch_usage": usage,
-        "batch_cost_usd": round(cost_usd(run_model_spec(run), usage, "batch"), 6),
+        "batch_cost_usd": round(cost_usd(run_model_spec(run, run.updated_at[:10]), usage, "batch"), 6),
         "summary": run.summary,
     }
 
