@@ -4318,6 +4318,7 @@ class Backend(Protocol):
     async def delete_batch(self, name: str) -> None: ...
     async def delete_file(self, name: str) -> None: ...
     async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]: ...
+    async def get_model(self, model: str, replacement: str | None = None) -> ModelInfo: ...  # a 404: UsageError
     async def close(self) -> None: ...
 
 
@@ -6736,6 +6737,10 @@ class Engine:
     def spec(self, value: ModelSpec) -> None:
         self._spec_day, self._spec = int(self.wall() // 86400), value
 
+    def _today(self) -> str:
+        """The wall clock's date (UTC), YYYY-MM-DD."""
+        return time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
+
     @property
     def request_files(self) -> RequestFiles:
         """The run's request files: in the run folder, or in the staging bucket (run_requests)."""
@@ -6932,7 +6937,7 @@ class Engine:
             await self._stoppable_step(self.repair())
             try:
                 await self._batch_side()
-                if self._line_retry_due():  # a retry batch of the ids answered with an error: batch or Flex takes it
+                if self.retired is None and self._line_retry_due():  # a retry batch of the ids answered with an error
                     await self._batch_side()
             except BatchRefusedError as e:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
@@ -6940,6 +6945,8 @@ class Engine:
                 self._log(f"batch refused for good ({e}); finishing through the {self._fallback_tier()} tier")
                 self.run.notes["batch_refused"] = str(e)
                 self.store.save_run(self.run)
+            if self.retired is not None:  # the model was shut down mid-run (create_job): no fallback, exit 2
+                return await self._collect_only(self.retired)
             if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
                 left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
                 spent, _committed, overrun = self._cost_standing(fresh=True)
@@ -7014,7 +7021,7 @@ class Engine:
     def _flex_candidate(self) -> Job | None:
         """The batch the Flex lanes would take now: one they owned already and did not finish (a resume), else the
         last one batch has not started (the tail; batch admits from the head); none past --max-cost."""
-        if self._cost_capped:
+        if self._cost_capped or self.retired is not None:
             return None
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
@@ -7738,8 +7745,10 @@ class Engine:
         self.hook(Hook.AFTER_INTENT)
         try:
             rj = await self.client.create_batch(self.cfg.model, job.remote_file or "", job.display_name)
-        except BatchRefusedError:
+        except BatchRefusedError as e:
             self._advance(job, JobState.UPLOADED)
+            if e.code == 404 and await self._model_shut_down(job, e):
+                return False  # nothing more is created or sent: _execute collects what the service has (exit 2)
             raise
         except RemoteError as e:
             if e.code == 429:
@@ -7766,6 +7775,23 @@ class Engine:
         self._advance(job, rj.state, remote_job=rj.name)
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
         return True
+
+    async def _model_shut_down(self, job: Job, e: BatchRefusedError) -> bool:
+        """A create answered 404: is the model gone (shut down since the run started: models.get answers 404, or the
+        catalog's shutdown date has passed), rather than without a Batch API? Then the run takes the path a resume
+        on a retired model takes (self.retired: _collect_only), instead of the fallback's Flex or standard requests,
+        each of which would be answered 404 too. A model that is still served keeps the refusal as it was."""
+        if self.retired is None:
+            try:
+                self.retired = await model_retired(self.run, self.client, self._today())
+            except RemoteError:  # models.get itself failed: cannot tell, the refusal stands
+                return False
+            if self.retired is not None:
+                self._log(
+                    f"{job.name}: create answered {e.code}, and {self.retired.split(' Fix:')[0]} Nothing new is created "
+                    "or sent; what the service already has is collected"
+                )
+        return self.retired is not None
 
     def _create_refused(self, job: Job, e: RemoteError) -> bool:
         """A create answered 429. With jobs of this run enqueued, that is the enqueued-token limit: wait for
@@ -8429,7 +8455,7 @@ class RequestSender:
                 if capped and not self.engine._cost_allows(t, 1, self.service):  # with the requests in flight, scaled
                     self.capped = True  # the rest stays unsent; resume with a higher --max-cost sends it
                     break
-                if self.engine.stopping:
+                if self.engine.stopping or self.engine.retired is not None:  # (the model shut down mid-run)
                     break
                 await self.gate.acquire()
                 if self.engine.stopping:  # asked to stop while waiting for a slot
@@ -9252,7 +9278,7 @@ def _the_same_run_again(
     return run
 
 
-async def model_retired(run: Run, client: GeminiClient, today: str | None = None) -> str | None:
+async def model_retired(run: Run, client: Backend, today: str | None = None) -> str | None:
     """Before a run that was prepared earlier sends more: why its model may take no new requests now (retired by
     the catalog as of `today`, default the real date, or a 404 from models.get), else None. The engine is then
     told so (Engine's `retired`): what is already at the service is still polled, downloaded and merged, and only

@@ -664,6 +664,59 @@ def test_a_retired_models_resume_with_ids_left_leaves_the_run_unfinished(tmp_pat
     assert store.load_run().status == "interrupted"
 
 
+class _ShutDownAfterFirstCreate(FakeGemini):
+    """The model is shut down once the first job is created: models.get, creates and generateContent answer 404."""
+
+    async def create_batch(self, model, src, display_name):
+        if self.jobs:
+            self.models_gone.add(model)
+        return await super().create_batch(model, src, display_name)
+
+
+def _prepared_lite(tmp_path: Path, **opts) -> batchify.RunStore:
+    """40 documents in 4 batches on gemini-3.1-flash-lite (the catalog: shuts down 2027-05-07, replacement
+    gemini-3.5-flash-lite), auto mode, one job at a time."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(40)))
+    store = batchify.RunStore(tmp_path / "st", "fake")
+    cfg = batchify.JobConfig(model="gemini-3.1-flash-lite", schema={"type": "object"})
+    o = {"mode": "auto", "poll_interval": 1.0, "enqueued_limit": 10**6, "margin": 0.0, "max_active_jobs": 1, **opts}
+    asyncio.run(batchify.prepare_run(store, inp, cfg, batchify.RunOptions(batch_size=10, calibrate=False, **o)))
+    return store
+
+
+@pytest.mark.parametrize("mode", ["auto", "batch", "hybrid"])
+def test_a_model_shut_down_mid_run_is_collected_and_named_not_sent_to_the_fallback(tmp_path, mode):
+    """The model shut down while the run was under way: its next create answered 404, taken as "this model has no
+    Batch API ... --mode realtime", and the fallback sent every remaining request to Flex, each answered 404 again
+    (adversary reproducer 06). A 404 on create now asks models.get: the model is gone, so the run takes the path a
+    resume on a retired model takes: what the service has is collected, nothing is sent, exit 2 naming the
+    replacement."""
+    hybrid = {"flex_lanes": 1, "max_active_jobs": 2} if mode == "hybrid" else {}  # (the 2nd create before Flex drains all)
+    store = _prepared_lite(tmp_path, mode=mode, **hybrid)
+    fake = _ShutDownAfterFirstCreate(FakeClock(), [5.0] * 4)
+    with pytest.raises(batchify.UsageError, match=r"would need new requests.*--model gemini-3\.5-flash-lite") as e:
+        run(store, fake)
+    assert "no Batch API" not in str(e.value) and "--mode realtime" not in str(e.value)
+    flex_404 = [c for c in fake.calls if c[1] == "flex" and c[0] > next(t for t, what, _ in fake.calls if what == "create-404")]
+    assert not flex_404, f"requests sent to the shut-down model after its create was refused: {len(flex_404)}"
+    assert len(fake.jobs) == 1 and [c[1] for c in fake.calls].count("get-model") == 1
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert sum(r["status"] == "ok" for r in rows) >= 10 and len(rows) == 40  # the job created was collected
+    assert store.load_run().status == "interrupted" and not store.load_run().notes.get("batch_refused")
+
+
+def test_a_create_404_for_a_model_still_served_keeps_the_fallback(tmp_path):
+    """A 404 on create for a model models.get still serves (no Batch API for it): the refusal stands, and auto mode
+    finishes through Flex as before."""
+    store = _prepared_lite(tmp_path)
+    fake = FakeGemini(FakeClock(), [5.0] * 4)
+    fake.no_batch.add("gemini-3.1-flash-lite")
+    s = run(store, fake)
+    assert s.ok == 40 and len(fake.generated) == 40 and not fake.jobs
+    assert [c[1] for c in fake.calls].count("get-model") == 1 and store.load_run().notes.get("batch_refused")
+
+
 # -- an error that ends the run waits for the requests already sent (the adversary's paid-twice cases) ---------------
 def sent_once_or_saved(store: batchify.RunStore, fake: FakeGemini, refused: str = "") -> None:
     """Every real-time request sent (the real service bills it, whether or not the client waits for the answer) was
