@@ -739,6 +739,30 @@ def resolve_model(catalog: Catalog, name: str, today: str) -> ModelSpec:
     return spec
 
 
+def price_timeline(catalog: Catalog, name: str, today: str, opts: RunOptions) -> list[dict[str, Any]]:
+    """The dated price changes after `today` that a run prepared today is billed by when it sends later: for each
+    later date on which the prices in force may change (the model's own price_changes; for a model whose requests
+    are routed to another after its shutdown, that date and the other model's changes), every price in force from
+    that date (resolve_model's, as the backend serves it). Kept in the plan (model_spec's price_changes), so that
+    a run resumed after a change is costed, and capped by --max-cost, at the new prices (run_model_spec)."""
+    n = name.removeprefix("models/")
+    raw = catalog.models.get(n, {})
+    dates = {c.get("from") for c in raw.get("price_changes", []) if isinstance(c, dict)}
+    other = raw.get("routed_to")
+    if other in catalog.models and raw.get("shutdown"):
+        dates |= {raw["shutdown"]} | {
+            c.get("from") for c in catalog.models[other].get("price_changes", []) if isinstance(c, dict)
+        }
+    out: list[dict[str, Any]] = []
+    for day in sorted(d for d in dates if isinstance(d, str) and d > today):
+        try:
+            s = backend_spec(resolve_model(catalog, n, day), opts)
+        except UsageError:  # shut down by then: nothing more is sent (model_retired), nothing more is billed
+            break
+        out.append({"from": day, **{k: getattr(s, k) for k in sorted(_PRICE_KEYS) if getattr(s, k) is not None}})
+    return out
+
+
 def lifecycle_warning(spec: ModelSpec, today: str) -> str | None:
     if spec.status != "deprecated" and not spec.shutdown:
         return None
@@ -1896,13 +1920,15 @@ def validate_run_dict(d: dict[str, Any]) -> None:
             )
 
 
-def run_model_spec(run: Run) -> ModelSpec:
+def run_model_spec(run: Run, today: str = "0000-00-00") -> ModelSpec:
     """The model figures a run was planned with (kept in its plan), or, for a run prepared before the
-    catalog, the built-in catalog's entry for its model."""
+    catalog, the built-in catalog's entry for its model. With `today` (YYYY-MM-DD), the prices in force that day:
+    the plan's dated price changes (price_timeline, kept since prepare) dated on or before it applied. The default
+    is the prices of the day the run was prepared (a plan from before price_changes were kept has none)."""
     d = run.plan.get("model_spec")
     if isinstance(d, dict):
-        raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {}}
-        return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", "0000-00-00")
+        raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {} and v != []}
+        return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", today)
     model = str(run.config.get("model") or DEFAULT_MODEL).removeprefix("models/")
     cat = builtin_catalog()
     if model in cat.models:
@@ -4329,6 +4355,7 @@ class Backend(Protocol):
     async def delete_batch(self, name: str) -> None: ...
     async def delete_file(self, name: str) -> None: ...
     async def generate(self, model: str, request: dict[str, Any], flex: bool = False) -> dict[str, Any]: ...
+    async def get_model(self, model: str, replacement: str | None = None) -> ModelInfo: ...  # a 404: UsageError
     async def close(self) -> None: ...
 
 
@@ -6075,7 +6102,7 @@ def _full_plan(
         usage = expected_usage(cfg, spec, plan["input_tokens"], p.records, (p.long_docs, p.long_tokens))
         plan["estimated_cost_usd"] = round(cost_usd(spec, usage, "flex"), 6)
     plan["batch_ranges"] = [[b.start, b.end, b.tokens, b.bytes] for b in p.batches]
-    plan["model_spec"] = spec.to_dict()
+    plan["model_spec"] = {**spec.to_dict(), "price_changes": price_timeline(catalog, cfg.model, today, opts)}
     plan["catalog_as_of"] = catalog.as_of
     plan["generation_config"] = {k: v for k, v in gc.items() if k not in ("responseJsonSchema", "responseMimeType")}
     plan["generation_config_json"] = orjson.dumps(gc).decode()  # as sent, in its order (run.json sorts dict keys)
@@ -6717,7 +6744,7 @@ class Engine:
         self._failure: Exception | None = None
         self._wake, self._demand = asyncio.Event(), asyncio.Event()  # (batch_phase makes both again, on its own loop)
         self.limit = self.run.plan["effective_limit"]
-        self.spec = run_model_spec(self.run)
+        self._spec_day, self._spec = -1, run_model_spec(self.run)  # (the wall clock's day, the prices in force): spec
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, tuple[int, float, float | None]] = {}  # job: (rounds, first, first refusal)
@@ -6747,6 +6774,27 @@ class Engine:
         if self._client is None:
             raise UsageError("this step needs the API: give an endpoint and a key")
         return self._client
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The run's model figures with the prices in force on the wall clock's day (UTC): a run prepared before a
+        dated price change (the plan keeps them: price_timeline) and sending after it is costed, and capped by
+        --max-cost, at the prices it is billed at. Looked up again when the day changes, so a process that crosses
+        the change's date goes on at the new prices. One price for the whole run: the usage is not kept by day, so
+        what this run spent before the change is counted at the new prices too (after a rise, more than was
+        billed: --max-cost errs on the safe side)."""
+        day = int(self.wall() // 86400)
+        if day != self._spec_day:
+            self._spec_day, self._spec = day, run_model_spec(self.run, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: ModelSpec) -> None:
+        self._spec_day, self._spec = int(self.wall() // 86400), value
+
+    def _today(self) -> str:
+        """The wall clock's date (UTC), YYYY-MM-DD."""
+        return time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
 
     @property
     def request_files(self) -> RequestFiles:
@@ -6944,7 +6992,7 @@ class Engine:
             await self._stoppable_step(self.repair())
             try:
                 await self._batch_side()
-                if self._line_retry_due():  # a retry batch of the ids answered with an error: batch or Flex takes it
+                if self.retired is None and self._line_retry_due():  # a retry batch of the ids answered with an error
                     await self._batch_side()
             except BatchRefusedError as e:
                 if self.opts.mode not in ("auto", "hybrid") or not self.opts.fallback:
@@ -6952,6 +7000,8 @@ class Engine:
                 self._log(f"batch refused for good ({e}); finishing through the {self._fallback_tier()} tier")
                 self.run.notes["batch_refused"] = str(e)
                 self.store.save_run(self.run)
+            if self.retired is not None:  # the model was shut down mid-run (create_job): no fallback, exit 2
+                return await self._collect_only(self.retired)
             if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
                 left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
                 spent, _committed, overrun = self._cost_standing(fresh=True)
@@ -7026,7 +7076,7 @@ class Engine:
     def _flex_candidate(self) -> Job | None:
         """The batch the Flex lanes would take now: one they owned already and did not finish (a resume), else the
         last one batch has not started (the tail; batch admits from the head); none past --max-cost."""
-        if self._cost_capped:
+        if self._cost_capped or self.retired is not None:
             return None
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
@@ -7775,8 +7825,10 @@ class Engine:
         self.hook(Hook.AFTER_INTENT)
         try:
             rj = await self.client.create_batch(self.cfg.model, job.remote_file or "", job.display_name)
-        except BatchRefusedError:
+        except BatchRefusedError as e:
             self._advance(job, JobState.UPLOADED)
+            if e.code == 404 and await self._model_shut_down(job, e):
+                return False  # nothing more is created or sent: _execute collects what the service has (exit 2)
             raise
         except RemoteError as e:
             if e.code == 429:
@@ -7803,6 +7855,23 @@ class Engine:
         self._advance(job, rj.state, remote_job=rj.name)
         self._log(f"{job.name}: created {rj.name} ({job.request_count} requests, ~{job.tokens:,} tokens)")
         return True
+
+    async def _model_shut_down(self, job: Job, e: BatchRefusedError) -> bool:
+        """A create answered 404: is the model gone (shut down since the run started: models.get answers 404, or the
+        catalog's shutdown date has passed), rather than without a Batch API? Then the run takes the path a resume
+        on a retired model takes (self.retired: _collect_only), instead of the fallback's Flex or standard requests,
+        each of which would be answered 404 too. A model that is still served keeps the refusal as it was."""
+        if self.retired is None:
+            try:
+                self.retired = await model_retired(self.run, self.client, self._today())
+            except RemoteError:  # models.get itself failed: cannot tell, the refusal stands
+                return False
+            if self.retired is not None:
+                self._log(
+                    f"{job.name}: create answered {e.code}, and {self.retired.split(' Fix:')[0]} Nothing new is created "
+                    "or sent; what the service already has is collected"
+                )
+        return self.retired is not None
 
     def _create_refused(self, job: Job, e: RemoteError) -> bool:
         """A create answered 429. With jobs of this run enqueued, that is the enqueued-token limit: wait for
@@ -8509,7 +8578,7 @@ class RequestSender:
                 if capped and not self.engine._cost_allows(t, 1, self.service):  # with the requests in flight, scaled
                     self.capped = True  # the rest stays unsent; resume with a higher --max-cost sends it
                     break
-                if self.engine.stopping:
+                if self.engine.stopping or self.engine.retired is not None:  # (the model shut down mid-run)
                     break
                 await self.gate.acquire()
                 if self.engine.stopping:  # asked to stop while waiting for a slot
@@ -8873,7 +8942,7 @@ def schema_categoricals(schema: dict[str, Any] | None) -> dict[str, list[Any]]:
 def analytics(state_dir: str | Path, name: str) -> dict[str, Any]:
     """Counts of every enum/boolean schema field, errors by kind, tokens and cost of one run."""
     run = RunStore(state_dir, name).load_run()
-    spec = run_model_spec(run)
+    spec = run_model_spec(run, run.updated_at[:10])  # the prices of the day the run was last worked on, as Engine.spec
     fields = schema_categoricals(run.config.get("schema"))
     dist: dict[str, dict[str, int]] = {k: {} for k in fields}
     errors: dict[str, int] = {}
@@ -9071,7 +9140,7 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
         "job_states": counts,
         "plan": {k: run.plan.get(k) for k in STATUS_PLAN_KEYS},
         "batch_usage": usage,
-        "batch_cost_usd": round(cost_usd(run_model_spec(run), usage, "batch"), 6),
+        "batch_cost_usd": round(cost_usd(run_model_spec(run, run.updated_at[:10]), usage, "batch"), 6),
         "summary": run.summary,
     }
 
@@ -9092,6 +9161,7 @@ def job_entry(j: Job) -> dict[str, Any]:
         "attempt": j.attempt,
         "error": j.error,
         "since": j.timestamps.get(str(j.state)),
+        "at_service_since": min((j.timestamps[k] for k in ("PENDING", "RUNNING") if k in j.timestamps), default=None),
     }
 
 
@@ -9331,7 +9401,7 @@ def _the_same_run_again(
     return run
 
 
-async def model_retired(run: Run, client: GeminiClient, today: str | None = None) -> str | None:
+async def model_retired(run: Run, client: Backend, today: str | None = None) -> str | None:
     """Before a run that was prepared earlier sends more: why its model may take no new requests now (retired by
     the catalog as of `today`, default the real date, or a 404 from models.get), else None. The engine is then
     told so (Engine's `retired`): what is already at the service is still polled, downloaded and merged, and only
@@ -10028,7 +10098,7 @@ def render_status(data: dict[str, Any], one: bool) -> None:
                 f"{j['done']}/{j['requests']}",
                 f"{j['ok']}/{j['failed']}",
                 f"{j['tokens']:,}",
-                _esc(_age(j["since"] or "")),
+                _esc(_since_words(j)),
                 _esc((j["error"] or "")[:80]),
             )
         c.print(jt)
@@ -10040,18 +10110,46 @@ def render_status(data: dict[str, Any], one: bool) -> None:
             c.print(f"results: {s['ok']:,} ok, {s['errors']:,} error(s) -> {_esc(s['out'])}")
 
 
-def _age(ts: str) -> str:
-    if not ts:
-        return ""
+def _seconds_ago(ts: str, now: datetime | None = None) -> int | None:
+    """Whole seconds from the stamp `ts` to `now` (default: the wall clock); None for a stamp that is no date."""
     try:
         dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     except ValueError:
+        return None
+    return int(((now or datetime.now(timezone.utc)) - dt).total_seconds())
+
+
+def _age(ts: str, now: datetime | None = None) -> str:
+    """How long ago the stamp `ts` was, as `status` shows it. Never negative: a stamp ahead of `now` (the wall clock
+    was set back since it was written: a VM restored from a snapshot, a clock NTP corrected) is "0s ago", and
+    says the clock moved when it is more than a minute ahead."""
+    if not ts:
+        return ""
+    sec = _seconds_ago(ts, now)
+    if sec is None:
         return ts
-    sec = int((datetime.now(timezone.utc) - dt).total_seconds())
+    if sec < 0:
+        return "0s ago" if sec > -60 else "0s ago (the clock was set back since)"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if sec >= size:
             return f"{sec // size}{unit} ago"
     return f"{sec}s ago"
+
+
+# A batch job pending or running at the service for longer than this ends EXPIRED with no results (Google's batch
+# guide, ai.google.dev/gemini-api/docs/batch-mode, as the project's service notes record it; a job's expirationTime
+# is its createTime + 48 h).
+BATCH_EXPIRY_S = 48 * 3600
+
+
+def _since_words(j: dict[str, Any], now: datetime | None = None) -> str:
+    """A job's "since" in `status`: its age in its state, and, for a job pending or running at the service for
+    more than BATCH_EXPIRY_S, that it has likely expired (the service ends it EXPIRED, with no results)."""
+    words = _age(j["since"] or "", now)
+    at = j.get("at_service_since")
+    if j["state"] in ("PENDING", "RUNNING") and at and (_seconds_ago(at, now) or 0) > BATCH_EXPIRY_S:
+        words += f"; at the service over {BATCH_EXPIRY_S // 3600} h: likely EXPIRED"
+    return words
 
 
 # ================================================================================================

@@ -61,6 +61,8 @@ class FakeGemini:
         self.line_error: Any = None  # a predicate on a request's text: its result line is an error (500 INTERNAL)
         self.gone: set[str] = set()  # jobs the service lost: a get answers 404, the list leaves them out
         self.list_lag = 0.0  # a job created is left out of batches.list for this many seconds (the list lags creates)
+        self.models_gone: set[str] = set()  # models shut down: models.get, creates and generateContent answer 404
+        self.no_batch: set[str] = set()  # models served without a Batch API: a create answers 404
 
     def _log(self, what: str, name: str) -> None:
         self.calls.append((self.clock.now(), what, name))
@@ -71,9 +73,18 @@ class FakeGemini:
         self._log("upload", name)
         return batchify.RemoteFile(name, Path(path).stat().st_size, "ACTIVE")
 
+    async def get_model(self, model: str, replacement: str | None = None) -> batchify.ModelInfo:
+        self._log("get-model", model)
+        if model in self.models_gone:  # as GeminiClient.get_model turns the service's 404
+            raise batchify.UsageError(f"the service does not serve model {model!r} (get model: 404 NOT_FOUND (fake)).")
+        return batchify.ModelInfo(f"models/{model}", None, None)
+
     async def create_batch(self, model: str, src: Any, display_name: str) -> batchify.RemoteJob:
         for _ in range(self.create_yields):  # a create is a network call: other tasks run meanwhile
             await asyncio.sleep(0)
+        if model in self.models_gone | self.no_batch:
+            self._log("create-404", display_name)
+            raise batchify.BatchRefusedError(f"create batch: 404 NOT_FOUND models/{model} (fake)", code=404)
         tokens = sum(1 for _ in open(self.files[src], "rb"))
         live = sum(j["tokens"] for n, j in self.jobs.items() if self.clock.now() < j["end"] and n not in self.gone)
         active = sum(1 for n, j in self.jobs.items() if self.clock.now() < j["end"] and n not in self.gone)
@@ -142,6 +153,8 @@ class FakeGemini:
         text = request["contents"][0]["parts"][0]["text"]
         self._log("flex" if flex else "generate", text)
         self.generate_calls += 1
+        if model in self.models_gone:
+            raise batchify.RemoteError(f"generate: 404 NOT_FOUND models/{model} (fake)", code=404)
         if self.observe is not None:
             self.observe()
         if self.generate_calls in self.shed:  # Flex at capacity: 503, as the real service sheds

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fakes import Crash, FakeClock, FakeGemini, crash_at
@@ -663,6 +664,59 @@ def test_a_retired_models_resume_with_ids_left_leaves_the_run_unfinished(tmp_pat
     assert store.load_run().status == "interrupted"
 
 
+class _ShutDownAfterFirstCreate(FakeGemini):
+    """The model is shut down once the first job is created: models.get, creates and generateContent answer 404."""
+
+    async def create_batch(self, model, src, display_name):
+        if self.jobs:
+            self.models_gone.add(model)
+        return await super().create_batch(model, src, display_name)
+
+
+def _prepared_lite(tmp_path: Path, **opts) -> batchify.RunStore:
+    """40 documents in 4 batches on gemini-3.1-flash-lite (the catalog: shuts down 2027-05-07, replacement
+    gemini-3.5-flash-lite), auto mode, one job at a time."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(40)))
+    store = batchify.RunStore(tmp_path / "st", "fake")
+    cfg = batchify.JobConfig(model="gemini-3.1-flash-lite", schema={"type": "object"})
+    o = {"mode": "auto", "poll_interval": 1.0, "enqueued_limit": 10**6, "margin": 0.0, "max_active_jobs": 1, **opts}
+    asyncio.run(batchify.prepare_run(store, inp, cfg, batchify.RunOptions(batch_size=10, calibrate=False, **o)))
+    return store
+
+
+@pytest.mark.parametrize("mode", ["auto", "batch", "hybrid"])
+def test_a_model_shut_down_mid_run_is_collected_and_named_not_sent_to_the_fallback(tmp_path, mode):
+    """The model shut down while the run was under way: its next create answered 404, taken as "this model has no
+    Batch API ... --mode realtime", and the fallback sent every remaining request to Flex, each answered 404 again
+    (adversary reproducer 06). A 404 on create now asks models.get: the model is gone, so the run takes the path a
+    resume on a retired model takes: what the service has is collected, nothing is sent, exit 2 naming the
+    replacement."""
+    hybrid = {"flex_lanes": 1, "max_active_jobs": 2} if mode == "hybrid" else {}  # (the 2nd create before Flex drains all)
+    store = _prepared_lite(tmp_path, mode=mode, **hybrid)
+    fake = _ShutDownAfterFirstCreate(FakeClock(), [5.0] * 4)
+    with pytest.raises(batchify.UsageError, match=r"would need new requests.*--model gemini-3\.5-flash-lite") as e:
+        run(store, fake)
+    assert "no Batch API" not in str(e.value) and "--mode realtime" not in str(e.value)
+    flex_404 = [c for c in fake.calls if c[1] == "flex" and c[0] > next(t for t, what, _ in fake.calls if what == "create-404")]
+    assert not flex_404, f"requests sent to the shut-down model after its create was refused: {len(flex_404)}"
+    assert len(fake.jobs) == 1 and [c[1] for c in fake.calls].count("get-model") == 1
+    rows = [json.loads(line) for line in Path(store.load_run().out).read_text().splitlines()]
+    assert sum(r["status"] == "ok" for r in rows) >= 10 and len(rows) == 40  # the job created was collected
+    assert store.load_run().status == "interrupted" and not store.load_run().notes.get("batch_refused")
+
+
+def test_a_create_404_for_a_model_still_served_keeps_the_fallback(tmp_path):
+    """A 404 on create for a model models.get still serves (no Batch API for it): the refusal stands, and auto mode
+    finishes through Flex as before."""
+    store = _prepared_lite(tmp_path)
+    fake = FakeGemini(FakeClock(), [5.0] * 4)
+    fake.no_batch.add("gemini-3.1-flash-lite")
+    s = run(store, fake)
+    assert s.ok == 40 and len(fake.generated) == 40 and not fake.jobs
+    assert [c[1] for c in fake.calls].count("get-model") == 1 and store.load_run().notes.get("batch_refused")
+
+
 # -- an error that ends the run waits for the requests already sent (the adversary's paid-twice cases) ---------------
 def sent_once_or_saved(store: batchify.RunStore, fake: FakeGemini, refused: str = "") -> None:
     """Every real-time request sent (the real service bills it, whether or not the client waits for the answer) was
@@ -870,6 +924,75 @@ def test_max_cost_stops_creating_jobs_once_answers_cost_more_than_estimated(tmp_
     jobs = store.load_jobs()
     assert 0 < len(fake.jobs) < len(jobs), "every job was created (or none)"
     assert all(j.state in (JobState.RESULTS_DOWNLOADED, JobState.UPLOADED, JobState.CREATED) for j in jobs), jobs
+
+
+class _CostlyFlex(FakeGemini):
+    """Answers of 100k input and 10k output tokens each, Flex and batch alike: $0.05625 at gemini-3.8-flash's
+    Flex/batch prices until 2026-12-31, $0.1125 from 2027-01-01 (the catalog's dated price change)."""
+
+    usage: ClassVar[dict[str, int]] = {"promptTokenCount": 100_000, "candidatesTokenCount": 10_000}
+
+    async def generate(self, model, request, flex=False):
+        return {**await super().generate(model, request, flex), "usageMetadata": self.usage}
+
+    async def download(self, name):
+        async for chunk in super().download(name):
+            rows = [json.loads(line) for line in chunk.splitlines()]
+            yield b"".join(
+                json.dumps({**r, "response": {**r["response"], "usageMetadata": self.usage}}).encode() + b"\n" for r in rows
+            )
+
+
+def _prepared_before_new_year(tmp_path: Path, n: int = 20, **opts) -> batchify.RunStore:
+    tmp_path.mkdir(exist_ok=True)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"document number {i} " * 5}) + "\n" for i in range(n)))
+    store = batchify.RunStore(tmp_path / "st", "fake")
+    cfg = batchify.JobConfig(model="gemini-3.8-flash", schema={"type": "object"})
+    o = batchify.RunOptions(batch_size=10, calibrate=False, **{"mode": "flex", **opts})
+    asyncio.run(batchify.prepare_run(store, inp, cfg, o, today="2026-12-30"))
+    return store
+
+
+def test_a_run_resumed_after_a_dated_price_change_is_costed_and_capped_at_the_prices_in_force(tmp_path):
+    """Prepared on 2026-12-30, sent on 2027-01-15 (FakeClock's wall), after gemini-3.8-flash's prices doubled on
+    2027-01-01: the plan froze the spec without its dated changes and run_model_spec applied none, so the run was
+    costed, and --max-cost enforced, at half what is billed (adversary reproducer 04). The plan now keeps the dated
+    changes ahead of its day, and the engine prices at those in force on its wall clock's day."""
+    cat = batchify.builtin_catalog()
+    new = batchify.request_cost(batchify.resolve_model(cat, "gemini-3.8-flash", "2027-01-15"), _CostlyFlex.usage, "flex")
+    old = batchify.request_cost(batchify.resolve_model(cat, "gemini-3.8-flash", "2026-12-30"), _CostlyFlex.usage, "flex")
+    assert new == pytest.approx(2 * old)
+    store = _prepared_before_new_year(tmp_path / "flex")
+    assert batchify.run_model_spec(store.load_run()).input_price == 0.75  # the plan's own figures: prepare's day
+    s = run(store, _CostlyFlex(FakeClock(), []))
+    assert s.ok == 20 and s.cost_flex_usd == pytest.approx(20 * new)
+    # 4 jobs of 10: $2.25 at the old prices, $4.50 billed. --max-cost 3: all 4 fitted; at the prices billed, 2 do
+    store = _prepared_before_new_year(
+        tmp_path / "batch", 40, mode="batch", max_cost=3.0, max_active_jobs=1, enqueued_limit=10**6, margin=0.0
+    )
+    fake = _CostlyFlex(FakeClock(), [5.0] * 4)
+    with pytest.raises(batchify.CostCapError, match=r"spent \$2\.25"):
+        run(store, fake)
+    assert len(fake.jobs) == 2 and not fake.generated
+
+
+def test_the_prices_move_on_when_the_wall_clock_passes_a_change_and_old_plans_load(tmp_path):
+    """A process that crosses a dated price change goes on at the new prices (Engine.spec is looked up again when
+    the wall clock's day changes); a plan written before the dated changes were kept (no price_changes) loads and
+    prices as it was planned."""
+    store = _prepared_before_new_year(tmp_path)
+    plan = store.load_run().plan
+    assert [c["from"] for c in plan["model_spec"]["price_changes"]] == ["2027-01-01"]
+    wall = [1_798_761_590.0]  # 2026-12-31 23:59:50 UTC
+    engine = batchify.Engine(store, None, wall=lambda: wall[0])
+    assert (engine.spec.input_price, engine.spec.output_price) == (0.75, 3.75)
+    wall[0] += 20
+    assert (engine.spec.input_price, engine.spec.output_price, engine.spec.cached_input_price) == (1.5, 7.5, 0.15)
+    run_ = store.load_run()
+    old_plan = {**run_.plan, "model_spec": {k: v for k, v in run_.plan["model_spec"].items() if k != "price_changes"}}
+    store.save_run(dataclasses.replace(run_, plan=old_plan))
+    assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 0.75
 
 
 class _HybridTimeout(FakeGemini):

@@ -448,3 +448,26 @@ def test_resume_overrides_are_checked_before_anything_is_saved(emu, articles, tm
     assert says in str(e.value) and e.value.exit_code == 2
     assert (st / "r" / "run.json").read_bytes() == before
     assert emu.stats()["uploads"] == 0 and emu.stats()["gets"] == 0
+
+
+def test_status_never_shows_a_negative_age_and_names_a_job_past_its_48_hours():
+    """`status` shows each job's "since" as an age from its sidecar's stamp. After the wall clock was set back (a VM
+    restored from a snapshot, a clock NTP corrected after it ran fast) the stamps are ahead of now, and it showed
+    "-7199s ago" (adversary reproducer 05). A job pending or running at the service for more than 48 h has likely
+    ended EXPIRED (the service's limit): its "since" says so."""
+    from datetime import datetime, timedelta, timezone
+
+    ahead = (datetime.now(timezone.utc) + timedelta(hours=2)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert not batchify._age(ahead).startswith("-"), batchify._age(ahead)
+    now = datetime(2027, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+    assert batchify._age("2027-03-01T14:00:00.000Z", now) == "0s ago (the clock was set back since)"
+    assert batchify._age("2027-03-01T12:00:30.000Z", now) == "0s ago"  # half a minute ahead: clocks differ that much
+    assert batchify._age("2027-03-01T11:58:00.000Z", now) == "2m ago"
+    job = batchify.Job("b0001", 0, "batchify-x-b0001", "requests/b0001.jsonl", 10, 10, 10, state=batchify.JobState.RUNNING)
+    job = dataclasses.replace(job, timestamps={"PENDING": "2027-02-27T11:00:00.000Z", "RUNNING": "2027-02-28T12:00:00.000Z"})
+    entry = batchify.job_entry(job)
+    assert batchify._since_words(entry, now) == "1d ago; at the service over 48 h: likely EXPIRED"
+    young = dataclasses.replace(job, state=batchify.JobState.PENDING, timestamps={"PENDING": "2027-02-28T12:00:00.000Z"})
+    assert batchify._since_words(batchify.job_entry(young), now) == "1d ago"
+    done = batchify.job_entry(dataclasses.replace(job, state=batchify.JobState.SUCCEEDED))
+    assert "EXPIRED" not in batchify._since_words(done, now)
