@@ -8691,6 +8691,9 @@ class RequestSender:
                     self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
             if self.engine.stopping:
                 return None
+            if self.engine.opts.max_cost is not None and not self.engine._cost_allows(t, 1, self.service):
+                self.capped = True  # answers that came in while it waited at the buckets (or to retry) reached the cap
+                return None  # not sent: resume with a higher --max-cost sends it
             sent = self.engine.clock()
             self._count_attempt(sent)
             self.sending += 1

@@ -1049,3 +1049,18 @@ def test_max_cost_waits_for_the_cost_of_a_finished_job_before_creating_the_next(
     with pytest.raises(batchify.CostCapError):
         run(store, fake)
     assert len(fake.jobs) < len(store.load_jobs()), "every job was created"
+
+
+def test_max_cost_in_flex_mode_is_checked_again_when_a_request_leaves_the_buckets(tmp_path):
+    """--max-cost with Flex under a tight RPM limit: every request was checked once, when it took its slot, then waited
+    at the RPM bucket; answers showing the real cost (here far above the estimate) arrived while the rest waited, and
+    every one of them was sent anyway (40 of 40: ~90x the cap). The cap is checked again as each request leaves
+    the buckets: the run stops with CostCapError after the first answers, the rest unsent (resume sends them)."""
+    store = prepared(tmp_path, 40, 10, poll_interval=1.0, mode="flex", rpm=10)
+    run_ = store.load_run()
+    store.save_run(dataclasses.replace(run_, options={**run_.options, "max_cost": run_.plan["estimated_cost_usd"] * 2}))
+    fake = _CostlyFlex(FakeClock(), [])
+    fake.generate_seconds = 1.0
+    with pytest.raises(batchify.CostCapError, match="resume fake --max-cost"):
+        run(store, fake)
+    assert 1 <= fake.generate_calls <= 3, fake.generate_calls
