@@ -11206,6 +11206,9 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @click.option("--unavailable-rate", default=0.0, type=float, help="Share of API calls answered 503.")
 @click.option("--drop-downloads", default=0, type=int, help="The first N downloads drop half-way.")
 @click.option("--output-delay", default=0.0, type=float, help="Seconds before a finished job's output is there.")
+@click.option(
+    "--file-retention", "file_retention_s", default=48 * 3600.0, show_default=True, type=float, help="Seconds a file is kept."
+)
 @click.option("--latency-ms", default=0.0, type=float)
 @click.option("--latency-spread-ms", default=0.0, type=float)
 @click.option("--rpm", type=int)
@@ -11479,6 +11482,10 @@ class EmulatorConfig:
     unavailable_rate: float = 0.0  # each API call answers 503 with this probability
     drop_downloads: int = 0  # the first N downloads drop the connection half-way
     output_delay: float = 0.0  # a SUCCEEDED job's output file is downloadable only after this
+    # A file (uploaded input, generated output) is gone this long after it was made, simulated seconds: "Files are stored
+    # for 48 hours" (ai.google.dev document-processing note, read 2026-12-02 via discuss.ai.google.dev/t/50428). Users
+    # meet it as a 403 "... or it may not exist" on a file their batch was to read. None: kept for ever
+    file_retention_s: float | None = 48 * 3_600.0
     latency_ms: float = 0.0  # generateContent latency: mean
     latency_spread_ms: float = 0.0  # ... and spread
     rpm: int | None = None  # generateContent requests per rate_window
@@ -11750,7 +11757,7 @@ class Emulator:
             "sizeBytes": str(len(data)),
             "createTime": _rfc3339(t),
             "updateTime": _rfc3339(t),
-            "expirationTime": _rfc3339(t + 48 * 3600),
+            "expirationTime": _rfc3339(t + self._dur(self.cfg.file_retention_s or 10 * 365 * 86_400.0)),
             "sha256Hash": __import__("base64").b64encode(hashlib.sha256(data).digest()).decode(),
             "uri": f"{self.url}/v1beta/files/{fid}",
             "state": "ACTIVE",
@@ -11758,7 +11765,7 @@ class Emulator:
         }
         if generated:
             res["downloadUri"] = f"{self.url}/download/v1beta/files/{fid}:download?alt=media"
-        self.files[fid] = {"resource": res, "available_at": 0.0}
+        self.files[fid] = {"resource": res, "available_at": 0.0, "made_at": self.now()}
         self.blobs[fid] = data
         return res
 
@@ -11784,6 +11791,12 @@ class Emulator:
     def _get_file(self, fid: str) -> dict[str, Any]:
         fid = fid.removeprefix("files/")
         f = self.files.get(fid)
+        keep = self.cfg.file_retention_s
+        if f is not None and keep is not None and self.now() - f.get("made_at", self.now()) >= self._dur(keep):
+            self.files.pop(fid, None)  # past its retention: deleted, as the Files API does after 48 h
+            self.blobs.pop(fid, None)
+            self.stats["files_expired"] = self.stats.get("files_expired", 0) + 1
+            f = None
         if f is None or f["available_at"] > self.now():
             raise _EmuError(403, "PERMISSION_DENIED", f"You do not have permission to access the File {fid} or it may not exist.")
         return f

@@ -504,3 +504,20 @@ def test_an_answer_stopped_with_continuation_is_continued_with_its_token(emu, ar
     s = emu.stats()
     assert s["faults_continuation_hops"] == 3 and s["continuation_hops"] == 3
     assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}
+
+
+def test_files_uploaded_ahead_that_expire_before_their_create_are_uploaded_again(emu, articles, tmp_path):
+    """The Files API keeps a file 48 h (the emulator's file_retention_s); a run under a tight enqueued limit uploads
+    the next batches ahead of admission, and a batch that waits longer than that finds its file gone: the create is
+    answered 403 "... or it may not exist", the file is uploaded again and the job created, once; every id answered
+    once. (At a time scale: files kept 2 s, jobs of 3 s, three at a time.)"""
+    emu.configure(enqueued_limit=13500, job_seconds=3.0, pending_fraction=0.1, file_retention_s=2.0)
+    out = tmp_path / "o.jsonl"
+    p = run_against(emu, articles, tmp_path, *FAST, "--mode", "batch", "--enqueued-limit", "13500", "--batch-size", "20", out=out)
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" and r["source"] == "batch" for r in assert_every_id_once(out, articles))
+    s = emu.stats()
+    batches = json.loads((tmp_path / "st/articles/run.json").read_text())["plan"]["batches"]
+    assert s["files_expired"] >= 1 and "uploading again" in p.stderr, s
+    assert s["creates"] == batches and set(s["creates_by_display_name"].values()) == {1}, "each batch created once"
+    assert len(s["billed"]) == 60 and set(s["billed"].values()) == {1}, "every request billed once"
