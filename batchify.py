@@ -1733,6 +1733,17 @@ def observed_state(current: JobState, remote: JobState) -> JobState:
     return remote if remote == current or remote in TRANSITIONS[current] else current
 
 
+def retrieved_state(remote: JobState, output_file: str | None, exports_rows: bool) -> JobState:
+    """The state to take a job's end as. A job the service ended FAILED, EXPIRED or CANCELLED naming an output that
+    holds rows (`exports_rows`: a backend that exports, and bills, the rows it completed before the end, as Vertex
+    does after its 24 h limit, a failure or a cancel: docs/VERTEX_NOTES.md A5) is retrieved like a SUCCEEDED one:
+    its rows are kept and only its requests missing from them go again (line retry, real-time fallback), never
+    the whole job, paid twice. Otherwise the service's own state."""
+    if exports_rows and output_file and remote in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
+        return JobState.SUCCEEDED
+    return remote
+
+
 def advance(job: Job, new: JobState, now: str, **changes: Any) -> Job:
     """The one way a job changes state: refuses moves not in TRANSITIONS (same-state is a no-op move)."""
     if new != job.state and new not in TRANSITIONS[job.state]:
@@ -4959,7 +4970,50 @@ class VertexClient(GeminiClient):
         return self._remote_job(j)
 
     async def get_batch(self, name: str) -> RemoteJob:
-        return self._remote_job(await self._call("get batch", lambda: self.aio.batches.get(name=name)))
+        """The job, and where its output is: the directory the service names, else (a job that ended, naming none:
+        an older surface, a converter that drops outputInfo, a failed job) the prediction-model-* directory under
+        the prefix batchify gave it. A job that ended FAILED, EXPIRED or CANCELLED names an output only when rows
+        are exported there: Vertex exports (and bills) the rows it completed before the end (docs/VERTEX_NOTES.md
+        A5), which are retrieved like a finished job's; else it names none (nothing to retrieve: sent again)."""
+        j = await self._call("get batch", lambda: self.aio.batches.get(name=name))
+        rj = self._remote_job(j)
+        ended = rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
+        if ended:
+            prefix = self._job_prefix(j)
+            try:
+                found = await self._call("list output", lambda: asyncio.to_thread(self._exported_dir, rj.output_file, prefix))
+            except AuthError:
+                raise
+            except RemoteError as e:
+                if e.transient:
+                    raise  # the poll is tried again
+                found = None  # refused (403/404: the bucket or the objects gone): no rows to retrieve
+            if found != rj.output_file:
+                rj = dataclasses.replace(rj, output_file=found)
+        return rj
+
+    def _job_prefix(self, j: Any) -> str | None:
+        """The outputUriPrefix a job was created with: its own (dest), else the one output_prefix() gives it."""
+        dest = getattr(getattr(j, "dest", None), "gcs_uri", None)
+        if dest:
+            return str(dest).rstrip("/")
+        uris = getattr(getattr(j, "src", None), "gcs_uri", None) or []
+        return self.output_prefix(str(uris[0]), j.display_name) if uris and j.display_name else None
+
+    def _exported_dir(self, named: str | None, prefix: str | None) -> str | None:
+        """The output directory holding exported rows (a non-empty *.jsonl): `named` (the service's), else the
+        last prediction-model-* directory under `prefix`; None when there is none (worker thread)."""
+        if named:
+            return named if any(int(b.size or 0) > 0 for b in self._output_objects(named)) else None
+        if not prefix:
+            return None
+        bucket, path = split_gs_uri(prefix)
+        dirs = {
+            b.name.rsplit("/", 1)[0]
+            for b in self._storage.list_blobs(bucket, prefix=f"{path}/prediction-")
+            if b.name.endswith(".jsonl") and int(b.size or 0) > 0
+        }
+        return f"gs://{bucket}/{max(dirs)}" if dirs else None
 
     def _output_objects(self, directory: str) -> list[Any]:
         bucket, prefix = split_gs_uri(directory.rstrip("/"))
@@ -7960,12 +8014,23 @@ class Engine:
                 self._raise_if_stopped()
             return False
         self._poll_streaks.pop(job.name, None)
+        if (took := retrieved_state(rj.state, rj.output_file, self.opts.backend == "vertex")) != rj.state:
+            if job.state != JobState.SUCCEEDED:
+                self._log(
+                    f"{job.name}: ended {rj.state} {rj.error or ''} with rows exported to {rj.output_file}: retrieving "
+                    "them (they are paid for); only its requests missing from them go again"
+                )
+            rj = dataclasses.replace(rj, state=took, error=f"ended {rj.state}: {rj.error or 'no reason given'}")
         state = observed_state(job.state, rj.state)
         if state != rj.state:
             self._log(f"{job.name}: the service answered {rj.state} after {job.state} (a stale answer); still {job.state}")
         moved = state != job.state or bool(rj.output_file and not job.output_file)
         if not moved and rj.stats == job.stats:
             return False
+        return self._saved_poll(job, state, rj, moved)
+
+    def _saved_poll(self, job: Job, state: JobState, rj: RemoteJob, moved: bool) -> bool:
+        """A poll's answer recorded: the job advanced to `state` with the service's counts, output and error."""
         if state != job.state and state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
             self._log(f"{job.name}: {state} {rj.error or ''}".rstrip())
         new = advance(
@@ -8109,6 +8174,8 @@ class Engine:
         sink, name = self._results_sink(job)
         run_bytes = RESULT_RUN_BYTES if isinstance(sink, GsResults) else 1 << 62
         why = f"missing from the output of {job.remote_job}"
+        if (job.error or "").startswith("ended "):  # ended FAILED/EXPIRED/CANCELLED with part of its rows exported
+            why = f"not answered before its batch job {job.error}"
         recorder: list[ResultsRecorder] = []
 
         def step(chunk: bytes | None, last: bool) -> tuple[int, int, dict[str, int]]:
@@ -11421,6 +11488,10 @@ class EmulatorConfig:
     # unavailable_*, list_429.
     gcs_endpoint: str | None = None
     vertex_shuffle_window: int = 4_096  # output lines are shuffled within windows this long (Vertex keeps no order)
+    # A Vertex job that ends FAILED (fail_jobs), EXPIRED (expire_jobs) or is cancelled while it runs first exports
+    # this share of its rows, answered (and billed), as the service does with the rows it completed before the end
+    # (its 24 h limit, a failure, a cancel: docs/VERTEX_NOTES.md A5). 0: such a job exports nothing.
+    vertex_exported_share: float = 0.0
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -12660,6 +12731,10 @@ class Emulator:
         new = self._timed_state(j, el, succeed_at_end=False)
         if el >= j["duration"] and j["fate"] == "succeed" and j["writing"] is None:
             j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j))
+        if new in ("FAILED", "EXPIRED") and self.cfg.vertex_exported_share > 0:
+            if j["writing"] is None:  # the rows done before the end are exported first; the task then ends the job
+                j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j, new))
+            return
         if new != j["state"]:
             self._vx_move(j, new)
 
@@ -12676,22 +12751,31 @@ class Emulator:
                 "EXPIRED": {"code": 4, "message": "Batch prediction job expired: not started within 72 hours (emulated)."},
             }.get(new)
 
-    async def _vx_write_output(self, j: dict[str, Any]) -> None:
+    async def _vx_write_output(self, j: dict[str, Any], end: str = "SUCCEEDED") -> None:
+        """Write a job's output, then end it `end`: every row for SUCCEEDED, else (vertex_exported_share) the share
+        of its rows done before it ended FAILED, EXPIRED or CANCELLED."""
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         out_dir = f"{j['prefix']}/prediction-model-{stamp}"
+        rows = None if end == "SUCCEEDED" else int(j["lines"] * min(1.0, self.cfg.vertex_exported_share))
         try:
-            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl")
+            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl", rows)
         except Exception as e:  # the bucket went away, or refused the write: the job fails, as on the service
             j["error"] = {"code": 13, "message": f"Failed to write the output to {out_dir}: {type(e).__name__}: {e}"[:300]}
             if j["state"] in ("PENDING", "RUNNING"):
                 self._vx_move(j, "FAILED")
             return
         j["ok"], j["failed"], j["output_dir"] = ok, failed, out_dir
+        if end in ("FAILED", "EXPIRED") and rows is not None:
+            j["error"] = {
+                "code": 4,
+                "message": "Batch prediction job exceeded 24 hours; its unfinished requests were cancelled (emulated).",
+            }
         if j["state"] in ("PENDING", "RUNNING"):  # a cancel that came first wins (the rows written stay)
-            self._vx_move(j, "SUCCEEDED")
+            self._vx_move(j, end)
 
-    def _vx_produce(self, j: dict[str, Any], out_uri: str) -> tuple[int, int]:
-        """Stream the input objects, answer every line, write the output lines shuffled (worker thread)."""
+    def _vx_produce(self, j: dict[str, Any], out_uri: str, rows: int | None = None) -> tuple[int, int]:
+        """Stream the input objects, answer every line (the first `rows` only, if given), write the output lines
+        shuffled (worker thread)."""
         rng = random.Random(f"{self.cfg.seed}:{j['id']}")
         ok = failed = 0
         window: list[bytes] = []
@@ -12708,6 +12792,8 @@ class Emulator:
                     for raw in f:
                         if not raw.strip():
                             continue
+                        if rows is not None and i >= rows:
+                            break
                         line, good = self._vx_line(j, i, raw)
                         ok, failed, i = ok + good, failed + (not good), i + 1
                         window.append(orjson.dumps(line) + b"\n")
@@ -12745,10 +12831,8 @@ class Emulator:
             span = max(1e-9, j["duration"] * (1 - self.cfg.pending_fraction))
             done = min(n, int(n * max(0.0, (self.now() - j["t0"] - j["duration"] * self.cfg.pending_fraction) / span)))
             ok, failed = done, 0
-        elif state == "SUCCEEDED":
+        else:  # the rows exported (every row of a SUCCEEDED job; vertex_exported_share of an ended one; else none)
             ok, failed = j["ok"], j["failed"]
-        else:
-            ok = failed = 0
         res: dict[str, Any] = {
             "name": j["name"],
             "model": f"publishers/google/models/{j['model']}",

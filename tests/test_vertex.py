@@ -1314,3 +1314,59 @@ async def test_a_results_object_gone_with_its_output_marks_its_ids_with_the_reas
     assert [r["id"] for r in rows] == [f"a{i}" for i in range(40)]
     lost = [r for r in rows if r["status"] != "ok"]
     assert len(lost) == 20 and all(r["error"].startswith("result lost: results file gone") for r in lost)
+
+
+# -- a job that ends FAILED, EXPIRED or CANCELLED after exporting part of its rows (docs/VERTEX_NOTES.md A5) ---------
+
+
+def _sent_keys(gcs: storage.Client, uris: list[str]) -> set[str]:
+    """The batchify keys of every request a Vertex job was given (its input objects)."""
+    keys: set[str] = set()
+    for uri in uris:
+        b, name = batchify.split_gs_uri(uri)
+        text = gcs.bucket(b).blob(name).download_as_text()
+        keys |= {json.loads(x)["request"]["labels"]["batchify_key"] for x in text.splitlines() if x.strip()}
+    return keys
+
+
+@pytest.mark.parametrize("end", ["fail_jobs", "expire_jobs"])
+async def test_a_job_ending_with_part_of_its_rows_exported_is_retrieved_not_sent_again(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, end: str
+) -> None:
+    vemu.configure(**{end: 1}, vertex_exported_share=0.5, expire_seconds=0.3)
+    c = vclient(vemu, gcs_url, bucket)  # the client over the unmodified SDK: the job's output found and named
+    try:
+        f = await c.upload(write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", [str(i) for i in range(10)]), "dn-p")
+        done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-p")).name)
+        assert done.state == (batchify.JobState.FAILED if end == "fail_jobs" else batchify.JobState.EXPIRED)
+        assert done.output_file and done.output_file.startswith(f"gs://{bucket}/batchify/r/output/dn-p/prediction-model-")
+        assert done.stats.get("successfulRequestCount") == 5
+        assert len((await downloaded(c, done.output_file)).splitlines()) == 5
+    finally:
+        await c.close()
+    vemu.configure(**{end: 2}, vertex_exported_share=0.5)  # the 2nd job created (the run's first) ends so, half exported
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(20)))
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        _vx_args(inp, bucket, vemu.url, "--batch-size", "20", "--retry-scale", "0.02", "--out", str(out)),
+        tmp_path,
+        STORAGE_EMULATOR_HOST=gcs_url,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "with rows exported to" in " ".join(p.stderr.split()), p.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert [r["status"] for r in rows] == ["ok"] * 20
+    jobs = sorted(vemu.thread.call(lambda: [dict(j) for j in vemu.emulator.vjobs.values()]), key=lambda j: j["create_time"])
+    first, *later = [j for j in jobs if "news" in (j["display_name"] or "")]
+    answered = {
+        json.loads(x)["request"]["labels"]["batchify_key"]
+        for b in gcs.list_blobs(bucket, prefix=batchify.split_gs_uri(first["output_dir"])[1] + "/")
+        for x in b.download_as_text().splitlines()
+    }
+    assert len(answered) == 10
+    resent = set().union(*(_sent_keys(gcs, j["uris"]) for j in later))
+    assert len(resent) == 10 and not answered & resent, "only the requests the ended job left unanswered go again"
+    b1 = json.loads((tmp_path / "st" / "news" / "jobs" / "b0001.json").read_text())
+    assert b1["state"] == "RESULTS_DOWNLOADED" and b1["ok"] == 10 and b1["usage"].get("promptTokenCount", 0) > 0, b1
+    assert b1["error"].startswith("ended FAILED" if end == "fail_jobs" else "ended EXPIRED")
