@@ -8774,8 +8774,10 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
     for j in engine._ordered():
         if j.cancelled_by_user and j.state in REMOTE_LIVE | {JobState.CANCELLED} and j.name not in cancelled:
             cancelled.append(j.name)
-        elif j.state == JobState.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
-            await engine.retrieve(j)
+        elif j.state == JobState.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept;
+            await engine.retrieve(j)  # or cancelled after exporting rows (Vertex: billed), kept: the rest are not sent
+            if j.cancelled_by_user and (j.error or "").startswith(f"ended {JobState.CANCELLED}"):
+                cancelled.append(j.name)
     return cancelled
 
 
@@ -12901,6 +12903,9 @@ class Emulator:
         self._vx_refresh(j)
         if j["state"] not in ("PENDING", "RUNNING"):
             raise _EmuError(400, "FAILED_PRECONDITION", f"Cannot cancel a BatchPredictionJob in state JOB_STATE_{j['state']}.")
+        if j["state"] == "RUNNING" and self.cfg.vertex_exported_share > 0 and j["writing"] is None:
+            j["writing"] = task = asyncio.get_running_loop().create_task(self._vx_write_output(j, "CANCELLED"))
+            await task  # the rows done before the cancel are exported (and billed)
         self._vx_move(j, "CANCELLED")
         self.stats["cancels"] += 1
         return self._ok({})

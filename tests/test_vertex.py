@@ -1370,3 +1370,34 @@ async def test_a_job_ending_with_part_of_its_rows_exported_is_retrieved_not_sent
     b1 = json.loads((tmp_path / "st" / "news" / "jobs" / "b0001.json").read_text())
     assert b1["state"] == "RESULTS_DOWNLOADED" and b1["ok"] == 10 and b1["usage"].get("promptTokenCount", 0) > 0, b1
     assert b1["error"].startswith("ended FAILED" if end == "fail_jobs" else "ended EXPIRED")
+
+
+def test_cancel_on_vertex_keeps_the_rows_exported_before_it_and_counts_their_cost(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(job_seconds=60, pending_fraction=0.01, vertex_exported_share=0.5)  # half done when the cancel comes
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(20)))
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    out = tmp_path / "o.jsonl"
+    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "20", "--out", str(out)), tmp_path, **env)
+    try:
+        wait_for(lambda: any('"remote_job": "' in f.read_text() for f in (tmp_path / "st/news/jobs").glob("*.json")))
+        wait_for(lambda: vemu.thread.call(lambda: [j["state"] for j in vemu.emulator.vjobs.values()]) == ["RUNNING"])
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    c = run_cli(["cancel", "news", "--state-dir", "st"], tmp_path, **env)
+    assert c.returncode == 0 and "cancelled 1 job(s)" in c.stdout, (c.stdout, c.stderr[-2000:])
+    assert vemu.thread.call(lambda: [j["state"] for j in vemu.emulator.vjobs.values()]) == ["CANCELLED"]
+    b1 = json.loads((tmp_path / "st" / "news" / "jobs" / "b0001.json").read_text())
+    assert b1["state"] == "RESULTS_DOWNLOADED" and b1["ok"] == 10 and b1["cancelled_by_user"], b1
+    st = json.loads(run_cli(["status", "news", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "cancelled" and st["batch_cost_usd"] > 0, st
+    res = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    assert len(rows) == 20 and sum(r["status"] == "ok" for r in rows) == 10, res.stderr[-2000:]
+    assert {r["error"].split(":")[0] for r in rows if r["status"] != "ok"} == {
+        "not answered before its batch job ended CANCELLED"
+    }
+    assert vemu.stats()["vertex_creates"] == 1, "nothing sent again"
