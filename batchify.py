@@ -4978,7 +4978,7 @@ class VertexClient(GeminiClient):
         j = await self._call("get batch", lambda: self.aio.batches.get(name=name))
         rj = self._remote_job(j)
         ended = rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
-        if ended:
+        if ended or (rj.state == JobState.SUCCEEDED and not rj.output_file):
             prefix = self._job_prefix(j)
             try:
                 found = await self._call("list output", lambda: asyncio.to_thread(self._exported_dir, rj.output_file, prefix))
@@ -6775,6 +6775,7 @@ class Engine:
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, tuple[int, float, float | None]] = {}  # job: (rounds, first, first refusal)
+        self._no_output_since: dict[str, float] = {}  # job: when a poll first found it SUCCEEDED naming no output
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
@@ -8025,6 +8026,9 @@ class Engine:
         if state != rj.state:
             self._log(f"{job.name}: the service answered {rj.state} after {job.state} (a stale answer); still {job.state}")
         moved = state != job.state or bool(rj.output_file and not job.output_file)
+        if state == JobState.SUCCEEDED and not (rj.output_file or job.output_file):
+            moved = self._saved_poll(job, state, rj, moved)
+            return self._no_output_yet(self.jobs[job.name]) or moved
         if not moved and rj.stats == job.stats:
             return False
         return self._saved_poll(job, state, rj, moved)
@@ -8044,6 +8048,30 @@ class Engine:
             self.store.save_job(new)
             self._saved_at[job.name] = now
         return moved
+
+    def _no_output_yet(self, job: Job) -> bool:
+        """A job SUCCEEDED at the service that names no output, none found where it was told to write either
+        (VertexClient.get_batch looks there): looked for again at each poll, said once, and after OUTPUT_PATIENCE_S
+        (x --retry-scale) taken as gone, like an output refused that long: FAILED, its requests sent again (paid
+        twice, said loudly). Never a wait without end. True when it was so marked."""
+        now = self.clock()
+        since = self._no_output_since.setdefault(job.name, now)
+        patience = max(60.0, OUTPUT_PATIENCE_S * self.opts.retry_scale)
+        if since == now:
+            self._log(
+                f"{job.name}: SUCCEEDED, but the service names no output for it and none is in its output folder yet; "
+                f"looking again at each poll, for up to {patience / 60:.0f} min"
+            )
+            return False
+        if now - since < patience:
+            return False
+        self._no_output_since.pop(job.name, None)
+        self._log(
+            f"warning: {job.name}: SUCCEEDED {patience / 60:.0f} min ago by the service's word, but no output of it was "
+            "found; its requests go again, and are paid for twice"
+        )
+        self._advance(job, JobState.FAILED, error=f"SUCCEEDED without any output found for {patience / 60:.0f} min")
+        return True
 
     def _poll_streak(self, job: Job, kind: str) -> tuple[int, float]:
         """How many of a job's polls in a row have now answered this `kind` (404, refused, transient), and since when
@@ -11494,6 +11522,8 @@ class EmulatorConfig:
     # this share of its rows, answered (and billed), as the service does with the rows it completed before the end
     # (its 24 h limit, a failure, a cancel: docs/VERTEX_NOTES.md A5). 0: such a job exports nothing.
     vertex_exported_share: float = 0.0
+    vertex_output_info: bool = True  # False: a job's resource names no outputInfo (an older surface, a converter
+    # that drops it; the SDK documents it only after a successful run): its output is found under its prefix
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -12851,7 +12881,7 @@ class Emulator:
             res["startTime"] = _rfc3339(j["start_time"])
         if j["end_time"] is not None:
             res["endTime"] = _rfc3339(j["end_time"])
-        if j["output_dir"] is not None:
+        if j["output_dir"] is not None and self.cfg.vertex_output_info:
             res["outputInfo"] = {"gcsOutputDirectory": j["output_dir"]}
         if j["error"] is not None:
             res["error"] = j["error"]

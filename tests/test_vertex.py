@@ -1401,3 +1401,15 @@ def test_cancel_on_vertex_keeps_the_rows_exported_before_it_and_counts_their_cos
         "not answered before its batch job ended CANCELLED"
     }
     assert vemu.stats()["vertex_creates"] == 1, "nothing sent again"
+
+
+def test_a_succeeded_job_naming_no_output_directory_is_read_from_its_prefix(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(vertex_output_info=False)  # the resource names no outputInfo.gcsOutputDirectory
+    inp = _news(tmp_path, 10)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", str(out)), tmp_path, timeout=60, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 10
+    assert vemu.stats()["vertex_creates"] == 1
