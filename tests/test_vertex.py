@@ -632,15 +632,40 @@ def test_gs_reader_streams_across_objects_and_seeks(
     for k, (lo, hi) in enumerate(((0, 700), (700, 700), (700, 701), (701, 2000))):  # an empty object too
         gcs.bucket(bucket).blob(f"in/p{k}.jsonl").upload_from_string(b"".join(lines[lo:hi]))
     g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
-    data = b"".join(lines)
-    assert g.stat().st_size == len(data)
+    assert g.stat().st_size == len(b"".join(lines))
+    # each object but the last is followed by one byte: a space after one that ends its last line (or is empty)
+    data = b" ".join(b"".join(lines[lo:hi]) for lo, hi in ((0, 700), (700, 700), (700, 701), (701, 2000)))
     with g.open("rb") as f:
         assert f.read() == data
-        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(data) - 10, len(data)):
+        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(b"".join(lines[:700])), len(data) - 10, len(data)):
             f.seek(off)
             assert f.read(40) == data[off : off + 40], off
     assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
     assert len(list(batchify.calibration_sample(g, 64))) == 64
+
+
+def test_gs_objects_are_read_as_files_of_their_own_no_final_newline_no_bom_merge(
+    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several objects of one input: the last record of an object without a final line end does not run into the
+    next object's first, and a BOM at an object's start does not break its first record (both did: the objects were
+    read as one byte stream)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    rows = [json.dumps({"id": i, "text": f"article {i}"}) for i in range(9)]
+    b = gcs.bucket(bucket)
+    b.blob("in/p0.jsonl").upload_from_string("\n".join(rows[:3]))  # no final newline
+    b.blob("in/p1.jsonl").upload_from_string("\ufeff" + "\r\n".join(rows[3:6]))  # a BOM, CRLF, no final newline
+    b.blob("in/p2.jsonl").upload_from_string("".join(r + "\n" for r in rows[6:]))
+    g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
+    recs = list(batchify.read_input(g))
+    assert [r.error for r in recs] == [None] * 9 and [r.obj["id"] for r in recs] == list(range(9))
+    assert [r.number for r in recs] == list(range(1, 10)), "line numbers count the objects' own lines"
+    with g.open("rb") as f:
+        whole = f.read()
+        end0 = len("\n".join(rows[:3]))
+        f.seek(end0)  # the byte after the first object, reached by a seek
+        assert f.read(4) == b"\n   " == whole[end0 : end0 + 4]
+    assert len(list(batchify.calibration_sample(g, 5))) == 5
 
 
 def test_gs_reader_fetches_whole_chunks_and_a_small_one_after_a_seek(
@@ -665,7 +690,7 @@ def test_gs_reader_fetches_whole_chunks_and_a_small_one_after_a_seek(
     monkeypatch.setattr(storage.Blob, "download_as_bytes", counted)
     g = batchify.input_location(f"gs://{bucket}/g/", batchify.RunOptions(backend="vertex"))
     with g.open("rb") as f:
-        assert f.read() == data
+        assert f.read() == data[:300_000] + b"\n" + data[300_000:]  # a line end after p0 (cut mid-line), in its last GET
         assert gets == [65536] * 4 + [300_000 - 4 * 65536] + [65536] * ((len(data) - 300_000) // 65536) + [
             (len(data) - 300_000) % 65536
         ]
