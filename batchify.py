@@ -1757,6 +1757,17 @@ def observed_state(current: JobState, remote: JobState) -> JobState:
     return remote if remote == current or remote in TRANSITIONS[current] else current
 
 
+def retrieved_state(remote: JobState, output_file: str | None, exports_rows: bool) -> JobState:
+    """The state to take a job's end as. A job the service ended FAILED, EXPIRED or CANCELLED naming an output that
+    holds rows (`exports_rows`: a backend that exports, and bills, the rows it completed before the end, as Vertex
+    does after its 24 h limit, a failure or a cancel: docs/VERTEX_NOTES.md A5) is retrieved like a SUCCEEDED one:
+    its rows are kept and only its requests missing from them go again (line retry, real-time fallback), never
+    the whole job, paid twice. Otherwise the service's own state."""
+    if exports_rows and output_file and remote in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
+        return JobState.SUCCEEDED
+    return remote
+
+
 def advance(job: Job, new: JobState, now: str, **changes: Any) -> Job:
     """The one way a job changes state: refuses moves not in TRANSITIONS (same-state is a no-op move)."""
     if new != job.state and new not in TRANSITIONS[job.state]:
@@ -3829,10 +3840,19 @@ class _GsConcat(io.RawIOBase):
     """The bytes of several Cloud Storage objects, one after another, as one seekable raw stream. Each object
     is read at the generation listed (a rewrite since then fails the read instead of mixing two versions), in
     ranged GETs of `chunk` bytes (blob.download_as_bytes, served from the bytes it returns: a BlobReader's own
-    buffer copied each byte twice more; measured, 372 MiB read line by line: CPU 1.06 -> ~0.55 s)."""
+    buffer copied each byte twice more; measured, 372 MiB read line by line: CPU 1.06 -> ~0.55 s).
 
-    def __init__(self, blobs: list[Any], sizes: list[int]):
+    `line_ends` (an input of several JSONL objects): each object is read as a text file of its own is, so that no
+    record runs into the next object's: one byte follows each object but the last, a line end if it does not end
+    in one (many writers leave none after the last line), else a space (a line's leading white space: the line
+    count stays the objects' own), and a UTF-8 BOM at the start of an object but the first reads as three spaces
+    (the first one's is the reader's, as in a local file). The stream is then len(blobs) - 1 bytes longer than
+    the objects; one object reads as it is."""
+
+    def __init__(self, blobs: list[Any], sizes: list[int], line_ends: bool = False):
         self.blobs, self.sizes = blobs, sizes
+        self.extra = 1 if line_ends else 0  # bytes after each object but the last
+        self.last: dict[int, bytes] = {}  # an object's last byte, once read
         self.pos, self.chunk = 0, GS_READ_CHUNK
         self.data, self.at = memoryview(b""), 0  # the last GET's bytes, and how many of them are served
 
@@ -3846,7 +3866,7 @@ class _GsConcat(io.RawIOBase):
         return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        total = sum(self.sizes)
+        total = sum(self.sizes) + self.extra * max(0, len(self.sizes) - 1)
         target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: total + offset}[whence]
         target = max(0, min(total, target))
         if target != self.pos:
@@ -3865,11 +3885,40 @@ class _GsConcat(io.RawIOBase):
                     start=off, end=min(size, off + self.chunk) - 1, checksum=None, **gs_read_kwargs()
                 )  # end inclusive
                 if got:
+                    if self.extra:
+                        got = self._line_ends(idx, off, size, got)
                     self.data, self.at = memoryview(got), 0
                     return True
                 self.pos = start + size  # shorter than listed (it cannot be, at its generation): the next object
-            idx, start = idx + 1, start + size
+            if self._between(idx) and self.pos == start + size:  # the byte after the object (reached by a seek)
+                if idx not in self.last:
+                    tail = (
+                        b""
+                        if not size
+                        else self.blobs[idx].download_as_bytes(start=size - 1, end=size - 1, checksum=None, **gs_read_kwargs())
+                    )
+                    self.last[idx] = bytes(tail[-1:])
+                self.data, self.at = memoryview(self._after(idx)), 0
+                return True
+            idx, start = idx + 1, start + size + self._between(idx)
         return False
+
+    def _between(self, idx: int) -> int:
+        """The bytes after object `idx`: one between two objects (line_ends), else none."""
+        return self.extra if idx < len(self.sizes) - 1 else 0
+
+    def _after(self, idx: int) -> bytes:
+        return b"\n" if self.last.get(idx, b"") not in (b"\n", b"") else b" "
+
+    def _line_ends(self, idx: int, off: int, size: int, got: bytes) -> bytes:
+        """A GET's bytes of object `idx` from `off`: a BOM at its start as spaces (not the first object's), and the
+        byte after it appended when the GET reached its end (not after the last)."""
+        if off == 0 and idx and got.startswith(b"\xef\xbb\xbf"):
+            got = b"   " + got[3:]
+        if off + len(got) >= size and self._between(idx):
+            self.last[idx] = got[-1:]
+            got += self._after(idx)
+        return got
 
     def readinto(self, b: Any) -> int:
         if self.at >= len(self.data) and not self._fetch():
@@ -3985,7 +4034,8 @@ class GsInput(PosixPath):
         if mode != "rb":
             raise UsageError(f"{self}: the input in Cloud Storage is read only")
         sizes = [x[2] for x in self.listing()]
-        return io.BufferedReader(_GsConcat(self.blobs(), sizes), buffer_size=buffering if buffering > 0 else 1 << 20)
+        raw = _GsConcat(self.blobs(), sizes, line_ends=True)  # each object's records end with it
+        return io.BufferedReader(raw, buffer_size=buffering if buffering > 0 else 1 << 20)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
@@ -4986,7 +5036,50 @@ class VertexClient(GeminiClient):
         return self._remote_job(j)
 
     async def get_batch(self, name: str) -> RemoteJob:
-        return self._remote_job(await self._call("get batch", lambda: self.aio.batches.get(name=name)))
+        """The job, and where its output is: the directory the service names, else (a job that ended, naming none:
+        an older surface, a converter that drops outputInfo, a failed job) the prediction-model-* directory under
+        the prefix batchify gave it. A job that ended FAILED, EXPIRED or CANCELLED names an output only when rows
+        are exported there: Vertex exports (and bills) the rows it completed before the end (docs/VERTEX_NOTES.md
+        A5), which are retrieved like a finished job's; else it names none (nothing to retrieve: sent again)."""
+        j = await self._call("get batch", lambda: self.aio.batches.get(name=name))
+        rj = self._remote_job(j)
+        ended = rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
+        if ended or (rj.state == JobState.SUCCEEDED and not rj.output_file):
+            prefix = self._job_prefix(j)
+            try:
+                found = await self._call("list output", lambda: asyncio.to_thread(self._exported_dir, rj.output_file, prefix))
+            except AuthError:
+                raise
+            except RemoteError as e:
+                if e.transient:
+                    raise  # the poll is tried again
+                found = None  # refused (403/404: the bucket or the objects gone): no rows to retrieve
+            if found != rj.output_file:
+                rj = dataclasses.replace(rj, output_file=found)
+        return rj
+
+    def _job_prefix(self, j: Any) -> str | None:
+        """The outputUriPrefix a job was created with: its own (dest), else the one output_prefix() gives it."""
+        dest = getattr(getattr(j, "dest", None), "gcs_uri", None)
+        if dest:
+            return str(dest).rstrip("/")
+        uris = getattr(getattr(j, "src", None), "gcs_uri", None) or []
+        return self.output_prefix(str(uris[0]), j.display_name) if uris and j.display_name else None
+
+    def _exported_dir(self, named: str | None, prefix: str | None) -> str | None:
+        """The output directory holding exported rows (a non-empty *.jsonl): `named` (the service's), else the
+        last prediction-model-* directory under `prefix`; None when there is none (worker thread)."""
+        if named:
+            return named if any(int(b.size or 0) > 0 for b in self._output_objects(named)) else None
+        if not prefix:
+            return None
+        bucket, path = split_gs_uri(prefix)
+        dirs = {
+            b.name.rsplit("/", 1)[0]
+            for b in self._storage.list_blobs(bucket, prefix=f"{path}/prediction-")
+            if b.name.endswith(".jsonl") and int(b.size or 0) > 0
+        }
+        return f"gs://{bucket}/{max(dirs)}" if dirs else None
 
     def _output_objects(self, directory: str) -> list[Any]:
         bucket, prefix = split_gs_uri(directory.rstrip("/"))
@@ -6748,6 +6841,7 @@ class Engine:
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
         self._download_failures: dict[str, tuple[int, float, float | None]] = {}  # job: (rounds, first, first refusal)
+        self._no_output_since: dict[str, float] = {}  # job: when a poll first found it SUCCEEDED naming no output
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
         self._prepared_checked = 0  # what mend_prepared found whole: 1 ids.jsonl, 2 the request files too
@@ -8029,12 +8123,26 @@ class Engine:
                 self._raise_if_stopped()
             return False
         self._poll_streaks.pop(job.name, None)
+        if (took := retrieved_state(rj.state, rj.output_file, self.opts.backend == "vertex")) != rj.state:
+            if job.state != JobState.SUCCEEDED:
+                self._log(
+                    f"{job.name}: ended {rj.state} {rj.error or ''} with rows exported to {rj.output_file}: retrieving "
+                    "them (they are paid for); only its requests missing from them go again"
+                )
+            rj = dataclasses.replace(rj, state=took, error=f"ended {rj.state}: {rj.error or 'no reason given'}")
         state = observed_state(job.state, rj.state)
         if state != rj.state:
             self._log(f"{job.name}: the service answered {rj.state} after {job.state} (a stale answer); still {job.state}")
         moved = state != job.state or bool(rj.output_file and not job.output_file)
+        if state == JobState.SUCCEEDED and not (rj.output_file or job.output_file):
+            moved = self._saved_poll(job, state, rj, moved)
+            return self._no_output_yet(self.jobs[job.name]) or moved
         if not moved and rj.stats == job.stats:
             return False
+        return self._saved_poll(job, state, rj, moved)
+
+    def _saved_poll(self, job: Job, state: JobState, rj: RemoteJob, moved: bool) -> bool:
+        """A poll's answer recorded: the job advanced to `state` with the service's counts, output and error."""
         if state != job.state and state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
             self._log(f"{job.name}: {state} {rj.error or ''}".rstrip())
         new = advance(
@@ -8048,6 +8156,30 @@ class Engine:
             self.store.save_job(new)
             self._saved_at[job.name] = now
         return moved
+
+    def _no_output_yet(self, job: Job) -> bool:
+        """A job SUCCEEDED at the service that names no output, none found where it was told to write either
+        (VertexClient.get_batch looks there): looked for again at each poll, said once, and after OUTPUT_PATIENCE_S
+        (x --retry-scale) taken as gone, like an output refused that long: FAILED, its requests sent again (paid
+        twice, said loudly). Never a wait without end. True when it was so marked."""
+        now = self.clock()
+        since = self._no_output_since.setdefault(job.name, now)
+        patience = max(60.0, OUTPUT_PATIENCE_S * self.opts.retry_scale)
+        if since == now:
+            self._log(
+                f"{job.name}: SUCCEEDED, but the service names no output for it and none is in its output folder yet; "
+                f"looking again at each poll, for up to {patience / 60:.0f} min"
+            )
+            return False
+        if now - since < patience:
+            return False
+        self._no_output_since.pop(job.name, None)
+        self._log(
+            f"warning: {job.name}: SUCCEEDED {patience / 60:.0f} min ago by the service's word, but no output of it was "
+            "found; its requests go again, and are paid for twice"
+        )
+        self._advance(job, JobState.FAILED, error=f"SUCCEEDED without any output found for {patience / 60:.0f} min")
+        return True
 
     def _poll_streak(self, job: Job, kind: str) -> tuple[int, float]:
         """How many of a job's polls in a row have now answered this `kind` (404, refused, transient), and since when
@@ -8178,6 +8310,8 @@ class Engine:
         sink, name = self._results_sink(job)
         run_bytes = RESULT_RUN_BYTES if isinstance(sink, GsResults) else 1 << 62
         why = f"missing from the output of {job.remote_job}"
+        if (job.error or "").startswith("ended "):  # ended FAILED/EXPIRED/CANCELLED with part of its rows exported
+            why = f"not answered before its batch job {job.error}"
         recorder: list[ResultsRecorder] = []
 
         def step(chunk: bytes | None, last: bool) -> tuple[int, int, dict[str, int]]:
@@ -8779,8 +8913,10 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
     for j in engine._ordered():
         if j.cancelled_by_user and j.state in REMOTE_LIVE | {JobState.CANCELLED} and j.name not in cancelled:
             cancelled.append(j.name)
-        elif j.state == JobState.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept
-            await engine.retrieve(j)
+        elif j.state == JobState.SUCCEEDED and j.output_file:  # finished before the cancel reached it: paid for, kept;
+            await engine.retrieve(j)  # or cancelled after exporting rows (Vertex: billed), kept: the rest are not sent
+            if j.cancelled_by_user and (j.error or "").startswith(f"ended {JobState.CANCELLED}"):
+                cancelled.append(j.name)
     return cancelled
 
 
@@ -11529,6 +11665,12 @@ class EmulatorConfig:
     # unavailable_*, list_429.
     gcs_endpoint: str | None = None
     vertex_shuffle_window: int = 4_096  # output lines are shuffled within windows this long (Vertex keeps no order)
+    # A Vertex job that ends FAILED (fail_jobs), EXPIRED (expire_jobs) or is cancelled while it runs first exports
+    # this share of its rows, answered (and billed), as the service does with the rows it completed before the end
+    # (its 24 h limit, a failure, a cancel: docs/VERTEX_NOTES.md A5). 0: such a job exports nothing.
+    vertex_exported_share: float = 0.0
+    vertex_output_info: bool = True  # False: a job's resource names no outputInfo (an older surface, a converter
+    # that drops it; the SDK documents it only after a successful run): its output is found under its prefix
 
     def update(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -12774,6 +12916,10 @@ class Emulator:
         new = self._timed_state(j, el, succeed_at_end=False)
         if el >= j["duration"] and j["fate"] == "succeed" and j["writing"] is None:
             j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j))
+        if new in ("FAILED", "EXPIRED") and self.cfg.vertex_exported_share > 0:
+            if j["writing"] is None:  # the rows done before the end are exported first; the task then ends the job
+                j["writing"] = asyncio.get_running_loop().create_task(self._vx_write_output(j, new))
+            return
         if new != j["state"]:
             self._vx_move(j, new)
 
@@ -12790,22 +12936,31 @@ class Emulator:
                 "EXPIRED": {"code": 4, "message": "Batch prediction job expired: not started within 72 hours (emulated)."},
             }.get(new)
 
-    async def _vx_write_output(self, j: dict[str, Any]) -> None:
+    async def _vx_write_output(self, j: dict[str, Any], end: str = "SUCCEEDED") -> None:
+        """Write a job's output, then end it `end`: every row for SUCCEEDED, else (vertex_exported_share) the share
+        of its rows done before it ended FAILED, EXPIRED or CANCELLED."""
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         out_dir = f"{j['prefix']}/prediction-model-{stamp}"
+        rows = None if end == "SUCCEEDED" else int(j["lines"] * min(1.0, self.cfg.vertex_exported_share))
         try:
-            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl")
+            ok, failed = await asyncio.to_thread(self._vx_produce, j, f"{out_dir}/predictions.jsonl", rows)
         except Exception as e:  # the bucket went away, or refused the write: the job fails, as on the service
             j["error"] = {"code": 13, "message": f"Failed to write the output to {out_dir}: {type(e).__name__}: {e}"[:300]}
             if j["state"] in ("PENDING", "RUNNING"):
                 self._vx_move(j, "FAILED")
             return
         j["ok"], j["failed"], j["output_dir"] = ok, failed, out_dir
+        if end in ("FAILED", "EXPIRED") and rows is not None:
+            j["error"] = {
+                "code": 4,
+                "message": "Batch prediction job exceeded 24 hours; its unfinished requests were cancelled (emulated).",
+            }
         if j["state"] in ("PENDING", "RUNNING"):  # a cancel that came first wins (the rows written stay)
-            self._vx_move(j, "SUCCEEDED")
+            self._vx_move(j, end)
 
-    def _vx_produce(self, j: dict[str, Any], out_uri: str) -> tuple[int, int]:
-        """Stream the input objects, answer every line, write the output lines shuffled (worker thread)."""
+    def _vx_produce(self, j: dict[str, Any], out_uri: str, rows: int | None = None) -> tuple[int, int]:
+        """Stream the input objects, answer every line (the first `rows` only, if given), write the output lines
+        shuffled (worker thread)."""
         rng = random.Random(f"{self.cfg.seed}:{j['id']}")
         ok = failed = 0
         window: list[bytes] = []
@@ -12822,6 +12977,8 @@ class Emulator:
                     for raw in f:
                         if not raw.strip():
                             continue
+                        if rows is not None and i >= rows:
+                            break
                         line, good = self._vx_line(j, i, raw)
                         ok, failed, i = ok + good, failed + (not good), i + 1
                         window.append(orjson.dumps(line) + b"\n")
@@ -12859,10 +13016,8 @@ class Emulator:
             span = max(1e-9, j["duration"] * (1 - self.cfg.pending_fraction))
             done = min(n, int(n * max(0.0, (self.now() - j["t0"] - j["duration"] * self.cfg.pending_fraction) / span)))
             ok, failed = done, 0
-        elif state == "SUCCEEDED":
+        else:  # the rows exported (every row of a SUCCEEDED job; vertex_exported_share of an ended one; else none)
             ok, failed = j["ok"], j["failed"]
-        else:
-            ok = failed = 0
         res: dict[str, Any] = {
             "name": j["name"],
             "model": f"publishers/google/models/{j['model']}",
@@ -12879,7 +13034,7 @@ class Emulator:
             res["startTime"] = _rfc3339(j["start_time"])
         if j["end_time"] is not None:
             res["endTime"] = _rfc3339(j["end_time"])
-        if j["output_dir"] is not None:
+        if j["output_dir"] is not None and self.cfg.vertex_output_info:
             res["outputInfo"] = {"gcsOutputDirectory": j["output_dir"]}
         if j["error"] is not None:
             res["error"] = j["error"]
@@ -12931,6 +13086,9 @@ class Emulator:
         self._vx_refresh(j)
         if j["state"] not in ("PENDING", "RUNNING"):
             raise _EmuError(400, "FAILED_PRECONDITION", f"Cannot cancel a BatchPredictionJob in state JOB_STATE_{j['state']}.")
+        if j["state"] == "RUNNING" and self.cfg.vertex_exported_share > 0 and j["writing"] is None:
+            j["writing"] = task = asyncio.get_running_loop().create_task(self._vx_write_output(j, "CANCELLED"))
+            await task  # the rows done before the cancel are exported (and billed)
         self._vx_move(j, "CANCELLED")
         self.stats["cancels"] += 1
         return self._ok({})

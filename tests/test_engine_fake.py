@@ -380,6 +380,34 @@ def test_a_succeeded_job_whose_output_stays_unreadable_is_waited_for_an_hour_the
     assert jobs["b0001"].state == batchify.JobState.FAILED and "not downloadable for 60 min" in (jobs["b0001"].error or "")
 
 
+class _NoOutputNamed(FakeGemini):
+    """The first job created reads SUCCEEDED but names no output, ever (Vertex: no outputInfo and nothing under its
+    prefix); past three patiences the test stops (the engine used to poll it for ever)."""
+
+    async def get_batch(self, name: str) -> batchify.RemoteJob:
+        if self.clock.now() > 3 * batchify.OUTPUT_PATIENCE_S:
+            raise AssertionError("still polling a SUCCEEDED job that names no output: no bound")
+        rj = await super().get_batch(name)
+        first = next(iter(self.jobs))
+        return dataclasses.replace(rj, output_file=None) if name == first else rj
+
+
+def test_a_succeeded_job_naming_no_output_is_waited_for_a_bounded_time_then_sent_again(tmp_path):
+    """A job SUCCEEDED at the service whose output is nowhere to be found is looked for at each poll, for
+    OUTPUT_PATIENCE_S (like an output refused), then counts as gone: FAILED and sent again, said loudly; it used to be
+    polled for ever, silently (the progress bar full, the run never ending)."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=2)
+    fake = _NoOutputNamed(clock, [5.0, 5.0])
+    s = run_engine(store, fake, clock)
+    assert s.ok == 20
+    creates = [t for t, what, _ in fake.calls if what == "create"]
+    assert len(creates) == 2 and creates[1] - creates[0] >= batchify.OUTPUT_PATIENCE_S
+    jobs = {j.name: j for j in store.load_jobs()}
+    assert jobs["b0001"].state == batchify.JobState.FAILED
+    assert "SUCCEEDED without any output found for 60 min" in (jobs["b0001"].error or "")
+
+
 @pytest.mark.parametrize(
     ("transient", "rounds", "failing_for", "refused_for", "verdict"),
     [

@@ -632,15 +632,40 @@ def test_gs_reader_streams_across_objects_and_seeks(
     for k, (lo, hi) in enumerate(((0, 700), (700, 700), (700, 701), (701, 2000))):  # an empty object too
         gcs.bucket(bucket).blob(f"in/p{k}.jsonl").upload_from_string(b"".join(lines[lo:hi]))
     g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
-    data = b"".join(lines)
-    assert g.stat().st_size == len(data)
+    assert g.stat().st_size == len(b"".join(lines))
+    # each object but the last is followed by one byte: a space after one that ends its last line (or is empty)
+    data = b" ".join(b"".join(lines[lo:hi]) for lo, hi in ((0, 700), (700, 700), (700, 701), (701, 2000)))
     with g.open("rb") as f:
         assert f.read() == data
-        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(data) - 10, len(data)):
+        for off in (0, 1, len(b"".join(lines[:700])) - 3, len(b"".join(lines[:700])), len(data) - 10, len(data)):
             f.seek(off)
             assert f.read(40) == data[off : off + 40], off
     assert [r.obj["id"] for r in batchify.read_input(g)] == list(range(2000))
     assert len(list(batchify.calibration_sample(g, 64))) == 64
+
+
+def test_gs_objects_are_read_as_files_of_their_own_no_final_newline_no_bom_merge(
+    gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several objects of one input: the last record of an object without a final line end does not run into the
+    next object's first, and a BOM at an object's start does not break its first record (both did: the objects were
+    read as one byte stream)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    rows = [json.dumps({"id": i, "text": f"article {i}"}) for i in range(9)]
+    b = gcs.bucket(bucket)
+    b.blob("in/p0.jsonl").upload_from_string("\n".join(rows[:3]))  # no final newline
+    b.blob("in/p1.jsonl").upload_from_string("\ufeff" + "\r\n".join(rows[3:6]))  # a BOM, CRLF, no final newline
+    b.blob("in/p2.jsonl").upload_from_string("".join(r + "\n" for r in rows[6:]))
+    g = batchify.input_location(f"gs://{bucket}/in/", batchify.RunOptions(backend="vertex"))
+    recs = list(batchify.read_input(g))
+    assert [r.error for r in recs] == [None] * 9 and [r.obj["id"] for r in recs] == list(range(9))
+    assert [r.number for r in recs] == list(range(1, 10)), "line numbers count the objects' own lines"
+    with g.open("rb") as f:
+        whole = f.read()
+        end0 = len("\n".join(rows[:3]))
+        f.seek(end0)  # the byte after the first object, reached by a seek
+        assert f.read(4) == b"\n   " == whole[end0 : end0 + 4]
+    assert len(list(batchify.calibration_sample(g, 5))) == 5
 
 
 def test_gs_reader_fetches_whole_chunks_and_a_small_one_after_a_seek(
@@ -665,7 +690,7 @@ def test_gs_reader_fetches_whole_chunks_and_a_small_one_after_a_seek(
     monkeypatch.setattr(storage.Blob, "download_as_bytes", counted)
     g = batchify.input_location(f"gs://{bucket}/g/", batchify.RunOptions(backend="vertex"))
     with g.open("rb") as f:
-        assert f.read() == data
+        assert f.read() == data[:300_000] + b"\n" + data[300_000:]  # a line end after p0 (cut mid-line), in its last GET
         assert gets == [65536] * 4 + [300_000 - 4 * 65536] + [65536] * ((len(data) - 300_000) // 65536) + [
             (len(data) - 300_000) % 65536
         ]
@@ -1314,3 +1339,102 @@ async def test_a_results_object_gone_with_its_output_marks_its_ids_with_the_reas
     assert [r["id"] for r in rows] == [f"a{i}" for i in range(40)]
     lost = [r for r in rows if r["status"] != "ok"]
     assert len(lost) == 20 and all(r["error"].startswith("result lost: results file gone") for r in lost)
+
+
+# -- a job that ends FAILED, EXPIRED or CANCELLED after exporting part of its rows (docs/VERTEX_NOTES.md A5) ---------
+
+
+def _sent_keys(gcs: storage.Client, uris: list[str]) -> set[str]:
+    """The batchify keys of every request a Vertex job was given (its input objects)."""
+    keys: set[str] = set()
+    for uri in uris:
+        b, name = batchify.split_gs_uri(uri)
+        text = gcs.bucket(b).blob(name).download_as_text()
+        keys |= {json.loads(x)["request"]["labels"]["batchify_key"] for x in text.splitlines() if x.strip()}
+    return keys
+
+
+@pytest.mark.parametrize("end", ["fail_jobs", "expire_jobs"])
+async def test_a_job_ending_with_part_of_its_rows_exported_is_retrieved_not_sent_again(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, end: str
+) -> None:
+    vemu.configure(**{end: 1}, vertex_exported_share=0.5, expire_seconds=0.3)
+    c = vclient(vemu, gcs_url, bucket)  # the client over the unmodified SDK: the job's output found and named
+    try:
+        f = await c.upload(write_requests(tmp_path / "r" / "requests" / "b0001.jsonl", [str(i) for i in range(10)]), "dn-p")
+        done = await until_final(c, (await c.create_batch("gemini-2.5-flash", f.name, "dn-p")).name)
+        assert done.state == (batchify.JobState.FAILED if end == "fail_jobs" else batchify.JobState.EXPIRED)
+        assert done.output_file and done.output_file.startswith(f"gs://{bucket}/batchify/r/output/dn-p/prediction-model-")
+        assert done.stats.get("successfulRequestCount") == 5
+        assert len((await downloaded(c, done.output_file)).splitlines()) == 5
+    finally:
+        await c.close()
+    vemu.configure(**{end: 2}, vertex_exported_share=0.5)  # the 2nd job created (the run's first) ends so, half exported
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(20)))
+    out = tmp_path / "o.jsonl"
+    p = run_cli(
+        _vx_args(inp, bucket, vemu.url, "--batch-size", "20", "--retry-scale", "0.02", "--out", str(out)),
+        tmp_path,
+        STORAGE_EMULATOR_HOST=gcs_url,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "with rows exported to" in " ".join(p.stderr.split()), p.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert [r["status"] for r in rows] == ["ok"] * 20
+    jobs = sorted(vemu.thread.call(lambda: [dict(j) for j in vemu.emulator.vjobs.values()]), key=lambda j: j["create_time"])
+    first, *later = [j for j in jobs if "news" in (j["display_name"] or "")]
+    answered = {
+        json.loads(x)["request"]["labels"]["batchify_key"]
+        for b in gcs.list_blobs(bucket, prefix=batchify.split_gs_uri(first["output_dir"])[1] + "/")
+        for x in b.download_as_text().splitlines()
+    }
+    assert len(answered) == 10
+    resent = set().union(*(_sent_keys(gcs, j["uris"]) for j in later))
+    assert len(resent) == 10 and not answered & resent, "only the requests the ended job left unanswered go again"
+    b1 = json.loads((tmp_path / "st" / "news" / "jobs" / "b0001.json").read_text())
+    assert b1["state"] == "RESULTS_DOWNLOADED" and b1["ok"] == 10 and b1["usage"].get("promptTokenCount", 0) > 0, b1
+    assert b1["error"].startswith("ended FAILED" if end == "fail_jobs" else "ended EXPIRED")
+
+
+def test_cancel_on_vertex_keeps_the_rows_exported_before_it_and_counts_their_cost(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(job_seconds=60, pending_fraction=0.01, vertex_exported_share=0.5)  # half done when the cancel comes
+    inp = tmp_path / "news.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _articles(20)))
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    out = tmp_path / "o.jsonl"
+    p = spawn_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "20", "--out", str(out)), tmp_path, **env)
+    try:
+        wait_for(lambda: any('"remote_job": "' in f.read_text() for f in (tmp_path / "st/news/jobs").glob("*.json")))
+        wait_for(lambda: vemu.thread.call(lambda: [j["state"] for j in vemu.emulator.vjobs.values()]) == ["RUNNING"])
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    c = run_cli(["cancel", "news", "--state-dir", "st"], tmp_path, **env)
+    assert c.returncode == 0 and "cancelled 1 job(s)" in c.stdout, (c.stdout, c.stderr[-2000:])
+    assert vemu.thread.call(lambda: [j["state"] for j in vemu.emulator.vjobs.values()]) == ["CANCELLED"]
+    b1 = json.loads((tmp_path / "st" / "news" / "jobs" / "b0001.json").read_text())
+    assert b1["state"] == "RESULTS_DOWNLOADED" and b1["ok"] == 10 and b1["cancelled_by_user"], b1
+    st = json.loads(run_cli(["status", "news", "--json", "--state-dir", "st"], tmp_path).stdout)["runs"][0]
+    assert st["status"] == "cancelled" and st["batch_cost_usd"] > 0, st
+    res = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    assert len(rows) == 20 and sum(r["status"] == "ok" for r in rows) == 10, res.stderr[-2000:]
+    assert {r["error"].split(":")[0] for r in rows if r["status"] != "ok"} == {
+        "not answered before its batch job ended CANCELLED"
+    }
+    assert vemu.stats()["vertex_creates"] == 1, "nothing sent again"
+
+
+def test_a_succeeded_job_naming_no_output_directory_is_read_from_its_prefix(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path
+) -> None:
+    vemu.configure(vertex_output_info=False)  # the resource names no outputInfo.gcsOutputDirectory
+    inp = _news(tmp_path, 10)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", str(out)), tmp_path, timeout=60, STORAGE_EMULATOR_HOST=gcs_url)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 10
+    assert vemu.stats()["vertex_creates"] == 1
