@@ -3964,6 +3964,48 @@ class GsInput(PosixPath):
     def fingerprint(self) -> str:
         return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
 
+    def takes(self, uri: str) -> bool:
+        """Whether the object `uri` is one of this input's objects, or would be once written (a listing of the
+        input would read it): the object itself, a *.jsonl / *.json object under the prefix, or one the glob
+        matches."""
+        bucket, name = split_gs_uri(self.uri)
+        at, obj = split_gs_uri(uri)
+        if at != bucket:
+            return False
+        if any(c in name for c in "*?["):
+            return gs_glob_regex(name).fullmatch(obj) is not None
+        if name and not name.endswith("/"):
+            return obj == name
+        return obj.startswith(name) and obj.endswith((".jsonl", ".json"))
+
+
+def gs_glob_regex(pattern: str) -> re.Pattern[str]:
+    """A Cloud Storage match_glob as a regex: `*` and `?` stop at a `/`, `**` does not, [..] / [!..] are classes,
+    {a,b} alternatives."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        end = pattern.find("]", i + 2) if c == "[" else pattern.find("}", i + 1) if c == "{" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and end > 0:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end
+        elif c == "{" and end > 0:
+            out.append("(?:" + "|".join(re.escape(a) for a in pattern[i + 1 : end].split(",")) + ")")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.S)
+
 
 def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
     """The run's input as a Path: a local file, or a GsInput for a gs:// URI (with --backend vertex only: the
@@ -4005,10 +4047,10 @@ def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None
     paid run never ends unable to merge: a folder, the input itself, something not a regular file (the merge
     replaces what is at that path: /dev/null itself, as root), a path under a file, a folder that takes no new file
     (probed with a temporary file in the nearest folder that exists). With the run's `store`: not a file of its
-    state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). gs://
-    is its writer's to check."""
+    state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). A
+    gs:// one: check_gs_out."""
     if out.startswith("gs://"):
-        return
+        return check_gs_out(out, input_path, store)
     p = Path(out).expanduser()
     fix = "Fix: give --out a file path in a folder you can write to."
     if out.endswith(("/", os.sep)) or p.is_dir():
@@ -4032,6 +4074,19 @@ def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None
             pass
     except OSError as e:
         raise UsageError(f"--out {out}: no file can be written in {folder} ({e.strerror or e}). {fix}") from None
+
+
+def check_gs_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
+    """check_out for --out gs://BUCKET/NAME: one object (GsOutput), not the gs:// input nor an object the input's
+    prefix or glob would take (the merge would overwrite the input, or a later listing read the results as input)."""
+    GsOutput(out)  # one object, not a prefix or a glob: UsageError
+    if isinstance(input_path, GsInput) and input_path.takes(out):
+        what = "the input object" if out == input_path.uri else f"an object of the input {input_path.uri}"
+        raise UsageError(
+            f"--out {out} is {what}: the results would overwrite the input, or be read as input by the next listing "
+            f"of it. Fix: give --out an object outside the input (e.g. gs://{split_gs_uri(out)[0]}/results/"
+            f"{input_path.stem}.results.jsonl), or a local file."
+        )
 
 
 def _check_out_of_others(out: str, resolved: Path, store: RunStore) -> None:

@@ -779,6 +779,29 @@ def test_out_gs_streams_the_merged_results_to_the_bucket(
     assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
 
 
+def test_out_gs_naming_the_gs_input_or_an_object_it_would_take_is_refused_before_anything_is_sent(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """--out gs:// that is the input object (the merge would overwrite it), or an object under the input prefix or
+    matching its glob (a later listing would read the results as input): exit 2 naming the fix, nothing created."""
+    original = "".join(json.dumps({"id": f"n{i}", "text": f"article {i} on markets"}) + "\n" for i in range(10))
+    gcs.bucket(bucket).blob("data/news.jsonl").upload_from_string(original)
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    for k, (src, out) in enumerate(
+        (
+            (f"gs://{bucket}/data/news.jsonl", f"gs://{bucket}/data/news.jsonl"),
+            (f"gs://{bucket}/data/", f"gs://{bucket}/data/out/results.jsonl"),
+            (f"gs://{bucket}/data/*.jsonl", f"gs://{bucket}/data/results.jsonl"),
+        )
+    ):
+        p = run_cli(_vx_args(src, bucket, vemu.url, "--out", out, "--name", f"r{k}"), tmp_path, **env)
+        said = f"--out {out} is" in p.stderr and "Fix: give --out an object outside" in p.stderr
+        assert p.returncode == 2 and said, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 0
+    assert gcs.bucket(bucket).blob("data/news.jsonl").download_as_text() == original, "the input is untouched"
+    assert [b.name for b in gcs.list_blobs(bucket)] == ["data/news.jsonl"], "nothing staged"
+
+
 # -- 2,000 articles end to end (issue 16's "Must show"): local file and gs:// prefix, results in the bucket and locally,
 # -- cancel, cleanup of the staging area ------------------------------------------------------------------------------
 
