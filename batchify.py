@@ -4078,7 +4078,8 @@ def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None
 
 def check_gs_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
     """check_out for --out gs://BUCKET/NAME: one object (GsOutput), not the gs:// input nor an object the input's
-    prefix or glob would take (the merge would overwrite the input, or a later listing read the results as input)."""
+    prefix or glob would take (the merge would overwrite the input, or a later listing read the results as input),
+    nor (with the run's `store`) another run's results object there (one object keeps only the last run's rows)."""
     GsOutput(out)  # one object, not a prefix or a glob: UsageError
     if isinstance(input_path, GsInput) and input_path.takes(out):
         what = "the input object" if out == input_path.uri else f"an object of the input {input_path.uri}"
@@ -4087,12 +4088,15 @@ def check_gs_out(out: str, input_path: Path, store: RunStore | None = None) -> N
             f"of it. Fix: give --out an object outside the input (e.g. gs://{split_gs_uri(out)[0]}/results/"
             f"{input_path.stem}.results.jsonl), or a local file."
         )
+    if store is not None:
+        _check_out_of_others(out, out, store)
 
 
-def _check_out_of_others(out: str, resolved: Path, store: RunStore) -> None:
-    """--out must not be in a run's folder (its sidecars), nor another run's results file (both in this state dir)."""
+def _check_out_of_others(out: str, resolved: Path | str, store: RunStore) -> None:
+    """--out must not be in a run's folder (its sidecars), nor another run's results file (both in this state dir).
+    `resolved`: the local path made absolute, or a gs:// URI as given (out_uri)."""
     state = store.state_dir.resolve()
-    rel = resolved.relative_to(state).parts if resolved.is_relative_to(state) else ()
+    rel = resolved.relative_to(state).parts if isinstance(resolved, Path) and resolved.is_relative_to(state) else ()
     if len(rel) > 1 and (rel[0] == store.name or (state / rel[0] / "run.json").exists()):
         raise UsageError(
             f"--out {out} is inside run {rel[0]!r}'s folder: the results would overwrite its files. "
@@ -8770,7 +8774,10 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
 async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> dict[str, int]:
     """Delete a finished run's remote jobs and files (and, with local, its state folder).
 
-    Refuses while any result is missing: a run's remote output is the only copy until merged."""
+    Refuses while any result is missing: a run's remote output is the only copy until merged. When the results
+    file is no longer the one the run wrote (out_replaced: another run given the same --out), a Vertex run's
+    results objects in the bucket are kept (counts["kept"] = 1): with its sidecars, they are its results' only
+    copy, which `batchify results RUN` prints."""
     import shutil
 
     run = store.load_run()
@@ -8786,20 +8793,21 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
             f"Fix: `batchify resume {store.name}` first."
         )
-    if local and out_replaced(run, out):
+    replaced = out_replaced(run, out)  # the run's own results are then in its sidecars (and bucket) alone
+    if local and replaced:
         raise UsageError(
             f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
             f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
             f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
             f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
         )
-    lines = sum(1 for _ in out.open("rb"))
-    if lines != run.records:
+    lines = None if replaced else sum(1 for _ in out.open("rb"))
+    if lines is not None and lines != run.records:
         raise UsageError(
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
             "to merge again before cleaning up."
         )
-    counts = {"jobs": 0, "files": 0}
+    counts = {"jobs": 0, "files": 0, "kept": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
         if j.remote_job:
@@ -8814,7 +8822,9 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
                 counts["files"] += 1
     with contextlib.suppress(RemoteError):
         counts["files"] += await requests.delete_all()
-    if (vertex := vertex_settings(run.options)) is not None:  # the primary results kept in the bucket
+    if (vertex := vertex_settings(run.options)) is not None and replaced:  # the only copy of its primary results
+        counts["kept"] = 1
+    elif vertex is not None:  # the primary results kept in the bucket
         with contextlib.suppress(RemoteError):
             await client.delete_file(vertex_results_prefix(vertex[2], store.name))
     run.summary = {**run.summary, "cleaned_at": utcnow()}
@@ -11098,6 +11108,13 @@ def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str
     counts = asyncio.run(cleanup(run_name, state_dir, endpoint, _api_key(), local))
     where = " and its state folder" if local else ""
     console().print(f"deleted {counts['jobs']} remote job(s), {counts['files']} remote file(s){where} of {_esc(run_name)}")
+    if counts.get("kept"):
+        console().print(
+            f"[yellow]note:[/] kept run {_esc(run_name)}'s results objects in the bucket: its results file was since "
+            f"written by something else (another run given the same --out?), so they are the only copy of its results. "
+            f"`batchify results {_esc(run_name)} > FILE` keeps them; then delete the run's results/ objects yourself.",
+            soft_wrap=True,
+        )
 
 
 @cli.command(name="cancel")

@@ -771,12 +771,44 @@ def test_out_gs_streams_the_merged_results_to_the_bucket(
     p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
     assert p.returncode == 0 and "changed since run news wrote it" in p.stderr, p.stderr[-2000:]
     assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(120)]
-    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)  # counts the object's lines
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [b.name for b in gcs.list_blobs(bucket)] == ["results/news.jsonl"], "cleanup leaves the results"
+    kept = [b.name for b in gcs.list_blobs(bucket)]
+    assert kept[-1] == "results/news.jsonl" and all(n.startswith("batchify/news/results/") for n in kept[:-1]), kept
+    assert kept[:-1], "the run's results objects are kept: its results file is no longer its own"
     # results in Cloud Storage need the Vertex backend
     p = run_cli(["run", str(inp), "--endpoint", vemu.url, "--yes", "--name", "g", "--out", out], tmp_path, **env)
     assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
+
+
+def test_two_runs_given_one_out_gs_object_and_a_cleanup_after_it_was_replaced_keep_the_results(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run of the state dir given the first's --out gs:// is refused before anything is sent (one object
+    keeps only the last run's rows), as a local --out is; once another state dir's run replaced the object,
+    `cleanup` of the first keeps its results objects in the bucket, and `results` still gives every id back."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    out, env = f"gs://{bucket}/results/results.jsonl", {"STORAGE_EMULATOR_HOST": gcs_url}
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": f"{name}-{i}", "text": f"article {i} about rates"}) + "\n" for i in range(20))
+        )
+    p = run_cli(_vx_args(tmp_path / "one.jsonl", bucket, vemu.url, "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(_vx_args(tmp_path / "two.jsonl", bucket, vemu.url, "--out", out), tmp_path, **env)
+    assert p.returncode == 2 and "is run 'one'" in p.stderr and "results file" in p.stderr, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 1, "nothing of the second run was sent"
+    args = _vx_args(tmp_path / "two.jsonl", bucket, vemu.url, "--out", out)
+    args[args.index("--state-dir") + 1] = "st2"  # another state dir: not known to this one, the object replaced
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(["cleanup", "one", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "kept run one's results objects" in p.stderr, p.stderr[-2000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/one/results/")), "the only copy of run one's results is kept"
+    assert not list(gcs.list_blobs(bucket, prefix="batchify/one/requests/")), "the rest of the staging area is deleted"
+    p = run_cli(["results", "one", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"one-{i}" for i in range(20)]
 
 
 def test_out_gs_naming_the_gs_input_or_an_object_it_would_take_is_refused_before_anything_is_sent(
