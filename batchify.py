@@ -5065,16 +5065,18 @@ class VertexClient(GeminiClient):
                 chunks.close()
 
     def _delete_objects(self, name: str) -> int:
-        """One staged object (…jsonl), or every object under a job's output directory (its predictions and
-        anything else the job wrote there); already gone is fine. Directories are deleted only inside
-        batchify's staging area: a prefix elsewhere is not batchify's to empty."""
+        """One staged object (…jsonl), every object under a job's output directory (its predictions and anything
+        else the job wrote there), or, for a name ending in *, every object whose name starts with the rest; already
+        gone is fine. Directories and name prefixes are deleted only inside batchify's staging area: a prefix
+        elsewhere is not batchify's to empty."""
         from google.api_core import exceptions as gexc
 
         bucket, obj = split_gs_uri(name.rstrip("/"))
+        starts = obj[:-1] if obj.endswith("*") else obj + "/"
         if obj.endswith(".jsonl"):
             blobs = [self._storage.bucket(bucket).blob(obj)]
         elif bucket == self.bucket_name and obj.startswith(f"{self.root}/"):
-            blobs = list(self._storage.list_blobs(bucket, prefix=obj + "/"))
+            blobs = list(self._storage.list_blobs(bucket, prefix=starts))
         else:
             raise RemoteError(
                 f"{name} is outside batchify's staging area gs://{self.bucket_name}/{self.root}/: left as it is", 400
@@ -5526,7 +5528,12 @@ class Gate:
 
 
 def display_name_for(run: str, run_id: str, index: int, attempt: int, part: str = "") -> str:
-    return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}{part}"
+    return f"{display_name_prefix(run, run_id)}b{index:04d}-a{attempt}{part}"
+
+
+def display_name_prefix(run: str, run_id: str) -> str:
+    """What every display name of one run (of this name and run id) starts with, and no other run's."""
+    return f"batchify-{run[:40]}-{run_id}-"
 
 
 async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None, str | None]:
@@ -7338,7 +7345,7 @@ class Engine:
     async def _unknown_remote_jobs(self, missing: int) -> dict[int, list[tuple[int, RemoteJob]]]:
         """This run's jobs at the service that no sidecar knows, by batch number: [(attempt, job)]. With
         `missing` sidecars, a failure to ask is an error (else it is logged and nothing is found)."""
-        prefix = f"batchify-{self.run.name[:40]}-{self.run.run_id}-"
+        prefix = display_name_prefix(self.run.name, self.run.run_id)
         try:
             remote = [r for r in await self.client.list_batches() if (r.display_name or "").startswith(prefix)]
         except AuthError:
@@ -8824,9 +8831,11 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
         counts["files"] += await requests.delete_all()
     if (vertex := vertex_settings(run.options)) is not None and replaced:  # the only copy of its primary results
         counts["kept"] = 1
-    elif vertex is not None:  # the primary results kept in the bucket
-        with contextlib.suppress(RemoteError):
-            await client.delete_file(vertex_results_prefix(vertex[2], store.name))
+    elif vertex is not None:  # the primary results kept in the bucket: this run's (named by its jobs), no other's
+        with contextlib.suppress(RemoteError):  # of the name (another state dir's) under the same results/ folder
+            await client.delete_file(
+                f"{vertex_results_prefix(vertex[2], store.name)}/{display_name_prefix(store.name, run.run_id)}*"
+            )
     run.summary = {**run.summary, "cleaned_at": utcnow()}
     store.save_run(run)
     if local:

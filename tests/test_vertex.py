@@ -811,6 +811,31 @@ def test_two_runs_given_one_out_gs_object_and_a_cleanup_after_it_was_replaced_ke
     assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"one-{i}" for i in range(20)]
 
 
+def test_cleanup_deletes_its_own_results_objects_not_those_of_a_run_of_the_same_name(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """Two runs named news (two state dirs, one staging bucket) keep their results objects under one
+    …/batchify/news/results/ folder, apart by their run ids: `cleanup` of one deletes its own only."""
+    inp, env = _news(tmp_path, 30), {"STORAGE_EMULATOR_HOST": gcs_url}
+    ids = {}
+    for state in ("st", "st-b"):
+        args = _vx_args(inp, bucket, vemu.url, "--batch-size", "10", "--out", str(tmp_path / f"{state}.jsonl"))
+        args[args.index("--state-dir") + 1] = state
+        p = run_cli(args, tmp_path, **env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        ids[state] = json.loads((tmp_path / state / "news" / "run.json").read_text())["run_id"]
+
+    def results_of(state: str) -> list[str]:
+        return [b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/results/") if f"-{ids[state]}-" in b.name]
+
+    assert len(results_of("st")) == 3 and len(results_of("st-b")) == 3
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert results_of("st") == [] and len(results_of("st-b")) == 3, "the other run's results objects are kept"
+    p = run_cli(["results", "news", "--state-dir", "st-b"], tmp_path, **env)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 30, p.stderr[-2000:]
+
+
 def test_out_gs_naming_the_gs_input_or_an_object_it_would_take_is_refused_before_anything_is_sent(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
 ) -> None:
