@@ -3876,6 +3876,43 @@ def gs_client(project: str | None) -> Any:
         ) from e
 
 
+ADC_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+
+
+@contextlib.contextmanager
+def gs_look_errors(uri: str, what: str, role: str = "input") -> Iterator[None]:
+    """Cloud Storage's refusals of a look at the input (or --out: `role`) as errors naming the fix, never a
+    traceback: no such bucket (404) and no permission (403) are InputError (exit 2: nothing was sent; the URI or
+    the account's roles are to mend); other answers and the network's errors are RemoteError, credentials that do
+    not work AuthError (exit 3)."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    bucket = split_gs_uri(uri)[0]
+    try:
+        yield
+    except BatchifyError:
+        raise
+    except gexc.NotFound:
+        raise InputError(
+            f"{uri}: the bucket gs://{bucket} does not exist (404). Fix: check the bucket's name in the "
+            f"{role}'s gs:// URI (`gcloud storage ls gs://{bucket}`)."
+        ) from None
+    except gexc.Forbidden as e:
+        roles = "roles/storage.objectViewer" if role == "input" else "roles/storage.objectUser"
+        raise InputError(
+            f"{uri}: no permission to {what} objects in gs://{bucket} (403 {e.message}). Fix: grant the account "
+            f"batchify runs as {roles} on gs://{bucket} (`gcloud storage buckets add-iam-policy-binding gs://{bucket} "
+            f"--member=user:YOU --role={roles}`), or check the URI."
+        ) from None
+    except gexc.GoogleAPICallError as e:
+        raise RemoteError(f"{uri}: {what}: {e.code} {e.message}", code=int(e.code or 0)) from e
+    except auth_exc.GoogleAuthError as e:
+        raise AuthError(f"{uri}: no usable Application Default Credentials ({e}). Fix: {ADC_FIX}.", code=401) from e
+    except (OSError, ValueError) as e:  # the transport's errors (requests' ConnectionError is an OSError)
+        raise RemoteError(f"{uri}: {what}: {type(e).__name__}: {e}", code=0) from e
+
+
 class GsInput(PosixPath):
     """An input given as gs://BUCKET/PATH.jsonl, gs://BUCKET/PREFIX/ (its *.jsonl objects) or a glob
     (gs://BUCKET/PREFIX/*.jsonl), in object-name order. A Path, so that the input's readers take it as they
@@ -3924,13 +3961,14 @@ class GsInput(PosixPath):
         if self._listing is None:
             bucket, name = split_gs_uri(self.uri)
             client = self._client()
-            if any(c in name for c in "*?["):
-                found = list(client.list_blobs(bucket, match_glob=name))
-            elif name and not name.endswith("/"):
-                one = client.bucket(bucket).get_blob(name)
-                found = [one] if one is not None else []
-            else:
-                found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            with gs_look_errors(self.uri, "list"):
+                if any(c in name for c in "*?["):
+                    found = list(client.list_blobs(bucket, match_glob=name))
+                elif name and not name.endswith("/"):
+                    one = client.bucket(bucket).get_blob(name)
+                    found = [one] if one is not None else []
+                else:
+                    found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
             self._listing = sorted((b.name, b.generation, int(b.size or 0), b.crc32c) for b in found)
         if not self._listing:
             raise InputError(f"{self}: no such object (nothing matches). Fix: check the gs:// URI.")

@@ -623,6 +623,35 @@ def test_gs_input_needs_vertex_and_an_object(vemu: Emu, gcs_url: str, bucket: st
     assert p.returncode == 2 and "nothing matches" in p.stderr, p.stderr[-2000:]
 
 
+def test_a_gs_input_in_a_missing_or_forbidden_bucket_is_an_input_error_naming_the_fix(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path
+) -> None:
+    """A prefix or glob in a bucket that does not exist: exit 2 naming the bucket and the fix, no traceback; a
+    listing refused (403) names the role to grant; the network failing is a RemoteError, not a traceback."""
+    from google.api_core import exceptions as gexc
+
+    for k, src in enumerate(("gs://no-such-bucket-vgs/data/", "gs://no-such-bucket-vgs/data/*.jsonl")):
+        p = run_cli(_vx_args(src, bucket, vemu.url, "--name", f"r{k}"), tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert "the bucket gs://no-such-bucket-vgs does not exist" in p.stderr and "Fix: check the bucket" in p.stderr
+
+    class Refusing:
+        def __init__(self, e: Exception) -> None:
+            self.e = e
+
+        def list_blobs(self, *args: Any, **kwargs: Any) -> Any:
+            raise self.e
+
+    for e, kind, said in (
+        (gexc.Forbidden("caller does not have storage.objects.list access"), batchify.InputError, "roles/storage.objectViewer"),
+        (ConnectionError("connection refused"), batchify.RemoteError, "ConnectionError"),
+    ):
+        inp = batchify.GsInput("gs://b/data/")
+        inp._storage = Refusing(e)
+        with pytest.raises(kind, match=said):
+            inp.listing()
+
+
 def test_gs_reader_streams_across_objects_and_seeks(
     gcs_url: str, gcs: storage.Client, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
