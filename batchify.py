@@ -1470,6 +1470,11 @@ class RemoteError(BatchifyError):
 TRANSIENT_CODES = frozenset({0, 408, 429, 500, 502, 503, 504})
 
 
+class OutWriteError(RemoteError):
+    """The merge could not write --out gs://… (a bucket gone, a write refused, the network): the results are
+    whole in the run's sidecars; Engine.merge names the fix."""
+
+
 class ShortOutput(RemoteError):
     """A job's output came back with fewer lines than its batchStats counts (a download cut short)."""
 
@@ -3894,9 +3899,10 @@ def gs_look_errors(uri: str, what: str, role: str = "input") -> Iterator[None]:
     except BatchifyError:
         raise
     except gexc.NotFound:
+        where = "the input's gs:// URI" if role == "input" else f"{role} (or create the bucket)"
         raise InputError(
-            f"{uri}: the bucket gs://{bucket} does not exist (404). Fix: check the bucket's name in the "
-            f"{role}'s gs:// URI (`gcloud storage ls gs://{bucket}`)."
+            f"{uri}: the bucket gs://{bucket} does not exist (404). Fix: check the bucket's name in {where} "
+            f"(`gcloud storage ls gs://{bucket}`)."
         ) from None
     except gexc.Forbidden as e:
         roles = "roles/storage.objectViewer" if role == "input" else "roles/storage.objectUser"
@@ -4080,15 +4086,15 @@ def out_moved(out: str) -> str | None:
     return f"its results file is recorded as {out}, and {Path(out).parent} no longer exists (moved or renamed?)"
 
 
-def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
+def check_out(out: str, input_path: Path, store: RunStore | None = None, project: str | None = None, probe: bool = True) -> None:
     """Exit 2 (UsageError) before anything is sent when the results file cannot be written where --out says, so a
     paid run never ends unable to merge: a folder, the input itself, something not a regular file (the merge
     replaces what is at that path: /dev/null itself, as root), a path under a file, a folder that takes no new file
     (probed with a temporary file in the nearest folder that exists). With the run's `store`: not a file of its
     state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). A
-    gs:// one: check_gs_out."""
+    gs:// one: check_gs_out (`project` its client's, `probe` whether to write there)."""
     if out.startswith("gs://"):
-        return check_gs_out(out, input_path, store)
+        return check_gs_out(out, input_path, store, project, probe)
     p = Path(out).expanduser()
     fix = "Fix: give --out a file path in a folder you can write to."
     if out.endswith(("/", os.sep)) or p.is_dir():
@@ -4114,10 +4120,15 @@ def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None
         raise UsageError(f"--out {out}: no file can be written in {folder} ({e.strerror or e}). {fix}") from None
 
 
-def check_gs_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
+def check_gs_out(
+    out: str, input_path: Path, store: RunStore | None = None, project: str | None = None, probe: bool = True
+) -> None:
     """check_out for --out gs://BUCKET/NAME: one object (GsOutput), not the gs:// input nor an object the input's
     prefix or glob would take (the merge would overwrite the input, or a later listing read the results as input),
-    nor (with the run's `store`) another run's results object there (one object keeps only the last run's rows)."""
+    nor (with the run's `store`) another run's results object there (one object keeps only the last run's rows).
+    With `probe`, the bucket is tried as the merge uses it: an empty object beside the output written and deleted
+    (probe_gs_out), so that a missing bucket or one the account may not write is said now, not after every job
+    is paid."""
     GsOutput(out)  # one object, not a prefix or a glob: UsageError
     if isinstance(input_path, GsInput) and input_path.takes(out):
         what = "the input object" if out == input_path.uri else f"an object of the input {input_path.uri}"
@@ -4128,6 +4139,18 @@ def check_gs_out(out: str, input_path: Path, store: RunStore | None = None) -> N
         )
     if store is not None:
         _check_out_of_others(out, out, store)
+    if probe:
+        probe_gs_out(out, project)
+
+
+def probe_gs_out(out: str, project: str | None = None) -> None:
+    """Write an empty object beside --out gs://BUCKET/NAME and delete it, as the merge writes and deletes its
+    temporary object: InputError naming the fix (exit 2) when the bucket does not exist or refuses (gs_look_errors)."""
+    bucket, name = split_gs_uri(out)
+    blob = gs_client(project).bucket(bucket).blob(f"{name}.batchify-probe-{secrets.token_hex(4)}")
+    with gs_look_errors(out, "write (and delete)", "--out"):
+        blob.upload_from_string(b"", content_type="text/plain")
+        blob.delete()
 
 
 def _check_out_of_others(out: str, resolved: Path | str, store: RunStore) -> None:
@@ -4248,6 +4271,9 @@ class GsOutput(GsInput):
         server-side rewrite: a reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
         atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+        from google.cloud.storage import exceptions as sexc
+        from requests.exceptions import RequestException  # the transport's (a local OSError is the caller's own)
 
         bucket_name, name = split_gs_uri(self.uri)
         bucket = self._client().bucket(bucket_name)
@@ -4262,9 +4288,20 @@ class GsOutput(GsInput):
                 token, _done, _total = final.rewrite(tmp, token=token)
                 if token is None:
                     break
+        except (
+            gexc.GoogleAPICallError,
+            sexc.InvalidResponse,
+            sexc.DataCorruption,
+            auth_exc.GoogleAuthError,
+            RequestException,
+        ) as e:
+            code = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", 0)
+            code = code if isinstance(code, int) else 0
+            why = {404: "the bucket does not exist", 403: "the account may not write there"}.get(code, type(e).__name__)
+            raise OutWriteError(f"the results could not be written to {self.uri} ({code or ''} {why}: {e})", code=code) from e
         finally:
             self._listing = None
-            with contextlib.suppress(gexc.NotFound):
+            with contextlib.suppress(gexc.GoogleAPICallError):
                 tmp.delete()
 
 
@@ -6079,7 +6116,8 @@ async def prepare_run(
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
-    check_out(out := opts.out or default_out(path, store.name), path, store)  # a paid run must be able to merge
+    out = opts.out or default_out(path, store.name)
+    check_out(out, path, store, opts.project, probe=not dry_run)  # a paid run must be able to merge
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -8410,22 +8448,17 @@ class Engine:
         """Write the results file: exactly one line per input id, in input order."""
         out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold, schema_categoricals(self.cfg.schema))
-        hook = self.hook
         self.mend_prepared(requests=False)
-        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
-            write, add = f.write, tally.add
-            for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
-                r = r or NO_RESULT
-                if raw is not None:  # ids.jsonl holds each id JSON-encoded and a primary results line the
-                    # encoded result: splice the bytes rather than decode and encode them again (nearly every row)
-                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
-                else:
-                    write(merged_line(id_line, r))
-                add(r)
-                if n & 15 == 0:
-                    hook(Hook.MERGE)
-                    if n & 4095 == 0:
-                        tally.sum_usage()
+        try:
+            self._write_results(out, tally)
+        except OutWriteError as e:
+            name = self.run.name
+            raise OutWriteError(
+                f"{e}. Fix: the results are kept in run {name!r}'s sidecars: mend the bucket's permissions and "
+                f"`batchify resume {name}`, or write them elsewhere, `batchify resume {name} --out FILE` (`batchify "
+                f"results {name}` prints them).",
+                code=e.code,
+            ) from e
         tally.sum_usage()
         finished = (
             all(j.state in FINAL_STATES for j in self.jobs.values())
@@ -8444,6 +8477,24 @@ class Engine:
         self.run.status = status
         self.store.save_run(self.run)
         return summary
+
+    def _write_results(self, out: Path, tally: MergeTally) -> None:
+        """merge's pass: one line per input id, in input order, to the results file (results_writer)."""
+        hook = self.hook
+        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
+            write, add = f.write, tally.add
+            for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
+                r = r or NO_RESULT
+                if raw is not None:  # ids.jsonl holds each id JSON-encoded and a primary results line the
+                    # encoded result: splice the bytes rather than decode and encode them again (nearly every row)
+                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
+                else:
+                    write(merged_line(id_line, r))
+                add(r)
+                if n & 15 == 0:
+                    hook(Hook.MERGE)
+                    if n & 4095 == 0:
+                        tally.sum_usage()
 
     # -- real time ---------------------------------------------------------------------------------
     def _requests(self, only: set[int] | None, files: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any], int]]:
@@ -9512,7 +9563,7 @@ def _continue_at(
             raise UsageError(problem)
     if out is None or out_uri(out) == run.out:
         return run
-    check_out(out, input_path, store)
+    check_out(out, input_path, store, run.run_options.project, probe=not dry_run)
     if dry_run:  # checked, and nothing changed
         return run
     run = dataclasses.replace(run, out=out_uri(out))
@@ -11119,8 +11170,8 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
         return _print_sidecar_results(state_dir, run_name, f"{out} changed since run {run_name} wrote it.")
     if not out.exists():
         try:
-            check_out(run.out, input_location(run.input_path, run.run_options))
-        except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
+            check_out(run.out, input_location(run.input_path, run.run_options), project=run.run_options.project)
+        except (UsageError, InputError, RemoteError) as e:  # the results file cannot be made there: from the sidecars
             return _print_sidecar_results(state_dir, run_name, str(e))
         with reader_lock(state_dir, run_name) as free:
             if not free:  # a live process holds the run: its sidecars and results file are its own to write
@@ -11128,6 +11179,8 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
                 return _print_sidecar_results(state_dir, run_name, why)
             try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
                 _offline_engine(state_dir, run_name, strict=True).merge()
+            except OutWriteError as e:  # --out gs:// refused the merge: the results are still printed
+                return _print_sidecar_results(state_dir, run_name, str(e))
             except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
                 if e.errno not in _DISK_REFUSALS:
                     raise

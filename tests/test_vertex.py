@@ -865,6 +865,38 @@ def test_cleanup_deletes_its_own_results_objects_not_those_of_a_run_of_the_same_
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 30, p.stderr[-2000:]
 
 
+def test_out_gs_in_a_missing_bucket_is_refused_before_anything_is_sent_and_a_merge_refused_later_names_the_fix(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out gs:// in a bucket that does not exist: exit 2 before anything is sent (the bucket is tried with an
+    empty object written and deleted), not a traceback at the merge after every job is paid. A bucket gone after
+    prepare: the merge's refusal is exit 3 naming the fix; `results` prints the run's results from its sidecars;
+    `resume --out FILE` writes them elsewhere."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, env = _news(tmp_path, 20), {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", "gs://no-such-bucket-vgs/results.jsonl"), tmp_path, **env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "the bucket gs://no-such-bucket-vgs does not exist" in p.stderr and "Fix:" in p.stderr, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 0
+    outb = f"out-{uuid.uuid4().hex[:10]}"
+    gcs.create_bucket(outb)
+    out = f"gs://{outb}/results.jsonl"
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", out), tmp_path, BATCHIFY_CRASH_AT="merge:1", **env)
+    assert p.returncode != 0 and vemu.stats()["vertex_creates"] == 1, p.stderr[-2000:]
+    assert [b.name for b in gcs.list_blobs(outb) if "probe" in b.name] == [], "the probe object is deleted"
+    gcs.bucket(outb).delete(force=True)
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 3 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"could not be written to {out}" in p.stderr and "batchify resume news --out FILE" in p.stderr, p.stderr[-2000:]
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "does not exist" in p.stderr, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(20)]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st", "--out", "here.jsonl"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "here.jsonl")] == [f"a{i}" for i in range(20)]
+    assert vemu.stats()["vertex_creates"] == 1, "nothing paid twice"
+
+
 def test_out_gs_naming_the_gs_input_or_an_object_it_would_take_is_refused_before_anything_is_sent(
     vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
 ) -> None:
