@@ -3939,6 +3939,7 @@ class GsInput(PosixPath):
         self.uri, self.project = uri, project
         self._listing: list[tuple[str, int | None, int, str | None]] | None = None
         self._storage: Any = None
+        self.only: frozenset[str] | None = None  # the objects a run's prepare listed (recorded_input): those alone
         split_gs_uri(uri)
 
     def __str__(self) -> str:
@@ -3975,6 +3976,8 @@ class GsInput(PosixPath):
                     found = [one] if one is not None else []
                 else:
                     found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            if self.only is not None:  # an object added since prepare is not this run's input
+                found = [b for b in found if b.name in self.only]
             self._listing = sorted((b.name, b.generation, int(b.size or 0), b.crc32c) for b in found)
         if not self._listing:
             raise InputError(f"{self}: no such object (nothing matches). Fix: check the gs:// URI.")
@@ -4049,6 +4052,50 @@ def gs_glob_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out), re.S)
+
+
+INPUT_OBJECTS = "input.json"  # a gs:// input's objects as prepare listed them (names), in the run folder
+
+
+def save_input_objects(store: RunStore, path: Path) -> None:
+    """Record the objects a gs:// prefix or glob input was read from (nothing for another input)."""
+    if not isinstance(path, GsInput):
+        return
+    name = split_gs_uri(path.uri)[1]
+    if name and not name.endswith("/") and not any(c in name for c in "*?["):
+        return  # one object: its listing cannot grow
+    d = {"kind": "input", "schema_version": SCHEMA_VERSION, "uri": path.uri, "objects": [x[0] for x in path.listing()]}
+    save_json(store.dir / INPUT_OBJECTS, d)
+
+
+def recorded_input(store: RunStore, path: Path) -> Path:
+    """A run's gs:// prefix or glob input as prepare read it: the objects it listed then, each checked at its
+    generation by the run's hash, and none added since (a pipeline's new part file, batchify's own objects when the
+    staging area is under the prefix) that would make the input read as changed. A run prepared before input.json
+    was written (or an input of one object, or local) is listed afresh, as before."""
+    if isinstance(path, GsInput):
+        with contextlib.suppress(OSError, ValueError):
+            d = orjson.loads((store.dir / INPUT_OBJECTS).read_bytes())
+            if isinstance(d, dict) and d.get("uri") == path.uri and isinstance(d.get("objects"), list):
+                path.only = frozenset(str(n) for n in d["objects"])
+    return path
+
+
+def check_gs_staging(path: Path, opts: RunOptions, name: str) -> None:
+    """UsageError when a gs:// input's prefix or glob takes the staging area's objects (--bucket under the input
+    prefix): the run's own request and output objects would be read as input by the next listing."""
+    settings = vertex_settings(opts) if isinstance(path, GsInput) else None
+    if settings is None or not isinstance(path, GsInput):
+        return
+    bucket, root = split_gs_uri(settings[2].rstrip("/"))
+    root = f"{root.strip('/')}/batchify" if root.strip("/") else "batchify"
+    staged = ("requests/000000-b0001.jsonl", "results/x.jsonl", "output/x/predictions.jsonl")  # names it writes
+    if any(path.takes(f"gs://{bucket}/{root}/{obj}") for obj in (*(f"{name}/{x}" for x in staged), staged[2])):
+        raise UsageError(
+            f"--bucket {settings[2]}: batchify's staging area gs://{bucket}/{root}/ is under the input {path.uri}: its "
+            f"request and output objects would be read as input. Fix: give --bucket a place outside the input "
+            f"(another bucket, or another prefix: --bucket gs://{bucket}/staging if the input is not the whole bucket)."
+        )
 
 
 def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
@@ -6117,6 +6164,7 @@ async def prepare_run(
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
     out = opts.out or default_out(path, store.name)
+    check_gs_staging(path, opts, store.name)
     check_out(out, path, store, opts.project, probe=not dry_run)  # a paid run must be able to merge
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
@@ -6154,6 +6202,7 @@ async def prepare_run(
         out=out_uri(out),
         created_at=utcnow(),
     )
+    save_input_objects(store, path)  # before run.json: a prepared run's gs:// input is the objects listed here
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
     return run
 
@@ -6395,7 +6444,7 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
 
     names = ", ".join(str(p) for p in damaged)
     opts = backend_job_caps(run.run_options)
-    path = input_location(run.input_path, opts)
+    path = recorded_input(store, input_location(run.input_path, opts))
     if not path.exists() or file_sha256(path) != run.input_sha256:
         raise StateError(
             f"{names}: damaged (not what prepare wrote) and the input {path} is gone or changed, so it cannot be rebuilt. "
@@ -9644,7 +9693,7 @@ async def resume_run(
         await lock.acquire_async("resume")
         run = store.load_run()
         was = run.run_options
-        inp = input_location(run.input_path, was)
+        inp = recorded_input(store, input_location(run.input_path, was))
         if inp.exists() and file_sha256(inp) != run.input_sha256:
             raise UsageError(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "

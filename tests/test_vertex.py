@@ -615,6 +615,34 @@ def test_cli_run_from_a_gs_prefix_every_id_once_in_order(
     assert p.returncode == 2 and "changed since run 'news' was prepared" in p.stderr, p.stderr[-2000:]
 
 
+def test_a_gs_prefix_resumes_on_the_objects_prepare_listed_and_a_staging_area_under_it_is_refused(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """A part file added under a gs:// prefix input after prepare is not the run's input: resume reads the objects
+    prepare listed (input.json; each still checked at its generation by the hash) and finishes the run, where it
+    used to refuse the paid run as changed. --bucket under the input prefix (the run's own request objects would be
+    listed as input) is refused before anything is sent."""
+    rows = [{"id": f"n{i}", "text": f"article {i} on markets"} for i in range(30)]
+    b, env = gcs.bucket(bucket), {"STORAGE_EMULATOR_HOST": gcs_url}
+    b.blob("feed/part-000.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows))
+    args = _vx_args(f"gs://{bucket}/feed/", bucket, vemu.url, "--batch-size", "10", "--out", "feed.jsonl")
+    args[args.index("--bucket") + 1] = f"gs://{bucket}/feed"
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 2 and "staging area" in p.stderr and "Fix: give --bucket a place outside" in p.stderr, p.stderr
+    assert vemu.stats()["vertex_creates"] == 0 and [x.name for x in gcs.list_blobs(bucket)] == ["feed/part-000.jsonl"]
+    args[args.index("--bucket") + 1] = f"gs://{bucket}"
+    p = run_cli([*args, "--retry-scale", "0.02"], tmp_path, BATCHIFY_CRASH_AT="after_create:2", **env)
+    assert p.returncode != 0 and vemu.stats()["vertex_creates"] >= 2, p.stderr[-2000:]
+    b.blob("feed/part-001.jsonl").upload_from_string(json.dumps({"id": "later", "text": "tomorrow's article"}) + "\n")
+    p = run_cli(["resume", "feed", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "feed.jsonl")] == [r["id"] for r in rows]
+    assert vemu.stats()["vertex_creates"] == 3, "every batch created once"
+    b.blob("feed/part-000.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows))  # a new generation
+    p = run_cli(["resume", "feed", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 2 and "changed since run 'feed' was prepared" in p.stderr, p.stderr[-2000:]
+
+
 def test_gs_input_needs_vertex_and_an_object(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
     p = run_cli(["run", f"gs://{bucket}/x.jsonl", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
     assert p.returncode == 2 and "needs --backend vertex" in p.stderr, p.stderr[-2000:]
