@@ -1494,6 +1494,11 @@ class RemoteError(BatchifyError):
 TRANSIENT_CODES = frozenset({0, 408, 429, 500, 502, 503, 504})
 
 
+class OutWriteError(RemoteError):
+    """The merge could not write --out gs://… (a bucket gone, a write refused, the network): the results are
+    whole in the run's sidecars; Engine.merge names the fix."""
+
+
 class ShortOutput(RemoteError):
     """A job's output came back with fewer lines than its batchStats counts (a download cut short)."""
 
@@ -3951,6 +3956,44 @@ def gs_client(project: str | None) -> Any:
         ) from e
 
 
+ADC_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+
+
+@contextlib.contextmanager
+def gs_look_errors(uri: str, what: str, role: str = "input") -> Iterator[None]:
+    """Cloud Storage's refusals of a look at the input (or --out: `role`) as errors naming the fix, never a
+    traceback: no such bucket (404) and no permission (403) are InputError (exit 2: nothing was sent; the URI or
+    the account's roles are to mend); other answers and the network's errors are RemoteError, credentials that do
+    not work AuthError (exit 3)."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    bucket = split_gs_uri(uri)[0]
+    try:
+        yield
+    except BatchifyError:
+        raise
+    except gexc.NotFound:
+        where = "the input's gs:// URI" if role == "input" else f"{role} (or create the bucket)"
+        raise InputError(
+            f"{uri}: the bucket gs://{bucket} does not exist (404). Fix: check the bucket's name in {where} "
+            f"(`gcloud storage ls gs://{bucket}`)."
+        ) from None
+    except gexc.Forbidden as e:
+        roles = "roles/storage.objectViewer" if role == "input" else "roles/storage.objectUser"
+        raise InputError(
+            f"{uri}: no permission to {what} objects in gs://{bucket} (403 {e.message}). Fix: grant the account "
+            f"batchify runs as {roles} on gs://{bucket} (`gcloud storage buckets add-iam-policy-binding gs://{bucket} "
+            f"--member=user:YOU --role={roles}`), or check the URI."
+        ) from None
+    except gexc.GoogleAPICallError as e:
+        raise RemoteError(f"{uri}: {what}: {e.code} {e.message}", code=int(e.code or 0)) from e
+    except auth_exc.GoogleAuthError as e:
+        raise AuthError(f"{uri}: no usable Application Default Credentials ({e}). Fix: {ADC_FIX}.", code=401) from e
+    except (OSError, ValueError) as e:  # the transport's errors (requests' ConnectionError is an OSError)
+        raise RemoteError(f"{uri}: {what}: {type(e).__name__}: {e}", code=0) from e
+
+
 class GsInput(PosixPath):
     """An input given as gs://BUCKET/PATH.jsonl, gs://BUCKET/PREFIX/ (its *.jsonl objects) or a glob
     (gs://BUCKET/PREFIX/*.jsonl), in object-name order. A Path, so that the input's readers take it as they
@@ -3971,6 +4014,7 @@ class GsInput(PosixPath):
         self.uri, self.project = uri, project
         self._listing: list[tuple[str, int | None, int, str | None]] | None = None
         self._storage: Any = None
+        self.only: frozenset[str] | None = None  # the objects a run's prepare listed (recorded_input): those alone
         split_gs_uri(uri)
 
     def __str__(self) -> str:
@@ -3999,13 +4043,16 @@ class GsInput(PosixPath):
         if self._listing is None:
             bucket, name = split_gs_uri(self.uri)
             client = self._client()
-            if any(c in name for c in "*?["):
-                found = list(client.list_blobs(bucket, match_glob=name))
-            elif name and not name.endswith("/"):
-                one = client.bucket(bucket).get_blob(name)
-                found = [one] if one is not None else []
-            else:
-                found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            with gs_look_errors(self.uri, "list"):
+                if any(c in name for c in "*?["):
+                    found = list(client.list_blobs(bucket, match_glob=name))
+                elif name and not name.endswith("/"):
+                    one = client.bucket(bucket).get_blob(name)
+                    found = [one] if one is not None else []
+                else:
+                    found = [b for b in client.list_blobs(bucket, prefix=name) if b.name.endswith((".jsonl", ".json"))]
+            if self.only is not None:  # an object added since prepare is not this run's input
+                found = [b for b in found if b.name in self.only]
             self._listing = sorted((b.name, b.generation, int(b.size or 0), b.crc32c) for b in found)
         if not self._listing:
             raise InputError(f"{self}: no such object (nothing matches). Fix: check the gs:// URI.")
@@ -4039,6 +4086,92 @@ class GsInput(PosixPath):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
+
+    def takes(self, uri: str) -> bool:
+        """Whether the object `uri` is one of this input's objects, or would be once written (a listing of the
+        input would read it): the object itself, a *.jsonl / *.json object under the prefix, or one the glob
+        matches."""
+        bucket, name = split_gs_uri(self.uri)
+        at, obj = split_gs_uri(uri)
+        if at != bucket:
+            return False
+        if any(c in name for c in "*?["):
+            return gs_glob_regex(name).fullmatch(obj) is not None
+        if name and not name.endswith("/"):
+            return obj == name
+        return obj.startswith(name) and obj.endswith((".jsonl", ".json"))
+
+
+def gs_glob_regex(pattern: str) -> re.Pattern[str]:
+    """A Cloud Storage match_glob as a regex: `*` and `?` stop at a `/`, `**` does not, [..] / [!..] are classes,
+    {a,b} alternatives."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        end = pattern.find("]", i + 2) if c == "[" else pattern.find("}", i + 1) if c == "{" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and end > 0:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end
+        elif c == "{" and end > 0:
+            out.append("(?:" + "|".join(re.escape(a) for a in pattern[i + 1 : end].split(",")) + ")")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.S)
+
+
+INPUT_OBJECTS = "input.json"  # a gs:// input's objects as prepare listed them (names), in the run folder
+
+
+def save_input_objects(store: RunStore, path: Path) -> None:
+    """Record the objects a gs:// prefix or glob input was read from (nothing for another input)."""
+    if not isinstance(path, GsInput):
+        return
+    name = split_gs_uri(path.uri)[1]
+    if name and not name.endswith("/") and not any(c in name for c in "*?["):
+        return  # one object: its listing cannot grow
+    d = {"kind": "input", "schema_version": SCHEMA_VERSION, "uri": path.uri, "objects": [x[0] for x in path.listing()]}
+    save_json(store.dir / INPUT_OBJECTS, d)
+
+
+def recorded_input(store: RunStore, path: Path) -> Path:
+    """A run's gs:// prefix or glob input as prepare read it: the objects it listed then, each checked at its
+    generation by the run's hash, and none added since (a pipeline's new part file, batchify's own objects when the
+    staging area is under the prefix) that would make the input read as changed. A run prepared before input.json
+    was written (or an input of one object, or local) is listed afresh, as before."""
+    if isinstance(path, GsInput):
+        with contextlib.suppress(OSError, ValueError):
+            d = orjson.loads((store.dir / INPUT_OBJECTS).read_bytes())
+            if isinstance(d, dict) and d.get("uri") == path.uri and isinstance(d.get("objects"), list):
+                path.only = frozenset(str(n) for n in d["objects"])
+    return path
+
+
+def check_gs_staging(path: Path, opts: RunOptions, name: str) -> None:
+    """UsageError when a gs:// input's prefix or glob takes the staging area's objects (--bucket under the input
+    prefix): the run's own request and output objects would be read as input by the next listing."""
+    settings = vertex_settings(opts) if isinstance(path, GsInput) else None
+    if settings is None or not isinstance(path, GsInput):
+        return
+    bucket, root = split_gs_uri(settings[2].rstrip("/"))
+    root = f"{root.strip('/')}/batchify" if root.strip("/") else "batchify"
+    staged = ("requests/000000-b0001.jsonl", "results/x.jsonl", "output/x/predictions.jsonl")  # names it writes
+    if any(path.takes(f"gs://{bucket}/{root}/{obj}") for obj in (*(f"{name}/{x}" for x in staged), staged[2])):
+        raise UsageError(
+            f"--bucket {settings[2]}: batchify's staging area gs://{bucket}/{root}/ is under the input {path.uri}: its "
+            f"request and output objects would be read as input. Fix: give --bucket a place outside the input "
+            f"(another bucket, or another prefix: --bucket gs://{bucket}/staging if the input is not the whole bucket)."
+        )
 
 
 def input_location(path: str | Path, opts: RunOptions | None = None) -> Path:
@@ -4076,15 +4209,15 @@ def out_moved(out: str) -> str | None:
     return f"its results file is recorded as {out}, and {Path(out).parent} no longer exists (moved or renamed?)"
 
 
-def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None:
+def check_out(out: str, input_path: Path, store: RunStore | None = None, project: str | None = None, probe: bool = True) -> None:
     """Exit 2 (UsageError) before anything is sent when the results file cannot be written where --out says, so a
     paid run never ends unable to merge: a folder, the input itself, something not a regular file (the merge
     replaces what is at that path: /dev/null itself, as root), a path under a file, a folder that takes no new file
     (probed with a temporary file in the nearest folder that exists). With the run's `store`: not a file of its
-    state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). gs://
-    is its writer's to check."""
+    state dir's run folders, nor another run's results file there (one file keeps only the last run's rows). A
+    gs:// one: check_gs_out (`project` its client's, `probe` whether to write there)."""
     if out.startswith("gs://"):
-        return
+        return check_gs_out(out, input_path, store, project, probe)
     p = Path(out).expanduser()
     fix = "Fix: give --out a file path in a folder you can write to."
     if out.endswith(("/", os.sep)) or p.is_dir():
@@ -4110,10 +4243,44 @@ def check_out(out: str, input_path: Path, store: RunStore | None = None) -> None
         raise UsageError(f"--out {out}: no file can be written in {folder} ({e.strerror or e}). {fix}") from None
 
 
-def _check_out_of_others(out: str, resolved: Path, store: RunStore) -> None:
-    """--out must not be in a run's folder (its sidecars), nor another run's results file (both in this state dir)."""
+def check_gs_out(
+    out: str, input_path: Path, store: RunStore | None = None, project: str | None = None, probe: bool = True
+) -> None:
+    """check_out for --out gs://BUCKET/NAME: one object (GsOutput), not the gs:// input nor an object the input's
+    prefix or glob would take (the merge would overwrite the input, or a later listing read the results as input),
+    nor (with the run's `store`) another run's results object there (one object keeps only the last run's rows).
+    With `probe`, the bucket is tried as the merge uses it: an empty object beside the output written and deleted
+    (probe_gs_out), so that a missing bucket or one the account may not write is said now, not after every job
+    is paid."""
+    GsOutput(out)  # one object, not a prefix or a glob: UsageError
+    if isinstance(input_path, GsInput) and input_path.takes(out):
+        what = "the input object" if out == input_path.uri else f"an object of the input {input_path.uri}"
+        raise UsageError(
+            f"--out {out} is {what}: the results would overwrite the input, or be read as input by the next listing "
+            f"of it. Fix: give --out an object outside the input (e.g. gs://{split_gs_uri(out)[0]}/results/"
+            f"{input_path.stem}.results.jsonl), or a local file."
+        )
+    if store is not None:
+        _check_out_of_others(out, out, store)
+    if probe:
+        probe_gs_out(out, project)
+
+
+def probe_gs_out(out: str, project: str | None = None) -> None:
+    """Write an empty object beside --out gs://BUCKET/NAME and delete it, as the merge writes and deletes its
+    temporary object: InputError naming the fix (exit 2) when the bucket does not exist or refuses (gs_look_errors)."""
+    bucket, name = split_gs_uri(out)
+    blob = gs_client(project).bucket(bucket).blob(f"{name}.batchify-probe-{secrets.token_hex(4)}")
+    with gs_look_errors(out, "write (and delete)", "--out"):
+        blob.upload_from_string(b"", content_type="text/plain")
+        blob.delete()
+
+
+def _check_out_of_others(out: str, resolved: Path | str, store: RunStore) -> None:
+    """--out must not be in a run's folder (its sidecars), nor another run's results file (both in this state dir).
+    `resolved`: the local path made absolute, or a gs:// URI as given (out_uri)."""
     state = store.state_dir.resolve()
-    rel = resolved.relative_to(state).parts if resolved.is_relative_to(state) else ()
+    rel = resolved.relative_to(state).parts if isinstance(resolved, Path) and resolved.is_relative_to(state) else ()
     if len(rel) > 1 and (rel[0] == store.name or (state / rel[0] / "run.json").exists()):
         raise UsageError(
             f"--out {out} is inside run {rel[0]!r}'s folder: the results would overwrite its files. "
@@ -4227,6 +4394,9 @@ class GsOutput(GsInput):
         server-side rewrite: a reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
         atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+        from google.cloud.storage import exceptions as sexc
+        from requests.exceptions import RequestException  # the transport's (a local OSError is the caller's own)
 
         bucket_name, name = split_gs_uri(self.uri)
         bucket = self._client().bucket(bucket_name)
@@ -4241,9 +4411,20 @@ class GsOutput(GsInput):
                 token, _done, _total = final.rewrite(tmp, token=token)
                 if token is None:
                     break
+        except (
+            gexc.GoogleAPICallError,
+            sexc.InvalidResponse,
+            sexc.DataCorruption,
+            auth_exc.GoogleAuthError,
+            RequestException,
+        ) as e:
+            code = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", 0)
+            code = code if isinstance(code, int) else 0
+            why = {404: "the bucket does not exist", 403: "the account may not write there"}.get(code, type(e).__name__)
+            raise OutWriteError(f"the results could not be written to {self.uri} ({code or ''} {why}: {e})", code=code) from e
         finally:
             self._listing = None
-            with contextlib.suppress(gexc.NotFound):
+            with contextlib.suppress(gexc.GoogleAPICallError):
                 tmp.delete()
 
 
@@ -5126,16 +5307,18 @@ class VertexClient(GeminiClient):
                 chunks.close()
 
     def _delete_objects(self, name: str) -> int:
-        """One staged object (…jsonl), or every object under a job's output directory (its predictions and
-        anything else the job wrote there); already gone is fine. Directories are deleted only inside
-        batchify's staging area: a prefix elsewhere is not batchify's to empty."""
+        """One staged object (…jsonl), every object under a job's output directory (its predictions and anything
+        else the job wrote there), or, for a name ending in *, every object whose name starts with the rest; already
+        gone is fine. Directories and name prefixes are deleted only inside batchify's staging area: a prefix
+        elsewhere is not batchify's to empty."""
         from google.api_core import exceptions as gexc
 
         bucket, obj = split_gs_uri(name.rstrip("/"))
+        starts = obj[:-1] if obj.endswith("*") else obj + "/"
         if obj.endswith(".jsonl"):
             blobs = [self._storage.bucket(bucket).blob(obj)]
         elif bucket == self.bucket_name and obj.startswith(f"{self.root}/"):
-            blobs = list(self._storage.list_blobs(bucket, prefix=obj + "/"))
+            blobs = list(self._storage.list_blobs(bucket, prefix=starts))
         else:
             raise RemoteError(
                 f"{name} is outside batchify's staging area gs://{self.bucket_name}/{self.root}/: left as it is", 400
@@ -5587,7 +5770,12 @@ class Gate:
 
 
 def display_name_for(run: str, run_id: str, index: int, attempt: int, part: str = "") -> str:
-    return f"batchify-{run[:40]}-{run_id}-b{index:04d}-a{attempt}{part}"
+    return f"{display_name_prefix(run, run_id)}b{index:04d}-a{attempt}{part}"
+
+
+def display_name_prefix(run: str, run_id: str) -> str:
+    """What every display name of one run (of this name and run id) starts with, and no other run's."""
+    return f"batchify-{run[:40]}-{run_id}-"
 
 
 async def calibrate(client: GeminiClient | None, model: str, prompts: list[str]) -> tuple[float, float | None, str | None]:
@@ -6095,7 +6283,9 @@ async def prepare_run(
     """
     path = input_location(input_path, opts)
     check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
-    check_out(out := opts.out or default_out(path, store.name), path, store)  # a paid run must be able to merge
+    out = opts.out or default_out(path, store.name)
+    check_gs_staging(path, opts, store.name)
+    check_out(out, path, store, opts.project, probe=not dry_run)  # a paid run must be able to merge
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -6132,6 +6322,7 @@ async def prepare_run(
         out=out_uri(out),
         created_at=utcnow(),
     )
+    save_input_objects(store, path)  # before run.json: a prepared run's gs:// input is the objects listed here
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
     return run
 
@@ -6373,7 +6564,7 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
 
     names = ", ".join(str(p) for p in damaged)
     opts = backend_job_caps(run.run_options)
-    path = input_location(run.input_path, opts)
+    path = recorded_input(store, input_location(run.input_path, opts))
     if not path.exists() or file_sha256(path) != run.input_sha256:
         raise StateError(
             f"{names}: damaged (not what prepare wrote) and the input {path} is gone or changed, so it cannot be rebuilt. "
@@ -7423,7 +7614,7 @@ class Engine:
     async def _unknown_remote_jobs(self, missing: int) -> dict[int, list[tuple[int, RemoteJob]]]:
         """This run's jobs at the service that no sidecar knows, by batch number: [(attempt, job)]. With
         `missing` sidecars, a failure to ask is an error (else it is logged and nothing is found)."""
-        prefix = f"batchify-{self.run.name[:40]}-{self.run.run_id}-"
+        prefix = display_name_prefix(self.run.name, self.run.run_id)
         try:
             remote = [r for r in await self.client.list_batches() if (r.display_name or "").startswith(prefix)]
         except AuthError:
@@ -8509,22 +8700,17 @@ class Engine:
         """Write the results file: exactly one line per input id, in input order."""
         out = out_location(self.run.out, self.opts.project)
         tally = MergeTally(self.spec.long_context_threshold, schema_categoricals(self.cfg.schema))
-        hook = self.hook
         self.mend_prepared(requests=False)
-        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
-            write, add = f.write, tally.add
-            for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
-                r = r or NO_RESULT
-                if raw is not None:  # ids.jsonl holds each id JSON-encoded and a primary results line the
-                    # encoded result: splice the bytes rather than decode and encode them again (nearly every row)
-                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
-                else:
-                    write(merged_line(id_line, r))
-                add(r)
-                if n & 15 == 0:
-                    hook(Hook.MERGE)
-                    if n & 4095 == 0:
-                        tally.sum_usage()
+        try:
+            self._write_results(out, tally)
+        except OutWriteError as e:
+            name = self.run.name
+            raise OutWriteError(
+                f"{e}. Fix: the results are kept in run {name!r}'s sidecars: mend the bucket's permissions and "
+                f"`batchify resume {name}`, or write them elsewhere, `batchify resume {name} --out FILE` (`batchify "
+                f"results {name}` prints them).",
+                code=e.code,
+            ) from e
         tally.sum_usage()
         finished = (
             all(j.state in FINAL_STATES for j in self.jobs.values())
@@ -8543,6 +8729,24 @@ class Engine:
         self.run.status = status
         self.store.save_run(self.run)
         return summary
+
+    def _write_results(self, out: Path, tally: MergeTally) -> None:
+        """merge's pass: one line per input id, in input order, to the results file (results_writer)."""
+        hook = self.hook
+        with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
+            write, add = f.write, tally.add
+            for (n, r, raw), id_line in zip(self.resolve(), ids, strict=True):
+                r = r or NO_RESULT
+                if raw is not None:  # ids.jsonl holds each id JSON-encoded and a primary results line the
+                    # encoded result: splice the bytes rather than decode and encode them again (nearly every row)
+                    write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
+                else:
+                    write(merged_line(id_line, r))
+                add(r)
+                if n & 15 == 0:
+                    hook(Hook.MERGE)
+                    if n & 4095 == 0:
+                        tally.sum_usage()
 
     # -- real time ---------------------------------------------------------------------------------
     def _requests(self, only: set[int] | None, files: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any], int]]:
@@ -8923,7 +9127,10 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
 async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> dict[str, int]:
     """Delete a finished run's remote jobs and files (and, with local, its state folder).
 
-    Refuses while any result is missing: a run's remote output is the only copy until merged."""
+    Refuses while any result is missing: a run's remote output is the only copy until merged. When the results
+    file is no longer the one the run wrote (out_replaced: another run given the same --out), a Vertex run's
+    results objects in the bucket are kept (counts["kept"] = 1): with its sidecars, they are its results' only
+    copy, which `batchify results RUN` prints."""
     import shutil
 
     run = store.load_run()
@@ -8939,20 +9146,21 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
             f"Fix: `batchify resume {store.name}` first."
         )
-    if local and out_replaced(run, out):
+    replaced = out_replaced(run, out)  # the run's own results are then in its sidecars (and bucket) alone
+    if local and replaced:
         raise UsageError(
             f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
             f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
             f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
             f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
         )
-    lines = sum(1 for _ in out.open("rb"))
-    if lines != run.records:
+    lines = None if replaced else sum(1 for _ in out.open("rb"))
+    if lines is not None and lines != run.records:
         raise UsageError(
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
             "to merge again before cleaning up."
         )
-    counts = {"jobs": 0, "files": 0}
+    counts = {"jobs": 0, "files": 0, "kept": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
         if j.remote_job:
@@ -8967,9 +9175,13 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
                 counts["files"] += 1
     with contextlib.suppress(RemoteError):
         counts["files"] += await requests.delete_all()
-    if (vertex := vertex_settings(run.options)) is not None:  # the primary results kept in the bucket
-        with contextlib.suppress(RemoteError):
-            await client.delete_file(vertex_results_prefix(vertex[2], store.name))
+    if (vertex := vertex_settings(run.options)) is not None and replaced:  # the only copy of its primary results
+        counts["kept"] = 1
+    elif vertex is not None:  # the primary results kept in the bucket: this run's (named by its jobs), no other's
+        with contextlib.suppress(RemoteError):  # of the name (another state dir's) under the same results/ folder
+            await client.delete_file(
+                f"{vertex_results_prefix(vertex[2], store.name)}/{display_name_prefix(store.name, run.run_id)}*"
+            )
     run.summary = {**run.summary, "cleaned_at": utcnow()}
     store.save_run(run)
     if local:
@@ -9609,7 +9821,7 @@ def _continue_at(
             raise UsageError(problem)
     if out is None or out_uri(out) == run.out:
         return run
-    check_out(out, input_path, store)
+    check_out(out, input_path, store, run.run_options.project, probe=not dry_run)
     if dry_run:  # checked, and nothing changed
         return run
     run = dataclasses.replace(run, out=out_uri(out))
@@ -9690,7 +9902,7 @@ async def resume_run(
         await lock.acquire_async("resume")
         run = store.load_run()
         was = run.run_options
-        inp = input_location(run.input_path, was)
+        inp = recorded_input(store, input_location(run.input_path, was))
         if inp.exists() and file_sha256(inp) != run.input_sha256:
             raise UsageError(
                 f"{inp} changed since run {name!r} was prepared (its hash differs). Fix: restore it, "
@@ -11244,8 +11456,8 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
         return _print_sidecar_results(state_dir, run_name, f"{out} changed since run {run_name} wrote it.")
     if not out.exists():
         try:
-            check_out(run.out, input_location(run.input_path, run.run_options))
-        except UsageError as e:  # the results file cannot be made there: print the results from the sidecars
+            check_out(run.out, input_location(run.input_path, run.run_options), project=run.run_options.project)
+        except (UsageError, InputError, RemoteError) as e:  # the results file cannot be made there: from the sidecars
             return _print_sidecar_results(state_dir, run_name, str(e))
         with reader_lock(state_dir, run_name) as free:
             if not free:  # a live process holds the run: its sidecars and results file are its own to write
@@ -11253,6 +11465,8 @@ def results_cmd(run_name: str, summary_only: bool, as_json: bool, state_dir: str
                 return _print_sidecar_results(state_dir, run_name, why)
             try:  # rebuilt from the sidecars (unfinished ids show as errors; a results file lost: exit 3)
                 _offline_engine(state_dir, run_name, strict=True).merge()
+            except OutWriteError as e:  # --out gs:// refused the merge: the results are still printed
+                return _print_sidecar_results(state_dir, run_name, str(e))
             except OSError as e:  # a full disk, a quota: the results are still printed, and the file not written said
                 if e.errno not in _DISK_REFUSALS:
                     raise
@@ -11280,6 +11494,13 @@ def cleanup_cmd(run_name: str, local: bool, endpoint: str | None, state_dir: str
     counts = asyncio.run(cleanup(run_name, state_dir, endpoint, _api_key(), local))
     where = " and its state folder" if local else ""
     console().print(f"deleted {counts['jobs']} remote job(s), {counts['files']} remote file(s){where} of {_esc(run_name)}")
+    if counts.get("kept"):
+        console().print(
+            f"[yellow]note:[/] kept run {_esc(run_name)}'s results objects in the bucket: its results file was since "
+            f"written by something else (another run given the same --out?), so they are the only copy of its results. "
+            f"`batchify results {_esc(run_name)} > FILE` keeps them; then delete the run's results/ objects yourself.",
+            soft_wrap=True,
+        )
 
 
 @cli.command(name="cancel")

@@ -615,12 +615,69 @@ def test_cli_run_from_a_gs_prefix_every_id_once_in_order(
     assert p.returncode == 2 and "changed since run 'news' was prepared" in p.stderr, p.stderr[-2000:]
 
 
+def test_a_gs_prefix_resumes_on_the_objects_prepare_listed_and_a_staging_area_under_it_is_refused(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """A part file added under a gs:// prefix input after prepare is not the run's input: resume reads the objects
+    prepare listed (input.json; each still checked at its generation by the hash) and finishes the run, where it
+    used to refuse the paid run as changed. --bucket under the input prefix (the run's own request objects would be
+    listed as input) is refused before anything is sent."""
+    rows = [{"id": f"n{i}", "text": f"article {i} on markets"} for i in range(30)]
+    b, env = gcs.bucket(bucket), {"STORAGE_EMULATOR_HOST": gcs_url}
+    b.blob("feed/part-000.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows))
+    args = _vx_args(f"gs://{bucket}/feed/", bucket, vemu.url, "--batch-size", "10", "--out", "feed.jsonl")
+    args[args.index("--bucket") + 1] = f"gs://{bucket}/feed"
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 2 and "staging area" in p.stderr and "Fix: give --bucket a place outside" in p.stderr, p.stderr
+    assert vemu.stats()["vertex_creates"] == 0 and [x.name for x in gcs.list_blobs(bucket)] == ["feed/part-000.jsonl"]
+    args[args.index("--bucket") + 1] = f"gs://{bucket}"
+    p = run_cli([*args, "--retry-scale", "0.02"], tmp_path, BATCHIFY_CRASH_AT="after_create:2", **env)
+    assert p.returncode != 0 and vemu.stats()["vertex_creates"] >= 2, p.stderr[-2000:]
+    b.blob("feed/part-001.jsonl").upload_from_string(json.dumps({"id": "later", "text": "tomorrow's article"}) + "\n")
+    p = run_cli(["resume", "feed", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "feed.jsonl")] == [r["id"] for r in rows]
+    assert vemu.stats()["vertex_creates"] == 3, "every batch created once"
+    b.blob("feed/part-000.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows))  # a new generation
+    p = run_cli(["resume", "feed", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 2 and "changed since run 'feed' was prepared" in p.stderr, p.stderr[-2000:]
+
+
 def test_gs_input_needs_vertex_and_an_object(vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path) -> None:
     p = run_cli(["run", f"gs://{bucket}/x.jsonl", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
     assert p.returncode == 2 and "needs --backend vertex" in p.stderr, p.stderr[-2000:]
     args = ["run", f"gs://{bucket}/none/*.jsonl", "--backend", "vertex", "--project", PROJECT, "--location", LOCATION]
     p = run_cli([*args, "--bucket", f"gs://{bucket}", "--endpoint", vemu.url, "--yes"], tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
     assert p.returncode == 2 and "nothing matches" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_gs_input_in_a_missing_or_forbidden_bucket_is_an_input_error_naming_the_fix(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path
+) -> None:
+    """A prefix or glob in a bucket that does not exist: exit 2 naming the bucket and the fix, no traceback; a
+    listing refused (403) names the role to grant; the network failing is a RemoteError, not a traceback."""
+    from google.api_core import exceptions as gexc
+
+    for k, src in enumerate(("gs://no-such-bucket-vgs/data/", "gs://no-such-bucket-vgs/data/*.jsonl")):
+        p = run_cli(_vx_args(src, bucket, vemu.url, "--name", f"r{k}"), tmp_path, STORAGE_EMULATOR_HOST=gcs_url)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert "the bucket gs://no-such-bucket-vgs does not exist" in p.stderr and "Fix: check the bucket" in p.stderr
+
+    class Refusing:
+        def __init__(self, e: Exception) -> None:
+            self.e = e
+
+        def list_blobs(self, *args: Any, **kwargs: Any) -> Any:
+            raise self.e
+
+    for e, kind, said in (
+        (gexc.Forbidden("caller does not have storage.objects.list access"), batchify.InputError, "roles/storage.objectViewer"),
+        (ConnectionError("connection refused"), batchify.RemoteError, "ConnectionError"),
+    ):
+        inp = batchify.GsInput("gs://b/data/")
+        inp._storage = Refusing(e)
+        with pytest.raises(kind, match=said):
+            inp.listing()
 
 
 def test_gs_reader_streams_across_objects_and_seeks(
@@ -796,12 +853,124 @@ def test_out_gs_streams_the_merged_results_to_the_bucket(
     p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
     assert p.returncode == 0 and "changed since run news wrote it" in p.stderr, p.stderr[-2000:]
     assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(120)]
-    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)  # counts the object's lines
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [b.name for b in gcs.list_blobs(bucket)] == ["results/news.jsonl"], "cleanup leaves the results"
+    kept = [b.name for b in gcs.list_blobs(bucket)]
+    assert kept[-1] == "results/news.jsonl" and all(n.startswith("batchify/news/results/") for n in kept[:-1]), kept
+    assert kept[:-1], "the run's results objects are kept: its results file is no longer its own"
     # results in Cloud Storage need the Vertex backend
     p = run_cli(["run", str(inp), "--endpoint", vemu.url, "--yes", "--name", "g", "--out", out], tmp_path, **env)
     assert p.returncode == 2 and "need --backend vertex" in p.stderr, p.stderr[-2000:]
+
+
+def test_two_runs_given_one_out_gs_object_and_a_cleanup_after_it_was_replaced_keep_the_results(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run of the state dir given the first's --out gs:// is refused before anything is sent (one object
+    keeps only the last run's rows), as a local --out is; once another state dir's run replaced the object,
+    `cleanup` of the first keeps its results objects in the bucket, and `results` still gives every id back."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    out, env = f"gs://{bucket}/results/results.jsonl", {"STORAGE_EMULATOR_HOST": gcs_url}
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": f"{name}-{i}", "text": f"article {i} about rates"}) + "\n" for i in range(20))
+        )
+    p = run_cli(_vx_args(tmp_path / "one.jsonl", bucket, vemu.url, "--out", out), tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(_vx_args(tmp_path / "two.jsonl", bucket, vemu.url, "--out", out), tmp_path, **env)
+    assert p.returncode == 2 and "is run 'one'" in p.stderr and "results file" in p.stderr, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 1, "nothing of the second run was sent"
+    args = _vx_args(tmp_path / "two.jsonl", bucket, vemu.url, "--out", out)
+    args[args.index("--state-dir") + 1] = "st2"  # another state dir: not known to this one, the object replaced
+    p = run_cli(args, tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(["cleanup", "one", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "kept run one's results objects" in p.stderr, p.stderr[-2000:]
+    assert list(gcs.list_blobs(bucket, prefix="batchify/one/results/")), "the only copy of run one's results is kept"
+    assert not list(gcs.list_blobs(bucket, prefix="batchify/one/requests/")), "the rest of the staging area is deleted"
+    p = run_cli(["results", "one", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"one-{i}" for i in range(20)]
+
+
+def test_cleanup_deletes_its_own_results_objects_not_those_of_a_run_of_the_same_name(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """Two runs named news (two state dirs, one staging bucket) keep their results objects under one
+    …/batchify/news/results/ folder, apart by their run ids: `cleanup` of one deletes its own only."""
+    inp, env = _news(tmp_path, 30), {"STORAGE_EMULATOR_HOST": gcs_url}
+    ids = {}
+    for state in ("st", "st-b"):
+        args = _vx_args(inp, bucket, vemu.url, "--batch-size", "10", "--out", str(tmp_path / f"{state}.jsonl"))
+        args[args.index("--state-dir") + 1] = state
+        p = run_cli(args, tmp_path, **env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        ids[state] = json.loads((tmp_path / state / "news" / "run.json").read_text())["run_id"]
+
+    def results_of(state: str) -> list[str]:
+        return [b.name for b in gcs.list_blobs(bucket, prefix="batchify/news/results/") if f"-{ids[state]}-" in b.name]
+
+    assert len(results_of("st")) == 3 and len(results_of("st-b")) == 3
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert results_of("st") == [] and len(results_of("st-b")) == 3, "the other run's results objects are kept"
+    p = run_cli(["results", "news", "--state-dir", "st-b"], tmp_path, **env)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 30, p.stderr[-2000:]
+
+
+def test_out_gs_in_a_missing_bucket_is_refused_before_anything_is_sent_and_a_merge_refused_later_names_the_fix(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out gs:// in a bucket that does not exist: exit 2 before anything is sent (the bucket is tried with an
+    empty object written and deleted), not a traceback at the merge after every job is paid. A bucket gone after
+    prepare: the merge's refusal is exit 3 naming the fix; `results` prints the run's results from its sidecars;
+    `resume --out FILE` writes them elsewhere."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, env = _news(tmp_path, 20), {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", "gs://no-such-bucket-vgs/results.jsonl"), tmp_path, **env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "the bucket gs://no-such-bucket-vgs does not exist" in p.stderr and "Fix:" in p.stderr, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 0
+    outb = f"out-{uuid.uuid4().hex[:10]}"
+    gcs.create_bucket(outb)
+    out = f"gs://{outb}/results.jsonl"
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--out", out), tmp_path, BATCHIFY_CRASH_AT="merge:1", **env)
+    assert p.returncode != 0 and vemu.stats()["vertex_creates"] == 1, p.stderr[-2000:]
+    assert [b.name for b in gcs.list_blobs(outb) if "probe" in b.name] == [], "the probe object is deleted"
+    gcs.bucket(outb).delete(force=True)
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 3 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"could not be written to {out}" in p.stderr and "batchify resume news --out FILE" in p.stderr, p.stderr[-2000:]
+    p = run_cli(["results", "news", "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "does not exist" in p.stderr, p.stderr[-2000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [f"a{i}" for i in range(20)]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st", "--out", "here.jsonl"], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "here.jsonl")] == [f"a{i}" for i in range(20)]
+    assert vemu.stats()["vertex_creates"] == 1, "nothing paid twice"
+
+
+def test_out_gs_naming_the_gs_input_or_an_object_it_would_take_is_refused_before_anything_is_sent(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """--out gs:// that is the input object (the merge would overwrite it), or an object under the input prefix or
+    matching its glob (a later listing would read the results as input): exit 2 naming the fix, nothing created."""
+    original = "".join(json.dumps({"id": f"n{i}", "text": f"article {i} on markets"}) + "\n" for i in range(10))
+    gcs.bucket(bucket).blob("data/news.jsonl").upload_from_string(original)
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    for k, (src, out) in enumerate(
+        (
+            (f"gs://{bucket}/data/news.jsonl", f"gs://{bucket}/data/news.jsonl"),
+            (f"gs://{bucket}/data/", f"gs://{bucket}/data/out/results.jsonl"),
+            (f"gs://{bucket}/data/*.jsonl", f"gs://{bucket}/data/results.jsonl"),
+        )
+    ):
+        p = run_cli(_vx_args(src, bucket, vemu.url, "--out", out, "--name", f"r{k}"), tmp_path, **env)
+        said = f"--out {out} is" in p.stderr and "Fix: give --out an object outside" in p.stderr
+        assert p.returncode == 2 and said, p.stderr[-2000:]
+    assert vemu.stats()["vertex_creates"] == 0
+    assert gcs.bucket(bucket).blob("data/news.jsonl").download_as_text() == original, "the input is untouched"
+    assert [b.name for b in gcs.list_blobs(bucket)] == ["data/news.jsonl"], "nothing staged"
 
 
 # -- 2,000 articles end to end (issue 16's "Must show"): local file and gs:// prefix, results in the bucket and locally,
