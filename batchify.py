@@ -2421,15 +2421,21 @@ def poll_failure_verdict(transient: bool, in_a_row: int, failing_for: float, pat
     return "silent" if failing_for >= patience else "again"
 
 
-def poll_silent(job: Job, failing_for: float, e: RemoteError, run: str) -> ServiceSilent:
-    """The error a run stopped by a job's polls failing for POLL_SILENCE_S ends with: the job was not failed, and the fix."""
+def service_silent(what: str, failing_for: float, e: RemoteError, kept: str, run: str) -> ServiceSilent:
+    """The error a run stopped by calls failing on the way (network, 5xx, 429) for POLL_SILENCE_S ends with: what went
+    unanswered and for how long, what was kept as it is (never failed: that would pay twice), and the fix."""
     return ServiceSilent(
-        f"{job.name} ({job.remote_job}): no poll of it was answered for {failing_for / 60:.0f} min (the last: {e}). It "
-        "is kept as it is, not counted as failed: it may still run at the service, and creating it again would pay "
-        f"twice. Fix: check the network and the endpoint (and Google's status page), then `batchify resume {run}`.",
+        f"{what} for {failing_for / 60:.0f} min (the last: {e}). {kept} Fix: check the network and the endpoint (and "
+        f"Google's status page), then `batchify resume {run}`.",
         code=e.code,
         status=e.status,
     )
+
+
+def poll_silent(job: Job, failing_for: float, e: RemoteError, run: str) -> ServiceSilent:
+    """A job's polls unanswered for POLL_SILENCE_S: the job was not failed (it may still run at the service)."""
+    kept = "It is kept as it is, not counted as failed: it may still run at the service, and creating it again would pay twice."
+    return service_silent(f"{job.name} ({job.remote_job}): no poll of it was answered", failing_for, e, kept, run)
 
 
 def account_refused(e: RemoteError, run: str) -> ServiceRefused:
@@ -2584,14 +2590,12 @@ def download_failure_verdict(
 
 
 def download_silent(job: Job, failing_for: float, e: RemoteError, run: str) -> ServiceSilent:
-    """The error a run stopped by a finished job's output failing to download on the way ends with."""
-    return ServiceSilent(
-        f"{job.name} ({job.remote_job}): its output could not be downloaded for {failing_for / 60:.0f} min (the last: {e}). "
+    """A finished job's output failing to download on the way for POLL_SILENCE_S: the job kept SUCCEEDED."""
+    kept = (
         "The job is kept as it is, SUCCEEDED: its answers are paid for and its output is at the service, so nothing is "
-        f"sent again. Fix: check the network and the endpoint (and Google's status page), then `batchify resume {run}`.",
-        code=e.code,
-        status=e.status,
+        "sent again."
     )
+    return service_silent(f"{job.name} ({job.remote_job}): its output could not be downloaded", failing_for, e, kept, run)
 
 
 def poll_delay(interval: float, eta: float | None, base: float, room_wanted: bool = False) -> float:
@@ -6282,10 +6286,7 @@ async def prepare_run(
     request files are written to the staging bucket (request_sink), unless `dry_run`.
     """
     path = input_location(input_path, opts)
-    check_input_file(path)  # before anything opens it: a FIFO with no writer would block the first read
-    out = opts.out or default_out(path, store.name)
-    check_gs_staging(path, opts, store.name)
-    check_out(out, path, store, opts.project, probe=not dry_run)  # a paid run must be able to merge
+    out = _check_places(path, opts, store, dry_run)
     opts = dataclasses.replace(opts, poll_interval=default_poll_interval(opts.poll_interval, endpoint))
     private_dir(store.dir)
     os.chmod(store.dir, 0o700)
@@ -6325,6 +6326,17 @@ async def prepare_run(
     save_input_objects(store, path)  # before run.json: a prepared run's gs:// input is the objects listed here
     store.save_run(run)  # the run exists from here on: its presence marks a finished prepare
     return run
+
+
+def _check_places(path: Path, opts: RunOptions, store: RunStore, dry_run: bool) -> str:
+    """Where a run reads and writes, checked before anything is opened or sent: the input a regular file (a FIFO with
+    no writer would block the first read), a staging area not under a gs:// input, an --out the merge can write (a
+    paid run must be able to merge). The --out to use."""
+    check_input_file(path)
+    out = opts.out or default_out(path, store.name)
+    check_gs_staging(path, opts, store.name)
+    check_out(out, path, store, opts.project, probe=not dry_run)
+    return out
 
 
 async def _context_window(client: GeminiClient | None, cfg: JobConfig, spec: ModelSpec, gc: dict[str, Any]) -> int:
@@ -7013,11 +7025,9 @@ class Engine:
         self.reporter: Reporter = reporter or NullReporter()
         self.clock = clock  # monotonic: every interval the engine measures
         self.wall = wall  # epoch seconds: only what is compared across processes (Job.create_sent_at)
-        self.sleep = sleep
-        self.hook = hook or (lambda point: None)
+        self.sleep, self.hook = sleep, hook or (lambda point: None)
         self.run = store.load_run()
-        self.opts = self.run.run_options
-        self.cfg = self.run.job_config
+        self.opts, self.cfg = self.run.run_options, self.run.job_config
         self.damaged: list[str] = []  # job sidecars found unreadable, moved aside; repair() rebuilds them
         self.jobs: dict[str, Job] = {j.name: j for j in store.load_jobs(self.damaged)}
         self.rt_view: RealtimeView | None = None
@@ -7288,15 +7298,7 @@ class Engine:
             if self.retired is not None:  # the model was shut down mid-run (create_job): no fallback, exit 2
                 return await self._collect_only(self.retired)
             if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
-                left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
-                spent, _committed, overrun = self._cost_standing(fresh=True)
-                self._raise_if_stopped()
-                self.merge()
-                raise CostCapError(
-                    f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not sent (spent "
-                    f"{usd(spent)}; answers cost {max(1.0, overrun):.1f}x the estimate). Every result so far is saved; "
-                    f"`batchify resume {self.run.name} --max-cost N` with a higher cap sends the rest."
-                )
+                self._end_cost_capped()
             refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
                 self.merge()  # every id has its line (the refused ones an error), yet the run is not done:
@@ -7322,6 +7324,18 @@ class Engine:
                 "reached cost more than estimated (the answers were longer than the plan assumed)"
             )
         return self.merge()
+
+    def _end_cost_capped(self) -> None:
+        """A job was not created for --max-cost: what the run has is merged, then CostCapError (exit 5) says how to go on."""
+        left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
+        spent, _committed, overrun = self._cost_standing(fresh=True)
+        self._raise_if_stopped()
+        self.merge()
+        raise CostCapError(
+            f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not sent (spent "
+            f"{usd(spent)}; answers cost {max(1.0, overrun):.1f}x the estimate). Every result so far is saved; "
+            f"`batchify resume {self.run.name} --max-cost N` with a higher cap sends the rest."
+        )
 
     async def _collect_only(self, why: str) -> Summary:
         """A resume after the run's model was shut down: the jobs already at the service (live, succeeded, or a
@@ -7951,15 +7965,8 @@ class Engine:
         if self.jobs[job.name].state == JobState.UPLOADING:
             self._advance(self.jobs[job.name], JobState.CREATED)
         if now - since >= max(60.0, POLL_SILENCE_S * self.opts.retry_scale):
-            self.halt(
-                ServiceSilent(
-                    f"uploads failed on the way for {(now - since) / 60:.0f} min (the last, {job.name}: {e}); nothing was "
-                    f"created for them. Fix: check the network and the endpoint, then `batchify resume {self.run.name}`.",
-                    code=e.code,
-                    status=e.status,
-                ),
-                "the service has not answered for too long",
-            )
+            kept = "Nothing was created for them; no attempt was spent."
+            self.halt(service_silent(f"{job.name}: uploads failed on the way", now - since, e, kept, self.run.name))
             return True
         self._log(f"{job.name}: upload failed on the way ({e}); trying again after a pause")
         return False
@@ -9017,16 +9024,7 @@ class RequestSender:
             if self.engine.stopping:
                 return None
             attempt += 1
-            self.queued += 1
-            self._unsent.add(me)
-            try:
-                await self.rpm_l.acquire(1)
-                granted = await self.tpm_l.acquire(t) if self.tpm_l is not None else 0.0
-            finally:
-                self._unsent.discard(me)
-                self.queued -= 1
-                if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
-                    self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
+            granted = await self._through_buckets(me, t)
             if self.engine.stopping:
                 return None
             if self.engine.opts.max_cost is not None and not self.engine._cost_allows(t, 1, self.service):
@@ -9059,16 +9057,32 @@ class RequestSender:
                 continue
             finally:
                 self.sending -= 1
-            for bucket in self._buckets():
-                bucket.recover()
-            if self.flex:  # Little's law: the gate follows the latency measured (the longest seen, not an
-                # average, and never below the target's middle: the first answers back are the quick ones, and a
-                # gate sized for them would leave the buckets idle while the slow ones are still out)
-                took = max(0.0, self.engine.clock() - sent)
-                self.latency_max = max(self.latency_max, took)
-                self.latency = flex_latency_estimate(self.latency_max, self.window)
-                self.gate.resize(self._target())
+            self._answered_after(sent)
             return self.engine._line_result(n, {"response": resp}, self.source)
+
+    async def _through_buckets(self, me: asyncio.Task[Any], t: int) -> float:
+        """Wait for the RPM and TPM buckets (meanwhile the request is unsent: a stop drops it); the TPM bucket's grant."""
+        self.queued += 1
+        self._unsent.add(me)
+        try:
+            await self.rpm_l.acquire(1)
+            return await self.tpm_l.acquire(t) if self.tpm_l is not None else 0.0
+        finally:
+            self._unsent.discard(me)
+            self.queued -= 1
+            if self.flex and self.backlog_seconds() < 2 * self.engine.opts.poll:
+                self.engine._flex_wake.set()  # the Flex lanes may claim another batch now
+
+    def _answered_after(self, sent: float) -> None:
+        """An answer came: the buckets recover, and for Flex the gate follows the latency measured (Little's law: the
+        longest seen, not an average, and never below the target's middle: the first answers back are the quick
+        ones, and a gate sized for them would leave the buckets idle while the slow ones are still out)."""
+        for bucket in self._buckets():
+            bucket.recover()
+        if self.flex:
+            self.latency_max = max(self.latency_max, max(0.0, self.engine.clock() - sent))
+            self.latency = flex_latency_estimate(self.latency_max, self.window)
+            self.gate.resize(self._target())
 
 
 def in_flight_ceiling(reserve: int = 256) -> int:

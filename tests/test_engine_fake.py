@@ -493,7 +493,7 @@ def test_uploads_failing_for_an_hour_stop_the_run_and_resume_finishes(tmp_path):
     store = prepared(tmp_path, 20, 20, poll_interval=1.0)
     fake = _Offline(clock, [5.0])
     fake.dark = (0.0, 10_000.0)
-    with pytest.raises(batchify.ServiceSilent, match=r"uploads failed on the way for 6\d min.*nothing was created"):
+    with pytest.raises(batchify.ServiceSilent, match=r"uploads failed on the way for 6\d min.*Nothing was created"):
         run_engine(store, fake, clock)
     assert fake.jobs == {} and [j.state for j in store.load_jobs()] == [batchify.JobState.CREATED]
     clock.t = 10_000.0
