@@ -3458,6 +3458,13 @@ class RunStore:
                 if self.dir.is_dir()
                 else " Fix: see `batchify list`."
             )
+            with contextlib.suppress(BatchifyError, OSError):
+                if (at := load_requests_marker(self)) is not None:
+                    hint = (
+                        f" A `run` was interrupted while preparing it; the request objects it staged are still in the "
+                        f"bucket (gs://{at[0]}/{at[1]}*). Fix: run the same `batchify run` command again (it deletes them "
+                        f"first), or `batchify cleanup {self.name}` to delete them."
+                    )
             raise UsageError(f"no run named {self.name!r} in {self.state_dir}.{hint}") from None
         except StateError as e:
             raise StateError(_sidecar_problem(self.run_path, e)) from None
@@ -5368,8 +5375,11 @@ class VertexClient(GeminiClient):
 REQUESTS_MARKER = "requests.json"
 
 
-def save_requests_marker(store: RunStore, bucket: str, prefix: str) -> None:
+def save_requests_marker(store: RunStore, bucket: str, prefix: str, project: str = "", location: str = "") -> None:
+    """`project` and `location`: the Vertex client's, for `cleanup` of a prepare that never finished (no run.json)."""
     d = {"kind": "requests", "schema_version": SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    if project and location:
+        d |= {"project": project, "location": location}
     save_json(store.dir / REQUESTS_MARKER, d)
 
 
@@ -5518,7 +5528,7 @@ class GsRequests:
             raise self.client._wrap(e, what) from e
 
     def begin(self) -> None:
-        save_requests_marker(self.store, self.bucket, self.prefix)  # before any object
+        save_requests_marker(self.store, self.bucket, self.prefix, self.client.project, self.client.location)  # before any object
 
     def clear(self) -> None:
         """Delete the objects an unfinished prepare wrote (those its requests.json names), then requests.json."""
@@ -10085,11 +10095,43 @@ async def cleanup(
     store = RunStore(_state_dir_arg(state_dir, "cleanup"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         await lock.acquire_async("cleanup")
+        if not store.exists() and load_requests_marker(store) is not None:
+            return await _cleanup_unfinished_prepare(store, endpoint, local)
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
         ) as client:
             return await cleanup_run(store, client, local)
+
+
+async def _cleanup_unfinished_prepare(store: RunStore, endpoint: str | None, local: bool) -> dict[str, int]:
+    """cleanup of a run folder that holds only a prepare that never finished (no run.json; the requests.json it
+    wrote before its first request object): those objects are deleted (with the Vertex project and location the
+    marker recorded), then its leftovers (_clear_unfinished_prepare), and the folder itself once empty (with `local`,
+    in any case; else the pages it fetched are kept for the next `run`)."""
+    import shutil
+
+    bucket, prefix = load_requests_marker(store) or ("", "")
+    d = load_json(store.dir / REQUESTS_MARKER)
+    project, location = d.get("project"), d.get("location")
+    if not (isinstance(project, str) and project and isinstance(location, str) and location):
+        raise UsageError(
+            f"run {store.name!r} was interrupted while preparing it, and its requests.json (an older batchify's) does not "
+            f"say the Vertex project of the request objects it staged, gs://{bucket}/{prefix}*. Fix: run the same "
+            f"`batchify run` command again (it deletes them first), or delete them yourself "
+            f"(`gcloud storage rm 'gs://{bucket}/{prefix}*'`) and then the folder {store.dir}."
+        )
+    opts = {"backend": "vertex", "project": project, "location": location, "bucket": f"gs://{bucket}"}
+    async with open_client(endpoint, None, options=opts) as client:
+        files = await GsRequests(store, client, bucket, prefix).delete_all()
+    (store.dir / REQUESTS_MARKER).unlink()
+    _clear_unfinished_prepare(store)
+    if local:
+        shutil.rmtree(store.dir)
+    else:
+        with contextlib.suppress(OSError):
+            store.dir.rmdir()  # empty: nothing of the prepare is left
+    return {"jobs": 0, "files": files, "kept": 0}
 
 
 async def cancel(

@@ -1073,7 +1073,14 @@ async def test_prepare_streams_the_request_files_to_the_bucket_in_vertex_form(
     run = await batchify.prepare(inp, options=opts, state_dir=st, endpoint=vemu.url)
     prefix = f"batchify/news/requests/{run.run_id}-"
     marker = json.loads((st / "news" / "requests.json").read_text())
-    assert marker == {"kind": "requests", "schema_version": batchify.SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    assert marker == {
+        "kind": "requests",
+        "schema_version": batchify.SCHEMA_VERSION,
+        "bucket": bucket,
+        "prefix": prefix,
+        "project": PROJECT,
+        "location": LOCATION,
+    }
     _no_local_requests(st / "news")
     staged = _staged(gcs, bucket)
     assert list(staged) == [f"{prefix}b{i:04d}.jsonl" for i in (1, 2, 3)]
@@ -1126,6 +1133,26 @@ def test_sigkill_while_prepare_streams_then_the_same_command_finishes(
     stats = vemu.stats()
     assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
     _no_local_requests(run_dir)
+
+
+def test_a_prepare_killed_while_staging_says_so_and_cleanup_deletes_its_objects(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """Killed as prepare closes its 2nd request object: `resume` says the objects are staged (not "nothing was
+    uploaded") and how they go; `cleanup NAME` deletes them and the run folder (only an unfinished prepare in it)."""
+    inp = _news(tmp_path, 40)
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "10"), tmp_path, BATCHIFY_CRASH_AT="prepare:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    prefix = json.loads((tmp_path / "st" / "news" / "requests.json").read_text())["prefix"]
+    assert list(_staged(gcs, bucket)) == [f"{prefix}b0001.jsonl", f"{prefix}b0002.jsonl"]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    said = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "nothing was uploaded" not in said, said
+    assert f"gs://{bucket}/{prefix}*" in said and "`batchify cleanup news`" in said, said
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "2 remote file(s)" in p.stderr, p.stderr[-2000:]
+    assert list(_staged(gcs, bucket)) == [] and not (tmp_path / "st" / "news").exists()
 
 
 async def test_a_staged_request_object_gone_before_its_job_is_written_again_from_the_input(
