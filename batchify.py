@@ -1503,6 +1503,15 @@ class ShortOutput(RemoteError):
     """A job's output came back with fewer lines than its batchStats counts (a download cut short)."""
 
 
+class StagedRequestGone(RemoteError):
+    """A request object prepare staged in the bucket answers 404 (deleted since: a lifecycle rule, a `gsutil rm`):
+    GsRequests.remote_file. The engine writes it again from the input before the job is created (Engine._restage)."""
+
+    def __init__(self, message: str, uri: str):
+        super().__init__(message, code=404)
+        self.uri = uri
+
+
 class BatchRefusedError(RemoteError):
     """Batch creation refused for good (403 permission/billing, 404 model without batch)."""
 
@@ -3453,6 +3462,13 @@ class RunStore:
                 if self.dir.is_dir()
                 else " Fix: see `batchify list`."
             )
+            with contextlib.suppress(BatchifyError, OSError):
+                if (at := load_requests_marker(self)) is not None:
+                    hint = (
+                        f" A `run` was interrupted while preparing it; the request objects it staged are still in the "
+                        f"bucket (gs://{at[0]}/{at[1]}*). Fix: run the same `batchify run` command again (it deletes them "
+                        f"first), or `batchify cleanup {self.name}` to delete them."
+                    )
             raise UsageError(f"no run named {self.name!r} in {self.state_dir}.{hint}") from None
         except StateError as e:
             raise StateError(_sidecar_problem(self.run_path, e)) from None
@@ -5363,8 +5379,11 @@ class VertexClient(GeminiClient):
 REQUESTS_MARKER = "requests.json"
 
 
-def save_requests_marker(store: RunStore, bucket: str, prefix: str) -> None:
+def save_requests_marker(store: RunStore, bucket: str, prefix: str, project: str = "", location: str = "") -> None:
+    """`project` and `location`: the Vertex client's, for `cleanup` of a prepare that never finished (no run.json)."""
     d = {"kind": "requests", "schema_version": SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    if project and location:
+        d |= {"project": project, "location": location}
     save_json(store.dir / REQUESTS_MARKER, d)
 
 
@@ -5513,7 +5532,7 @@ class GsRequests:
             raise self.client._wrap(e, what) from e
 
     def begin(self) -> None:
-        save_requests_marker(self.store, self.bucket, self.prefix)  # before any object
+        save_requests_marker(self.store, self.bucket, self.prefix, self.client.project, self.client.location)  # before any object
 
     def clear(self) -> None:
         """Delete the objects an unfinished prepare wrote (those its requests.json names), then requests.json."""
@@ -5554,8 +5573,13 @@ class GsRequests:
         return int(blob.size or 0)
 
     async def remote_file(self, client: Backend, job: Job) -> RemoteFile:
-        """The object prepare wrote is the job's input (no upload); it is gone: a 404, the job fails."""
-        size = await self.client._call("upload", lambda: asyncio.to_thread(self._size, job.request_file))
+        """The object prepare wrote is the job's input (no upload); it is gone: StagedRequestGone (a 404)."""
+        try:
+            size = await self.client._call("upload", lambda: asyncio.to_thread(self._size, job.request_file))
+        except RemoteError as e:
+            if e.code == 404:
+                raise StagedRequestGone(str(e), self.uri(job.request_file)) from e
+            raise
         return RemoteFile(name=self.uri(job.request_file), size_bytes=int(size), state="ACTIVE")
 
     def owns(self, name: str) -> bool:
@@ -6568,18 +6592,19 @@ def damaged_prepared_files(store: RunStore, run: Run, requests: bool = True) -> 
     return bad
 
 
-def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: list[Path]) -> None:
+def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: list[Path], what: str | None = None) -> None:
     """Write the `damaged` files prepare wrote (damaged_prepared_files) again from the run's input, when it is
     still there and unchanged (its hash), by the same pass into a scratch folder; kept only when that pass cuts
-    exactly the recorded batches. Else StateError naming the files and the fix: nothing damaged is ever sent."""
+    exactly the recorded batches. Else StateError naming the files (or `what` was wrong) and the fix: nothing
+    damaged is ever sent."""
     import shutil
 
-    names = ", ".join(str(p) for p in damaged)
+    what = what or f"{', '.join(str(p) for p in damaged)}: damaged (not what prepare wrote)"
     opts = backend_job_caps(run.run_options)
     path = recorded_input(store, input_location(run.input_path, opts))
     if not path.exists() or file_sha256(path) != run.input_sha256:
         raise StateError(
-            f"{names}: damaged (not what prepare wrote) and the input {path} is gone or changed, so it cannot be rebuilt. "
+            f"{what} and the input {path} is gone or changed, so it cannot be rebuilt. "
             f"Fix: restore {path} as it was and resume (batchify rebuilds the file from it), or move the run folder "
             f"{store.dir} away and start a new run; every other run is untouched."
         )
@@ -6593,7 +6618,7 @@ def rebuild_prepared_files(store: RunStore, run: Run, spec: ModelSpec, damaged: 
         p = _rebuild_pass(scratch, path, run, spec, opts, _written_generation_config(store, run), sink)
         if p.records != run.records or [[b.start, b.end, b.tokens, b.bytes] for b in p.batches] != run.plan.get("batch_ranges"):
             raise StateError(
-                f"{names}: damaged (not what prepare wrote), and the input no longer gives the same requests (another "
+                f"{what}, and the input no longer gives the same requests (another "
                 f"batchify version or model catalog?). Fix: move the run folder {store.dir} away and start a new run."
             )
         for bad in damaged:
@@ -7035,6 +7060,7 @@ class Engine:
         self._progress: dict[str, tuple[float, int]] = {}  # first (clock, requests done) seen while RUNNING
         self._retrieving: set[str] = set()  # jobs whose results are being downloaded beside the scheduler
         self._sorting = asyncio.Semaphore(1)  # one job's output sorted into the bucket at a time (memory: one run)
+        self._restaging = asyncio.Lock()  # one request object written again at a time (_restage: one scratch folder)
         self._failure: Exception | None = None
         self._wake, self._demand = asyncio.Event(), asyncio.Event()  # (batch_phase makes both again, on its own loop)
         self.limit = self.run.plan["effective_limit"]
@@ -7936,12 +7962,23 @@ class Engine:
         )  # the intent: a crash from here re-uploads (the orphan file expires)
         self.hook(Hook.BEFORE_UPLOAD)
         try:
-            f = await self.request_files.remote_file(self.client, job)  # on Vertex: the object prepare wrote
+            f = await self._remote_file(job)  # on Vertex: the object prepare wrote
         except AuthError:
             raise
         except RemoteError as e:  # the seam already tried as often as the retry policy allows
             if e.code in TRANSIENT_CODES:  # on the way (network, 5xx, 429): not the job's fault, no attempt of it spent
                 return self._upload_unanswered(job, e)  # (a 400 "Unsupported MIME type" still fails it, as before)
+            if isinstance(e, StagedRequestGone):  # cut during the run (_remote_file): another attempt reads it again
+                why = (
+                    f"{e.uri}: the request object is gone from the bucket (a lifecycle rule? a deletion?); batchify cut it "
+                    "from other objects during the run, not from the input, so it cannot be written again: failed, no "
+                    "retry. Fix: keep the staging bucket's objects while a run lasts"
+                )
+                self._log(f"{job.name}: {why}")
+                if self.jobs[job.name].state == JobState.UPLOADING:
+                    self._advance(self.jobs[job.name], JobState.FAILED, error=why, no_retry=True)
+                self._wake.set()
+                return True
             self._log(f"{job.name}: upload refused ({e}); the job failed")
             if self.jobs[job.name].state == JobState.UPLOADING:
                 self._advance(self.jobs[job.name], JobState.FAILED, error=f"upload refused: {e}")
@@ -7955,6 +7992,48 @@ class Engine:
         self._wake.set()  # the scheduler may admit it now
         self._flex_wake.set()
         return True
+
+    async def _remote_file(self, job: Job) -> RemoteFile:
+        """The job's input at the service (RequestFiles.remote_file). A request object prepare staged that is gone
+        from the bucket since (StagedRequestGone) is written again from the input first (_restage), once: no attempt
+        of the job is spent on it; an input gone or changed stops the run with the fix (StateError), resumably. An
+        object the run cut itself (a split's part, the line retry's) is not rebuilt: StagedRequestGone, and _upload
+        fails the job once (no retry)."""
+        try:
+            return await self.request_files.remote_file(self.client, job)
+        except StagedRequestGone as e:
+            if job.request_file not in self._prepared_request_files():
+                raise
+            spec = self.spec
+            async with self._restaging:
+                await asyncio.to_thread(self._restage, job.request_file, e.uri, spec)
+            line = f"{e.uri}: gone from the bucket (a lifecycle rule? a deletion?): written again from {self.run.input_path}"
+            self._log(f"repair: {line}")
+            self.run.notes.setdefault("repairs", []).append(f"{utcnow()} {line}")
+            self.store.save_run(self.run)
+        try:
+            return await self.request_files.remote_file(self.client, job)
+        except StagedRequestGone as e:  # gone again at once: refused, as any upload
+            raise RemoteError(str(e), code=404) from e
+
+    def _prepared_request_files(self) -> set[str]:
+        return {f"requests/b{i:04d}.jsonl" for i in range(1, len(self.run.plan.get("batch_ranges") or []) + 1)}
+
+    def _restage(self, rel: str, uri: str, spec: ModelSpec) -> None:
+        """Write prepare's request object `uri` (request file `rel`) again from the input (rebuild_prepared_files,
+        into the run folder, then streamed to the bucket as prepare does; the local copy removed)."""
+        local = self.store.dir / rel
+        gone = f"{uri}: the request object prepare staged is gone from the bucket (a lifecycle rule? a deletion?)"
+        try:
+            rebuild_prepared_files(self.store, self.run, spec, [local], what=gone)
+            with open(local, "rb") as src, self.request_files.open(rel) as dst:
+                for line in src:
+                    if line.strip():
+                        dst.write(self.request_files.encode(line))
+        finally:
+            local.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                local.parent.rmdir()  # requests/ in the run folder only while it was rebuilt
 
     def _upload_unanswered(self, job: Job, e: RemoteError) -> bool:
         """An upload that failed on the way after the seam's retries (a laptop awake before its network): the job back
@@ -10030,11 +10109,43 @@ async def cleanup(
     store = RunStore(_state_dir_arg(state_dir, "cleanup"), name)
     with RunLock(store.state_dir / ".locks" / name) as lock:
         await lock.acquire_async("cleanup")
+        if not store.exists() and load_requests_marker(store) is not None:
+            return await _cleanup_unfinished_prepare(store, endpoint, local)
         run = store.load_run()
         async with open_client(
             endpoint or run.endpoint, api_key, options=run.options, retry_scale=run.run_options.retry_scale
         ) as client:
             return await cleanup_run(store, client, local)
+
+
+async def _cleanup_unfinished_prepare(store: RunStore, endpoint: str | None, local: bool) -> dict[str, int]:
+    """cleanup of a run folder that holds only a prepare that never finished (no run.json; the requests.json it
+    wrote before its first request object): those objects are deleted (with the Vertex project and location the
+    marker recorded), then its leftovers (_clear_unfinished_prepare), and the folder itself once empty (with `local`,
+    in any case; else the pages it fetched are kept for the next `run`)."""
+    import shutil
+
+    bucket, prefix = load_requests_marker(store) or ("", "")
+    d = load_json(store.dir / REQUESTS_MARKER)
+    project, location = d.get("project"), d.get("location")
+    if not (isinstance(project, str) and project and isinstance(location, str) and location):
+        raise UsageError(
+            f"run {store.name!r} was interrupted while preparing it, and its requests.json (an older batchify's) does not "
+            f"say the Vertex project of the request objects it staged, gs://{bucket}/{prefix}*. Fix: run the same "
+            f"`batchify run` command again (it deletes them first), or delete them yourself "
+            f"(`gcloud storage rm 'gs://{bucket}/{prefix}*'`) and then the folder {store.dir}."
+        )
+    opts = {"backend": "vertex", "project": project, "location": location, "bucket": f"gs://{bucket}"}
+    async with open_client(endpoint, None, options=opts) as client:
+        files = await GsRequests(store, client, bucket, prefix).delete_all()
+    (store.dir / REQUESTS_MARKER).unlink()
+    _clear_unfinished_prepare(store)
+    if local:
+        shutil.rmtree(store.dir)
+    else:
+        with contextlib.suppress(OSError):
+            store.dir.rmdir()  # empty: nothing of the prepare is left
+    return {"jobs": 0, "files": files, "kept": 0}
 
 
 async def cancel(

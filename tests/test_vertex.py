@@ -1073,7 +1073,14 @@ async def test_prepare_streams_the_request_files_to_the_bucket_in_vertex_form(
     run = await batchify.prepare(inp, options=opts, state_dir=st, endpoint=vemu.url)
     prefix = f"batchify/news/requests/{run.run_id}-"
     marker = json.loads((st / "news" / "requests.json").read_text())
-    assert marker == {"kind": "requests", "schema_version": batchify.SCHEMA_VERSION, "bucket": bucket, "prefix": prefix}
+    assert marker == {
+        "kind": "requests",
+        "schema_version": batchify.SCHEMA_VERSION,
+        "bucket": bucket,
+        "prefix": prefix,
+        "project": PROJECT,
+        "location": LOCATION,
+    }
     _no_local_requests(st / "news")
     staged = _staged(gcs, bucket)
     assert list(staged) == [f"{prefix}b{i:04d}.jsonl" for i in (1, 2, 3)]
@@ -1126,6 +1133,85 @@ def test_sigkill_while_prepare_streams_then_the_same_command_finishes(
     stats = vemu.stats()
     assert stats["vertex_creates"] == 3 and set(stats["vertex_creates_by_display_name"].values()) == {1}, stats
     _no_local_requests(run_dir)
+
+
+def test_a_prepare_killed_while_staging_says_so_and_cleanup_deletes_its_objects(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path
+) -> None:
+    """Killed as prepare closes its 2nd request object: `resume` says the objects are staged (not "nothing was
+    uploaded") and how they go; `cleanup NAME` deletes them and the run folder (only an unfinished prepare in it)."""
+    inp = _news(tmp_path, 40)
+    env = {"STORAGE_EMULATOR_HOST": gcs_url}
+    p = run_cli(_vx_args(inp, bucket, vemu.url, "--batch-size", "10"), tmp_path, BATCHIFY_CRASH_AT="prepare:2", **env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    prefix = json.loads((tmp_path / "st" / "news" / "requests.json").read_text())["prefix"]
+    assert list(_staged(gcs, bucket)) == [f"{prefix}b0001.jsonl", f"{prefix}b0002.jsonl"]
+    p = run_cli(["resume", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    said = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "nothing was uploaded" not in said, said
+    assert f"gs://{bucket}/{prefix}*" in said and "`batchify cleanup news`" in said, said
+    p = run_cli(["cleanup", "news", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
+    assert p.returncode == 0 and "2 remote file(s)" in p.stderr, p.stderr[-2000:]
+    assert list(_staged(gcs, bucket)) == [] and not (tmp_path / "st" / "news").exists()
+
+
+async def test_a_staged_request_object_gone_before_its_job_is_written_again_from_the_input(
+    vemu: Emu, gcs_url: str, gcs: storage.Client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request objects prepare staged are deleted before their jobs are created (a lifecycle rule, a `gsutil rm`):
+    with the input moved away meanwhile, the run stops naming the object and the fix, no attempt spent; the input
+    back, each is written again from it (the same bytes) before its job is created, and every id is answered
+    by one job per batch."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 30), tmp_path / "st"
+    opts = _vertex_opts(bucket, batch_size=10, mode="batch", poll_interval=0.05, retry_scale=0.01)
+    opts = dataclasses.replace(opts, out=str(tmp_path / "out.jsonl"))
+    run = await batchify.prepare(inp, options=opts, state_dir=st, endpoint=vemu.url)
+    prefix = f"batchify/news/requests/{run.run_id}-"
+    staged = {n: gcs.bucket(bucket).blob(n).download_as_bytes() for n in (f"{prefix}b{i:04d}.jsonl" for i in (1, 2, 3))}
+    for gone in ("b0002", "b0003"):
+        gcs.bucket(bucket).blob(f"{prefix}{gone}.jsonl").delete()
+    inp.rename(tmp_path / "away.jsonl")
+    with pytest.raises(batchify.StateError, match=rf"gs://{bucket}/{prefix}b000[23].jsonl: .*gone.*Fix: restore"):
+        await asyncio.wait_for(batchify.submit("news", st, endpoint=vemu.url), 60)
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert all(j.attempt == 1 and j.state != batchify.JobState.FAILED for j in jobs), [(j.name, j.state) for j in jobs]
+    (tmp_path / "away.jsonl").rename(inp)
+    summary = await asyncio.wait_for(batchify.submit("news", st, endpoint=vemu.url), 60)
+    assert summary.ok == 30 and [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"a{i}" for i in range(30)]
+    assert {n: gcs.bucket(bucket).blob(n).download_as_bytes() for n in staged} == staged, "written again, the same"
+    jobs = batchify.RunStore(st, "news").load_jobs()
+    assert [(j.name, j.attempt) for j in jobs] == [("b0001", 1), ("b0002", 1), ("b0003", 1)]
+    assert vemu.stats()["vertex_creates"] == 3
+    repairs = json.loads((st / "news" / "run.json").read_text())["notes"]["repairs"]
+    restaged = sorted(r.split(" ", 1)[1].split(": ")[0] for r in repairs if "gone from the bucket" in r)
+    assert restaged == [f"gs://{bucket}/{prefix}b000{i}.jsonl" for i in (2, 3)], repairs
+    _no_local_requests(st / "news")
+
+
+async def test_a_request_object_the_run_cut_itself_gone_fails_its_job_once(
+    vemu: Emu, gcs_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A split part's request object (cut during the run, not from the input alone) gone from the bucket: its job
+    fails once, naming the object and why, and is not tried again (no attempt spent reading it again)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    inp, st = _news(tmp_path, 20), tmp_path / "st"
+    await batchify.prepare(inp, options=_vertex_opts(bucket, batch_size=10, mode="batch"), state_dir=st, endpoint=vemu.url)
+    store = batchify.RunStore(st, "news")
+    client = vclient(vemu, gcs_url, bucket)
+    try:
+        engine = batchify.Engine(store, client)
+        first = engine.jobs["b0001"]
+        part = dataclasses.replace(first, name="b0001.1", request_file="requests/b0001.1.jsonl", part=".1")
+        store.save_job(part)
+        engine.jobs[part.name] = part
+        assert await engine._upload(part)
+    finally:
+        await client.close()
+    failed = store.load_jobs()[1]
+    assert failed.name == "b0001.1" and failed.state == batchify.JobState.FAILED and failed.no_retry, failed
+    assert "b0001.1.jsonl: the request object is gone from the bucket" in (failed.error or ""), failed.error
+    assert [j.name for j in batchify.jobs_to_retry(store.load_jobs(), 3, False)] == []
 
 
 async def test_split_and_the_line_retry_write_their_request_objects_to_the_bucket(
