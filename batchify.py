@@ -9217,17 +9217,9 @@ async def cancel_run(store: RunStore, client: Backend, settle_polls: int = 5) ->
     return cancelled
 
 
-async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> dict[str, int]:
-    """Delete a finished run's remote jobs and files (and, with local, its state folder).
-
-    Refuses while any result is missing: a run's remote output is the only copy until merged. When the results
-    file is no longer the one the run wrote (out_replaced: another run given the same --out), a Vertex run's
-    results objects in the bucket are kept (counts["kept"] = 1): with its sidecars, they are its results' only
-    copy, which `batchify results RUN` prints."""
-    import shutil
-
-    run = store.load_run()
-    out = out_location(run.out, run.run_options.project)
+def _check_cleanable(store: RunStore, run: Run, out: Path, local: bool) -> bool:
+    """cleanup's preconditions, UsageError naming the fix unless met: nothing left at the service undownloaded, the
+    run finished and merged, its results file whole. Whether that file was replaced by another run's (out_replaced)."""
     pending = [j.name for j in store.load_jobs() if j.state in REMOTE_LIVE or j.state == JobState.SUCCEEDED]
     if pending:
         raise UsageError(
@@ -9253,6 +9245,21 @@ async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> 
             f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
             "to merge again before cleaning up."
         )
+    return replaced
+
+
+async def cleanup_run(store: RunStore, client: Backend, local: bool = False) -> dict[str, int]:
+    """Delete a finished run's remote jobs and files (and, with local, its state folder).
+
+    Refuses while any result is missing: a run's remote output is the only copy until merged. When the results
+    file is no longer the one the run wrote (out_replaced: another run given the same --out), a Vertex run's
+    results objects in the bucket are kept (counts["kept"] = 1): with its sidecars, they are its results' only
+    copy, which `batchify results RUN` prints."""
+    import shutil
+
+    run = store.load_run()
+    out = out_location(run.out, run.run_options.project)
+    replaced = _check_cleanable(store, run, out, local)
     counts = {"jobs": 0, "files": 0, "kept": 0}
     requests = run_requests(store, client)  # request objects prepare streamed to the bucket: deleted once, below
     for j in store.load_jobs():
