@@ -152,6 +152,8 @@ OUTPUT_PATIENCE_S = 3_600.0  # how long a SUCCEEDED job's output may be refused 
 # failed and sent again, paid twice, said loudly). Users see SUCCEEDED before the output is readable (tidyverse/ellmer#926);
 # no bound is published. Scaled by --retry-scale. Downloads failing on the way (network, 5xx, 429) never count toward it:
 # for POLL_SILENCE_S they stop the run instead, resumably, the job kept (its output is intact at the service)
+RETENTION_LOOK_REFUSALS = 3  # the service's endTime is consulted at this refusal of a streak, not the first: a wall clock
+# days ahead must not make the SUCCEEDED-before-readable 403 (OUTPUT_PATIENCE_S's case) count as gone at once
 OUTPUT_RETENTION_S = 48 * 3_600.0  # the Files API keeps a file 48 hours ("Files are stored for 48 hours": the document
 # processing page's note, read 2026-12-02 through discuss.ai.google.dev/t/50428). Google does not say that a batch's
 # output file follows it: taken as a hint only, for an output refused (403/404) of a job that ended longer ago than this
@@ -7067,7 +7069,7 @@ class Engine:
         self._spec_day, self._spec = -1, run_model_spec(self.run)  # (the wall clock's day, the prices in force): spec
         self._refused_since: float | None = None  # first create refused (429) while nothing of the run was enqueued
         self._refusals: dict[str, int] = {}  # creates of each job refused in a row with nothing of the run enqueued
-        self._download_failures: dict[str, tuple[int, float, float | None]] = {}  # job: (rounds, first, first refusal)
+        self._download_failures: dict[str, tuple[int, float, float | None, int]] = {}  # (rounds, first, refused at, refusals)
         self._no_output_since: dict[str, float] = {}  # job: when a poll first found it SUCCEEDED naming no output
         self._download_retry_at: dict[str, float] = {}
         self._short_outputs: dict[str, int] = {}  # job: downloads that came back shorter than its batchStats
@@ -8043,7 +8045,7 @@ class Engine:
         since = self._uploads_failing_since = self._uploads_failing_since if self._uploads_failing_since is not None else now
         if self.jobs[job.name].state == JobState.UPLOADING:
             self._advance(self.jobs[job.name], JobState.CREATED)
-        if now - since >= max(60.0, POLL_SILENCE_S * self.opts.retry_scale):
+        if now - since >= self._patience(POLL_SILENCE_S):
             kept = "Nothing was created for them; no attempt was spent."
             self.halt(service_silent(f"{job.name}: uploads failed on the way", now - since, e, kept, self.run.name))
             return True
@@ -8387,7 +8389,7 @@ class Engine:
                 return await self._poll_answered_404(job)
             n, since = self._poll_streak(job, "transient" if e.transient else "refused")
             failing_for = self.clock() - since
-            patience = max(60.0, POLL_SILENCE_S * self.opts.retry_scale)  # a drill's --retry-scale 0 still rides out blips
+            patience = self._patience(POLL_SILENCE_S)
             verdict = poll_failure_verdict(e.transient, n, failing_for, patience)
             if verdict == "again":
                 self._log(f"{job.name}: poll failed ({e}); will poll again")
@@ -8441,7 +8443,7 @@ class Engine:
         twice, said loudly). Never a wait without end. True when it was so marked."""
         now = self.clock()
         since = self._no_output_since.setdefault(job.name, now)
-        patience = max(60.0, OUTPUT_PATIENCE_S * self.opts.retry_scale)
+        patience = self._patience(OUTPUT_PATIENCE_S)
         if since == now:
             self._log(
                 f"{job.name}: SUCCEEDED, but the service names no output for it and none is in its output folder yet; "
@@ -8457,6 +8459,11 @@ class Engine:
         )
         self._advance(job, JobState.FAILED, error=f"SUCCEEDED without any output found for {patience / 60:.0f} min")
         return True
+
+    def _patience(self, seconds: float) -> float:
+        """A wait bound (POLL_SILENCE_S, OUTPUT_PATIENCE_S) scaled by --retry-scale, never under a minute: a drill's
+        --retry-scale 0 still rides out a blip or a late output."""
+        return max(60.0, seconds * self.opts.retry_scale)
 
     def _poll_streak(self, job: Job, kind: str) -> tuple[int, float]:
         """How many of a job's polls in a row have now answered this `kind` (404, refused, transient), and since when
@@ -8508,12 +8515,12 @@ class Engine:
             self._short_outputs[job.name] = self._short_outputs.get(job.name, 0) + 1
         transient = e.transient or isinstance(e, ShortOutput)
         now = self.clock()
-        n, since, refused_at = self._download_failures.get(job.name, (0, now, None))
-        if not transient and refused_at is None:  # the first refusal of this streak; an output the service no longer
-            # keeps (the job ended longer ago than that) is refused for good: its patience spent at once (-inf)
-            refused_at = -math.inf if await self._ended_before_retention(job) else now
-        self._download_failures[job.name] = (n + 1, since, refused_at)
-        scale = self.opts.retry_scale
+        n, since, refused_at, refusals = self._download_failures.get(job.name, (0, now, None, 0))
+        if not transient:
+            refused_at, refusals = (now if refused_at is None else refused_at), refusals + 1
+            if refusals == RETENTION_LOOK_REFUSALS and await self._ended_before_retention(job):
+                refused_at = -math.inf  # an output the service no longer keeps is refused for good: patience spent
+        self._download_failures[job.name] = (n + 1, since, refused_at, refusals)
         verdict, delay = download_failure_verdict(
             transient,
             n + 1,
@@ -8521,11 +8528,17 @@ class Engine:
             None if refused_at is None else now - refused_at,
             self.opts.poll,
             self.opts.max_poll_interval,
-            max(60.0, OUTPUT_PATIENCE_S * scale),  # a drill's --retry-scale 0 still rides out a late output
-            max(60.0, POLL_SILENCE_S * scale),
+            self._patience(OUTPUT_PATIENCE_S),
+            self._patience(POLL_SILENCE_S),
         )
         if verdict == "gone":
-            return await self._output_gone(job, n + 1, e)
+            why = (
+                f"the job ended over {OUTPUT_RETENTION_S / 3600:.0f} h ago (the service's endTime), longer than the "
+                f"service keeps files, and its output is refused ({n + 1} rounds; last: {e})"
+                if refused_at == -math.inf
+                else f"it could not be downloaded for {self._patience(OUTPUT_PATIENCE_S) / 60:.0f} min ({n + 1} rounds; last: {e})"
+            )
+            return await self._output_gone(job, why)
         if verdict == "silent":
             self.halt(download_silent(job, now - since, e, self.run.name), "the service has not answered for too long")
             return False
@@ -8547,7 +8560,7 @@ class Engine:
             return False
         return rj.ended_at is not None and self.wall() - rj.ended_at > OUTPUT_RETENTION_S
 
-    async def _output_gone(self, job: Job, rounds: int, e: RemoteError) -> bool:
+    async def _output_gone(self, job: Job, why: str) -> bool:
         """OUTPUT_PATIENCE_S of refused downloads: ask the service once more for the job (its output may have a new
         name), else the output counts as gone (deleted by retention, a name that never worked): the job FAILED, its
         requests sent again, and said loudly, since its answers were paid for. The other jobs go on meanwhile."""
@@ -8556,22 +8569,23 @@ class Engine:
         except AuthError:
             raise
         except RemoteError as ge:
-            if ge.transient:  # no answer is no proof the output is gone: the run stops, resumably, the job kept
-                since = self._download_failures.get(job.name, (0, self.clock(), None))[1]
-                self.halt(download_silent(job, self.clock() - since, ge, self.run.name), "the service has not answered")
+            if ge.transient:  # no answer is no proof the output is gone: looked at again, as a poll would be (POLL_SILENCE_S)
+                _n, since = self._poll_streak(job, "transient")
+                if self.clock() - since >= self._patience(POLL_SILENCE_S):
+                    self.halt(poll_silent(job, self.clock() - since, ge, self.run.name))
+                self._download_retry_at[job.name] = self.clock() + self.opts.poll
                 return False
             rj = None
+        self._poll_streaks.pop(job.name, None)
         if rj is not None and rj.output_file and rj.output_file != job.output_file:
             self._log(f"{job.name}: the service names another output for it ({rj.output_file}); downloading that")
             self._advance(job, JobState.SUCCEEDED, output_file=rj.output_file)
             self._download_failures.pop(job.name, None)
             return False
-        minutes = max(60.0, OUTPUT_PATIENCE_S * self.opts.retry_scale) / 60
         self._log(
-            f"warning: {job.name}: its output {job.output_file} could not be downloaded for {minutes:.0f} min ({rounds} "
-            f"rounds; last: {e}); its requests go again, and are paid for twice"
+            f"warning: {job.name}: its output {job.output_file} is taken as gone: {why}; its requests go again, and are paid for twice"
         )
-        self._advance(job, JobState.FAILED, error=f"output {job.output_file} not downloadable for {minutes:.0f} min: {e}")
+        self._advance(job, JobState.FAILED, error=f"output {job.output_file} gone: {why}")
         return True
 
     async def _fetch_results(self, job: Job, expect: int | None = None) -> tuple[int, int, dict[str, int]]:
@@ -9104,7 +9118,7 @@ class RequestSender:
                 return None
             attempt += 1
             granted = await self._through_buckets(me, t)
-            if self.engine.stopping:
+            if self.engine.stopping or self.engine.retired is not None:  # (the model found shut down meanwhile)
                 return None
             if self.engine.opts.max_cost is not None and not self.engine._cost_allows(t, 1, self.service):
                 self.capped = True  # answers that came in while it waited at the buckets (or to retry) reached the cap

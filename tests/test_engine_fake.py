@@ -377,7 +377,9 @@ def test_a_succeeded_job_whose_output_stays_unreadable_is_waited_for_an_hour_the
     assert len(creates) == 2 and creates[1] - creates[0] >= batchify.OUTPUT_PATIENCE_S  # sent again only after the hour
     assert all(b - a <= batchify.MAX_POLL_INTERVAL + 1.0 for a, b in itertools.pairwise(tries))  # tried all along
     jobs = {j.name: j for j in store.load_jobs()}
-    assert jobs["b0001"].state == batchify.JobState.FAILED and "not downloadable for 60 min" in (jobs["b0001"].error or "")
+    assert jobs["b0001"].state == batchify.JobState.FAILED and "gone: it could not be downloaded for 60 min" in (
+        jobs["b0001"].error or ""
+    )
 
 
 class _NoOutputNamed(FakeGemini):
@@ -519,7 +521,7 @@ def test_an_output_refused_of_a_job_that_ended_days_ago_is_gone_at_once(tmp_path
     asyncio.run(batchify.Engine(store, fake, clock=clock.now, sleep=clock.sleep, wall=clock.wall).execute())
     creates = [t for t, what, _ in fake.calls if what == "create"]
     assert len(creates) == 2 and creates[1] - creates[0] < 60.0
-    assert any("could not be downloaded" in (j.error or "") or "not downloadable" in (j.error or "") for j in store.load_jobs())
+    assert any("ended over 48 h ago (the service's endTime)" in (j.error or "") for j in store.load_jobs()), store.load_jobs()
 
 
 class _OutputRefusedThenGetsDown(_OutputNotReadable):
@@ -534,12 +536,14 @@ class _OutputRefusedThenGetsDown(_OutputNotReadable):
 
 def test_no_answer_from_the_jobs_get_is_no_proof_its_output_is_gone(tmp_path):
     """After OUTPUT_PATIENCE_S of refused downloads, the service is asked once more for the job; that look failing on
-    the way does not fail the job (it used to: taken as gone, sent again): the run stops, resumably, instead."""
+    the way does not fail the job (it used to: taken as gone, sent again): it is looked at again, as a poll is, and
+    after POLL_SILENCE_S of that the run stops, resumably, the job kept."""
     clock = FakeClock()
     store = prepared(tmp_path, 20, 20, poll_interval=1.0, max_attempts=2)
     fake = _OutputRefusedThenGetsDown(clock, [5.0, 5.0])
-    with pytest.raises(batchify.ServiceSilent):
+    with pytest.raises(batchify.ServiceSilent, match=r"b0001 .*no poll of it was answered for 6\d min"):
         run_engine(store, fake, clock)
+    assert clock.now() >= batchify.OUTPUT_PATIENCE_S + batchify.POLL_SILENCE_S  # the look had its own hour
     assert len([c for c in fake.calls if c[1] == "create"]) == 1
     assert [j.state for j in store.load_jobs()] == [batchify.JobState.SUCCEEDED]
 
