@@ -3971,14 +3971,36 @@ def gs_client(project: str | None) -> Any:
     try:
         return storage.Client(project=project)
     except auth_exc.DefaultCredentialsError as e:
-        raise AuthError(
-            f"Cloud Storage: no usable Application Default Credentials ({e}). "
-            "Fix: run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS).",
-            code=401,
-        ) from e
+        raise AuthError(f"Cloud Storage: no usable Application Default Credentials ({e}). Fix: {ADC_FIX}.", code=401) from e
 
 
 ADC_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+
+
+def gs_errors() -> tuple[type[BaseException], ...]:
+    """What a Cloud Storage call raises (gs_error converts each): the API's errors (api_core's GoogleAPIError: its
+    answers, and RetryError once its deadline passed with the network down), credentials', resumable-media's
+    (an upload chunk's bad answer, a checksum), the transport's (requests'; a socket's OSError)."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+    from google.cloud.storage import exceptions as sexc
+    from requests.exceptions import RequestException
+
+    return (gexc.GoogleAPIError, auth_exc.GoogleAuthError, sexc.InvalidResponse, sexc.DataCorruption, RequestException, OSError)
+
+
+def gs_error(e: BaseException, what: str) -> RemoteError:
+    """One of gs_errors() as batchify's: credentials AuthError (ADC_FIX); else RemoteError with the HTTP code where
+    there is one (0: the network, RetryError after its deadline: transient, as any network error)."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    if isinstance(e, auth_exc.GoogleAuthError):
+        return AuthError(f"{what}: no usable Application Default Credentials ({e}). Fix: {ADC_FIX}.", code=401)
+    if isinstance(e, gexc.GoogleAPICallError):
+        return RemoteError(f"{what}: {e.code} {e.message}", code=int(e.code or 0))
+    code = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", 0)
+    return RemoteError(f"{what}: {type(e).__name__}: {e}", code=code if isinstance(code, int) else 0)
 
 
 @contextlib.contextmanager
@@ -3988,9 +4010,9 @@ def gs_look_errors(uri: str, what: str, role: str = "input") -> Iterator[None]:
     the account's roles are to mend); other answers and the network's errors are RemoteError, credentials that do
     not work AuthError (exit 3)."""
     from google.api_core import exceptions as gexc
-    from google.auth import exceptions as auth_exc
 
     bucket = split_gs_uri(uri)[0]
+    look_errors: tuple[type[BaseException], ...] = (*gs_errors(), ValueError)
     try:
         yield
     except BatchifyError:
@@ -4008,12 +4030,8 @@ def gs_look_errors(uri: str, what: str, role: str = "input") -> Iterator[None]:
             f"batchify runs as {roles} on gs://{bucket} (`gcloud storage buckets add-iam-policy-binding gs://{bucket} "
             f"--member=user:YOU --role={roles}`), or check the URI."
         ) from None
-    except gexc.GoogleAPICallError as e:
-        raise RemoteError(f"{uri}: {what}: {e.code} {e.message}", code=int(e.code or 0)) from e
-    except auth_exc.GoogleAuthError as e:
-        raise AuthError(f"{uri}: no usable Application Default Credentials ({e}). Fix: {ADC_FIX}.", code=401) from e
-    except (OSError, ValueError) as e:  # the transport's errors (requests' ConnectionError is an OSError)
-        raise RemoteError(f"{uri}: {what}: {type(e).__name__}: {e}", code=0) from e
+    except look_errors as e:
+        raise gs_error(e, f"{uri}: {what}") from e
 
 
 class GsInput(PosixPath):
@@ -4415,14 +4433,10 @@ class GsOutput(GsInput):
         GS_RESULTS_WRITE_CHUNK in memory at most); on success the temporary object is copied over the output (a
         server-side rewrite: a reader sees the old object or the new one, never part of one) and deleted. Its name is fixed, like
         atomic_file(unique=False): the writer holds the run lock, and a crash's leftover is overwritten next time."""
-        from google.api_core import exceptions as gexc
-        from google.auth import exceptions as auth_exc
-        from google.cloud.storage import exceptions as sexc
-        from requests.exceptions import RequestException  # the transport's (a local OSError is the caller's own)
-
         bucket_name, name = split_gs_uri(self.uri)
         bucket = self._client().bucket(bucket_name)
         tmp = bucket.blob(f"{name}.batchify-tmp")
+        written = False
         try:
             with tmp.open("wb", chunk_size=GS_RESULTS_WRITE_CHUNK, content_type="application/jsonl", ignore_flush=True) as raw:
                 w = _GsLines(raw)
@@ -4433,21 +4447,15 @@ class GsOutput(GsInput):
                 token, _done, _total = final.rewrite(tmp, token=token)
                 if token is None:
                     break
-        except (
-            gexc.GoogleAPICallError,
-            sexc.InvalidResponse,
-            sexc.DataCorruption,
-            auth_exc.GoogleAuthError,
-            RequestException,
-        ) as e:
-            code = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", 0)
-            code = code if isinstance(code, int) else 0
+            written = True
+        except gs_errors() as e:  # (a local OSError of the caller's own is one too: the results are not written)
+            code = gs_error(e, "").code
             why = {404: "the bucket does not exist", 403: "the account may not write there"}.get(code, type(e).__name__)
             raise OutWriteError(f"the results could not be written to {self.uri} ({code or ''} {why}: {e})", code=code) from e
         finally:
             self._listing = None
-            with contextlib.suppress(gexc.GoogleAPICallError):
-                tmp.delete()
+            with contextlib.suppress(Exception):  # a leftover is overwritten next time; after a failure, not waited on
+                tmp.delete() if written else tmp.delete(retry=None, timeout=10)
 
 
 # -- results sidecars: files in the run folder, or objects in the staging bucket (--backend vertex) ----------------
@@ -4524,21 +4532,12 @@ class GsResults:
         """Every error of a call becomes a RemoteError (the engine counts it as a failed round), an expired or
         missing credential an AuthError: not only the API's and the transport's, but also resumable-media's
         InvalidResponse / DataCorruption of an upload chunk, which derive from Exception alone."""
-        from google.api_core import exceptions as gexc
-        from google.auth import exceptions as auth_exc
-
         try:
             yield
         except BatchifyError:
             raise
-        except gexc.GoogleAPICallError as e:
-            raise RemoteError(f"{what}: {e.code} {e.message}", code=int(e.code or 0)) from e
-        except auth_exc.GoogleAuthError as e:
-            fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
-            raise AuthError(f"{what}: no usable Application Default Credentials ({e}). Fix: {fix}.", code=401) from e
-        except Exception as e:  # the transport's errors, a resumable upload refused, a chunk's bad answer
-            code = getattr(getattr(e, "response", None), "status_code", 0)
-            raise RemoteError(f"{what}: {type(e).__name__}: {e}", code=code if isinstance(code, int) else 0) from e
+        except Exception as e:  # gs_errors(), and a resumable upload's refusals of every other kind
+            raise gs_error(e, what) from e
 
     def put(self, name: str, lines: Iterable[bytes]) -> None:
         with self._remote(f"write {self.uri(name)}"):
@@ -5135,7 +5134,7 @@ class VertexClient(GeminiClient):
         from google.auth import exceptions as auth_exc
         from google.genai import errors
 
-        fix = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+        fix = ADC_FIX
         if isinstance(e, UsageError):  # a key too long for a label: not worth a retry
             return RemoteError(f"{what}: {e}", code=400)
         if isinstance(e, auth_exc.GoogleAuthError):

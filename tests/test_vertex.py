@@ -1693,3 +1693,21 @@ def test_a_succeeded_job_naming_no_output_directory_is_read_from_its_prefix(
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 10
     assert vemu.stats()["vertex_creates"] == 1
+
+
+def test_every_kind_of_storage_error_becomes_a_batchify_error_never_a_traceback():
+    """The storage library ends a call made with the network down in api_core's RetryError (a GoogleAPIError, neither
+    a GoogleAPICallError nor an OSError), after its 120 s deadline: the --out gs:// merge and a gs:// input listing let
+    it out as a traceback after every job was paid (the review's reproducer, /tmp/rev12/repro/01). One mapping now
+    (gs_errors, gs_error) serves the listing, the merge's writer and the results objects."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    down = gexc.RetryError("Timeout of 120.0s exceeded", cause=ConnectionError("refused"))
+    assert isinstance(down, batchify.gs_errors())  # what GsOutput.atomic_writer catches (and maps to OutWriteError)
+    with pytest.raises(batchify.RemoteError) as e:
+        with batchify.gs_look_errors("gs://b/in/", "list"):
+            raise down
+    assert e.value.code == 0 and e.value.transient and "RetryError" in str(e.value)
+    assert batchify.gs_error(gexc.ServiceUnavailable("busy"), "read").code == 503
+    assert isinstance(batchify.gs_error(auth_exc.RefreshError("expired"), "read"), batchify.AuthError)
