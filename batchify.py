@@ -7103,8 +7103,9 @@ class Engine:
         dated price change (the plan keeps them: price_timeline) and sending after it is costed, and capped by
         --max-cost, at the prices it is billed at. Looked up again when the day changes, so a process that crosses
         the change's date goes on at the new prices. One price for the whole run: the usage is not kept by day, so
-        what this run spent before the change is counted at the new prices too (after a rise, more than was
-        billed: --max-cost errs on the safe side)."""
+        what this run spent before the change is counted at the new prices too: after a rise, more than was billed
+        (--max-cost errs on the safe side); after a drop (a models file can date one), less, and --max-cost then lets
+        through up to that difference more than it should. The built-in catalog's dated changes are all rises."""
         day = int(self.wall() // 86400)
         if day != self._spec_day:
             self._spec_day, self._spec = day, run_model_spec(self.run, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
@@ -9542,7 +9543,8 @@ def run_status(state_dir: str | Path, name: str | None = None) -> dict[str, Any]
         entry = run_entry(run, jobs)
         entry["status"] = shown_status(store, run)
         if name:
-            entry["job_list"] = [job_entry(j) for j in jobs]
+            expiry = None if run.run_options.backend == "vertex" else BATCH_EXPIRY_S  # Vertex: 72 h queued, 24 h running
+            entry["job_list"] = [job_entry(j, expiry) for j in jobs]
         runs.append(entry)
     return {"state_dir": str(state_dir), "runs": runs}
 
@@ -9609,8 +9611,9 @@ def run_entry(run: Run, jobs: list[Job]) -> dict[str, Any]:
     }
 
 
-def job_entry(j: Job) -> dict[str, Any]:
-    """One job in `status RUN`: waves numbered from 1, as the table and the progress bars show them."""
+def job_entry(j: Job, expiry_s: float | None = None) -> dict[str, Any]:
+    """One job in `status RUN`: waves numbered from 1, as the table and the progress bars show them; `expiry_s`: how
+    long the backend lets a job stay at the service before it ends it EXPIRED (None: no one figure, Vertex)."""
     return {
         "name": j.name,
         "wave": j.wave + 1,
@@ -9626,6 +9629,7 @@ def job_entry(j: Job) -> dict[str, Any]:
         "error": j.error,
         "since": j.timestamps.get(str(j.state)),
         "at_service_since": min((j.timestamps[k] for k in ("PENDING", "RUNNING") if k in j.timestamps), default=None),
+        "expires_after_s": expiry_s,
     }
 
 
@@ -9817,7 +9821,8 @@ async def run_file(
     with RunLock(store.state_dir / ".locks" / name) as lock:
         await lock.acquire_async("run")  # another process on this run: exit 4 naming it (one rule for run and resume)
         if store.exists():  # the same command again: continue the run it made, or say what differs
-            run = _the_same_run_again(store, input_location(input_path, opts), cfg, opts, endpoint, dry_run, reporter)
+            inp = recorded_input(store, input_location(input_path, opts))  # as resume reads it (a gs:// prefix)
+            run = _the_same_run_again(store, inp, cfg, opts, endpoint, dry_run, reporter)
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
@@ -10640,11 +10645,12 @@ BATCH_EXPIRY_S = 48 * 3600
 
 def _since_words(j: dict[str, Any], now: datetime | None = None) -> str:
     """A job's "since" in `status`: its age in its state, and, for a job pending or running at the service for
-    more than BATCH_EXPIRY_S, that it has likely expired (the service ends it EXPIRED, with no results)."""
+    longer than its backend allows (BATCH_EXPIRY_S on the Developer API), that it has likely expired (the service
+    ends it EXPIRED, with no results)."""
     words = _age(j["since"] or "", now)
-    at = j.get("at_service_since")
-    if j["state"] in ("PENDING", "RUNNING") and at and (_seconds_ago(at, now) or 0) > BATCH_EXPIRY_S:
-        words += f"; at the service over {BATCH_EXPIRY_S // 3600} h: likely EXPIRED"
+    at, expiry = j.get("at_service_since"), j.get("expires_after_s")
+    if j["state"] in ("PENDING", "RUNNING") and at and expiry and (_seconds_ago(at, now) or 0) > expiry:
+        words += f"; at the service over {expiry / 3600:.0f} h: likely EXPIRED"
     return words
 
 
@@ -11709,7 +11715,12 @@ def serve(host: str, port: int, endpoint: str | None, state_dir: str, docs: bool
 @click.option("--drop-downloads", default=0, type=int, help="The first N downloads drop half-way.")
 @click.option("--output-delay", default=0.0, type=float, help="Seconds before a finished job's output is there.")
 @click.option(
-    "--file-retention", "file_retention_s", default=48 * 3600.0, show_default=True, type=float, help="Seconds a file is kept."
+    "--file-retention",
+    "file_retention_s",
+    default=OUTPUT_RETENTION_S,
+    show_default=True,
+    type=float,
+    help="Seconds a file is kept.",
 )
 @click.option("--latency-ms", default=0.0, type=float)
 @click.option("--latency-spread-ms", default=0.0, type=float)
@@ -11987,7 +11998,7 @@ class EmulatorConfig:
     # A file (uploaded input, generated output) is gone this long after it was made, simulated seconds: "Files are stored
     # for 48 hours" (ai.google.dev document-processing note, read 2026-12-02 via discuss.ai.google.dev/t/50428). Users
     # meet it as a 403 "... or it may not exist" on a file their batch was to read. None: kept for ever
-    file_retention_s: float | None = 48 * 3_600.0
+    file_retention_s: float | None = OUTPUT_RETENTION_S
     latency_ms: float = 0.0  # generateContent latency: mean
     latency_spread_ms: float = 0.0  # ... and spread
     rpm: int | None = None  # generateContent requests per rate_window

@@ -465,9 +465,10 @@ def test_status_never_shows_a_negative_age_and_names_a_job_past_its_48_hours():
     assert batchify._age("2027-03-01T11:58:00.000Z", now) == "2m ago"
     job = batchify.Job("b0001", 0, "batchify-x-b0001", "requests/b0001.jsonl", 10, 10, 10, state=batchify.JobState.RUNNING)
     job = dataclasses.replace(job, timestamps={"PENDING": "2027-02-27T11:00:00.000Z", "RUNNING": "2027-02-28T12:00:00.000Z"})
-    entry = batchify.job_entry(job)
+    entry = batchify.job_entry(job, batchify.BATCH_EXPIRY_S)
     assert batchify._since_words(entry, now) == "1d ago; at the service over 48 h: likely EXPIRED"
+    assert batchify._since_words(batchify.job_entry(job, None), now) == "1d ago"  # Vertex: no one figure (72 h/24 h)
     young = dataclasses.replace(job, state=batchify.JobState.PENDING, timestamps={"PENDING": "2027-02-28T12:00:00.000Z"})
-    assert batchify._since_words(batchify.job_entry(young), now) == "1d ago"
-    done = batchify.job_entry(dataclasses.replace(job, state=batchify.JobState.SUCCEEDED))
+    assert batchify._since_words(batchify.job_entry(young, batchify.BATCH_EXPIRY_S), now) == "1d ago"
+    done = batchify.job_entry(dataclasses.replace(job, state=batchify.JobState.SUCCEEDED), batchify.BATCH_EXPIRY_S)
     assert "EXPIRED" not in batchify._since_words(done, now)

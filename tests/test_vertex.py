@@ -638,6 +638,8 @@ def test_a_gs_prefix_resumes_on_the_objects_prepare_listed_and_a_staging_area_un
     assert p.returncode == 0, p.stderr[-2000:]
     assert [r["id"] for r in read_jsonl(tmp_path / "feed.jsonl")] == [r["id"] for r in rows]
     assert vemu.stats()["vertex_creates"] == 3, "every batch created once"
+    p = run_cli(args, tmp_path, **env)  # the same command again reads the run's input as resume does: not "changed"
+    assert p.returncode == 0 and "input file" not in p.stderr and vemu.stats()["vertex_creates"] == 3, p.stderr[-2000:]
     b.blob("feed/part-000.jsonl").upload_from_string("".join(json.dumps(r) + "\n" for r in rows))  # a new generation
     p = run_cli(["resume", "feed", "--endpoint", vemu.url, "--state-dir", "st"], tmp_path, **env)
     assert p.returncode == 2 and "changed since run 'feed' was prepared" in p.stderr, p.stderr[-2000:]
