@@ -198,7 +198,10 @@ def test_a_second_ctrl_c_stops_at_once(emu, articles, tmp_path):
         assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
         s = emu.stats()
         assert s["flex_in_flight"] > 0 and s["generate_calls"] == 0, ("no answer was waited for", s["flex_in_flight"], err)
-        assert batchify.RunStore(tmp_path / "st", "articles").load_run().status == "interrupted"
+        # what `status` shows: the second Ctrl-C lands wherever the main thread is, at times before the run's sidecar
+        # is saved as interrupted (seen in CI: "running" left on disk); a run whose process is gone shows interrupted
+        store = batchify.RunStore(tmp_path / "st", "articles")
+        assert batchify.shown_status(store, store.load_run()) == "interrupted"
     finally:
         emu.configure(flex_hold=False)  # whatever happened: the emulator's held requests end (its shutdown waits on them)
     wait_for(lambda: emu.stats()["flex_in_flight"] == 0)
