@@ -4448,7 +4448,11 @@ class GsOutput(GsInput):
                 if token is None:
                     break
             written = True
-        except gs_errors() as e:  # (a local OSError of the caller's own is one too: the results are not written)
+        except gs_errors() as e:
+            from requests.exceptions import RequestException  # the transport's (an OSError too)
+
+            if isinstance(e, OSError) and not isinstance(e, RequestException):
+                raise  # the caller's own (its disk, reading the results): as itself, not as the bucket's refusal
             code = gs_error(e, "").code
             why = {404: "the bucket does not exist", 403: "the account may not write there"}.get(code, type(e).__name__)
             raise OutWriteError(f"the results could not be written to {self.uri} ({code or ''} {why}: {e})", code=code) from e
