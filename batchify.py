@@ -4084,9 +4084,9 @@ class GsInput(PosixPath):
             bucket, name = split_gs_uri(self.uri)
             client = self._client()
             with gs_look_errors(self.uri, "list"):
-                if any(c in name for c in "*?["):
+                if self.kind == "glob":
                     found = list(client.list_blobs(bucket, match_glob=name))
-                elif name and not name.endswith("/"):
+                elif self.kind == "object":
                     one = client.bucket(bucket).get_blob(name)
                     found = [one] if one is not None else []
                 else:
@@ -4127,6 +4127,15 @@ class GsInput(PosixPath):
     def fingerprint(self) -> str:
         return hashlib.sha256(orjson.dumps([self.uri, self.listing()])).hexdigest()
 
+    @property
+    def kind(self) -> str:
+        """How the URI names its objects: "glob" (a match_glob), "object" (one object), or "prefix" (its *.jsonl and
+        *.json objects): the one reading of it that listing, takes() and save_input_objects share."""
+        name = split_gs_uri(self.uri)[1]
+        if any(c in name for c in "*?["):
+            return "glob"
+        return "object" if name and not name.endswith("/") else "prefix"
+
     def takes(self, uri: str) -> bool:
         """Whether the object `uri` is one of this input's objects, or would be once written (a listing of the
         input would read it): the object itself, a *.jsonl / *.json object under the prefix, or one the glob
@@ -4135,9 +4144,9 @@ class GsInput(PosixPath):
         at, obj = split_gs_uri(uri)
         if at != bucket:
             return False
-        if any(c in name for c in "*?["):
+        if self.kind == "glob":
             return gs_glob_regex(name).fullmatch(obj) is not None
-        if name and not name.endswith("/"):
+        if self.kind == "object":
             return obj == name
         return obj.startswith(name) and obj.endswith((".jsonl", ".json"))
 
@@ -4177,8 +4186,7 @@ def save_input_objects(store: RunStore, path: Path) -> None:
     """Record the objects a gs:// prefix or glob input was read from (nothing for another input)."""
     if not isinstance(path, GsInput):
         return
-    name = split_gs_uri(path.uri)[1]
-    if name and not name.endswith("/") and not any(c in name for c in "*?["):
+    if path.kind == "object":
         return  # one object: its listing cannot grow
     d = {"kind": "input", "schema_version": SCHEMA_VERSION, "uri": path.uri, "objects": [x[0] for x in path.listing()]}
     save_json(store.dir / INPUT_OBJECTS, d)
@@ -4201,7 +4209,7 @@ def check_gs_staging(path: Path, opts: RunOptions, name: str) -> None:
     """UsageError when a gs:// input's prefix or glob takes the staging area's objects (--bucket under the input
     prefix): the run's own request and output objects would be read as input by the next listing."""
     settings = vertex_settings(opts) if isinstance(path, GsInput) else None
-    if settings is None or not isinstance(path, GsInput):
+    if settings is None or not isinstance(path, GsInput):  # (both: mypy narrows `path` by the second)
         return
     bucket, root = split_gs_uri(settings[2].rstrip("/"))
     root = f"{root.strip('/')}/batchify" if root.strip("/") else "batchify"
