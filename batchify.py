@@ -1607,6 +1607,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 ACTIVE_STATES = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING})  # count against the enqueued limit
 REMOTE_LIVE = frozenset({JobState.PENDING, JobState.RUNNING})
+ENDED_UNFINISHED = frozenset({JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED})  # ended with its work not all done
 FINAL_STATES = frozenset(
     {JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.RESULTS_DOWNLOADED, JobState.FLEXED, JobState.SPLIT}
 )
@@ -1779,7 +1780,7 @@ def retrieved_state(remote: JobState, output_file: str | None, exports_rows: boo
     does after its 24 h limit, a failure or a cancel: docs/VERTEX_NOTES.md A5) is retrieved like a SUCCEEDED one:
     its rows are kept and only its requests missing from them go again (line retry, real-time fallback), never
     the whole job, paid twice. Otherwise the service's own state."""
-    if exports_rows and output_file and remote in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
+    if exports_rows and output_file and remote in ENDED_UNFINISHED:
         return JobState.SUCCEEDED
     return remote
 
@@ -5257,7 +5258,7 @@ class VertexClient(GeminiClient):
         A5), which are retrieved like a finished job's; else it names none (nothing to retrieve: sent again)."""
         j = await self._call("get batch", lambda: self.aio.batches.get(name=name))
         rj = self._remote_job(j)
-        ended = rj.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
+        ended = rj.state in ENDED_UNFINISHED
         if ended or (rj.state == JobState.SUCCEEDED and not rj.output_file):
             prefix = self._job_prefix(j)
             try:
@@ -7876,7 +7877,7 @@ class Engine:
         latest: dict[int, Job] = {}
         for j in self._ordered():  # attempts in order: the last one of each batch wins
             latest[j.index] = j
-        ended = {idx for idx, j in latest.items() if j.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)}
+        ended = {idx for idx, j in latest.items() if j.state in ENDED_UNFINISHED}
         spent = [(s, e) for idx, s, e in self._ranges() if idx in ended]
         todo = {n for n in self.unresolved() - self._timed_out if not any(s <= n < e for s, e in spent)}
         if not todo:
@@ -8434,7 +8435,7 @@ class Engine:
 
     def _saved_poll(self, job: Job, state: JobState, rj: RemoteJob, moved: bool) -> bool:
         """A poll's answer recorded: the job advanced to `state` with the service's counts, output and error."""
-        if state != job.state and state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED):
+        if state != job.state and state in ENDED_UNFINISHED:
             self._log(f"{job.name}: {state} {rj.error or ''}".rstrip())
         new = advance(
             job, state, utcnow(), stats=rj.stats, output_file=rj.output_file or job.output_file, error=rj.error or job.error
@@ -8772,7 +8773,7 @@ class Engine:
             if j is not None and j.state == JobState.RESULTS_DOWNLOADED:
                 lines = self._primary_lines(j)
             ahead: dict[int, tuple[int, dict[str, Any], bytes | None]] = {}
-            ended = j is not None and j.state in (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
+            ended = j is not None and j.state in ENDED_UNFINISHED
             for n in range(s, e):
                 best: dict[str, Any] | None = None
                 raw: bytes | None = None
