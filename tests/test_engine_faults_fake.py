@@ -394,6 +394,24 @@ def test_deleted_job_sidecar_and_results_file_are_recovered_from_the_service(tmp
     assert len(fake.jobs) == 4 and not fake.generated
 
 
+def test_a_power_cut_after_prepare_that_empties_or_loses_created_job_sidecars_is_repaired(tmp_path):
+    """Prepare writes its CREATED job sidecars without fsync (run.json, fsynced after them, is the durable
+    record; _save_first_jobs): a power cut may leave one empty and another gone. The run mends them from the plan
+    after asking the service, and every batch is created once."""
+    clock = FakeClock()
+    store = prepared(tmp_path, 60, 15, poll_interval=1.0, mode="batch")
+    (store.dir / "jobs" / "b0001.json").write_bytes(b"")
+    (store.dir / "jobs" / "b0003.json").unlink()
+    fake = FakeGemini(clock, [3.0] * 4)
+    log = Logged()
+    assert run(store, fake, reporter=log).ok == 60
+    said = "\n".join(log.lines)
+    assert "b0001.json: unreadable, moved aside" in said and "b0003: sidecar missing and no job at the service" in said, said
+    assert len(fake.jobs) == 4
+    no_duplicate_creates(fake)
+    all_ok_once(store, fake, 60)
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_lost_sidecar_of_a_pending_job_adopts_it_instead_of_creating_another(tmp_path, damage):
     """The 2nd create went through and the crash came before its answer was saved (SUBMITTING on disk); the 1st

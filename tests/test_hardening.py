@@ -405,10 +405,10 @@ def test_run_folders_are_private(emu, articles, tmp_path):
 def test_disk_full_is_one_line_and_its_own_exit_code(articles, tmp_path, monkeypatch, capsys):
     real = batchify.atomic_write
 
-    def full(path, data):
+    def full(path, data, *args):
         if path.name == "run.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
+        return real(path, data, *args)
 
     monkeypatch.setattr(batchify, "atomic_write", full)
     monkeypatch.chdir(tmp_path)

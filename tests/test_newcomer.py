@@ -240,3 +240,19 @@ def test_status_says_interrupted_not_running_after_a_crash(emu, articles, tmp_pa
     assert status_of(tmp_path)["status"] == "interrupted"
     listed = run_cli(["list", "--state-dir", "st"], tmp_path)
     assert "interrupted" in listed.stdout and "running" not in listed.stdout, listed.stdout
+
+
+def test_a_job_sidecar_emptied_by_a_power_cut_status_names_resume_and_resume_mends_it(emu, articles, tmp_path):
+    """Prepare's CREATED job sidecars are not fsynced (run.json is the durable record): after a power cut one may
+    be empty. `status` refuses it naming the command that mends it (not only "restore from a backup"), and that
+    command does: every id once."""
+    p = run_against(emu, articles, tmp_path, "--dry-run", "--batch-size", "20")
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "st" / "articles" / "jobs" / "b0001.json").write_bytes(b"")
+    shown = run_cli(["status", "articles", "--state-dir", "st"], tmp_path)
+    assert shown.returncode == 3 and "b0001.json" in shown.stderr and "batchify resume articles" in shown.stderr, shown.stderr
+    done = run_cli(["resume", "articles", "--state-dir", "st", "--poll-interval", "0.2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = Path(batchify.RunStore(tmp_path / "st", "articles").load_run().out)
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == [json.loads(line)["id"] for line in Path(articles).read_text().splitlines()]

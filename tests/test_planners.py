@@ -449,6 +449,30 @@ def test_build_request_shape():
     assert gc["thinkingConfig"] == {"thinkingLevel": "MINIMAL"} and "systemInstruction" in req
 
 
+_configs = st.builds(
+    b.JobConfig,
+    system_instruction=st.one_of(st.just(""), st.text(max_size=20)),
+    schema=st.one_of(
+        st.none(), st.just(dict(b.NEWS_SCHEMA)), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)
+    ),
+    temperature=st.one_of(st.none(), st.floats(0, 2)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_configs, st.text(), st.integers(0, 10**7), st.booleans())
+def test_request_lines_are_the_bytes_of_the_request_dict(cfg, prompt, n, entry):
+    # prepare splices its request lines from parts encoded once; they must be byte for byte what orjson writes for
+    # the dict (prompts with quotes, backslashes, control characters, non-ASCII, the marker's own \x00 included)
+    gen = b.generation_config(cfg, b.builtin_catalog().spec(cfg.model, "2026-12-01"))
+    lines = b.RequestLines(cfg, gen, entry=entry)
+    req = b.build_request(cfg, prompt, gen)
+    line, got_entry = lines.make(n, prompt)
+    assert line == b.orjson.dumps({"key": str(n), "request": req}, option=b.NL)
+    assert got_entry == ((str(n), req) if entry else None)
+    assert lines.parts is None or not entry  # the spliced path is taken when no entry is wanted
+
+
 def resp(text, finish="STOP"):
     return {"candidates": [{"content": {"parts": [{"text": text}]}, "finishReason": finish}]}
 
