@@ -49,6 +49,7 @@ def makespan(args: argparse.Namespace, inp: Path, state: Path, seed: int, barrie
     ) as url:
         # Poll every 30 simulated seconds, backing off to at most 5 simulated minutes.
         opts = batchify.RunOptions(
+            mode="batch",  # batch jobs alone: the default (auto) is hybrid, whose Flex lanes take the tail (bench/hybrid.py)
             batch_size=args.batch_size,
             enqueued_limit=args.limit,
             barrier=barrier,
