@@ -188,6 +188,58 @@ whats_new = "https://ai.google.dev/gemini-api/docs/whats-new-gemini-3.6 (2026-07
 thinking = "https://ai.google.dev/gemini-api/docs/thinking and the Gemini 3.x developer guides (as stored, read 2026-12-01)"
 thinking_3p = "Google's thinking page as quoted by third-party SDK docs (no stored Google copy for this model)"
 temperature = "Gemini 3 prompting guide: 'keep the temperature parameter at its default value of 1.0'; changelog 2026-07-21: temperature/top_p/top_k deprecated"
+long_decode = "https://ai.google.dev/gemini-api/docs/generate-content/long-decode (de/pl/vi/he copies, undated; read 2026-12-02): Gemini 4 Argon: one hop returns at most 65,536 output tokens, a non-streaming REST request at most 32,768 (the copies' words, translated); an answer stopped there ends with finishReason CONTINUATION and a continuation_token; max_output_tokens above 65,536 turns long decode on"
+vertex_gemini4 = "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/start/get-started-with-gemini-4 and .../models/guides/gemini-4-argon (Vertex AI, now Gemini Enterprise Agent Platform; ja/zh-cn/ko copies, undated; read 2026-12-02): a 1,048,576-token limit shared by input and output; one request returns at most 65,536 output tokens, 32,768 for a non-streaming direct HTTP request"
+vertex_carbon = "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/gemini/4-carbon and .../models/guides/gemini-4-carbon (Vertex AI model page and developer guide, undated; read 2026-12-02): levels LOW, MEDIUM (default on gemini-4-carbon), HIGH; a 1,048,576-token limit shared by input and output; 'a single foreground segment generates up to 65,536 output tokens when streaming (or 32,768 tokens when non-streaming)'"
+vertex_hydrogen = "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/guides/gemini-4-hydrogen (Vertex AI developer guide, de/ja/ko/en copies, undated; read 2026-12-02): 'LOW, MEDIUM, HIGH (default), and XHIGH'; a 1,048,576-token limit shared by input and output; one 65,536-token segment, streaming or non-streaming; a short-term GA release subject to a minimum 45-day deprecation notice; explicit context caching not supported"
+vertex_neon = "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/guides/gemini-4-neon (Vertex AI developer guide, en copy on documentation.s3ns.fr, undated; read 2026-12-02): 'LOW, MEDIUM, HIGH (default), and XHIGH'; a 1,048,576-token limit shared by input and output; one 65,536-token segment, streaming or non-streaming"
+vertex_3_1_flash_lite = "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/gemini/3-1-flash-lite (Vertex AI model page, zh-cn copy, undated; read 2026-12-02): thinking levels minimal, low, medium, high; output token limit 65,536; the default level is not stated"
+enterprise_notes = "https://docs.cloud.google.com/gemini/enterprise/docs/release-notes (entry of 2026-11-18, read 2026-12-02): 'Gemini 4 Neon is generally available (GA)' in the Gemini Enterprise apps and AI developer tools (not a Gemini API page)"
+nov_3p = "Third parties only (no Google pricing-page or changelog copy after 2026-10-08 names these models; read 2026-12-02): apidog.com (2026-11-11 Carbon, 2026-11-13 Hydrogen, 2026-11-19 Neon), docs.laozhang.ai announcements (2026-11-11, 2026-11-14, 2026-11-22, quoting Google's prices), LiteLLM discussions #50970 and #51436, TokenMeter v0.17.0 (cached prices), coder/xum v0.32.5 (2026-11-22: Argon and Carbon refuse xhigh, Neon and Carbon refuse minimal)"
+
+[models."gemini-4-neon"]
+class = "pro"
+status = "stable"
+released = "2026-11-18"
+note = "Paid tier only (third parties: apidog, 2026-11-19). Google's Gemini API pages in the store do not name it yet: its prices come from third parties."
+input_price = 3.00
+output_price = 15.00
+cached_input_price = 0.15
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["low", "medium", "high", "xhigh"]
+thinking_default = "high"
+sources = { prices = "nov_3p ($3/$15, no dated change: apidog 2026-11-19, laozhang 2026-11-22; cached $0.15: TokenMeter v0.17.0 only)", limits = "vertex_neon (input and output share 1,048,576; one request, streaming or not, returns at most 65,536)", thinking = "vertex_neon (minimal refused: nov_3p)", lifecycle = "enterprise_notes (GA 2026-11-18)", batch = "not confirmed on a Gemini API page (not on Vertex's batch-prediction list either: its stored copy is cut short)", flex = "not in the flex page's table of models (a third party, TokenMeter v0.17.0, says Flex at 0.5x)", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-4-hydrogen"]
+class = "flash"
+status = "stable"
+released = "2026-11-12"
+note = "Google calls it a short-term GA release subject to a minimum 45-day deprecation notice (Vertex developer guide): it may be shut down 45 days after a notice, so check Google's deprecations page before long or repeated runs. Successor to gemini-3.8-flash."
+input_price = 1.50
+output_price = 7.50
+cached_input_price = 0.075
+input_token_limit = 1048576
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["low", "medium", "high", "xhigh"]
+thinking_default = "high"
+sources = { prices = "nov_3p ($1.50/$7.50 flat, no dated change: apidog 2026-11-13, LiteLLM #51436, laozhang 2026-11-14; cached $0.075, implicit caching only: laozhang 2026-11-14 and TokenMeter v0.17.0)", limits = "vertex_hydrogen (input and output share 1,048,576; one request, streaming or not, returns at most 65,536)", thinking = "vertex_hydrogen", lifecycle = "vertex_hydrogen (released 2026-11-12 per nov_3p; short-term GA, 45-day minimum deprecation notice)", batch = "not confirmed on a Gemini API page (Vertex lists it for batch prediction)", flex = "not in the flex page's table of models (a third party, TokenMeter v0.17.0, says Flex at 0.5x)", enqueued_tokens = "rate_limits (not published for this model)" }
+
+[models."gemini-4-carbon"]
+class = "pro"
+status = "stable"
+released = "2026-11-10"
+input_price = 2.00
+output_price = 10.00
+price_changes = [{ from = "2026-12-01", input_price = 4.00, output_price = 20.00 }]
+input_token_limit = 1048576
+output_token_limit = 32768
+thinking = "level"
+thinking_levels = ["low", "medium", "high"]
+thinking_default = "medium"
+sources = { prices = "nov_3p ($2/$10 through 2026-11-30, then $4/$20: apidog 2026-11-11, laozhang 2026-11-11, LiteLLM #50970; cached price not published by Google)", limits = "vertex_carbon (input and output share 1,048,576; one non-streaming request returns at most 32,768 output tokens, and a batch request is non-streaming: 32,768 here, as for gemini-4-argon)", thinking = "vertex_carbon (no xhigh: 'Argon and Carbon still top out at high', nov_3p)", lifecycle = "nov_3p (GA 2026-11-10; the Vertex model page carries no date)", batch = "not confirmed on a Gemini API page (Vertex lists it for batch prediction)", flex = "not in the flex page's table of models", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-4-argon"]
 class = "pro"
@@ -197,11 +249,11 @@ input_price = 2.00
 output_price = 10.00
 price_changes = [{ from = "2026-12-01", input_price = 4.00, output_price = 20.00 }]
 input_token_limit = 1048576
-output_token_limit = 1048576
+output_token_limit = 32768
 thinking = "level"
 thinking_levels = ["low", "medium", "high"]
 thinking_default = "medium"
-sources = { prices = "latest_model (cached price not published by Google)", limits = "latest_model ('a unified 1M input-output token limit, long decode up to 1M tokens')", thinking = "latest_model (no thinking_budget)", lifecycle = "changelog (GA 2026-10-13)", batch = "not confirmed on a Gemini API page (Vertex lists it for batch prediction)", flex = "not in the flex page's table of models", enqueued_tokens = "rate_limits (not published for this model)" }
+sources = { prices = "latest_model (cached price not published by Google)", limits = "long_decode (and vertex_gemini4: latest_model's 'unified 1M input-output token limit' is input and output together, reached only by continuing an answer across requests; one request returns at most 65,536 output tokens, 32,768 when non-streaming. A batch request is non-streaming and a batch answer cannot be continued, so 32,768 here: the default maxOutputTokens, the most output a request can be billed for, never asks one request for more than it returns (an answer cut there would end CONTINUATION, an error in a batch) and stays below 65,536, where long decode begins)", thinking = "latest_model (no thinking_budget)", lifecycle = "changelog (GA 2026-10-13)", batch = "not confirmed on a Gemini API page (Vertex lists it for batch prediction)", flex = "not in the flex page's table of models", enqueued_tokens = "rate_limits (not published for this model)" }
 
 [models."gemini-3.8-flash"]
 class = "flash"
@@ -312,7 +364,10 @@ batch_cached_input_price = 0.0125
 flex_cached_input_price = 0.0125
 flex_discount = 0.5
 input_token_limit = 1048576
-sources = { prices = "pricing", limits = "models (output limit not published)", thinking = "not published for this model: nothing is sent", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (published only for gemini-3.1-flash-lite-preview: 10M/500M/1B)" }
+output_token_limit = 65536
+thinking = "level"
+thinking_levels = ["minimal", "low", "medium", "high"]
+sources = { prices = "pricing", limits = "models (output limit: vertex_3_1_flash_lite)", thinking = "vertex_3_1_flash_lite (the model's default level is not published, so thinking_default is left out; batchify never needs it: it sends its own default, the lowest level, minimal, which the page lists; no thinkingBudget, which no page allows)", lifecycle = "deprecations", batch = "pricing", flex = "flex", enqueued_tokens = "rate_limits (published only for gemini-3.1-flash-lite-preview: 10M/500M/1B)" }
 
 [models."gemini-3.1-pro-preview"]
 class = "pro"
@@ -524,6 +579,7 @@ _PRICE_KEYS = {"input_price", "output_price", "cached_input_price", "batch_cache
 _PRICE_KEYS |= {"long_input_price", "long_output_price", "long_cached_input_price"}
 MODEL_STATUSES = ("stable", "preview", "deprecated", "retired")
 THINKING_STYLES = ("level", "budget", "none")
+THINKING_LEVELS = ("minimal", "low", "medium", "high", "xhigh")  # every level a model may take, lowest first
 
 
 def _tiers(value: Any, where: str, key: str) -> dict[int, int]:
@@ -582,9 +638,16 @@ def _spec_value(entry: str, k: str, v: Any) -> Any:
             raise ConfigError(f"{entry}: '{k}' must be true or false.")
         return v
     if k == "thinking_levels":
-        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-            raise ConfigError(f"{entry}: 'thinking_levels' must be a list of level names, lowest first.")
-        return tuple(x.lower() for x in v)
+        levels = tuple(x.lower() for x in v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+        if (
+            levels is None
+            or any(x not in THINKING_LEVELS for x in levels)
+            or list(levels) != sorted(set(levels), key=THINKING_LEVELS.index)
+        ):
+            raise ConfigError(
+                f"{entry}: 'thinking_levels' must be a list of levels from {', '.join(THINKING_LEVELS)}, lowest first."
+            )
+        return levels
     if k == "sources":
         if not isinstance(v, dict):
             raise ConfigError(f"{entry}: 'sources' must be a table of figure = source.")
@@ -917,7 +980,7 @@ def parse_thinking(value: Any) -> str | int | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise ConfigError("'thinking' must be a level name (minimal, low, medium, high) or a whole-number budget.")
+        raise ConfigError(f"'thinking' must be a level name ({', '.join(THINKING_LEVELS)}) or a whole-number budget.")
     if isinstance(value, int):
         return value
     s = str(value).strip().lower()
@@ -1364,7 +1427,8 @@ VERTEX_SOURCES = {
     "batch_gemini_old": "https://cloud-dot-devsite-v2-prod.appspot.com/vertex-ai/generative-ai/docs/batch-prediction (older edition, "
     "superseded; read 2026-12-01)",
     "models_list": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/reference/models/batch-prediction-api "
-    "('Supported models', no date; read 2026-12-01: Gemini 4 Argon, 3.8 Flash, 3.7 Flash, 3.6 Flash, 3.5 Flash-Lite, ... "
+    "('Supported models', no date; read 2026-12-01, again 2026-12-02: Gemini 4 Hydrogen, 4 Carbon, 4 Argon, 3.8 Flash, "
+    "3.7 Flash, 3.6 Flash, 3.5 Flash-Lite, ... "
     "(the stored copy is cut there); the older ones from GoogleCloudPlatform/generative-ai's batch-prediction guide, "
     "https://mintlify.com/GoogleCloudPlatform/generative-ai/gemini/batch-prediction, read 2026-12-01)",
     "flex_paygo": "https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/flex-paygo (preview; read "
@@ -1382,6 +1446,8 @@ VERTEX_LIMITS: dict[str, Any] = {
     "batch_discount": 0.5,  # batch_gemini: "50% discounted rate compared to real-time inference"
 }
 VERTEX_BATCH_MODELS = (
+    "gemini-4-hydrogen",
+    "gemini-4-carbon",
     "gemini-4-argon",
     "gemini-3.8-flash",
     "gemini-3.7-flash",
@@ -11409,8 +11475,8 @@ def run_option_flags(f: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option(
     "--thinking",
-    help="Thinking level (Gemini 3: minimal, low, medium, high, as the model allows) or budget in tokens (2.5; -1 dynamic). "
-    "Default: the lowest the model allows.",
+    help="Thinking level (Gemini 3 and 4: minimal, low, medium, high, xhigh, as the model allows) or budget in tokens "
+    "(2.5; -1 dynamic). Default: the lowest the model allows.",
 )
 @click.option("--thinking-budget", type=int, hidden=True, help="Old name of --thinking BUDGET.")
 @click.option("--accept-truncated", is_flag=True, default=None, help="Schema-less runs: count a MAX_TOKENS (cut) answer as ok.")

@@ -118,6 +118,50 @@ def test_gemini_4_argon_is_priced_by_date_and_thinks_by_level():
     assert not s.flex and s.batch is None  # neither confirmed on a Gemini API page: batch allowed, Flex not planned
 
 
+def test_the_gemini_4_models_of_november_have_their_prices_limits_and_levels():
+    """Carbon (GA 2026-11-10), Hydrogen (2026-11-12), Neon (GA 2026-11-18): levels and limits from Google's Vertex
+    pages, prices from third parties only (no Gemini API pricing copy names them); batch and Flex not confirmed."""
+    carbon_nov, carbon = spec("gemini-4-carbon", "2026-11-30"), spec("gemini-4-carbon", "2026-12-01")
+    assert (carbon_nov.input_price, carbon_nov.output_price, carbon.input_price, carbon.output_price) == (2.0, 10.0, 4.0, 20.0)
+    assert carbon.cached_input_price is None and carbon.thinking_levels == ("low", "medium", "high")
+    assert carbon.thinking_default == "medium" and carbon.output_token_limit == 32_768  # non-streaming: one request's most
+    hydrogen, neon = spec("gemini-4-hydrogen"), spec("gemini-4-neon")
+    assert (hydrogen.input_price, hydrogen.output_price, hydrogen.cached_input_price) == (1.50, 7.50, 0.075)
+    assert (neon.input_price, neon.output_price, neon.cached_input_price) == (3.0, 15.0, 0.15)
+    for s in (hydrogen, neon):
+        assert s.thinking_levels == ("low", "medium", "high", "xhigh") and s.thinking_default == "high"
+        assert (s.input_token_limit, s.output_token_limit) == (1_048_576, 65_536)
+    assert "45-day" in (hydrogen.note or "") and "Paid tier only" in (neon.note or "")
+    for s in (carbon, hydrogen, neon):
+        assert s.batch is None and not s.flex and not s.enqueued_tokens and s.status == "stable"
+        assert "nov_3p" in s.sources["prices"]  # honest: third parties only
+    assert {"gemini-4-hydrogen", "gemini-4-carbon"} <= set(b.VERTEX_BATCH_MODELS)
+    assert "gemini-4-neon" not in b.VERTEX_BATCH_MODELS  # not on Google's (cut) Vertex list
+
+
+def test_gemini_4_argon_is_planned_within_what_one_non_streaming_request_returns():
+    """The 1M is input and output together, reached only by continuing an answer; one non-streaming request (a batch
+    line) returns at most 32,768 output tokens: maxOutputTokens never asks for more, however long the answers."""
+    s = spec("gemini-4-argon")
+    assert (s.input_token_limit, s.output_token_limit) == (1_048_576, 32_768)
+    assert b.default_max_output(s, "high", 50_000) == 32_768
+    gc = b.generation_config(b.JobConfig(model="gemini-4-argon", expected_output_tokens=20_000), s)
+    assert gc["maxOutputTokens"] == 32_768
+
+
+def test_thinking_levels_are_checked_as_the_catalog_is_read(tmp_path: Path):
+    f = tmp_path / "models.toml"
+    ok = '[models."m"]\ninput_price = 1.0\noutput_price = 1.0\nthinking = "level"\nthinking_levels = {levels}\n'
+    f.write_text(ok.format(levels='["LOW", "xhigh"]'))
+    assert b.resolve_model(b.load_catalog(f), "m", TODAY).thinking_levels == ("low", "xhigh")
+    for bad in ('["low", "extreme"]', '["high", "low"]', '["low", "low"]', '"high"'):
+        f.write_text(ok.format(levels=bad))
+        with pytest.raises(b.ConfigError, match="thinking_levels"):
+            b.load_catalog(f)
+    for level in b.THINKING_LEVELS:  # every level a model may take has batchify's allowances and the emulator's
+        assert level in b.THINKING_ROOM and level in b.THINKING_EXPECTED and level in b.EMULATED_THOUGHTS
+
+
 def test_dated_price_changes_apply_on_their_day():
     assert spec("gemini-3.8-flash", "2026-12-31").input_price == 0.75
     later = spec("gemini-3.8-flash", "2027-01-01")
@@ -164,7 +208,12 @@ def test_models_file_overrides_and_adds(tmp_path: Path):
         ("gemini-2.5-flash", None, 0),
         ("gemini-2.5-flash", -1, -1),
         ("gemini-2.5-flash-lite", 600, 600),
-        ("gemini-3.1-flash-lite", None, None),  # Google publishes no thinking rule: nothing is sent
+        ("gemini-3.1-flash-lite", None, "minimal"),  # its default level is not published: batchify's own, the lowest
+        ("gemini-3.1-flash-lite", "high", "high"),
+        ("gemini-4-hydrogen", None, "low"),
+        ("gemini-4-hydrogen", "xhigh", "xhigh"),
+        ("gemini-4-neon", "xhigh", "xhigh"),
+        ("gemini-4-carbon", None, "low"),
     ],
 )
 def test_thinking_choice(model, given, sent):
@@ -181,7 +230,10 @@ def test_thinking_choice(model, given, sent):
         ("gemini-3.8-flash", "minimal"),
         ("gemini-3.1-pro-preview", "extreme"),
         ("gemini-2.5-flash-lite", 100),
-        ("gemini-3.1-flash-lite", "low"),
+        ("gemini-3.1-flash-lite", 512),  # levels only: no page allows it a budget
+        ("gemini-4-carbon", "xhigh"),  # Argon and Carbon top out at high
+        ("gemini-4-argon", "xhigh"),
+        ("gemini-4-neon", "minimal"),
     ],
 )
 def test_thinking_refused_names_what_is_allowed(model, given):
@@ -203,7 +255,10 @@ def test_generation_config_per_model():
     given = b.generation_config(b.JobConfig(max_output_tokens=300, temperature=0.2), spec("gemini-3-flash-preview"))
     assert given["maxOutputTokens"] == 300 and given["temperature"] == 0.2
     lite = b.generation_config(b.JobConfig(), spec("gemini-3.1-flash-lite"))
-    assert "thinkingConfig" not in lite and "temperature" not in lite
+    assert lite["thinkingConfig"] == {"thinkingLevel": "MINIMAL"} and "temperature" not in lite
+    assert lite["maxOutputTokens"] == b.THINKING_ROOM["minimal"] + 1024
+    xhigh = b.generation_config(b.JobConfig(model="gemini-4-hydrogen", thinking="xhigh"), spec("gemini-4-hydrogen"))
+    assert xhigh["thinkingConfig"] == {"thinkingLevel": "XHIGH"} and xhigh["maxOutputTokens"] == b.THINKING_ROOM["xhigh"] + 1024
 
 
 @given(
@@ -266,6 +321,9 @@ M = 1_000_000
             "batch",
             (1.25 + 2.50 + 15.0) / 2,
         ),
+        # Gemini 4: Carbon at its December prices, Hydrogen's cache price in batch
+        ("gemini-4-carbon", {"promptTokenCount": M, "candidatesTokenCount": M}, "batch", (4.0 + 20.0) / 2),
+        ("gemini-4-hydrogen", {"promptTokenCount": M, "cachedContentTokenCount": M}, "batch", 0.075),
         # a cache price Google does not publish: cached tokens billed as input (an upper bound)
         ("gemini-3.5-flash-lite", {"promptTokenCount": M, "cachedContentTokenCount": M}, "batch", 0.15),
     ],

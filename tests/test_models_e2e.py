@@ -66,6 +66,9 @@ def test_the_emulator_refuses_what_the_real_service_refuses(emu):
         ("gemini-2.5-flash", types.ThinkingConfig(thinking_level="LOW"), "not supported"),
         ("gemini-3.5-flash", types.ThinkingConfig(thinking_budget=512), "thinking_level"),
         ("gemini-3.8-flash", types.ThinkingConfig(thinking_level="MINIMAL"), "not supported"),
+        ("gemini-4-argon", types.ThinkingConfig(thinking_level="XHIGH"), "not supported"),
+        ("gemini-4-neon", types.ThinkingConfig(thinking_level="MINIMAL"), "not supported"),
+        ("gemini-3.1-flash-lite", types.ThinkingConfig(thinking_budget=512), "thinking_level"),
         ("gemini-3-flash-preview", types.ThinkingConfig(thinking_level="LOW", thinking_budget=5), "only set one"),
     ]
     for model, tc, words in cases:
@@ -80,9 +83,56 @@ def test_the_emulator_refuses_what_the_real_service_refuses(emu):
     assert ok.usage_metadata.thoughts_token_count and ok.text
     m = client.models.get(model="gemini-3.1-pro-preview")
     assert (m.input_token_limit, m.output_token_limit) == (1_048_576, 65_536)
+    m = client.models.get(model="gemini-4-argon")  # one non-streaming request's most, not the 1M shared budget
+    assert (m.input_token_limit, m.output_token_limit) == (1_048_576, 32_768)
     with pytest.raises(errors.ClientError) as e:
         client.models.get(model="gemini-2.0-flash")
     assert e.value.code == 404
+
+
+def _sdk_client(emu):
+    from google import genai
+    from google.genai import types
+
+    return genai.Client(api_key="k", http_options=types.HttpOptions(base_url=emu.url, api_version="v1beta"))
+
+
+def test_gemini_4_hydrogen_takes_thinking_xhigh_through_the_sdk_and_a_batch_run(emu, articles, tmp_path):
+    """XHIGH, new with Hydrogen and Neon (Google's Vertex guides): the SDK's request is answered, with xhigh's
+    thinking; a batch run with --thinking xhigh sends it on every line and every line is answered."""
+    from google.genai import types
+
+    client = _sdk_client(emu)  # kept: a client no longer referenced closes its connection pool
+    ok = client.models.generate_content(
+        model="gemini-4-hydrogen",
+        contents="hi",
+        config=types.GenerateContentConfig(thinking_config=types.ThinkingConfig(thinking_level=types.ThinkingLevel.XHIGH)),
+    )
+    assert ok.text and ok.usage_metadata.thoughts_token_count == batchify.EMULATED_THOUGHTS["xhigh"]
+    args = ("--model", "gemini-4-hydrogen", "--thinking", "xhigh", "--enqueued-limit", "3000000", "--mode", "batch")
+    p, out = run(emu, articles, tmp_path, *args)
+    assert p.returncode == 0, p.stderr
+    assert all(r["status"] == "ok" for r in assert_every_id_once(out, articles))
+    seen = emu.stats()["thinking_seen"]
+    assert seen == {"gemini-4-hydrogen thinkingLevel=XHIGH": 61}, seen  # the SDK's request and the run's 60
+
+
+def test_gemini_4_carbon_refuses_thinking_xhigh_as_the_service_does(emu, articles, tmp_path):
+    """Carbon's levels top out at HIGH: the emulator answers XHIGH with the service's 400, and batchify refuses
+    --thinking xhigh for it before anything is uploaded (exit 2 naming the levels it takes)."""
+    from google.genai import errors, types
+
+    client = _sdk_client(emu)
+    with pytest.raises(errors.ClientError) as e:
+        client.models.generate_content(
+            model="gemini-4-carbon",
+            contents="hi",
+            config=types.GenerateContentConfig(thinking_config=types.ThinkingConfig(thinking_level="XHIGH")),
+        )
+    assert e.value.code == 400 and "XHIGH is not supported" in (e.value.message or ""), e.value.message
+    p, _ = run(emu, articles, tmp_path, "--model", "gemini-4-carbon", "--thinking", "xhigh", "--enqueued-limit", "3000000")
+    assert p.returncode == 2 and "low, medium, high" in p.stderr, p.stderr
+    assert emu.stats()["uploads"] == 0
 
 
 def test_thinking_past_max_output_tokens_is_max_tokens_and_an_error(emu, articles, tmp_path):
@@ -312,6 +362,8 @@ def test_models_command_lists_the_catalog(tmp_path):
     assert data["default"] == batchify.DEFAULT_MODEL and rows[batchify.DEFAULT_MODEL]["default"]
     assert rows["gemini-2.0-flash"]["status"] == "retired" and rows["gemini-2.5-pro"]["status"] == "deprecated"
     assert "ai.google.dev" in rows["gemini-3-flash-preview"]["sources"]["prices"]
+    assert "xhigh" in rows["gemini-4-hydrogen"]["thinking_allowed"] and "xhigh" not in rows["gemini-4-carbon"]["thinking_allowed"]
+    assert rows["gemini-3.1-flash-lite"]["thinking_default_sent"] == "minimal"
     t = run_cli(["models"], tmp_path, COLUMNS="100")
     assert t.returncode == 0 and "gemini-3-flash-preview" in t.stdout and "retired" in t.stdout
     m = run_cli(["models", "--markdown"], tmp_path)
