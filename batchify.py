@@ -80,6 +80,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import stat
 import statistics
@@ -2018,16 +2019,36 @@ def run_model_spec(run: Run, today: str = "0000-00-00") -> ModelSpec:
     """The model figures a run was planned with (kept in its plan), or, for a run prepared before the
     catalog, the built-in catalog's entry for its model. With `today` (YYYY-MM-DD), the prices in force that day:
     the plan's dated price changes (price_timeline, kept since prepare) dated on or before it applied. The default
-    is the prices of the day the run was prepared (a plan from before price_changes were kept has none)."""
+    is the prices of the day the run was prepared. A plan from before price_changes were kept (no such key) takes
+    the built-in catalog's dated changes after its prepare day, when the catalog priced its model as the plan did
+    that day: else a run prepared by an older batchify and resumed after a change was costed, and capped by
+    --max-cost, at half what is billed (the upgrade adversary's reproducer 03)."""
     d = run.plan.get("model_spec")
     if isinstance(d, dict):
         raw = {k: v for k, v in d.items() if k not in ("name", "price_note") and v is not None and v != {} and v != []}
+        if "price_changes" not in d:
+            raw["price_changes"] = _catalog_price_changes(run, str(d.get("name", "")), raw)
         return model_spec(str(d.get("name", "")), raw, f"run {run.name!r}", today)
     model = str(run.config.get("model") or DEFAULT_MODEL).removeprefix("models/")
     cat = builtin_catalog()
     if model in cat.models:
         return cat.spec(model, cat.as_of)
     return ModelSpec(model, "other", "stable", 0.0, 0.0, note="not in the catalog when this run was prepared: cost unknown")
+
+
+def _catalog_price_changes(run: Run, name: str, planned: dict[str, Any]) -> list[dict[str, Any]]:
+    """For a plan kept without its dated price changes: the built-in catalog's after the run's prepare day, if the
+    catalog's prices for the model that day are the plan's (the same model, not one a --models table defined)."""
+    cat, day = builtin_catalog(), run.created_at[:10]
+    if name not in cat.models or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+        return []
+    try:
+        then = backend_spec(resolve_model(cat, name, day), run.run_options)
+    except (UsageError, ConfigError):
+        return []
+    if any(planned.get(k) != getattr(then, k) for k in ("input_price", "output_price")):
+        return []
+    return price_timeline(cat, name, day, run.run_options)
 
 
 # ================================================================================================
@@ -3489,18 +3510,44 @@ def check_run_name(name: str, arg: str = "--name (name= in the library)") -> str
     return name
 
 
-def default_run_name(path: str | Path) -> str:
-    """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2")."""
+def legacy_run(state_dir: str | Path, name: Any) -> bool:
+    """A run folder an older batchify made under a name the rule now refuses ("my data (v2)", before the rule;
+    "inputs", before it was reserved): one plain path component holding a run.json. Such a run stays reachable
+    under its name (status, list, resume, results, cancel, cleanup, the same `run` command); new runs follow the
+    rule. Unreachable, its results were never merged and the same command sent every request again."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\x00")
+        and (Path(state_dir) / name / "run.json").is_file()
+    )
+
+
+def run_name_for(state_dir: str | Path, given: str | None, path: str | Path) -> str:
+    """The run's name: `given` (checked by the rule unless it names a legacy_run), else default_run_name(path)."""
+    if given is not None:
+        return given if legacy_run(state_dir, given) else check_run_name(given)
+    return default_run_name(path, state_dir)
+
+
+def default_run_name(path: str | Path, state_dir: str | Path | None = None) -> str:
+    """A run name from an input file's stem, made to follow the name rule ("my file (2)" -> "my-file-2"); with
+    `state_dir`, the stem itself where an older batchify made a run under it (legacy_run): the same command
+    continues that run instead of starting another that sends every request again."""
     stem = gs_stem(str(path)) if str(path).startswith("gs://") else Path(path).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64].replace("..", ".") or "run"
-    return f"{name}-run" if name.lower() in RESERVED_RUN_NAMES else name  # inputs.jsonl: run "inputs-run"
+    name = f"{name}-run" if name.lower() in RESERVED_RUN_NAMES else name  # inputs.jsonl: run "inputs-run"
+    if state_dir is not None and stem != name and legacy_run(state_dir, stem) and not legacy_run(state_dir, name):
+        return stem
+    return name
 
 
 class RunStore:
     """The sidecars of one run folder: <state_dir>/<run>/{run.json, jobs/, requests/, results/, ...}."""
 
     def __init__(self, state_dir: str | Path, name: str):
-        check_run_name(name)
+        if not legacy_run(state_dir, name):
+            check_run_name(name)
         self.state_dir = Path(state_dir)
         self.name = name
         self.dir = self.state_dir / name
@@ -3609,7 +3656,7 @@ def list_runs(state_dir: str | Path) -> list[str]:
     d = Path(state_dir)
     if not d.is_dir():
         return []
-    return sorted(p.parent.name for p in d.glob("*/run.json") if re.fullmatch(RUN_NAME_RE, p.parent.name))
+    return sorted(p.parent.name for p in d.glob("*/run.json") if legacy_run(d, p.parent.name))  # every run: legacy too
 
 
 LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
@@ -6814,7 +6861,8 @@ def _rebuild_pass(
 def default_out(path: Path, run_name: str) -> str:
     """Each run owns its output: named after the input, plus the run's name when that is not the input's own
     (a second run of the same input under --name never overwrites the first one's results)."""
-    own = f"{path.stem}.results.jsonl" if run_name == default_run_name(path) else f"{path.stem}.{run_name}.results.jsonl"
+    own = path.stem if run_name in (default_run_name(path), path.stem) else f"{path.stem}.{run_name}"  # stem: legacy_run
+    own += ".results.jsonl"
     return str(path.with_name(own))
 
 
@@ -7446,8 +7494,8 @@ class Engine:
                 self.store.save_run(self.run)
             if self.retired is not None:  # the model was shut down mid-run (create_job): no fallback, exit 2
                 return await self._collect_only(self.retired)
-            if self._cost_capped:  # the jobs created are collected; the rest waits for a higher cap
-                self._end_cost_capped()
+            if self._cost_capped and any(j.state not in FINAL_STATES for j in self.jobs.values()):
+                self._end_cost_capped()  # the jobs created are collected; the rest waits for a higher cap
             refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
                 self.merge()  # every id has its line (the refused ones an error), yet the run is not done:
@@ -8249,6 +8297,7 @@ class Engine:
                     self._log(f"{job.name}: not created: with it, the run could pass --max-cost {usd(self.opts.max_cost or 0)}")
                 self._cost_capped = True
                 return
+            self._cost_capped = False  # one held back before fits now: the answers so far cost less than estimated
             created = await self.create_job(job)
             self._demand.set()
             if self.jobs[name].state == JobState.SPLIT:  # its parts go next, at once: no back-off
@@ -9933,7 +9982,7 @@ async def run_file(
     cfg = _typed_arg(config, JobConfig, "config", "run_file")
     opts = _typed_arg(options, RunOptions, "options", "run_file").checked()
     state_dir = _state_dir_arg(state_dir, "run_file", make=True)
-    name = check_run_name(opts.name) if opts.name is not None else default_run_name(input_path)
+    name = run_name_for(state_dir, opts.name, input_path)
     opts = dataclasses.replace(opts, name=name)  # a copy: the caller's options stay as they were
     opts = pin_backend(opts)  # a Vertex run keeps the project, location and bucket it was made with
     store = RunStore(state_dir, name)
@@ -9976,10 +10025,16 @@ def _the_same_run_again(
     name = store.name
     run = store.load_run()
     if diffs := run_differences(run, inp, cfg, opts):
+        resume = f"`batchify resume {shlex.quote(name)}`"
+        if all(d.startswith("config (") for d in diffs) and _only_defaults(run, cfg):
+            raise UsageError(  # the user changed nothing: batchify's defaults did, since an older batchify made the run
+                f"a run named {name!r} already exists in {store.state_dir}, made with other defaults than this batchify's "
+                f"(an upgrade since?): {'; '.join(diffs)}. Fix: {resume} finishes it as it was planned (--name NEW "
+                "would start a new run that sends every request again)."
+            )
         raise UsageError(
             f"a run named {name!r} already exists in {store.state_dir}, and this command differs from it in: "
-            f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or `batchify resume {name}` to "
-            "finish the existing one."
+            f"{'; '.join(diffs)}. Fix: pass --name NEW to start a new run, or {resume} to finish the existing one."
         )
     run = _continue_at(store, run, endpoint, opts.out, inp, dry_run)
     if (ignored := options_not_applied(run.run_options, opts)) and reporter is not None:
@@ -10011,6 +10066,12 @@ async def model_retired(run: Run, client: Backend, today: str | None = None) -> 
 
 # Options that shape what a run sends; the others (polling, rates, cost cap...) may change between tries.
 PLAN_OPTIONS = ("id_field", "text_field", "batch_size", "max_file_bytes", "waves", "tier", "enqueued_limit", "margin", "mode")
+
+
+def _only_defaults(run: Run, cfg: JobConfig) -> bool:
+    """Every config field where the command differs from the run is at this batchify's default in the command."""
+    old, new, default = JobConfig.from_dict(run.config).to_dict(), cfg.to_dict(), JobConfig().to_dict()
+    return all(new[k] == default.get(k) for k in new if old.get(k) != new[k])
 
 
 def run_differences(run: Run, input_path: Path, cfg: JobConfig, opts: RunOptions) -> list[str]:
@@ -10204,7 +10265,7 @@ async def prepare(
     if in_memory and name is None:
         raise UsageError("records given in memory need a run name. Fix: pass name=...")
     path = Path(state_dir) / "inputs" / f"{name}.jsonl" if in_memory else Path(str(source))
-    opts.name = check_run_name(name or opts.name or default_run_name(path))
+    opts.name = run_name_for(state_dir, name or opts.name, path)
     store = RunStore(state_dir, opts.name)
     # Claim the name first (the lock, then the exists check), and only then write anything of this request:
     # a request that loses the race writes nothing and leaves the holder's run as it was.

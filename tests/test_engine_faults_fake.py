@@ -997,8 +997,10 @@ def test_a_run_resumed_after_a_dated_price_change_is_costed_and_capped_at_the_pr
 
 def test_the_prices_move_on_when_the_wall_clock_passes_a_change_and_old_plans_load(tmp_path):
     """A process that crosses a dated price change goes on at the new prices (Engine.spec is looked up again when
-    the wall clock's day changes); a plan written before the dated changes were kept (no price_changes) loads and
-    prices as it was planned."""
+    the wall clock's day changes); a plan written before the dated changes were kept (no price_changes) takes the
+    catalog's dated changes after its prepare day (an older batchify's run resumed after the change was costed and
+    capped at half what is billed: the upgrade adversary's reproducer 03), unless the catalog priced its model
+    otherwise that day (a model a --models table defined: its plan's prices stay)."""
     store = _prepared_before_new_year(tmp_path)
     plan = store.load_run().plan
     assert [c["from"] for c in plan["model_spec"]["price_changes"]] == ["2027-01-01"]
@@ -1010,7 +1012,11 @@ def test_the_prices_move_on_when_the_wall_clock_passes_a_change_and_old_plans_lo
     run_ = store.load_run()
     old_plan = {**run_.plan, "model_spec": {k: v for k, v in run_.plan["model_spec"].items() if k != "price_changes"}}
     store.save_run(dataclasses.replace(run_, plan=old_plan))
-    assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 0.75
+    assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 1.5
+    assert batchify.run_model_spec(store.load_run()).input_price == 0.75  # on its prepare day
+    other = {**old_plan, "model_spec": {**old_plan["model_spec"], "input_price": 0.8}}  # not the catalog's model
+    store.save_run(dataclasses.replace(run_, plan=other))
+    assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 0.8
 
 
 class _HybridTimeout(FakeGemini):
@@ -1082,3 +1088,19 @@ def test_max_cost_in_flex_mode_is_checked_again_when_a_request_leaves_the_bucket
     with pytest.raises(batchify.CostCapError, match="resume fake --max-cost"):
         run(store, fake)
     assert 1 <= fake.generate_calls <= 3, fake.generate_calls
+
+
+def test_a_batch_held_back_for_max_cost_then_created_when_answers_cost_less_ends_the_run_ok(tmp_path):
+    """Prepared before gemini-3.8-flash's prices doubled, sent after: the plan's estimate fits --max-cost, admission at
+    the prices in force holds a batch back; the first answers cost less than estimated, so a later look creates it,
+    and every id ends ok. The run still ended "stopped at --max-cost: 0 batch(es) not sent", exit 5 (the upgrade
+    adversary's reproducer 05): the held-back mark was never cleared."""
+    store = _prepared_before_new_year(tmp_path, 40, mode="batch", enqueued_limit=10**6, margin=0.0)
+    run_ = store.load_run()
+    store.save_run(dataclasses.replace(run_, options={**run_.options, "max_cost": run_.plan["estimated_cost_usd"] * 1.6}))
+    fake = FakeGemini(FakeClock(), [5.0, 5.0, 8.0, 8.0])
+    log = Logged()
+    s = run(store, fake, reporter=log)
+    assert any("not created" in line for line in log.lines), log.lines  # it was held back once
+    assert (s.ok, s.errors) == (40, 0) and len(fake.jobs) == 4
+    assert store.load_run().status == "done"

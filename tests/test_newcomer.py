@@ -256,3 +256,56 @@ def test_a_job_sidecar_emptied_by_a_power_cut_status_names_resume_and_resume_men
     out = Path(batchify.RunStore(tmp_path / "st", "articles").load_run().out)
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert ids == [json.loads(line)["id"] for line in Path(articles).read_text().splitlines()]
+
+
+def _as_made_by_an_older_batchify(st: Path, made: str, legacy: str) -> None:
+    """The run folder `made` renamed to a name an older batchify gave runs (before the name rule, or before a name
+    was reserved), its sidecars saying so."""
+    (st / made).rename(st / legacy)
+    run_json = st / legacy / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "name": legacy}))
+
+
+@pytest.mark.parametrize(("stem", "legacy"), [("my data (v2)", "my data (v2)"), ("inputs", "inputs")])
+def test_a_run_an_older_batchify_named_outside_todays_rule_stays_reachable_and_is_never_sent_twice(emu, tmp_path, stem, legacy):
+    """An older batchify named runs after the input's stem as it was ("my data (v2)"; "inputs" before it was
+    reserved). Main refused those names everywhere: list and status skipped or refused them, resume/results/cleanup
+    said "not allowed", and the same `run` command started a new run ("my-data-v2", "inputs-run") that sent every
+    request again (the upgrade adversary's reproducers 01 and 02). Existing runs keep their names."""
+    inp = tmp_path / f"{stem}.jsonl"
+    shutil.copy(ROOT / "examples" / "articles.jsonl", inp)
+    p = run_against(emu, inp, tmp_path, "--dry-run", *FAST)
+    assert p.returncode == 0, p.stderr
+    (made,) = [d.name for d in (tmp_path / "st").iterdir() if (d / "run.json").exists()]
+    _as_made_by_an_older_batchify(tmp_path / "st", made, legacy)
+    listed = run_cli(["list", "--state-dir", "st"], tmp_path)
+    assert listed.returncode == 0 and legacy in listed.stdout, listed.stdout + listed.stderr
+    assert run_cli(["status", legacy, "--state-dir", "st"], tmp_path).returncode == 0
+    again = run_against(emu, inp, tmp_path, *FAST)  # the same command: it continues the old run
+    assert again.returncode == 0, again.stderr
+    assert sorted(d.name for d in (tmp_path / "st").iterdir() if (d / "run.json").exists()) == [legacy]
+    billed = emu.stats()["billed"]
+    assert len(billed) == sum(1 for _ in inp.open()) and set(billed.values()) == {1}
+    out = Path(batchify.RunStore(tmp_path / "st", legacy).load_run().out)
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+        json.loads(line)["id"] for line in inp.read_text().splitlines()
+    ]
+    assert run_cli(["results", legacy, "--state-dir", "st"], tmp_path).returncode == 0
+
+
+def test_the_same_command_after_an_upgrade_changed_the_defaults_points_to_resume_first(tmp_path):
+    """A run made by an older batchify (other default model, temperature, max tokens) and the same command given
+    again: refused as "differs in config", its first fix --name NEW (which sends every request again). The user
+    changed nothing, so the message says the defaults changed and names resume first (reproducer 04)."""
+    inp = tmp_path / "in.jsonl"
+    shutil.copy(ROOT / "examples" / "articles.jsonl", inp)
+    assert run_cli(["run", str(inp), "--dry-run", "--endpoint", "local", "--state-dir", "st"], tmp_path).returncode == 0
+    run_json = tmp_path / "st" / "in" / "run.json"
+    d = json.loads(run_json.read_text())
+    d["config"] = {**d["config"], "model": "gemini-3.8-flash", "temperature": 0.3}  # the old version's defaults
+    run_json.write_text(json.dumps(d))
+    p = run_cli(["run", str(inp), "--dry-run", "--endpoint", "local", "--state-dir", "st"], tmp_path)
+    assert p.returncode == 2 and "other defaults than this batchify's" in p.stderr, p.stderr
+    assert p.stderr.index("batchify resume in") < p.stderr.index("--name NEW"), p.stderr
+    p = run_cli(["run", str(inp), "--dry-run", "--endpoint", "local", "--state-dir", "st", "--temperature", "0.7"], tmp_path)
+    assert "differs from it in" in p.stderr and "other defaults" not in p.stderr, p.stderr  # a flag the user gave
