@@ -11577,7 +11577,7 @@ def run(
         "accept_truncated": accept_truncated,
     }
     opts = RunOptions(**{k: flags[k] for k in RUN_FLAGS})
-    _current_run[:] = [opts.name or default_run_name(input_file), str(state_dir)]
+    _current_run[:] = [opts.name or default_run_name(input_file, state_dir), str(state_dir)]
     confirm = _plan_confirmer(ask=not yes and sys.stdin.isatty())  # --json too: it changes the output, not the consent
 
     stop = GracefulStop()
