@@ -2549,7 +2549,7 @@ def service_silent(what: str, failing_for: float, e: RemoteError, kept: str, run
     unanswered and for how long, what was kept as it is (never failed: that would pay twice), and the fix."""
     return ServiceSilent(
         f"{what} for {failing_for / 60:.0f} min (the last: {e}). {kept} Fix: check the network and the endpoint (and "
-        f"Google's status page), then `batchify resume {run}`.",
+        f"Google's status page), then `batchify resume {shlex.quote(run)}`.",
         code=e.code,
         status=e.status,
     )
@@ -2576,7 +2576,7 @@ def poll_refused(job: Job, n: int, e: RemoteError, run: str) -> ServiceRefused:
 
 
 def _refused(what: str, e: RemoteError, run: str) -> ServiceRefused:
-    fix = f"fix what the service names (billing, the project's permissions, the location calling from), then `batchify resume {run}`"
+    fix = f"fix what the service names (billing, the project's permissions, the location calling from), then `batchify resume {shlex.quote(run)}`"
     return ServiceRefused(f"{what}. {fix[0].upper()}{fix[1:]}.", code=e.code, status=e.status)
 
 
@@ -3611,7 +3611,7 @@ class RunStore:
                     hint = (
                         f" A `run` was interrupted while preparing it; the request objects it staged are still in the "
                         f"bucket (gs://{at[0]}/{at[1]}*). Fix: run the same `batchify run` command again (it deletes them "
-                        f"first), or `batchify cleanup {self.name}` to delete them."
+                        f"first), or `batchify cleanup {shlex.quote(self.name)}` to delete them."
                     )
             raise UsageError(f"no run named {self.name!r} in {self.state_dir}.{hint}") from None
         except StateError as e:
@@ -3641,9 +3641,9 @@ class RunStore:
 
 def _sidecar_problem(path: Path, e: Exception) -> str:
     text = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
-    if path.parent.name == "jobs" and path.suffix == ".json":  # resume rebuilds a job sidecar (Engine.repair)
+    if path.parent.name == "jobs" and path.suffix == ".json" and path.name != "run.json":  # resume rebuilds it (repair)
         return (
-            f"{text}. Fix: `batchify resume {path.parent.parent.name}` moves it aside and rebuilds it from the service "
+            f"{text}. Fix: `batchify resume {shlex.quote(path.parent.parent.name)}` moves it aside and rebuilds it from the service "
             "(the run's jobs, found by display name, before anything is sent), or restore it from a backup."
         )
     return (
@@ -4488,7 +4488,7 @@ def _check_out_of_others(out: str, resolved: Path | str, store: RunStore) -> Non
             if orjson.loads((store.state_dir / other / "run.json").read_bytes()).get("out") == str(resolved):
                 raise UsageError(
                     f"--out {out} is run {other!r}'s results file: one file keeps only the last run's rows. Fix: give "
-                    f"this run another --out (or `batchify cleanup {other}` first, if you are done with it)."
+                    f"this run another --out (or `batchify cleanup {shlex.quote(other)}` first, if you are done with it)."
                 )
 
 
@@ -7255,6 +7255,7 @@ class Engine:
         self._interrupted: set[str] = set()  # of those, creates an earlier process sent and never saw answered
         self._refusal: Exception | None = None  # the error the run stops with once it has drained (halt)
         self._cost_capped = False  # a job was not created for --max-cost: the run ends with CostCapError (exit 5)
+        self._flex_capped = False  # the same for a Flex lane's request (hybrid): the lanes claim no more batches
         self._timed_out: set[int] = set()  # ordinals whose request got no answer in the client's timeout, this process
         self._jobs_cost: tuple[float, float, float, float] | None = None  # (clock, spent, committed, estimated): jobs
         self._resent: set[str] = set()  # created again after an ambiguous create was not found: look for orphans at the end
@@ -7494,7 +7495,7 @@ class Engine:
                 self.store.save_run(self.run)
             if self.retired is not None:  # the model was shut down mid-run (create_job): no fallback, exit 2
                 return await self._collect_only(self.retired)
-            if self._cost_capped and any(j.state not in FINAL_STATES for j in self.jobs.values()):
+            if self._capped and any(j.state not in FINAL_STATES for j in self.jobs.values()):
                 self._end_cost_capped()  # the jobs created are collected; the rest waits for a higher cap
             refused = self.run.notes.get("create_refused")
             if refused and not (self.opts.mode in ("auto", "hybrid") and self.opts.fallback):
@@ -7508,7 +7509,7 @@ class Engine:
                     self._log(
                         f"{len(todo)} request(s) not done by batch, and {self.spec.name} has no Flex tier: the standard tier "
                         "costs 2x the batch price, so it is used only with --allow-standard (or --fallback-tier standard); "
-                        f"`batchify resume {self.run.name} --allow-standard` sends them"
+                        f"`batchify resume {shlex.quote(self.run.name)} --allow-standard` sends them"
                     )
                 elif todo:
                     self._log(f"{len(todo)} request(s) not done by batch: {tier} fallback")
@@ -7522,6 +7523,12 @@ class Engine:
             )
         return self.merge()
 
+    @property
+    def _capped(self) -> bool:
+        """--max-cost held something back: a batch job at admission (cleared when a later look admits one) or a Flex
+        lane's request (kept: the lanes claim no more)."""
+        return self._cost_capped or self._flex_capped
+
     def _end_cost_capped(self) -> None:
         """A job was not created for --max-cost: what the run has is merged, then CostCapError (exit 5) says how to go on."""
         left = sum(1 for j in self.jobs.values() if j.state not in FINAL_STATES)
@@ -7531,7 +7538,7 @@ class Engine:
         raise CostCapError(
             f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {left} batch(es) not sent (spent "
             f"{usd(spent)}; answers cost {max(1.0, overrun):.1f}x the estimate). Every result so far is saved; "
-            f"`batchify resume {self.run.name} --max-cost N` with a higher cap sends the rest."
+            f"`batchify resume {shlex.quote(self.run.name)} --max-cost N` with a higher cap sends the rest."
         )
 
     async def _collect_only(self, why: str) -> Summary:
@@ -7572,7 +7579,7 @@ class Engine:
     def _flex_candidate(self) -> Job | None:
         """The batch the Flex lanes would take now: one they owned already and did not finish (a resume), else the
         last one batch has not started (the tail; batch admits from the head); none past --max-cost."""
-        if self._cost_capped or self.retired is not None:
+        if self._capped or self.retired is not None:
             return None
         mine = [j for j in self._ordered() if j.lane == "flex" and j.state not in FINAL_STATES and j.name not in self._flexing]
         if mine:
@@ -7669,7 +7676,7 @@ class Engine:
             raise  # a stop already under way
         except CostCapError as e:  # the lanes claim no more; the jobs created are collected, then exit 5 (_execute)
             self._log(f"{job.name}: {e}")
-            self._cost_capped = True
+            self._flex_capped = True
             return
         except (BatchifyError, OSError) as e:  # the key refused, say: the other lanes' requests in flight are waited for
             self.halt(e, halt_reason(e))
@@ -8352,7 +8359,7 @@ class Engine:
     def _batches_settled(self) -> bool:
         """Every batch job final with no retry due; with a retired model (_collect_only), every job the service
         has is final (those never created stay as they are)."""
-        if self.retired is not None or self._cost_capped:  # nothing more is created: the jobs at the service settle it
+        if self.retired is not None or self._capped:  # nothing more is created: the jobs at the service settle it
             return all(j.state in FINAL_STATES | UNSUBMITTED for j in self.jobs.values())
         return all(j.state in FINAL_STATES for j in self.jobs.values()) and not self._retry_pending()
 
@@ -8977,7 +8984,7 @@ class Engine:
             name = self.run.name
             raise OutWriteError(
                 f"{e}. Fix: the results are kept in run {name!r}'s sidecars: mend the bucket's permissions and "
-                f"`batchify resume {name}`, or write them elsewhere, `batchify resume {name} --out FILE` (`batchify "
+                f"`batchify resume {shlex.quote(name)}`, or write them elsewhere, `batchify resume {shlex.quote(name)} --out FILE` (`batchify "
                 f"results {name}` prints them).",
                 code=e.code,
             ) from e
@@ -9063,7 +9070,7 @@ class Engine:
                 raise CostCapError(
                     f"{usd(spent)} spent and {tier} for {count} more request(s) at about {usd(est)} ({service} price) would "
                     f"pass --max-cost {usd(self.opts.max_cost)}; none of those was sent. Fix: resume with a higher "
-                    f"--max-cost (`batchify resume {self.run.name} --max-cost N`)."
+                    f"--max-cost (`batchify resume {shlex.quote(self.run.name)} --max-cost N`)."
                 )
         sender.view.total += count
         repair_jsonl_tail(self.store.realtime_path)
@@ -9074,13 +9081,13 @@ class Engine:
         if sender.gave_up > gave_up:
             self._log(
                 f"{sender.gave_up - gave_up} request(s) got no answer in all their tries ({tier} shed or throttled them, "
-                f"or the network failed): `batchify resume {self.run.name}` sends them again"
+                f"or the network failed): `batchify resume {shlex.quote(self.run.name)}` sends them again"
             )
         if sender.capped:
             v = sender.view
             raise CostCapError(
                 f"stopped at --max-cost {usd(self.opts.max_cost or 0)}: {v.done} of {v.total} real-time request(s) "
-                f"sent ({usd(v.cost_usd)}). Every result so far is saved; `batchify resume {self.run.name} "
+                f"sent ({usd(v.cost_usd)}). Every result so far is saved; `batchify resume {shlex.quote(self.run.name)} "
                 "--max-cost N` with a higher cap sends the rest."
             )
 
@@ -9408,25 +9415,31 @@ def _check_cleanable(store: RunStore, run: Run, out: Path, local: bool) -> bool:
     if pending:
         raise UsageError(
             f"run {store.name!r}: job(s) {', '.join(pending)} finished (or are still ending) at the service and their "
-            f"output is not downloaded yet: deleting it would lose paid results. Fix: `batchify resume {store.name}` first."
+            f"output is not downloaded yet: deleting it would lose paid results. Fix: `batchify resume {shlex.quote(store.name)}` first."
         )
     if run.status not in ("done", "cancelled") or not out.exists():
         raise UsageError(
             f"run {store.name!r} is not finished (status {run.status}); its results are not all merged. "
-            f"Fix: `batchify resume {store.name}` first."
+            f"Fix: `batchify resume {shlex.quote(store.name)}` first."
+        )
+    if local and store.name.lower() in RESERVED_RUN_NAMES:  # a legacy_run in the folder of in-memory runs' records
+        raise UsageError(
+            f"run {store.name!r} (named by an older batchify) lives in {store.dir}, the folder that also holds the records "
+            "and results files of runs given in memory: --local would delete theirs too. Fix: clean up without --local, "
+            f"then delete the run's own files there (run.json, jobs/, requests/, results/, ids.jsonl) yourself."
         )
     replaced = out_replaced(run, out)  # the run's own results are then in its sidecars (and bucket) alone
     if local and replaced:
         raise UsageError(
             f"{out} is not the results file run {store.name!r} wrote (it changed since: another run given the same --out, "
             f"or an edit), so the run's state folder holds the only copy of its results and --local would delete it. Fix: "
-            f"keep them first, `batchify results {store.name} > {store.name}-results.jsonl` (printed from the state "
+            f"keep them first, `batchify results {shlex.quote(store.name)} > {store.name}-results.jsonl` (printed from the state "
             f"folder), then clean up without --local, or delete {store.dir} yourself once they are safe."
         )
     lines = None if replaced else sum(1 for _ in out.open("rb"))
     if lines is not None and lines != run.records:
         raise UsageError(
-            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {store.name}` "
+            f"{out} has {lines} lines for {run.records} records. Fix: `batchify resume {shlex.quote(store.name)}` "
             "to merge again before cleaning up."
         )
     return replaced
@@ -9506,7 +9519,7 @@ def _offline_engine(state_dir: str | Path, name: str, strict: bool = False) -> E
         )
         raise StateError(
             f"run {name!r}: {len(lost)} results sidecar(s) gone or cut short: {names}; their answered ids would read "
-            f"'no result'. Fix: `batchify resume {name}` downloads them again from the service (and rewrites the results file)."
+            f"'no result'. Fix: `batchify resume {shlex.quote(name)}` downloads them again from the service (and rewrites the results file)."
         )
     return engine
 
@@ -9996,7 +10009,7 @@ async def run_file(
             if dry_run or run.status == "done":
                 return run, (summary_of(run) if run.status == "done" and run.summary else None)
             if confirm is not None and run.status == "prepared" and not confirm(run):
-                raise Declined(f"nothing submitted. `batchify resume {name}` submits the prepared run.")
+                raise Declined(f"nothing submitted. `batchify resume {shlex.quote(name)}` submits the prepared run.")
             async with open_client(
                 endpoint or run.endpoint, api_key, emulator_config, retry_scale=opts.retry_scale, options=run.options
             ) as client:
@@ -10009,7 +10022,7 @@ async def run_file(
             if dry_run:
                 return run, None
             if confirm is not None and not confirm(run):
-                raise Declined(f"nothing submitted. The run is prepared; `batchify resume {name}` submits it.")
+                raise Declined(f"nothing submitted. The run is prepared; `batchify resume {shlex.quote(name)}` submits it.")
             assert client is not None
             with _progress(reporter) as shown:
                 summary = await Engine(store, client, shown, hook=hook, stop=stop).execute()
@@ -10028,9 +10041,10 @@ def _the_same_run_again(
         resume = f"`batchify resume {shlex.quote(name)}`"
         if all(d.startswith("config (") for d in diffs) and _only_defaults(run, cfg):
             raise UsageError(  # the user changed nothing: batchify's defaults did, since an older batchify made the run
-                f"a run named {name!r} already exists in {store.state_dir}, made with other defaults than this batchify's "
-                f"(an upgrade since?): {'; '.join(diffs)}. Fix: {resume} finishes it as it was planned (--name NEW "
-                "would start a new run that sends every request again)."
+                f"a run named {name!r} already exists in {store.state_dir}, and this command differs from it in "
+                f"{'; '.join(diffs)}, where this command has this batchify's defaults: either the run was made with other "
+                f"defaults (an older batchify) or with flags this command leaves out. Fix: {resume} finishes it as it was "
+                "planned (--name NEW would start a new run with these settings, sending every request again)."
             )
         raise UsageError(
             f"a run named {name!r} already exists in {store.state_dir}, and this command differs from it in: "
@@ -10040,7 +10054,7 @@ def _the_same_run_again(
     if (ignored := options_not_applied(run.run_options, opts)) and reporter is not None:
         reporter.log(
             f"run {name!r} exists and goes on with its own options: this command's {', '.join(ignored)} "
-            f"{'is' if len(ignored) == 1 else 'are'} not applied (`batchify resume {name}` takes --poll-interval, "
+            f"{'is' if len(ignored) == 1 else 'are'} not applied (`batchify resume {shlex.quote(name)}` takes --poll-interval, "
             "--max-cost and --allow-standard; for other values, start a new run with --name)"
         )
     return run
@@ -10159,7 +10173,7 @@ def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs:
     if jobs is None:
         return (
             f"run {name!r} has a damaged job sidecar, which may be a job still at {where}; resuming at {given} could "
-            f"create it again there and pay for its requests twice. Fix: `batchify resume {name}` without --endpoint "
+            f"create it again there and pay for its requests twice. Fix: `batchify resume {shlex.quote(name)}` without --endpoint "
             "first (it mends the sidecars against the service that has the jobs)."
         )
     live = [j.name for j in jobs if j.remote_job and j.state in ACTIVE_STATES | {JobState.SUCCEEDED}]
@@ -10169,7 +10183,7 @@ def endpoint_switch_problem(name: str, was: str | None, given: str | None, jobs:
     return (
         f"run {name!r} has {len(live)} job(s) at {where} ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); "
         f"resuming at {given} would create them again there and pay for their requests twice. Fix: resume without "
-        f"--endpoint (and without GOOGLE_GEMINI_BASE_URL set to another service); to move the run, `batchify cancel {name}` "
+        f"--endpoint (and without GOOGLE_GEMINI_BASE_URL set to another service); to move the run, `batchify cancel {shlex.quote(name)}` "
         "first."
     )
 
@@ -10210,7 +10224,9 @@ async def resume_run(
             )
         run = _continue_at(store, run, endpoint, out, inp)
         if out is None and (moved := out_moved(run.out)) is not None:
-            raise UsageError(f"run {name!r}: {moved}. Fix: `batchify resume {name} --out FILE` says where the results go now.")
+            raise UsageError(
+                f"run {name!r}: {moved}. Fix: `batchify resume {shlex.quote(name)} --out FILE` says where the results go now."
+            )
         endpoint = endpoint or run.endpoint
         poll_interval = poll_interval or (None if was.poll_interval else default_poll_interval(None, endpoint))
         overrides = (("poll_interval", poll_interval), ("max_cost", max_cost), ("allow_standard", allow_standard))

@@ -291,6 +291,18 @@ def test_a_run_an_older_batchify_named_outside_todays_rule_stays_reachable_and_i
         json.loads(line)["id"] for line in inp.read_text().splitlines()
     ]
     assert run_cli(["results", legacy, "--state-dir", "st"], tmp_path).returncode == 0
+    if legacy == "inputs":  # its folder is also where runs given in memory keep their records: --local would take those
+        (tmp_path / "st" / "inputs" / "other-run.jsonl").write_text("{}\n")
+        p = run_cli(["cleanup", legacy, "--local", "--state-dir", "st", "--endpoint", emu.url], tmp_path)
+        assert p.returncode == 2 and "runs given in memory" in p.stderr, p.stderr
+        assert (tmp_path / "st" / "inputs" / "other-run.jsonl").exists()
+
+
+def test_a_damaged_run_json_of_a_run_named_jobs_is_not_called_a_job_sidecar(tmp_path):
+    said = batchify._sidecar_problem(tmp_path / "st" / "jobs" / "run.json", batchify.StateError("unreadable"))
+    assert "resume" not in said and "from a backup" in said, said
+    said = batchify._sidecar_problem(tmp_path / "st" / "my data" / "jobs" / "b0001.json", batchify.StateError("x"))
+    assert "`batchify resume 'my data'`" in said, said
 
 
 def test_the_same_command_after_an_upgrade_changed_the_defaults_points_to_resume_first(tmp_path):
@@ -305,7 +317,7 @@ def test_the_same_command_after_an_upgrade_changed_the_defaults_points_to_resume
     d["config"] = {**d["config"], "model": "gemini-3.8-flash", "temperature": 0.3}  # the old version's defaults
     run_json.write_text(json.dumps(d))
     p = run_cli(["run", str(inp), "--dry-run", "--endpoint", "local", "--state-dir", "st"], tmp_path)
-    assert p.returncode == 2 and "other defaults than this batchify's" in p.stderr, p.stderr
+    assert p.returncode == 2 and "where this command has this batchify's defaults" in p.stderr, p.stderr
     assert p.stderr.index("batchify resume in") < p.stderr.index("--name NEW"), p.stderr
     p = run_cli(["run", str(inp), "--dry-run", "--endpoint", "local", "--state-dir", "st", "--temperature", "0.7"], tmp_path)
-    assert "differs from it in" in p.stderr and "other defaults" not in p.stderr, p.stderr  # a flag the user gave
+    assert "differs from it in" in p.stderr and "this batchify's defaults" not in p.stderr, p.stderr  # a flag given
