@@ -2213,7 +2213,7 @@ class RequestLines:
     stores another form (RequestFiles.needs_entry), which is built from the dict as before."""
 
     def __init__(self, cfg: JobConfig, gc: dict[str, Any], entry: bool = False):
-        self.cfg, self.gc, self.entry = cfg, gc, entry
+        self.cfg, self.gc = cfg, gc
         marker = f"\x00batchify-{secrets.token_hex(8)}\x00"  # in no config: \x00 is escaped, the token random
         whole = orjson.dumps({"key": marker, "request": build_request(cfg, marker, gc)}, option=NL)
         parts = whole.split(orjson.dumps(marker))
@@ -3515,12 +3515,12 @@ def legacy_run(state_dir: str | Path, name: Any) -> bool:
     "inputs", before it was reserved): one plain path component holding a run.json. Such a run stays reachable
     under its name (status, list, resume, results, cancel, cleanup, the same `run` command); new runs follow the
     rule. Unreachable, its results were never merged and the same command sent every request again."""
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and not any(c in name for c in "/\\\x00")
-        and (Path(state_dir) / name / "run.json").is_file()
-    )
+    return _plain_component(name) and (Path(state_dir) / name / "run.json").is_file()
+
+
+def _plain_component(name: Any) -> bool:
+    """A name that stands for one folder inside the state dir: no separator, NUL, "." or ".."."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
 
 
 def run_name_for(state_dir: str | Path, given: str | None, path: str | Path) -> str:
@@ -3656,7 +3656,7 @@ def list_runs(state_dir: str | Path) -> list[str]:
     d = Path(state_dir)
     if not d.is_dir():
         return []
-    return sorted(p.parent.name for p in d.glob("*/run.json") if legacy_run(d, p.parent.name))  # every run: legacy too
+    return sorted(p.parent.name for p in d.glob("*/run.json") if _plain_component(p.parent.name))  # legacy_run's too
 
 
 LOCK_PROBE_WAIT_S = 0.5  # how long a lock taken for a moment by someone looking (status, held()) is waited for
