@@ -11047,6 +11047,8 @@ class RestApi:
         return RestError(500, f"{type(e).__name__}: {self.say(str(e))}")
 
     def _known(self, name: str) -> None:
+        if legacy_run(self.state_dir, name):  # a run an older batchify named outside the rule: GET /batch/jobs lists it
+            return
         with contextlib.suppress(UsageError):
             check_run_name(name)
             if self._store(name).exists() or name in self.tasks:

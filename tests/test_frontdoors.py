@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -651,3 +652,15 @@ def test_an_interrupt_in_a_notebook_stops_the_sync_run_gracefully(emu, articles,
     saved = read_jsonl(tmp_path / "st" / "nb" / "realtime.jsonl")
     assert len(saved) == sum(emu.stats()["billed"].values()) > 0, "an answer paid for was not saved"
     assert batchify.RunStore(tmp_path / "st", "nb").load_run().status == "interrupted"
+
+
+def test_a_run_an_older_batchify_named_outside_the_rule_is_shown_by_its_rest_routes(api, tmp_path):
+    """GET /batch/jobs lists every run, a legacy-named one too (legacy_run); its own routes answered 404."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"document {i}"}) + "\n" for i in range(5)))
+    store = batchify.RunStore(tmp_path / "st", "made")
+    asyncio.run(batchify.prepare_run(store, inp, batchify.JobConfig(), batchify.RunOptions(calibrate=False)))
+    (tmp_path / "st" / "made").rename(tmp_path / "st" / "my data (v2)")
+    status, body = call(f"{api}/batch/status/{urllib.parse.quote('my data (v2)')}")
+    assert status == 200, body
+    assert call(f"{api}/batch/status/{urllib.parse.quote('../etc')}")[0] == 404
