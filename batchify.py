@@ -2038,17 +2038,19 @@ def run_model_spec(run: Run, today: str = "0000-00-00") -> ModelSpec:
 
 def _catalog_price_changes(run: Run, name: str, planned: dict[str, Any]) -> list[dict[str, Any]]:
     """For a plan kept without its dated price changes: the built-in catalog's after the run's prepare day, if the
-    catalog's prices for the model that day are the plan's (the same model, not one a --models table defined)."""
-    cat, day = builtin_catalog(), run.created_at[:10]
-    if name not in cat.models or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+    catalog's prices for the model that day are the plan's (the same model, not one a --models table defined). The
+    day is run.created_at's, or the day before (a prepare that began before midnight UTC priced on that day)."""
+    cat, created = builtin_catalog(), run.created_at[:10]
+    if name not in cat.models or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", created):
         return []
-    try:
-        then = backend_spec(resolve_model(cat, name, day), run.run_options)
-    except (UsageError, ConfigError):
-        return []
-    if any(planned.get(k) != getattr(then, k) for k in ("input_price", "output_price")):
-        return []
-    return price_timeline(cat, name, day, run.run_options)
+    for day in (created, _add_days(created, -1)):
+        try:
+            then = backend_spec(resolve_model(cat, name, day), run.run_options)
+        except (UsageError, ConfigError):
+            continue
+        if all(planned.get(k) == getattr(then, k) for k in ("input_price", "output_price")):
+            return price_timeline(cat, name, day, run.run_options)
+    return []
 
 
 # ================================================================================================

@@ -1017,6 +1017,9 @@ def test_the_prices_move_on_when_the_wall_clock_passes_a_change_and_old_plans_lo
     other = {**old_plan, "model_spec": {**old_plan["model_spec"], "input_price": 0.8}}  # not the catalog's model
     store.save_run(dataclasses.replace(run_, plan=other))
     assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 0.8
+    # a prepare begun before midnight UTC on the change's eve, its run.json made just after: priced the day before
+    store.save_run(dataclasses.replace(run_, plan=old_plan, created_at="2027-01-01T00:00:05.000Z"))
+    assert batchify.Engine(store, None, wall=lambda: wall[0]).spec.input_price == 1.5
 
 
 class _HybridTimeout(FakeGemini):
