@@ -6976,16 +6976,21 @@ def merged_line(id_line: bytes, r: dict[str, Any]) -> bytes:
 _PRICE_LANE = {"standard": "standard", "realtime": "standard", "flex": "flex"}  # a result's source -> its price
 
 
+def _no_fields(result: Any) -> str:
+    return ""  # MergeTally.fields_of for a schema with no categorical field: one combos key for every row
+
+
 class MergeTally:
     """What a merge counts while it writes: ok and error rows, rows per source, error kinds, and usage per
     price lane (batch, flex, standard) and the schema's categorical fields.
 
     Two ways in. `add(r)`: any row, counted as it comes. Merge's fast path (Engine._splice_in_order) counts an ok
     batch row itself, in two steps that cost a dict update and a list append: `combos` counts the rows by their
-    categorical values taken at once (`fields_of(result)`, a tuple; a schema's enums are strings and its booleans
-    bools, so no True and 1 can meet in one key), `pending["batch"]` keeps their usage; a row they cannot take (a list
-    of enums, a key left out) goes to `add`. Usage and those values are summed in bulk a few thousand rows at a time
-    (sum_usage): every count is whole after it."""
+    categorical values taken at once (`fields_of(result)`), `pending["batch"]` keeps their usage. `combos` holds only
+    keys of strings (`plain`): True, 1 and 1.0 are one dict key but three labels, and a string equals none of them,
+    so a row whose values are not all strings (a boolean field, an integer enum), a list of enums or a key left out
+    goes to `add`. Usage and those values are summed in bulk a few thousand rows at a time (sum_usage): every count
+    is whole after it."""
 
     def __init__(self, long_at: int | None, fields: Iterable[str] = ()):
         self.long_at = long_at
@@ -6993,8 +6998,8 @@ class MergeTally:
         self.field_values: dict[str, list[Any]] = {k: [] for k in self.fields}  # values not counted yet
         self.field_items = list(self.field_values.items())
         names = list(self.fields)
-        # a row's categorical values at once (no field: any hashable stand-in will do; the key is not read then)
-        self.fields_of: Callable[[Any], Any] = operator.itemgetter(*names) if names else bool
+        # a row's categorical values at once: a tuple, one value, or "" when there is none to count
+        self.fields_of: Callable[[Any], Any] = operator.itemgetter(*names) if names else _no_fields
         self.combos: dict[Any, int] = {}  # ok batch rows by fields_of(result), not counted yet
         self.ok = self.err = 0
         self.by_source: dict[str, int] = {}
@@ -7019,13 +7024,19 @@ class MergeTally:
         if usage:
             self.pending[_PRICE_LANE.get(source, "batch")].append(usage)
 
+    def _values(self, key: Any) -> tuple[Any, ...]:
+        """A combos key as one value per categorical field."""
+        return () if not self.fields else key if len(self.fields) > 1 else (key,)
+
+    def plain(self, key: Any) -> bool:
+        """Whether a combos key holds only strings (the class docstring says why that matters)."""
+        return all(type(v) is str for v in self._values(key))
+
     def _flush_combos(self) -> None:
-        names = list(self.fields)
         rows = 0
         for key, n in self.combos.items():
             rows += n
-            for name, v in zip(names, key if len(names) > 1 else (key,) if names else (), strict=True):
-                label = json_label(v)
+            for name, label in zip(self.fields, self._values(key), strict=True):
                 self.fields[name][label] = self.fields[name].get(label, 0) + n
         self.ok += rows
         if rows:
@@ -8937,27 +8948,24 @@ class Engine:
         """A results file's lines in file order: (ordinal, result, the raw line if merge may splice it).
 
         A line can be spliced into the output as it is when it is one whole line of our own layout
-        (RESULT_KEYS in that order, nothing else, "n" an int); anything else is re-encoded.
+        (RESULT_KEYS in that order, nothing else, "n" an int: OWN_LAYOUT); anything else is re-encoded.
         """
-        return Engine._parse_results(open(path, "rb")) if path.exists() else iter(())
+        if path.exists():
+            with open(path, "rb") as f:
+                yield from Engine._parse_results(f)
 
     @staticmethod
     def _parse_results(lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
-        """The parsing of _results_lines; `lines` (a file, a bucket's stream) is closed when the lines end or the
-        caller drops them."""
+        """The parsing of _results_lines, for lines from anywhere (the caller closes them)."""
         loads = orjson.loads
-        try:
-            for line in lines:
-                try:
-                    r = loads(line)
-                    n = r["n"]
-                except (orjson.JSONDecodeError, TypeError, KeyError):
-                    continue  # a blank or torn line (or no result line at all): that request is simply not done
-                ours = type(n) is int and tuple(r) == RESULT_KEYS and line.startswith(b'{"n":') and line.endswith(b"\n")
-                yield n, r, line if ours else None
-        finally:
-            if (close := getattr(lines, "close", None)) is not None:
-                close()
+        for line in lines:
+            try:
+                r = loads(line)
+                n = r["n"]
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                continue  # a blank or torn line (or no result line at all): that request is simply not done
+            ours = type(n) is int and tuple(r) == RESULT_KEYS and line.startswith(b'{"n":') and line.endswith(b"\n")
+            yield n, r, line if ours else None
 
     def _batches(self) -> Iterator[tuple[int, int, int, Job | None]]:
         """Each batch of the plan in input order: (index, first ordinal, end ordinal, its primary job if made)."""
@@ -9063,7 +9071,7 @@ class Engine:
         """merge's pass: one line per input id, in input order, to the results file (results_writer); resolve()'s
         choices, each batch through _splice_in_order as far as its results file allows (nearly always all of it)."""
         hook, overrides = self.hook, self._overrides()
-        keys = sorted(overrides)
+        keys = sorted(k for k in overrides if isinstance(k, int | float) and k == k)  # those an ordinal can equal
         with open(self.store.ids_path, "rb") as ids, results_writer(out) as f:
             write, add = f.write, tally.add
             for _idx, s, e, j in self._batches():
@@ -9074,7 +9082,9 @@ class Engine:
                     for n, r, raw in self._resolve_range(start, e, j, self._parse_results(rest), overrides):
                         id_line = next(ids, None)
                         if id_line is None:
-                            raise StateError(f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records")
+                            raise StateError(
+                                f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
+                            )
                         r = r or NO_RESULT
                         if raw is not None:  # as _splice_in_order
                             write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
@@ -9086,7 +9096,9 @@ class Engine:
                             if n & 4095 == 0:
                                 tally.sum_usage()
             if next(ids, None) is not None:
-                raise StateError(f"{self.store.ids_path}: more ids than the run's {self.run.records} records")
+                raise StateError(
+                    f"{self.store.ids_path}: more ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
+                )
 
     def _splice_in_order(
         self, n: int, e: int, lines: Iterator[bytes], ids: Iterator[bytes], write: Callable[[bytes], Any], tally: MergeTally
@@ -9100,29 +9112,43 @@ class Engine:
         instructions (callgrind, bench/merge.py's 50k lines: 37.4k a line through the general path alone, 30.9k with
         it); with the tally counted in bulk, merge went from 1.44x to 1.10x the floor's instructions."""
         loads, add, hook = orjson.loads, tally.add, self.hook
-        fields_of, combos, usages = tally.fields_of, tally.combos, tally.pending["batch"]
+        fields_of, combos, plain, usages = tally.fields_of, tally.combos, tally.plain, tally.pending["batch"]
         for line in lines:
-            try:  # (an "n" of 1.0 or true passes: the spliced bytes leave it out, and the result is the same)
+            try:  # the line is ours as _parse_results has it, and the next in order
                 r = loads(line)
-                if r["n"] != n or tuple(r) != RESULT_KEYS or not line.endswith(b"\n") or n >= e:
+                if (
+                    (m := r["n"]) != n
+                    or type(m) is not int
+                    or tuple(r) != RESULT_KEYS
+                    or not line.startswith(b'{"n":')
+                    or not line.endswith(b"\n")
+                    or n >= e
+                ):
                     return n, itertools.chain((line,), lines)
             except (orjson.JSONDecodeError, TypeError, KeyError):  # torn, not an object, no "n"
                 return n, itertools.chain((line,), lines)
             id_line = next(ids, None)
             if id_line is None:
-                raise StateError(f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records")
+                raise StateError(
+                    f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
+                )
             write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + line[line.index(b",", 5) + 1 :])
-            if r["status"] == "ok" and r["source"] == "batch":  # counted here (MergeTally's docstring)
+            counted = r["status"] == "ok" and r["source"] == "batch"  # here, as MergeTally's docstring says
+            if counted:
                 try:
                     key = fields_of(r["result"])
-                    combos[key] = combos.get(key, 0) + 1
-                except (TypeError, KeyError):
-                    add(r)
-                else:
-                    if usage := r["usage"]:
-                        usages.append(usage)
-            else:
+                    if (c := combos.get(key)) is not None:
+                        combos[key] = c + 1
+                    elif plain(key):
+                        combos[key] = 1
+                    else:
+                        counted = False
+                except (TypeError, KeyError):  # no object, a key left out, a list (unhashable)
+                    counted = False
+            if not counted:
                 add(r)
+            elif usage := r["usage"]:
+                usages.append(usage)
             if n & 15 == 0:
                 hook(Hook.MERGE)
                 if n & 4095 == 0:

@@ -42,7 +42,8 @@ CATEGORIES = ["markets", "companies", "other"]
 
 def answer(n: int, shape: str) -> dict[str, Any]:
     """An ok answer of the news schema: its categorical fields whole, one left out, a list where a value
-    belongs, or a bool (merge counts what is there, as analytics does, without re-checking the schema)."""
+    belongs, a bool or a number (merge counts what is there, as analytics does, without re-checking the schema;
+    true, 1 and 1.0 are one dict key in Python but three labels)."""
     a: dict[str, Any] = {"summary": f'answer {n} \u00e9 "quoted"'}
     if shape != "bare":
         a |= {"is_financial": "Yes" if n % 3 else "No", "category": CATEGORIES[n % 3], "sentiment": "neutral"}
@@ -50,8 +51,9 @@ def answer(n: int, shape: str) -> dict[str, Any]:
         del a["category"]
     elif shape == "list":
         a["category"] = [CATEGORIES[n % 3], "other"]
-    elif shape == "bool":
-        a["is_financial"] = n % 2 == 0
+    elif shape in ("bool", "number"):  # one category, so that true, 1 and 1.0 rows meet
+        a["is_financial"] = True if shape == "bool" else 1 if n % 2 else 1.0
+        a["category"] = "markets"
     return a
 
 
@@ -125,7 +127,7 @@ def test_merge_matches_the_model_whatever_the_results_files_look_like(tmp_path_f
         order = sorted(present) if data.draw(st.booleans()) else data.draw(st.permutations(present))
         lines = []
         for n in order:
-            shape = data.draw(st.sampled_from(["whole", "whole", "whole", "bare", "missing", "list", "bool"]))
+            shape = data.draw(st.sampled_from(["whole", "whole", "whole", "bare", "missing", "list", "bool", "number"]))
             r = result(n, data.draw(st.booleans()), shape=shape)
             layout = data.draw(st.sampled_from(["ours", "ours", "reordered", "spaced", "extra"]))
             lines.append(encode(r, layout))
@@ -195,6 +197,48 @@ def assert_tally(store: batchify.RunStore, summary: batchify.Summary, rows: list
     assert store.load_run().summary["fields"] == fields
     assert summary.error_kinds == kinds
     assert summary.usage == usage
+
+
+def test_lines_not_quite_ours_are_re_encoded_and_override_keys_that_are_no_ordinal_are_ignored(tmp_path):
+    """A results line whose "n" is 1.0, or with a blank before it, is re-encoded (its null source reads "batch", as
+    counted) rather than spliced; real-time lines whose "n" is a string or null are no ordinal's and do not stop the
+    merge."""
+    store = prepared(tmp_path, 6, 3)
+    for job in store.load_jobs():
+        lines = []
+        for n in range(job.start or 0, job.end or 0):
+            r = result(n, True)
+            if n == 1:
+                lines.append(orjson.dumps({**r, "n": 1.0, "source": None}) + b"\n")
+            elif n == 2:
+                lines.append(b" " + encode(r, "ours"))
+            else:
+                lines.append(encode(r, "ours"))
+        store.result_path(job).write_bytes(b"".join(lines))
+        mark_downloaded(store, job)
+    odd = {**result(5, True, "realtime"), "n": "5"}
+    store.realtime_path.write_bytes(orjson.dumps(odd) + b"\n" + orjson.dumps({**odd, "n": None}) + b"\n")
+    summary = batchify.merge_run(store.state_dir, "m")
+    out = Path(summary.out).read_bytes().splitlines()
+    assert all(line == orjson.dumps(orjson.loads(line)) for line in out), "every line in the canonical encoding"
+    rows = [orjson.loads(line) for line in out]
+    assert rows == expected_lines(store, {n: {**result(n, True)} for n in range(6)})
+    assert summary.by_source == {"batch": 6}
+
+
+def test_true_1_and_1_0_are_counted_apart(tmp_path):
+    """The analytics label true, 1 and 1.0 apart, as analytics() does, though Python takes them for one dict key
+    (merge's fast path counts rows by their values taken at once; an integer enum is a valid schema)."""
+    store = prepared(tmp_path, 4, 4)
+    (job,) = store.load_jobs()
+    shapes = ["bool", "number", "number", "whole"]  # is_financial: true, 1, 1.0, "No"
+    store.result_path(job).write_bytes(b"".join(encode(result(n, True, shape=sh), "ours") for n, sh in enumerate(shapes)))
+    mark_downloaded(store, job)
+    summary = batchify.merge_run(store.state_dir, "m")
+    rows = [orjson.loads(line) for line in open(summary.out, "rb")]
+    assert [r["result"]["is_financial"] for r in rows] == [True, 1, 1.0, "No"]
+    assert store.load_run().summary["fields"]["is_financial"] == {"true": 1, "1": 1, "1.0": 1, "No": 1}
+    assert_tally(store, summary, rows)
 
 
 USAGE = st.dictionaries(
