@@ -5843,13 +5843,16 @@ class RateLimiter:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         window: float = 0.0,
         cap: float = math.inf,
+        initial: float | None = None,
     ):
+        """`initial`: the units that may go at once at the start: `burst` when None, as after a long idle."""
         self.base_rate = rate_per_s
         self.factor = 1.0
         self.burst = burst
         self.clock = clock
         self.sleep = sleep
-        self.tat = clock()  # theoretical arrival time: starts "now", so the bucket starts empty
+        # theoretical arrival time: `initial` units may go at once (all of `burst`: starts "now")
+        self.tat = clock() + max(0.0, burst - (burst if initial is None else initial)) / rate_per_s
         self.last_cut = -math.inf
         self._lock = asyncio.Lock()
         self.window, self.cap = window, cap
@@ -9240,6 +9243,22 @@ class Engine:
         return self._senders[tier]
 
 
+def rpm_bucket(rpm: float, window: float, clock: Callable[[], float], sleep: Callable[[float], Awaitable[Any]]) -> RateLimiter:
+    """The real-time path's requests bucket: paced at 99% of the limit from the first request (no burst at the start:
+    a process started again mid-window must not burst into what the one before it used), time lost later (a late
+    wake-up, a busy loop) made up by up to a 50th of it at once, never over 98% of it in any window. The 2% left is
+    for requests that reach the service later than they were granted. bench/realtime.py (10 s windows): a bucket of
+    one with no ledger lost every late wake-up for good (0.86 of the limit); this one 0.98, busiest window 0.984, no
+    429 (with a burst at the start, a 99% cap drew 20 429s and 98% five)."""
+    return RateLimiter(rpm * 0.99 / window, max(2.0, rpm * 0.02), clock, sleep, window, rpm * 0.98, initial=1.0)
+
+
+def tpm_bucket(tpm: float, window: float, clock: Callable[[], float], sleep: Callable[[float], Awaitable[Any]]) -> RateLimiter:
+    """The real-time path's tokens bucket (binding when requests are large): paced at 97%, time lost made up by up
+    to a tenth of the limit, never over 98% of it in any window."""
+    return RateLimiter(tpm * 0.97 / window, tpm * 0.1, clock, sleep, window, tpm * 0.98)
+
+
 class RequestSender:
     """Sends requests through generateContent at one tier for one engine: the RPM/TPM buckets (GCRA; the TPM
     one keeps a ledger of its last window: time lost is made up, a refused attempt given back), an
@@ -9257,14 +9276,8 @@ class RequestSender:
         self.window = opts.rate_window
         limits = realtime_limits(engine.spec, opts.tier, opts.rpm, opts.tpm)
         self.rpm, self.tpm = limits["rpm"], limits["tpm"]
-        self.rpm_l = RateLimiter(self.rpm * 0.99 / self.window, 1.0, engine.clock, engine.sleep)
-        self.tpm_l = (  # paced at 97%; time lost (a held-up loop) made up by up to a tenth of the limit, never
-            RateLimiter(  # over 98% of it in any window: TPM binds when requests are large
-                self.tpm * 0.97 / self.window, self.tpm * 0.1, engine.clock, engine.sleep, self.window, self.tpm * 0.98
-            )
-            if self.tpm
-            else None
-        )
+        self.rpm_l = rpm_bucket(self.rpm, self.window, engine.clock, engine.sleep)
+        self.tpm_l = tpm_bucket(self.tpm, self.window, engine.clock, engine.sleep) if self.tpm else None
         self.policy = RetryPolicy(attempts=opts.max_attempts, base=0.5, cap=30.0, deadline=3_600.0)
         self.throttled_policy = dataclasses.replace(self.policy, attempts=opts.max_attempts * 4)
         self.ceiling = max(opts.concurrency, in_flight_ceiling())
