@@ -8951,7 +8951,7 @@ class Engine:
         """A results file's lines in file order: (ordinal, result, the raw line if merge may splice it).
 
         A line can be spliced into the output as it is when it is one whole line of our own layout
-        (RESULT_KEYS in that order, nothing else, "n" an int: OWN_LAYOUT); anything else is re-encoded.
+        (RESULT_KEYS in that order, nothing else, "n" an int); anything else is re-encoded.
         """
         if path.exists():
             with open(path, "rb") as f:
@@ -9085,9 +9085,7 @@ class Engine:
                     for n, r, raw in self._resolve_range(start, e, j, self._parse_results(rest), overrides):
                         id_line = next(ids, None)
                         if id_line is None:
-                            raise StateError(
-                                f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
-                            )
+                            raise self._ids_mismatch("fewer")
                         r = r or NO_RESULT
                         if raw is not None:  # as _splice_in_order
                             write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + raw[raw.index(b",", 5) + 1 :])
@@ -9099,9 +9097,13 @@ class Engine:
                             if n & 4095 == 0:
                                 tally.sum_usage()
             if next(ids, None) is not None:
-                raise StateError(
-                    f"{self.store.ids_path}: more ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
-                )
+                raise self._ids_mismatch("more")
+
+    def _ids_mismatch(self, which: str) -> StateError:
+        return StateError(
+            f"{self.store.ids_path}: {which} ids than the run's {self.run.records} records (changed while merging?). "
+            "Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
+        )
 
     def _splice_in_order(
         self, n: int, e: int, lines: Iterator[bytes], ids: Iterator[bytes], write: Callable[[bytes], Any], tally: MergeTally
@@ -9113,7 +9115,7 @@ class Engine:
         this; at the first line that is not that (torn, out of order, another layout) it stops and returns the ordinal
         it reached and the lines left, that line first, for resolve's general path. What it buys: a sixth of merge's
         instructions (callgrind, bench/merge.py's 50k lines: 37.4k a line through the general path alone, 30.9k with
-        it); with the tally counted in bulk, merge went from 1.44x to 1.10x the floor's instructions."""
+        it); with the tally counted in bulk, merge went from 1.44x to 1.16x the floor's instructions."""
         loads, add, hook = orjson.loads, tally.add, self.hook
         fields_of, combos, plain, usages = tally.fields_of, tally.combos, tally.plain, tally.pending["batch"]
         for line in lines:
@@ -9132,9 +9134,7 @@ class Engine:
                 return n, itertools.chain((line,), lines)
             id_line = next(ids, None)
             if id_line is None:
-                raise StateError(
-                    f"{self.store.ids_path}: fewer ids than the run's {self.run.records} records (changed while merging?). Fix: run the command again (a damaged ids.jsonl is rebuilt from the input)"
-                )
+                raise self._ids_mismatch("fewer")
             write(b'{"id":' + id_line.rstrip(b"\r\n") + b"," + line[line.index(b",", 5) + 1 :])
             counted = r["status"] == "ok" and r["source"] == "batch"  # here, as MergeTally's docstring says
             if counted:
