@@ -5826,7 +5826,8 @@ def window_room_at(
 
 
 class RateLimiter:
-    """A leaky bucket (GCRA) with no initial burst: at most `burst + rate*W` units in any window W.
+    """A leaky bucket (GCRA): at most `burst + rate*W` units in any window W; at the start, `initial` units at once
+    (all of `burst` unless told fewer).
 
     With `window` and `cap`, it also keeps a ledger of what it granted in the last `window` seconds and never
     lets that pass `cap` (a server counts its limit over a sliding window): then `burst` may be large, so
