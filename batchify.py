@@ -9248,10 +9248,10 @@ def rpm_bucket(rpm: float, window: float, clock: Callable[[], float], sleep: Cal
     """The real-time path's requests bucket: paced at 99% of the limit from the first request (no burst at the start:
     a process started again mid-window must not burst into what the one before it used), time lost later (a late
     wake-up, a busy loop) made up by up to a 50th of it at once, and a ledger that never lets a window pass 98% of
-    it, less a quarter second's worth (at most a tenth) where windows are short (tests and benches scale a minute down): requests reach
-    the service later than they were granted, by up to ~0.25 s under load. bench/realtime.py (10 s windows): a bucket
-    of one with no ledger lost every late wake-up for good (0.86 of the limit); this one 0.98 at a 98% cap, no 429
-    (with a burst at the start, a 99% cap drew 20 429s and 98% five)."""
+    it, less a quarter second's worth (at most a tenth) where windows are short (tests and benches scale a minute
+    down): requests reach the service later than they were granted, by up to ~0.25 s under load. bench/realtime.py
+    (10 s windows, so 97.5%): 0.975 of the limit, no 429; a bucket of one with no ledger lost every late wake-up for
+    good (0.86); with a burst at the start, a 99% cap drew 20 429s and 98% five."""
     return RateLimiter(
         rpm * 0.99 / window, max(2.0, rpm * 0.02), clock, sleep, window, rpm * max(0.9, min(0.98, 1 - 0.25 / window)), initial=1.0
     )
